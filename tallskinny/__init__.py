@@ -1,0 +1,21 @@
+"""tallskinny: exact second-order calculus for deep networks that are a chain of blocks."""
+
+from . import blocks, linalg
+from .chain import Chain
+from .curvature import Curvature, Factorization
+from .errors import SingularSystemError
+from .linalg import Inertia, SingularMatrixError
+
+__version__ = "0.1.0.dev0"
+
+__all__ = [
+    "Chain",
+    "Curvature",
+    "Factorization",
+    "Inertia",
+    "SingularMatrixError",
+    "SingularSystemError",
+    "blocks",
+    "linalg",
+    "__version__",
+]

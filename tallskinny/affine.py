@@ -1,0 +1,177 @@
+"""The structured stage for blocks that are affine in their parameters (Linear-type).
+
+Such a block's oracle says, with :mod:`tallskinny.linalg` operators,
+
+    G = P_out · (I_m ⊗ X̃) · P_θ        C = P_θᵀ · (Γ ⊗ Ẽ)        A = 0
+
+that is: with ``Θ̃ = P_θ θ`` read as an ``m × q`` matrix, the output is
+``vec(Θ̃ X̃ᵀ)`` (``X̃`` the ``R × q`` matrix of the rows the parameters act on, e.g.
+the samples' inputs with a column of ones for the bias), reordered by ``P_out``; and
+``θᵀ C y = ⟨Θ̃, Γ Y Ẽᵀ⟩`` for an input perturbation ``Y`` (``R × n``).
+
+With the thin SVD ``X̃ = U Σ Vᵀ`` (rank ``r``, computed once), ``Θ̃ = Z Vᵀ + Θ̃_⊥`` splits
+parameter space into the span ``Z`` (``m·r`` numbers, at most the block's output size)
+and its complement, on which ``G`` vanishes exactly and ``Q_θθ = εI``. The complement is
+eliminated in closed form (it adds ``−(ΓᵀΓ ⊗ P̄)/ε`` to the value Hessian, where
+``P̄ = Ẽᵀ(I − VVᵀ)Ẽ``); the span is an ordinary dense stage of size ``m·r``. Nothing of
+size ``p × p`` or ``p × a`` is formed.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from .blocks.protocol import Oracle
+from .linalg import Dense, Inertia, ScaledIdentity, Zero
+from .linalg.kronecker import Kronecker, Permutation, Product, kron
+
+
+def affine_parts(o: Oracle):
+    """``(p_out, X̃, p_θ, Γ, Ẽ)`` if the oracle has the affine structure, else ``None``
+    (``Γ``, ``Ẽ`` are ``None`` when ``C = 0``)."""
+    G = o.G
+    if not isinstance(o.A, Zero) or not isinstance(G, Product) or len(G.factors) != 3:
+        return None
+    p_out, kron, p_theta = G.factors
+    if not (
+        isinstance(p_out, Permutation)
+        and isinstance(p_theta, Permutation)
+        and isinstance(kron, Kronecker)
+        and isinstance(kron.left, ScaledIdentity)
+        and kron.left.scale == 1.0
+        and isinstance(kron.right, Dense)
+    ):
+        return None
+    if isinstance(o.C, Zero):
+        return p_out.index, kron.right.matrix, p_theta.index, None, None
+    C = o.C
+    if not (
+        isinstance(C, Product)
+        and len(C.factors) == 2
+        and isinstance(C.factors[0], Permutation)
+        and torch.equal(C.factors[0].index, torch.argsort(p_theta.index))
+        and isinstance(C.factors[1], Kronecker)
+        and isinstance(C.factors[1].left, Dense)
+        and isinstance(C.factors[1].right, Dense)
+    ):
+        return None
+    return p_out.index, kron.right.matrix, p_theta.index, C.factors[1].left.matrix, C.factors[1].right.matrix
+
+
+class AffineStage:
+    """A block affine in its parameters: exact complement ⊕ a dense stage on the span."""
+
+    def __init__(self, oracle: Oracle, parts, inner_stage):
+        p_out, X, p_theta, Gam, Et = parts
+        R, q = X.shape
+        m = oracle.G.shape[0] // R
+        self.p = oracle.G.shape[1]
+        self.F = oracle.F
+        self.m, self.q = m, q
+        self.p_theta = p_theta
+        self.p_theta_inv = torch.argsort(p_theta)
+        U, sigma, Vh = torch.linalg.svd(X, full_matrices=False)
+        tol = max(R, q) * torch.finfo(X.dtype).eps * (float(sigma[0]) if sigma.numel() else 0.0)
+        r = int((sigma > tol).sum())
+        self.r = r
+        self.V = Vh[:r].mT  # q × r
+        XV = U[:, :r] * sigma[:r]  # R × r
+        eye_m = torch.eye(m, dtype=X.dtype, device=X.device)
+        GV = kron(eye_m, XV)[p_out]  # a_out × m·r
+        self.Gam, self.Et = Gam, Et
+        a_in = oracle.F.shape[1]
+        if Gam is None:
+            C_r = Zero(m * r, a_in, dtype=X.dtype, device=X.device)
+            self.CtC = None
+        else:
+            C_r = Dense(kron(Gam, self.V.mT @ Et))  # m·r × a_in
+            P_bar = Et.mT @ Et - (Et.mT @ self.V) @ (self.V.mT @ Et)
+            self.CtC = kron(Gam.mT @ Gam, P_bar)
+        self.n_perp = m * (q - r)
+        reduced = Oracle(
+            G=Dense(GV),
+            F=oracle.F,
+            A=Zero(m * r, m * r, dtype=X.dtype, device=X.device),
+            C=C_r,
+            E=oracle.E,
+        )
+        self.inner = inner_stage(reduced)
+
+    # -- coordinates ------------------------------------------------------------------------
+    def _tilde(self, b: Tensor) -> Tensor:
+        return b[self.p_theta].reshape(self.m, self.q, b.shape[1])
+
+    def _untilde(self, T: Tensor) -> Tensor:
+        return T.reshape(self.m * self.q, -1)[self.p_theta_inv]
+
+    def _span(self, T: Tensor) -> Tensor:
+        return torch.einsum("mqk,qr->mrk", T, self.V)
+
+    def _from_span(self, Z: Tensor) -> Tensor:
+        return torch.einsum("mrk,qr->mqk", Z, self.V)
+
+    def _c_perp(self, y: Tensor) -> Tensor:
+        """``C_⊥ y`` as an ``m × q × k`` tensor: ``Γ Y Ẽᵀ (I − VVᵀ)``."""
+        Y = y.reshape(self.Gam.shape[1], self.Et.shape[1], y.shape[1])
+        M = torch.einsum("ms,snk,qn->mqk", self.Gam, Y, self.Et)
+        return M - self._from_span(self._span(M))
+
+    def _c_t(self, T: Tensor) -> Tensor:
+        """``Cᵀ`` applied to an ``m × q × k`` tensor: ``Γᵀ T Ẽ``, flattened ``(R·n, k)``."""
+        out = torch.einsum("ms,mqk,qn->snk", self.Gam, T, self.Et)
+        return out.reshape(-1, T.shape[2])
+
+    # -- elimination ------------------------------------------------------------------------
+    def eliminate(self, S: Tensor, damping: float, index: int):
+        S_new, inner = self.inner.eliminate(S, damping, index)
+        logdet = inner.logdet if inner is not None else S.new_zeros(())
+        inertia = inner.inertia if inner is not None else Inertia(0, 0, 0)
+        if self.n_perp:
+            if damping == 0.0:  # Q_θθ = 0 on the complement
+                from .elimination import _StageSingular
+
+                raise _StageSingular(index)
+            if self.CtC is not None:
+                S_new = S_new - self.CtC / damping
+            logdet = logdet + self.n_perp * math.log(damping)
+            inertia = Inertia(inertia.positive + self.n_perp, inertia.negative, 0)
+        return S_new, _AffineStageFactor(self, inner, damping, inertia, logdet)
+
+
+class _AffineStageFactor:
+    __slots__ = ("stage", "inner", "damping", "inertia", "logdet")
+
+    def __init__(self, stage, inner, damping, inertia, logdet):
+        self.stage, self.inner, self.damping = stage, inner, damping
+        self.inertia, self.logdet = inertia, logdet
+
+    def backward(self, t: Tensor | None, b: Tensor):
+        st = self.stage
+        T = st._tilde(b)
+        Zb = st._span(T)
+        b_perp = T - st._from_span(Zb) if st.n_perp else None
+        if self.inner is not None:
+            u, t_new = self.inner.backward(t, Zb.reshape(-1, b.shape[1]))
+        else:
+            u, t_new = None, None if t is None else st.F.T @ t
+        if b_perp is not None and st.Gam is not None:
+            extra = st._c_t(b_perp) / self.damping  # −C_⊥ᵀ u_⊥ with u_⊥ = −b_⊥/ε
+            t_new = extra if t_new is None else t_new + extra
+        return (u, b_perp), t_new
+
+    def forward(self, y: Tensor | None, u):
+        st = self.stage
+        u_inner, b_perp = u
+        if self.inner is not None:
+            theta_z, y_new = self.inner.forward(y, u_inner)
+            T = st._from_span(theta_z.reshape(st.m, st.r, -1))
+        else:
+            T, y_new = None, None if y is None else st.F @ y
+        if b_perp is not None:
+            perp = b_perp if y is None or st.Gam is None else b_perp - st._c_perp(y)
+            perp = perp / self.damping
+            T = perp if T is None else T + perp
+        return st._untilde(T), y_new

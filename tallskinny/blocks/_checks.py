@@ -1,0 +1,80 @@
+"""Validation shared by the blocks: every check runs before any derivative is computed."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from ..linalg import Zero
+
+
+def describe(x) -> str:
+    """A short description of ``x`` for error messages."""
+    if isinstance(x, Tensor):
+        return f"a tensor of shape {tuple(x.shape)}, dtype {x.dtype} on {x.device}"
+    return f"an object of type {type(x).__name__}"
+
+
+def check_input(z, where: str) -> Tensor:
+    """``z`` must be a floating-point tensor."""
+    if not isinstance(z, Tensor):
+        raise TypeError(f"{where}: the input z must be a torch.Tensor, got {describe(z)}")
+    if not z.dtype.is_floating_point:
+        raise TypeError(f"{where}: the input z must be floating-point, got dtype {z.dtype}")
+    return z
+
+
+def check_finite(t: Tensor, name: str, where: str) -> None:
+    """No NaN or inf in ``t`` (the oracle of a non-finite point is meaningless)."""
+    if not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{where}: {name} contains NaN or inf; derivatives at a non-finite point are undefined")
+
+
+def check_params(expected: Sequence[Tensor], params, z: Tensor, where: str) -> list[Tensor]:
+    """``params`` must be a sequence of tensors shaped like ``expected``, with ``z``'s dtype and device."""
+    if isinstance(params, Tensor) or not isinstance(params, Sequence):
+        raise TypeError(
+            f"{where}: params must be a sequence (list or tuple) of tensors, one per parameter, "
+            f"got {describe(params)}"
+        )
+    params = list(params)
+    if len(params) != len(expected):
+        raise ValueError(f"{where}: expected {len(expected)} parameter tensors, got {len(params)}")
+    for i, (value, ref) in enumerate(zip(params, expected)):
+        if not isinstance(value, Tensor):
+            raise TypeError(f"{where}: parameter {i} must be a tensor, got {describe(value)}")
+        if value.shape != ref.shape:
+            raise ValueError(
+                f"{where}: parameter {i} must have shape {tuple(ref.shape)}, got {tuple(value.shape)}"
+            )
+        if value.dtype != z.dtype or value.device != z.device:
+            raise TypeError(
+                f"{where}: parameter {i} has dtype {value.dtype} on {value.device}, but the input z has "
+                f"dtype {z.dtype} on {z.device}; they must agree"
+            )
+    return params
+
+
+def check_adjoint(g, out_shape: torch.Size, z: Tensor, where: str) -> Tensor:
+    """``g`` must be a tensor of the output's shape with ``z``'s dtype and device, and finite."""
+    if not isinstance(g, Tensor):
+        raise TypeError(f"{where}: g (= ∂loss/∂z_out) must be a tensor, got {describe(g)}")
+    if g.shape != out_shape:
+        raise ValueError(
+            f"{where}: g (= ∂loss/∂z_out) must have the shape of the output {tuple(out_shape)}, "
+            f"got {tuple(g.shape)}"
+        )
+    if g.dtype != z.dtype or g.device != z.device:
+        raise TypeError(
+            f"{where}: g has dtype {g.dtype} on {g.device}, but the input z has dtype {z.dtype} on "
+            f"{z.device}; they must agree"
+        )
+    check_finite(g, "g", where)
+    return g
+
+
+def zero(m: int, n: int, like: Tensor) -> Zero:
+    """The ``m × n`` zero operator with the dtype and device of ``like``."""
+    return Zero(m, n, dtype=like.dtype, device=like.device)

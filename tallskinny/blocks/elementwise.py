@@ -1,0 +1,239 @@
+"""Elementwise activations ``z_out = σ(z)``: ``F = diag(σ'(z))``, ``E = diag(g ⊙ σ''(z))``.
+
+No parameters (``G``, ``A``, ``C`` are empty). Each rule is a small function returning
+``(σ'(z), σ''(z))`` (``None`` for an identically zero ``σ''``). At a kink the
+derivative is PyTorch's (ReLU: ``σ'(0) = 0``), so the oracle matches autograd.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from ..linalg import Diagonal, Identity, LinearOperator
+from ._checks import check_adjoint, check_finite, check_input, check_params, zero
+from .func import Block
+from .protocol import Oracle
+from .registry import register
+
+__all__ = [
+    "ElementwiseBlock",
+    "GELUBlock",
+    "IdentityBlock",
+    "ReLUBlock",
+    "SiLUBlock",
+    "SigmoidBlock",
+    "SoftplusBlock",
+    "TanhBlock",
+    "gelu_derivatives",
+    "gelu_tanh_derivatives",
+    "relu_derivatives",
+    "sigmoid_derivatives",
+    "silu_derivatives",
+    "softplus_derivatives",
+    "tanh_derivatives",
+]
+
+Derivatives = tuple[Tensor, "Tensor | None"]
+
+
+# -- the rules ------------------------------------------------------------------------------
+def tanh_derivatives(z: Tensor) -> Derivatives:
+    """``tanh' = 1 − t²``, ``tanh'' = −2t(1 − t²)`` with ``t = tanh z``."""
+    t = torch.tanh(z)
+    d1 = 1 - t * t
+    return d1, -2 * t * d1
+
+
+def relu_derivatives(z: Tensor) -> Derivatives:
+    """``relu' = [z > 0]`` (0 at the kink, as PyTorch), ``relu'' = 0``."""
+    return (z > 0).to(z.dtype), None
+
+
+def sigmoid_derivatives(z: Tensor) -> Derivatives:
+    """``s' = s(1 − s)``, ``s'' = s(1 − s)(1 − 2s)``."""
+    s = torch.sigmoid(z)
+    d1 = s * (1 - s)
+    return d1, d1 * (1 - 2 * s)
+
+
+def softplus_derivatives(z: Tensor, beta: float = 1.0, threshold: float = 20.0) -> Derivatives:
+    """``softplus_β(z) = log(1 + e^{βz})/β``, linear (``= z``) where ``βz > threshold``.
+
+    ``σ' = s(βz)``, ``σ'' = β s(1 − s)`` on the smooth part; ``1`` and ``0`` on the linear part.
+    At ``βz = threshold`` exactly, autograd takes ``σ'`` from the smooth formula but
+    ``σ'' = 0``; so do we.
+    """
+    bz = z * beta
+    s = torch.sigmoid(bz)
+    d1 = torch.where(bz > threshold, torch.ones_like(z), s)
+    d2 = torch.where(bz >= threshold, torch.zeros_like(z), beta * s * (1 - s))
+    return d1, d2
+
+
+def silu_derivatives(z: Tensor) -> Derivatives:
+    """``silu = z s(z)``: ``σ' = s(1 + z(1 − s))``, ``σ'' = s(1 − s)(2 + z(1 − 2s))``."""
+    s = torch.sigmoid(z)
+    return s * (1 + z * (1 - s)), s * (1 - s) * (2 + z * (1 - 2 * s))
+
+
+def gelu_derivatives(z: Tensor) -> Derivatives:
+    """``gelu = z Φ(z)``: ``σ' = Φ + zφ``, ``σ'' = φ(2 − z²)``."""
+    Phi = 0.5 * (1 + torch.erf(z * (1 / math.sqrt(2))))
+    phi = torch.exp(-0.5 * z * z) * (1 / math.sqrt(2 * math.pi))
+    return Phi + z * phi, phi * (2 - z * z)
+
+
+_GELU_KAPPA = 0.044715
+
+
+def gelu_tanh_derivatives(z: Tensor) -> Derivatives:
+    """``gelu ≈ ½ z (1 + tanh u)``, ``u = √(2/π)(z + κz³)``:
+    ``σ' = ½(1 + t) + ½ z (1 − t²) u'``, ``σ'' = (1 − t²)(u' − z t u'² + ½ z u'')``."""
+    c = math.sqrt(2 / math.pi)
+    z2 = z * z
+    t = torch.tanh(c * (z + _GELU_KAPPA * z2 * z))
+    du = c * (1 + 3 * _GELU_KAPPA * z2)
+    ddu = c * 6 * _GELU_KAPPA * z
+    sech2 = 1 - t * t
+    d1 = 0.5 * (1 + t) + 0.5 * z * sech2 * du
+    d2 = sech2 * (du - z * t * du * du + 0.5 * z * ddu)
+    return d1, d2
+
+
+# -- the blocks -----------------------------------------------------------------------------
+class ElementwiseBlock(Block):
+    """Base of the activation blocks: subclasses give :meth:`function` and :meth:`derivatives`."""
+
+    def function(self, z: Tensor) -> Tensor:
+        """``σ(z)``, out of place (``inplace=True`` of the module is ignored)."""
+        raise NotImplementedError
+
+    def derivatives(self, z: Tensor) -> Derivatives:
+        """``(σ'(z), σ''(z))``; ``None`` for ``σ''`` if it is identically zero."""
+        raise NotImplementedError
+
+    def forward(self, z: Tensor, params: Sequence[Tensor]) -> Tensor:
+        where = self._where("forward")
+        check_input(z, where)
+        check_params(self.parameters(), params, z, where)
+        return self.function(z)
+
+    def oracle(
+        self, z: Tensor, params: Sequence[Tensor], g: Tensor, *, second_order: bool = True
+    ) -> Oracle:
+        where = self._where("oracle")
+        check_input(z, where)
+        check_params(self.parameters(), params, z, where)
+        z = z.detach()
+        check_finite(z, "z", where)
+        g = check_adjoint(g, z.shape, z, where).detach()
+        a = z.numel()
+        F, E = self._jacobian_and_curvature(z, g, second_order)
+        return Oracle(G=zero(a, 0, z), F=F, A=zero(0, 0, z), C=zero(0, a, z), E=E)
+
+    def _jacobian_and_curvature(
+        self, z: Tensor, g: Tensor, second_order: bool
+    ) -> tuple[LinearOperator, LinearOperator]:
+        d1, d2 = self.derivatives(z)
+        F = Diagonal(d1.reshape(-1))
+        if not second_order or d2 is None:
+            return F, zero(z.numel(), z.numel(), z)
+        return F, Diagonal((g * d2).reshape(-1))
+
+
+@register(nn.Tanh)
+class TanhBlock(ElementwiseBlock):
+    """``nn.Tanh``."""
+
+    def function(self, z: Tensor) -> Tensor:
+        return torch.tanh(z)
+
+    def derivatives(self, z: Tensor) -> Derivatives:
+        return tanh_derivatives(z)
+
+
+@register(nn.ReLU)
+class ReLUBlock(ElementwiseBlock):
+    """``nn.ReLU`` (``σ'(0) = 0`` as in PyTorch; ``E = 0``)."""
+
+    def function(self, z: Tensor) -> Tensor:
+        return torch.relu(z)
+
+    def derivatives(self, z: Tensor) -> Derivatives:
+        return relu_derivatives(z)
+
+
+@register(nn.Sigmoid)
+class SigmoidBlock(ElementwiseBlock):
+    """``nn.Sigmoid``."""
+
+    def function(self, z: Tensor) -> Tensor:
+        return torch.sigmoid(z)
+
+    def derivatives(self, z: Tensor) -> Derivatives:
+        return sigmoid_derivatives(z)
+
+
+@register(nn.Softplus)
+class SoftplusBlock(ElementwiseBlock):
+    """``nn.Softplus(beta, threshold)``."""
+
+    module: nn.Softplus
+
+    def function(self, z: Tensor) -> Tensor:
+        return nn.functional.softplus(z, beta=self.module.beta, threshold=self.module.threshold)
+
+    def derivatives(self, z: Tensor) -> Derivatives:
+        return softplus_derivatives(z, self.module.beta, self.module.threshold)
+
+
+@register(nn.SiLU)
+class SiLUBlock(ElementwiseBlock):
+    """``nn.SiLU``."""
+
+    def function(self, z: Tensor) -> Tensor:
+        return nn.functional.silu(z)
+
+    def derivatives(self, z: Tensor) -> Derivatives:
+        return silu_derivatives(z)
+
+
+@register(nn.GELU)
+class GELUBlock(ElementwiseBlock):
+    """``nn.GELU`` with ``approximate='none'`` (erf) or ``'tanh'``."""
+
+    module: nn.GELU
+
+    def __init__(self, module: nn.GELU):
+        super().__init__(module)
+        if module.approximate not in ("none", "tanh"):
+            raise ValueError(f"nn.GELU approximate must be 'none' or 'tanh', got {module.approximate!r}")
+
+    def function(self, z: Tensor) -> Tensor:
+        return nn.functional.gelu(z, approximate=self.module.approximate)
+
+    def derivatives(self, z: Tensor) -> Derivatives:
+        if self.module.approximate == "tanh":
+            return gelu_tanh_derivatives(z)
+        return gelu_derivatives(z)
+
+
+@register(nn.Identity)
+class IdentityBlock(ElementwiseBlock):
+    """``nn.Identity``: ``F = I``, ``E = 0``."""
+
+    def function(self, z: Tensor) -> Tensor:
+        return z.view_as(z)  # a new tensor object, like every other block's output
+
+    def derivatives(self, z: Tensor) -> Derivatives:
+        return torch.ones_like(z), None
+
+    def _jacobian_and_curvature(
+        self, z: Tensor, g: Tensor, second_order: bool
+    ) -> tuple[LinearOperator, LinearOperator]:
+        a = z.numel()
+        return Identity(a, dtype=z.dtype, device=z.device), zero(a, a, z)

@@ -1,0 +1,271 @@
+"""The ``Block`` base class and the ``torch.func`` fallback for any module or loss.
+
+The fallback differentiates the flat map ``x = (θ, z_in) ↦ z_out`` with
+``torch.func``: one Jacobian gives ``[G F]``, and the Hessian of the scalar
+``⟨g, f(θ, z_in)⟩`` (reverse-over-reverse, see :func:`second_derivatives`) gives
+``[[A C], [Cᵀ E]]``. It is exact (up to rounding) for any
+module that maps one tensor to one tensor, also when samples interact, but it forms
+dense matrices of size ``a_out × (p + a_in)`` and ``(p + a_in)²``: analytic blocks
+(:mod:`.linear`, :mod:`.elementwise`, …) override :meth:`Block.oracle`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, grad, jacfwd, jacrev
+
+from ..linalg import Dense
+from ._checks import check_adjoint, check_finite, check_input, check_params, describe, zero
+from .protocol import Oracle
+
+__all__ = ["Block", "FuncBlock", "FuncLoss", "func_oracle", "second_derivatives"]
+
+
+class Block:
+    """A block that wraps an ``nn.Module`` mapping one tensor to one tensor.
+
+    ``parameters()`` are the module's parameters that require grad, in
+    ``module.named_parameters()`` order (the module's own tensors); parameters with
+    ``requires_grad=False`` are constants, taken from the module. ``forward`` evaluates
+    the module with :func:`torch.func.functional_call` at the given parameter values,
+    on clones of its buffers, so nothing of the module changes (a ``BatchNorm`` in
+    training mode updates the clones, not the model's running statistics).
+
+    ``oracle`` is the generic ``torch.func`` fallback: it differentiates
+    :meth:`forward`. A subclass that overrides nothing is therefore correct for any
+    module; an analytic block overrides :meth:`oracle` (and :meth:`forward` where a
+    direct formula is simpler) and is registered with
+    :func:`tallskinny.blocks.register`.
+    """
+
+    def __init__(self, module: nn.Module):
+        if not isinstance(module, nn.Module):
+            raise TypeError(f"{type(self).__name__} wraps an nn.Module, got {describe(module)}")
+        self.module = module
+
+    # -- parameters -------------------------------------------------------------------
+    def parameter_names(self) -> list[str]:
+        """Names (as in ``module.named_parameters()``) of the entries of θ, in order."""
+        return [name for name, p in self.module.named_parameters() if p.requires_grad]
+
+    def parameters(self) -> list[Tensor]:
+        """The module's parameters that require grad, in ``named_parameters()`` order."""
+        return [p for p in self.module.parameters() if p.requires_grad]
+
+    def parameter_values(self, params: Sequence[Tensor]) -> dict[str, Tensor]:
+        """Every parameter of the module by name: ``params`` for θ, the module's own
+        tensors for the frozen ones (``requires_grad=False``)."""
+        values = dict(self.module.named_parameters())
+        values.update(zip(self.parameter_names(), params))
+        return values
+
+    # -- evaluation -------------------------------------------------------------------
+    def forward(self, z: Tensor, params: Sequence[Tensor]) -> Tensor:
+        """``z_out = f(z; θ)`` with θ = ``params``; differentiable w.r.t. ``z`` and ``params``."""
+        where = self._where("forward")
+        check_input(z, where)
+        params = check_params(self.parameters(), params, z, where)
+        tensors = {name: buffer.clone() for name, buffer in self.module.named_buffers()}
+        tensors.update(zip(self.parameter_names(), params))
+        if _mutates_its_input(self.module):
+            z = z.clone()
+        out = functional_call(self.module, tensors, (z,))
+        if not isinstance(out, Tensor):
+            raise TypeError(
+                f"{where}: the module returned {describe(out)}; a block maps one tensor to one tensor"
+            )
+        return out
+
+    def oracle(
+        self, z: Tensor, params: Sequence[Tensor], g: Tensor, *, second_order: bool = True
+    ) -> Oracle:
+        """``G, F, A, C, E`` at ``(z, θ)`` contracted with ``g``, by ``torch.func`` on :meth:`forward`."""
+        where = self._where("oracle")
+        check_input(z, where)
+        params = [p.detach() for p in check_params(self.parameters(), params, z, where)]
+        z = z.detach()
+        check_finite(z, "z", where)
+        with torch.no_grad():
+            out = self.forward(z, params)
+        g = check_adjoint(g, out.shape, z, where).detach()
+        return func_oracle(self.forward, z, params, g, second_order=second_order, where=where)
+
+    # -- helpers ----------------------------------------------------------------------
+    def _where(self, method: str) -> str:
+        return f"{type(self).__name__}({self.module._get_name()}).{method}"
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.module!r})"
+
+
+class FuncBlock(Block):
+    """The block of an unregistered module: :class:`Block` with the ``torch.func`` fallback."""
+
+
+def func_oracle(
+    forward: Callable[[Tensor, Sequence[Tensor]], Tensor],
+    z: Tensor,
+    params: Sequence[Tensor],
+    g: Tensor,
+    *,
+    second_order: bool = True,
+    where: str = "func_oracle",
+) -> Oracle:
+    """The oracle of ``forward(z, params)`` by ``torch.func``, all fields dense.
+
+    With ``x = (θ, vec z)``: ``[G F] = ∂ vec f/∂x`` and, if ``second_order``,
+    ``[[A C], [Cᵀ E]] = ∂²⟨g, f⟩/∂x²``. The inputs must already be validated.
+    """
+    shapes = [p.shape for p in params]
+    sizes = [p.numel() for p in params]
+    p = sum(sizes)
+    a_in, a_out = z.numel(), g.numel()
+    theta0 = torch.cat([q.reshape(-1) for q in params]) if params else z.new_zeros(0)
+    x0 = torch.cat([theta0, z.reshape(-1)])
+    g_flat = g.reshape(-1)
+
+    def flat_forward(x: Tensor) -> Tensor:
+        theta, z_flat = x[:p], x[p:]
+        values = [t.reshape(s) for t, s in zip(theta.split(sizes), shapes)]
+        # the clone lets in-place modules (inplace=True) run under the transforms
+        return forward(z_flat.reshape(z.shape).clone(), values).reshape(-1)
+
+    def contracted(x: Tensor) -> Tensor:
+        return torch.dot(g_flat, flat_forward(x))
+
+    try:
+        jacobian = _jacobian(flat_forward, x0, forward_mode=a_out > p + a_in)
+        hess = second_derivatives(contracted, x0) if second_order else None
+    except RuntimeError as err:
+        raise RuntimeError(
+            f"{where}: the torch.func fallback could not differentiate the module ({err}). "
+            "The fallback needs a deterministic module mapping one tensor to one tensor "
+            "(call .eval() for dropout); otherwise register an analytic block with "
+            "tallskinny.blocks.register"
+        ) from err
+    check_finite(jacobian, "∂z_out/∂(θ, z_in)", where)
+    G = Dense(jacobian[:, :p].contiguous()) if p else zero(a_out, 0, z)
+    F = Dense(jacobian[:, p:].contiguous())
+    if not second_order:
+        return Oracle(G=G, F=F, A=zero(p, p, z), C=zero(p, a_in, z), E=zero(a_in, a_in, z))
+    check_finite(hess, "∂²⟨g, z_out⟩/∂(θ, z_in)²", where)
+    hess = 0.5 * (hess + hess.mT)
+    A = Dense(hess[:p, :p].contiguous(), symmetric=True) if p else zero(0, 0, z)
+    C = Dense(hess[:p, p:].contiguous()) if p else zero(0, a_in, z)
+    E = Dense(hess[p:, p:].contiguous(), symmetric=True)
+    return Oracle(G=G, F=F, A=A, C=C, E=E)
+
+
+def _jacobian(fn: Callable[[Tensor], Tensor], x0: Tensor, *, forward_mode: bool) -> Tensor:
+    """``∂fn/∂x`` at ``x0``. Reverse mode costs one pass per output, forward mode one per
+    input: ``forward_mode`` picks the cheaper; an op without a forward-mode rule falls
+    back to reverse mode."""
+    if forward_mode:
+        try:
+            return jacfwd(fn)(x0)
+        except (RuntimeError, NotImplementedError):
+            pass
+    return jacrev(fn)(x0)
+
+
+def second_derivatives(fn: Callable[[Tensor], Tensor], x0: Tensor) -> Tensor:
+    """The Hessian of the scalar ``fn`` at ``x0``, reverse-over-reverse: ``jacrev(grad(fn))``.
+
+    Not ``torch.func.hessian`` (``jacfwd(jacrev)``) nor ``jacrev(jacrev)``: in torch 2.13
+    both return silently wrong second derivatives for batch, layer and instance norm
+    (errors of order 1; for batch norm this is pytorch/pytorch#196699), while
+    ``jacrev(grad)`` agrees with plain autograd double-backward to rounding. The tests
+    pin this down.
+    """
+    return jacrev(grad(fn))(x0)
+
+
+class FuncLoss:
+    """A loss block for any callable ``loss(z, target) -> scalar``, by ``torch.func``.
+
+    ``F`` is the gradient of the loss w.r.t. ``z`` as a ``1 × a_in`` row and ``E`` its
+    Hessian (dense); ``G``, ``A``, ``C`` are empty (a loss has no parameters here:
+    tensors the callable holds are constants).
+    """
+
+    def __init__(self, loss: Callable[[Tensor, Any], Tensor]):
+        if not callable(loss):
+            raise TypeError(f"FuncLoss needs a callable loss(z, target) -> scalar, got {describe(loss)}")
+        self.loss = loss
+
+    def forward(self, z: Tensor, target: Any) -> Tensor:
+        """``loss(z, target)``, checked to be a scalar."""
+        check_input(z, self._where("forward"))
+        return self._scalar(self.loss(z, target), "forward")
+
+    def check_target(self, z: Tensor, target: Any) -> None:
+        """Evaluates the loss once at ``z.detach()``; an error there, or a non-scalar
+        value, raises ``ValueError``/``TypeError`` naming the target."""
+        where = self._where("check_target")
+        check_input(z, where)
+        try:
+            with torch.no_grad():
+                value = self.loss(z.detach(), target)
+        except (RuntimeError, IndexError, ValueError) as err:
+            raise ValueError(
+                f"{where}: the loss cannot take the target {describe(target)} with z of shape "
+                f"{tuple(z.shape)}: {err}"
+            ) from err
+        self._scalar(value, "check_target")
+
+    def oracle(self, z: Tensor, target: Any) -> Oracle:
+        """``F = ∂loss/∂z`` (a row) and ``E = ∂²loss/∂z²``."""
+        where = self._where("oracle")
+        check_input(z, where)
+        z = z.detach()
+        check_finite(z, "z", where)
+        self.check_target(z, target)
+        shape = z.shape
+
+        def flat_loss(z_flat: Tensor) -> Tensor:
+            return self.loss(z_flat.reshape(shape), target)
+
+        x0 = z.reshape(-1)
+        try:
+            gradient = grad(flat_loss)(x0)
+            hess = second_derivatives(flat_loss, x0)
+        except RuntimeError as err:
+            raise RuntimeError(f"{where}: the torch.func fallback could not differentiate the loss ({err})") from err
+        check_finite(gradient, "the gradient of the loss", where)
+        check_finite(hess, "the Hessian of the loss", where)
+        a_in = z.numel()
+        return Oracle(
+            G=zero(1, 0, z),
+            F=Dense(gradient.reshape(1, a_in)),
+            A=zero(0, 0, z),
+            C=zero(0, a_in, z),
+            E=Dense(0.5 * (hess + hess.mT), symmetric=True),
+        )
+
+    def _scalar(self, value, method: str) -> Tensor:
+        if not isinstance(value, Tensor) or value.dim() != 0 or not value.dtype.is_floating_point:
+            raise TypeError(
+                f"{self._where(method)}: the loss must return a floating-point scalar (0-dim tensor), "
+                f"got {describe(value)}; use reduction='mean' or 'sum'"
+            )
+        return value
+
+    def _where(self, method: str) -> str:
+        return f"FuncLoss({_callable_name(self.loss)}).{method}"
+
+    def __repr__(self) -> str:
+        return f"FuncLoss({self.loss!r})"
+
+
+def _callable_name(f) -> str:
+    if isinstance(f, nn.Module):
+        return f._get_name()
+    return getattr(f, "__qualname__", None) or type(f).__name__
+
+
+def _mutates_its_input(module: nn.Module) -> bool:
+    """Whether a submodule declares ``inplace=True`` (ReLU, Dropout, …): its input must be cloned."""
+    return any(getattr(m, "inplace", False) is True for m in module.modules())

@@ -1,0 +1,126 @@
+"""``nn.Linear``: ``z_out[s, k] = Σ_j W[k, j] z[s, j] + b[k]`` for every sample ``s``.
+
+All leading dimensions of the input ``(*, in)`` are samples (``S`` in all). With
+θ = ``[vec(W) row-major, b]`` (only the parts that require grad):
+
+* ``G[(s,k), (k',j)] = δ(k,k') z[s,j]`` and ``G[(s,k), b_k'] = δ(k,k')``,
+* ``F = I_S ⊗ W``,
+* ``C[(k,j), (s,j')] = g[s,k] δ(j,j')`` (only the rows of ``W``), ``A = 0``, ``E = 0``.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from ..linalg import Dense, Identity, LinearOperator
+from ..linalg.kronecker import Kronecker, Permutation, Product, transpose_permutation
+from ._checks import check_adjoint, check_finite, check_input, check_params, zero
+from .func import Block
+from .protocol import Oracle
+from .registry import register
+
+__all__ = ["LinearBlock", "linear_C", "linear_F", "linear_G"]
+
+
+@register(nn.Linear)
+class LinearBlock(Block):
+    """Analytic block of ``nn.Linear`` (with or without bias, any number of sample dims)."""
+
+    module: nn.Linear
+
+    def forward(self, z: Tensor, params: Sequence[Tensor]) -> Tensor:
+        weight, bias = self._weight_bias(z, params, "forward")
+        return nn.functional.linear(z, weight, bias)
+
+    def oracle(
+        self, z: Tensor, params: Sequence[Tensor], g: Tensor, *, second_order: bool = True
+    ) -> Oracle:
+        where = self._where("oracle")
+        weight, bias = self._weight_bias(z, params, "oracle")
+        z = z.detach()
+        check_finite(z, "z", where)
+        out_features, in_features = weight.shape
+        g = check_adjoint(g, z.shape[:-1] + (out_features,), z, where).detach()
+        z2 = z.reshape(-1, in_features)
+        trainable = set(self.parameter_names())
+        with_weight, with_bias = "weight" in trainable, bias is not None and "bias" in trainable
+        G = linear_G(z2, out_features, with_weight=with_weight, with_bias=with_bias)
+        F = linear_F(weight.detach(), z2.shape[0])
+        p, a_in = G.shape[1], z.numel()
+        if not second_order or not with_weight:
+            C = zero(p, a_in, z)
+        else:
+            C = linear_C(g.reshape(-1, out_features), in_features, with_bias=with_bias)
+        return Oracle(G=G, F=F, A=zero(p, p, z), C=C, E=zero(a_in, a_in, z))
+
+    def _weight_bias(self, z, params, method: str) -> tuple[Tensor, Tensor | None]:
+        where = self._where(method)
+        check_input(z, where)
+        params = check_params(self.parameters(), params, z, where)
+        values = self.parameter_values(params)
+        weight, bias = values.get("weight", self.module.weight), values.get("bias", self.module.bias)
+        if z.dim() == 0 or z.shape[-1] != weight.shape[1]:
+            raise ValueError(
+                f"{where}: the input must have shape (*, {weight.shape[1]}) (in_features last), "
+                f"got {tuple(z.shape)}"
+            )
+        return weight, bias
+
+
+def linear_G(z2: Tensor, out_features: int, *, with_weight: bool, with_bias: bool) -> LinearOperator:
+    """``∂z_out/∂θ`` for inputs ``z2`` of shape ``(S, in)``, with its structure.
+
+    With ``Θ̃ = [W | b]`` (the trainable parts, ``out × q``) and ``X̃ = [z2 | 1]``
+    (``S × q``), the output is ``Θ̃ X̃ᵀ`` read sample-major, so
+    ``G = P_out (I_out ⊗ X̃) P_θ`` where ``P_θ`` orders θ as ``vec(Θ̃)`` and ``P_out``
+    turns the ``out × S`` result into ``S × out``.
+    """
+    S, in_features = z2.shape
+    if not (with_weight or with_bias):
+        return zero(S * out_features, 0, z2)
+    columns = ([z2] if with_weight else []) + ([z2.new_ones(S, 1)] if with_bias else [])
+    X = torch.cat(columns, dim=1)
+    kw = dict(dtype=z2.dtype)
+    return Product(
+        Permutation(transpose_permutation(out_features, S, device=z2.device), **kw),
+        Kronecker(Identity(out_features, dtype=z2.dtype, device=z2.device), Dense(X)),
+        Permutation(_theta_order(out_features, in_features, with_weight, with_bias, z2.device), **kw),
+    )
+
+
+def linear_F(weight: Tensor, samples: int) -> LinearOperator:
+    """``∂z_out/∂z_in = I_S ⊗ W``."""
+    return Kronecker(Identity(samples, dtype=weight.dtype, device=weight.device), Dense(weight))
+
+
+def linear_C(g2: Tensor, in_features: int, *, with_bias: bool) -> LinearOperator:
+    """``Σ g ∂²z_out/∂θ∂z_in`` for adjoints ``g2`` of shape ``(S, out)``:
+    ``C[(k,j),(s,j')] = g[s,k] δ(j,j')``, i.e. ``θᵀ C y = ⟨W, Gᵀ Y⟩``; as an operator
+    ``C = P_θᵀ (g2ᵀ ⊗ Ẽ)`` with ``Ẽ = [I_in; 0]`` (no bias row is touched)."""
+    S, out_features = g2.shape
+    E_tilde = torch.eye(in_features + int(with_bias), in_features, dtype=g2.dtype, device=g2.device)
+    order = _theta_order(out_features, in_features, True, with_bias, g2.device)
+    return Product(
+        Permutation(torch.argsort(order), dtype=g2.dtype),
+        Kronecker(Dense(g2.mT.contiguous()), Dense(E_tilde)),
+    )
+
+
+@functools.lru_cache(maxsize=256)
+def _theta_order_cached(out_features: int, in_features: int, with_weight: bool, with_bias: bool, device) -> Tensor:
+    q = in_features * with_weight + with_bias
+    idx = torch.empty(out_features, q, dtype=torch.long, device=device)
+    if with_weight:
+        idx[:, :in_features] = torch.arange(out_features * in_features, device=device).reshape(out_features, in_features)
+    if with_bias:
+        idx[:, -1] = out_features * in_features * with_weight + torch.arange(out_features, device=device)
+    return idx.reshape(-1)
+
+
+def _theta_order(out_features, in_features, with_weight, with_bias, device) -> Tensor:
+    """Indices ``i`` with ``vec(Θ̃) = θ[i]`` for ``θ = [vec(W), b]`` and ``Θ̃ = [W | b]``."""
+    return _theta_order_cached(out_features, in_features, bool(with_weight), bool(with_bias), device)

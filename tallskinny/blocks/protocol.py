@@ -1,0 +1,88 @@
+"""What a block must provide so that a chain can use it.
+
+A block is one map ``z_out = f(z_in; θ)`` of a chain. Tensors keep their natural shapes
+(the batch included) when they flow through ``forward``; derivatives act on *flat*
+vectors: ``z_in`` flattened row-major (length ``a_in = z_in.numel()``), ``z_out``
+flattened (``a_out``), and ``θ`` the row-major flattenings of the block's parameters
+concatenated in order (length ``p``).
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, Sequence, runtime_checkable
+
+import attrs
+import torch
+from torch import Tensor
+
+from ..linalg import LinearOperator
+
+
+@attrs.frozen
+class Oracle:
+    """The derivatives of one block at a point, contracted with ``g = ∂loss/∂z_out``.
+
+    ====  ========================================  =================
+    name  meaning                                   shape
+    ====  ========================================  =================
+    G     ∂z_out/∂θ                                 a_out × p
+    F     ∂z_out/∂z_in                              a_out × a_in
+    A     Σ_k g_k ∂²z_out,k/∂θ∂θ                    p × p
+    C     Σ_k g_k ∂²z_out,k/∂θ∂z_in                 p × a_in
+    E     Σ_k g_k ∂²z_out,k/∂z_in∂z_in              a_in × a_in
+    ====  ========================================  =================
+
+    Each is a :class:`tallskinny.linalg.LinearOperator` (``Dense``, ``Zero``,
+    ``Diagonal``, ``BlockDiagonal``, …); the solver exploits whatever structure it is
+    given. For a loss block ``a_out = 1``, ``p = 0`` and ``g = 1``: ``F`` is the
+    gradient of the loss as a ``1 × a_in`` row and ``E`` its Hessian.
+    """
+
+    G: LinearOperator
+    F: LinearOperator
+    A: LinearOperator
+    C: LinearOperator
+    E: LinearOperator
+
+    @property
+    def sizes(self) -> tuple[int, int, int]:
+        """``(a_in, a_out, p)``."""
+        return self.F.shape[1], self.F.shape[0], self.G.shape[1]
+
+
+@runtime_checkable
+class DifferentiableBlock(Protocol):
+    """A block of a chain: ``z_out = f(z_in; θ)``.
+
+    ``parameters()`` returns the block's parameters (the user's own tensors, not
+    copies), in the order in which they are flattened into ``θ``. ``forward`` and
+    ``oracle`` take the parameter *values* explicitly (tensors of the same shapes),
+    so the chain can evaluate them at detached copies without touching the model.
+    ``oracle(..., second_order=False)`` may return zeros for ``A``, ``C``, ``E``
+    (the Gauss–Newton matrix needs only ``G`` and ``F``).
+    """
+
+    def parameters(self) -> Sequence[Tensor]: ...
+
+    def forward(self, z: Tensor, params: Sequence[Tensor]) -> Tensor: ...
+
+    def oracle(
+        self, z: Tensor, params: Sequence[Tensor], g: Tensor, *, second_order: bool = True
+    ) -> Oracle: ...
+
+
+@runtime_checkable
+class LossBlock(Protocol):
+    """The last block of a chain: a scalar ``loss(z, target)`` with no parameters.
+
+    ``oracle(z, target)`` returns an :class:`Oracle` with ``a_out = 1``, ``p = 0``,
+    ``F`` the gradient (``1 × a_in``) and ``E`` the Hessian w.r.t. ``z``.
+    ``check_target`` raises a ``TypeError``/``ValueError`` for a target this loss
+    cannot take (wrong dtype or shape), before any work is done.
+    """
+
+    def forward(self, z: Tensor, target: Tensor) -> Tensor: ...
+
+    def oracle(self, z: Tensor, target: Tensor) -> Oracle: ...
+
+    def check_target(self, z: Tensor, target: Tensor) -> None: ...

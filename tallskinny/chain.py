@@ -1,0 +1,212 @@
+"""``Chain``: a sequence of modules (or blocks) ending in a scalar loss.
+
+The chain turns each module into a block through the registry, runs the forward pass
+and one backward pass for the adjoints ``g_l = ∂loss/∂z_l``, asks each block for its
+oracle, and hands the oracles to :class:`~tallskinny.curvature.Curvature`.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable, Iterator, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .blocks import LossBlock, Oracle, block_for, loss_for
+from .curvature import Curvature, check_damping, check_kind
+from .linalg import Zero
+from .vectors import ParameterLayout
+
+
+class Chain:
+    """A chain ``z_l = f_l(z_{l-1}; θ_l)``, ``l = 1..L``, and a scalar ``loss(z_L, target)``.
+
+    ``modules`` are ``nn.Module``s (mapped to blocks through the registry; unregistered
+    ones fall back to ``torch.func`` unless ``strict=True``) or objects that implement
+    :class:`~tallskinny.blocks.DifferentiableBlock`. ``loss`` is a registered loss module
+    (``nn.CrossEntropyLoss``, ``nn.MSELoss``) or any callable ``loss(z, target) -> scalar``.
+
+    The chain shares the modules' parameters (nothing is copied) and never changes the
+    modules: parameter values, ``.grad``, ``requires_grad``, training flags and hooks
+    are as they were after every call.
+    """
+
+    def __init__(self, modules: Iterable, loss: Callable, *, strict: bool = False):
+        modules = list(modules)
+        if not modules:
+            raise ValueError("a Chain needs at least one module before the loss")
+        if not callable(loss) and not isinstance(loss, LossBlock):
+            raise TypeError(f"loss must be a callable loss(z, target) or a LossBlock, got {type(loss).__name__}")
+        self.modules = modules
+        self.loss = loss
+        self.blocks = [block_for(m, strict=strict) for m in modules]
+        self.loss_block = loss_for(loss, strict=strict)
+        self._params = [list(b.parameters()) for b in self.blocks]
+        seen: dict[int, int] = {}
+        for i, ps in enumerate(self._params):
+            for p in ps:
+                if id(p) in seen:
+                    raise ValueError(
+                        f"a parameter of block {i} ({_name(modules[i])}) is shared with block "
+                        f"{seen[id(p)]} ({_name(modules[seen[id(p)]])}); parameters shared between "
+                        "blocks (weight tying) are not supported"
+                    )
+                seen[id(p)] = i
+
+    @classmethod
+    def from_sequential(cls, sequential: nn.Sequential, loss: Callable, *, strict: bool = False) -> "Chain":
+        """The chain of the children of an ``nn.Sequential``, in order."""
+        if not isinstance(sequential, nn.Sequential):
+            raise TypeError(f"from_sequential needs an nn.Sequential, got {type(sequential).__name__}")
+        return cls(list(sequential), loss, strict=strict)
+
+    # -- plain evaluation --------------------------------------------------------------
+    def __call__(self, inputs: Tensor, targets) -> Tensor:
+        """The loss, as plain PyTorch computes it (the modules are called as usual)."""
+        z = inputs
+        for m, block, params in zip(self.modules, self.blocks, self._params):
+            z = m(z) if isinstance(m, nn.Module) else block.forward(z, params)
+        return self.loss(z, targets) if callable(self.loss) else self.loss_block.forward(z, targets)
+
+    def parameters(self) -> Iterator[Tensor]:
+        """The blocks' parameters in order (the modules' own tensors)."""
+        for ps in self._params:
+            yield from ps
+
+    def layout(self) -> ParameterLayout:
+        """Shapes, names, dtype and device of the parameters."""
+        params = list(self.parameters())
+        if not params:
+            raise ValueError("the chain has no parameters")
+        dtypes = {p.dtype for p in params}
+        devices = {p.device for p in params}
+        if len(dtypes) > 1 or len(devices) > 1:
+            raise TypeError(
+                f"all parameters must share one dtype and device, found {sorted(map(str, dtypes))} "
+                f"on {sorted(map(str, devices))}"
+            )
+        names = []
+        for i, (m, ps) in enumerate(zip(self.modules, self._params)):
+            pnames = _param_names(m, ps)
+            names.extend(f"{i}.{n}" for n in pnames)
+        return ParameterLayout(
+            shapes=tuple(tuple(p.shape) for p in params),
+            names=tuple(names),
+            dtype=params[0].dtype,
+            device=params[0].device,
+        )
+
+    # -- curvature ---------------------------------------------------------------------
+    def curvature(self, inputs: Tensor, targets, kind: str = "hessian") -> Curvature:
+        """Forward pass, one backward pass, and every block's oracle at ``(inputs, targets)``.
+
+        ``kind="hessian"`` gives the Hessian of the loss w.r.t. all parameters,
+        ``kind="ggn"`` the generalised Gauss–Newton matrix ``Jᵀ ∇²loss J``.
+        """
+        kind = check_kind(kind)
+        layout = self.layout()
+        self._check_inputs(inputs, layout)
+        thetas = [[p.detach().requires_grad_(True) for p in ps] for ps in self._params]
+        with torch.enable_grad():
+            zs = [inputs.detach()]
+            for i, block in enumerate(self.blocks):
+                try:
+                    z = block.forward(zs[-1], thetas[i])
+                except (RuntimeError, ValueError, TypeError, IndexError) as err:
+                    raise ValueError(
+                        f"block {i} ({_name(self.modules[i])}) failed on an input of shape "
+                        f"{tuple(zs[-1].shape)}: {err}"
+                    ) from err
+                if not isinstance(z, Tensor):
+                    raise TypeError(f"block {i} ({_name(self.modules[i])}) returned {type(z).__name__}, not a tensor")
+                zs.append(z)
+            self.loss_block.check_target(zs[-1].detach(), targets)
+            loss = self.loss_block.forward(zs[-1], targets)
+            if not isinstance(loss, Tensor) or loss.numel() != 1 or loss.dim() != 0:
+                shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
+                raise ValueError(f"the loss must be a scalar (0-dim tensor), got {shape}")
+            flat_thetas = [t for ts in thetas for t in ts]
+            # an output that does not depend on any parameter has no part in H: its
+            # adjoint is not needed (every tangent upstream of it is zero)
+            wrt = [z for z in zs[1:] if z.requires_grad] + flat_thetas
+            grads = list(torch.autograd.grad(loss, wrt, allow_unused=True))
+        n = len(self.blocks)
+        adjoints = [_zeros_if_none(grads.pop(0) if z.requires_grad else None, z) for z in zs[1:]]
+        param_grads = [_zeros_if_none(g, t) for g, t in zip(grads, flat_thetas)]
+        gradient = torch.cat([g.reshape(-1) for g in param_grads])
+
+        second_order = kind == "hessian"
+        oracles = []
+        for i, block in enumerate(self.blocks):
+            values = [t.detach() for t in thetas[i]]
+            o = block.oracle(zs[i].detach(), values, adjoints[i], second_order=second_order)
+            if not second_order:
+                o = _gauss_newton(o)
+            _check_oracle(o, i, self.modules[i], zs[i], zs[i + 1], sum(t.numel() for t in values))
+            oracles.append(o)
+        loss_oracle = self.loss_block.oracle(zs[-1].detach(), targets)
+        _check_oracle(loss_oracle, n, self.loss, zs[-1], loss, 0)
+        return Curvature(oracles, loss_oracle, gradient, layout, kind, loss.detach())
+
+    def hvp(self, inputs: Tensor, targets, v, *, kind: str = "hessian"):
+        """``H v`` at ``(inputs, targets)``, in the format of ``v``."""
+        self.layout().to_flat(v, "v")
+        return self.curvature(inputs, targets, kind=kind).hvp(v)
+
+    def inverse_hvp(
+        self, inputs: Tensor, targets, b, damping: float = 0.0, *, kind: str = "hessian", refine: int = 1
+    ):
+        """``(H + damping·I)^{-1} b`` at ``(inputs, targets)``, in the format of ``b``."""
+        damping = check_damping(damping)
+        check_kind(kind)
+        self.layout().to_flat(b, "b")
+        return self.curvature(inputs, targets, kind=kind).solve(b, damping, refine=refine)
+
+    def _check_inputs(self, inputs, layout: ParameterLayout) -> None:
+        if not isinstance(inputs, Tensor):
+            raise TypeError(f"inputs must be a tensor, got {type(inputs).__name__}")
+        if inputs.device != layout.device:
+            raise ValueError(f"inputs are on {inputs.device}, the parameters on {layout.device}")
+        if inputs.dtype.is_floating_point and inputs.dtype != layout.dtype:
+            raise TypeError(f"inputs have dtype {inputs.dtype}, the parameters {layout.dtype}")
+
+    def __repr__(self) -> str:
+        inner = ", ".join(_name(m) for m in self.modules)
+        return f"Chain([{inner}], loss={_name(self.loss)})"
+
+
+# ---------------------------------------------------------------------------------------
+def _name(m) -> str:
+    return type(m).__name__ if not isinstance(m, nn.Module) else m._get_name()
+
+
+def _param_names(module, params: Sequence[Tensor]) -> list[str]:
+    if isinstance(module, nn.Module):
+        by_id = {id(p): n for n, p in module.named_parameters()}
+        return [by_id.get(id(p), str(j)) for j, p in enumerate(params)]
+    return [str(j) for j in range(len(params))]
+
+
+def _zeros_if_none(g, like: Tensor) -> Tensor:
+    return torch.zeros_like(like) if g is None else g.detach()
+
+
+def _gauss_newton(o: Oracle) -> Oracle:
+    """The oracle with the second-order terms of the block dropped."""
+    a_in, _, p = o.sizes
+    kw = dict(dtype=o.F.dtype, device=o.F.device)
+    return Oracle(G=o.G, F=o.F, A=Zero(p, p, **kw), C=Zero(p, a_in, **kw), E=Zero(a_in, a_in, **kw))
+
+
+def _check_oracle(o, i: int, module, z_in: Tensor, z_out: Tensor, p: int) -> None:
+    if not isinstance(o, Oracle):
+        raise TypeError(f"block {i} ({_name(module)}) returned {type(o).__name__} from oracle(), not an Oracle")
+    a_in, a_out = z_in.numel(), z_out.numel()
+    expected = {"G": (a_out, p), "F": (a_out, a_in), "A": (p, p), "C": (p, a_in), "E": (a_in, a_in)}
+    for field, shape in expected.items():
+        got = tuple(getattr(o, field).shape)
+        if got != shape:
+            raise ValueError(
+                f"the oracle of block {i} ({_name(module)}) has {field} of shape {got}, expected {shape} "
+                f"(a_in={a_in}, a_out={a_out}, p={p})"
+            )

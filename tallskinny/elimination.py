@@ -1,0 +1,526 @@
+"""The stagewise elimination of ``(H + εI) x = b`` over the oracles of a chain.
+
+``H`` is the Hessian of ``loss(z_L)`` with ``z_l = f_l(z_{l-1}; θ_l)``. With the oracles
+``(G_l, F_l, A_l, C_l, E_l)`` of each block and the Hessian ``E_loss`` of the loss w.r.t.
+its input, ``x = (H + εI)^{-1} b`` minimises the LQ control problem
+
+    Σ_l ½ θ_lᵀ(A_l + εI)θ_l + θ_lᵀ C_l y_{l-1} + ½ y_{l-1}ᵀ E_l y_{l-1} − b_lᵀθ_l + ½ y_Lᵀ E_loss y_L
+    subject to y_l = F_l y_{l-1} + G_l θ_l,  y_0 = 0.
+
+Eliminating the stages from the loss backwards is the Riccati recursion (value Hessian
+``S`` and gradient ``t`` w.r.t. ``y_l``, starting from ``S = E_loss``, ``t = 0``):
+
+    Q_θθ = A + εI + GᵀSG     Q_θy = C + GᵀSF     Q_yy = E + FᵀSF
+    S ← Q_yy − Q_θyᵀ Q_θθ⁻¹ Q_θy          t ← Fᵀt − Q_θyᵀ Q_θθ⁻¹ (Gᵀt − b_l)
+
+followed by the forward sweep ``θ_l = −Q_θθ⁻¹(Q_θy y_{l-1} + Gᵀt_l − b_l)``,
+``y_l = F y_{l-1} + G θ_l``. It is a block LDLᵀ of ``H + εI`` taken from the last block
+backwards, so by Sylvester's law ``inertia(H + εI) = Σ_l inertia(Q_θθ,l)`` and
+``log|det(H + εI)| = Σ_l log|det Q_θθ,l|``.
+
+When a stage ``Q_θθ,l`` is singular although ``H + εI`` is not, the recursion cannot
+pivot across stages; then the symmetric block-tridiagonal KKT system of the control
+problem is assembled and factored by :mod:`tallskinny.linalg`, which does.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import math
+
+import torch
+from torch import Tensor
+
+from .affine import AffineStage, affine_parts
+from .blocks.protocol import Oracle
+from .errors import SingularSystemError
+from .linalg import (
+    Dense,
+    DenseFactorization,
+    Diagonal,
+    Inertia,
+    LinearOperator,
+    ScaledIdentity,
+    SingularMatrixError,
+    SymmetricBlockTridiagonal,
+    Zero,
+    pivot_tolerance,
+)
+from .linalg.kronecker import Kronecker
+
+
+# ---------------------------------------------------------------------------------------
+def hvp(oracles: Sequence[Oracle], loss: Oracle, v: Tensor) -> Tensor:
+    """``H v`` for ``v`` of shape ``(P, k)``: a forward sweep of the tangents
+    ``y_l = F_l y_{l-1} + G_l v_l`` and a backward sweep of the adjoints
+    ``μ_{l-1} = F_lᵀ μ_l + C_lᵀ v_l + E_l y_{l-1}`` (from ``μ_L = E_loss y_L``), giving
+    ``(H v)_l = A_l v_l + C_l y_{l-1} + G_lᵀ μ_l``."""
+    vs = _split(oracles, v)
+    ys = []
+    y = v.new_zeros((oracles[0].F.shape[1], v.shape[1])) if oracles else v.new_zeros((loss.F.shape[1], v.shape[1]))
+    for o, vl in zip(oracles, vs):
+        ys.append(y)
+        y = o.F @ y + (o.G @ vl if vl.shape[0] else 0)
+    mu = loss.E @ y
+    out = [None] * len(oracles)
+    for i in reversed(range(len(oracles))):
+        o, vl, y_in = oracles[i], vs[i], ys[i]
+        if vl.shape[0]:
+            out[i] = o.A @ vl + o.C @ y_in + o.G.T @ mu
+            mu = o.F.T @ mu + o.C.T @ vl + o.E @ y_in
+        else:
+            out[i] = vl
+            mu = o.F.T @ mu + o.E @ y_in
+    return torch.cat(out, dim=0) if out else v
+
+
+def _split(oracles: Sequence[Oracle], x: Tensor) -> list[Tensor]:
+    return list(torch.split(x, [o.G.shape[1] for o in oracles], dim=0))
+
+
+# ---------------------------------------------------------------------------------------
+# Stages: the ε-independent data of one block, prepared once per curvature.
+
+
+class _StageSingular(Exception):
+    def __init__(self, stage: int):
+        self.stage = stage
+
+
+def _symmetrize(S: Tensor) -> Tensor:
+    return 0.5 * (S + S.mT)
+
+
+def _congruence(F: LinearOperator, S: Tensor) -> Tensor:
+    """``Fᵀ S F`` for a symmetric dense ``S``, exploiting diagonal ``F``."""
+    if isinstance(F, Diagonal):
+        d = F.diagonal
+        return S * d.unsqueeze(0) * d.unsqueeze(1)
+    if isinstance(F, ScaledIdentity):
+        return (F.scale * F.scale) * S
+    if isinstance(F, Kronecker) and isinstance(F.left, ScaledIdentity) and F.left.scale == 1.0 and isinstance(F.right, Dense):
+        # F = I_R ⊗ W: (I ⊗ W)ᵀ S (I ⊗ W), block by block
+        W = F.right.matrix
+        R, (m, n) = F.left.shape[0], W.shape
+        T = S.reshape(R, m, R, m) @ W  # R, m, R, n
+        return torch.einsum("aj,sakn->sjkn", W, T).reshape(R * n, R * n)
+    Fd = F.to_dense()
+    return Fd.mT @ (S @ Fd)
+
+
+def _plus(E: LinearOperator, X: Tensor) -> Tensor:
+    """``E + X`` as a dense tensor (``X`` may be overwritten)."""
+    if isinstance(E, Zero):
+        return X
+    if isinstance(E, Diagonal):
+        X.diagonal().add_(E.diagonal)
+        return X
+    return X + E.to_dense()
+
+
+def _is_zero(op: LinearOperator) -> bool:
+    if isinstance(op, Zero):
+        return True
+    return not bool(op.to_dense().any())
+
+
+class ActivationStage:
+    """A block without parameters: ``S ← E + FᵀSF``, ``t ← Fᵀt``, ``y ← F y``."""
+
+    p = 0
+
+    def __init__(self, oracle: Oracle):
+        self.F, self.E = oracle.F, oracle.E
+
+    def eliminate(self, S: Tensor, damping: float, index: int):
+        return _symmetrize(_plus(self.E, _congruence(self.F, S))), None
+
+
+class DenseStage:
+    """A block with parameters, its oracle as dense matrices, split by the row space of ``G``.
+
+    With the thin SVD ``G = U Σ Vᵀ`` of rank ``r``, parameter space is ``range(V_r)`` ⊕
+    ``null(G)``. On ``null(G)`` the term ``GᵀSG`` vanishes *exactly*, so there
+    ``Q_θθ = A_⊥⊥ + εI``; its eigenbasis ``Z`` (``A_⊥⊥ = Z diag(α) Zᵀ``) is computed once,
+    and ``(A_⊥⊥ + εI)⁻¹ = Z diag(1/(α+ε)) Zᵀ`` is exact for every ``ε``. Only the
+    ``r × r`` part (``r ≤ a_out``) is factored per damping. This is what keeps the
+    elimination accurate at small ``ε``: a dense factorization of ``εI + GᵀSG`` would
+    see ``ε`` drowned by rounding errors of size ``eps·‖GᵀSG‖`` on ``null(G)`` and
+    pass ``1/ε``-amplified errors on to the stages before it.
+
+    When ``A = 0`` (a block linear in its parameters) nothing of size ``p × p`` is
+    formed: ``Z`` stays implicit as the projector ``I − V_r V_rᵀ`` and ``α = 0``.
+    """
+
+    def __init__(self, oracle: Oracle, ignored_rows: Tensor | None = None, output_range: Tensor | None = None):
+        G = oracle.G.to_dense()
+        # Outputs that the rest of the chain ignores exactly do not count in the row space:
+        # ``ignored_rows`` (a ReLU's dead units) are dropped, and G is projected on
+        # ``output_range`` (an orthonormal basis of the range of the value Hessian S, when S
+        # is known before any ε enters). Both are exact, and keep the directions they
+        # remove in null(G), where ε is handled exactly.
+        if ignored_rows is not None:
+            G = G.masked_fill(ignored_rows.unsqueeze(-1), 0.0)
+        if output_range is not None:
+            G = output_range @ (output_range.mT @ G)
+        a, p = G.shape
+        self.p = p
+        self.F, self.E = oracle.F, oracle.E
+        U, sigma, Vh = torch.linalg.svd(G, full_matrices=False)
+        tol = max(a, p) * torch.finfo(G.dtype).eps * (float(sigma[0]) if sigma.numel() else 0.0)
+        r = int((sigma > tol).sum())
+        self.r = r
+        self.V = Vh[:r].mT  # p × r, orthonormal basis of the row space of G
+        self.GV = U[:, :r] * sigma[:r]  # G V_r, a × r
+        C = oracle.C.to_dense()
+        self.C_r = self.V.mT @ C  # r × a_in
+        self.linear = _is_zero(oracle.A)
+        self.n_z = p - r
+        if self.linear:
+            C_perp = C - self.V @ self.C_r
+            self.C_z = C_perp  # p × a_in, in ambient coordinates (Z implicit)
+            self.CtC = _symmetrize(C_perp.mT @ C_perp)
+            self.A_rr = None
+            self.A_rz = None
+            self.alpha = None
+        else:
+            A = _symmetrize(oracle.A.to_dense())
+            Q, _ = torch.linalg.qr(self.V, mode="complete") if r else (torch.eye(p, dtype=G.dtype, device=G.device), None)
+            V_perp = Q[:, r:]
+            self.alpha, W = torch.linalg.eigh(V_perp.mT @ A @ V_perp)
+            self.Z = V_perp @ W  # p × n_z
+            AV = A @ self.V
+            self.A_rr = self.V.mT @ AV
+            self.A_rz = AV.mT @ self.Z
+            self.C_z = self.Z.mT @ C
+            self.CtC = None
+
+    # -- coordinates of null(G) ------------------------------------------------------------
+    def _to_z(self, b: Tensor) -> Tensor:
+        if self.linear:
+            return b - self.V @ (self.V.mT @ b)
+        return self.Z.mT @ b
+
+    def _from_z(self, x: Tensor) -> Tensor:
+        return x if self.linear else self.Z @ x
+
+    def _zdiv(self, d, x: Tensor) -> Tensor:
+        return x / d if self.linear else x / d.unsqueeze(-1)
+
+    # -- elimination -------------------------------------------------------------------------
+    def eliminate(self, S: Tensor, damping: float, index: int):
+        r = self.r
+        SGV = S @ self.GV
+        Q_ry = self.C_r + (self.F.T @ SGV).mT  # r × a_in
+        Q_yy = _plus(self.E, _congruence(self.F, S))
+        Q_rr = self.GV.mT @ SGV
+        if self.A_rr is not None:
+            Q_rr = Q_rr + self.A_rr
+        Q_rr = _symmetrize(Q_rr)
+        Q_rr.diagonal().add_(damping)
+        inertia_pos = inertia_neg = 0
+        logdet = S.new_zeros(())
+        d = None
+        if self.n_z:
+            if self.linear:
+                # on null(G) the pivots are ε exactly: singular only for ε = 0
+                d = damping
+                if d == 0.0:
+                    raise _StageSingular(index)
+                S_new = Q_yy - self.CtC / d
+                inertia_pos += self.n_z
+                logdet = logdet + self.n_z * math.log(d)
+                Qt_rr, Qt_ry = Q_rr, Q_ry
+            else:
+                # α carries rounding errors of the size of eps·‖A_⊥⊥‖, ε none
+                d = self.alpha + damping
+                tol = pivot_tolerance(self.n_z, S.dtype, float(self.alpha.abs().max()))
+                if bool((d.abs() <= tol).any()) or bool((d == 0).any()):
+                    raise _StageSingular(index)
+                Cd = self.C_z / d.unsqueeze(-1)
+                S_new = Q_yy - self.C_z.mT @ Cd
+                inertia_pos += int((d > 0).sum())
+                inertia_neg += int((d < 0).sum())
+                logdet = logdet + d.abs().log().sum()
+                Ad = self.A_rz / d
+                Qt_rr = _symmetrize(Q_rr - Ad @ self.A_rz.mT)
+                Qt_ry = Q_ry - Ad @ self.C_z
+        else:
+            S_new = Q_yy
+            Qt_rr, Qt_ry = Q_rr, Q_ry
+        factor = K_r = None
+        if r:
+            try:
+                factor = DenseFactorization(Qt_rr, symmetric=True)
+            except SingularMatrixError:
+                raise _StageSingular(index) from None
+            K_r = factor.solve(Qt_ry)
+            S_new = S_new - Qt_ry.mT @ K_r
+            inertia = factor.inertia()
+            inertia_pos += inertia.positive
+            inertia_neg += inertia.negative
+            logdet = logdet + factor.logdet()
+        record = _DenseStageFactor(self, d, factor, Q_ry, K_r, Inertia(inertia_pos, inertia_neg, 0), logdet)
+        return _symmetrize(S_new), record
+
+
+class _DenseStageFactor:
+    """The per-damping factors of a :class:`DenseStage`, used by the solve sweeps."""
+
+    __slots__ = ("stage", "d", "factor", "Q_ry", "K_r", "inertia", "logdet")
+
+    def __init__(self, stage, d, factor, Q_ry, K_r, inertia, logdet):
+        self.stage, self.d, self.factor, self.Q_ry, self.K_r = stage, d, factor, Q_ry, K_r
+        self.inertia, self.logdet = inertia, logdet
+
+    def backward(self, t: Tensor | None, b: Tensor):
+        """``u = Q_θθ⁻¹(Gᵀt − b)`` (in (r, z) coordinates) and the new ``t``."""
+        st = self.stage
+        q_r = -(st.V.mT @ b)
+        if t is not None and st.r:
+            q_r = q_r + st.GV.mT @ t
+        q_z = -st._to_z(b) if st.n_z else None
+        u_r = u_z = None
+        if st.r:
+            rhs = q_r if st.A_rz is None or q_z is None else q_r - (st.A_rz / self.d) @ q_z
+            u_r = self.factor.solve(rhs)
+        if q_z is not None:
+            u_z = q_z if st.A_rz is None or u_r is None else q_z - st.A_rz.mT @ u_r
+            u_z = st._zdiv(self.d, u_z)
+        t_new = None if t is None else st.F.T @ t
+        if u_r is not None:
+            t_new = _sub(t_new, self.Q_ry.mT @ u_r)
+        if u_z is not None:
+            t_new = _sub(t_new, st.C_z.mT @ u_z)
+        return (u_r, u_z), t_new
+
+    def forward(self, y: Tensor | None, u):
+        """``θ = −Q_θθ⁻¹(Q_θy y + q)`` in ambient coordinates, and the new ``y``."""
+        st = self.stage
+        u_r, u_z = u
+        theta_r = theta_z = None
+        if st.r:
+            theta_r = -u_r if y is None else -(self.K_r @ y) - u_r
+        if st.n_z:
+            if y is None:
+                theta_z = -u_z
+            else:
+                w = st.C_z @ y
+                if st.A_rz is not None and st.r:
+                    w = w - st.A_rz.mT @ (self.K_r @ y)
+                theta_z = -st._zdiv(self.d, w) - u_z
+        theta = st._from_z(theta_z) if theta_z is not None else None
+        if theta_r is not None:
+            vr = st.V @ theta_r
+            theta = vr if theta is None else theta + vr
+        y_new = None if y is None else st.F @ y
+        if theta_r is not None:
+            gy = st.GV @ theta_r
+            y_new = gy if y_new is None else y_new + gy
+        return theta, y_new
+
+
+def _sub(a: Tensor | None, b: Tensor) -> Tensor:
+    return -b if a is None else a - b
+
+
+def prepare_stages(oracles: Sequence[Oracle], loss: Oracle) -> list:
+    """The ε-independent stage data of every block (computed once per curvature).
+
+    Blocks affine in their parameters (their oracle says so with Kronecker-structured
+    operators) get an :class:`~tallskinny.affine.AffineStage`; other blocks with
+    parameters a :class:`DenseStage`; blocks without an :class:`ActivationStage`.
+    """
+    last = max((i for i, o in enumerate(oracles) if o.G.shape[1]), default=-1)
+    stages = []
+    for i, o in enumerate(oracles):
+        if o.G.shape[1] == 0:
+            stages.append(ActivationStage(o))
+            continue
+        if i == last:
+            kw = dict(output_range=_value_hessian_range(oracles[i + 1:], loss))
+        else:
+            kw = dict(ignored_rows=_ignored_rows(oracles[i + 1] if i + 1 < len(oracles) else None))
+        parts = affine_parts(o)
+        if parts is None:
+            stages.append(DenseStage(o, **kw))
+        else:
+            stages.append(AffineStage(o, parts, lambda reduced: _reduced_stage(reduced, kw)))
+    return stages
+
+
+def _reduced_stage(reduced: Oracle, kw: dict):
+    return DenseStage(reduced, **kw) if reduced.G.shape[1] else _NoParameters(reduced)
+
+
+class _NoParameters(ActivationStage):
+    """A reduced stage with no parameters left (all inputs zero): ``S ← E + FᵀSF``."""
+
+    def eliminate(self, S: Tensor, damping: float, index: int):
+        return super().eliminate(S, damping, index)[0], None
+
+
+def _value_hessian_range(activations: Sequence[Oracle], loss: Oracle) -> Tensor | None:
+    """An orthonormal basis of the range of the value Hessian after the last block with
+    parameters. It does not depend on ε (only parameter-free blocks and the loss follow),
+    so its rank is decided once: eigenvalues below ``n·eps·max|λ|`` are zeros (the
+    softmax invariance of cross-entropy gives one per sample). ``None``: full rank."""
+    S = _symmetrize(loss.E.to_dense())
+    for o in reversed(activations):
+        S = _symmetrize(_plus(o.E, _congruence(o.F, S)))
+    lam, Q = torch.linalg.eigh(S)
+    n = lam.shape[0]
+    keep = lam.abs() > n * torch.finfo(S.dtype).eps * (float(lam.abs().max()) if n else 0.0)
+    if bool(keep.all()):
+        return None
+    return Q[:, keep]
+
+
+def _ignored_rows(nxt: Oracle | None) -> Tensor | None:
+    """Outputs whose value the next (parameter-free, diagonal) block discards exactly:
+    ``F_kk = 0`` and ``E_kk = 0``, so neither ``y_k`` nor its curvature reaches the loss."""
+    if nxt is None or nxt.G.shape[1] or not isinstance(nxt.F, Diagonal):
+        return None
+    dead = nxt.F.diagonal == 0
+    if isinstance(nxt.E, Diagonal):
+        dead = dead & (nxt.E.diagonal == 0)
+    elif not isinstance(nxt.E, Zero):
+        return None
+    return dead if bool(dead.any()) else None
+
+
+class RiccatiFactorization:
+    """``H + εI`` factored stage by stage (see the module docstring)."""
+
+    def __init__(self, stages: Sequence, loss: Oracle, damping: float):
+        self.damping = damping
+        self._stages = list(stages)
+        self._factors: list = [None] * len(stages)
+        S = _symmetrize(loss.E.to_dense())
+        pos = neg = 0
+        logdet = S.new_zeros(())
+        for i in reversed(range(len(stages))):
+            S, record = stages[i].eliminate(S, damping, i)
+            if record is not None:
+                self._factors[i] = record
+                pos += record.inertia.positive
+                neg += record.inertia.negative
+                logdet = logdet + record.logdet
+        self._inertia = Inertia(pos, neg, 0)
+        self._logdet = logdet
+
+    def solve(self, b: Tensor) -> Tensor:
+        """``(H + εI)^{-1} b`` for ``b`` of shape ``(P, k)``: two sweeps, no refactoring."""
+        stages, factors = self._stages, self._factors
+        bs = torch.split(b, [s.p for s in stages], dim=0)
+        t = None
+        us: list = [None] * len(stages)
+        for i in reversed(range(len(stages))):
+            if factors[i] is None:
+                t = None if t is None else stages[i].F.T @ t
+            else:
+                us[i], t = factors[i].backward(t, bs[i])
+        y = None
+        out = []
+        for i, s in enumerate(stages):
+            if factors[i] is None:
+                y = None if y is None else s.F @ y
+            else:
+                theta, y = factors[i].forward(y, us[i])
+                out.append(theta)
+        return torch.cat(out, dim=0)
+
+    def logdet(self) -> Tensor:
+        return self._logdet
+
+    def sign(self) -> Tensor:
+        return self._logdet.new_tensor(-1.0 if self._inertia.negative % 2 else 1.0)
+
+    def inertia(self) -> Inertia:
+        return self._inertia
+
+
+# ---------------------------------------------------------------------------------------
+class KKTFactorization:
+    """``H + εI`` through the symmetric block-tridiagonal KKT system of the control problem.
+
+    Stage ``l`` holds the variables ``(θ_l, y_l, λ_l)``; its diagonal block is
+    ``[[A_l + εI, 0, G_lᵀ], [0, E_{l+1}, −I], [G_l, −I, 0]]`` (``E_{L+1} = E_loss``) and
+    its coupling to stage ``l+1`` is ``C_{l+1}`` (row ``θ_{l+1}``) and ``F_{l+1}``
+    (row ``λ_{l+1}``) in column ``y_l``. With ``m = Σ_l a_l`` multipliers,
+    ``inertia(KKT) = inertia(H + εI) + (m, m, 0)`` and ``|det KKT| = |det(H + εI)|``.
+    """
+
+    def __init__(self, oracles: Sequence[Oracle], loss: Oracle, damping: float):
+        self.damping = damping
+        n = len(oracles)
+        self._p = [o.G.shape[1] for o in oracles]
+        self._a = [o.F.shape[0] for o in oracles]
+        ref = loss.E.to_dense()
+        diagonal, lower = [], []
+        for i, o in enumerate(oracles):
+            p, a = self._p[i], self._a[i]
+            E_next = (oracles[i + 1].E if i + 1 < n else loss.E).to_dense()
+            D = ref.new_zeros((p + 2 * a, p + 2 * a))
+            D[:p, :p] = o.A.to_dense() + damping * torch.eye(p, dtype=ref.dtype, device=ref.device)
+            G = o.G.to_dense()
+            D[:p, p + a:] = G.mT
+            D[p + a:, :p] = G
+            D[p:p + a, p:p + a] = E_next
+            eye = torch.eye(a, dtype=ref.dtype, device=ref.device)
+            D[p:p + a, p + a:] = -eye
+            D[p + a:, p:p + a] = -eye
+            diagonal.append(D)
+            if i + 1 < n:
+                nxt = oracles[i + 1]
+                pn, an = self._p[i + 1], self._a[i + 1]
+                Lb = ref.new_zeros((pn + 2 * an, p + 2 * a))
+                Lb[:pn, p:p + a] = nxt.C.to_dense()
+                Lb[pn + an:, p:p + a] = nxt.F.to_dense()
+                lower.append(Lb)
+        self._m = sum(self._a)
+        try:
+            self._factor = SymmetricBlockTridiagonal(diagonal, lower).factorize()
+        except SingularMatrixError as err:
+            stage = getattr(err, "block", None)
+            raise SingularSystemError(
+                f"H + εI is singular at damping={damping:g}"
+                + (f" (the elimination broke down at block {stage} of the chain)" if stage is not None else ""),
+                damping=damping,
+                stage=stage,
+            ) from None
+        k = self._factor.inertia()
+        self._inertia = Inertia(k.positive - self._m, k.negative - self._m, k.zero)
+
+    def solve(self, b: Tensor) -> Tensor:
+        rhs = []
+        for bl, p, a in zip(torch.split(b, self._p, dim=0), self._p, self._a):
+            rhs.append(bl)
+            rhs.append(b.new_zeros((2 * a, b.shape[1])))
+        x = self._factor.solve(torch.cat(rhs, dim=0))
+        out, pos = [], 0
+        for p, a in zip(self._p, self._a):
+            out.append(x[pos:pos + p])
+            pos += p + 2 * a
+        return torch.cat(out, dim=0)
+
+    def logdet(self) -> Tensor:
+        return self._factor.logdet()
+
+    def sign(self) -> Tensor:
+        return self._factor.logdet().new_tensor(-1.0 if self._inertia.negative % 2 else 1.0)
+
+    def inertia(self) -> Inertia:
+        return self._inertia
+
+
+# ---------------------------------------------------------------------------------------
+def factorize(oracles: Sequence[Oracle], loss: Oracle, damping: float, stages: Sequence | None = None):
+    """Factor ``H + εI``: the Riccati recursion, or the pivoted KKT factorization when a
+    stage is singular. Raises :class:`SingularSystemError` when ``H + εI`` is singular.
+    ``stages`` are the prepared stages (:func:`prepare_stages`) if already at hand."""
+    try:
+        return RiccatiFactorization(stages if stages is not None else prepare_stages(oracles, loss), loss, damping)
+    except _StageSingular:
+        return KKTFactorization(oracles, loss, damping)

@@ -1,0 +1,120 @@
+"""Kronecker products, permutations and lazy products of operators.
+
+Vectors are row-major vectorisations of matrices: ``vec(M)`` lists ``M`` row by row. With
+that convention ``(A ⊗ B) vec(M) = vec(A M Bᵀ)`` for ``M`` of shape ``(A.cols, B.cols)``,
+which is how :class:`Kronecker` applies itself without ever forming ``A ⊗ B``.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from .operators import LinearOperator, ScaledIdentity, _check_compatible, as_operator
+
+
+class Kronecker(LinearOperator):
+    """``A ⊗ B`` for operators (or tensors) ``A`` (``p × q``) and ``B`` (``r × s``).
+
+    Shape ``(p·r, q·s)``. Applying it to ``k`` vectors costs one product with ``A`` and one
+    with ``B`` on reshaped data: ``O(k·(p·q·s + q·r·s))`` for dense factors.
+    """
+
+    def __init__(self, left, right):
+        self.left, self.right = as_operator(left), as_operator(right)
+        _check_compatible(self.left, self.right, "form a Kronecker product of")
+        (p, q), (r, s) = self.left.shape, self.right.shape
+        self.shape = (p * r, q * s)
+        self.dtype, self.device = self.left.dtype, self.left.device
+        self.symmetric = self.left.symmetric and self.right.symmetric
+
+    def to_dense(self) -> Tensor:
+        return kron(self.left.to_dense(), self.right.to_dense())
+
+    def _matmat(self, x: Tensor) -> Tensor:
+        (p, q), (r, s) = self.left.shape, self.right.shape
+        k = x.shape[1]
+        X = x.reshape(q, s, k)
+        if not _is_identity(self.right):
+            Xb = X.transpose(0, 1).reshape(s, q * k)  # B acts on the column index
+            X = (self.right @ Xb).reshape(r, q, k).transpose(0, 1)
+        if not _is_identity(self.left):
+            X = (self.left @ X.reshape(q, -1)).reshape(p, r, k)
+        return X.reshape(p * r, k)
+
+    def _transpose(self) -> LinearOperator:
+        return Kronecker(self.left.T, self.right.T)
+
+    def _scale(self, alpha: float) -> LinearOperator:
+        return Kronecker(self.left._scale(alpha), self.right)
+
+
+class Permutation(LinearOperator):
+    """The permutation matrix ``P`` with ``(P x)_i = x_{index[i]}``."""
+
+    def __init__(self, index: Tensor, *, dtype: torch.dtype = torch.float64):
+        if not isinstance(index, Tensor) or index.dim() != 1 or index.dtype != torch.long:
+            raise ValueError("Permutation needs a 1-D tensor of int64 indices")
+        n = index.shape[0]
+        if n and not torch.equal(torch.sort(index).values, torch.arange(n, device=index.device)):
+            raise ValueError(f"the indices of a Permutation must be a permutation of 0..{n - 1}")
+        self.index = index
+        self.shape = (n, n)
+        self.dtype, self.device = dtype, index.device
+
+    def to_dense(self) -> Tensor:
+        return torch.eye(self.shape[0], dtype=self.dtype, device=self.device)[self.index]
+
+    def _matmat(self, x: Tensor) -> Tensor:
+        return x[self.index]
+
+    def _transpose(self) -> LinearOperator:
+        return Permutation(torch.argsort(self.index), dtype=self.dtype)
+
+
+class Product(LinearOperator):
+    """The lazy product ``F_1 F_2 ⋯ F_n`` (applied right to left, never formed)."""
+
+    def __init__(self, *factors):
+        if not factors:
+            raise ValueError("Product needs at least one factor")
+        self.factors = tuple(as_operator(f) for f in factors)
+        for a, b in zip(self.factors, self.factors[1:]):
+            _check_compatible(a, b, "matmul")
+        self.shape = (self.factors[0].shape[0], self.factors[-1].shape[1])
+        self.dtype, self.device = self.factors[0].dtype, self.factors[0].device
+
+    def to_dense(self) -> Tensor:
+        out = self.factors[-1].to_dense()
+        for f in reversed(self.factors[:-1]):
+            out = f @ out
+        return out
+
+    def _matmat(self, x: Tensor) -> Tensor:
+        for f in reversed(self.factors):
+            x = f @ x
+        return x
+
+    def _transpose(self) -> LinearOperator:
+        return Product(*(f.T for f in reversed(self.factors)))
+
+
+def kron(a: Tensor, b: Tensor) -> Tensor:
+    """The dense Kronecker product of two matrices (``torch.kron`` without its stride
+    pitfalls: it fails on some views with unit dimensions)."""
+    (p, q), (r, s) = a.shape, b.shape
+    return (a[:, None, :, None] * b[None, :, None, :]).reshape(p * r, q * s)
+
+
+def _is_identity(op: LinearOperator) -> bool:
+    return isinstance(op, ScaledIdentity) and op.scale == 1.0
+
+
+def transpose_permutation(rows: int, cols: int, *, device=None) -> Tensor:
+    """Indices that turn ``vec(M)`` into ``vec(Mᵀ)`` for an ``rows × cols`` matrix ``M``."""
+    return torch.arange(rows * cols, device=device).reshape(rows, cols).T.reshape(-1)
+
+
+__all__: Sequence[str] = ["Kronecker", "Permutation", "Product", "kron", "transpose_permutation"]

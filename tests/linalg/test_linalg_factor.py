@@ -1,0 +1,423 @@
+"""Factorizations on hard cases, against dense references and ``scipy.linalg`` banded solvers."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+
+from tallskinny.linalg import (
+    BlockDiagonal,
+    BlockLowerBidiagonal,
+    BlockTridiagonal,
+    BlockUpperBidiagonal,
+    Dense,
+    DenseFactorization,
+    Diagonal,
+    ScaledIdentity,
+    SingularMatrixError,
+    SymmetricBlockTridiagonal,
+    Zero,
+)
+from tallskinny.linalg.factor import BlockTridiagonalLDL, ldl_d_eigenvalues, pivot_tolerance
+from tallskinny.linalg.testing import (
+    random_block_tridiagonal,
+    random_matrix,
+    random_sizes,
+    random_symmetric,
+    random_symmetric_block_tridiagonal,
+    relative_error,
+    to_banded,
+)
+
+F64 = torch.float64
+
+
+def gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def band_width(sizes):
+    """Half-bandwidth of a block-tridiagonal matrix with these block sizes."""
+    return max((sizes[i] + sizes[i + 1] - 1 for i in range(len(sizes) - 1)), default=sizes[0] - 1)
+
+
+def solve_banded(op, rhs):
+    w = band_width(op.row_sizes)
+    ab = to_banded(op.to_dense().double(), w, w).numpy()
+    return torch.from_numpy(scipy.linalg.solve_banded((w, w), ab, rhs.double().numpy()))
+
+
+def inertia_of(dense):
+    ev = torch.linalg.eigvalsh(dense.double())
+    return (int((ev > 0).sum()), int((ev < 0).sum()), 0)
+
+
+def check_against_dense(op, *, tol=1e-10, seed=0, inertia=None):
+    M = op.to_dense().double()
+    B = torch.randn(M.shape[0], 3, generator=gen(seed), dtype=F64).to(op.dtype)
+    f = op.factorize()
+    x = f.solve(B)
+    err = relative_error(x, torch.linalg.solve(M, B.double()))
+    assert err <= tol, f"relative error {err:.3g}"
+    sign, logabs = torch.linalg.slogdet(M)
+    assert f.sign().item() == sign.item()
+    assert abs(f.logdet().item() - logabs.item()) <= 1e-9 * max(1.0, abs(logabs.item()))
+    if op.symmetric:
+        assert tuple(f.inertia()) == (inertia or inertia_of(M))
+    return f
+
+
+# ---------------------------------------------------------------------------------------
+# the band solvers against dense and banded references
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_300_ragged_blocks_float64(symmetric, seed):
+    sizes = random_sizes(300, 1, 12, gen(seed))
+    make = random_symmetric_block_tridiagonal if symmetric else random_block_tridiagonal
+    op = make(sizes, gen(seed + 10))
+    check_against_dense(op, tol=1e-12)
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_300_ragged_blocks_float32(symmetric):
+    sizes = random_sizes(300, 1, 12, gen(3))
+    make = random_symmetric_block_tridiagonal if symmetric else random_block_tridiagonal
+    op = make(sizes, gen(4), torch.float32)
+    M = op.to_dense().double()
+    assert torch.linalg.cond(M) < 1e3
+    b = torch.randn(M.shape[0], generator=gen(5))
+    x = op.factorize().solve(b.float())
+    assert x.dtype == torch.float32
+    assert relative_error(x, torch.linalg.solve(M, b.double())) <= 1e-4
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_all_diagonal_blocks_singular_many_blocks(symmetric, seed):
+    sizes = random_sizes(60, 1, 12, gen(seed))
+    make = random_symmetric_block_tridiagonal if symmetric else random_block_tridiagonal
+    op = make(sizes, gen(seed + 20), singular_diagonal=True)
+    for d in op.diagonal:
+        assert torch.linalg.matrix_rank(d.to_dense()) == d.shape[0] - 1
+    M = op.to_dense()
+    cond = torch.linalg.cond(M).item()
+    assert cond < 1e6
+    check_against_dense(op, tol=1e-10)
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_singular_first_diagonal_block(symmetric):
+    sizes = [3, 4, 5, 2, 6]  # block 1 has enough rows to couple to all of block 0
+    make = random_symmetric_block_tridiagonal if symmetric else random_block_tridiagonal
+    op = make(sizes, gen(7), coupling=1.0)
+    diag = list(op.diagonal)
+    diag[0] = Zero(3, 3)
+    if symmetric:
+        op = SymmetricBlockTridiagonal(diag, op.lower)
+    else:
+        op = BlockTridiagonal(diag, op.lower, op.upper)
+    f = check_against_dense(op, tol=1e-12)
+    if symmetric:
+        assert f.pivot_blocks[0][1] >= 1, "a zero first block must be merged with the next"
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_one_block(symmetric):
+    m = random_symmetric(5, gen(1)) if symmetric else random_matrix(5, 5, gen(1))
+    op = SymmetricBlockTridiagonal([m], []) if symmetric else BlockTridiagonal([m], [], [])
+    check_against_dense(op, tol=1e-13)
+
+
+def test_tridiagonal_with_unit_blocks_matches_solve_banded():
+    n = 400
+    g = gen(2)
+    d, lo, up = (torch.randn(k, generator=g, dtype=F64) for k in (n, n - 1, n - 1))
+    op = BlockTridiagonal([x.view(1, 1) for x in d], [x.view(1, 1) for x in lo], [x.view(1, 1) for x in up])
+    rhs = torch.randn(n, 2, generator=g, dtype=F64)
+    ab = np.stack([np.r_[0.0, up.numpy()], d.numpy(), np.r_[lo.numpy(), 0.0]])
+    expected = torch.from_numpy(scipy.linalg.solve_banded((1, 1), ab, rhs.numpy()))
+    assert relative_error(op.solve(rhs), expected) <= 1e-10
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_2000_blocks_against_solve_banded(symmetric):
+    sizes = random_sizes(2000, 1, 3, gen(11))
+    make = random_symmetric_block_tridiagonal if symmetric else random_block_tridiagonal
+    op = make(sizes, gen(12))
+    rhs = torch.randn(op.shape[0], 2, generator=gen(13), dtype=F64)
+    start = time.perf_counter()
+    f = op.factorize()
+    x = f.solve(rhs)
+    elapsed = time.perf_counter() - start
+    assert relative_error(x, solve_banded(op, rhs)) <= 1e-12
+    assert elapsed < 20, f"2000 small blocks took {elapsed:.1f}s"
+    if symmetric:
+        w = band_width(sizes)
+        ab = to_banded(op.to_dense(), w, 0)  # lower form: ab[i - j, j]
+        ev = torch.from_numpy(scipy.linalg.eigvals_banded(ab.numpy(), lower=True))
+        assert tuple(f.inertia()) == (int((ev > 0).sum()), int((ev < 0).sum()), 0)
+        assert abs(f.logdet().item() - ev.abs().log().sum().item()) <= 1e-9 * op.shape[0]
+        assert f.sign().item() == torch.sign(ev).prod().item()
+
+
+def test_lu_and_ldl_agree_on_logdet_and_sign():
+    op = random_symmetric_block_tridiagonal(random_sizes(40, 1, 9, gen(4)), gen(5), singular_diagonal=True)
+    lu = BlockTridiagonal(op.diagonal, op.lower, op.upper).factorize()
+    ldl = op.factorize()
+    assert lu.sign().item() == ldl.sign().item()
+    assert abs(lu.logdet().item() - ldl.logdet().item()) <= 1e-10 * abs(lu.logdet().item())
+
+
+# ---------------------------------------------------------------------------------------
+# pivoting in the symmetric factorization
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_indefinite_gaussian_blocks_need_pivoting(seed):
+    """Gaussian symmetric blocks: ill-conditioned Schur complements are common, so
+    pivots are merged; inertia, logdet and the solution stay exact."""
+    g = gen(seed)
+    sizes = random_sizes(80, 1, 6, g)
+    diag = [(lambda a: a + a.T)(torch.randn(b, b, generator=g, dtype=F64)) for b in sizes]
+    lower = [torch.randn(sizes[i + 1], sizes[i], generator=g, dtype=F64) for i in range(len(sizes) - 1)]
+    op = SymmetricBlockTridiagonal(diag, lower)
+    M = op.to_dense()
+    assert torch.linalg.cond(M) < 1e7
+    f = check_against_dense(op, tol=1e-9)
+    assert any(e > s for s, e in f.pivot_blocks), "expected merged pivots"
+    # the merged pivots bound the multipliers: the backward error is at rounding level
+    b = torch.randn(M.shape[0], generator=g, dtype=F64)
+    x = f.solve(b)
+    backward = ((M @ x - b).norm() / (M.norm() * x.norm())).item()
+    assert backward < 1e-15
+
+
+def test_tiny_diagonal_needs_block_pivots():
+    """``D_i = δ I``, ``L_i = I``: pivot-free LDLᵀ has multipliers 1/δ and loses all accuracy."""
+    n, b, delta = 60, 3, 1e-13
+    diag = [delta * torch.eye(b, dtype=F64) for _ in range(n)]
+    lower = [torch.eye(b, dtype=F64) for _ in range(n - 1)]
+    op = SymmetricBlockTridiagonal(diag, lower)
+    f = check_against_dense(op, tol=1e-12)
+    assert all(e - s + 1 >= 2 for s, e in f.pivot_blocks[:-1])
+    # with pivoting switched off (α tiny) the same matrix is solved badly
+    loose = BlockTridiagonalLDL([d.to_dense() for d in op.diagonal], [b.to_dense() for b in op.lower], alpha=1e-300)
+    M = op.to_dense()
+    r = torch.randn(M.shape[0], generator=gen(0), dtype=F64)
+    assert relative_error(loose.solve(r), torch.linalg.solve(M, r)) > 1e-6
+
+
+def test_near_singular_pivot_is_merged_and_accurate():
+    g = gen(8)
+    op = random_symmetric_block_tridiagonal([5, 4, 6, 3], g, coupling=1.0)
+    diag = list(op.diagonal)
+    d0 = diag[0].to_dense().clone()
+    w, v = torch.linalg.eigh(d0)
+    w[0] = 1e-14
+    diag[0] = (v * w) @ v.T
+    op = SymmetricBlockTridiagonal(diag, op.lower)
+    assert torch.linalg.cond(op.to_dense()) < 1e4
+    f = check_against_dense(op, tol=1e-11)
+    assert f.pivot_blocks[0] != (0, 0)
+    lu_op = BlockTridiagonal(op.diagonal, op.lower, op.upper)
+    check_against_dense(lu_op, tol=1e-11)
+
+
+def test_ldl_parameters_are_checked():
+    op = random_symmetric_block_tridiagonal([2, 3], gen(0))
+    with pytest.raises(ValueError, match="alpha"):
+        op.factorize(alpha=0.0)
+    with pytest.raises(ValueError, match="max_pivot_blocks"):
+        op.factorize(max_pivot_blocks=0)
+
+
+# ---------------------------------------------------------------------------------------
+# singular matrices
+
+
+def _make_singular(op, symmetric, seed=0):
+    """Modify the diagonal blocks so that ``op v = 0`` for a random ``v``."""
+    g = gen(seed)
+    v = torch.randn(op.shape[0], generator=g, dtype=F64)
+    r = op @ v
+    diag = []
+    o = op.row_offsets
+    for i, d in enumerate(op.diagonal):
+        vi, ri = v[o[i] : o[i + 1]], r[o[i] : o[i + 1]]
+        D = d.to_dense().clone()
+        nv = vi.dot(vi)
+        if symmetric:
+            D -= (torch.outer(ri, vi) + torch.outer(vi, ri)) / nv - ri.dot(vi) * torch.outer(vi, vi) / nv**2
+        else:
+            D -= torch.outer(ri, vi) / nv
+        diag.append(D)
+    new = SymmetricBlockTridiagonal(diag, op.lower) if symmetric else BlockTridiagonal(diag, op.lower, op.upper)
+    assert (new @ v).norm() <= 1e-13 * v.norm() * new.to_dense().abs().max()
+    return new
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("sizes", [[3], [2, 4, 3], [1, 5, 2, 6, 3, 4, 1, 1, 7]])
+def test_singular_matrix_raises(symmetric, sizes):
+    make = random_symmetric_block_tridiagonal if symmetric else random_block_tridiagonal
+    op = _make_singular(make(sizes, gen(len(sizes))), symmetric)
+    with pytest.raises(SingularMatrixError) as info:
+        op.factorize()
+    assert info.value.block is not None and 0 <= info.value.block < len(sizes)
+    with pytest.raises(SingularMatrixError):
+        op.solve(torch.ones(op.shape[0], dtype=F64))
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_zero_block_row_is_singular_at_that_block(symmetric):
+    sizes = [3, 2, 4, 3]
+    make = random_symmetric_block_tridiagonal if symmetric else random_block_tridiagonal
+    op = make(sizes, gen(0))
+    diag, lower = list(op.diagonal), list(op.lower)
+    diag[0] = Zero(3, 3)
+    lower[0] = Zero(2, 3)
+    if symmetric:
+        op = SymmetricBlockTridiagonal(diag, lower)
+    else:
+        op = BlockTridiagonal(diag, lower, [Zero(3, 2), *op.upper[1:]])  # column 0 is zero
+    with pytest.raises(SingularMatrixError) as info:
+        op.factorize()
+    assert info.value.block == 0
+
+
+def test_decoupled_singular_block_stops_without_merging_everything():
+    """A singular block no one couples to: LDLᵀ must stop at once, not merge 1500 blocks."""
+    sizes = [4] * 1500
+    op = random_symmetric_block_tridiagonal(sizes, gen(1))
+    diag, lower = list(op.diagonal), list(op.lower)
+    diag[0] = Dense(torch.diag(torch.tensor([1.0, 2.0, 0.0, 3.0], dtype=F64)), symmetric=True)
+    lower[0] = Dense(torch.randn(4, 4, generator=gen(2), dtype=F64) * torch.tensor([1.0, 1.0, 0.0, 1.0], dtype=F64))
+    op = SymmetricBlockTridiagonal(diag, lower)
+    start = time.perf_counter()
+    with pytest.raises(SingularMatrixError) as info:
+        op.factorize()
+    assert info.value.block == 0
+    assert time.perf_counter() - start < 5
+
+
+def test_singular_error_is_both_linalg_and_value_error():
+    with pytest.raises(torch.linalg.LinAlgError):
+        Diagonal(torch.tensor([1.0, 0.0], dtype=F64)).factorize()
+    with pytest.raises(ValueError):
+        ScaledIdentity(3, 0.0).factorize()
+
+
+def test_block_diagonal_singular_block_index():
+    op = BlockDiagonal([torch.eye(2, dtype=F64), torch.ones(3, 3, dtype=F64), torch.eye(1, dtype=F64)])
+    with pytest.raises(SingularMatrixError) as info:
+        op.factorize()
+    assert info.value.block == 1
+    rect = BlockDiagonal([torch.ones(2, 3, dtype=F64), torch.ones(3, 2, dtype=F64)])
+    with pytest.raises(SingularMatrixError) as info:
+        rect.factorize()
+    assert info.value.block == 0
+
+
+@pytest.mark.parametrize("cls", [BlockLowerBidiagonal, BlockUpperBidiagonal])
+def test_bidiagonal_singular_block_index(cls):
+    diag = [torch.eye(2, dtype=F64), 3 * torch.eye(2, dtype=F64), torch.zeros(2, 2, dtype=F64)]
+    off = [torch.ones(2, 2, dtype=F64)] * 2
+    with pytest.raises(SingularMatrixError) as info:
+        cls(diag, off).factorize()
+    assert info.value.block == 2
+
+
+def test_non_finite_matrix_is_rejected_before_work():
+    op = random_block_tridiagonal([2, 3, 2], gen(0))
+    diag = list(op.diagonal)
+    bad = diag[1].to_dense().clone()
+    bad[0, 0] = float("nan")
+    diag[1] = bad
+    with pytest.raises(ValueError, match="NaN or inf"):
+        BlockTridiagonal(diag, op.lower, op.upper).factorize()
+    with pytest.raises(ValueError, match="NaN or inf"):
+        DenseFactorization(torch.tensor([[1.0, float("inf")], [0.0, 1.0]], dtype=F64))
+
+
+def test_pivot_tolerance_rule():
+    assert pivot_tolerance(10, F64, 2.0) == 10 * torch.finfo(F64).eps * 2.0
+    # a pivot just above the tolerance is accepted, one at it is singular
+    n = 4
+    tol = pivot_tolerance(n, F64, 1.0)
+    Diagonal(torch.tensor([1.0, 1.0, 1.0, 2 * tol], dtype=F64)).factorize()
+    with pytest.raises(SingularMatrixError):
+        Diagonal(torch.tensor([1.0, 1.0, 1.0, tol], dtype=F64)).factorize()
+
+
+# ---------------------------------------------------------------------------------------
+# dense factorizations: LU and Bunch–Kaufman (LAPACK pivot conventions)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_bunch_kaufman_inertia_many_matrices(dtype):
+    """Tiny diagonals force 2×2 pivots, often several in a row with equal pivot values."""
+    repeated = 0
+    for seed in range(120):
+        g = gen(seed)
+        n = int(torch.randint(1, 30, (1,), generator=g))
+        A = torch.randn(n, n, generator=g, dtype=F64)
+        A = A + A.T
+        A.diagonal().mul_([0.0, 0.01, 1.0][seed % 3])
+        if torch.linalg.eigvalsh(A).abs().min() < 1e-3 * A.abs().max():
+            continue
+        f = DenseFactorization(A.to(dtype), symmetric=True)
+        assert tuple(f.inertia()) == inertia_of(A), f"seed {seed}"
+        sign, logabs = torch.linalg.slogdet(A)
+        assert f.sign().item() == sign.item(), f"seed {seed}"
+        assert abs(f.logdet().item() - logabs.item()) <= (1e-10 if dtype == F64 else 1e-3) * max(1, n)
+        ld, piv = torch.linalg.ldl_factor(A)
+        p = piv.tolist()
+        repeated += any(p[k] < 0 and p[k] == p[k + 2] for k in range(len(p) - 2))
+    assert repeated >= 3, "the test set must contain adjacent 2×2 pivots with equal pivot values"
+
+
+def test_ldl_d_eigenvalues_reconstructs_the_determinant_and_blocks():
+    A = torch.tensor([[0.0, 2.0, 0.0, 0.0], [2.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 3.0], [0.0, 0.0, 3.0, 0.0]], dtype=F64)
+    ld, piv = torch.linalg.ldl_factor(A)
+    eig = ldl_d_eigenvalues(ld, piv)
+    assert sorted(eig.tolist()) == [-3.0, -2.0, 2.0, 3.0]
+    f = DenseFactorization(A, symmetric=True)
+    assert tuple(f.inertia()) == (2, 2, 0)
+    assert abs(f.logdet().item() - np.log(36.0)) < 1e-14 and f.sign().item() == 1.0
+    x = f.solve(torch.tensor([2.0, 4.0, 3.0, 6.0], dtype=F64))
+    assert torch.allclose(x, torch.tensor([2.0, 1.0, 2.0, 1.0], dtype=F64), atol=1e-15)
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("n", [2, 10, 50])
+def test_dense_rank_deficient_raises(symmetric, n):
+    g = gen(n)
+    B = torch.randn(n, n - 1, generator=g, dtype=F64)
+    A = B @ B.T if symmetric else B @ torch.randn(n - 1, n, generator=g, dtype=F64)
+    with pytest.raises(SingularMatrixError):
+        DenseFactorization(A, symmetric=symmetric)
+
+
+def test_dense_lu_sign_with_permutation():
+    P = torch.tensor([[0.0, 1.0, 0.0], [0.0, 0.0, 1.0], [1.0, 0.0, 0.0]], dtype=F64)  # even permutation
+    f = DenseFactorization(P)
+    assert f.sign().item() == 1.0 and abs(f.logdet().item()) < 1e-15
+    f = DenseFactorization(P[[1, 0, 2]])
+    assert f.sign().item() == -1.0
+
+
+def test_dense_factorization_input_checks():
+    with pytest.raises(ValueError, match="square"):
+        DenseFactorization(torch.zeros(2, 3, dtype=F64))
+    with pytest.raises(TypeError, match="float32 or float64"):
+        DenseFactorization(torch.eye(2, dtype=torch.float16))
+    with pytest.raises(ValueError, match="square"):
+        Dense(torch.ones(2, 3, dtype=F64)).factorize()
+    with pytest.raises(ValueError, match="non-square"):
+        Zero(2, 3).factorize()

@@ -1,0 +1,149 @@
+"""The stagewise elimination on synthetic oracles, against a dense Hessian.
+
+The oracles here are random matrices, not derivatives of a network: the elimination
+must be exact for *any* LQ problem, which also lets us build singular stages on purpose.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tallskinny import SingularSystemError, elimination
+from tallskinny.blocks.protocol import Oracle
+from tallskinny.linalg import Dense, Zero
+
+
+
+@pytest.fixture(autouse=True)
+def _float64():
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
+
+
+def riccati(oracles, loss, damping):
+    return elimination.RiccatiFactorization(elimination.prepare_stages(oracles, loss), loss, damping)
+
+
+def _sym(n, gen, scale=1.0):
+    M = torch.randn(n, n, generator=gen) * scale
+    return (M + M.T) / 2
+
+
+def random_problem(sizes, seed, *, a0=3, psd_loss=True):
+    """``sizes`` is a list of ``(a_l, p_l)``; returns (oracles, loss_oracle)."""
+    gen = torch.Generator().manual_seed(seed)
+    oracles, a_in = [], a0
+    for a, p in sizes:
+        G = torch.randn(a, p, generator=gen) if p else None
+        F = torch.randn(a, a_in, generator=gen) / max(a_in, 1) ** 0.5
+        oracles.append(
+            Oracle(
+                G=Dense(G) if p else Zero(a, 0),
+                F=Dense(F),
+                A=Dense(_sym(p, gen), symmetric=True) if p else Zero(0, 0),
+                C=Dense(torch.randn(p, a_in, generator=gen)) if p else Zero(0, a_in),
+                E=Dense(_sym(a_in, gen, 0.5), symmetric=True),
+            )
+        )
+        a_in = a
+    M = torch.randn(a_in, a_in, generator=gen)
+    E_loss = M @ M.T if psd_loss else (M + M.T) / 2
+    loss = Oracle(G=Zero(1, 0), F=Dense(torch.randn(1, a_in, generator=gen)), A=Zero(0, 0), C=Zero(0, a_in), E=Dense(E_loss, symmetric=True))
+    return oracles, loss
+
+
+def dense_hessian(oracles, loss):
+    """The Hessian of the LQ objective Σ ½θᵀAθ + θᵀCy + ½yᵀEy + ½y_Lᵀ E_loss y_L."""
+    sizes = [o.G.shape[1] for o in oracles]
+
+    def objective(theta):
+        parts = torch.split(theta, sizes)
+        y = torch.zeros(oracles[0].F.shape[1])
+        total = theta.new_zeros(())
+        for o, t in zip(oracles, parts):
+            A, C, E = o.A.to_dense(), o.C.to_dense(), o.E.to_dense()
+            total = total + 0.5 * t @ A @ t + t @ C @ y + 0.5 * y @ E @ y
+            y = o.F.to_dense() @ y + o.G.to_dense() @ t
+        return total + 0.5 * y @ loss.E.to_dense() @ y
+
+    P = sum(sizes)
+    return torch.func.hessian(objective)(torch.zeros(P))
+
+
+SHAPES = [
+    [(4, 3)],
+    [(3, 5), (3, 0), (2, 4)],
+    [(2, 3), (4, 0), (4, 6), (1, 2)],
+    [(5, 7), (5, 0), (5, 7), (5, 0), (3, 6)],
+]
+
+
+@pytest.mark.parametrize("sizes", SHAPES)
+@pytest.mark.parametrize("seed", range(3))
+def test_hvp_matches_dense(sizes, seed):
+    oracles, loss = random_problem(sizes, seed)
+    H = dense_hessian(oracles, loss)
+    V = torch.randn(H.shape[0], 4, generator=torch.Generator().manual_seed(seed))
+    torch.testing.assert_close(elimination.hvp(oracles, loss, V), H @ V, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("sizes", SHAPES)
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("damping", [0.0, 1e-3, 0.5, 10.0])
+@pytest.mark.parametrize("method", ["riccati", "kkt"])
+def test_solve_logdet_inertia_match_dense(sizes, seed, damping, method):
+    oracles, loss = random_problem(sizes, seed, psd_loss=seed % 2 == 0)
+    H = dense_hessian(oracles, loss)
+    M = H + damping * torch.eye(H.shape[0])
+    eig = torch.linalg.eigvalsh(M)
+    cls = riccati if method == "riccati" else elimination.KKTFactorization
+    fact = cls(oracles, loss, damping)
+    B = torch.randn(H.shape[0], 3, generator=torch.Generator().manual_seed(100 + seed))
+    X = fact.solve(B)
+    cond = (eig.abs().max() / eig.abs().min()).item()
+    tol = max(1e-10, 1e-15 * cond)
+    ref = torch.linalg.solve(M, B)
+    assert (X - ref).norm() / ref.norm() <= tol
+    assert fact.inertia() == ((eig > 0).sum().item(), (eig < 0).sum().item(), 0)
+    torch.testing.assert_close(fact.logdet(), eig.abs().log().sum(), rtol=1e-10, atol=1e-10)
+    assert fact.sign().item() == torch.linalg.slogdet(M).sign.item()
+
+
+def test_singular_stage_falls_back_to_pivoted_kkt():
+    """The last stage's Q_θθ = A + εI + GᵀE_loss G is made exactly singular; H + εI is not."""
+    damping = 0.1
+    oracles, loss = random_problem([(3, 4), (3, 0), (2, 3)], seed=7)
+    last = oracles[-1]
+    G = last.G.to_dense()
+    q = torch.diag(torch.tensor([0.0, 1.0, 2.0]))
+    A = -damping * torch.eye(3) - G.T @ loss.E.to_dense() @ G + q
+    oracles[-1] = Oracle(G=last.G, F=last.F, A=Dense((A + A.T) / 2, symmetric=True), C=last.C, E=last.E)
+    with pytest.raises(elimination._StageSingular):
+        riccati(oracles, loss, damping)
+    H = dense_hessian(oracles, loss) + damping * torch.eye(7)
+    eig = torch.linalg.eigvalsh(H)
+    assert eig.abs().min() > 1e-3  # the whole system is comfortably nonsingular
+    fact = elimination.factorize(oracles, loss, damping)
+    assert isinstance(fact, elimination.KKTFactorization)
+    b = torch.randn(7, 2, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(fact.solve(b), torch.linalg.solve(H, b), rtol=1e-10, atol=1e-12)
+    assert fact.inertia() == ((eig > 0).sum().item(), (eig < 0).sum().item(), 0)
+    torch.testing.assert_close(fact.logdet(), eig.abs().log().sum(), rtol=1e-10, atol=1e-12)
+
+
+def test_singular_system_raises_with_damping():
+    """A block whose parameters do not influence the loss makes H singular at ε = 0."""
+    oracles, loss = random_problem([(3, 2), (2, 3)], seed=3)
+    first = oracles[0]
+    oracles[0] = Oracle(G=Dense(torch.zeros(3, 2)), F=first.F, A=Dense(torch.zeros(2, 2), symmetric=True), C=first.C, E=first.E)
+    with pytest.raises(SingularSystemError) as info:
+        elimination.factorize(oracles, loss, 0.0)
+    assert info.value.damping == 0.0
+    assert "singular" in str(info.value)
+    fact = elimination.factorize(oracles, loss, 1e-2)  # damping makes it regular again
+    b = torch.randn(5, 1, generator=torch.Generator().manual_seed(1))
+    H = dense_hessian(oracles, loss) + 1e-2 * torch.eye(5)
+    torch.testing.assert_close(fact.solve(b), torch.linalg.solve(H, b), rtol=1e-10, atol=1e-12)
