@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from .blocks.protocol import Oracle
-from .linalg import Dense, Inertia, ScaledIdentity, Zero
+from .linalg import Dense, Identity, Inertia, ScaledIdentity, Zero
 from .linalg.kronecker import Kronecker, Permutation, Product, kron
 
 
@@ -78,9 +78,12 @@ class AffineStage:
         r = int((sigma > tol).sum())
         self.r = r
         self.V = Vh[:r].mT  # q × r
+        self.Vt = self.V.mT
         XV = U[:, :r] * sigma[:r]  # R × r
-        eye_m = torch.eye(m, dtype=X.dtype, device=X.device)
-        GV = kron(eye_m, XV)[p_out]  # a_out × m·r
+        if R == 1:  # tiny: one dense matrix is cheapest
+            GV = Dense(kron(torch.eye(m, dtype=X.dtype, device=X.device), XV)[p_out])
+        else:  # G V = P_out (I_m ⊗ X̃V): products cost O(a·R·r) instead of O(a²·m·r)
+            GV = Product(Permutation(p_out, dtype=X.dtype), Kronecker(Identity(m, dtype=X.dtype, device=X.device), Dense(XV)))
         self.Gam, self.Et = Gam, Et
         a_in = oracle.F.shape[1]
         if Gam is None:
@@ -92,7 +95,7 @@ class AffineStage:
             self.CtC = kron(Gam.mT @ Gam, P_bar)
         self.n_perp = m * (q - r)
         reduced = Oracle(
-            G=Dense(GV),
+            G=GV,
             F=oracle.F,
             A=Zero(m * r, m * r, dtype=X.dtype, device=X.device),
             C=C_r,
@@ -108,27 +111,27 @@ class AffineStage:
         return T.reshape(self.m * self.q, -1)[self.p_theta_inv]
 
     def _span(self, T: Tensor) -> Tensor:
-        return torch.einsum("mqk,qr->mrk", T, self.V)
+        """``Vᵀ`` on the column index of each ``Θ̃``: ``(m, q, k) → (m, r, k)``."""
+        return self.Vt @ T
 
     def _from_span(self, Z: Tensor) -> Tensor:
-        return torch.einsum("mrk,qr->mqk", Z, self.V)
+        return self.V @ Z
 
     def _c_perp(self, y: Tensor) -> Tensor:
         """``C_⊥ y`` as an ``m × q × k`` tensor: ``Γ Y Ẽᵀ (I − VVᵀ)``."""
-        Y = y.reshape(self.Gam.shape[1], self.Et.shape[1], y.shape[1])
-        M = torch.einsum("ms,snk,qn->mqk", self.Gam, Y, self.Et)
-        return M - self._from_span(self._span(M))
+        R, n, k = self.Gam.shape[1], self.Et.shape[1], y.shape[1]
+        M = self.Et @ (self.Gam @ y.reshape(R, n * k)).reshape(self.m, n, k)
+        return M - self.V @ (self.Vt @ M)
 
     def _c_t(self, T: Tensor) -> Tensor:
         """``Cᵀ`` applied to an ``m × q × k`` tensor: ``Γᵀ T Ẽ``, flattened ``(R·n, k)``."""
-        out = torch.einsum("ms,mqk,qn->snk", self.Gam, T, self.Et)
-        return out.reshape(-1, T.shape[2])
+        k = T.shape[2]
+        M = (self.Et.mT @ T).reshape(self.m, -1)  # m × (n·k)
+        return (self.Gam.mT @ M).reshape(-1, k)
 
     # -- elimination ------------------------------------------------------------------------
     def eliminate(self, S: Tensor, damping: float, index: int):
         S_new, inner = self.inner.eliminate(S, damping, index)
-        logdet = inner.logdet if inner is not None else S.new_zeros(())
-        inertia = inner.inertia if inner is not None else Inertia(0, 0, 0)
         if self.n_perp:
             if damping == 0.0:  # Q_θθ = 0 on the complement
                 from .elimination import _StageSingular
@@ -136,17 +139,27 @@ class AffineStage:
                 raise _StageSingular(index)
             if self.CtC is not None:
                 S_new = S_new - self.CtC / damping
-            logdet = logdet + self.n_perp * math.log(damping)
-            inertia = Inertia(inertia.positive + self.n_perp, inertia.negative, 0)
-        return S_new, _AffineStageFactor(self, inner, damping, inertia, logdet)
+        return S_new, _AffineStageFactor(self, inner, damping)
 
 
 class _AffineStageFactor:
-    __slots__ = ("stage", "inner", "damping", "inertia", "logdet")
+    __slots__ = ("stage", "inner", "damping")
 
-    def __init__(self, stage, inner, damping, inertia, logdet):
+    def __init__(self, stage, inner, damping):
         self.stage, self.inner, self.damping = stage, inner, damping
-        self.inertia, self.logdet = inertia, logdet
+
+    @property
+    def inertia(self) -> Inertia:
+        """The span's inertia, and ``ε > 0`` on each of the ``n_⊥`` complement directions."""
+        inner = self.inner.inertia if self.inner is not None else Inertia(0, 0, 0)
+        return Inertia(inner.positive + self.stage.n_perp, inner.negative, 0)
+
+    @property
+    def logdet(self) -> Tensor:
+        n = self.stage.n_perp
+        extra = n * math.log(self.damping) if n else 0.0
+        inner = self.inner.logdet if self.inner is not None else torch.zeros((), dtype=torch.float64)
+        return inner + extra
 
     def backward(self, t: Tensor | None, b: Tensor):
         st = self.stage

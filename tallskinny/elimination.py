@@ -47,6 +47,7 @@ from .linalg import (
     Zero,
     pivot_tolerance,
 )
+from .linalg.factor import ldl_d_eigenvalues
 from .linalg.kronecker import Kronecker
 
 
@@ -103,8 +104,11 @@ def _congruence(F: LinearOperator, S: Tensor) -> Tensor:
         # F = I_R ⊗ W: (I ⊗ W)ᵀ S (I ⊗ W), block by block
         W = F.right.matrix
         R, (m, n) = F.left.shape[0], W.shape
-        T = S.reshape(R, m, R, m) @ W  # R, m, R, n
-        return torch.einsum("aj,sakn->sjkn", W, T).reshape(R * n, R * n)
+        if R == 1:
+            return W.mT @ (S @ W)
+        T = S.reshape(R, m, R, m) @ W  # (s, a, t, n): right factor applied
+        T = (T.permute(0, 2, 3, 1) @ W).permute(0, 3, 1, 2)  # (s, j, t, n)
+        return T.reshape(R * n, R * n)
     Fd = F.to_dense()
     return Fd.mT @ (S @ Fd)
 
@@ -151,10 +155,20 @@ class DenseStage:
 
     When ``A = 0`` (a block linear in its parameters) nothing of size ``p × p`` is
     formed: ``Z`` stays implicit as the projector ``I − V_r V_rᵀ`` and ``α = 0``.
+    ``orthogonal_columns=True`` declares that the columns of ``G`` are orthogonal and
+    nonzero (so ``V = I`` without an SVD), as for the span of an affine block.
     """
 
-    def __init__(self, oracle: Oracle, ignored_rows: Tensor | None = None, output_range: Tensor | None = None):
-        G = oracle.G.to_dense()
+    def __init__(
+        self,
+        oracle: Oracle,
+        ignored_rows: Tensor | None = None,
+        output_range: Tensor | None = None,
+        *,
+        orthogonal_columns: bool = False,
+    ):
+        keep_structure = orthogonal_columns and ignored_rows is None and output_range is None
+        G = oracle.G if keep_structure else oracle.G.to_dense()
         # Outputs that the rest of the chain ignores exactly do not count in the row space:
         # ``ignored_rows`` (a ReLU's dead units) are dropped, and G is projected on
         # ``output_range`` (an orthonormal basis of the range of the value Hessian S, when S
@@ -167,36 +181,51 @@ class DenseStage:
         a, p = G.shape
         self.p = p
         self.F, self.E = oracle.F, oracle.E
-        U, sigma, Vh = torch.linalg.svd(G, full_matrices=False)
-        tol = max(a, p) * torch.finfo(G.dtype).eps * (float(sigma[0]) if sigma.numel() else 0.0)
-        r = int((sigma > tol).sum())
-        self.r = r
-        self.V = Vh[:r].mT  # p × r, orthonormal basis of the row space of G
-        self.GV = U[:, :r] * sigma[:r]  # G V_r, a × r
+        self.FT = oracle.F.T
         C = oracle.C.to_dense()
-        self.C_r = self.V.mT @ C  # r × a_in
+        if keep_structure:
+            # the row space of G is everything: V = I, kept implicit (V is None); G keeps
+            # whatever operator structure it has (products with it are all we need)
+            r = p
+            self.V = None
+            self.GV = G
+            self.C_r = C
+        else:
+            U, sigma, Vh = torch.linalg.svd(G, full_matrices=False)
+            tol = max(a, p) * torch.finfo(G.dtype).eps * (float(sigma[0]) if sigma.numel() else 0.0)
+            r = int((sigma > tol).sum())
+            self.V = Vh[:r].mT  # p × r, orthonormal basis of the row space of G
+            self.GV = U[:, :r] * sigma[:r]  # G V_r, a × r
+            self.C_r = self.V.mT @ C  # r × a_in
+        self.r = r
+        self.GVt = self.GV.T
         self.linear = _is_zero(oracle.A)
         self.n_z = p - r
+        self.A_rr = self.A_rz = self.alpha = self.CtC = None
         if self.linear:
-            C_perp = C - self.V @ self.C_r
-            self.C_z = C_perp  # p × a_in, in ambient coordinates (Z implicit)
-            self.CtC = _symmetrize(C_perp.mT @ C_perp)
-            self.A_rr = None
-            self.A_rz = None
-            self.alpha = None
+            if self.n_z:
+                C_perp = C - self.V @ self.C_r
+                self.C_z = C_perp  # p × a_in, in ambient coordinates (Z implicit)
+                self.CtC = _symmetrize(C_perp.mT @ C_perp)
         else:
             A = _symmetrize(oracle.A.to_dense())
-            Q, _ = torch.linalg.qr(self.V, mode="complete") if r else (torch.eye(p, dtype=G.dtype, device=G.device), None)
+            V = self.V if self.V is not None else torch.eye(p, dtype=G.dtype, device=G.device)
+            Q, _ = torch.linalg.qr(V, mode="complete") if r else (torch.eye(p, dtype=G.dtype, device=G.device), None)
             V_perp = Q[:, r:]
             self.alpha, W = torch.linalg.eigh(V_perp.mT @ A @ V_perp)
             self.Z = V_perp @ W  # p × n_z
-            AV = A @ self.V
-            self.A_rr = self.V.mT @ AV
+            AV = A @ V
+            self.A_rr = V.mT @ AV
             self.A_rz = AV.mT @ self.Z
             self.C_z = self.Z.mT @ C
-            self.CtC = None
 
-    # -- coordinates of null(G) ------------------------------------------------------------
+    # -- coordinates ---------------------------------------------------------------------------
+    def _to_r(self, b: Tensor) -> Tensor:
+        return b if self.V is None else self.V.mT @ b
+
+    def _from_r(self, x: Tensor) -> Tensor:
+        return x if self.V is None else self.V @ x
+
     def _to_z(self, b: Tensor) -> Tensor:
         if self.linear:
             return b - self.V @ (self.V.mT @ b)
@@ -210,85 +239,137 @@ class DenseStage:
 
     # -- elimination -------------------------------------------------------------------------
     def eliminate(self, S: Tensor, damping: float, index: int):
-        r = self.r
         SGV = S @ self.GV
-        Q_ry = self.C_r + (self.F.T @ SGV).mT  # r × a_in
-        Q_yy = _plus(self.E, _congruence(self.F, S))
-        Q_rr = self.GV.mT @ SGV
+        Q_ry = self.C_r + (self.FT @ SGV).mT  # r × a_in
+        S_new = _plus(self.E, _congruence(self.F, S))  # Q_yy, then its Schur complement
+        Q_rr = self.GVt @ SGV
         if self.A_rr is not None:
             Q_rr = Q_rr + self.A_rr
-        Q_rr = _symmetrize(Q_rr)
         Q_rr.diagonal().add_(damping)
-        inertia_pos = inertia_neg = 0
-        logdet = S.new_zeros(())
-        d = None
+        z_inertia, z_logdet, d = (0, 0), None, None
+        Qt_rr, Qt_ry = Q_rr, Q_ry
         if self.n_z:
             if self.linear:
                 # on null(G) the pivots are ε exactly: singular only for ε = 0
                 d = damping
                 if d == 0.0:
                     raise _StageSingular(index)
-                S_new = Q_yy - self.CtC / d
-                inertia_pos += self.n_z
-                logdet = logdet + self.n_z * math.log(d)
-                Qt_rr, Qt_ry = Q_rr, Q_ry
+                S_new = S_new - self.CtC / d
+                z_inertia, z_logdet = (self.n_z, 0), self.n_z * math.log(d)
             else:
                 # α carries rounding errors of the size of eps·‖A_⊥⊥‖, ε none
                 d = self.alpha + damping
                 tol = pivot_tolerance(self.n_z, S.dtype, float(self.alpha.abs().max()))
                 if bool((d.abs() <= tol).any()) or bool((d == 0).any()):
                     raise _StageSingular(index)
-                Cd = self.C_z / d.unsqueeze(-1)
-                S_new = Q_yy - self.C_z.mT @ Cd
-                inertia_pos += int((d > 0).sum())
-                inertia_neg += int((d < 0).sum())
-                logdet = logdet + d.abs().log().sum()
+                S_new = S_new - self.C_z.mT @ (self.C_z / d.unsqueeze(-1))
+                z_inertia = (int((d > 0).sum()), int((d < 0).sum()))
+                z_logdet = d.abs().log().sum()
                 Ad = self.A_rz / d
-                Qt_rr = _symmetrize(Q_rr - Ad @ self.A_rz.mT)
+                Qt_rr = Q_rr - Ad @ self.A_rz.mT
                 Qt_ry = Q_ry - Ad @ self.C_z
-        else:
-            S_new = Q_yy
-            Qt_rr, Qt_ry = Q_rr, Q_ry
         factor = K_r = None
-        if r:
-            try:
-                factor = DenseFactorization(Qt_rr, symmetric=True)
-            except SingularMatrixError:
-                raise _StageSingular(index) from None
+        if self.r:
+            factor = SymmetricFactor.of(Qt_rr)
+            if factor is None:
+                raise _StageSingular(index)
             K_r = factor.solve(Qt_ry)
             S_new = S_new - Qt_ry.mT @ K_r
-            inertia = factor.inertia()
-            inertia_pos += inertia.positive
-            inertia_neg += inertia.negative
-            logdet = logdet + factor.logdet()
-        record = _DenseStageFactor(self, d, factor, Q_ry, K_r, Inertia(inertia_pos, inertia_neg, 0), logdet)
+        record = _DenseStageFactor(self, d, factor, Q_ry, K_r, z_inertia, z_logdet)
         return _symmetrize(S_new), record
+
+
+class SymmetricFactor:
+    """A symmetric matrix factored for solves, with its inertia and ``log|det|``.
+
+    Cholesky when the matrix is positive definite (the common case near the loss and for
+    Gauss–Newton); otherwise LU with partial pivoting, which solves many right-hand sides
+    with BLAS-3 speed (LAPACK's Bunch–Kaufman solve does not). The inertia of an
+    indefinite matrix is read from a Bunch–Kaufman ``LDLᵀ`` (Sylvester's law), computed
+    only when asked for.
+    """
+
+    __slots__ = ("matrix", "_chol", "_lu", "_piv", "_inertia", "_logdet")
+
+    @classmethod
+    def of(cls, Q: Tensor) -> "SymmetricFactor | None":
+        """The factorization, or ``None`` if ``Q`` is singular to working precision."""
+        self = cls.__new__(cls)
+        self.matrix, self._chol, self._lu, self._piv, self._inertia, self._logdet = Q, None, None, None, None, None
+        n = Q.shape[0]
+        tol = pivot_tolerance(n, Q.dtype, float(Q.abs().max()))
+        L, info = torch.linalg.cholesky_ex(Q)
+        if not bool(info):
+            d = L.diagonal()
+            if float(d.min()) ** 2 <= tol:
+                return None
+            self._chol = L
+            self._inertia = Inertia(n, 0, 0)
+            self._logdet = 2.0 * d.log().sum()
+            return self
+        lu, piv, _ = torch.linalg.lu_factor_ex(Q)
+        u = lu.diagonal()
+        if float(u.abs().min()) <= tol:
+            return None
+        self._lu, self._piv = lu, piv
+        self._logdet = u.abs().log().sum()
+        return self
+
+    def solve(self, B: Tensor) -> Tensor:
+        if self._chol is not None:
+            return torch.cholesky_solve(B, self._chol)
+        return torch.linalg.lu_solve(self._lu, self._piv, B)
+
+    def logdet(self) -> Tensor:
+        return self._logdet
+
+    def inertia(self) -> Inertia:
+        if self._inertia is None:
+            ld, piv, _ = torch.linalg.ldl_factor_ex(self.matrix)
+            eig = ldl_d_eigenvalues(ld, piv)
+            positive = int((eig > 0).sum())
+            self._inertia = Inertia(positive, eig.shape[0] - positive, 0)
+        return self._inertia
 
 
 class _DenseStageFactor:
     """The per-damping factors of a :class:`DenseStage`, used by the solve sweeps."""
 
-    __slots__ = ("stage", "d", "factor", "Q_ry", "K_r", "inertia", "logdet")
+    __slots__ = ("stage", "d", "factor", "Q_ry", "K_r", "_z_inertia", "_z_logdet")
 
-    def __init__(self, stage, d, factor, Q_ry, K_r, inertia, logdet):
+    def __init__(self, stage, d, factor, Q_ry, K_r, z_inertia, z_logdet):
         self.stage, self.d, self.factor, self.Q_ry, self.K_r = stage, d, factor, Q_ry, K_r
-        self.inertia, self.logdet = inertia, logdet
+        self._z_inertia, self._z_logdet = z_inertia, z_logdet
+
+    @property
+    def inertia(self) -> Inertia:
+        pos, neg = self._z_inertia
+        if self.factor is not None:
+            inertia = self.factor.inertia()
+            pos, neg = pos + inertia.positive, neg + inertia.negative
+        return Inertia(pos, neg, 0)
+
+    @property
+    def logdet(self) -> Tensor:
+        out = self.factor.logdet() if self.factor is not None else torch.zeros((), dtype=torch.float64)
+        return out if self._z_logdet is None else out + self._z_logdet
 
     def backward(self, t: Tensor | None, b: Tensor):
         """``u = Q_θθ⁻¹(Gᵀt − b)`` (in (r, z) coordinates) and the new ``t``."""
         st = self.stage
-        q_r = -(st.V.mT @ b)
-        if t is not None and st.r:
-            q_r = q_r + st.GV.mT @ t
-        q_z = -st._to_z(b) if st.n_z else None
         u_r = u_z = None
+        q_z = -st._to_z(b) if st.n_z else None
         if st.r:
-            rhs = q_r if st.A_rz is None or q_z is None else q_r - (st.A_rz / self.d) @ q_z
-            u_r = self.factor.solve(rhs)
+            q_r = -st._to_r(b)
+            if t is not None:
+                q_r = q_r + st.GVt @ t
+            if st.A_rz is not None and q_z is not None:
+                q_r = q_r - (st.A_rz / self.d) @ q_z
+            u_r = self.factor.solve(q_r)
         if q_z is not None:
             u_z = q_z if st.A_rz is None or u_r is None else q_z - st.A_rz.mT @ u_r
             u_z = st._zdiv(self.d, u_z)
-        t_new = None if t is None else st.F.T @ t
+        t_new = None if t is None else st.FT @ t
         if u_r is not None:
             t_new = _sub(t_new, self.Q_ry.mT @ u_r)
         if u_z is not None:
@@ -299,9 +380,10 @@ class _DenseStageFactor:
         """``θ = −Q_θθ⁻¹(Q_θy y + q)`` in ambient coordinates, and the new ``y``."""
         st = self.stage
         u_r, u_z = u
-        theta_r = theta_z = None
+        theta = theta_r = None
         if st.r:
             theta_r = -u_r if y is None else -(self.K_r @ y) - u_r
+            theta = st._from_r(theta_r)
         if st.n_z:
             if y is None:
                 theta_z = -u_z
@@ -310,10 +392,8 @@ class _DenseStageFactor:
                 if st.A_rz is not None and st.r:
                     w = w - st.A_rz.mT @ (self.K_r @ y)
                 theta_z = -st._zdiv(self.d, w) - u_z
-        theta = st._from_z(theta_z) if theta_z is not None else None
-        if theta_r is not None:
-            vr = st.V @ theta_r
-            theta = vr if theta is None else theta + vr
+            theta_z = st._from_z(theta_z)
+            theta = theta_z if theta is None else theta + theta_z
         y_new = None if y is None else st.F @ y
         if theta_r is not None:
             gy = st.GV @ theta_r
@@ -351,7 +431,9 @@ def prepare_stages(oracles: Sequence[Oracle], loss: Oracle) -> list:
 
 
 def _reduced_stage(reduced: Oracle, kw: dict):
-    return DenseStage(reduced, **kw) if reduced.G.shape[1] else _NoParameters(reduced)
+    if not reduced.G.shape[1]:
+        return _NoParameters(reduced)
+    return DenseStage(reduced, **kw, orthogonal_columns=True)
 
 
 class _NoParameters(ActivationStage):
@@ -398,17 +480,9 @@ class RiccatiFactorization:
         self._stages = list(stages)
         self._factors: list = [None] * len(stages)
         S = _symmetrize(loss.E.to_dense())
-        pos = neg = 0
-        logdet = S.new_zeros(())
         for i in reversed(range(len(stages))):
-            S, record = stages[i].eliminate(S, damping, i)
-            if record is not None:
-                self._factors[i] = record
-                pos += record.inertia.positive
-                neg += record.inertia.negative
-                logdet = logdet + record.logdet
-        self._inertia = Inertia(pos, neg, 0)
-        self._logdet = logdet
+            S, self._factors[i] = stages[i].eliminate(S, damping, i)
+        self._inertia = self._logdet = None
 
     def solve(self, b: Tensor) -> Tensor:
         """``(H + εI)^{-1} b`` for ``b`` of shape ``(P, k)``: two sweeps, no refactoring."""
@@ -432,12 +506,24 @@ class RiccatiFactorization:
         return torch.cat(out, dim=0)
 
     def logdet(self) -> Tensor:
+        """``Σ_l log|det Q_θθ,l|`` (computed on first request)."""
+        if self._logdet is None:
+            records = [f for f in self._factors if f is not None]
+            self._logdet = torch.stack([f.logdet for f in records]).sum() if records else torch.zeros(())
         return self._logdet
 
     def sign(self) -> Tensor:
-        return self._logdet.new_tensor(-1.0 if self._inertia.negative % 2 else 1.0)
+        return self.logdet().new_tensor(-1.0 if self.inertia().negative % 2 else 1.0)
 
     def inertia(self) -> Inertia:
+        """``Σ_l inertia(Q_θθ,l)`` by Sylvester's law (computed on first request)."""
+        if self._inertia is None:
+            pos = neg = 0
+            for f in self._factors:
+                if f is not None:
+                    inertia = f.inertia
+                    pos, neg = pos + inertia.positive, neg + inertia.negative
+            self._inertia = Inertia(pos, neg, 0)
         return self._inertia
 
 

@@ -45,21 +45,28 @@ class Block:
         if not isinstance(module, nn.Module):
             raise TypeError(f"{type(self).__name__} wraps an nn.Module, got {describe(module)}")
         self.module = module
+        # θ is fixed when the block is made (like an optimizer's parameter list)
+        named = list(module.named_parameters())
+        self._all_parameters = dict(named)
+        self._names = [name for name, p in named if p.requires_grad]
+        self._parameters = [p for _, p in named if p.requires_grad]
 
     # -- parameters -------------------------------------------------------------------
     def parameter_names(self) -> list[str]:
-        """Names (as in ``module.named_parameters()``) of the entries of θ, in order."""
-        return [name for name, p in self.module.named_parameters() if p.requires_grad]
+        """Names (as in ``module.named_parameters()``) of the entries of θ, in order.
+
+        θ is the set of parameters that required grad when the block was made."""
+        return list(self._names)
 
     def parameters(self) -> list[Tensor]:
         """The module's parameters that require grad, in ``named_parameters()`` order."""
-        return [p for p in self.module.parameters() if p.requires_grad]
+        return list(self._parameters)
 
     def parameter_values(self, params: Sequence[Tensor]) -> dict[str, Tensor]:
         """Every parameter of the module by name: ``params`` for θ, the module's own
         tensors for the frozen ones (``requires_grad=False``)."""
-        values = dict(self.module.named_parameters())
-        values.update(zip(self.parameter_names(), params))
+        values = dict(self._all_parameters)
+        values.update(zip(self._names, params))
         return values
 
     # -- evaluation -------------------------------------------------------------------
@@ -67,9 +74,9 @@ class Block:
         """``z_out = f(z; θ)`` with θ = ``params``; differentiable w.r.t. ``z`` and ``params``."""
         where = self._where("forward")
         check_input(z, where)
-        params = check_params(self.parameters(), params, z, where)
+        params = check_params(self._parameters, params, z, where)
         tensors = {name: buffer.clone() for name, buffer in self.module.named_buffers()}
-        tensors.update(zip(self.parameter_names(), params))
+        tensors.update(zip(self._names, params))
         if _mutates_its_input(self.module):
             z = z.clone()
         out = functional_call(self.module, tensors, (z,))
@@ -85,7 +92,7 @@ class Block:
         """``G, F, A, C, E`` at ``(z, θ)`` contracted with ``g``, by ``torch.func`` on :meth:`forward`."""
         where = self._where("oracle")
         check_input(z, where)
-        params = [p.detach() for p in check_params(self.parameters(), params, z, where)]
+        params = [p.detach() for p in check_params(self._parameters, params, z, where)]
         z = z.detach()
         check_finite(z, "z", where)
         with torch.no_grad():

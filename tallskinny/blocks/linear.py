@@ -46,7 +46,7 @@ class LinearBlock(Block):
         out_features, in_features = weight.shape
         g = check_adjoint(g, z.shape[:-1] + (out_features,), z, where).detach()
         z2 = z.reshape(-1, in_features)
-        trainable = set(self.parameter_names())
+        trainable = self._names
         with_weight, with_bias = "weight" in trainable, bias is not None and "bias" in trainable
         G = linear_G(z2, out_features, with_weight=with_weight, with_bias=with_bias)
         F = linear_F(weight.detach(), z2.shape[0])
@@ -60,7 +60,7 @@ class LinearBlock(Block):
     def _weight_bias(self, z, params, method: str) -> tuple[Tensor, Tensor | None]:
         where = self._where(method)
         check_input(z, where)
-        params = check_params(self.parameters(), params, z, where)
+        params = check_params(self._parameters, params, z, where)
         values = self.parameter_values(params)
         weight, bias = values.get("weight", self.module.weight), values.get("bias", self.module.bias)
         if z.dim() == 0 or z.shape[-1] != weight.shape[1]:
@@ -84,11 +84,10 @@ def linear_G(z2: Tensor, out_features: int, *, with_weight: bool, with_bias: boo
         return zero(S * out_features, 0, z2)
     columns = ([z2] if with_weight else []) + ([z2.new_ones(S, 1)] if with_bias else [])
     X = torch.cat(columns, dim=1)
-    kw = dict(dtype=z2.dtype)
     return Product(
-        Permutation(transpose_permutation(out_features, S, device=z2.device), **kw),
+        _output_order(out_features, S, z2.dtype, z2.device),
         Kronecker(Identity(out_features, dtype=z2.dtype, device=z2.device), Dense(X)),
-        Permutation(_theta_order(out_features, in_features, with_weight, with_bias, z2.device), **kw),
+        _theta_permutation(out_features, in_features, with_weight, with_bias, z2.dtype, z2.device),
     )
 
 
@@ -103,15 +102,24 @@ def linear_C(g2: Tensor, in_features: int, *, with_bias: bool) -> LinearOperator
     ``C = P_θᵀ (g2ᵀ ⊗ Ẽ)`` with ``Ẽ = [I_in; 0]`` (no bias row is touched)."""
     S, out_features = g2.shape
     E_tilde = torch.eye(in_features + int(with_bias), in_features, dtype=g2.dtype, device=g2.device)
-    order = _theta_order(out_features, in_features, True, with_bias, g2.device)
-    return Product(
-        Permutation(torch.argsort(order), dtype=g2.dtype),
-        Kronecker(Dense(g2.mT.contiguous()), Dense(E_tilde)),
-    )
+    P_theta = _theta_permutation(out_features, in_features, True, with_bias, g2.dtype, g2.device)
+    return Product(P_theta.T, Kronecker(Dense(g2.mT), Dense(E_tilde)))
 
 
 @functools.lru_cache(maxsize=256)
-def _theta_order_cached(out_features: int, in_features: int, with_weight: bool, with_bias: bool, device) -> Tensor:
+def _output_order(out_features: int, samples: int, dtype, device) -> Permutation:
+    """``P_out``: the ``out × S`` product read sample-major (cached: made once per shape)."""
+    return Permutation(transpose_permutation(out_features, samples, device=device), dtype=dtype)
+
+
+@functools.lru_cache(maxsize=256)
+def _theta_permutation(out_features, in_features, with_weight, with_bias, dtype, device) -> Permutation:
+    """``P_θ`` (cached: made once per shape)."""
+    return Permutation(_theta_order(out_features, in_features, with_weight, with_bias, device), dtype=dtype)
+
+
+def _theta_order(out_features: int, in_features: int, with_weight: bool, with_bias: bool, device) -> Tensor:
+    """Indices ``i`` with ``vec(Θ̃) = θ[i]`` for ``θ = [vec(W), b]`` and ``Θ̃ = [W | b]``."""
     q = in_features * with_weight + with_bias
     idx = torch.empty(out_features, q, dtype=torch.long, device=device)
     if with_weight:
@@ -119,8 +127,3 @@ def _theta_order_cached(out_features: int, in_features: int, with_weight: bool, 
     if with_bias:
         idx[:, -1] = out_features * in_features * with_weight + torch.arange(out_features, device=device)
     return idx.reshape(-1)
-
-
-def _theta_order(out_features, in_features, with_weight, with_bias, device) -> Tensor:
-    """Indices ``i`` with ``vec(Θ̃) = θ[i]`` for ``θ = [vec(W), b]`` and ``Θ̃ = [W | b]``."""
-    return _theta_order_cached(out_features, in_features, bool(with_weight), bool(with_bias), device)

@@ -61,6 +61,7 @@ class Permutation(LinearOperator):
         if n and not torch.equal(torch.sort(index).values, torch.arange(n, device=index.device)):
             raise ValueError(f"the indices of a Permutation must be a permutation of 0..{n - 1}")
         self.index = index
+        self._inverse: Permutation | None = None
         self.shape = (n, n)
         self.dtype, self.device = dtype, index.device
 
@@ -71,7 +72,10 @@ class Permutation(LinearOperator):
         return x[self.index]
 
     def _transpose(self) -> LinearOperator:
-        return Permutation(torch.argsort(self.index), dtype=self.dtype)
+        if self._inverse is None:
+            self._inverse = Permutation(torch.argsort(self.index), dtype=self.dtype)
+            self._inverse._inverse = self
+        return self._inverse
 
 
 class Product(LinearOperator):
