@@ -134,8 +134,9 @@ class AffineStage:
         S_new, inner = self.inner.eliminate(S, damping, index)
         if self.n_perp:
             if damping == 0.0:  # Q_θθ = 0 on the complement
-                from .elimination import _StageSingular
+                from .elimination import _raise_if_null_directions, _StageSingular
 
+                _raise_if_null_directions(self.CtC, index)
                 raise _StageSingular(index)
             if self.CtC is not None:
                 S_new = S_new - self.CtC / damping

@@ -253,6 +253,7 @@ class DenseStage:
                 # on null(G) the pivots are ε exactly: singular only for ε = 0
                 d = damping
                 if d == 0.0:
+                    _raise_if_null_directions(self.CtC, index)
                     raise _StageSingular(index)
                 S_new = S_new - self.CtC / d
                 z_inertia, z_logdet = (self.n_z, 0), self.n_z * math.log(d)
@@ -399,6 +400,20 @@ class _DenseStageFactor:
             gy = st.GV @ theta_r
             y_new = gy if y_new is None else y_new + gy
         return theta, y_new
+
+
+def _raise_if_null_directions(CtC: Tensor | None, index: int) -> None:
+    """At ε = 0, a direction ``v`` with ``G v = 0``, ``A v = 0`` and ``Cᵀ v = 0`` is an
+    exact null vector of ``H`` (no path carries it to the loss): say so at once. When
+    ``C`` couples the complement to the input (``CtC ≠ 0``), ``H`` may still be regular
+    and the caller falls back to the pivoted KKT factorization."""
+    if CtC is None or not bool(CtC.any()):
+        raise SingularSystemError(
+            f"H + εI is singular at damping=0: the parameters of block {index} have directions "
+            "that change neither its output nor, to second order, the loss",
+            damping=0.0,
+            stage=index,
+        )
 
 
 def _sub(a: Tensor | None, b: Tensor) -> Tensor:

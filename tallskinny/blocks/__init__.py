@@ -16,6 +16,7 @@ from .registry import UnsupportedModuleError, block_for, lookup, loss_for, regis
 
 # the built-in rules register themselves on import
 from . import elementwise, linear, losses, shape  # noqa: E402,F401  (isort: skip)
+from . import norm  # noqa: E402,F401  (isort: skip)
 
 __all__ = [
     "Block",

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from ..linalg import Diagonal, Identity, LinearOperator
-from ._checks import check_adjoint, check_finite, check_input, check_params, zero
+from .checks import check_adjoint, check_finite, check_input, check_params, zero
 from .func import Block
 from .protocol import Oracle
 from .registry import register

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, jacfwd, jacrev
 
 from ..linalg import Dense
-from ._checks import check_adjoint, check_finite, check_input, check_params, describe, zero
+from .checks import check_adjoint, check_finite, check_input, check_params, describe, zero
 from .protocol import Oracle
 
 __all__ = ["Block", "FuncBlock", "FuncLoss", "func_oracle", "second_derivatives"]

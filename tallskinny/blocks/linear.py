@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from ..linalg import Dense, Identity, LinearOperator
 from ..linalg.kronecker import Kronecker, Permutation, Product, transpose_permutation
-from ._checks import check_adjoint, check_finite, check_input, check_params, zero
+from .checks import check_adjoint, check_finite, check_input, check_params, zero
 from .func import Block
 from .protocol import Oracle
 from .registry import register

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from ..linalg import Dense, LinearOperator, ScaledIdentity
-from ._checks import check_finite, check_input, describe, zero
+from .checks import check_finite, check_input, describe, zero
 from .protocol import Oracle
 from .registry import register
 

@@ -22,7 +22,7 @@ from typing import Any, Callable, TypeVar
 from torch import nn
 from torch.nn.utils import parametrize
 
-from ._checks import describe
+from .checks import describe
 from .func import FuncBlock, FuncLoss
 from .protocol import DifferentiableBlock, LossBlock
 

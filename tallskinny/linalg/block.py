@@ -30,7 +30,6 @@ from torch import Tensor
 from .errors import SingularMatrixError
 from .factor import (
     DEFAULT_ALPHA,
-    DEFAULT_MAX_PIVOT_BLOCKS,
     BlockBidiagonalFactorization,
     BlockDiagonalFactorization,
     BlockTridiagonalLDL,
@@ -339,7 +338,7 @@ class SymmetricBlockTridiagonal(BlockTridiagonal):
     (blocks declared symmetric — ``Dense(…, symmetric=True)``, ``Diagonal``, … — are
     trusted). The factorizations read only the lower triangles of the diagonal blocks.
 
-    ``factorize(alpha=…, max_pivot_blocks=…)`` is the block LDLᵀ with block pivoting of
+    ``factorize(alpha=…)`` is the block LDLᵀ with delayed pivots of
     :class:`~tallskinny.linalg.factor.BlockTridiagonalLDL`, which gives ``solve``,
     ``logdet``, ``sign`` and ``inertia``.
     """
@@ -355,12 +354,8 @@ class SymmetricBlockTridiagonal(BlockTridiagonal):
         obj._assign(diagonal, lower, [b.T for b in lower], True)
         return obj
 
-    def factorize(
-        self, *, alpha: float = DEFAULT_ALPHA, max_pivot_blocks: int = DEFAULT_MAX_PIVOT_BLOCKS
-    ) -> Factorization:
-        return BlockTridiagonalLDL(
-            _dense(self.diagonal), _dense(self.lower), alpha=alpha, max_pivot_blocks=max_pivot_blocks
-        )
+    def factorize(self, *, alpha: float = DEFAULT_ALPHA) -> Factorization:
+        return BlockTridiagonalLDL(_dense(self.diagonal), _dense(self.lower), alpha=alpha)
 
 
 # ---------------------------------------------------------------------------------------

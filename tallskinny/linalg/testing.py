@@ -25,7 +25,7 @@ from torch import Tensor
 
 from .block import BlockTridiagonal, SymmetricBlockTridiagonal
 from .errors import SingularMatrixError
-from .operators import Dense, Identity, LinearOperator
+from .operators import Dense, Identity
 
 # ---------------------------------------------------------------------------------------
 # random test matrices

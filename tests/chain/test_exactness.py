@@ -13,7 +13,7 @@ import torch
 
 import tallskinny as ts
 from models import CASES, make_case
-from reference import dense_ggn, dense_gradient, dense_hessian
+from tallskinny.testing import dense_ggn, dense_gradient, dense_hessian
 
 EPS64 = torch.finfo(torch.float64).eps
 DAMPINGS = [1e-8, 1e-3, 0.1, 10.0]

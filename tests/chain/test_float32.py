@@ -6,7 +6,7 @@ import torch
 
 import tallskinny as ts
 from models import make_case
-from reference import dense_hessian
+from tallskinny.testing import dense_hessian
 
 NAMES = ["tanh", "relu", "gelu", "sigmoid", "silu", "mse_mean", "fallback", "no_bias"]
 

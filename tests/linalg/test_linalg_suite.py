@@ -6,6 +6,7 @@ from the blocks), so ``to_dense`` itself is checked too.
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from tallskinny.linalg import (
@@ -25,6 +26,16 @@ from tallskinny.linalg.testing import (
     random_sizes,
     random_symmetric,
 )
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One torch thread: small dense references are fastest so, and a shared or busy
+    machine does not stall on oversubscribed threads. Restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def assemble(row_sizes, col_sizes, blocks):

@@ -1,4 +1,4 @@
-"""Validation shared by the blocks: every check runs before any derivative is computed."""
+"""Validation helpers shared by blocks (public, for plugin authors): every check runs before any derivative is computed."""
 
 from __future__ import annotations
 

@@ -1,0 +1,130 @@
+"""Benchmark of the plugin blocks: ``inverse_hvp`` with the analytic rules of
+tallskinny-conv / tallskinny-residual, with the ``torch.func`` fallback for the same
+modules, and one autograd Hessian-vector product of the plain model.
+
+    python bench/plugins.py                 # the two networks of issue 5, medians of 5
+    python bench/plugins.py --reps 3 --mlp-units 2
+
+Networks (float64, batch 1, one thread, ``damping = 1e-3``):
+
+* ``cnn``: 8 × ``Conv2d(8, 8, 3, padding=1)`` with tanh on ``8 × 8`` inputs with 8
+  channels, then ``Flatten`` and ``Linear(512, 10)``, cross-entropy;
+* ``resmlp``: ``Linear(16, 32)``, 32 residual units ``z + W tanh(z) + b``
+  (``Residual([Tanh(), Linear(32, 32)])``), ``Linear(32, 10)``, cross-entropy;
+* ``resmlp2`` (``--mlp-units``, default 2, one repetition): units
+  ``Residual([Linear, Tanh, Linear])`` (width 32), whose parameters interact inside
+  the unit (``A ≠ 0`` of size ``2112 × 2112``).
+
+"fallback" wraps the plugin modules (convolutions, residual units) in
+``tallskinny.blocks.FuncBlock``; everything else is the same chain. Each solve is
+checked against the fallback's (relative difference printed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+from torch import nn
+
+import tallskinny as ts
+from tallskinny.blocks import FuncBlock
+
+try:
+    import tallskinny_conv  # noqa: F401  (the conv blocks come through its entry point)
+    from tallskinny_residual import Residual
+except ImportError as err:  # pragma: no cover
+    raise SystemExit(f"install the plugins first: pip install -e plugins/tallskinny-conv -e plugins/tallskinny-residual ({err})")
+
+
+def cnn() -> tuple[list[nn.Module], torch.Tensor]:
+    layers: list[nn.Module] = []
+    for _ in range(8):
+        layers += [nn.Conv2d(8, 8, 3, padding=1), nn.Tanh()]
+    return layers + [nn.Flatten(), nn.Linear(8 * 8 * 8, 10)], torch.randn(1, 8, 8, 8)
+
+
+def residual_mlp(units: int, two_layer: bool) -> tuple[list[nn.Module], torch.Tensor]:
+    def unit():
+        if two_layer:
+            return Residual([nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 32)])
+        return Residual([nn.Tanh(), nn.Linear(32, 32)])
+
+    return [nn.Linear(16, 32)] + [unit() for _ in range(units)] + [nn.Linear(32, 10)], torch.randn(1, 16)
+
+
+def one_hvp(modules, loss_fn, X, y, v):
+    """One Hessian-vector product of the plain model by double backward."""
+    params = [p for m in modules for p in m.parameters()]
+    z = X
+    for m in modules:
+        z = m(z)
+    grads = torch.autograd.grad(loss_fn(z, y), params, create_graph=True)
+    dot = sum((g.reshape(-1) * vi).sum() for g, vi in zip(grads, v.split([p.numel() for p in params])))
+    return torch.cat([h.reshape(-1) for h in torch.autograd.grad(dot, params)])
+
+
+def timed(fn, reps: int) -> tuple[float, object]:
+    """Median wall time of ``reps`` calls after one warm-up call, and the last result."""
+    out = fn()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), out
+
+
+def run(name: str, modules, X, plugin_types, reps: int, damping: float) -> dict:
+    loss = nn.CrossEntropyLoss()
+    y = torch.tensor([3])
+    analytic = ts.Chain(modules, loss)
+    fallback = ts.Chain([FuncBlock(m) if isinstance(m, plugin_types) else m for m in modules], loss)
+    P = sum(p.numel() for p in analytic.parameters())
+    b = torch.randn(P)
+    t_analytic, x = timed(lambda: analytic.inverse_hvp(X, y, b, damping=damping), reps)
+    t_fallback, x_fb = timed(lambda: fallback.inverse_hvp(X, y, b, damping=damping), reps)
+    t_hvp, _ = timed(lambda: one_hvp(modules, loss, X, y, b), reps)
+    # the part the block rules decide: forward, backward and every oracle (no elimination)
+    t_oracles, _ = timed(lambda: analytic.curvature(X, y), reps)
+    t_oracles_fb, _ = timed(lambda: fallback.curvature(X, y), reps)
+    diff = float((x - x_fb).norm() / x_fb.norm())
+    return dict(name=name, P=P, analytic=t_analytic, fallback=t_fallback, hvp=t_hvp, diff=diff, reps=reps,
+                oracles=t_oracles, oracles_fb=t_oracles_fb)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--reps", type=int, default=5, help="timed repetitions (median), default 5")
+    parser.add_argument("--mlp-units", type=int, default=2, help="units of the Linear–Tanh–Linear residual MLP (0: skip)")
+    parser.add_argument("--damping", type=float, default=1e-3)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    torch.set_default_dtype(torch.float64)
+    torch.manual_seed(0)
+
+    rows = [run("cnn (8 conv, 8 ch, 8×8)", *cnn(), (nn.Conv2d,), args.reps, args.damping)]
+    rows.append(run("resmlp (32 × [Tanh, Linear])", *residual_mlp(32, False), (Residual,), args.reps, args.damping))
+    if args.mlp_units:
+        rows.append(run(f"resmlp2 ({args.mlp_units} × [Linear, Tanh, Linear])", *residual_mlp(args.mlp_units, True),
+                        (Residual,), 1, args.damping))
+
+    print(f"torch {torch.__version__}, float64, 1 thread, batch 1, damping {args.damping:g}; medians, ms")
+    print("inverse_hvp: analytic rules (an) vs torch.func fallback (fb) vs one autograd HVP; "
+          "oracles: chain.curvature() alone (forward, backward, every block's oracle)")
+    header = (f"{'network':36} {'P':>6} {'an':>8} {'fb':>8} {'HVP':>7} {'fb/an':>6} {'an/HVP':>7} "
+              f"{'oracles an':>10} {'oracles fb':>10} {'fb/an':>6} {'|Δx|/|x|':>9} reps")
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        print(
+            f"{r['name']:36} {r['P']:6d} {r['analytic'] * 1e3:8.1f} {r['fallback'] * 1e3:8.1f} {r['hvp'] * 1e3:7.2f} "
+            f"{r['fallback'] / r['analytic']:6.1f} {r['analytic'] / r['hvp']:7.1f} {r['oracles'] * 1e3:10.1f} "
+            f"{r['oracles_fb'] * 1e3:10.1f} {r['oracles_fb'] / r['oracles']:6.1f} {r['diff']:9.1e} {r['reps']}"
+        )
+
+
+if __name__ == "__main__":
+    main()

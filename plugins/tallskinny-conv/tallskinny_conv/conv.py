@@ -1,0 +1,288 @@
+"""``nn.Conv1d`` and ``nn.Conv2d``: a convolution is a linear layer on unfolded patches.
+
+Inputs ``(B, C, H, W)`` (``Conv1d``: ``(B, C, L)``, treated as ``H = 1``; unbatched
+inputs as ``B = 1``). Padding (any ``padding_mode``, ``'same'``/``'valid'`` included)
+followed by unfolding is a selection ``U`` (:class:`~tallskinny_conv.operators.Gather`):
+``X = U x`` is the ``R × q_w`` patch matrix, one row per (sample ``b``, output position
+``l``), ``R = B·L``, one column per (input channel ``c``, kernel offset ``k``),
+``q_w = C·K``. With ``W̄`` the ``m × q_w`` weight matrix (``m`` = out_channels; for
+``groups > 1`` block-sparse, zero outside each group's channels) and
+``Θ̃ = [W̄ | b]`` (the trainable parts; ``X̃ = [X | 1]``), the output read as
+(position, channel) is ``X̃ Θ̃ᵀ``. Hence, with ``P_out`` reordering ``(o, b, l)`` and
+``P'`` reordering ``(b, l, o)`` to the flat ``(b, o, l)`` layout and ``J`` the
+injection ``θ ↦ vec Θ̃`` (a permutation for ``groups = 1``):
+
+* ``G = P_out (I_m ⊗ X̃) J``                — exactly the affine form of ``nn.Linear``;
+* ``F = P' (I_R ⊗ W̄) U``;
+* ``C = Jᵀ (Γ ⊗ Ẽ) U`` with ``Γ[o, (b,l)] = g[b, o, l]`` and ``Ẽ = [I_{q_w}; 0]``
+  (``θᵀ C y = ⟨Θ̃, Γ (U y) Ẽᵀ⟩``: the weight gradient of ``⟨g, conv(y)⟩``);
+* ``A = 0``, ``E = 0`` (bilinear).
+
+``C`` is the affine form ``Jᵀ(Γ ⊗ Ẽ)`` followed by the input map ``U``; a solver stage
+that accepts such a trailing input map can treat convolutions like linear layers.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as Fn
+
+from tallskinny.blocks import Block, Oracle, register
+from tallskinny.blocks.checks import check_adjoint, check_finite, check_input, check_params
+from tallskinny.linalg import Dense, Identity, LinearOperator, Zero
+from tallskinny.linalg.kronecker import Kronecker, Permutation
+
+from .operators import DirectProduct, Gather
+
+__all__ = ["ConvBlock", "conv_forward", "conv_padding", "patch_index"]
+
+_PAD_MODES = {"zeros": "constant", "reflect": "reflect", "replicate": "replicate", "circular": "circular"}
+
+
+def conv_padding(module: nn.Conv1d | nn.Conv2d) -> tuple[int, ...]:
+    """The explicit padding ``(left, right)`` per spatial dim, *last dim first* (``F.pad`` order)."""
+    dims = len(module.kernel_size)
+    pads: list[int] = []
+    for i in reversed(range(dims)):
+        if module.padding == "valid":
+            left = right = 0
+        elif module.padding == "same":
+            total = module.dilation[i] * (module.kernel_size[i] - 1)
+            left, right = total // 2, total - total // 2
+        else:
+            left = right = module.padding[i]
+        pads += [left, right]
+    return tuple(pads)
+
+
+def conv_forward(module: nn.Conv1d | nn.Conv2d, z: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """The module's convolution with the given weight and bias (explicit padding first)."""
+    conv = Fn.conv1d if len(module.kernel_size) == 1 else Fn.conv2d
+    z = Fn.pad(z, conv_padding(module), mode=_PAD_MODES[module.padding_mode])
+    return conv(z, weight, bias, module.stride, 0, module.dilation, module.groups)
+
+
+@functools.lru_cache(maxsize=128)
+def _patch_index_cached(channels, height, width, kernel, stride, dilation, pads, mode, device) -> Tensor:
+    numbers = torch.arange(1, channels * height * width + 1, dtype=torch.float64, device=device)
+    if height == 1 and len(pads) == 2:  # Conv1d: pad the length only
+        x = numbers.reshape(1, channels, width)
+        x = Fn.pad(x, pads, mode=mode).unsqueeze(2)
+    else:
+        x = Fn.pad(numbers.reshape(1, channels, height, width), pads, mode=mode)
+    cols = Fn.unfold(x, kernel, dilation=dilation, stride=stride)[0]  # (C·K, L), entries index+1 or 0
+    return cols.round().long() - 1
+
+
+def patch_index(module: nn.Conv1d | nn.Conv2d, channels: int, spatial: tuple[int, ...], device) -> Tensor:
+    """``(C·K, L)``: which entry of one sample's flattened input sits in each patch
+    slot (``−1`` for a zero of the padding)."""
+    one_d = len(module.kernel_size) == 1
+    height, width = (1, spatial[0]) if one_d else spatial
+    kernel = (1,) + tuple(module.kernel_size) if one_d else tuple(module.kernel_size)
+    stride = (1,) + tuple(module.stride) if one_d else tuple(module.stride)
+    dilation = (1,) + tuple(module.dilation) if one_d else tuple(module.dilation)
+    return _patch_index_cached(
+        channels, height, width, kernel, stride, dilation, conv_padding(module), _PAD_MODES[module.padding_mode],
+        torch.device(device),
+    )
+
+
+class ConvBlock(Block):
+    """Analytic block of ``nn.Conv1d``/``nn.Conv2d`` (stride, padding and its modes,
+    dilation, groups, bias; frozen parameters are constants)."""
+
+    module: nn.Conv1d | nn.Conv2d
+
+    def forward(self, z: Tensor, params: Sequence[Tensor]) -> Tensor:
+        weight, bias = self._weight_bias(z, params, "forward")
+        return conv_forward(self.module, z, weight, bias)
+
+    def oracle(
+        self, z: Tensor, params: Sequence[Tensor], g: Tensor, *, second_order: bool = True
+    ) -> Oracle:
+        where = self._where("oracle")
+        weight, _ = self._weight_bias(z, params, "oracle")
+        z = z.detach()
+        check_finite(z, "z", where)
+        module = self.module
+        with torch.no_grad():
+            out_shape = conv_forward(module, z, weight.detach(), None).shape
+        g = check_adjoint(g, out_shape, z, where).detach()
+
+        dims = len(module.kernel_size)
+        batched = z.dim() == dims + 2
+        C = module.in_channels
+        spatial = tuple(z.shape[-dims:])
+        per_sample = C * _prod(spatial)
+        B = z.shape[0] if batched else 1
+        idx = patch_index(module, C, spatial, z.device)  # (q_w, L)
+        q_w, L = idx.shape
+        m, R, a_in = module.out_channels, B * L, z.numel()
+
+        # U: rows (b, l, c·k)
+        offsets = (torch.arange(B, device=z.device) * per_sample).reshape(B, 1, 1)
+        rows = idx.mT.unsqueeze(0).expand(B, L, q_w)
+        U = Gather(torch.where(rows >= 0, rows + offsets, rows).reshape(-1), a_in, dtype=z.dtype, check=False)
+        W_bar = _weight_matrix(weight.detach(), module.groups, C)
+        F = DirectProduct(
+            Permutation(_swap_last(B, L, m, z.device), dtype=z.dtype),
+            Kronecker(Identity(R, dtype=z.dtype, device=z.device), Dense(W_bar)),
+            U,
+            dense=lambda: _jacobian_dense(U, W_bar, B, L),
+        )
+
+        trainable = set(self.parameter_names())
+        with_weight = "weight" in trainable
+        with_bias = module.bias is not None and "bias" in trainable
+        p = sum(t.numel() for t in params)
+        zero = dict(dtype=z.dtype, device=z.device)
+        if p == 0:
+            return Oracle(G=Zero(g.numel(), 0, **zero), F=F, A=Zero(0, 0, **zero),
+                          C=Zero(0, a_in, **zero), E=Zero(a_in, a_in, **zero))
+        columns = ([(U @ z.reshape(-1)).reshape(R, q_w)] if with_weight else []) + (
+            [z.new_ones(R, 1)] if with_bias else []
+        )
+        X_tilde = torch.cat(columns, dim=1)
+        q = X_tilde.shape[1]
+        J = _theta_injection(module, C, q_w, with_weight, with_bias, p, z)
+        out_order = torch.arange(m * R, device=z.device).reshape(m, B, L).permute(1, 0, 2).reshape(-1)
+        G = DirectProduct(
+            Permutation(out_order, dtype=z.dtype),
+            Kronecker(Identity(m, dtype=z.dtype, device=z.device), Dense(X_tilde)),
+            J,
+            dense=lambda: _parameter_jacobian_dense(X_tilde, J, m, B, L),
+        )
+        if not second_order or not with_weight:
+            C_op: LinearOperator = Zero(p, a_in, **zero)
+        else:
+            Gamma = g.reshape(B, m, L).permute(1, 0, 2).reshape(m, R)
+            E_tilde = torch.eye(q, q_w, dtype=z.dtype, device=z.device)
+            Gamma = Gamma.contiguous()
+            C_op = DirectProduct(
+                J.T, Kronecker(Dense(Gamma), Dense(E_tilde)), U, dense=lambda: _mixed_dense(U, Gamma, J, q, a_in)
+            )
+        return Oracle(G=G, F=F, A=Zero(p, p, **zero), C=C_op, E=Zero(a_in, a_in, **zero))
+
+    def _weight_bias(self, z, params, method: str) -> tuple[Tensor, Tensor | None]:
+        where = self._where(method)
+        check_input(z, where)
+        params = check_params(self.parameters(), params, z, where)
+        module = self.module
+        dims = len(module.kernel_size)
+        names = ["C, L", "N, C, L"] if dims == 1 else ["C, H, W", "N, C, H, W"]
+        if z.dim() not in (dims + 1, dims + 2) or z.shape[-dims - 1] != module.in_channels:
+            raise ValueError(
+                f"{where}: the input must have shape ({names[1]}) or ({names[0]}) with C = "
+                f"in_channels = {module.in_channels}, got {tuple(z.shape)}"
+            )
+        pads = conv_padding(module)
+        for i, size in enumerate(z.shape[-dims:]):
+            padded = size + pads[2 * (dims - 1 - i)] + pads[2 * (dims - 1 - i) + 1]
+            reach = module.dilation[i] * (module.kernel_size[i] - 1) + 1
+            if padded < reach:
+                raise ValueError(
+                    f"{where}: spatial dimension {i} of the input has size {size} ({padded} after padding), "
+                    f"smaller than the dilated kernel ({reach})"
+                )
+        values = self.parameter_values(params)
+        return values.get("weight", module.weight), values.get("bias", module.bias)
+
+
+# -- dense matrices in O(nonzeros) ----------------------------------------------------------
+def _jacobian_dense(U: Gather, W_bar: Tensor, B: int, L: int) -> Tensor:
+    """``F[(b,o,l), j] = Σ_{(c,k): U[(b,l,c,k)] = j} W̄[o, (c,k)]`` by one ``index_add``."""
+    m, q_w = W_bar.shape
+    n = U.shape[1]
+    R = B * L
+    target = (torch.arange(R, device=W_bar.device).unsqueeze(1) * (n + 1) + U._padded.reshape(R, q_w)).reshape(-1)
+    out = W_bar.new_zeros(R * (n + 1), m)
+    out.index_add_(0, target, W_bar.mT.repeat(R, 1))
+    return out.reshape(B, L, n + 1, m)[:, :, :n].permute(0, 3, 1, 2).reshape(B * m * L, n)
+
+
+def _parameter_jacobian_dense(X_tilde: Tensor, J: LinearOperator, m: int, B: int, L: int) -> Tensor:
+    """``G = P_out (I_m ⊗ X̃) J`` without multiplying into an identity."""
+    R, q = X_tilde.shape
+    K = torch.zeros(B, m, L, m, q, dtype=X_tilde.dtype, device=X_tilde.device)
+    idx = torch.arange(m, device=X_tilde.device)
+    K[:, idx, :, idx, :] = X_tilde.reshape(B, L, q).unsqueeze(0).expand(m, B, L, q)
+    K = K.reshape(B * m * L, m * q)
+    if isinstance(J, Permutation):
+        return K[:, torch.argsort(J.index)]
+    return (J.T @ K.mT).mT
+
+
+def _mixed_dense(U: Gather, Gamma: Tensor, J: LinearOperator, q: int, n: int) -> Tensor:
+    """``C = Jᵀ (Γ ⊗ Ẽ) U``: ``C̃[(o,(c,k)), j] = Σ_{r: U[(r,c,k)] = j} Γ[o, r]`` by one ``index_add``."""
+    m, R = Gamma.shape
+    q_w = U.shape[0] // R
+    target = (torch.arange(q_w, device=Gamma.device).unsqueeze(0) * (n + 1) + U._padded.reshape(R, q_w)).reshape(-1)
+    out = Gamma.new_zeros(q_w * (n + 1), m)
+    out.index_add_(0, target, Gamma.mT.repeat_interleave(q_w, dim=0))
+    tilde = Gamma.new_zeros(m, q, n)
+    tilde[:, :q_w] = out.reshape(q_w, n + 1, m)[:, :n].permute(2, 0, 1)
+    return J.T @ tilde.reshape(m * q, n)
+
+
+def _prod(xs) -> int:
+    out = 1
+    for x in xs:
+        out *= int(x)
+    return out
+
+
+def _swap_last(B: int, L: int, m: int, device) -> Tensor:
+    """Indices turning the ``(b, l, o)`` order into ``(b, o, l)``."""
+    return torch.arange(B * L * m, device=device).reshape(B, L, m).permute(0, 2, 1).reshape(-1)
+
+
+def _weight_matrix(weight: Tensor, groups: int, channels: int) -> Tensor:
+    """``W̄`` (``out × C·K``): each group's weights in its own channel columns, zeros elsewhere."""
+    out = weight.shape[0]
+    if groups == 1:
+        return weight.reshape(out, -1)
+    per_out, per_in = out // groups, channels // groups
+    K = weight[0, 0].numel()
+    W_bar = weight.new_zeros(out, channels * K)
+    for gi in range(groups):
+        W_bar[gi * per_out:(gi + 1) * per_out, gi * per_in * K:(gi + 1) * per_in * K] = (
+            weight[gi * per_out:(gi + 1) * per_out].reshape(per_out, per_in * K)
+        )
+    return W_bar
+
+
+@functools.lru_cache(maxsize=128)
+def _injection_index(out, channels, groups, K, with_weight, with_bias, device) -> Tensor:
+    """For every entry of ``Θ̃`` (``out × q``, row-major) its index in θ, ``−1`` if structurally zero."""
+    cols = []
+    if with_weight:
+        per_out, per_in = out // groups, channels // groups
+        o = torch.arange(out, device=device).unsqueeze(1)
+        c = torch.arange(channels * K, device=device).unsqueeze(0) // K
+        k = torch.arange(channels * K, device=device).unsqueeze(0) % K
+        local = c - (o // per_out) * per_in
+        inside = (local >= 0) & (local < per_in)
+        index = (o * per_in + local) * K + k
+        cols.append(torch.where(inside, index, torch.full_like(index, -1)))
+    if with_bias:
+        first = out * (channels // groups) * K if with_weight else 0
+        cols.append(first + torch.arange(out, device=device).unsqueeze(1))
+    return torch.cat(cols, dim=1).reshape(-1)
+
+
+def _theta_injection(module, channels, q_w, with_weight, with_bias, p, z) -> LinearOperator:
+    """``J``: θ ↦ ``vec Θ̃`` (a :class:`Permutation` when ``Θ̃`` has no structural zeros)."""
+    K = q_w // channels
+    index = _injection_index(module.out_channels, channels, module.groups, K, with_weight, with_bias, z.device)
+    if module.groups == 1 or not with_weight:
+        return Permutation(index, dtype=z.dtype)
+    return Gather(index, p, dtype=z.dtype, check=False)
+
+
+register(nn.Conv1d)(ConvBlock)
+register(nn.Conv2d)(ConvBlock)

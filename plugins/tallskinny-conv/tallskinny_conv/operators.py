@@ -1,0 +1,106 @@
+"""Selection operators: the sparse 0/1 matrices behind unfolding, padding and max pooling.
+
+``Gather(index, n)`` is the ``m × n`` matrix with ``(S x)_i = x[index[i]]`` (``0`` where
+``index[i] = −1``): every row has at most one 1. Unfolding the patches of a
+convolution (zero, reflect, replicate or circular padding included), embedding the
+parameters of a grouped convolution into a block-sparse matrix and the selection of a
+max pool are all of this form. Its transpose is :class:`Scatter` (``index_add``).
+Neither is ever formed unless :meth:`to_dense` is asked for.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from tallskinny.linalg import LinearOperator
+from tallskinny.linalg.kronecker import Product
+
+__all__ = ["DirectProduct", "Gather", "Scatter"]
+
+
+def _check_index(index: Tensor, n: int, name: str) -> None:
+    if not isinstance(index, Tensor) or index.dim() != 1 or index.dtype != torch.long:
+        raise ValueError(f"{name} needs a 1-D int64 index tensor")
+    if index.numel() and (int(index.min()) < -1 or int(index.max()) >= n):
+        raise ValueError(f"{name}: indices must lie in [-1, {n}) (−1 marks a zero row), got "
+                         f"[{int(index.min())}, {int(index.max())}]")
+
+
+class Gather(LinearOperator):
+    """``(S x)_i = x[index[i]]``, or ``0`` where ``index[i] = −1``; shape ``(len(index), n)``."""
+
+    def __init__(self, index: Tensor, n: int, *, dtype: torch.dtype = torch.float64, check: bool = True):
+        if check:
+            _check_index(index, n, "Gather")
+        self.index = index
+        self.shape = (index.shape[0], int(n))
+        self.dtype, self.device = dtype, index.device
+        # −1 → n: a zero row appended to the operand
+        self._padded = torch.where(index < 0, torch.full_like(index, int(n)), index)
+
+    def to_dense(self) -> Tensor:
+        m, n = self.shape
+        out = torch.zeros(m, n + 1, dtype=self.dtype, device=self.device)
+        out[torch.arange(m, device=self.device), self._padded] = 1.0
+        return out[:, :n]
+
+    def _matmat(self, x: Tensor) -> Tensor:
+        return torch.cat([x, x.new_zeros(1, x.shape[1])])[self._padded]
+
+    def _transpose(self) -> LinearOperator:
+        return Scatter(self)
+
+
+class Scatter(LinearOperator):
+    """The transpose of a :class:`Gather`: ``(Sᵀ y)_j = Σ_{i: index[i] = j} y_i``."""
+
+    def __init__(self, gather: Gather):
+        self.gather = gather
+        self.shape = (gather.shape[1], gather.shape[0])
+        self.dtype, self.device = gather.dtype, gather.device
+
+    def to_dense(self) -> Tensor:
+        return self.gather.to_dense().mT
+
+    def _matmat(self, y: Tensor) -> Tensor:
+        n = self.shape[0]
+        out = y.new_zeros(n + 1, y.shape[1])
+        out.index_add_(0, self.gather._padded, y)
+        return out[:n]
+
+    def _transpose(self) -> LinearOperator:
+        return self.gather
+
+
+class DirectProduct(Product):
+    """A lazy :class:`~tallskinny.linalg.kronecker.Product` whose :meth:`to_dense` is
+    computed directly by ``dense()`` (e.g. in ``O(nonzeros)`` by a scatter instead of
+    multiplying the factors into an identity) and kept.
+
+    Products with a few vectors go through the factors; with many (``k ≥ 16``) or once
+    the dense matrix exists, through the dense matrix (one BLAS call beats a gather
+    and a scatter of ``k`` columns). The transpose shares the dense matrix."""
+
+    _MANY = 16
+
+    def __init__(self, *factors, dense: Callable[[], Tensor]):
+        super().__init__(*factors)
+        self._dense_fn: Callable[[], Tensor] | None = dense
+        self._dense: Tensor | None = None
+
+    def to_dense(self) -> Tensor:
+        if self._dense is None:
+            self._dense = self._dense_fn()
+            self._dense_fn = None
+        return self._dense
+
+    def _matmat(self, x: Tensor) -> Tensor:
+        if self._dense is not None or x.shape[1] >= self._MANY:
+            return self.to_dense() @ x
+        return super()._matmat(x)
+
+    def _transpose(self) -> LinearOperator:
+        return DirectProduct(*(f.T for f in reversed(self.factors)), dense=lambda: self.to_dense().mT)

@@ -1,0 +1,112 @@
+"""Chains with convolutions and pooling: HVP, solves, log|det| and inertia of H + εI
+against the dense Hessian of the plain PyTorch loss (float64, batches 1–4)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import tallskinny as ts
+from tallskinny.testing import check_chain, dense_hessian
+from tallskinny.testing import relative_error as rel
+
+
+def check_against_dense(chain, X, y, damping, *, gen, k=2, tol=1e-9):
+    H = check_chain(chain, X, y, damping, generator=gen, k=k, rtol=tol)
+    eig = torch.linalg.eigvalsh(H + damping * torch.eye(H.shape[0], dtype=H.dtype))
+    return H, ((eig > 0).sum().item(), (eig < 0).sum().item(), 0)
+from tallskinny_conv.conv import ConvBlock
+
+
+def small_cnn():
+    """Conv2d → ReLU → Conv2d → ReLU → Flatten → Linear (P = 193)."""
+    return [nn.Conv2d(2, 3, 3, padding=1), nn.ReLU(), nn.Conv2d(3, 3, 3, stride=2), nn.ReLU(), nn.Flatten(),
+            nn.Linear(12, 4)]
+
+
+def pooling_cnn():
+    """Grouped conv, max and average pooling, a Conv1d-free 2-D path with tanh (P = 127)."""
+    return [nn.Conv2d(2, 4, 3, padding=1, groups=2), nn.Tanh(), nn.MaxPool2d(2), nn.Conv2d(4, 3, 2, padding=1),
+            nn.Softplus(), nn.AvgPool2d(2, ceil_mode=True), nn.Flatten(), nn.Linear(12, 3)]
+
+
+def conv1d_net():
+    return [nn.Conv1d(2, 3, 3, padding="same", padding_mode="circular"), nn.SiLU(), nn.Conv1d(3, 2, 2, stride=2),
+            nn.Flatten(), nn.Linear(6, 3)]
+
+
+NETS = {"small_cnn": (small_cnn, (2, 5, 5)), "pooling_cnn": (pooling_cnn, (2, 6, 6)), "conv1d": (conv1d_net, (2, 6))}
+
+
+@pytest.mark.parametrize("batch", [1, 2, 4])
+@pytest.mark.parametrize("name", NETS)
+def test_conv_chain_matches_dense(name, batch):
+    torch.manual_seed(batch)
+    make, shape = NETS[name]
+    chain = ts.Chain(make(), nn.CrossEntropyLoss())
+    assert any(isinstance(b, ConvBlock) for b in chain.blocks)
+    gen = torch.Generator().manual_seed(batch)
+    X = torch.randn(batch, *shape, generator=gen)
+    y = torch.randint(0, 3, (batch,), generator=gen)
+    negatives = 0
+    for damping in (1e-3, 0.1):
+        _, inertia = check_against_dense(chain, X, y, damping, gen=gen)
+        negatives += inertia[1]
+    assert negatives > 0  # indefinite cases included
+
+
+def test_small_cnn_inverse_hvp_and_fallback_agree():
+    """The analytic chain and the same modules through the torch.func fallback give the same solve."""
+    torch.manual_seed(0)
+    modules = small_cnn()
+    X, y = torch.randn(3, 2, 5, 5), torch.tensor([0, 3, 1])
+    analytic = ts.Chain(modules, nn.CrossEntropyLoss())
+    fallback = ts.Chain([ts.blocks.FuncBlock(m) if isinstance(m, nn.Conv2d) else m for m in modules],
+                        nn.CrossEntropyLoss())
+    b = torch.randn(sum(p.numel() for p in analytic.parameters()))
+    H = dense_hessian(analytic, X, y)
+    x = analytic.inverse_hvp(X, y, b, damping=1e-2)
+    expected = torch.linalg.solve(H + 1e-2 * torch.eye(H.shape[0]), b)
+    assert rel(x, expected) <= 1e-9
+    assert rel(fallback.inverse_hvp(X, y, b, damping=1e-2), x) <= 1e-9
+
+
+def test_conv_chain_ggn():
+    torch.manual_seed(1)
+    chain = ts.Chain(small_cnn(), nn.CrossEntropyLoss())
+    X, y = torch.randn(2, 2, 5, 5), torch.tensor([1, 2])
+    curv = chain.curvature(X, y, kind="ggn")
+    params = list(chain.parameters())
+    sizes = [p.numel() for p in params]
+
+    def outputs(theta):
+        pieces = iter(t.reshape(p.shape) for t, p in zip(theta.split(sizes), params))
+        z = X
+        for m in chain.modules:
+            names = [n for n, _ in m.named_parameters()]
+            z = torch.func.functional_call(m, {n: next(pieces) for n in names}, (z,))
+        return z
+
+    theta0 = torch.cat([p.detach().reshape(-1) for p in params])
+    J = torch.func.jacrev(outputs)(theta0).reshape(-1, theta0.numel())
+    z = outputs(theta0).detach()
+    Hl = torch.func.jacrev(torch.func.grad(lambda zz: chain.loss(zz.reshape(z.shape), y)))(z.reshape(-1))
+    GGN = J.mT @ Hl @ J
+    M = GGN + 1e-3 * torch.eye(GGN.shape[0])
+    V = torch.randn(GGN.shape[0], 2)
+    assert rel(curv.hvp(V), GGN @ V) <= 1e-11
+    assert rel(curv.factorize(1e-3).solve(V), torch.linalg.solve(M, V)) <= 1e-9
+
+
+def test_conv_chain_float32():
+    """float32 solves agree with float64 ones to about 1e-3 where H + εI is well conditioned."""
+    torch.manual_seed(2)
+    modules = pooling_cnn()
+    X, y = torch.randn(2, 2, 6, 6), torch.tensor([0, 2])
+    b = torch.randn(sum(p.numel() for p in ts.Chain(modules, nn.CrossEntropyLoss()).parameters()))
+    x64 = ts.Chain(modules, nn.CrossEntropyLoss()).inverse_hvp(X, y, b, damping=1.0)
+    modules32 = [m.float() for m in modules]
+    x32 = ts.Chain(modules32, nn.CrossEntropyLoss()).inverse_hvp(X.float(), y, b.float(), damping=1.0)
+    assert x32.dtype == torch.float32
+    assert rel(x32.double(), x64) <= 1e-4

@@ -1,0 +1,93 @@
+"""Dense references and checks for chains, for this library's tests and for plugin authors.
+
+``dense_hessian(chain, X, y)`` is the Hessian of the plain PyTorch loss as a function of
+the flat parameters, by ``torch.func.jacrev(grad)`` (reverse over reverse: in torch 2.13
+``torch.func.hessian`` is silently wrong for normalisation layers). ``check_chain``
+asserts that a chain's HVP, solves, log-determinant and inertia agree with dense linear
+algebra on it. Both are meant for small models (``P`` up to a few thousand).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.func import functional_call, grad, jacrev
+
+__all__ = ["check_chain", "dense_ggn", "dense_gradient", "dense_hessian", "relative_error"]
+
+
+def _flat(chain, inputs, targets):
+    """``(outputs(θ), loss(θ), θ_0)`` with the modules evaluated by ``functional_call``."""
+    params = list(chain.parameters())
+    shapes, sizes = [p.shape for p in params], [p.numel() for p in params]
+    names = []
+    for module in chain.modules:
+        owned = {id(p): n for n, p in module.named_parameters()} if isinstance(module, torch.nn.Module) else {}
+        names.append([owned[id(p)] for p in params if id(p) in owned])
+
+    def outputs(theta):
+        pieces = iter(t.reshape(s) for t, s in zip(torch.split(theta, sizes), shapes))
+        z = inputs
+        for module, ns in zip(chain.modules, names):
+            z = functional_call(module, {n: next(pieces) for n in ns}, (z,))
+        return z
+
+    def loss(theta):
+        return chain.loss(outputs(theta), targets)
+
+    return outputs, loss, torch.cat([p.detach().reshape(-1) for p in params])
+
+
+def dense_hessian(chain, inputs, targets) -> Tensor:
+    """The ``P × P`` Hessian of the loss w.r.t. the chain's parameters (symmetrised)."""
+    _, loss, theta0 = _flat(chain, inputs, targets)
+    H = jacrev(grad(loss))(theta0)
+    return 0.5 * (H + H.mT)
+
+
+def dense_ggn(chain, inputs, targets) -> Tensor:
+    """The generalised Gauss–Newton matrix ``Jᵀ ∇²loss J``."""
+    outputs, _, theta0 = _flat(chain, inputs, targets)
+    z = outputs(theta0).detach()
+    J = jacrev(outputs)(theta0).reshape(z.numel(), -1)
+    Hl = jacrev(grad(lambda zz: chain.loss(zz.reshape(z.shape), targets)))(z.reshape(-1))
+    G = J.mT @ Hl @ J
+    return 0.5 * (G + G.mT)
+
+
+def dense_gradient(chain, inputs, targets) -> Tensor:
+    _, loss, theta0 = _flat(chain, inputs, targets)
+    return grad(loss)(theta0)
+
+
+def relative_error(a: Tensor, b: Tensor) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
+def check_chain(chain, inputs, targets, damping: float, *, kind: str = "hessian", generator=None, k: int = 2, rtol: float = 1e-9):
+    """Assert that HVP, solve, ``inverse_hvp``, ``log|det|``, sign and inertia of
+    ``H + εI`` match dense references; returns the dense ``H`` (or GGN).
+
+    Tolerances: products 1e-11 relative; solves ``max(rtol, 10·eps·cond)``;
+    ``log|det|`` ``1e-9`` relative plus ``1e-13·P·cond``; inertia exactly.
+    """
+    curv = chain.curvature(inputs, targets, kind=kind)
+    H = dense_hessian(chain, inputs, targets) if kind == "hessian" else dense_ggn(chain, inputs, targets)
+    P = H.shape[0]
+    eps = torch.finfo(H.dtype).eps
+    V = torch.randn(P, k, generator=generator, dtype=H.dtype)
+    assert relative_error(curv.hvp(V), H @ V) <= 1e-11, "hvp"
+    M = H + damping * torch.eye(P, dtype=H.dtype)
+    eig = torch.linalg.eigvalsh(M)
+    cond = (eig.abs().max() / eig.abs().min()).item()
+    tol = max(rtol, 10 * eps * cond)
+    fact = curv.factorize(damping)
+    assert relative_error(fact.solve(V), torch.linalg.solve(M, V)) <= tol, "solve"
+    assert tuple(fact.inertia()) == ((eig > 0).sum().item(), (eig < 0).sum().item(), 0), "inertia"
+    assert fact.sign().item() == (-1.0) ** (eig < 0).sum().item(), "sign"
+    logdet = eig.abs().log().sum().item()
+    assert abs(fact.logdet().item() - logdet) <= 1e-9 * max(1.0, abs(logdet)) + 1e-13 * P * cond, "logdet"
+    b = V[:, 0]
+    x = chain.inverse_hvp(inputs, targets, b, damping=damping, kind=kind)
+    assert relative_error(x, torch.linalg.solve(M, b)) <= tol, "inverse_hvp"
+    return H

@@ -1,0 +1,184 @@
+"""Smoke tests of the curvature benchmark ``bench/chain.py`` (seconds): it must not rot.
+
+They run the benchmark's core on tiny models and check its numbers against dense
+references, its Krylov baselines against ``torch.linalg.solve``, and the command end to
+end (tables, JSON, plot when matplotlib is installed).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load(name: str, filename: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / filename)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+bench = _load("bench_chain", "chain.py")
+krylov = sys.modules["_krylov"]
+
+
+def _symmetric(n: int, eigenvalues: torch.Tensor, seed: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    Q, _ = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=torch.float64))
+    A = Q @ torch.diag(eigenvalues) @ Q.T
+    return 0.5 * (A + A.T)
+
+
+@pytest.mark.parametrize("method", ["conjugate_gradient", "minres"])
+@pytest.mark.parametrize("indefinite", [False, True])
+def test_krylov_solves_against_dense(method, indefinite):
+    n = 40
+    eigenvalues = torch.linspace(1.0, 20.0, n, dtype=torch.float64)
+    if indefinite:
+        eigenvalues[:10] *= -1
+    A = _symmetric(n, eigenvalues, seed=1)
+    b = torch.randn(n, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    result = getattr(krylov, method)(lambda v: A @ v, b, rtol=1e-11, maxiter=200)
+    x_dense = torch.linalg.solve(A, b)
+    assert result.converged
+    assert result.iterations <= n + 5
+    assert result.residual_estimate <= 1e-11
+    assert float((A @ result.x - b).norm() / b.norm()) <= 1e-10
+    assert float((result.x - x_dense).norm() / x_dense.norm()) <= 1e-9
+    if method == "conjugate_gradient":
+        assert (result.negative_curvature_at is not None) == indefinite
+
+
+@pytest.mark.parametrize("method", ["conjugate_gradient", "minres"])
+def test_krylov_reports_non_convergence(method):
+    A = _symmetric(60, torch.logspace(0, 8, 60, dtype=torch.float64), seed=3)
+    b = torch.ones(60, dtype=torch.float64)
+    result = getattr(krylov, method)(lambda v: A @ v, b, rtol=1e-12, maxiter=5)
+    assert not result.converged
+    assert result.iterations == 5
+    assert result.residual_estimate > 1e-12
+
+
+def test_krylov_rejects_bad_input():
+    b = torch.ones(3, dtype=torch.float64)
+    with pytest.raises(ValueError, match="maxiter"):
+        krylov.minres(lambda v: v, b, maxiter=0)
+    with pytest.raises(ValueError, match="rtol"):
+        krylov.conjugate_gradient(lambda v: v, b, rtol=-1.0)
+    with pytest.raises(ValueError, match="1-d"):
+        krylov.conjugate_gradient(lambda v: v, torch.ones(3, 2))
+
+
+def test_model_spec_and_parsing():
+    assert bench.ModelSpec(3, 4, 2).num_parameters == 2 * (16 + 4) + 40 + 10
+    assert bench.parse_model("16,32,8") == bench.ModelSpec(16, 32, 8)
+    with pytest.raises(Exception, match="L,h,B"):
+        bench.parse_model("16,32")
+    with pytest.raises(ValueError, match="positive integer"):
+        bench.ModelSpec(0, 4, 1)
+
+
+def test_build_problem_is_deterministic_and_leaves_global_rng_alone():
+    state = torch.get_rng_state()
+    first = bench.build_problem(bench.ModelSpec(3, 4, 2))
+    assert torch.equal(torch.get_rng_state(), state)
+    second = bench.build_problem(bench.ModelSpec(3, 4, 2))
+    assert torch.equal(first.b, second.b) and torch.equal(first.X, second.X)
+    assert all(torch.equal(p, q) for p, q in zip(first.params, second.params))
+    W = first.params[0]
+    assert torch.allclose(W @ W.T, torch.eye(4, dtype=torch.float64), atol=1e-12)  # orthogonal init
+
+
+def test_autograd_references_agree_with_each_other():
+    problem = bench.build_problem(bench.ModelSpec(3, 4, 2))
+    H = bench.dense_hessian(problem, chunk=16)
+    assert torch.equal(H, H.T)
+    v = problem.b
+    assert torch.allclose(bench.autograd_hvp(problem, v), H @ v, rtol=1e-12, atol=1e-14)
+    operator = bench.autograd_operator(problem, 0.5)
+    assert torch.allclose(operator(v), H @ v + 0.5 * v, rtol=1e-12, atol=1e-14)
+    # the chain's own dense Hessian is independent code: it must agree too
+    assert torch.allclose(problem.chain.curvature(problem.X, problem.y).to_dense(), H, rtol=1e-10, atol=1e-12)
+
+
+def test_benchmark_model_on_a_tiny_model():
+    spec = bench.ModelSpec(3, 4, 2)
+    result = bench.benchmark_model(spec, dampings=(1e-3, 1e-1), repeats=1, dense_limit=1000, krylov_limit=1000)
+    assert result["P"] == spec.num_parameters == 90
+    assert 0 < result["hvp_seconds"] < 10
+    H = bench.dense_hessian(bench.build_problem(spec))
+    for row, damping in zip(result["rows"], (1e-3, 1e-1)):
+        assert row["damping"] == damping
+        for key in ("inverse_hvp_seconds", "curvature_seconds", "factorize_seconds", "solve_seconds", "second_solve_seconds"):
+            assert 0 < row[key] < 10, key
+        assert row["rel_error"] < 1e-10
+        assert row["rel_residual"] < 1e-10
+        assert row["negative"] == int((torch.linalg.eigvalsh(H) + damping < 0).sum())
+        for name in ("cg", "minres"):
+            entry = row[name]
+            assert entry["converged"], (name, entry)
+            assert 0 < entry["iterations"] <= 2000
+            assert entry["residual"] < 1e-7
+            assert entry["rel_error"] < 1e-6
+    accuracy = result["accuracy"]
+    assert accuracy["damping"] == 1e-6
+    assert accuracy["rel_residual"] < 1e-9
+    assert accuracy["rel_error"] < 1e-6
+    assert accuracy["negative"] == int((torch.linalg.eigvalsh(H) + 1e-6 < 0).sum())
+    # the printed rows are aligned Markdown with these numbers
+    line = bench.timing_row(result, result["rows"][0])
+    assert line.startswith("|") and line.count("|") == len(bench.TIMING_TABLE.columns) + 1
+    assert len(line) == len(bench.TIMING_TABLE.header()[0])
+
+
+def test_benchmark_model_skips_what_is_too_large():
+    result = bench.benchmark_model(
+        bench.ModelSpec(2, 3, 1), dampings=(1e-2,), repeats=1, dense_limit=10, krylov_limit=10, accuracy_damping=1e-6
+    )
+    assert "accuracy" not in result and "rel_error" not in result["rows"][0] and "cg" not in result["rows"][0]
+    assert result["dense_skipped"] == "P = 52 > 10"
+    assert "skip" in bench.accuracy_row(result, result["rows"][0])
+    assert result["rows"][0]["rel_residual"] < 1e-10
+
+
+def test_command_end_to_end(tmp_path, capsys):
+    threads = torch.get_num_threads()
+    results = bench.main([
+        "--models", "2,3,1", "--repeats", "1", "--depths", "2", "4", "--narrow-depths", "2", "4", "--out", str(tmp_path),
+    ])  # fmt: skip
+    assert torch.get_num_threads() == threads  # restored
+    out = capsys.readouterr().out
+    assert "torch.set_num_threads(1): torch uses 1 thread" in out
+    for title in ("## Time of", "## Accuracy and Krylov", "## Peak memory", "## Accuracy at ε = 1e-06", "## Depth sweep: width 32", "time(L="):
+        assert title in out, title
+    markdown = (tmp_path / "chain.md").read_text()
+    assert "| inverse_hvp |" in markdown and "## Depth sweep: width 16" in markdown
+    saved = json.loads((tmp_path / "chain.json").read_text())
+    assert saved["models"][0]["P"] == results["models"][0]["P"] == 52  # (3·3 + 3) + (3·10 + 10)
+    memory = saved["models"][0]["memory"]["inverse_hvp"]
+    assert memory["peak_kib"] >= memory["before_kib"] > 0 and memory["extra_kib"] >= 0
+    assert [r["L"] for r in saved["sweeps"]["h32"]] == [2, 4]
+    assert all(math.isfinite(r["inverse_hvp_seconds"]) for r in saved["sweeps"]["h16"])
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        assert "plot skipped" in out
+    else:
+        assert (tmp_path / "chain_depth.png").stat().st_size > 1000
+
+
+def test_command_rejects_bad_flags(capsys):
+    with pytest.raises(SystemExit):
+        bench.main(["--models", "1,2"])
+    assert "L,h,B" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        bench.main(["--repeats", "0", "--models", "2,3,1"])
