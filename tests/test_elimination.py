@@ -15,12 +15,7 @@ from tallskinny.linalg import Dense, Zero
 
 
 
-@pytest.fixture(autouse=True)
-def _float64():
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
+pytestmark = pytest.mark.usefixtures("float64")
 
 
 def riccati(oracles, loss, damping):
