@@ -483,9 +483,10 @@ class BlockTridiagonalLDL(Factorization):
         tol = pivot_tolerance(N, self.dtype, scale)
         bound, cap = 1.0 / alpha, max(sizes)
 
-        # per step, for the solve: ("whole", d, LD, pivots, None, Yᵀ, (None, Y)) or ("split",
-        # d, A = [Λ_G⁻¹ V_Gᵀ; V_Bᵀ], W_G, [|G|, |B|], None, (V = [V_G V_B], V_G Λ_G⁻¹ W_Gᵀ))
-        self._steps: list[tuple] = []
+        # per step, for the solve: forward ("whole", LD, pivots, Yᵀ) or ("split", A, W_G,
+        # [|G|, |B|]) with A = [Λ_G⁻¹ V_Gᵀ; V_Bᵀ]; backward (d, None, Y) or (d, V, V_G Λ_G⁻¹ W_Gᵀ)
+        self._forward: list[tuple] = []
+        self._backward: list[tuple] = []
         self.pivot_sizes: list[int] = []
         self.delayed: list[int] = []
         split_lam: list[Tensor] = []  # accepted eigenvalues of split pivots, all > tol
@@ -507,7 +508,8 @@ class BlockTridiagonalLDL(Factorization):
                     Ct = lower[j].mT if d == 0 else torch.cat((first.new_zeros(d, sizes[j + 1]), lower[j].mT))
                     Y = torch.linalg.ldl_solve(ld, piv, Ct)
                 if last or torch.linalg.vector_norm(Y, float("inf")).item() <= bound:  # False for NaN
-                    self._steps.append(("whole", d, ld, piv, None, None if last else Y.mT, (None, Y)))
+                    self._forward.append(("whole", ld, piv, None if last else Y.mT))
+                    self._backward.append((d, None, Y))
                     bk_d.append(ld.diagonal())
                     bk_e.extend((ld.diagonal(-1), zero))
                     bk_piv.append(piv)
@@ -543,7 +545,8 @@ class BlockTridiagonalLDL(Factorization):
             inv, WG = recip[:g], W[:, :g]
             MG = WG * inv  # the multipliers, |M_ik| ≤ 1/α
             S = torch.addmm(diagonal[j + 1], MG, WG.mT, alpha=-1)
-            self._steps.append(("split", d, (V * recip).mT, WG, [g, m - g], None, (V, V[:, :g] @ MG.mT)))
+            self._forward.append(("split", (V * recip).mT, WG, [g, m - g]))
+            self._backward.append((d, V, V[:, :g] @ MG.mT))
             split_lam.append(lam[:g])
             self.delayed.append(m - g)
             if g < m:
@@ -572,26 +575,26 @@ class BlockTridiagonalLDL(Factorization):
         # update the next block, pass the delayed part t on
         cs: list[Tensor] = []
         t = None
-        for j, (kind, _, a, b, g, Yt, _) in enumerate(self._steps):
+        for j, (kind, a, b, c) in enumerate(self._forward):
             r = xs[j] if t is None else torch.cat((t, xs[j]))
-            if kind == "whole":
-                if Yt is not None:
-                    xs[j + 1].addmm_(Yt, r, alpha=-1)  # r_{j+1} − C P⁻¹ r
+            if kind == "whole":  # a, b = LD, pivots; c = Yᵀ = C P⁻¹
+                if c is not None:
+                    xs[j + 1].addmm_(c, r, alpha=-1)
                 cs.append(torch.linalg.ldl_solve(a, b, r))
                 t = None
-            else:
-                c, t = torch.mm(a, r).split(g)  # Λ_G⁻¹ V_Gᵀ r, V_Bᵀ r
-                xs[j + 1].addmm_(b, c, alpha=-1)  # r_{j+1} − W_G Λ_G⁻¹ V_Gᵀ r
-                cs.append(c)
+            else:  # a = A, b = W_G, c = [|G|, |B|]
+                cG, t = torch.mm(a, r).split(c)  # Λ_G⁻¹ V_Gᵀ r, V_Bᵀ r
+                xs[j + 1].addmm_(b, cG, alpha=-1)
+                cs.append(cG)
                 if t.shape[0] == 0:
                     t = None
         # backward: z_j = c_j − Y_j x_{j+1} (with c_j ← V [c_j; u] for a split pivot);
         # x_j = z_j[d:], and u = z_j[:d] is the part delayed by step j − 1
         u = None
-        for j in range(len(self._steps) - 1, -1, -1):
-            kind, d, _, _, _, _, (V, Y) = self._steps[j]
+        for j in range(len(self._backward) - 1, -1, -1):
+            d, V, Y = self._backward[j]
             c = cs[j]
-            if kind == "split":
+            if V is not None:
                 c = torch.mm(V, c if u is None else torch.cat((c, u)))
             if d == 0:
                 if Y is None:

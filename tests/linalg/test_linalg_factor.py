@@ -358,6 +358,25 @@ def test_lq_control_kkt_float32():
     check_symmetric_hard(lq_kkt(20, 16, 4, 4, 1e-2, seed=9, dtype=torch.float32), backward=1e-5)
 
 
+@pytest.mark.parametrize("kind", ["graded", "growing couplings"])
+def test_graded_matrices_keep_pivots_small(kind):
+    """Scales growing by 4 per block: the small directions of early blocks fail the 1×1
+    test against ever larger couplings; the relaxed test (entries of ``|L||D||Lᵀ|``
+    bounded by ``max|M_ij|/α``) eliminates them instead of carrying them to the end."""
+    n, b, growth = 14, 4, 4.0
+    g = gen(11)
+    sym = [(lambda a: a + a.T)(torch.randn(b, b, generator=g, dtype=F64)) for _ in range(n)]
+    couplings = [torch.randn(b, b, generator=g, dtype=F64) for _ in range(n - 1)]
+    if kind == "graded":
+        diag = [d * growth**i for i, d in enumerate(sym)]
+        lower = [c * growth ** (i + 1.5) for i, c in enumerate(couplings)]
+    else:
+        diag = [d * 1e-3 for d in sym]
+        lower = [c * growth**i for i, c in enumerate(couplings)]
+    f = check_symmetric_hard(SymmetricBlockTridiagonal(diag, lower))
+    assert max(f.pivot_sizes) <= 2 * b
+
+
 def test_diagonally_dominant_matrices_take_whole_pivots(monkeypatch):
     """The common case costs one Bunch–Kaufman per block: nothing delayed, no eigh."""
     op = random_symmetric_block_tridiagonal(random_sizes(50, 1, 8, gen(0)), gen(1))
