@@ -170,7 +170,7 @@ class _AffineStageFactor:
         if self.inner is not None:
             u, t_new = self.inner.backward(t, Zb.reshape(-1, b.shape[1]))
         else:
-            u, t_new = None, None if t is None else st.F.T @ t
+            u, t_new = None, None if t is None else st.F.T._matmat(t)
         if b_perp is not None and st.Gam is not None:
             extra = st._c_t(b_perp) / self.damping  # −C_⊥ᵀ u_⊥ with u_⊥ = −b_⊥/ε
             t_new = extra if t_new is None else t_new + extra
@@ -183,7 +183,7 @@ class _AffineStageFactor:
             theta_z, y_new = self.inner.forward(y, u_inner)
             T = st._from_span(theta_z.reshape(st.m, st.r, -1))
         else:
-            T, y_new = None, None if y is None else st.F @ y
+            T, y_new = None, None if y is None else st.F._matmat(y)
         if b_perp is not None:
             perp = b_perp if y is None or st.Gam is None else b_perp - st._c_perp(y)
             perp = perp / self.damping

@@ -57,23 +57,32 @@ def hvp(oracles: Sequence[Oracle], loss: Oracle, v: Tensor) -> Tensor:
     ``y_l = F_l y_{l-1} + G_l v_l`` and a backward sweep of the adjoints
     ``μ_{l-1} = F_lᵀ μ_l + C_lᵀ v_l + E_l y_{l-1}`` (from ``μ_L = E_loss y_L``), giving
     ``(H v)_l = A_l v_l + C_l y_{l-1} + G_lᵀ μ_l``."""
+    # the shapes of the oracles were checked when the curvature was made: apply unchecked
     vs = _split(oracles, v)
     ys = []
     y = v.new_zeros((oracles[0].F.shape[1], v.shape[1])) if oracles else v.new_zeros((loss.F.shape[1], v.shape[1]))
     for o, vl in zip(oracles, vs):
         ys.append(y)
-        y = o.F @ y + (o.G @ vl if vl.shape[0] else 0)
-    mu = loss.E @ y
+        y = o.F._matmat(y)
+        if vl.shape[0]:
+            y = y + o.G._matmat(vl)
+    mu = loss.E._matmat(y)
     out = [None] * len(oracles)
     for i in reversed(range(len(oracles))):
         o, vl, y_in = oracles[i], vs[i], ys[i]
+        mu_in = _plus_product(o.E, y_in, o.F.T._matmat(mu))
         if vl.shape[0]:
-            out[i] = o.A @ vl + o.C @ y_in + o.G.T @ mu
-            mu = o.F.T @ mu + o.C.T @ vl + o.E @ y_in
+            out[i] = _plus_product(o.A, vl, _plus_product(o.C, y_in, o.G.T._matmat(mu)))
+            mu = _plus_product(o.C.T, vl, mu_in)
         else:
             out[i] = vl
-            mu = o.F.T @ mu + o.E @ y_in
+            mu = mu_in
     return torch.cat(out, dim=0) if out else v
+
+
+def _plus_product(op: LinearOperator, x: Tensor, acc: Tensor) -> Tensor:
+    """``acc + op x``, skipping zero operators."""
+    return acc if isinstance(op, Zero) else acc + op._matmat(x)
 
 
 def _split(oracles: Sequence[Oracle], x: Tensor) -> list[Tensor]:
@@ -129,6 +138,11 @@ def _is_zero(op: LinearOperator) -> bool:
     return not bool(op.to_dense().any())
 
 
+def _mm(A, x: Tensor) -> Tensor:
+    """``A x`` for a dense tensor or an operator (unchecked: shapes are known to fit)."""
+    return A @ x if isinstance(A, Tensor) else A._matmat(x)
+
+
 class ActivationStage:
     """A block without parameters: ``S ← E + FᵀSF``, ``t ← Fᵀt``, ``y ← F y``."""
 
@@ -136,6 +150,7 @@ class ActivationStage:
 
     def __init__(self, oracle: Oracle):
         self.F, self.E = oracle.F, oracle.E
+        self.FT = oracle.F.T
 
     def eliminate(self, S: Tensor, damping: float, index: int):
         return _symmetrize(_plus(self.E, _congruence(self.F, S))), None
@@ -240,7 +255,7 @@ class DenseStage:
     # -- elimination -------------------------------------------------------------------------
     def eliminate(self, S: Tensor, damping: float, index: int):
         SGV = S @ self.GV
-        Q_ry = self.C_r + (self.FT @ SGV).mT  # r × a_in
+        Q_ry = self.C_r + self.FT._matmat(SGV).mT  # r × a_in
         S_new = _plus(self.E, _congruence(self.F, S))  # Q_yy, then its Schur complement
         Q_rr = self.GVt @ SGV
         if self.A_rr is not None:
@@ -363,14 +378,14 @@ class _DenseStageFactor:
         if st.r:
             q_r = -st._to_r(b)
             if t is not None:
-                q_r = q_r + st.GVt @ t
+                q_r = q_r + _mm(st.GVt, t)
             if st.A_rz is not None and q_z is not None:
                 q_r = q_r - (st.A_rz / self.d) @ q_z
             u_r = self.factor.solve(q_r)
         if q_z is not None:
             u_z = q_z if st.A_rz is None or u_r is None else q_z - st.A_rz.mT @ u_r
             u_z = st._zdiv(self.d, u_z)
-        t_new = None if t is None else st.FT @ t
+        t_new = None if t is None else st.FT._matmat(t)
         if u_r is not None:
             t_new = _sub(t_new, self.Q_ry.mT @ u_r)
         if u_z is not None:
@@ -395,9 +410,9 @@ class _DenseStageFactor:
                 theta_z = -st._zdiv(self.d, w) - u_z
             theta_z = st._from_z(theta_z)
             theta = theta_z if theta is None else theta + theta_z
-        y_new = None if y is None else st.F @ y
+        y_new = None if y is None else st.F._matmat(y)
         if theta_r is not None:
-            gy = st.GV @ theta_r
+            gy = _mm(st.GV, theta_r)
             y_new = gy if y_new is None else y_new + gy
         return theta, y_new
 
@@ -507,14 +522,14 @@ class RiccatiFactorization:
         us: list = [None] * len(stages)
         for i in reversed(range(len(stages))):
             if factors[i] is None:
-                t = None if t is None else stages[i].F.T @ t
+                t = None if t is None else stages[i].FT._matmat(t)
             else:
                 us[i], t = factors[i].backward(t, bs[i])
         y = None
         out = []
         for i, s in enumerate(stages):
             if factors[i] is None:
-                y = None if y is None else s.F @ y
+                y = None if y is None else s.F._matmat(y)
             else:
                 theta, y = factors[i].forward(y, us[i])
                 out.append(theta)

@@ -39,9 +39,9 @@ class Kronecker(LinearOperator):
         X = x.reshape(q, s, k)
         if not _is_identity(self.right):
             Xb = X.transpose(0, 1).reshape(s, q * k)  # B acts on the column index
-            X = (self.right @ Xb).reshape(r, q, k).transpose(0, 1)
+            X = self.right._matmat(Xb).reshape(r, q, k).transpose(0, 1)
         if not _is_identity(self.left):
-            X = (self.left @ X.reshape(q, -1)).reshape(p, r, k)
+            X = self.left._matmat(X.reshape(q, -1)).reshape(p, r, k)
         return X.reshape(p * r, k)
 
     def _transpose(self) -> LinearOperator:
@@ -97,8 +97,8 @@ class Product(LinearOperator):
         return out
 
     def _matmat(self, x: Tensor) -> Tensor:
-        for f in reversed(self.factors):
-            x = f @ x
+        for f in reversed(self.factors):  # shapes were checked when the product was made
+            x = f._matmat(x)
         return x
 
     def _transpose(self) -> LinearOperator:

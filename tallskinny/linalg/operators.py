@@ -48,9 +48,15 @@ class LinearOperator:
     # -- generic algebra ----------------------------------------------------------------
     @property
     def T(self) -> "LinearOperator":
+        """The transpose (made once and kept: operators are immutable)."""
         if self.symmetric:
             return self
-        return self._transpose()
+        cached = self.__dict__.get("_transposed")
+        if cached is None:
+            cached = self._transpose()
+            self.__dict__["_transposed"] = cached
+            cached.__dict__.setdefault("_transposed", self)
+        return cached
 
     def __matmul__(self, other):
         if isinstance(other, Tensor):
