@@ -19,6 +19,7 @@ size ``p × p`` or ``p × a`` is formed.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -26,7 +27,7 @@ from torch import Tensor
 
 from .blocks.protocol import Oracle
 from .linalg import Dense, Identity, Inertia, ScaledIdentity, Zero
-from .linalg.kronecker import Kronecker, Permutation, Product, kron
+from .linalg.kronecker import Kronecker, Permutation, Product, kron, transpose_permutation
 
 
 def affine_parts(o: Oracle):
@@ -46,19 +47,35 @@ def affine_parts(o: Oracle):
     ):
         return None
     if isinstance(o.C, Zero):
-        return p_out.index, kron.right.matrix, p_theta.index, None, None
+        return p_out.index, kron.right.matrix, p_theta, None, None
     C = o.C
     if not (
         isinstance(C, Product)
         and len(C.factors) == 2
         and isinstance(C.factors[0], Permutation)
-        and torch.equal(C.factors[0].index, torch.argsort(p_theta.index))
+        and (C.factors[0] is p_theta.T or torch.equal(C.factors[0].index, p_theta.T.index))
         and isinstance(C.factors[1], Kronecker)
         and isinstance(C.factors[1].left, Dense)
         and isinstance(C.factors[1].right, Dense)
     ):
         return None
-    return p_out.index, kron.right.matrix, p_theta.index, C.factors[1].left.matrix, C.factors[1].right.matrix
+    return p_out.index, kron.right.matrix, p_theta, C.factors[1].left.matrix, C.factors[1].right.matrix
+
+
+def _transposed_order(p_theta: Permutation, m: int, q: int) -> tuple[Tensor, Tensor]:
+    """The gather indices of ``vec(Θ̃ᵀ)`` from θ and their inverse (kept on the permutation,
+    which blocks make once per shape)."""
+    cached = p_theta.__dict__.get("_transposed_order")
+    if cached is None:
+        order = p_theta.index.reshape(m, q).T.reshape(-1)
+        cached = (order, torch.argsort(order))
+        p_theta.__dict__["_transposed_order"] = cached
+    return cached
+
+
+@functools.lru_cache(maxsize=64)
+def _eye(rows: int, cols: int, dtype, device) -> Tensor:
+    return torch.eye(rows, cols, dtype=dtype, device=device)
 
 
 class AffineStage:
@@ -71,8 +88,9 @@ class AffineStage:
         self.p = oracle.G.shape[1]
         self.F = oracle.F
         self.m, self.q = m, q
-        self.p_theta = p_theta
-        self.p_theta_inv = torch.argsort(p_theta)
+        # Θ̃ is handled transposed, as a q × (m·k) matrix, so that every product with V, Ẽ
+        # is one 2-D matrix product: T = (P_θ' b).reshape(q, m·k) with P_θ' = P_θ transposed
+        self.order, self.order_inv = _transposed_order(p_theta, m, q)
         U, sigma, Vh = torch.linalg.svd(X, full_matrices=False)
         tol = max(R, q) * torch.finfo(X.dtype).eps * (float(sigma[0]) if sigma.numel() else 0.0)
         r = int((sigma > tol).sum())
@@ -80,17 +98,25 @@ class AffineStage:
         self.V = Vh[:r].mT  # q × r
         self.Vt = self.V.mT
         XV = U[:, :r] * sigma[:r]  # R × r
+        # the span coordinates ζ = vec(Zᵀ) (r × m, i.e. ordered (i, k)), Θ̃ = Z Vᵀ
+        span_order = transpose_permutation(m, r, device=X.device)  # (i, k) → (k, i)
         if R == 1:  # tiny: one dense matrix is cheapest
-            GV = Dense(kron(torch.eye(m, dtype=X.dtype, device=X.device), XV)[p_out])
-        else:  # G V = P_out (I_m ⊗ X̃V): products cost O(a·R·r) instead of O(a²·m·r)
-            GV = Product(Permutation(p_out, dtype=X.dtype), Kronecker(Identity(m, dtype=X.dtype, device=X.device), Dense(XV)))
+            GV = Dense(kron(torch.eye(m, dtype=X.dtype, device=X.device), XV)[p_out][:, span_order])
+        else:  # G V = P_out (I_m ⊗ X̃V) Π: products cost O(a·R·r) instead of O(a²·m·r)
+            GV = Product(
+                Permutation(p_out, dtype=X.dtype),
+                Kronecker(Identity(m, dtype=X.dtype, device=X.device), Dense(XV)),
+                Permutation(transpose_permutation(r, m, device=X.device), dtype=X.dtype),  # ζ(i,k) → (k,i)
+            )
         self.Gam, self.Et = Gam, Et
+        # Ẽ = [I; 0] (a Linear layer's input padded by the bias column): slicing suffices
+        self.pad = Et is not None and Et.shape[0] > Et.shape[1] and torch.equal(Et, _eye(*Et.shape, Et.dtype, Et.device))
         a_in = oracle.F.shape[1]
         if Gam is None:
             C_r = Zero(m * r, a_in, dtype=X.dtype, device=X.device)
             self.CtC = None
         else:
-            C_r = Dense(kron(Gam, self.V.mT @ Et))  # m·r × a_in
+            C_r = Dense(kron(Gam, self.V.mT @ Et)[span_order])  # m·r × a_in
             P_bar = Et.mT @ Et - (Et.mT @ self.V) @ (self.V.mT @ Et)
             self.CtC = kron(Gam.mT @ Gam, P_bar)
         self.n_perp = m * (q - r)
@@ -103,30 +129,25 @@ class AffineStage:
         )
         self.inner = inner_stage(reduced)
 
-    # -- coordinates ------------------------------------------------------------------------
+    # -- coordinates: Θ̃ᵀ as a q × (m·k) matrix ------------------------------------------------
     def _tilde(self, b: Tensor) -> Tensor:
-        return b[self.p_theta].reshape(self.m, self.q, b.shape[1])
+        return b[self.order].reshape(self.q, -1)
 
-    def _untilde(self, T: Tensor) -> Tensor:
-        return T.reshape(self.m * self.q, -1)[self.p_theta_inv]
-
-    def _span(self, T: Tensor) -> Tensor:
-        """``Vᵀ`` on the column index of each ``Θ̃``: ``(m, q, k) → (m, r, k)``."""
-        return self.Vt @ T
-
-    def _from_span(self, Z: Tensor) -> Tensor:
-        return self.V @ Z
+    def _untilde(self, T: Tensor, k: int) -> Tensor:
+        return T.reshape(self.q * self.m, k)[self.order_inv]
 
     def _c_perp(self, y: Tensor) -> Tensor:
-        """``C_⊥ y`` as an ``m × q × k`` tensor: ``Γ Y Ẽᵀ (I − VVᵀ)``."""
+        """``(C_⊥ y)ᵀ = (I − VVᵀ) Ẽ Yᵀ Γᵀ`` as a ``q × (m·k)`` matrix."""
         R, n, k = self.Gam.shape[1], self.Et.shape[1], y.shape[1]
-        M = self.Et @ (self.Gam @ y.reshape(R, n * k)).reshape(self.m, n, k)
+        M = (self.Gam @ y.reshape(R, n * k)).reshape(self.m, n, k).transpose(0, 1).reshape(n, -1)
+        M = torch.cat((M, M.new_zeros(self.q - n, M.shape[1]))) if self.pad else self.Et @ M
         return M - self.V @ (self.Vt @ M)
 
-    def _c_t(self, T: Tensor) -> Tensor:
-        """``Cᵀ`` applied to an ``m × q × k`` tensor: ``Γᵀ T Ẽ``, flattened ``(R·n, k)``."""
-        k = T.shape[2]
-        M = (self.Et.mT @ T).reshape(self.m, -1)  # m × (n·k)
+    def _c_t(self, T: Tensor, k: int) -> Tensor:
+        """``Cᵀ`` applied to a ``q × (m·k)`` matrix ``Θ̃ᵀ``: ``Γᵀ Θ̃ Ẽ``, flattened ``(R·n, k)``."""
+        n = self.Et.shape[1]
+        M = T[:n] if self.pad else self.Et.mT @ T  # n × (m·k)
+        M = M.reshape(n, self.m, k).transpose(0, 1).reshape(self.m, n * k)
         return (self.Gam.mT @ M).reshape(-1, k)
 
     # -- elimination ------------------------------------------------------------------------
@@ -164,28 +185,33 @@ class _AffineStageFactor:
 
     def backward(self, t: Tensor | None, b: Tensor):
         st = self.stage
-        T = st._tilde(b)
-        Zb = st._span(T)
-        b_perp = T - st._from_span(Zb) if st.n_perp else None
+        k = b.shape[1]
+        T = st._tilde(b)  # q × (m·k)
+        Zb = st.Vt @ T  # r × (m·k): the span part, ordered (i, k)
+        b_perp = T - st.V @ Zb if st.n_perp else None
         if self.inner is not None:
-            u, t_new = self.inner.backward(t, Zb.reshape(-1, b.shape[1]))
+            u, t_new = self.inner.backward(t, Zb.reshape(-1, k))
         else:
             u, t_new = None, None if t is None else st.F.T._matmat(t)
         if b_perp is not None and st.Gam is not None:
-            extra = st._c_t(b_perp) / self.damping  # −C_⊥ᵀ u_⊥ with u_⊥ = −b_⊥/ε
+            extra = st._c_t(b_perp, k) / self.damping  # −C_⊥ᵀ u_⊥ with u_⊥ = −b_⊥/ε
             t_new = extra if t_new is None else t_new + extra
         return (u, b_perp), t_new
 
     def forward(self, y: Tensor | None, u):
         st = self.stage
         u_inner, b_perp = u
+        k = (u_inner[0] if u_inner is not None and u_inner[0] is not None else b_perp).shape[-1]
         if self.inner is not None:
             theta_z, y_new = self.inner.forward(y, u_inner)
-            T = st._from_span(theta_z.reshape(st.m, st.r, -1))
+            k = theta_z.shape[1]
+            T = st.V @ theta_z.reshape(st.r, -1)
         else:
             T, y_new = None, None if y is None else st.F._matmat(y)
         if b_perp is not None:
             perp = b_perp if y is None or st.Gam is None else b_perp - st._c_perp(y)
             perp = perp / self.damping
             T = perp if T is None else T + perp
-        return st._untilde(T), y_new
+        if self.inner is None:
+            k = T.shape[1] // st.m
+        return st._untilde(T, k), y_new
