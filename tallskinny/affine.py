@@ -196,15 +196,13 @@ class _AffineStageFactor:
         if b_perp is not None and st.Gam is not None:
             extra = st._c_t(b_perp, k) / self.damping  # −C_⊥ᵀ u_⊥ with u_⊥ = −b_⊥/ε
             t_new = extra if t_new is None else t_new + extra
-        return (u, b_perp), t_new
+        return (u, b_perp, k), t_new
 
     def forward(self, y: Tensor | None, u):
         st = self.stage
-        u_inner, b_perp = u
-        k = (u_inner[0] if u_inner is not None and u_inner[0] is not None else b_perp).shape[-1]
+        u_inner, b_perp, k = u
         if self.inner is not None:
             theta_z, y_new = self.inner.forward(y, u_inner)
-            k = theta_z.shape[1]
             T = st.V @ theta_z.reshape(st.r, -1)
         else:
             T, y_new = None, None if y is None else st.F._matmat(y)
@@ -212,6 +210,4 @@ class _AffineStageFactor:
             perp = b_perp if y is None or st.Gam is None else b_perp - st._c_perp(y)
             perp = perp / self.damping
             T = perp if T is None else T + perp
-        if self.inner is None:
-            k = T.shape[1] // st.m
         return st._untilde(T, k), y_new
