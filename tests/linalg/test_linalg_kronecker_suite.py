@@ -11,12 +11,6 @@ from tallskinny.linalg.kronecker import Kronecker, Permutation, Product
 from tallskinny.linalg.testing import LinearOperatorTestCase, random_matrix, random_symmetric
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _two_sizes(gen):

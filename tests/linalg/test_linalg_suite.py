@@ -28,14 +28,6 @@ from tallskinny.linalg.testing import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One torch thread: small dense references are fastest so, and a shared or busy
-    machine does not stall on oversubscribed threads. Restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def assemble(row_sizes, col_sizes, blocks):
