@@ -119,6 +119,7 @@ class AffineStage:
             C_r = Dense(kron(Gam, self.V.mT @ Et)[span_order])  # m·r × a_in
             P_bar = Et.mT @ Et - (Et.mT @ self.V) @ (self.V.mT @ Et)
             self.CtC = kron(Gam.mT @ Gam, P_bar)
+            self.CtC_max = float(self.CtC.abs().max()) if self.CtC.numel() else 0.0
         self.n_perp = m * (q - r)
         reduced = Oracle(
             G=GV,
@@ -153,6 +154,7 @@ class AffineStage:
     # -- elimination ------------------------------------------------------------------------
     def eliminate(self, S: Tensor, damping: float, index: int):
         S_new, inner = self.inner.eliminate(S, damping, index)
+        amplification = inner.amplification if inner is not None else 0.0
         if self.n_perp:
             if damping == 0.0:  # Q_θθ = 0 on the complement
                 from .elimination import _raise_if_null_directions, _StageSingular
@@ -160,12 +162,17 @@ class AffineStage:
                 _raise_if_null_directions(self.CtC, index)
                 raise _StageSingular(index)
             if self.CtC is not None:
+                from .elimination import _amplification
+
+                amplification = max(amplification, _amplification(self.CtC_max, damping, S_new))
                 S_new = S_new - self.CtC / damping
-        return S_new, _AffineStageFactor(self, inner, damping)
+        record = _AffineStageFactor(self, inner, damping)
+        record.amplification = amplification
+        return S_new, record
 
 
 class _AffineStageFactor:
-    __slots__ = ("stage", "inner", "damping")
+    __slots__ = ("stage", "inner", "damping", "amplification")
 
     def __init__(self, stage, inner, damping):
         self.stage, self.inner, self.damping = stage, inner, damping

@@ -154,7 +154,7 @@ class Chain:
         return self.curvature(inputs, targets, kind=kind).hvp(v)
 
     def inverse_hvp(
-        self, inputs: Tensor, targets, b, damping: float = 0.0, *, kind: str = "hessian", refine: int = 1
+        self, inputs: Tensor, targets, b, damping: float = 0.0, *, kind: str = "hessian", refine: int | None = None
     ):
         """``(H + damping·I)^{-1} b`` at ``(inputs, targets)``, in the format of ``b``."""
         damping = check_damping(damping)

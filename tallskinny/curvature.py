@@ -18,6 +18,12 @@ from .vectors import ParameterLayout
 
 KINDS = ("hessian", "ggn")
 
+REFINE_TOLERANCE = 1e-12
+"""``solve(refine=None)`` refines once when the factorization's amplification of rounding
+errors (``max_l ‖C_⊥ᵀC_⊥‖/(ε·‖S_l‖)`` over the stages) times the unit roundoff of the
+dtype exceeds this (in float64 an amplification above about 5e3); in float32 it always
+refines once."""
+
 
 def check_damping(damping) -> float:
     """A damping ``ε`` must be a finite real number ``≥ 0``."""
@@ -53,17 +59,23 @@ class Factorization:
         self._layout = curvature.layout
         self.damping = damping
 
-    def solve(self, b, *, refine: int = 1):
+    def solve(self, b, *, refine: int | None = None):
         """``(H + εI)^{-1} b`` in the format of ``b`` (flat or per-parameter, one or k columns).
 
         ``refine`` steps of iterative refinement follow the solve: ``x ← x + F⁻¹(b − (H+εI)x)``,
-        each one exact HVP (through the oracles) and one more pair of sweeps. One step
-        (the default) brings the backward error to rounding level even where the stagewise
-        elimination has amplified rounding errors (tiny ε, many structurally zero
-        eigenvalues); ``refine=0`` skips it.
+        each one exact HVP (through the oracles) and one more pair of sweeps. ``None`` (the
+        default) refines once exactly when the factorization's rounding errors may have been
+        amplified past ``REFINE_TOLERANCE`` — terms of size ``1/ε`` next to a much smaller
+        value Hessian, as at tiny damping, or any float32 factorization — where one step
+        brings the backward error back to rounding level; ``0`` never refines, ``k``
+        always refines ``k`` times.
         """
-        if isinstance(refine, bool) or not isinstance(refine, int) or refine < 0:
-            raise ValueError(f"refine must be an integer >= 0, got {refine!r}")
+        if refine is None:
+            unit_roundoff = torch.finfo(self._layout.dtype).eps
+            low_precision = unit_roundoff > 1e-10  # float32: eps·cond reaches 1e-3 at cond 1e4
+            refine = 1 if low_precision or self._inner.amplification * unit_roundoff > REFINE_TOLERANCE else 0
+        elif isinstance(refine, bool) or not isinstance(refine, int) or refine < 0:
+            raise ValueError(f"refine must be None or an integer >= 0, got {refine!r}")
         rhs, fmt = self._layout.to_flat(b, "b")
         x = self._inner.solve(rhs)
         for _ in range(refine):
@@ -143,7 +155,7 @@ class Curvature:
         inner = elimination.factorize(self.oracles, self.loss_oracle, damping, self._prepared_stages())
         return Factorization(inner, self, damping)
 
-    def solve(self, b, damping: float = 0.0, *, refine: int = 1):
+    def solve(self, b, damping: float = 0.0, *, refine: int | None = None):
         """``(H + damping·I)^{-1} b`` in the format of ``b`` (see :meth:`Factorization.solve`)."""
         damping = check_damping(damping)
         self.layout.to_flat(b, "b")  # validate before any work

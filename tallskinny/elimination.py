@@ -222,6 +222,7 @@ class DenseStage:
                 C_perp = C - self.V @ self.C_r
                 self.C_z = C_perp  # p × a_in, in ambient coordinates (Z implicit)
                 self.CtC = _symmetrize(C_perp.mT @ C_perp)
+                self.CtC_max = float(self.CtC.abs().max()) if self.CtC.numel() else 0.0
         else:
             A = _symmetrize(oracle.A.to_dense())
             V = self.V if self.V is not None else torch.eye(p, dtype=G.dtype, device=G.device)
@@ -233,6 +234,7 @@ class DenseStage:
             self.A_rr = V.mT @ AV
             self.A_rz = AV.mT @ self.Z
             self.C_z = self.Z.mT @ C
+            self.C_z_rows = (self.C_z * self.C_z).sum(-1)  # ‖row‖² of each null direction
 
     # -- coordinates ---------------------------------------------------------------------------
     def _to_r(self, b: Tensor) -> Tensor:
@@ -262,6 +264,7 @@ class DenseStage:
             Q_rr = Q_rr + self.A_rr
         Q_rr.diagonal().add_(damping)
         z_inertia, z_logdet, d = (0, 0), None, None
+        amplification = 0.0
         Qt_rr, Qt_ry = Q_rr, Q_ry
         if self.n_z:
             if self.linear:
@@ -270,6 +273,7 @@ class DenseStage:
                 if d == 0.0:
                     _raise_if_null_directions(self.CtC, index)
                     raise _StageSingular(index)
+                amplification = _amplification(self.CtC_max, d, S_new)
                 S_new = S_new - self.CtC / d
                 z_inertia, z_logdet = (self.n_z, 0), self.n_z * math.log(d)
             else:
@@ -278,6 +282,9 @@ class DenseStage:
                 tol = pivot_tolerance(self.n_z, S.dtype, float(self.alpha.abs().max()))
                 if bool((d.abs() <= tol).any()) or bool((d == 0).any()):
                     raise _StageSingular(index)
+                scale = float(S_new.abs().max()) if S_new.numel() else 0.0
+                worst = float((self.C_z_rows / d.abs()).max()) if self.n_z else 0.0
+                amplification = 0.0 if worst == 0.0 else (math.inf if scale == 0.0 else worst / scale)
                 S_new = S_new - self.C_z.mT @ (self.C_z / d.unsqueeze(-1))
                 z_inertia = (int((d > 0).sum()), int((d < 0).sum()))
                 z_logdet = d.abs().log().sum()
@@ -292,6 +299,7 @@ class DenseStage:
             K_r = factor.solve(Qt_ry)
             S_new = S_new - Qt_ry.mT @ K_r
         record = _DenseStageFactor(self, d, factor, Q_ry, K_r, z_inertia, z_logdet)
+        record.amplification = amplification
         return _symmetrize(S_new), record
 
 
@@ -351,7 +359,7 @@ class SymmetricFactor:
 class _DenseStageFactor:
     """The per-damping factors of a :class:`DenseStage`, used by the solve sweeps."""
 
-    __slots__ = ("stage", "d", "factor", "Q_ry", "K_r", "_z_inertia", "_z_logdet")
+    __slots__ = ("stage", "d", "factor", "Q_ry", "K_r", "_z_inertia", "_z_logdet", "amplification")
 
     def __init__(self, stage, d, factor, Q_ry, K_r, z_inertia, z_logdet):
         self.stage, self.d, self.factor, self.Q_ry, self.K_r = stage, d, factor, Q_ry, K_r
@@ -415,6 +423,15 @@ class _DenseStageFactor:
             gy = _mm(st.GV, theta_r)
             y_new = gy if y_new is None else y_new + gy
         return theta, y_new
+
+
+def _amplification(CtC_max: float, damping: float, S: Tensor) -> float:
+    """How much the ``1/ε`` term ``C_⊥ᵀC_⊥/ε`` outweighs the value Hessian it is added to:
+    rounding errors of the later cancellations grow by about this factor."""
+    if CtC_max == 0.0:
+        return 0.0
+    scale = float(S.abs().max()) if S.numel() else 0.0
+    return math.inf if scale == 0.0 else CtC_max / (damping * scale)
 
 
 def _raise_if_null_directions(CtC: Tensor | None, index: int) -> None:
@@ -513,6 +530,7 @@ class RiccatiFactorization:
         for i in reversed(range(len(stages))):
             S, self._factors[i] = stages[i].eliminate(S, damping, i)
         self._inertia = self._logdet = None
+        self.amplification = max((f.amplification for f in self._factors if f is not None), default=0.0)
 
     def solve(self, b: Tensor) -> Tensor:
         """``(H + εI)^{-1} b`` for ``b`` of shape ``(P, k)``: two sweeps, no refactoring."""
@@ -608,6 +626,7 @@ class KKTFactorization:
             ) from None
         k = self._factor.inertia()
         self._inertia = Inertia(k.positive - self._m, k.negative - self._m, k.zero)
+        self.amplification = math.inf  # the fallback for hard cases: always refine once
 
     def solve(self, b: Tensor) -> Tensor:
         rhs = []
