@@ -123,6 +123,14 @@ class _ExactStepOptimizer(torch.optim.Optimizer):
         with torch.no_grad():
             return float(self.chain(inputs, targets))
 
+    def _begin_step(self, closure: BatchOrClosure, gradient_batch: BatchOrClosure | None) -> tuple:
+        """``(curvature, g, loss, inputs, targets)`` at the start of a step: the curvature of
+        the step's batch and the gradient and loss the ratio test uses."""
+        inputs, targets = self._batch(closure)
+        curv = self.chain.curvature(inputs, targets, kind=self.kind)
+        g, loss, inputs, targets = self._gradient_and_loss(curv, inputs, targets, gradient_batch)
+        return curv, g, loss, inputs, targets
+
     def _gradient_and_loss(self, curv: Curvature, inputs, targets, gradient_batch) -> tuple:
         """``(g, loss, inputs, targets)`` of the batch the ratio test uses: the curvature batch,
         or ``gradient_batch`` (a plain autograd gradient) when one is given."""
@@ -181,10 +189,8 @@ class DampedNewton(_ExactStepOptimizer):
 
     def step(self, closure: BatchOrClosure, gradient_batch: BatchOrClosure | None = None) -> Tensor:  # type: ignore[override]
         """One damped Newton step on the batch; returns the loss before the step."""
-        inputs, targets = self._batch(closure)
         group = self.param_groups[0]
-        curv = self.chain.curvature(inputs, targets, kind=self.kind)
-        g, loss, inputs, targets = self._gradient_and_loss(curv, inputs, targets, gradient_batch)
+        curv, g, loss, inputs, targets = self._begin_step(closure, gradient_batch)
         lam = group["damping"]
         factorizations = 0
         new_loss, ratio, step_norm, accepted, trials = loss, -math.inf, 0.0, False, 0
@@ -263,10 +269,8 @@ class TrustRegion(_ExactStepOptimizer):
 
     def step(self, closure: BatchOrClosure, gradient_batch: BatchOrClosure | None = None) -> Tensor:  # type: ignore[override]
         """One trust-region step on the batch; returns the loss before the step."""
-        inputs, targets = self._batch(closure)
         group = self.param_groups[0]
-        curv = self.chain.curvature(inputs, targets, kind=self.kind)
-        g, loss, inputs, targets = self._gradient_and_loss(curv, inputs, targets, gradient_batch)
+        curv, g, loss, inputs, targets = self._begin_step(closure, gradient_batch)
         radius = group["radius"]
         model = _Shifted(curv, group["damping"]) if group["damping"] > 0 else curv
         factorizations = 0
