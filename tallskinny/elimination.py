@@ -37,7 +37,6 @@ from .blocks.protocol import Oracle
 from .errors import SingularSystemError
 from .linalg import (
     Dense,
-    DenseFactorization,
     Diagonal,
     Inertia,
     LinearOperator,

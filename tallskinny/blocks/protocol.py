@@ -12,7 +12,6 @@ from __future__ import annotations
 from typing import Protocol, Sequence, runtime_checkable
 
 import attrs
-import torch
 from torch import Tensor
 
 from ..linalg import LinearOperator
