@@ -62,6 +62,20 @@ def affine_parts(o: Oracle):
     return p_out.index, kron.right.matrix, p_theta, C.factors[1].left.matrix, C.factors[1].right.matrix
 
 
+def samples_first(o: Oracle, parts) -> bool:
+    """Whether the output is ordered sample-major, ``(s, i)``: ``P_out`` is the transpose
+    of the ``m × R`` product (as for ``nn.Linear``), which :class:`AffineStage` assumes."""
+    p_out, X = parts[0], parts[1]
+    R = X.shape[0]
+    m = o.G.shape[0] // R
+    return torch.equal(p_out, _sample_major(m, R, p_out.device))
+
+
+@functools.lru_cache(maxsize=256)
+def _sample_major(m: int, R: int, device) -> Tensor:
+    return transpose_permutation(m, R, device=device)
+
+
 def _transposed_order(p_theta: Permutation, m: int, q: int) -> tuple[Tensor, Tensor]:
     """The gather indices of ``vec(Θ̃ᵀ)`` from θ and their inverse (kept on the permutation,
     which blocks make once per shape)."""
@@ -78,57 +92,43 @@ def _eye(rows: int, cols: int, dtype, device) -> Tensor:
     return torch.eye(rows, cols, dtype=dtype, device=device)
 
 
-class AffineStage:
-    """A block affine in its parameters: exact complement ⊕ a dense stage on the span."""
+class _AffineCoordinates:
+    """What both affine stages share: the SVD of ``X̃``, the complement's curvature
+    ``C_⊥ᵀC_⊥ = ΓᵀΓ ⊗ P̄`` and the ``Θ̃ᵀ`` coordinates of the parameters."""
 
-    def __init__(self, oracle: Oracle, parts, inner_stage):
+    def _setup(self, oracle: Oracle, parts) -> Tensor:
         p_out, X, p_theta, Gam, Et = parts
         R, q = X.shape
         m = oracle.G.shape[0] // R
         self.p = oracle.G.shape[1]
-        self.F = oracle.F
-        self.m, self.q = m, q
+        self.F, self.FT = oracle.F, oracle.F.T
+        self.R, self.m, self.q = R, m, q
         # Θ̃ is handled transposed, as a q × (m·k) matrix, so that every product with V, Ẽ
         # is one 2-D matrix product: T = (P_θ' b).reshape(q, m·k) with P_θ' = P_θ transposed
         self.order, self.order_inv = _transposed_order(p_theta, m, q)
-        U, sigma, Vh = torch.linalg.svd(X, full_matrices=False)
-        tol = max(R, q) * torch.finfo(X.dtype).eps * (float(sigma[0]) if sigma.numel() else 0.0)
-        r = int((sigma > tol).sum())
+        if R == 1:  # the thin SVD of one row: V = x̃ᵀ/‖x̃‖, X̃V = ‖x̃‖
+            sigma = X.norm()
+            r = int(float(sigma) > 0.0)
+            U, sigma, Vh = X.new_ones(1, 1), sigma.reshape(1), X / sigma if r else X
+        else:
+            U, sigma, Vh = torch.linalg.svd(X, full_matrices=False)
+            tol = max(R, q) * torch.finfo(X.dtype).eps * (float(sigma[0]) if sigma.numel() else 0.0)
+            r = int((sigma > tol).sum())
         self.r = r
         self.V = Vh[:r].mT  # q × r
         self.Vt = self.V.mT
-        XV = U[:, :r] * sigma[:r]  # R × r
-        # the span coordinates ζ = vec(Zᵀ) (r × m, i.e. ordered (i, k)), Θ̃ = Z Vᵀ
-        span_order = transpose_permutation(m, r, device=X.device)  # (i, k) → (k, i)
-        if R == 1:  # tiny: one dense matrix is cheapest
-            GV = Dense(kron(torch.eye(m, dtype=X.dtype, device=X.device), XV)[p_out][:, span_order])
-        else:  # G V = P_out (I_m ⊗ X̃V) Π: products cost O(a·R·r) instead of O(a²·m·r)
-            GV = Product(
-                Permutation(p_out, dtype=X.dtype),
-                Kronecker(Identity(m, dtype=X.dtype, device=X.device), Dense(XV)),
-                Permutation(transpose_permutation(r, m, device=X.device), dtype=X.dtype),  # ζ(i,k) → (k,i)
-            )
         self.Gam, self.Et = Gam, Et
         # Ẽ = [I; 0] (a Linear layer's input padded by the bias column): slicing suffices
         self.pad = Et is not None and Et.shape[0] > Et.shape[1] and torch.equal(Et, _eye(*Et.shape, Et.dtype, Et.device))
-        a_in = oracle.F.shape[1]
         if Gam is None:
-            C_r = Zero(m * r, a_in, dtype=X.dtype, device=X.device)
             self.CtC = None
         else:
-            C_r = Dense(kron(Gam, self.V.mT @ Et)[span_order])  # m·r × a_in
-            P_bar = Et.mT @ Et - (Et.mT @ self.V) @ (self.V.mT @ Et)
+            VtE = self.V.mT @ Et
+            P_bar = Et.mT @ Et - VtE.mT @ VtE
             self.CtC = kron(Gam.mT @ Gam, P_bar)
             self.CtC_max = float(self.CtC.abs().max()) if self.CtC.numel() else 0.0
         self.n_perp = m * (q - r)
-        reduced = Oracle(
-            G=GV,
-            F=oracle.F,
-            A=Zero(m * r, m * r, dtype=X.dtype, device=X.device),
-            C=C_r,
-            E=oracle.E,
-        )
-        self.inner = inner_stage(reduced)
+        return U[:, :r] * sigma[:r]  # X̃V, R × r
 
     # -- coordinates: Θ̃ᵀ as a q × (m·k) matrix ------------------------------------------------
     def _tilde(self, b: Tensor) -> Tensor:
@@ -151,10 +151,8 @@ class AffineStage:
         M = M.reshape(n, self.m, k).transpose(0, 1).reshape(self.m, n * k)
         return (self.Gam.mT @ M).reshape(-1, k)
 
-    # -- elimination ------------------------------------------------------------------------
-    def eliminate(self, S: Tensor, damping: float, index: int):
-        S_new, inner = self.inner.eliminate(S, damping, index)
-        amplification = inner.amplification if inner is not None else 0.0
+    def _complement(self, S_new: Tensor, damping: float, index: int, amplification: float):
+        """``S ← S − C_⊥ᵀC_⊥/ε`` (``Q_θθ = εI`` on the complement), with its amplification."""
         if self.n_perp:
             if damping == 0.0:  # Q_θθ = 0 on the complement
                 from .elimination import _raise_if_null_directions, _StageSingular
@@ -166,6 +164,177 @@ class AffineStage:
 
                 amplification = max(amplification, _amplification(self.CtC_max, damping, S_new))
                 S_new = S_new - self.CtC / damping
+        return S_new, amplification
+
+
+class AffineStage(_AffineCoordinates):
+    """A block affine in its parameters, eliminated directly in span coordinates.
+
+    With ``Y_out = X̃V·Zᵀ`` (``R × m``, samples first) the span part of ``G`` is
+    ``G_V = X̃V ⊗ I_m`` for ``ζ = vec(Zᵀ)``, so with ``S`` read as ``(R, m, R, m)``
+
+        Q_ζζ = G_VᵀSG_V + εI        Q_ζy = C_V + G_VᵀS F        C_V = VᵀẼ ⊗ Γ (reordered)
+
+    are contractions of ``S`` with ``X̃V`` (at one sample, ``G_V = ‖x̃‖·I``). Needs the
+    output ordered sample-major (``P_out`` the transpose of ``m × R``).
+    """
+
+    def __init__(self, oracle: Oracle, parts):
+        XV = self._setup(oracle, parts)
+        self.XV, self.XVt = XV, XV.mT
+        R, m, r = self.R, self.m, self.r
+        self.scalar = float(XV[0, 0]) if R == 1 and r == 1 else None  # G_V = σ·I
+        self.E = oracle.E
+        a_in = oracle.F.shape[1]
+        if self.Gam is None or not r:
+            self.C_r = None
+        else:  # C_V[(k,i),(s,j)] = (VᵀẼ)[k,j] Γ[i,s]
+            VtE = self.Vt @ self.Et
+            n = VtE.shape[1]
+            self.C_r = (VtE[:, None, None, :] * self.Gam[None, :, :, None]).reshape(r * m, R * n)
+        self.a_in = a_in
+
+    # -- G_V and its transpose on (R·m, k) / (r·m, k) tensors ---------------------------------
+    def _gv(self, z: Tensor) -> Tensor:
+        if self.scalar is not None:
+            return self.scalar * z
+        k = z.shape[1]
+        return (self.XV @ z.reshape(self.r, -1)).reshape(self.R * self.m, k)
+
+    def _gvt(self, t: Tensor) -> Tensor:
+        if self.scalar is not None:
+            return self.scalar * t
+        k = t.shape[1]
+        return (self.XVt @ t.reshape(self.R, -1)).reshape(self.r * self.m, k)
+
+    def _s_gv(self, S: Tensor) -> Tensor:
+        """``S G_V`` (``a × r·m``)."""
+        if self.scalar is not None:
+            return self.scalar * S
+        a, R, m, r = S.shape[0], self.R, self.m, self.r
+        T = S.reshape(a, R, m).transpose(1, 2) @ self.XV  # (a, m, r)
+        return T.transpose(1, 2).reshape(a, r * m)
+
+    # -- elimination ------------------------------------------------------------------------
+    def eliminate(self, S: Tensor, damping: float, index: int):
+        from .elimination import SymmetricFactor, _StageSingular, _congruence, _plus, _symmetrize
+
+        S_new = _plus(self.E, _congruence(self.F, S))
+        factor = Q_ry = K = None
+        if self.r:
+            SGV = self._s_gv(S)
+            Q_rr = self._gvt(SGV)
+            Q_rr.diagonal().add_(damping)
+            Q_ry = self.FT._matmat(SGV).mT
+            if self.C_r is not None:
+                Q_ry = Q_ry + self.C_r
+            factor = SymmetricFactor.of(Q_rr)
+            if factor is None:
+                raise _StageSingular(index)
+            K = factor.solve(Q_ry)
+            S_new = S_new - Q_ry.mT @ K
+        S_new, amplification = self._complement(S_new, damping, index, 0.0)
+        record = _DirectAffineFactor(self, damping, factor, Q_ry, K)
+        record.amplification = amplification
+        return _symmetrize(S_new), record
+
+
+class _DirectAffineFactor:
+    __slots__ = ("stage", "damping", "factor", "Q_ry", "K", "amplification")
+
+    def __init__(self, stage, damping, factor, Q_ry, K):
+        self.stage, self.damping, self.factor, self.Q_ry, self.K = stage, damping, factor, Q_ry, K
+
+    @property
+    def inertia(self) -> Inertia:
+        """The span's inertia, and ``ε > 0`` on each of the ``n_⊥`` complement directions."""
+        inner = self.factor.inertia() if self.factor is not None else Inertia(0, 0, 0)
+        return Inertia(inner.positive + self.stage.n_perp, inner.negative, 0)
+
+    @property
+    def logdet(self) -> Tensor:
+        n = self.stage.n_perp
+        extra = n * math.log(self.damping) if n else 0.0
+        inner = self.factor.logdet() if self.factor is not None else torch.zeros((), dtype=torch.float64)
+        return inner + extra
+
+    def backward(self, t: Tensor | None, b: Tensor):
+        """``u = Q_ζζ⁻¹(G_Vᵀt − b_ζ)`` and ``t ← Fᵀt − Q_ζyᵀu + C_⊥ᵀb_⊥/ε``."""
+        st = self.stage
+        k = b.shape[1]
+        T = st._tilde(b)  # q × (m·k)
+        u = None
+        t_new = None if t is None else st.FT._matmat(t)
+        if st.r:
+            Zb = st.Vt @ T  # r × (m·k): the span part, ordered (i, k)
+            q = -Zb.reshape(-1, k)
+            if t is not None:
+                q = q + st._gvt(t)
+            u = self.factor.solve(q)
+            t_new = -(self.Q_ry.mT @ u) if t_new is None else t_new - self.Q_ry.mT @ u
+            b_perp = T - st.V @ Zb if st.n_perp else None
+        else:
+            b_perp = T if st.n_perp else None
+        if b_perp is not None and st.Gam is not None:
+            extra = st._c_t(b_perp, k) / self.damping  # −C_⊥ᵀ u_⊥ with u_⊥ = −b_⊥/ε
+            t_new = extra if t_new is None else t_new + extra
+        return (u, b_perp, k), t_new
+
+    def forward(self, y: Tensor | None, u):
+        """``ζ = −K y − u``, ``θ_⊥ = (b_⊥ − C_⊥y)/ε``, ``y ← F y + G_V ζ``."""
+        st = self.stage
+        u_r, b_perp, k = u
+        T = None
+        y_new = None if y is None else st.F._matmat(y)
+        if st.r:
+            zeta = -u_r if y is None else -(self.K @ y) - u_r
+            gz = st._gv(zeta)
+            y_new = gz if y_new is None else y_new + gz
+            T = st.V @ zeta.reshape(st.r, -1)
+        if b_perp is not None:
+            perp = b_perp if y is None or st.Gam is None else b_perp - st._c_perp(y)
+            perp = perp / self.damping
+            T = perp if T is None else T + perp
+        return st._untilde(T, k), y_new
+
+
+class ReducedAffineStage(_AffineCoordinates):
+    """A block affine in its parameters: exact complement ⊕ a dense stage on the span
+    (for the last block, where the span stage also drops the loss's null space)."""
+
+    def __init__(self, oracle: Oracle, parts, inner_stage):
+        p_out, X, p_theta, Gam, Et = parts
+        XV = self._setup(oracle, parts)
+        R, q, m, r = self.R, self.q, self.m, self.r
+        # the span coordinates ζ = vec(Zᵀ) (r × m, i.e. ordered (i, k)), Θ̃ = Z Vᵀ
+        span_order = transpose_permutation(m, r, device=X.device)  # (i, k) → (k, i)
+        if R == 1:  # tiny: one dense matrix is cheapest
+            GV = Dense(kron(torch.eye(m, dtype=X.dtype, device=X.device), XV)[p_out][:, span_order])
+        else:  # G V = P_out (I_m ⊗ X̃V) Π: products cost O(a·R·r) instead of O(a²·m·r)
+            GV = Product(
+                Permutation(p_out, dtype=X.dtype),
+                Kronecker(Identity(m, dtype=X.dtype, device=X.device), Dense(XV)),
+                Permutation(transpose_permutation(r, m, device=X.device), dtype=X.dtype),  # ζ(i,k) → (k,i)
+            )
+        a_in = oracle.F.shape[1]
+        if Gam is None:
+            C_r = Zero(m * r, a_in, dtype=X.dtype, device=X.device)
+        else:
+            C_r = Dense(kron(Gam, self.V.mT @ Et)[span_order])  # m·r × a_in
+        reduced = Oracle(
+            G=GV,
+            F=oracle.F,
+            A=Zero(m * r, m * r, dtype=X.dtype, device=X.device),
+            C=C_r,
+            E=oracle.E,
+        )
+        self.inner = inner_stage(reduced)
+
+    # -- elimination ------------------------------------------------------------------------
+    def eliminate(self, S: Tensor, damping: float, index: int):
+        S_new, inner = self.inner.eliminate(S, damping, index)
+        amplification = inner.amplification if inner is not None else 0.0
+        S_new, amplification = self._complement(S_new, damping, index, amplification)
         record = _AffineStageFactor(self, inner, damping)
         record.amplification = amplification
         return S_new, record

@@ -10,7 +10,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from . import elimination
+from . import elimination, products
 from .blocks.protocol import Oracle
 from .errors import SingularSystemError
 from .linalg import Inertia
@@ -125,6 +125,7 @@ class Curvature:
         self.kind = kind
         self.loss = loss_value
         self._stages = None
+        self._compiled = None
 
     def _prepared_stages(self):
         """The ε-independent stage data of the elimination, computed on first use."""
@@ -147,7 +148,9 @@ class Curvature:
 
     def _apply(self, x: Tensor) -> Tensor:
         """``H x`` for a validated flat ``(P, k)`` tensor."""
-        return elimination.hvp(self.oracles, self.loss_oracle, x)
+        if self._compiled is None:
+            self._compiled = (products.compile_oracles(self.oracles), products.CompiledOracle(self.loss_oracle))
+        return products.hvp(*self._compiled, x)
 
     def factorize(self, damping: float = 0.0) -> Factorization:
         """Factor ``H + damping·I`` (raises ``SingularSystemError`` if it is singular)."""
@@ -165,5 +168,5 @@ class Curvature:
         """The ``P × P`` matrix (for checks on small models)."""
         P = self.layout.numel
         eye = torch.eye(P, dtype=self.layout.dtype, device=self.layout.device)
-        H = elimination.hvp(self.oracles, self.loss_oracle, eye)
+        H = self._apply(eye)
         return 0.5 * (H + H.mT)

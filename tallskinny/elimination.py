@@ -32,7 +32,7 @@ import math
 import torch
 from torch import Tensor
 
-from .affine import AffineStage, affine_parts
+from .affine import AffineStage, ReducedAffineStage, affine_parts, samples_first
 from .blocks.protocol import Oracle
 from .errors import SingularSystemError
 from .linalg import (
@@ -471,8 +471,12 @@ def prepare_stages(oracles: Sequence[Oracle], loss: Oracle) -> list:
         parts = affine_parts(o)
         if parts is None:
             stages.append(DenseStage(o, **kw))
+        elif kw.get("output_range") is None and samples_first(o, parts):
+            # outputs the next block ignores (dead ReLU units) need no special care here:
+            # their rows of S are exactly zero, so Q_ζζ has the exact pivot ε there
+            stages.append(AffineStage(o, parts))
         else:
-            stages.append(AffineStage(o, parts, lambda reduced: _reduced_stage(reduced, kw)))
+            stages.append(ReducedAffineStage(o, parts, lambda reduced: _reduced_stage(reduced, kw)))
     return stages
 
 

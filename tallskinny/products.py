@@ -1,0 +1,150 @@
+"""Products with the oracles, compiled once per curvature into plain tensor functions.
+
+Every product of the Hessian with a vector (an HVP, the residual of a refinement step)
+applies ``F, G, C, A, E`` and their transposes of every block. Through the generic
+:mod:`tallskinny.linalg` operators that is a chain of Python calls per product (a
+``Product`` of permutations around a ``Kronecker`` of ``Dense`` factors); here each
+operator is turned, once, into the few tensor operations its structure needs:
+
+* ``Zero`` → nothing, ``Diagonal`` → one broadcast multiply, ``Dense`` → one matmul;
+* ``I_R ⊗ W`` (a Linear layer's ``F``) → one (batched) matmul;
+* the affine ``G = P_out (I_m ⊗ X̃) P_θ`` and ``C = P_θᵀ (Γ ⊗ Ẽ)`` → one gather and
+  one or two matmuls on ``Θ̃ᵀ`` read as a ``q × (m·k)`` matrix;
+* anything else → the operator's own ``_matmat``.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from .affine import _transposed_order, affine_parts, samples_first
+from .blocks.protocol import Oracle
+from .linalg import Dense, Diagonal, LinearOperator, ScaledIdentity, Zero
+from .linalg.kronecker import Kronecker
+
+Apply = Callable[[Tensor], Tensor]
+
+
+def compile_operator(op: LinearOperator) -> Apply | None:
+    """``x ↦ op x`` for ``(n, k)`` tensors, or ``None`` for a zero operator."""
+    if isinstance(op, Zero):
+        return None
+    if isinstance(op, Diagonal):
+        d = op.diagonal.unsqueeze(-1)
+        return lambda x: d * x
+    if isinstance(op, ScaledIdentity):
+        scale = op.scale
+        return (lambda x: x) if scale == 1.0 else (lambda x: scale * x)
+    if isinstance(op, Dense):
+        M = op.matrix
+        return lambda x: M @ x
+    if isinstance(op, Kronecker) and isinstance(op.left, ScaledIdentity) and op.left.scale == 1.0 and isinstance(op.right, Dense):
+        W, R = op.right.matrix, op.left.shape[0]
+        if R == 1:
+            return lambda x: W @ x
+        n, m = W.shape[1], W.shape[0]
+        return lambda x: (W @ x.reshape(R, n, -1)).reshape(R * m, -1)
+    return op._matmat
+
+
+class CompiledOracle:
+    """The products of one block's oracle: ``F, Fᵀ, G, Gᵀ, C, Cᵀ, A, E`` (``None`` = zero)."""
+
+    __slots__ = ("p", "F", "FT", "G", "GT", "C", "CT", "A", "E")
+
+    def __init__(self, o: Oracle):
+        self.p = o.G.shape[1]
+        self.F, self.FT = compile_operator(o.F), compile_operator(o.F.T)
+        self.A, self.E = compile_operator(o.A), compile_operator(o.E)
+        parts = affine_parts(o) if self.p else None
+        if parts is not None and samples_first(o, parts):
+            self._compile_affine(o, parts)
+        else:
+            self.G, self.GT = compile_operator(o.G), compile_operator(o.G.T)
+            self.C, self.CT = compile_operator(o.C), compile_operator(o.C.T)
+
+    def _compile_affine(self, o: Oracle, parts) -> None:
+        """``G v = vec(X̃ Θ̃_vᵀ)``, ``Gᵀμ = X̃ᵀ M``, ``C y = vec(Γ Y Ẽᵀ)``, ``Cᵀv = vec(Γᵀ Θ̃_v Ẽ)``."""
+        _, X, p_theta, Gam, Et = parts
+        R, q = X.shape
+        m = o.G.shape[0] // R
+        order, order_inv = _transposed_order(p_theta, m, q)
+        Xt = X.mT
+
+        def G(v: Tensor) -> Tensor:
+            k = v.shape[1]
+            return (X @ v[order].reshape(q, m * k)).reshape(R * m, k)
+
+        def GT(mu: Tensor) -> Tensor:
+            k = mu.shape[1]
+            return (Xt @ mu.reshape(R, m * k)).reshape(q * m, k)[order_inv]
+
+        self.G, self.GT = G, GT
+        if Gam is None:
+            self.C = self.CT = None
+            return
+        n = Et.shape[1]
+        Gt, Ett = Gam.mT, Et.mT
+        inverse = p_theta.T.index  # θ = vec(Θ̃)[inverse]
+
+        def C(y: Tensor) -> Tensor:  # vec(Θ̃) = vec(Γ Y Ẽᵀ), read through P_θᵀ
+            k = y.shape[1]
+            M = (Gam @ y.reshape(R, n * k)).reshape(m, n, k).permute(2, 0, 1)  # (k, i, j)
+            M = (M @ Ett).permute(1, 2, 0)  # (i, c, k) = Γ Y Ẽᵀ
+            return M.reshape(m * q, k)[inverse]
+
+        def CT(v: Tensor) -> Tensor:
+            k = v.shape[1]
+            T = v[order].reshape(q, m, k)  # Θ̃ᵀ: (c, i, k)
+            M = (Ett @ T.reshape(q, m * k)).reshape(n, m, k).transpose(0, 1)  # (Θ̃Ẽ): (i, j, k)
+            return (Gt @ M.reshape(m, n * k)).reshape(R * n, k)
+
+        self.C, self.CT = C, CT
+
+
+def compile_oracles(oracles: Sequence[Oracle]) -> list[CompiledOracle]:
+    return [CompiledOracle(o) for o in oracles]
+
+
+def hvp(blocks: Sequence[CompiledOracle], loss: CompiledOracle, v: Tensor) -> Tensor:
+    """``H v`` for ``v`` of shape ``(P, k)``: a forward sweep of the tangents
+    ``y_l = F_l y_{l-1} + G_l v_l`` and a backward sweep of the adjoints
+    ``μ_{l-1} = F_lᵀ μ_l + C_lᵀ v_l + E_l y_{l-1}`` (from ``μ_L = E_loss y_L``), giving
+    ``(H v)_l = A_l v_l + C_l y_{l-1} + G_lᵀ μ_l``."""
+    vs = torch.split(v, [b.p for b in blocks], dim=0)
+    ys: list[Tensor | None] = []
+    y = None  # the tangent; None while it is zero (before the first parameter)
+    for b, vl in zip(blocks, vs):
+        ys.append(y)
+        if y is not None:
+            y = b.F(y) if b.F is not None else None
+        if b.G is not None:
+            gv = b.G(vl)
+            y = gv if y is None else y + gv
+    if y is None:
+        return torch.zeros_like(v)
+    mu = loss.E(y) if loss.E is not None else None
+    out: list[Tensor] = list(vs)
+    for i in reversed(range(len(blocks))):
+        b, vl, y_in = blocks[i], vs[i], ys[i]
+        if b.p:
+            hv = b.A(vl) if b.A is not None else None
+            if y_in is not None and b.C is not None:
+                hv = _add(hv, b.C(y_in))
+            if mu is not None and b.GT is not None:
+                hv = _add(hv, b.GT(mu))
+            out[i] = hv if hv is not None else torch.zeros_like(vl)
+        mu_in = None if mu is None or b.FT is None else b.FT(mu)
+        if y_in is not None and b.E is not None:
+            mu_in = _add(mu_in, b.E(y_in))
+        if b.p and b.CT is not None:
+            mu_in = _add(mu_in, b.CT(vl))
+        mu = mu_in
+    return torch.cat(out, dim=0)
+
+
+def _add(a: Tensor | None, b: Tensor) -> Tensor:
+    return b if a is None else a + b
