@@ -126,7 +126,6 @@ class _AffineCoordinates:
             VtE = self.V.mT @ Et
             P_bar = Et.mT @ Et - VtE.mT @ VtE
             self.CtC = kron(Gam.mT @ Gam, P_bar)
-            self.CtC_max = float(self.CtC.abs().max()) if self.CtC.numel() else 0.0
         self.n_perp = m * (q - r)
         return U[:, :r] * sigma[:r]  # X̃V, R × r
 
@@ -151,8 +150,8 @@ class _AffineCoordinates:
         M = M.reshape(n, self.m, k).transpose(0, 1).reshape(self.m, n * k)
         return (self.Gam.mT @ M).reshape(-1, k)
 
-    def _complement(self, S_new: Tensor, damping: float, index: int, amplification: float):
-        """``S ← S − C_⊥ᵀC_⊥/ε`` (``Q_θθ = εI`` on the complement), with its amplification."""
+    def _complement(self, S_new: Tensor, damping: float, index: int) -> Tensor:
+        """``S ← S − C_⊥ᵀC_⊥/ε`` (``Q_θθ = εI`` on the complement)."""
         if self.n_perp:
             if damping == 0.0:  # Q_θθ = 0 on the complement
                 from .elimination import _raise_if_null_directions, _StageSingular
@@ -160,11 +159,8 @@ class _AffineCoordinates:
                 _raise_if_null_directions(self.CtC, index)
                 raise _StageSingular(index)
             if self.CtC is not None:
-                from .elimination import _amplification
-
-                amplification = max(amplification, _amplification(self.CtC_max, damping, S_new))
                 S_new = S_new - self.CtC / damping
-        return S_new, amplification
+        return S_new
 
 
 class AffineStage(_AffineCoordinates):
@@ -180,19 +176,33 @@ class AffineStage(_AffineCoordinates):
     """
 
     def __init__(self, oracle: Oracle, parts):
+        from .products import compile_operator
+
         XV = self._setup(oracle, parts)
         self.XV, self.XVt = XV, XV.mT
         R, m, r = self.R, self.m, self.r
         self.scalar = float(XV[0, 0]) if R == 1 and r == 1 else None  # G_V = σ·I
         self.E = oracle.E
-        a_in = oracle.F.shape[1]
+        self.F_apply, self.FT_apply = compile_operator(oracle.F), compile_operator(oracle.F.T)
+        F = oracle.F
+        # one sample, F = W: the products of the sweeps fuse into a few matmuls
+        self.W = (
+            F.right.matrix
+            if self.scalar is not None and isinstance(F, Kronecker) and F.left.shape[0] == 1 and isinstance(F.right, Dense)
+            else None
+        )
         if self.Gam is None or not r:
             self.C_r = None
         else:  # C_V[(k,i),(s,j)] = (VᵀẼ)[k,j] Γ[i,s]
             VtE = self.Vt @ self.Et
             n = VtE.shape[1]
             self.C_r = (VtE[:, None, None, :] * self.Gam[None, :, :, None]).reshape(r * m, R * n)
-        self.a_in = a_in
+        # one sample, Ẽ = [I; 0]: C_⊥ᵀΘ̃_⊥ = Θ̃_⊥[:n]ᵀ... = Θ̃_⊥ᵀ[:n] g and C_⊥y = (I − vvᵀ)Ẽ y gᵀ
+        self.fused = self.W is not None and self.Gam is not None and self.pad
+        if self.fused:
+            self.g = self.Gam  # m × 1
+            n = self.Et.shape[1]
+            self.PE = self.Et - self.V @ (self.Vt[:, :n])  # (I − vvᵀ)Ẽ, q × n
 
     # -- G_V and its transpose on (R·m, k) / (r·m, k) tensors ---------------------------------
     def _gv(self, z: Tensor) -> Tensor:
@@ -219,28 +229,39 @@ class AffineStage(_AffineCoordinates):
     def eliminate(self, S: Tensor, damping: float, index: int):
         from .elimination import SymmetricFactor, _StageSingular, _congruence, _plus, _symmetrize
 
-        S_new = _plus(self.E, _congruence(self.F, S))
         factor = Q_ry = K = None
-        if self.r:
-            SGV = self._s_gv(S)
-            Q_rr = self._gvt(SGV)
+        if self.W is not None:  # one sample: Q_ζζ = σ²S + εI, Q_ζy = σ S W + C_V
+            W, sigma = self.W, self.scalar
+            SW = S @ W
+            S_new = _plus(self.E, W.mT @ SW)
+            Q_rr = S * (sigma * sigma)
             Q_rr.diagonal().add_(damping)
-            Q_ry = self.FT._matmat(SGV).mT
-            if self.C_r is not None:
-                Q_ry = Q_ry + self.C_r
+            Q_ry = SW * sigma if self.C_r is None else torch.add(self.C_r, SW, alpha=sigma)
             factor = SymmetricFactor.of(Q_rr)
             if factor is None:
                 raise _StageSingular(index)
             K = factor.solve(Q_ry)
-            S_new = S_new - Q_ry.mT @ K
-        S_new, amplification = self._complement(S_new, damping, index, 0.0)
-        record = _DirectAffineFactor(self, damping, factor, Q_ry, K)
-        record.amplification = amplification
-        return _symmetrize(S_new), record
+            S_new = torch.addmm(S_new, Q_ry.mT, K, alpha=-1.0)
+        else:
+            S_new = _plus(self.E, _congruence(self.F, S))
+            if self.r:
+                SGV = self._s_gv(S)
+                Q_rr = self._gvt(SGV)
+                Q_rr.diagonal().add_(damping)
+                Q_ry = self.FT_apply(SGV).mT
+                if self.C_r is not None:
+                    Q_ry = Q_ry + self.C_r
+                factor = SymmetricFactor.of(Q_rr)
+                if factor is None:
+                    raise _StageSingular(index)
+                K = factor.solve(Q_ry)
+                S_new = S_new - Q_ry.mT @ K
+        S_new = self._complement(S_new, damping, index)
+        return _symmetrize(S_new), _DirectAffineFactor(self, damping, factor, Q_ry, K)
 
 
 class _DirectAffineFactor:
-    __slots__ = ("stage", "damping", "factor", "Q_ry", "K", "amplification")
+    __slots__ = ("stage", "damping", "factor", "Q_ry", "K")
 
     def __init__(self, stage, damping, factor, Q_ry, K):
         self.stage, self.damping, self.factor, self.Q_ry, self.K = stage, damping, factor, Q_ry, K
@@ -259,42 +280,54 @@ class _DirectAffineFactor:
         return inner + extra
 
     def backward(self, t: Tensor | None, b: Tensor):
-        """``u = Q_ζζ⁻¹(G_Vᵀt − b_ζ)`` and ``t ← Fᵀt − Q_ζyᵀu + C_⊥ᵀb_⊥/ε``."""
+        """``u = Q_ζζ⁻¹(G_Vᵀt − b_ζ)`` and ``t ← Fᵀt − Q_ζyᵀu + C_⊥ᵀb_⊥/ε`` (``−u`` is kept)."""
         st = self.stage
         k = b.shape[1]
         T = st._tilde(b)  # q × (m·k)
-        u = None
-        t_new = None if t is None else st.FT._matmat(t)
+        nu = None
+        t_new = None if t is None or st.FT_apply is None else st.FT_apply(t)
+        b_perp = T if st.n_perp else None
         if st.r:
             Zb = st.Vt @ T  # r × (m·k): the span part, ordered (i, k)
-            q = -Zb.reshape(-1, k)
+            nq = Zb.reshape(-1, k)  # −q = b_ζ − G_Vᵀt
             if t is not None:
-                q = q + st._gvt(t)
-            u = self.factor.solve(q)
-            t_new = -(self.Q_ry.mT @ u) if t_new is None else t_new - self.Q_ry.mT @ u
-            b_perp = T - st.V @ Zb if st.n_perp else None
-        else:
-            b_perp = T if st.n_perp else None
+                nq = torch.add(nq, t, alpha=-st.scalar) if st.scalar is not None else nq - st._gvt(t)
+            nu = self.factor.solve(nq)
+            t_new = self.Q_ry.mT @ nu if t_new is None else torch.addmm(t_new, self.Q_ry.mT, nu)
+            if st.n_perp:
+                b_perp = torch.addmm(T, st.V, Zb, alpha=-1.0)
         if b_perp is not None and st.Gam is not None:
-            extra = st._c_t(b_perp, k) / self.damping  # −C_⊥ᵀ u_⊥ with u_⊥ = −b_⊥/ε
-            t_new = extra if t_new is None else t_new + extra
-        return (u, b_perp, k), t_new
+            # −C_⊥ᵀ u_⊥ with u_⊥ = −b_⊥/ε
+            if st.fused and k == 1:
+                extra = b_perp[: st.PE.shape[1]] @ st.g
+                t_new = extra.div_(self.damping) if t_new is None else torch.add(t_new, extra, alpha=1.0 / self.damping)
+            else:
+                extra = st._c_t(b_perp, k) / self.damping
+                t_new = extra if t_new is None else t_new + extra
+        return (nu, b_perp, k), t_new
 
     def forward(self, y: Tensor | None, u):
         """``ζ = −K y − u``, ``θ_⊥ = (b_⊥ − C_⊥y)/ε``, ``y ← F y + G_V ζ``."""
         st = self.stage
-        u_r, b_perp, k = u
+        nu, b_perp, k = u
         T = None
-        y_new = None if y is None else st.F._matmat(y)
+        y_new = None if y is None or st.F_apply is None else st.F_apply(y)
         if st.r:
-            zeta = -u_r if y is None else -(self.K @ y) - u_r
-            gz = st._gv(zeta)
-            y_new = gz if y_new is None else y_new + gz
+            zeta = nu if y is None else torch.addmm(nu, self.K, y, alpha=-1.0)
+            if st.scalar is not None:
+                y_new = zeta * st.scalar if y_new is None else torch.add(y_new, zeta, alpha=st.scalar)
+            else:
+                gz = st._gv(zeta)
+                y_new = gz if y_new is None else y_new + gz
             T = st.V @ zeta.reshape(st.r, -1)
         if b_perp is not None:
-            perp = b_perp if y is None or st.Gam is None else b_perp - st._c_perp(y)
-            perp = perp / self.damping
-            T = perp if T is None else T + perp
+            inv = 1.0 / self.damping
+            T = b_perp * inv if T is None else torch.add(T, b_perp, alpha=inv)
+            if y is not None and st.Gam is not None:
+                if st.fused and k == 1:  # C_⊥y = ((I − vvᵀ)Ẽ y) gᵀ
+                    T = torch.addmm(T, st.PE @ y, st.g.mT, alpha=-inv)
+                else:
+                    T = torch.add(T, st._c_perp(y), alpha=-inv)
         return st._untilde(T, k), y_new
 
 
@@ -333,15 +366,11 @@ class ReducedAffineStage(_AffineCoordinates):
     # -- elimination ------------------------------------------------------------------------
     def eliminate(self, S: Tensor, damping: float, index: int):
         S_new, inner = self.inner.eliminate(S, damping, index)
-        amplification = inner.amplification if inner is not None else 0.0
-        S_new, amplification = self._complement(S_new, damping, index, amplification)
-        record = _AffineStageFactor(self, inner, damping)
-        record.amplification = amplification
-        return S_new, record
+        return self._complement(S_new, damping, index), _AffineStageFactor(self, inner, damping)
 
 
 class _AffineStageFactor:
-    __slots__ = ("stage", "inner", "damping", "amplification")
+    __slots__ = ("stage", "inner", "damping")
 
     def __init__(self, stage, inner, damping):
         self.stage, self.inner, self.damping = stage, inner, damping

@@ -12,7 +12,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
-from .blocks import LossBlock, Oracle, block_for, loss_for
+from .blocks import LossBlock, Oracle, block_for, checks, loss_for
 from .curvature import Curvature, check_damping, check_kind
 from .linalg import Zero
 from .vectors import ParameterLayout
@@ -107,7 +107,7 @@ class Chain:
         layout = self.layout()
         self._check_inputs(inputs, layout)
         thetas = [[p.detach().requires_grad_(True) for p in ps] for ps in self._params]
-        with torch.enable_grad():
+        with torch.enable_grad(), checks.trusted():
             zs = [inputs.detach()]
             for i, block in enumerate(self.blocks):
                 try:
@@ -135,15 +135,17 @@ class Chain:
         param_grads = [_zeros_if_none(g, t) for g, t in zip(grads, flat_thetas)]
         gradient = torch.cat([g.reshape(-1) for g in param_grads])
 
+        self._check_finite(zs, adjoints)
         second_order = kind == "hessian"
         oracles = []
-        for i, block in enumerate(self.blocks):
-            values = [t.detach() for t in thetas[i]]
-            o = block.oracle(zs[i].detach(), values, adjoints[i], second_order=second_order)
-            if not second_order:
-                o = _gauss_newton(o)
-            _check_oracle(o, i, self.modules[i], zs[i], zs[i + 1], sum(t.numel() for t in values))
-            oracles.append(o)
+        with checks.trusted():
+            for i, block in enumerate(self.blocks):
+                values = [t.detach() for t in thetas[i]]
+                o = block.oracle(zs[i].detach(), values, adjoints[i], second_order=second_order)
+                if not second_order:
+                    o = _gauss_newton(o)
+                _check_oracle(o, i, self.modules[i], zs[i], zs[i + 1], sum(t.numel() for t in values))
+                oracles.append(o)
         loss_oracle = self.loss_block.oracle(zs[-1].detach(), targets)
         _check_oracle(loss_oracle, n, self.loss, zs[-1], loss, 0)
         return Curvature(oracles, loss_oracle, gradient, layout, kind, loss.detach())
@@ -161,6 +163,23 @@ class Chain:
         check_kind(kind)
         self.layout().to_flat(b, "b")
         return self.curvature(inputs, targets, kind=kind).solve(b, damping, refine=refine)
+
+    def _check_finite(self, zs: Sequence[Tensor], adjoints: Sequence[Tensor]) -> None:
+        """Every activation and adjoint of the pass is finite (one reduction for all)."""
+        flat = [z.detach().reshape(-1) for z in zs] + [g.reshape(-1) for g in adjoints]
+        if bool(torch.isfinite(torch.cat(flat)).all()):
+            return
+        for i in range(len(self.blocks)):
+            for name, t in (("z", zs[i]), ("g", adjoints[i])):
+                if not bool(torch.isfinite(t).all()):
+                    raise ValueError(
+                        f"block {i} ({_name(self.modules[i])}): {name} contains NaN or inf; "
+                        "derivatives at a non-finite point are undefined"
+                    )
+        raise ValueError(
+            f"the loss input (output of block {len(self.blocks) - 1}) contains NaN or inf; "
+            "derivatives at a non-finite point are undefined"
+        )
 
     def _check_inputs(self, inputs, layout: ParameterLayout) -> None:
         if not isinstance(inputs, Tensor):

@@ -221,7 +221,6 @@ class DenseStage:
                 C_perp = C - self.V @ self.C_r
                 self.C_z = C_perp  # p × a_in, in ambient coordinates (Z implicit)
                 self.CtC = _symmetrize(C_perp.mT @ C_perp)
-                self.CtC_max = float(self.CtC.abs().max()) if self.CtC.numel() else 0.0
         else:
             A = _symmetrize(oracle.A.to_dense())
             V = self.V if self.V is not None else torch.eye(p, dtype=G.dtype, device=G.device)
@@ -233,7 +232,6 @@ class DenseStage:
             self.A_rr = V.mT @ AV
             self.A_rz = AV.mT @ self.Z
             self.C_z = self.Z.mT @ C
-            self.C_z_rows = (self.C_z * self.C_z).sum(-1)  # ‖row‖² of each null direction
 
     # -- coordinates ---------------------------------------------------------------------------
     def _to_r(self, b: Tensor) -> Tensor:
@@ -263,7 +261,6 @@ class DenseStage:
             Q_rr = Q_rr + self.A_rr
         Q_rr.diagonal().add_(damping)
         z_inertia, z_logdet, d = (0, 0), None, None
-        amplification = 0.0
         Qt_rr, Qt_ry = Q_rr, Q_ry
         if self.n_z:
             if self.linear:
@@ -272,7 +269,6 @@ class DenseStage:
                 if d == 0.0:
                     _raise_if_null_directions(self.CtC, index)
                     raise _StageSingular(index)
-                amplification = _amplification(self.CtC_max, d, S_new)
                 S_new = S_new - self.CtC / d
                 z_inertia, z_logdet = (self.n_z, 0), self.n_z * math.log(d)
             else:
@@ -281,9 +277,6 @@ class DenseStage:
                 tol = pivot_tolerance(self.n_z, S.dtype, float(self.alpha.abs().max()))
                 if bool((d.abs() <= tol).any()) or bool((d == 0).any()):
                     raise _StageSingular(index)
-                scale = float(S_new.abs().max()) if S_new.numel() else 0.0
-                worst = float((self.C_z_rows / d.abs()).max()) if self.n_z else 0.0
-                amplification = 0.0 if worst == 0.0 else (math.inf if scale == 0.0 else worst / scale)
                 S_new = S_new - self.C_z.mT @ (self.C_z / d.unsqueeze(-1))
                 z_inertia = (int((d > 0).sum()), int((d < 0).sum()))
                 z_logdet = d.abs().log().sum()
@@ -297,9 +290,7 @@ class DenseStage:
                 raise _StageSingular(index)
             K_r = factor.solve(Qt_ry)
             S_new = S_new - Qt_ry.mT @ K_r
-        record = _DenseStageFactor(self, d, factor, Q_ry, K_r, z_inertia, z_logdet)
-        record.amplification = amplification
-        return _symmetrize(S_new), record
+        return _symmetrize(S_new), _DenseStageFactor(self, d, factor, Q_ry, K_r, z_inertia, z_logdet)
 
 
 class SymmetricFactor:
@@ -320,22 +311,20 @@ class SymmetricFactor:
         self = cls.__new__(cls)
         self.matrix, self._chol, self._lu, self._piv, self._inertia, self._logdet = Q, None, None, None, None, None
         n = Q.shape[0]
-        tol = pivot_tolerance(n, Q.dtype, float(Q.abs().max()))
-        L, info = torch.linalg.cholesky_ex(Q)
-        if not bool(info):
-            d = L.diagonal()
-            if float(d.min()) ** 2 <= tol:
-                return None
-            self._chol = L
-            self._inertia = Inertia(n, 0, 0)
-            self._logdet = 2.0 * d.log().sum()
-            return self
+        scale, diag_min = torch.stack((Q.abs().max(), Q.diagonal().min())).tolist()
+        tol = pivot_tolerance(n, Q.dtype, scale)
+        if diag_min > 0:  # a negative diagonal entry rules out positive definiteness at once
+            L, info = torch.linalg.cholesky_ex(Q)
+            if not bool(info):
+                if float(L.diagonal().min()) ** 2 <= tol:
+                    return None
+                self._chol = L
+                self._inertia = Inertia(n, 0, 0)
+                return self
         lu, piv, _ = torch.linalg.lu_factor_ex(Q)
-        u = lu.diagonal()
-        if float(u.abs().min()) <= tol:
+        if float(lu.diagonal().abs().min()) <= tol:
             return None
         self._lu, self._piv = lu, piv
-        self._logdet = u.abs().log().sum()
         return self
 
     def solve(self, B: Tensor) -> Tensor:
@@ -344,6 +333,12 @@ class SymmetricFactor:
         return torch.linalg.lu_solve(self._lu, self._piv, B)
 
     def logdet(self) -> Tensor:
+        """``log|det|`` from the diagonal of the factor (computed on first request)."""
+        if self._logdet is None:
+            if self._chol is not None:
+                self._logdet = 2.0 * self._chol.diagonal().log().sum()
+            else:
+                self._logdet = self._lu.diagonal().abs().log().sum()
         return self._logdet
 
     def inertia(self) -> Inertia:
@@ -358,7 +353,7 @@ class SymmetricFactor:
 class _DenseStageFactor:
     """The per-damping factors of a :class:`DenseStage`, used by the solve sweeps."""
 
-    __slots__ = ("stage", "d", "factor", "Q_ry", "K_r", "_z_inertia", "_z_logdet", "amplification")
+    __slots__ = ("stage", "d", "factor", "Q_ry", "K_r", "_z_inertia", "_z_logdet")
 
     def __init__(self, stage, d, factor, Q_ry, K_r, z_inertia, z_logdet):
         self.stage, self.d, self.factor, self.Q_ry, self.K_r = stage, d, factor, Q_ry, K_r
@@ -422,15 +417,6 @@ class _DenseStageFactor:
             gy = _mm(st.GV, theta_r)
             y_new = gy if y_new is None else y_new + gy
         return theta, y_new
-
-
-def _amplification(CtC_max: float, damping: float, S: Tensor) -> float:
-    """How much the ``1/ε`` term ``C_⊥ᵀC_⊥/ε`` outweighs the value Hessian it is added to:
-    rounding errors of the later cancellations grow by about this factor."""
-    if CtC_max == 0.0:
-        return 0.0
-    scale = float(S.abs().max()) if S.numel() else 0.0
-    return math.inf if scale == 0.0 else CtC_max / (damping * scale)
 
 
 def _raise_if_null_directions(CtC: Tensor | None, index: int) -> None:
@@ -533,7 +519,6 @@ class RiccatiFactorization:
         for i in reversed(range(len(stages))):
             S, self._factors[i] = stages[i].eliminate(S, damping, i)
         self._inertia = self._logdet = None
-        self.amplification = max((f.amplification for f in self._factors if f is not None), default=0.0)
 
     def solve(self, b: Tensor) -> Tensor:
         """``(H + εI)^{-1} b`` for ``b`` of shape ``(P, k)``: two sweeps, no refactoring."""
@@ -629,7 +614,6 @@ class KKTFactorization:
             ) from None
         k = self._factor.inertia()
         self._inertia = Inertia(k.positive - self._m, k.negative - self._m, k.zero)
-        self.amplification = math.inf  # the fallback for hard cases: always refine once
 
     def solve(self, b: Tensor) -> Tensor:
         rhs = []

@@ -16,21 +16,28 @@ def _setup(name, seed):
     return chain.curvature(X, y), dense_hessian(chain, X, y)
 
 
+def _backward_error(M, x, b):
+    return ((b - M @ x).norm() / (torch.linalg.matrix_norm(M, 2) * x.norm() + b.norm())).item()
+
+
 def test_moderate_damping_needs_no_refinement():
-    curv, _ = _setup("tanh", 1)
+    """At ε = 0.1 the unrefined solve is backward stable: the check finds nothing to do."""
+    curv, H = _setup("tanh", 1)
     fact = curv.factorize(0.1)
-    assert fact._inner.amplification * torch.finfo(torch.float64).eps <= ts.curvature.REFINE_TOLERANCE
     b = torch.randn(curv.num_parameters, generator=torch.Generator().manual_seed(0))
-    assert torch.equal(fact.solve(b), fact.solve(b, refine=0))
+    x0 = fact.solve(b, refine=0)
+    M = H + 0.1 * torch.eye(H.shape[0])
+    assert _backward_error(M, x0, b) <= ts.curvature.BACKWARD_ERROR_TOLERANCE * torch.finfo(torch.float64).eps
+    assert torch.equal(fact.solve(b), x0)
 
 
-def test_tiny_damping_refines_and_is_accurate():
-    """ReLU net at ε = 1e-8: without refinement the error is far above eps·cond; the
-    default detects the 1/ε amplification and refines."""
-    curv, H = _setup("relu", 2)
-    damping = 1e-8
+@pytest.mark.parametrize("seed", [1, 3])
+def test_small_damping_refines_and_is_accurate(seed):
+    """ReLU nets at ε = 1e-6: without refinement the error is far above eps·cond (the
+    elimination does not pivot across blocks); the default sees the backward error and refines."""
+    curv, H = _setup("relu", seed)
+    damping = 1e-6
     fact = curv.factorize(damping)
-    assert fact._inner.amplification * torch.finfo(torch.float64).eps > ts.curvature.REFINE_TOLERANCE
     M = H + damping * torch.eye(H.shape[0])
     eig = torch.linalg.eigvalsh(M)
     cond = (eig.abs().max() / eig.abs().min()).item()
@@ -38,9 +45,22 @@ def test_tiny_damping_refines_and_is_accurate():
     ref = torch.linalg.solve(M, b)
     err = lambda x: ((x - ref).norm() / ref.norm()).item()  # noqa: E731
     tol = 10 * torch.finfo(torch.float64).eps * cond
-    assert err(fact.solve(b)) <= tol
     assert err(fact.solve(b, refine=0)) > tol  # the step is needed here, not decoration
+    x = fact.solve(b)
+    assert err(x) <= tol
+    assert _backward_error(M, x, b) <= ts.curvature.BACKWARD_ERROR_TOLERANCE * torch.finfo(torch.float64).eps
     assert err(fact.solve(b, refine=2)) <= tol
+
+
+def test_check_is_per_column():
+    """With k right-hand sides, one column above tolerance is enough to refine."""
+    curv, H = _setup("relu", 1)
+    fact = curv.factorize(1e-6)
+    gen = torch.Generator().manual_seed(0)
+    B = torch.randn(H.shape[0], 3, generator=gen)
+    X = fact.solve(B)
+    for j in range(3):
+        torch.testing.assert_close(X[:, j], fact.solve(B[:, j]), rtol=1e-9, atol=0)
 
 
 @pytest.mark.parametrize("bad", [-1, 1.5, True, "1"])
