@@ -508,6 +508,22 @@ def _ignored_rows(nxt: Oracle | None) -> Tensor | None:
     return dead if bool(dead.any()) else None
 
 
+def _last_block_norm(factors, damping: float) -> float:
+    """A lower bound of ``‖H‖₂`` known for free: the last block with parameters sees the
+    loss's own value Hessian (nothing is eliminated after it), so its span pivot
+    ``Q − εI = VᵀH_LL V`` (orthonormal ``V``, linear block) is a compression of a diagonal
+    block of ``H``, and ``‖H‖ ≥ max|Q − εI|``. ``0`` where that does not hold."""
+    last = next((f for f in reversed(factors) if f is not None), None)
+    inner = getattr(last, "inner", last)  # a reduced affine stage wraps its span stage
+    factor = getattr(inner, "factor", None)
+    stage = getattr(inner, "stage", None)
+    if not isinstance(factor, SymmetricFactor) or getattr(stage, "A_rr", None) is not None:
+        return 0.0
+    Q = factor.matrix.clone()
+    Q.diagonal().sub_(damping)
+    return float(Q.abs().max())
+
+
 class RiccatiFactorization:
     """``H + εI`` factored stage by stage (see the module docstring)."""
 
@@ -519,6 +535,8 @@ class RiccatiFactorization:
         for i in reversed(range(len(stages))):
             S, self._factors[i] = stages[i].eliminate(S, damping, i)
         self._inertia = self._logdet = None
+        self.norm_lower_bound = _last_block_norm(self._factors, damping)
+
 
     def solve(self, b: Tensor) -> Tensor:
         """``(H + εI)^{-1} b`` for ``b`` of shape ``(P, k)``: two sweeps, no refactoring."""
@@ -614,6 +632,7 @@ class KKTFactorization:
             ) from None
         k = self._factor.inertia()
         self._inertia = Inertia(k.positive - self._m, k.negative - self._m, k.zero)
+        self.norm_lower_bound = 0.0
 
     def solve(self, b: Tensor) -> Tensor:
         rhs = []
