@@ -105,7 +105,7 @@ def _congruence(F: LinearOperator, S: Tensor) -> Tensor:
     """``Fᵀ S F`` for a symmetric dense ``S``, exploiting diagonal ``F``."""
     if isinstance(F, Diagonal):
         d = F.diagonal
-        return S * d.unsqueeze(0) * d.unsqueeze(1)
+        return S * (d.unsqueeze(0) * d.unsqueeze(1))  # d_i·d_j first: symmetric exactly
     if isinstance(F, ScaledIdentity):
         return (F.scale * F.scale) * S
     if isinstance(F, Kronecker) and isinstance(F.left, ScaledIdentity) and F.left.scale == 1.0 and isinstance(F.right, Dense):
@@ -150,9 +150,12 @@ class ActivationStage:
     def __init__(self, oracle: Oracle):
         self.F, self.E = oracle.F, oracle.E
         self.FT = oracle.F.T
+        self.diagonal = isinstance(self.F, (Diagonal, ScaledIdentity)) and isinstance(self.E, (Diagonal, Zero))
 
     def eliminate(self, S: Tensor, damping: float, index: int):
-        return _symmetrize(_plus(self.E, _congruence(self.F, S))), None
+        S_new = _plus(self.E, _congruence(self.F, S))
+        # D S D (+ a diagonal) of a symmetric S is symmetric bit for bit: s_ij·d_i·d_j
+        return (S_new if self.diagonal else _symmetrize(S_new)), None
 
 
 class DenseStage:
@@ -450,17 +453,19 @@ def prepare_stages(oracles: Sequence[Oracle], loss: Oracle) -> list:
         if o.G.shape[1] == 0:
             stages.append(ActivationStage(o))
             continue
-        if i == last:
-            kw = dict(output_range=_value_hessian_range(oracles[i + 1:], loss))
-        else:
-            kw = dict(ignored_rows=_ignored_rows(oracles[i + 1] if i + 1 < len(oracles) else None))
         parts = affine_parts(o)
-        if parts is None:
-            stages.append(DenseStage(o, **kw))
-        elif kw.get("output_range") is None and samples_first(o, parts):
+        output_range = _value_hessian_range(oracles[i + 1:], loss) if i == last else None
+        if parts is not None and output_range is None and samples_first(o, parts):
             # outputs the next block ignores (dead ReLU units) need no special care here:
             # their rows of S are exactly zero, so Q_ζζ has the exact pivot ε there
             stages.append(AffineStage(o, parts))
+            continue
+        if i == last:
+            kw = dict(output_range=output_range)
+        else:
+            kw = dict(ignored_rows=_ignored_rows(oracles[i + 1] if i + 1 < len(oracles) else None))
+        if parts is None:
+            stages.append(DenseStage(o, **kw))
         else:
             stages.append(ReducedAffineStage(o, parts, lambda reduced: _reduced_stage(reduced, kw)))
     return stages
