@@ -191,3 +191,31 @@ def test_model_is_unchanged_by_every_call():
     # a frozen parameter is not part of θ
     assert all(p.requires_grad for p in chain.parameters())
     assert P == sum(p.numel() for m in modules for p in m.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("where", ["input", "hidden"])
+def test_non_finite_activations_are_named(where):
+    """One reduction checks the whole pass; the error names the block that saw NaN/inf."""
+    lin1, lin2 = nn.Linear(3, 4).double(), nn.Linear(4, 2).double()
+    chain = ts.Chain([lin1, nn.Tanh(), lin2], nn.MSELoss())
+    X = torch.randn(2, 3, dtype=torch.float64)
+    y = torch.randn(2, 2, dtype=torch.float64)
+    if where == "input":
+        X[1, 0] = math.nan
+        block = "block 0 (Linear)"
+    else:
+        with torch.no_grad():
+            lin1.weight[0, 0] = math.inf
+        block = "block 1 (Tanh)"
+    with pytest.raises(ValueError, match=r"NaN or inf") as info:
+        chain.curvature(X, y)
+    assert block in str(info.value)
+
+
+def test_blocks_check_outside_the_chain():
+    """Called directly (not from a chain), a block still checks its inputs for NaN/inf."""
+    block = ts.blocks.block_for(nn.Linear(3, 2).double())
+    z = torch.full((1, 3), math.nan, dtype=torch.float64)
+    params = [p.detach() for p in block.parameters()]
+    with pytest.raises(ValueError, match="NaN or inf"):
+        block.oracle(z, params, torch.zeros(1, 2, dtype=torch.float64))
