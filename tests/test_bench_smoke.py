@@ -182,3 +182,15 @@ def test_command_rejects_bad_flags(capsys):
     assert "L,h,B" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         bench.main(["--repeats", "0", "--models", "2,3,1"])
+
+
+def test_generic_bench_on_a_tiny_model(capsys):
+    """bench/generic.py: both paths agree and the table has one row per damping."""
+    generic = _load("bench_generic", "generic.py")
+    assert generic.main(["--model", "3,4,1", "--repeats", "1", "--dampings", "0.01", "1"]) == 0
+    cells = [line.split("|")[1:-1] for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    rows = [c for c in cells if c[0].strip()[0].isdigit()]  # the data rows (not header, not rule)
+    assert [float(c[0]) for c in rows] == [0.01, 1.0]
+    for c in rows:
+        assert float(c[4]) <= 1e-12  # the two eliminations agree
+        assert float(c[5]) <= 1e-10 and float(c[6]) <= 1e-10  # and both solve the system
