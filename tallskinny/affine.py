@@ -31,8 +31,10 @@ from .linalg.kronecker import Kronecker, Permutation, Product, kron, transpose_p
 
 
 def affine_parts(o: Oracle):
-    """``(p_out, X̃, p_θ, Γ, Ẽ)`` if the oracle has the affine structure, else ``None``
-    (``Γ``, ``Ẽ`` are ``None`` when ``C = 0``)."""
+    """``(p_out, X̃, p_θ, Γ, Ẽ, C)`` if ``G`` has the affine structure and ``A = 0``, else
+    ``None``. ``Γ``, ``Ẽ`` describe ``C = P_θᵀ(Γ ⊗ Ẽ)`` where it has that form (``None``
+    otherwise); the last entry is ``C`` itself where it is neither zero nor of that form
+    (a convolution's ``C`` ends with the unfold of its input), used densely."""
     G = o.G
     if not isinstance(o.A, Zero) or not isinstance(G, Product) or len(G.factors) != 3:
         return None
@@ -47,7 +49,7 @@ def affine_parts(o: Oracle):
     ):
         return None
     if isinstance(o.C, Zero):
-        return p_out.index, kron.right.matrix, p_theta, None, None
+        return p_out.index, kron.right.matrix, p_theta, None, None, None
     C = o.C
     if not (
         isinstance(C, Product)
@@ -58,8 +60,8 @@ def affine_parts(o: Oracle):
         and isinstance(C.factors[1].left, Dense)
         and isinstance(C.factors[1].right, Dense)
     ):
-        return None
-    return p_out.index, kron.right.matrix, p_theta, C.factors[1].left.matrix, C.factors[1].right.matrix
+        return p_out.index, kron.right.matrix, p_theta, None, None, C
+    return p_out.index, kron.right.matrix, p_theta, C.factors[1].left.matrix, C.factors[1].right.matrix, None
 
 
 def samples_first(o: Oracle, parts) -> bool:
@@ -97,7 +99,7 @@ class _AffineCoordinates:
     ``C_⊥ᵀC_⊥ = ΓᵀΓ ⊗ P̄`` and the ``Θ̃ᵀ`` coordinates of the parameters."""
 
     def _setup(self, oracle: Oracle, parts) -> Tensor:
-        p_out, X, p_theta, Gam, Et = parts
+        p_out, X, p_theta, Gam, Et, C_general = parts
         R, q = X.shape
         m = oracle.G.shape[0] // R
         self.p = oracle.G.shape[1]
@@ -120,7 +122,18 @@ class _AffineCoordinates:
         self.Gam, self.Et = Gam, Et
         # Ẽ = [I; 0] (a Linear layer's input padded by the bias column): slicing suffices
         self.pad = Et is not None and Et.shape[0] > Et.shape[1] and torch.equal(Et, _eye(*Et.shape, Et.dtype, Et.device))
-        if Gam is None:
+        self.coupled = Gam is not None or C_general is not None  # C ≠ 0
+        self.C_perp_mat = self.C_span = None
+        if C_general is not None:
+            # C densely, in Θ̃ᵀ coordinates: rows (c, i), one column per input entry
+            a_in = C_general.shape[1]
+            T_C = C_general.to_dense()[self.order].reshape(q, m * a_in)
+            VtT = self.Vt @ T_C
+            self.C_span = VtT.reshape(r * m, a_in)  # rows ζ = (k, i)
+            self.C_perp_mat = (T_C - self.V @ VtT).reshape(q * m, a_in)
+            CtC = self.C_perp_mat.mT @ self.C_perp_mat
+            self.CtC = 0.5 * (CtC + CtC.mT)
+        elif Gam is None:
             self.CtC = None
         else:
             VtE = self.V.mT @ Et
@@ -138,13 +151,18 @@ class _AffineCoordinates:
 
     def _c_perp(self, y: Tensor) -> Tensor:
         """``(C_⊥ y)ᵀ = (I − VVᵀ) Ẽ Yᵀ Γᵀ`` as a ``q × (m·k)`` matrix."""
+        if self.C_perp_mat is not None:
+            return (self.C_perp_mat @ y).reshape(self.q, -1)
         R, n, k = self.Gam.shape[1], self.Et.shape[1], y.shape[1]
         M = (self.Gam @ y.reshape(R, n * k)).reshape(self.m, n, k).transpose(0, 1).reshape(n, -1)
         M = torch.cat((M, M.new_zeros(self.q - n, M.shape[1]))) if self.pad else self.Et @ M
         return M - self.V @ (self.Vt @ M)
 
     def _c_t(self, T: Tensor, k: int) -> Tensor:
-        """``Cᵀ`` applied to a ``q × (m·k)`` matrix ``Θ̃ᵀ``: ``Γᵀ Θ̃ Ẽ``, flattened ``(R·n, k)``."""
+        """``Cᵀ`` applied to a ``q × (m·k)`` matrix ``Θ̃ᵀ``: ``Γᵀ Θ̃ Ẽ``, flattened ``(R·n, k)``
+        (of a complement direction: ``C`` and ``C_⊥`` agree there)."""
+        if self.C_perp_mat is not None:
+            return self.C_perp_mat.mT @ T.reshape(-1, k)
         n = self.Et.shape[1]
         M = T[:n] if self.pad else self.Et.mT @ T  # n × (m·k)
         M = M.reshape(n, self.m, k).transpose(0, 1).reshape(self.m, n * k)
@@ -191,7 +209,9 @@ class AffineStage(_AffineCoordinates):
             if self.scalar is not None and isinstance(F, Kronecker) and F.left.shape[0] == 1 and isinstance(F.right, Dense)
             else None
         )
-        if self.Gam is None or not r:
+        if self.C_span is not None:
+            self.C_r = self.C_span if r else None
+        elif self.Gam is None or not r:
             self.C_r = None
         else:  # C_V[(k,i),(s,j)] = (VᵀẼ)[k,j] Γ[i,s]
             VtE = self.Vt @ self.Et
@@ -296,7 +316,7 @@ class _DirectAffineFactor:
             t_new = self.Q_ry.mT @ nu if t_new is None else torch.addmm(t_new, self.Q_ry.mT, nu)
             if st.n_perp:
                 b_perp = torch.addmm(T, st.V, Zb, alpha=-1.0)
-        if b_perp is not None and st.Gam is not None:
+        if b_perp is not None and st.coupled:
             # −C_⊥ᵀ u_⊥ with u_⊥ = −b_⊥/ε
             if st.fused and k == 1:
                 extra = b_perp[: st.PE.shape[1]] @ st.g
@@ -323,7 +343,7 @@ class _DirectAffineFactor:
         if b_perp is not None:
             inv = 1.0 / self.damping
             T = b_perp * inv if T is None else torch.add(T, b_perp, alpha=inv)
-            if y is not None and st.Gam is not None:
+            if y is not None and st.coupled:
                 if st.fused and k == 1:  # C_⊥y = ((I − vvᵀ)Ẽ y) gᵀ
                     T = torch.addmm(T, st.PE @ y, st.g.mT, alpha=-inv)
                 else:
@@ -336,7 +356,7 @@ class ReducedAffineStage(_AffineCoordinates):
     (for the last block, where the span stage also drops the loss's null space)."""
 
     def __init__(self, oracle: Oracle, parts, inner_stage):
-        p_out, X, p_theta, Gam, Et = parts
+        p_out, X, p_theta, Gam, Et, _ = parts
         XV = self._setup(oracle, parts)
         R, q, m, r = self.R, self.q, self.m, self.r
         # the span coordinates ζ = vec(Zᵀ) (r × m, i.e. ordered (i, k)), Θ̃ = Z Vᵀ
@@ -350,7 +370,9 @@ class ReducedAffineStage(_AffineCoordinates):
                 Permutation(transpose_permutation(r, m, device=X.device), dtype=X.dtype),  # ζ(i,k) → (k,i)
             )
         a_in = oracle.F.shape[1]
-        if Gam is None:
+        if self.C_span is not None:
+            C_r = Dense(self.C_span)
+        elif Gam is None:
             C_r = Zero(m * r, a_in, dtype=X.dtype, device=X.device)
         else:
             C_r = Dense(kron(Gam, self.V.mT @ Et)[span_order])  # m·r × a_in
@@ -398,7 +420,7 @@ class _AffineStageFactor:
             u, t_new = self.inner.backward(t, Zb.reshape(-1, k))
         else:
             u, t_new = None, None if t is None else st.F.T._matmat(t)
-        if b_perp is not None and st.Gam is not None:
+        if b_perp is not None and st.coupled:
             extra = st._c_t(b_perp, k) / self.damping  # −C_⊥ᵀ u_⊥ with u_⊥ = −b_⊥/ε
             t_new = extra if t_new is None else t_new + extra
         return (u, b_perp, k), t_new
@@ -412,7 +434,7 @@ class _AffineStageFactor:
         else:
             T, y_new = None, None if y is None else st.F._matmat(y)
         if b_perp is not None:
-            perp = b_perp if y is None or st.Gam is None else b_perp - st._c_perp(y)
+            perp = b_perp if y is None or not st.coupled else b_perp - st._c_perp(y)
             perp = perp / self.damping
             T = perp if T is None else T + perp
         return st._untilde(T, k), y_new

@@ -68,7 +68,7 @@ class CompiledOracle:
 
     def _compile_affine(self, o: Oracle, parts) -> None:
         """``G v = vec(X̃ Θ̃_vᵀ)``, ``Gᵀμ = X̃ᵀ M``, ``C y = vec(Γ Y Ẽᵀ)``, ``Cᵀv = vec(Γᵀ Θ̃_v Ẽ)``."""
-        _, X, p_theta, Gam, Et = parts
+        _, X, p_theta, Gam, Et, C_general = parts
         R, q = X.shape
         m = o.G.shape[0] // R
         order, order_inv = _transposed_order(p_theta, m, q)
@@ -83,6 +83,9 @@ class CompiledOracle:
             return (Xt @ mu.reshape(R, m * k)).reshape(q * m, k)[order_inv]
 
         self.G, self.GT = G, GT
+        if C_general is not None:
+            self.C, self.CT = compile_operator(o.C), compile_operator(o.C.T)
+            return
         if Gam is None:
             self.C = self.CT = None
             return
