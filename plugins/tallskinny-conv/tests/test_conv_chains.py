@@ -110,3 +110,25 @@ def test_conv_chain_float32():
     x32 = ts.Chain(modules32, nn.CrossEntropyLoss()).inverse_hvp(X.float(), y, b.float(), damping=1.0)
     assert x32.dtype == torch.float32
     assert rel(x32.double(), x64) <= 1e-4
+
+
+@pytest.mark.parametrize("damping", [1e-6, 1e-2])
+def test_convolutions_are_eliminated_as_affine_stages(damping):
+    """A convolution (groups = 1) is affine in its parameters: the solver eliminates it as
+    an affine stage (its C, which ends with the unfold of the input, read densely), not
+    as a generic dense stage, and the solve stays exact at small damping."""
+    from tallskinny import elimination
+    from tallskinny.affine import AffineStage, ReducedAffineStage
+
+    torch.manual_seed(0)
+    chain = ts.Chain([nn.Conv2d(2, 3, 3, padding=1), nn.Tanh(), nn.Conv2d(3, 2, 2), nn.Tanh(), nn.Flatten(),
+                      nn.Linear(32, 3)], nn.CrossEntropyLoss())
+    gen = torch.Generator().manual_seed(1)
+    X = torch.randn(2, 2, 5, 5, generator=gen)
+    y = torch.randint(0, 3, (2,), generator=gen)
+    curv = chain.curvature(X, y)
+    stages = elimination.prepare_stages(curv.oracles, curv.loss_oracle)
+    conv_stages = [s for s, b in zip(stages, chain.blocks) if isinstance(b, ConvBlock)]
+    assert conv_stages and all(isinstance(s, (AffineStage, ReducedAffineStage)) for s in conv_stages)
+    assert all(s.C_perp_mat is not None for s in conv_stages)  # the general-C path
+    check_against_dense(chain, X, y, damping, gen=gen)

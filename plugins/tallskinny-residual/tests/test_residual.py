@@ -173,3 +173,22 @@ def test_installing_is_enough():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "ResidualBlock"
+
+
+@pytest.mark.parametrize("damping", [1e-6, 1e-2])
+def test_units_with_a_last_linear_are_affine_stages(damping):
+    """``z + W σ(z) + b``: only the last inner block has parameters, so the unit keeps the
+    affine G of its Linear and the solver eliminates it as an affine stage (C densely)."""
+    from tallskinny import elimination
+    from tallskinny.affine import AffineStage
+
+    torch.manual_seed(0)
+    units = [Residual([nn.Tanh(), nn.Linear(4, 4)]) for _ in range(3)]
+    chain = ts.Chain([nn.Linear(3, 4), *units, nn.Linear(4, 3)], nn.CrossEntropyLoss())
+    gen = torch.Generator().manual_seed(2)
+    X = randn(2, 3, seed=3)
+    y = torch.randint(0, 3, (2,), generator=gen)
+    curv = chain.curvature(X, y)
+    stages = elimination.prepare_stages(curv.oracles, curv.loss_oracle)
+    assert all(isinstance(stages[i], AffineStage) and stages[i].C_perp_mat is not None for i in (1, 2, 3))
+    check_against_dense(chain, X, y, damping, gen=gen)
