@@ -136,7 +136,7 @@ class _AffineCoordinates:
         elif Gam is None:
             self.CtC = None
         else:
-            VtE = self.V.mT @ Et
+            self.VtE = VtE = self.Vt @ Et  # r × n
             P_bar = Et.mT @ Et - VtE.mT @ VtE
             self.CtC = kron(Gam.mT @ Gam, P_bar)
         self.n_perp = m * (q - r)
@@ -214,15 +214,14 @@ class AffineStage(_AffineCoordinates):
         elif self.Gam is None or not r:
             self.C_r = None
         else:  # C_V[(k,i),(s,j)] = (VᵀẼ)[k,j] Γ[i,s]
-            VtE = self.Vt @ self.Et
-            n = VtE.shape[1]
-            self.C_r = (VtE[:, None, None, :] * self.Gam[None, :, :, None]).reshape(r * m, R * n)
-        # one sample, Ẽ = [I; 0]: C_⊥ᵀΘ̃_⊥ = Θ̃_⊥[:n]ᵀ... = Θ̃_⊥ᵀ[:n] g and C_⊥y = (I − vvᵀ)Ẽ y gᵀ
+            n = self.VtE.shape[1]
+            self.C_r = (self.VtE[:, None, None, :] * self.Gam[None, :, :, None]).reshape(r * m, R * n)
+        # one sample, Ẽ = [I; 0], Γ = g (m × 1): for Θ̃ᵀ of a complement direction
+        # C_⊥ᵀθ = (Θ̃ᵀ)[:n] g, and C_⊥y = ((I − vvᵀ)Ẽ y) gᵀ as a q × m matrix
         self.fused = self.W is not None and self.Gam is not None and self.pad
         if self.fused:
             self.g = self.Gam  # m × 1
-            n = self.Et.shape[1]
-            self.PE = self.Et - self.V @ (self.Vt[:, :n])  # (I − vvᵀ)Ẽ, q × n
+            self.PE = self.Et - self.V @ self.VtE  # (I − vvᵀ)Ẽ, q × n
 
     # -- G_V and its transpose on (R·m, k) / (r·m, k) tensors ---------------------------------
     def _gv(self, z: Tensor) -> Tensor:
@@ -280,6 +279,18 @@ class AffineStage(_AffineCoordinates):
         return _symmetrize(S_new), _DirectAffineFactor(self, damping, factor, Q_ry, K)
 
 
+def _with_complement(span: Inertia | None, n_perp: int) -> Inertia:
+    """The span's inertia, and ``ε > 0`` on each of the ``n_⊥`` complement directions."""
+    pos, neg = (span.positive, span.negative) if span is not None else (0, 0)
+    return Inertia(pos + n_perp, neg, 0)
+
+
+def _plus_complement_logdet(span: Tensor | None, n_perp: int, damping: float) -> Tensor:
+    """``log|det Q_ζζ| + n_⊥·log ε``."""
+    extra = n_perp * math.log(damping) if n_perp else 0.0
+    return (span if span is not None else torch.zeros((), dtype=torch.float64)) + extra
+
+
 class _DirectAffineFactor:
     __slots__ = ("stage", "damping", "factor", "Q_ry", "K")
 
@@ -288,16 +299,12 @@ class _DirectAffineFactor:
 
     @property
     def inertia(self) -> Inertia:
-        """The span's inertia, and ``ε > 0`` on each of the ``n_⊥`` complement directions."""
-        inner = self.factor.inertia() if self.factor is not None else Inertia(0, 0, 0)
-        return Inertia(inner.positive + self.stage.n_perp, inner.negative, 0)
+        return _with_complement(self.factor.inertia() if self.factor is not None else None, self.stage.n_perp)
 
     @property
     def logdet(self) -> Tensor:
-        n = self.stage.n_perp
-        extra = n * math.log(self.damping) if n else 0.0
-        inner = self.factor.logdet() if self.factor is not None else torch.zeros((), dtype=torch.float64)
-        return inner + extra
+        span = self.factor.logdet() if self.factor is not None else None
+        return _plus_complement_logdet(span, self.stage.n_perp, self.damping)
 
     def backward(self, t: Tensor | None, b: Tensor):
         """``u = Q_ζζ⁻¹(G_Vᵀt − b_ζ)`` and ``t ← Fᵀt − Q_ζyᵀu + C_⊥ᵀb_⊥/ε`` (``−u`` is kept)."""
@@ -356,9 +363,9 @@ class ReducedAffineStage(_AffineCoordinates):
     (for the last block, where the span stage also drops the loss's null space)."""
 
     def __init__(self, oracle: Oracle, parts, inner_stage):
-        p_out, X, p_theta, Gam, Et, _ = parts
+        p_out, X, _, Gam, _, _ = parts
         XV = self._setup(oracle, parts)
-        R, q, m, r = self.R, self.q, self.m, self.r
+        R, m, r = self.R, self.m, self.r
         # the span coordinates ζ = vec(Zᵀ) (r × m, i.e. ordered (i, k)), Θ̃ = Z Vᵀ
         span_order = transpose_permutation(m, r, device=X.device)  # (i, k) → (k, i)
         if R == 1:  # tiny: one dense matrix is cheapest
@@ -375,7 +382,7 @@ class ReducedAffineStage(_AffineCoordinates):
         elif Gam is None:
             C_r = Zero(m * r, a_in, dtype=X.dtype, device=X.device)
         else:
-            C_r = Dense(kron(Gam, self.V.mT @ Et)[span_order])  # m·r × a_in
+            C_r = Dense(kron(Gam, self.VtE)[span_order])  # m·r × a_in
         reduced = Oracle(
             G=GV,
             F=oracle.F,
@@ -399,16 +406,12 @@ class _AffineStageFactor:
 
     @property
     def inertia(self) -> Inertia:
-        """The span's inertia, and ``ε > 0`` on each of the ``n_⊥`` complement directions."""
-        inner = self.inner.inertia if self.inner is not None else Inertia(0, 0, 0)
-        return Inertia(inner.positive + self.stage.n_perp, inner.negative, 0)
+        return _with_complement(self.inner.inertia if self.inner is not None else None, self.stage.n_perp)
 
     @property
     def logdet(self) -> Tensor:
-        n = self.stage.n_perp
-        extra = n * math.log(self.damping) if n else 0.0
-        inner = self.inner.logdet if self.inner is not None else torch.zeros((), dtype=torch.float64)
-        return inner + extra
+        span = self.inner.logdet if self.inner is not None else None
+        return _plus_complement_logdet(span, self.stage.n_perp, self.damping)
 
     def backward(self, t: Tensor | None, b: Tensor):
         st = self.stage

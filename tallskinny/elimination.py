@@ -51,44 +51,6 @@ from .linalg.kronecker import Kronecker
 
 
 # ---------------------------------------------------------------------------------------
-def hvp(oracles: Sequence[Oracle], loss: Oracle, v: Tensor) -> Tensor:
-    """``H v`` for ``v`` of shape ``(P, k)``: a forward sweep of the tangents
-    ``y_l = F_l y_{l-1} + G_l v_l`` and a backward sweep of the adjoints
-    ``μ_{l-1} = F_lᵀ μ_l + C_lᵀ v_l + E_l y_{l-1}`` (from ``μ_L = E_loss y_L``), giving
-    ``(H v)_l = A_l v_l + C_l y_{l-1} + G_lᵀ μ_l``."""
-    # the shapes of the oracles were checked when the curvature was made: apply unchecked
-    vs = _split(oracles, v)
-    ys = []
-    y = v.new_zeros((oracles[0].F.shape[1], v.shape[1])) if oracles else v.new_zeros((loss.F.shape[1], v.shape[1]))
-    for o, vl in zip(oracles, vs):
-        ys.append(y)
-        y = o.F._matmat(y)
-        if vl.shape[0]:
-            y = y + o.G._matmat(vl)
-    mu = loss.E._matmat(y)
-    out = [None] * len(oracles)
-    for i in reversed(range(len(oracles))):
-        o, vl, y_in = oracles[i], vs[i], ys[i]
-        mu_in = _plus_product(o.E, y_in, o.F.T._matmat(mu))
-        if vl.shape[0]:
-            out[i] = _plus_product(o.A, vl, _plus_product(o.C, y_in, o.G.T._matmat(mu)))
-            mu = _plus_product(o.C.T, vl, mu_in)
-        else:
-            out[i] = vl
-            mu = mu_in
-    return torch.cat(out, dim=0) if out else v
-
-
-def _plus_product(op: LinearOperator, x: Tensor, acc: Tensor) -> Tensor:
-    """``acc + op x``, skipping zero operators."""
-    return acc if isinstance(op, Zero) else acc + op._matmat(x)
-
-
-def _split(oracles: Sequence[Oracle], x: Tensor) -> list[Tensor]:
-    return list(torch.split(x, [o.G.shape[1] for o in oracles], dim=0))
-
-
-# ---------------------------------------------------------------------------------------
 # Stages: the ε-independent data of one block, prepared once per curvature.
 
 
