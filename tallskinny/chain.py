@@ -52,6 +52,10 @@ class Chain:
                         "blocks (weight tying) are not supported"
                     )
                 seen[id(p)] = i
+        # θ is fixed when the chain is made, and with it the parameters' names
+        self._names = tuple(
+            f"{i}.{n}" for i, (m, ps) in enumerate(zip(self.modules, self._params)) for n in _param_names(m, ps)
+        )
 
     @classmethod
     def from_sequential(cls, sequential: nn.Sequential, loss: Callable, *, strict: bool = False) -> "Chain":
@@ -85,13 +89,9 @@ class Chain:
                 f"all parameters must share one dtype and device, found {sorted(map(str, dtypes))} "
                 f"on {sorted(map(str, devices))}"
             )
-        names = []
-        for i, (m, ps) in enumerate(zip(self.modules, self._params)):
-            pnames = _param_names(m, ps)
-            names.extend(f"{i}.{n}" for n in pnames)
         return ParameterLayout(
             shapes=tuple(tuple(p.shape) for p in params),
-            names=tuple(names),
+            names=self._names,
             dtype=params[0].dtype,
             device=params[0].device,
         )
@@ -103,9 +103,12 @@ class Chain:
         ``kind="hessian"`` gives the Hessian of the loss w.r.t. all parameters,
         ``kind="ggn"`` the generalised Gauss–Newton matrix ``Jᵀ ∇²loss J``.
         """
-        kind = check_kind(kind)
-        layout = self.layout()
+        return self._curvature(inputs, targets, check_kind(kind), self.layout())
+
+    def _curvature(self, inputs: Tensor, targets, kind: str, layout: ParameterLayout) -> Curvature:
         self._check_inputs(inputs, layout)
+        # our own leaves: they require grad for the backward pass, and once it is done
+        # the same tensors (flag cleared) are the parameter values the oracles see
         thetas = [[p.detach().requires_grad_(True) for p in ps] for ps in self._params]
         with torch.enable_grad(), checks.trusted():
             zs = [inputs.detach()]
@@ -129,44 +132,50 @@ class Chain:
             # an output that does not depend on any parameter has no part in H: its
             # adjoint is not needed (every tangent upstream of it is zero)
             wrt = [z for z in zs[1:] if z.requires_grad] + flat_thetas
-            grads = list(torch.autograd.grad(loss, wrt, allow_unused=True))
+            grads = iter(torch.autograd.grad(loss, wrt, allow_unused=True))
         n = len(self.blocks)
-        adjoints = [_zeros_if_none(grads.pop(0) if z.requires_grad else None, z) for z in zs[1:]]
+        # (the gradients of a first-order grad call carry no graph: no detach needed)
+        adjoints = [_zeros_if_none(next(grads) if z.requires_grad else None, z) for z in zs[1:]]
         param_grads = [_zeros_if_none(g, t) for g, t in zip(grads, flat_thetas)]
         gradient = torch.cat([g.reshape(-1) for g in param_grads])
+        for t in flat_thetas:
+            t.requires_grad_(False)
+        zs = [z.detach() for z in zs]
 
         self._check_finite(zs, adjoints)
         second_order = kind == "hessian"
         oracles = []
         with checks.trusted():
             for i, block in enumerate(self.blocks):
-                values = [t.detach() for t in thetas[i]]
-                o = block.oracle(zs[i].detach(), values, adjoints[i], second_order=second_order)
+                values = thetas[i]
+                o = block.oracle(zs[i], values, adjoints[i], second_order=second_order)
                 if not second_order:
                     o = _gauss_newton(o)
                 _check_oracle(o, i, self.modules[i], zs[i], zs[i + 1], sum(t.numel() for t in values))
                 oracles.append(o)
-        loss_oracle = self.loss_block.oracle(zs[-1].detach(), targets)
+        loss_oracle = self.loss_block.oracle(zs[-1], targets)
         _check_oracle(loss_oracle, n, self.loss, zs[-1], loss, 0)
         return Curvature(oracles, loss_oracle, gradient, layout, kind, loss.detach())
 
     def hvp(self, inputs: Tensor, targets, v, *, kind: str = "hessian"):
         """``H v`` at ``(inputs, targets)``, in the format of ``v``."""
-        self.layout().to_flat(v, "v")
-        return self.curvature(inputs, targets, kind=kind).hvp(v)
+        layout = self.layout()
+        layout.to_flat(v, "v")
+        return self._curvature(inputs, targets, check_kind(kind), layout).hvp(v)
 
     def inverse_hvp(
         self, inputs: Tensor, targets, b, damping: float = 0.0, *, kind: str = "hessian", refine: int | None = None
     ):
         """``(H + damping·I)^{-1} b`` at ``(inputs, targets)``, in the format of ``b``."""
         damping = check_damping(damping)
-        check_kind(kind)
-        self.layout().to_flat(b, "b")
-        return self.curvature(inputs, targets, kind=kind).solve(b, damping, refine=refine)
+        kind = check_kind(kind)
+        layout = self.layout()
+        layout.to_flat(b, "b")
+        return self._curvature(inputs, targets, kind, layout).solve(b, damping, refine=refine)
 
     def _check_finite(self, zs: Sequence[Tensor], adjoints: Sequence[Tensor]) -> None:
         """Every activation and adjoint of the pass is finite (one reduction for all)."""
-        flat = [z.detach().reshape(-1) for z in zs] + [g.reshape(-1) for g in adjoints]
+        flat = [z.reshape(-1) for z in zs] + [g.reshape(-1) for g in adjoints]
         if bool(torch.isfinite(torch.cat(flat)).all()):
             return
         for i in range(len(self.blocks)):
@@ -207,7 +216,7 @@ def _param_names(module, params: Sequence[Tensor]) -> list[str]:
 
 
 def _zeros_if_none(g, like: Tensor) -> Tensor:
-    return torch.zeros_like(like) if g is None else g.detach()
+    return torch.zeros_like(like) if g is None else g
 
 
 def _gauss_newton(o: Oracle) -> Oracle:

@@ -97,6 +97,12 @@ def check_adjoint(g, out_shape: torch.Size, z: Tensor, where: str) -> Tensor:
     return g
 
 
+def plain(t: Tensor) -> Tensor:
+    """``t`` without autograd history: ``t`` itself if it does not require grad (no new
+    tensor object), else ``t.detach()``."""
+    return t.detach() if t.requires_grad else t
+
+
 def zero(m: int, n: int, like: Tensor) -> Zero:
     """The ``m × n`` zero operator with the dtype and device of ``like``."""
     return Zero(m, n, dtype=like.dtype, device=like.device)

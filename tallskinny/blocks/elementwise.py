@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from ..linalg import Diagonal, Identity, LinearOperator
-from .checks import check_adjoint, check_finite, check_input, check_params, zero
+from .checks import check_adjoint, check_finite, check_input, check_params, plain, zero
 from .func import Block
 from .protocol import Oracle
 from .registry import register
@@ -128,9 +128,9 @@ class ElementwiseBlock(Block):
         where = self._where("oracle")
         check_input(z, where)
         check_params(self.parameters(), params, z, where)
-        z = z.detach()
+        z = plain(z)
         check_finite(z, "z", where)
-        g = check_adjoint(g, z.shape, z, where).detach()
+        g = plain(check_adjoint(g, z.shape, z, where))
         a = z.numel()
         F, E = self._jacobian_and_curvature(z, g, second_order)
         return Oracle(G=zero(a, 0, z), F=F, A=zero(0, 0, z), C=zero(0, a, z), E=E)

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from ..linalg import Dense, Identity, LinearOperator
 from ..linalg.kronecker import Kronecker, Permutation, Product, transpose_permutation
-from .checks import check_adjoint, check_finite, check_input, check_params, zero
+from .checks import check_adjoint, check_finite, check_input, check_params, plain, zero
 from .func import Block
 from .protocol import Oracle
 from .registry import register
@@ -41,15 +41,15 @@ class LinearBlock(Block):
     ) -> Oracle:
         where = self._where("oracle")
         weight, bias = self._weight_bias(z, params, "oracle")
-        z = z.detach()
+        z = plain(z)
         check_finite(z, "z", where)
         out_features, in_features = weight.shape
-        g = check_adjoint(g, z.shape[:-1] + (out_features,), z, where).detach()
+        g = plain(check_adjoint(g, z.shape[:-1] + (out_features,), z, where))
         z2 = z.reshape(-1, in_features)
         trainable = self._names
         with_weight, with_bias = "weight" in trainable, bias is not None and "bias" in trainable
         G = linear_G(z2, out_features, with_weight=with_weight, with_bias=with_bias)
-        F = linear_F(weight.detach(), z2.shape[0])
+        F = linear_F(plain(weight), z2.shape[0])
         p, a_in = G.shape[1], z.numel()
         if not second_order or not with_weight:
             C = zero(p, a_in, z)
