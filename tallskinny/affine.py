@@ -28,6 +28,14 @@ from torch import Tensor
 from .blocks.protocol import Oracle
 from .linalg import Dense, Identity, Inertia, ScaledIdentity, Zero
 from .linalg.kronecker import Kronecker, Permutation, Product, kron, transpose_permutation
+from .stage_algebra import (
+    SymmetricFactor,
+    _congruence,
+    _plus,
+    _raise_if_null_directions,
+    _StageSingular,
+    _symmetrize,
+)
 
 
 def affine_parts(o: Oracle):
@@ -172,8 +180,6 @@ class _AffineCoordinates:
         """``S ← S − C_⊥ᵀC_⊥/ε`` (``Q_θθ = εI`` on the complement)."""
         if self.n_perp:
             if damping == 0.0:  # Q_θθ = 0 on the complement
-                from .elimination import _raise_if_null_directions, _StageSingular
-
                 _raise_if_null_directions(self.CtC, index)
                 raise _StageSingular(index)
             if self.CtC is not None:
@@ -246,8 +252,6 @@ class AffineStage(_AffineCoordinates):
 
     # -- elimination ------------------------------------------------------------------------
     def eliminate(self, S: Tensor, damping: float, index: int):
-        from .elimination import SymmetricFactor, _StageSingular, _congruence, _plus, _symmetrize
-
         factor = Q_ry = K = None
         if self.W is not None:  # one sample: Q_ζζ = σ²S + εI, Q_ζy = σ S W + C_V
             W, sigma = self.W, self.scalar

@@ -33,10 +33,17 @@ import torch
 from torch import Tensor
 
 from .affine import AffineStage, ReducedAffineStage, affine_parts, samples_first
+from .stage_algebra import (
+    SymmetricFactor,
+    _congruence,
+    _plus,
+    _raise_if_null_directions,
+    _StageSingular,
+    _symmetrize,
+)
 from .blocks.protocol import Oracle
 from .errors import SingularSystemError
 from .linalg import (
-    Dense,
     Diagonal,
     Inertia,
     LinearOperator,
@@ -46,51 +53,10 @@ from .linalg import (
     Zero,
     pivot_tolerance,
 )
-from .linalg.factor import ldl_d_eigenvalues
-from .linalg.kronecker import Kronecker
 
 
 # ---------------------------------------------------------------------------------------
 # Stages: the ε-independent data of one block, prepared once per curvature.
-
-
-class _StageSingular(Exception):
-    def __init__(self, stage: int):
-        self.stage = stage
-
-
-def _symmetrize(S: Tensor) -> Tensor:
-    return 0.5 * (S + S.mT)
-
-
-def _congruence(F: LinearOperator, S: Tensor) -> Tensor:
-    """``Fᵀ S F`` for a symmetric dense ``S``, exploiting diagonal ``F``."""
-    if isinstance(F, Diagonal):
-        d = F.diagonal
-        return S * (d.unsqueeze(0) * d.unsqueeze(1))  # d_i·d_j first: symmetric exactly
-    if isinstance(F, ScaledIdentity):
-        return (F.scale * F.scale) * S
-    if isinstance(F, Kronecker) and isinstance(F.left, ScaledIdentity) and F.left.scale == 1.0 and isinstance(F.right, Dense):
-        # F = I_R ⊗ W: (I ⊗ W)ᵀ S (I ⊗ W), block by block
-        W = F.right.matrix
-        R, (m, n) = F.left.shape[0], W.shape
-        if R == 1:
-            return W.mT @ (S @ W)
-        T = S.reshape(R, m, R, m) @ W  # (s, a, t, n): right factor applied
-        T = (T.permute(0, 2, 3, 1) @ W).permute(0, 3, 1, 2)  # (s, j, t, n)
-        return T.reshape(R * n, R * n)
-    Fd = F.to_dense()
-    return Fd.mT @ (S @ Fd)
-
-
-def _plus(E: LinearOperator, X: Tensor) -> Tensor:
-    """``E + X`` as a dense tensor (``X`` may be overwritten)."""
-    if isinstance(E, Zero):
-        return X
-    if isinstance(E, Diagonal):
-        X.diagonal().add_(E.diagonal)
-        return X
-    return X + E.to_dense()
 
 
 def _is_zero(op: LinearOperator) -> bool:
@@ -258,63 +224,6 @@ class DenseStage:
         return _symmetrize(S_new), _DenseStageFactor(self, d, factor, Q_ry, K_r, z_inertia, z_logdet)
 
 
-class SymmetricFactor:
-    """A symmetric matrix factored for solves, with its inertia and ``log|det|``.
-
-    Cholesky when the matrix is positive definite (the common case near the loss and for
-    Gauss–Newton); otherwise LU with partial pivoting, which solves many right-hand sides
-    with BLAS-3 speed (LAPACK's Bunch–Kaufman solve does not). The inertia of an
-    indefinite matrix is read from a Bunch–Kaufman ``LDLᵀ`` (Sylvester's law), computed
-    only when asked for.
-    """
-
-    __slots__ = ("matrix", "_chol", "_lu", "_piv", "_inertia", "_logdet")
-
-    @classmethod
-    def of(cls, Q: Tensor) -> "SymmetricFactor | None":
-        """The factorization, or ``None`` if ``Q`` is singular to working precision."""
-        self = cls.__new__(cls)
-        self.matrix, self._chol, self._lu, self._piv, self._inertia, self._logdet = Q, None, None, None, None, None
-        n = Q.shape[0]
-        scale, diag_min = torch.stack((Q.abs().max(), Q.diagonal().min())).tolist()
-        tol = pivot_tolerance(n, Q.dtype, scale)
-        if diag_min > 0:  # a negative diagonal entry rules out positive definiteness at once
-            L, info = torch.linalg.cholesky_ex(Q)
-            if not bool(info):
-                if float(L.diagonal().min()) ** 2 <= tol:
-                    return None
-                self._chol = L
-                self._inertia = Inertia(n, 0, 0)
-                return self
-        lu, piv, _ = torch.linalg.lu_factor_ex(Q)
-        if float(lu.diagonal().abs().min()) <= tol:
-            return None
-        self._lu, self._piv = lu, piv
-        return self
-
-    def solve(self, B: Tensor) -> Tensor:
-        if self._chol is not None:
-            return torch.cholesky_solve(B, self._chol)
-        return torch.linalg.lu_solve(self._lu, self._piv, B)
-
-    def logdet(self) -> Tensor:
-        """``log|det|`` from the diagonal of the factor (computed on first request)."""
-        if self._logdet is None:
-            if self._chol is not None:
-                self._logdet = 2.0 * self._chol.diagonal().log().sum()
-            else:
-                self._logdet = self._lu.diagonal().abs().log().sum()
-        return self._logdet
-
-    def inertia(self) -> Inertia:
-        if self._inertia is None:
-            ld, piv, _ = torch.linalg.ldl_factor_ex(self.matrix)
-            eig = ldl_d_eigenvalues(ld, piv)
-            positive = int((eig > 0).sum())
-            self._inertia = Inertia(positive, eig.shape[0] - positive, 0)
-        return self._inertia
-
-
 class _DenseStageFactor:
     """The per-damping factors of a :class:`DenseStage`, used by the solve sweeps."""
 
@@ -382,20 +291,6 @@ class _DenseStageFactor:
             gy = _mm(st.GV, theta_r)
             y_new = gy if y_new is None else y_new + gy
         return theta, y_new
-
-
-def _raise_if_null_directions(CtC: Tensor | None, index: int) -> None:
-    """At ε = 0, a direction ``v`` with ``G v = 0``, ``A v = 0`` and ``Cᵀ v = 0`` is an
-    exact null vector of ``H`` (no path carries it to the loss): say so at once. When
-    ``C`` couples the complement to the input (``CtC ≠ 0``), ``H`` may still be regular
-    and the caller falls back to the pivoted KKT factorization."""
-    if CtC is None or not bool(CtC.any()):
-        raise SingularSystemError(
-            f"H + εI is singular at damping=0: the parameters of block {index} have directions "
-            "that change neither its output nor, to second order, the loss",
-            damping=0.0,
-            stage=index,
-        )
 
 
 def _sub(a: Tensor | None, b: Tensor) -> Tensor:
