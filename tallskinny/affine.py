@@ -116,9 +116,14 @@ class _AffineCoordinates:
         # Θ̃ is handled transposed, as a q × (m·k) matrix, so that every product with V, Ẽ
         # is one 2-D matrix product: T = (P_θ' b).reshape(q, m·k) with P_θ' = P_θ transposed
         self.order, self.order_inv = _transposed_order(p_theta, m, q)
+        g_sq = None
         if R == 1:  # the thin SVD of one row: V = x̃ᵀ/‖x̃‖, X̃V = ‖x̃‖
             sigma = X.norm()
-            r = int(float(sigma) > 0.0)
+            if Gam is None:
+                r = int(float(sigma) > 0.0)
+            else:  # ‖g‖² as well, in the same synchronisation
+                sigma_value, g_sq = torch.stack((sigma, Gam.square().sum())).tolist()
+                r = int(sigma_value > 0.0)
             U, sigma, Vh = X.new_ones(1, 1), sigma.reshape(1), X / sigma if r else X
         else:
             U, sigma, Vh = torch.linalg.svd(X, full_matrices=False)
@@ -131,7 +136,7 @@ class _AffineCoordinates:
         # Ẽ = [I; 0] (a Linear layer's input padded by the bias column): slicing suffices
         self.pad = Et is not None and Et.shape[0] > Et.shape[1] and torch.equal(Et, _eye(*Et.shape, Et.dtype, Et.device))
         self.coupled = Gam is not None or C_general is not None  # C ≠ 0
-        self.C_perp_mat = self.C_span = None
+        self.C_perp_mat = self.C_span = self.g_sq = None
         if C_general is not None:
             # C densely, in Θ̃ᵀ coordinates: rows (c, i), one column per input entry
             a_in = C_general.shape[1]
@@ -140,15 +145,28 @@ class _AffineCoordinates:
             self.C_span = VtT.reshape(r * m, a_in)  # rows ζ = (k, i)
             self.C_perp_mat = (T_C - self.V @ VtT).reshape(q * m, a_in)
             CtC = self.C_perp_mat.mT @ self.C_perp_mat
-            self.CtC = 0.5 * (CtC + CtC.mT)
+            self._dense_CtC = 0.5 * (CtC + CtC.mT)
         elif Gam is None:
-            self.CtC = None
+            self._dense_CtC = None
         else:
-            self.VtE = VtE = self.Vt @ Et  # r × n
-            P_bar = Et.mT @ Et - VtE.mT @ VtE
-            self.CtC = kron(Gam.mT @ Gam, P_bar)
+            n = Et.shape[1]
+            self.VtE = self.Vt[:, :n] if self.pad else self.Vt @ Et  # r × n
+            self._CtC = None
+            # one sample, Ẽ = [I; 0]: C_⊥ᵀC_⊥ = ‖g‖²(I − (VᵀẼ)ᵀVᵀẼ), applied as such
+            self.g_sq = g_sq if self.pad else None
         self.n_perp = m * (q - r)
         return U[:, :r] * sigma[:r]  # X̃V, R × r
+
+    @property
+    def CtC(self) -> Tensor | None:
+        """``C_⊥ᵀC_⊥ = ΓᵀΓ ⊗ P̄`` with ``P̄ = Ẽᵀ(I − VVᵀ)Ẽ`` (``a_in × a_in``; formed on
+        first use where ``C`` has the structured form)."""
+        if "_CtC" not in self.__dict__:
+            return self.__dict__.get("_dense_CtC")
+        if self._CtC is None:
+            Et, VtE = self.Et, self.VtE
+            self._CtC = kron(self.Gam.mT @ self.Gam, Et.mT @ Et - VtE.mT @ VtE)
+        return self._CtC
 
     # -- coordinates: Θ̃ᵀ as a q × (m·k) matrix ------------------------------------------------
     def _tilde(self, b: Tensor) -> Tensor:
@@ -182,7 +200,13 @@ class _AffineCoordinates:
             if damping == 0.0:  # Q_θθ = 0 on the complement
                 _raise_if_null_directions(self.CtC, index)
                 raise _StageSingular(index)
-            if self.CtC is not None:
+            if self.g_sq is not None:
+                # S − (‖g‖²/ε)(I − (VᵀẼ)ᵀVᵀẼ) without forming it (S_new is a fresh tensor)
+                c = self.g_sq / damping
+                S_new.diagonal().sub_(c)
+                if self.r:
+                    S_new.addmm_(self.VtE.mT, self.VtE, alpha=c)
+            elif self.coupled:
                 S_new = S_new - self.CtC / damping
         return S_new
 
@@ -399,7 +423,7 @@ class ReducedAffineStage(_AffineCoordinates):
     # -- elimination ------------------------------------------------------------------------
     def eliminate(self, S: Tensor, damping: float, index: int):
         S_new, inner = self.inner.eliminate(S, damping, index)
-        return self._complement(S_new, damping, index), _AffineStageFactor(self, inner, damping)
+        return _symmetrize(self._complement(S_new, damping, index)), _AffineStageFactor(self, inner, damping)
 
 
 class _AffineStageFactor:
