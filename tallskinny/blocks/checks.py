@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 from typing import Iterator, Sequence
 
 import torch
@@ -104,5 +105,11 @@ def plain(t: Tensor) -> Tensor:
 
 
 def zero(m: int, n: int, like: Tensor) -> Zero:
-    """The ``m × n`` zero operator with the dtype and device of ``like``."""
-    return Zero(m, n, dtype=like.dtype, device=like.device)
+    """The ``m × n`` zero operator with the dtype and device of ``like`` (operators are
+    immutable: one object per shape is shared)."""
+    return _zero(m, n, like.dtype, like.device)
+
+
+@functools.lru_cache(maxsize=1024)
+def _zero(m: int, n: int, dtype: torch.dtype, device: torch.device) -> Zero:
+    return Zero(m, n, dtype=dtype, device=device)
