@@ -88,6 +88,9 @@ class CompiledOracle:
             return
         if Gam is None:
             self.C = self.CT = None
+            nw = _weight_columns(p_theta, m, q)
+            if nw is not None:
+                self._compile_weight_bias(X, m, nw, None)
             return
         n = Et.shape[1]
         Gt, Ett = Gam.mT, Et.mT
@@ -106,6 +109,73 @@ class CompiledOracle:
             return (Gt @ M.reshape(m, n * k)).reshape(R * n, k)
 
         self.C, self.CT = C, CT
+        nw = _weight_columns(p_theta, m, q)
+        if nw == n and torch.equal(Et, torch.eye(q, n, dtype=Et.dtype, device=Et.device)):
+            self._compile_weight_bias(X, m, nw, Gam)
+
+
+    def _compile_weight_bias(self, X: Tensor, m: int, nw: int, Gam: Tensor | None) -> None:
+        """θ = ``[vec(W), b]`` with ``Θ̃ = [W | b]`` (``nn.Linear``'s layout) and, if ``C ≠ 0``,
+        ``Ẽ = [I; 0]``: the products with one vector read ``W`` and ``b`` as views of θ,
+        without gathers; several vectors at once go through the general closures."""
+        R, q = X.shape
+        mw, bias = m * nw, q > nw
+        Xw = X[:, :nw]
+        G_any, GT_any, C_any, CT_any = self.G, self.GT, self.C, self.CT
+
+        def G(v: Tensor) -> Tensor:  # X W_vᵀ + b_v
+            if v.shape[1] != 1:
+                return G_any(v)
+            Wv = v[:mw].view(m, nw)
+            out = torch.addmm(v[mw:].view(1, m), Xw, Wv.mT) if bias else Xw @ Wv.mT  # R × m
+            return out.view(R * m, 1)
+
+        def GT(mu: Tensor) -> Tensor:  # [vec(Mᵀ X), Mᵀ1]
+            if mu.shape[1] != 1:
+                return GT_any(mu)
+            M = mu.view(R, m)
+            gW = (M.mT @ Xw).view(-1)
+            return (torch.cat((gW, M.sum(0))) if bias else gW).view(-1, 1)
+
+        self.G, self.GT = G, GT
+        if Gam is None:
+            return
+        zeros = X.new_zeros(m) if bias else None
+        Gt = Gam.mT
+
+        def C(y: Tensor) -> Tensor:  # [vec(Γ Y), 0]
+            if y.shape[1] != 1:
+                return C_any(y)
+            cW = (Gam @ y.view(R, nw)).view(-1)
+            return (torch.cat((cW, zeros)) if bias else cW).view(-1, 1)
+
+        def CT(v: Tensor) -> Tensor:  # Γᵀ W_v
+            if v.shape[1] != 1:
+                return CT_any(v)
+            return (Gt @ v[:mw].view(m, nw)).view(R * nw, 1)
+
+        self.C, self.CT = C, CT
+
+
+def _weight_columns(p_theta, m: int, q: int) -> int | None:
+    """The number ``n_w`` of weight columns if ``P_θ`` is ``nn.Linear``'s layout
+    (θ = ``[vec(W), b]``, ``Θ̃ = [W | b]``, or ``Θ̃ = W`` without bias), else ``None``
+    (kept on the permutation, which blocks make once per shape)."""
+    key = "_weight_columns"
+    if key not in p_theta.__dict__:
+        found = None
+        for nw in (q - 1, q):
+            if nw < 1:
+                continue
+            idx = torch.empty(m, q, dtype=torch.long, device=p_theta.index.device)
+            idx[:, :nw] = torch.arange(m * nw, device=idx.device).view(m, nw)
+            if q > nw:
+                idx[:, nw:] = m * nw + torch.arange(m, device=idx.device).view(m, 1)
+            if torch.equal(idx.view(-1), p_theta.index):
+                found = nw
+                break
+        p_theta.__dict__[key] = found
+    return p_theta.__dict__[key]
 
 
 def compile_oracles(oracles: Sequence[Oracle]) -> list[CompiledOracle]:

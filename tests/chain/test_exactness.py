@@ -158,3 +158,21 @@ def test_analytic_and_fallback_chains_agree():
     P = a.num_parameters
     rhs = torch.randn(P, generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(a.solve(rhs, 1e-3), b.solve(rhs, 1e-3), rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("kind", ["hessian", "ggn"])
+def test_single_vector_products_match_dense(bias, batch, kind):
+    """HVPs of one vector take nn.Linear's view-based product path, of several the general
+    one: both equal the dense matrix."""
+    torch.manual_seed(batch)
+    modules = [torch.nn.Linear(3, 4, bias=bias), torch.nn.Tanh(), torch.nn.Linear(4, 2, bias=bias)]
+    chain = ts.Chain(modules, torch.nn.CrossEntropyLoss())
+    X = torch.randn(batch, 3)
+    y = torch.randint(0, 2, (batch,))
+    curv = chain.curvature(X, y, kind=kind)
+    H = (dense_hessian if kind == "hessian" else dense_ggn)(chain, X, y)
+    V = torch.randn(H.shape[0], 2, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(curv.hvp(V[:, 0]), H @ V[:, 0], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(curv.hvp(V), H @ V, rtol=1e-12, atol=1e-12)
