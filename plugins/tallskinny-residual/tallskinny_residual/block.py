@@ -183,19 +183,25 @@ def compose(oracles: Sequence[Oracle], sizes: Sequence[int], z: Tensor, second_o
 
 
 def _rows(M: Tensor, lo: int, p: int) -> Tensor:
-    """``M`` placed in rows ``lo…`` of a ``p × cols`` zero matrix."""
+    """``M`` placed in rows ``lo…`` of a ``p × cols`` zero matrix (``M`` itself if it fills it)."""
+    if lo == 0 and M.shape[0] == p:
+        return M
     out = M.new_zeros(p, M.shape[1])
     out[lo:lo + M.shape[0]] = M
     return out
 
 
 def _columns(M: Tensor, lo: int, p: int) -> Tensor:
+    if lo == 0 and M.shape[1] == p:
+        return M
     out = M.new_zeros(M.shape[0], p)
     out[:, lo:lo + M.shape[1]] = M
     return out
 
 
 def _block(M: Tensor, lo: int, p: int) -> Tensor:
+    if lo == 0 and M.shape == (p, p):
+        return M
     out = M.new_zeros(p, p)
     out[lo:lo + M.shape[0], lo:lo + M.shape[1]] = M
     return out
