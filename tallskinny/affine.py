@@ -102,6 +102,11 @@ def _eye(rows: int, cols: int, dtype, device) -> Tensor:
     return torch.eye(rows, cols, dtype=dtype, device=device)
 
 
+def padded_identity(Et: Tensor | None) -> bool:
+    """Whether ``Ẽ = [I; 0]`` (a Linear layer's input padded by the bias column)."""
+    return Et is not None and Et.shape[0] >= Et.shape[1] and torch.equal(Et, _eye(*Et.shape, Et.dtype, Et.device))
+
+
 class _AffineCoordinates:
     """What both affine stages share: the SVD of ``X̃``, the complement's curvature
     ``C_⊥ᵀC_⊥ = ΓᵀΓ ⊗ P̄`` and the ``Θ̃ᵀ`` coordinates of the parameters."""
@@ -134,7 +139,7 @@ class _AffineCoordinates:
         self.Vt = self.V.mT
         self.Gam, self.Et = Gam, Et
         # Ẽ = [I; 0] (a Linear layer's input padded by the bias column): slicing suffices
-        self.pad = Et is not None and Et.shape[0] > Et.shape[1] and torch.equal(Et, _eye(*Et.shape, Et.dtype, Et.device))
+        self.pad = padded_identity(Et) and Et.shape[0] > Et.shape[1]
         self.coupled = Gam is not None or C_general is not None  # C ≠ 0
         self.C_perp_mat = self.C_span = self.g_sq = None
         if C_general is not None:
@@ -145,13 +150,13 @@ class _AffineCoordinates:
             self.C_span = VtT.reshape(r * m, a_in)  # rows ζ = (k, i)
             self.C_perp_mat = (T_C - self.V @ VtT).reshape(q * m, a_in)
             CtC = self.C_perp_mat.mT @ self.C_perp_mat
-            self._dense_CtC = 0.5 * (CtC + CtC.mT)
+            self._CtC = 0.5 * (CtC + CtC.mT)
         elif Gam is None:
-            self._dense_CtC = None
+            self._CtC = None
         else:
             n = Et.shape[1]
             self.VtE = self.Vt[:, :n] if self.pad else self.Vt @ Et  # r × n
-            self._CtC = None
+            self._CtC = None  # formed on first use
             # one sample, Ẽ = [I; 0]: C_⊥ᵀC_⊥ = ‖g‖²(I − (VᵀẼ)ᵀVᵀẼ), applied as such
             self.g_sq = g_sq if self.pad else None
         self.n_perp = m * (q - r)
@@ -161,9 +166,7 @@ class _AffineCoordinates:
     def CtC(self) -> Tensor | None:
         """``C_⊥ᵀC_⊥ = ΓᵀΓ ⊗ P̄`` with ``P̄ = Ẽᵀ(I − VVᵀ)Ẽ`` (``a_in × a_in``; formed on
         first use where ``C`` has the structured form)."""
-        if "_CtC" not in self.__dict__:
-            return self.__dict__.get("_dense_CtC")
-        if self._CtC is None:
+        if self._CtC is None and self.Gam is not None:
             Et, VtE = self.Et, self.VtE
             self._CtC = kron(self.Gam.mT @ self.Gam, Et.mT @ Et - VtE.mT @ VtE)
         return self._CtC

@@ -20,7 +20,8 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
-from .affine import _transposed_order, affine_parts, samples_first
+from .affine import _transposed_order, affine_parts, padded_identity, samples_first
+from .blocks.linear import _theta_order
 from .blocks.protocol import Oracle
 from .linalg import Dense, Diagonal, LinearOperator, ScaledIdentity, Zero
 from .linalg.kronecker import Kronecker
@@ -110,7 +111,7 @@ class CompiledOracle:
 
         self.C, self.CT = C, CT
         nw = _weight_columns(p_theta, m, q)
-        if nw == n and torch.equal(Et, torch.eye(q, n, dtype=Et.dtype, device=Et.device)):
+        if nw == n and padded_identity(Et):
             self._compile_weight_bias(X, m, nw, Gam)
 
 
@@ -163,15 +164,10 @@ def _weight_columns(p_theta, m: int, q: int) -> int | None:
     (kept on the permutation, which blocks make once per shape)."""
     key = "_weight_columns"
     if key not in p_theta.__dict__:
+        device = p_theta.index.device
         found = None
-        for nw in (q - 1, q):
-            if nw < 1:
-                continue
-            idx = torch.empty(m, q, dtype=torch.long, device=p_theta.index.device)
-            idx[:, :nw] = torch.arange(m * nw, device=idx.device).view(m, nw)
-            if q > nw:
-                idx[:, nw:] = m * nw + torch.arange(m, device=idx.device).view(m, 1)
-            if torch.equal(idx.view(-1), p_theta.index):
+        for nw, bias in ((q - 1, True), (q, False)):
+            if nw >= 1 and torch.equal(_theta_order(m, nw, True, bias, device), p_theta.index):
                 found = nw
                 break
         p_theta.__dict__[key] = found
