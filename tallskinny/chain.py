@@ -12,6 +12,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
+from ._gc import collector_paused
 from .blocks import LossBlock, Oracle, block_for, checks, loss_for
 from .curvature import Curvature, check_damping, check_kind
 from .linalg import Zero
@@ -97,6 +98,7 @@ class Chain:
         )
 
     # -- curvature ---------------------------------------------------------------------
+    @collector_paused
     def curvature(self, inputs: Tensor, targets, kind: str = "hessian") -> Curvature:
         """Forward pass, one backward pass, and every block's oracle at ``(inputs, targets)``.
 
@@ -157,12 +159,14 @@ class Chain:
         _check_oracle(loss_oracle, n, self.loss, zs[-1], loss, 0)
         return Curvature(oracles, loss_oracle, gradient, layout, kind, loss.detach())
 
+    @collector_paused
     def hvp(self, inputs: Tensor, targets, v, *, kind: str = "hessian"):
         """``H v`` at ``(inputs, targets)``, in the format of ``v``."""
         layout = self.layout()
         layout.to_flat(v, "v")
         return self._curvature(inputs, targets, check_kind(kind), layout).hvp(v)
 
+    @collector_paused
     def inverse_hvp(
         self, inputs: Tensor, targets, b, damping: float = 0.0, *, kind: str = "hessian", refine: int | None = None
     ):

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from . import elimination, products
+from ._gc import collector_paused
 from .blocks.protocol import Oracle
 from .errors import SingularSystemError
 from .linalg import Inertia
@@ -58,6 +59,7 @@ class Factorization:
         self._layout = curvature.layout
         self.damping = damping
 
+    @collector_paused
     def solve(self, b, *, refine: int | None = None):
         """``(H + εI)^{-1} b`` in the format of ``b`` (flat or per-parameter, one or k columns).
 
@@ -117,12 +119,14 @@ class Factorization:
                 return residual
         return None
 
+    @collector_paused
     def logdet(self) -> Tensor:
         return self._inner.logdet()
 
     def sign(self) -> Tensor:
         return self._inner.sign()
 
+    @collector_paused
     def inertia(self) -> Inertia:
         return self._inner.inertia()
 
@@ -171,6 +175,7 @@ class Curvature:
         """The flat gradient ``(P,)`` of the loss."""
         return self._gradient
 
+    @collector_paused
     def hvp(self, v):
         """``H v`` (or ``G v`` for ``kind="ggn"``) in the format of ``v``."""
         x, fmt = self.layout.to_flat(v, "v")
@@ -182,18 +187,21 @@ class Curvature:
             self._compiled = (products.compile_oracles(self.oracles), products.CompiledOracle(self.loss_oracle))
         return products.hvp(*self._compiled, x)
 
+    @collector_paused
     def factorize(self, damping: float = 0.0) -> Factorization:
         """Factor ``H + damping·I`` (raises ``SingularSystemError`` if it is singular)."""
         damping = check_damping(damping)
         inner = elimination.factorize(self.oracles, self.loss_oracle, damping, self._prepared_stages())
         return Factorization(inner, self, damping)
 
+    @collector_paused
     def solve(self, b, damping: float = 0.0, *, refine: int | None = None):
         """``(H + damping·I)^{-1} b`` in the format of ``b`` (see :meth:`Factorization.solve`)."""
         damping = check_damping(damping)
         self.layout.to_flat(b, "b")  # validate before any work
         return self.factorize(damping).solve(b, refine=refine)
 
+    @collector_paused
     def to_dense(self) -> Tensor:
         """The ``P × P`` matrix (for checks on small models)."""
         P = self.layout.numel

@@ -219,3 +219,34 @@ def test_blocks_check_outside_the_chain():
     params = [p.detach() for p in block.parameters()]
     with pytest.raises(ValueError, match="NaN or inf"):
         block.oracle(z, params, torch.zeros(1, 2, dtype=torch.float64))
+
+
+def test_garbage_collector_is_paused_only_during_a_call(setup):
+    """The cyclic collector is off while a call runs, and as it was afterwards: back on
+    after a normal return and after an error, left off if the caller had turned it off."""
+    import gc
+
+    _, modules, loss, X, y = setup
+    seen = []
+
+    def recording_loss(z, target):
+        seen.append(gc.isenabled())
+        return loss(z, target)
+
+    chain = ts.Chain(modules, recording_loss)
+    P = sum(p.numel() for p in chain.parameters())
+    was = gc.isenabled()
+    try:
+        gc.enable()
+        chain.inverse_hvp(X, y, torch.randn(P, dtype=torch.float64), damping=0.1)
+        assert gc.isenabled() and seen and not any(seen)
+        with pytest.raises(ValueError):
+            chain.inverse_hvp(X, y, torch.randn(P + 1, dtype=torch.float64), damping=0.1)
+        with pytest.raises(ValueError):
+            chain.curvature(X, y).solve(torch.randn(P, dtype=torch.float64), damping=-1.0)
+        assert gc.isenabled()
+        gc.disable()
+        chain.curvature(X, y).factorize(0.1).logdet()
+        assert not gc.isenabled()
+    finally:
+        (gc.enable if was else gc.disable)()
