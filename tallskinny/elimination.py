@@ -40,6 +40,7 @@ from .stage_algebra import (
     _raise_if_null_directions,
     _StageSingular,
     _symmetrize,
+    first_singular,
 )
 from .blocks.protocol import Oracle
 from .errors import SingularSystemError
@@ -79,8 +80,16 @@ class ActivationStage:
         self.F, self.E = oracle.F, oracle.E
         self.FT = oracle.F.T
         self.diagonal = isinstance(self.F, (Diagonal, ScaledIdentity)) and isinstance(self.E, (Diagonal, Zero))
+        # F = diag(d): FᵀSF + E = S ⊙ ddᵀ + E, one addcmul with ddᵀ and E formed once
+        self._dd = self._E = None
+        if isinstance(self.F, Diagonal) and isinstance(self.E, (Diagonal, Zero)):
+            d = self.F.diagonal
+            self._dd = d.unsqueeze(0) * d.unsqueeze(1)  # d_i·d_j = d_j·d_i: symmetric exactly
+            self._E = torch.diag(self.E.diagonal) if isinstance(self.E, Diagonal) else None
 
     def eliminate(self, S: Tensor, damping: float, index: int):
+        if self._dd is not None:
+            return (S * self._dd if self._E is None else torch.addcmul(self._E, S, self._dd)), None
         S_new = _plus(self.E, _congruence(self.F, S))
         # D S D (+ a diagonal) of a symmetric S is symmetric bit for bit: s_ij·d_i·d_j
         return (S_new if self.diagonal else _symmetrize(S_new)), None
@@ -394,8 +403,23 @@ class RiccatiFactorization:
         self._stages = list(stages)
         self._factors: list = [None] * len(stages)
         S = _symmetrize(loss.E.to_dense())
-        for i in reversed(range(len(stages))):
-            S, self._factors[i] = stages[i].eliminate(S, damping, i)
+        unchecked: list = []  # (stage, factor) whose pivots are tested after the sweep
+        try:
+            for i in reversed(range(len(stages))):
+                S, f = stages[i].eliminate(S, damping, i)
+                self._factors[i] = f
+                if getattr(f, "unchecked", None) is not None:
+                    unchecked.append((i, f.unchecked))
+        except (_StageSingular, RuntimeError):
+            # a singular stage passed unnoticed makes later ones fail on its infs/NaNs:
+            # the first singular stage is the one to report
+            bad = first_singular(unchecked)
+            if bad is not None:
+                raise _StageSingular(bad) from None
+            raise
+        bad = first_singular(unchecked)
+        if bad is not None:
+            raise _StageSingular(bad)
         self._inertia = self._logdet = None
         self.norm_lower_bound = _last_block_norm(self._factors, damping)
 

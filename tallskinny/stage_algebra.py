@@ -4,6 +4,9 @@ factorization, and the signals a stage raises when it cannot be eliminated."""
 
 from __future__ import annotations
 
+import functools
+from typing import Sequence
+
 import torch
 from torch import Tensor
 
@@ -40,6 +43,12 @@ def _congruence(F: LinearOperator, S: Tensor) -> Tensor:
         return T.reshape(R * n, R * n)
     Fd = F.to_dense()
     return Fd.mT @ (S @ Fd)
+
+
+@functools.lru_cache(maxsize=32)
+def scaled_identity(n: int, value: float, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """``value·I_n`` (cached, never written to: ``Q = εI + c·S`` is one ``torch.add``)."""
+    return torch.eye(n, dtype=dtype, device=device).mul_(value)
 
 
 def _plus(E: LinearOperator, X: Tensor) -> Tensor:
@@ -86,6 +95,15 @@ class SymmetricFactor:
         self._lu, self._piv = lu, piv
         return self
 
+    @classmethod
+    def unchecked(cls, Q: Tensor) -> "SymmetricFactor":
+        """LU of ``Q`` without a singularity test (no host synchronisation): the caller
+        tests all such factors at once with :func:`first_singular` before using them."""
+        self = cls.__new__(cls)
+        self.matrix, self._chol, self._inertia, self._logdet = Q, None, None, None
+        self._lu, self._piv, _ = torch.linalg.lu_factor_ex(Q)
+        return self
+
     def solve(self, B: Tensor) -> Tensor:
         if self._chol is not None:
             return torch.cholesky_solve(B, self._chol)
@@ -107,6 +125,29 @@ class SymmetricFactor:
             positive = int((eig > 0).sum())
             self._inertia = Inertia(positive, eig.shape[0] - positive, 0)
         return self._inertia
+
+
+def first_singular(factors: Sequence[tuple[int, "SymmetricFactor"]]) -> int | None:
+    """The index of the first factor (in the order given) whose LU has a pivot at or
+    below ``pivot_tolerance(n, dtype, max|Q|)``, or ``None``: one synchronisation for
+    all factors of a size (a non-finite pivot counts as singular too)."""
+    by_size: dict[int, list[tuple[int, SymmetricFactor]]] = {}
+    for index, f in factors:
+        by_size.setdefault(f.matrix.shape[0], []).append((index, f))
+    bad: list[int] = []
+    for n, group in by_size.items():
+        if n == 0:
+            continue
+        lus = torch.stack([f._lu for _, f in group])
+        Qs = torch.stack([f.matrix for _, f in group])
+        pivots = lus.diagonal(dim1=-2, dim2=-1).abs().amin(dim=-1)
+        tol = pivot_tolerance(n, Qs.dtype, 1.0) * Qs.abs().amax(dim=(-2, -1))
+        ok = (pivots > tol).tolist()  # NaN compares False
+        bad.extend(index for (index, _), fine in zip(group, ok) if not fine)
+    if not bad:
+        return None
+    order = {index: k for k, (index, _) in enumerate(factors)}
+    return min(bad, key=order.__getitem__)
 
 
 def _raise_if_null_directions(CtC: Tensor | None, index: int) -> None:

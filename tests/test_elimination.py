@@ -143,3 +143,63 @@ def test_singular_system_raises_with_damping():
     b = torch.randn(5, 1, generator=torch.Generator().manual_seed(1))
     H = dense_hessian(oracles, loss) + 1e-2 * torch.eye(5)
     torch.testing.assert_close(fact.solve(b), torch.linalg.solve(H, b), rtol=1e-10, atol=1e-12)
+
+
+def test_first_singular_tests_pivots_of_all_sizes_at_once():
+    """Deferred pivot tests: the first factor (in the order given) with a pivot at or
+    below ``pivot_tolerance`` — or a non-finite one — is reported; ``None`` if all pass."""
+    from tallskinny.stage_algebra import SymmetricFactor, first_singular
+
+    gen = torch.Generator().manual_seed(0)
+    good = [SymmetricFactor.unchecked(_sym(n, gen) + 5 * torch.eye(n)) for n in (2, 3, 3, 5)]
+    assert first_singular(list(enumerate(good))) is None
+    singular = _sym(3, gen)
+    singular[:, 0] = singular[0, :] = 0.0
+    nan = _sym(2, gen)
+    nan[1, 1] = float("nan")
+    items = [(7, good[0]), (6, SymmetricFactor.unchecked(nan)), (5, good[1]), (4, SymmetricFactor.unchecked(singular))]
+    assert first_singular(items) == 6  # the order given, not the index
+    assert first_singular(items[2:]) == 4
+    # relative to max|Q| (tolerance n·eps·max|Q|): 1e-17 beside 1 is zero, alone it is not
+    tiny = torch.diag(torch.tensor([1.0, 1e-17]))
+    assert first_singular([(0, SymmetricFactor.unchecked(tiny))]) == 0
+    assert first_singular([(0, SymmetricFactor.unchecked(1e-17 * torch.eye(2)))]) is None
+
+
+class _Stage:
+    """A stand-in stage: returns a given factor record, or raises."""
+
+    p = 1
+
+    def __init__(self, factor=None, error=None):
+        self.factor, self.error = factor, error
+
+    def eliminate(self, S, damping, index):
+        if self.error is not None:
+            raise self.error
+        return S, self.factor
+
+
+class _Record:
+    def __init__(self, factor):
+        self.unchecked = factor
+
+
+def test_riccati_reports_the_first_unnoticed_singular_stage():
+    """A stage whose pivot is singular is only found after the sweep; if a later stage
+    then fails on the infs/NaNs it produced, the singular stage is still the one named
+    (and a failure with every pivot sound is passed on as it is)."""
+    from tallskinny.stage_algebra import SymmetricFactor
+
+    loss = Oracle(G=Zero(2, 0), F=Dense(torch.eye(2)), A=Zero(0, 0), C=Zero(0, 2), E=Dense(torch.eye(2)))
+    fine = _Record(SymmetricFactor.unchecked(torch.eye(2)))
+    bad = _Record(SymmetricFactor.unchecked(torch.zeros(2, 2)))
+    with pytest.raises(elimination._StageSingular) as info:
+        elimination.RiccatiFactorization([_Stage(fine), _Stage(bad), _Stage(fine)], loss, 0.1)
+    assert info.value.stage == 1
+    failing = _Stage(error=RuntimeError("linalg.eigh: failed to converge"))
+    with pytest.raises(elimination._StageSingular) as info:
+        elimination.RiccatiFactorization([failing, _Stage(bad), _Stage(fine)], loss, 0.1)
+    assert info.value.stage == 1
+    with pytest.raises(RuntimeError, match="converge"):
+        elimination.RiccatiFactorization([failing, _Stage(fine)], loss, 0.1)
