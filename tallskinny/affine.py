@@ -27,7 +27,7 @@ from torch import Tensor
 
 from .blocks.protocol import Oracle
 from .linalg import Dense, Identity, Inertia, ScaledIdentity, Zero
-from .linalg.kronecker import Kronecker, Permutation, Product, kron, transpose_permutation
+from .linalg.kronecker import Kronecker, Permutation, Product, kron, padded_identity_matrix, transpose_permutation
 from .stage_algebra import (
     SymmetricFactor,
     scaled_identity,
@@ -79,12 +79,8 @@ def samples_first(o: Oracle, parts) -> bool:
     p_out, X = parts[0], parts[1]
     R = X.shape[0]
     m = o.G.shape[0] // R
-    return torch.equal(p_out, _sample_major(m, R, p_out.device))
-
-
-@functools.lru_cache(maxsize=256)
-def _sample_major(m: int, R: int, device) -> Tensor:
-    return transpose_permutation(m, R, device=device)
+    expected = transpose_permutation(m, R, device=p_out.device)
+    return p_out is expected or torch.equal(p_out, expected)
 
 
 def _transposed_order(p_theta: Permutation, m: int, q: int) -> tuple[Tensor, Tensor]:
@@ -98,14 +94,12 @@ def _transposed_order(p_theta: Permutation, m: int, q: int) -> tuple[Tensor, Ten
     return cached
 
 
-@functools.lru_cache(maxsize=64)
-def _eye(rows: int, cols: int, dtype, device) -> Tensor:
-    return torch.eye(rows, cols, dtype=dtype, device=device)
-
-
 def padded_identity(Et: Tensor | None) -> bool:
     """Whether ``Ẽ = [I; 0]`` (a Linear layer's input padded by the bias column)."""
-    return Et is not None and Et.shape[0] >= Et.shape[1] and torch.equal(Et, _eye(*Et.shape, Et.dtype, Et.device))
+    if Et is None or Et.shape[0] < Et.shape[1]:
+        return False
+    expected = padded_identity_matrix(*Et.shape, Et.dtype, Et.device)
+    return Et is expected or torch.equal(Et, expected)
 
 
 class _AffineCoordinates:
@@ -123,21 +117,26 @@ class _AffineCoordinates:
         # is one 2-D matrix product: T = (P_θ' b).reshape(q, m·k) with P_θ' = P_θ transposed
         self.order, self.order_inv = _transposed_order(p_theta, m, q)
         g_sq = None
+        self.sigma = None  # ‖x̃‖ at one sample
         if R == 1:  # the thin SVD of one row: V = x̃ᵀ/‖x̃‖, X̃V = ‖x̃‖
-            sigma = X.norm()
+            norm = torch.linalg.vector_norm
             if Gam is None:
-                r = int(float(sigma) > 0.0)
-            else:  # ‖g‖² as well, in the same synchronisation
-                sigma_value, g_sq = torch.stack((sigma, Gam.square().sum())).tolist()
-                r = int(sigma_value > 0.0)
-            U, sigma, Vh = X.new_ones(1, 1), sigma.reshape(1), X / sigma if r else X
+                sigma = float(norm(X))
+            else:  # ‖g‖ as well, in the same synchronisation
+                sigma, g_norm = torch.stack((norm(X), norm(Gam))).tolist()
+                g_sq = g_norm * g_norm
+            r = int(sigma > 0.0)
+            self.sigma = sigma
+            Vh = X / sigma if r else X[:0]
+            XV = X.new_full((1, r), sigma)
         else:
             U, sigma, Vh = torch.linalg.svd(X, full_matrices=False)
             tol = max(R, q) * torch.finfo(X.dtype).eps * (float(sigma[0]) if sigma.numel() else 0.0)
             r = int((sigma > tol).sum())
+            Vh, XV = Vh[:r], U[:, :r] * sigma[:r]
         self.r = r
-        self.V = Vh[:r].mT  # q × r
-        self.Vt = self.V.mT
+        self.Vt = Vh  # r × q
+        self.V = Vh.mT
         self.Gam, self.Et = Gam, Et
         # Ẽ = [I; 0] (a Linear layer's input padded by the bias column): slicing suffices
         self.pad = padded_identity(Et) and Et.shape[0] > Et.shape[1]
@@ -161,7 +160,7 @@ class _AffineCoordinates:
             # one sample, Ẽ = [I; 0]: C_⊥ᵀC_⊥ = ‖g‖²(I − (VᵀẼ)ᵀVᵀẼ), applied as such
             self.g_sq = g_sq if self.pad else None
         self.n_perp = m * (q - r)
-        return U[:, :r] * sigma[:r]  # X̃V, R × r
+        return XV  # R × r
 
     @property
     def CtC(self) -> Tensor | None:
@@ -169,7 +168,12 @@ class _AffineCoordinates:
         first use where ``C`` has the structured form)."""
         if self._CtC is None and self.Gam is not None:
             Et, VtE = self.Et, self.VtE
-            self._CtC = kron(self.Gam.mT @ self.Gam, Et.mT @ Et - VtE.mT @ VtE)
+            if self.g_sq is not None:  # one sample, Ẽ = [I; 0]: ‖g‖²(I − (VᵀẼ)ᵀVᵀẼ)
+                n = VtE.shape[1]
+                eye = padded_identity_matrix(n, n, VtE.dtype, VtE.device)
+                self._CtC = torch.addmm(eye, VtE.mT, VtE, beta=self.g_sq, alpha=-self.g_sq)
+            else:
+                self._CtC = kron(self.Gam.mT @ self.Gam, Et.mT @ Et - VtE.mT @ VtE)
         return self._CtC
 
     # -- coordinates: Θ̃ᵀ as a q × (m·k) matrix ------------------------------------------------
@@ -233,7 +237,7 @@ class AffineStage(_AffineCoordinates):
         XV = self._setup(oracle, parts)
         self.XV, self.XVt = XV, XV.mT
         R, m, r = self.R, self.m, self.r
-        self.scalar = float(XV[0, 0]) if R == 1 and r == 1 else None  # G_V = σ·I
+        self.scalar = self.sigma if R == 1 and r == 1 else None  # G_V = σ·I
         self.E = oracle.E
         self.F_apply, self.FT_apply = compile_operator(oracle.F), compile_operator(oracle.F.T)
         F = oracle.F
@@ -247,6 +251,8 @@ class AffineStage(_AffineCoordinates):
             self.C_r = self.C_span if r else None
         elif self.Gam is None or not r:
             self.C_r = None
+        elif R == 1 and r == 1:  # C_V = Γ (VᵀẼ): m × n
+            self.C_r = self.Gam @ self.VtE
         else:  # C_V[(k,i),(s,j)] = (VᵀẼ)[k,j] Γ[i,s]
             n = self.VtE.shape[1]
             self.C_r = (self.VtE[:, None, None, :] * self.Gam[None, :, :, None]).reshape(r * m, R * n)
@@ -256,7 +262,7 @@ class AffineStage(_AffineCoordinates):
         self.fused = self.W is not None and self.Gam is not None and self.pad
         if self.fused:
             self.g = self.Gam  # m × 1
-            self.PE = self.Et - self.V @ self.VtE  # (I − vvᵀ)Ẽ, q × n
+            self.PE = torch.addmm(self.Et, self.V, self.VtE, alpha=-1.0)  # (I − vvᵀ)Ẽ, q × n
 
     # -- G_V and its transpose on (R·m, k) / (r·m, k) tensors ---------------------------------
     def _gv(self, z: Tensor) -> Tensor:

@@ -71,20 +71,28 @@ def _mm(A, x: Tensor) -> Tensor:
     return A @ x if isinstance(A, Tensor) else A._matmat(x)
 
 
+def _zero_map(x: Tensor) -> Tensor:
+    return torch.zeros_like(x)
+
+
 class ActivationStage:
     """A block without parameters: ``S ← E + FᵀSF``, ``t ← Fᵀt``, ``y ← F y``."""
 
     p = 0
 
     def __init__(self, oracle: Oracle):
+        from .products import compile_operator
+
         self.F, self.E = oracle.F, oracle.E
         self.FT = oracle.F.T
+        # the sweeps' products y ↦ F y, t ↦ Fᵀ t as plain tensor functions
+        self.F_apply, self.FT_apply = compile_operator(self.F) or _zero_map, compile_operator(self.FT) or _zero_map
         self.diagonal = isinstance(self.F, (Diagonal, ScaledIdentity)) and isinstance(self.E, (Diagonal, Zero))
         # F = diag(d): FᵀSF + E = S ⊙ ddᵀ + E, one addcmul with ddᵀ and E formed once
         self._dd = self._E = None
         if isinstance(self.F, Diagonal) and isinstance(self.E, (Diagonal, Zero)):
             d = self.F.diagonal
-            self._dd = d.unsqueeze(0) * d.unsqueeze(1)  # d_i·d_j = d_j·d_i: symmetric exactly
+            self._dd = torch.outer(d, d)  # d_i·d_j = d_j·d_i: symmetric exactly
             self._E = torch.diag(self.E.diagonal) if isinstance(self.E, Diagonal) else None
 
     def eliminate(self, S: Tensor, damping: float, index: int):
@@ -432,14 +440,14 @@ class RiccatiFactorization:
         us: list = [None] * len(stages)
         for i in reversed(range(len(stages))):
             if factors[i] is None:
-                t = None if t is None else stages[i].FT._matmat(t)
+                t = None if t is None else stages[i].FT_apply(t)
             else:
                 us[i], t = factors[i].backward(t, bs[i])
         y = None
         out = []
         for i, s in enumerate(stages):
             if factors[i] is None:
-                y = None if y is None else s.F._matmat(y)
+                y = None if y is None else s.F_apply(y)
             else:
                 theta, y = factors[i].forward(y, us[i])
                 out.append(theta)

@@ -54,10 +54,11 @@ def compile_operator(op: LinearOperator) -> Apply | None:
 class CompiledOracle:
     """The products of one block's oracle: ``F, Fᵀ, G, Gᵀ, C, Cᵀ, A, E`` (``None`` = zero)."""
 
-    __slots__ = ("p", "F", "FT", "G", "GT", "C", "CT", "A", "E")
+    __slots__ = ("p", "F", "FT", "G", "GT", "C", "CT", "A", "E", "HV")
 
     def __init__(self, o: Oracle):
         self.p = o.G.shape[1]
+        self.HV = None  # (v, y_in, μ) ↦ C y_in + Gᵀμ for one vector, where fused
         self.F, self.FT = compile_operator(o.F), compile_operator(o.F.T)
         self.A, self.E = compile_operator(o.A), compile_operator(o.E)
         parts = affine_parts(o) if self.p else None
@@ -139,6 +140,21 @@ class CompiledOracle:
             return (torch.cat((gW, M.sum(0))) if bias else gW).view(-1, 1)
 
         self.G, self.GT = G, GT
+        p = mw + m * bias
+
+        def HV(v: Tensor, y: Tensor | None, mu: Tensor) -> Tensor:  # [vec(Mᵀ X_w + Γ Y), Mᵀ1]
+            out = v.new_empty(p, 1)
+            M = mu.view(R, m)
+            out_W = out[:mw].view(m, nw)
+            if y is None or Gam is None:
+                torch.mm(M.mT, Xw, out=out_W)
+            else:
+                torch.addmm(Gam @ y.view(R, nw), M.mT, Xw, out=out_W)
+            if bias:
+                torch.sum(M, 0, out=out[mw:].view(m))
+            return out
+
+        self.HV = HV
         if Gam is None:
             return
         zeros = X.new_zeros(m) if bias else None
@@ -199,7 +215,9 @@ def hvp(blocks: Sequence[CompiledOracle], loss: CompiledOracle, v: Tensor) -> Te
     out: list[Tensor] = list(vs)
     for i in reversed(range(len(blocks))):
         b, vl, y_in = blocks[i], vs[i], ys[i]
-        if b.p:
+        if b.p and b.HV is not None and mu is not None and b.A is None and vl.shape[1] == 1:
+            out[i] = b.HV(vl, y_in, mu)
+        elif b.p:
             hv = b.A(vl) if b.A is not None else None
             if y_in is not None and b.C is not None:
                 hv = _add(hv, b.C(y_in))

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from ..linalg import Dense, Identity, LinearOperator
-from ..linalg.kronecker import Kronecker, Permutation, Product, transpose_permutation
+from ..linalg.kronecker import Kronecker, Permutation, Product, padded_identity_matrix, transpose_permutation
 from .checks import check_adjoint, check_finite, check_input, check_params, plain, zero
 from .func import Block
 from .protocol import Oracle
@@ -101,7 +101,7 @@ def linear_C(g2: Tensor, in_features: int, *, with_bias: bool) -> LinearOperator
     ``C[(k,j),(s,j')] = g[s,k] δ(j,j')``, i.e. ``θᵀ C y = ⟨W, Gᵀ Y⟩``; as an operator
     ``C = P_θᵀ (g2ᵀ ⊗ Ẽ)`` with ``Ẽ = [I_in; 0]`` (no bias row is touched)."""
     S, out_features = g2.shape
-    E_tilde = torch.eye(in_features + int(with_bias), in_features, dtype=g2.dtype, device=g2.device)
+    E_tilde = padded_identity_matrix(in_features + int(with_bias), in_features, g2.dtype, g2.device)
     P_theta = _theta_permutation(out_features, in_features, True, with_bias, g2.dtype, g2.device)
     return Product(P_theta.T, Kronecker(Dense(g2.mT), Dense(E_tilde)))
 

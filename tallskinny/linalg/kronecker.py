@@ -7,6 +7,7 @@ which is how :class:`Kronecker` applies itself without ever forming ``A ⊗ B``.
 
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import torch
@@ -117,8 +118,22 @@ def _is_identity(op: LinearOperator) -> bool:
 
 
 def transpose_permutation(rows: int, cols: int, *, device=None) -> Tensor:
-    """Indices that turn ``vec(M)`` into ``vec(Mᵀ)`` for an ``rows × cols`` matrix ``M``."""
+    """Indices that turn ``vec(M)`` into ``vec(Mᵀ)`` for an ``rows × cols`` matrix ``M``.
+
+    One shared tensor per shape and device (do not modify it): structure checks can then
+    recognise it by identity instead of comparing indices."""
+    return _transpose_permutation(rows, cols, device)
+
+
+@functools.lru_cache(maxsize=512)
+def _transpose_permutation(rows: int, cols: int, device) -> Tensor:
     return torch.arange(rows * cols, device=device).reshape(rows, cols).T.reshape(-1)
 
 
-__all__: Sequence[str] = ["Kronecker", "Permutation", "Product", "kron", "transpose_permutation"]
+@functools.lru_cache(maxsize=256)
+def padded_identity_matrix(rows: int, cols: int, dtype: torch.dtype, device) -> Tensor:
+    """``[I_cols; 0]`` (``rows ≥ cols``), one shared tensor per shape (do not modify it)."""
+    return torch.eye(rows, cols, dtype=dtype, device=device)
+
+
+__all__: Sequence[str] = ["Kronecker", "Permutation", "Product", "kron", "padded_identity_matrix", "transpose_permutation"]
