@@ -310,7 +310,9 @@ class AffineStage(_AffineCoordinates):
             Q_ry = self.FT_apply(SGV).mT
             if self.C_r is not None:
                 Q_ry = Q_ry + self.C_r
-            factor = SymmetricFactor.unchecked(Q_rr)
+            factor = SymmetricFactor.of(Q_rr)  # large pivots: Cholesky where it applies
+            if factor is None:
+                raise _StageSingular(index)
             K = factor.solve(Q_ry)
             S_new = S_new - Q_ry.mT @ K
         S_new = self._complement(S_new, damping, index)
@@ -347,8 +349,9 @@ class _DirectAffineFactor:
 
     @property
     def unchecked(self) -> SymmetricFactor | None:
-        """The span pivot's factor, whose pivots the factorization still has to test."""
-        return self.factor
+        """The span pivot's factor if the factorization still has to test its pivots
+        (the one-sample path defers the test; the others test at once)."""
+        return self.factor if self.stage.W is not None else None
 
     @property
     def inertia(self) -> Inertia:

@@ -88,9 +88,10 @@ class ActivationStage:
         # the sweeps' products y ↦ F y, t ↦ Fᵀ t as plain tensor functions
         self.F_apply, self.FT_apply = compile_operator(self.F) or _zero_map, compile_operator(self.FT) or _zero_map
         self.diagonal = isinstance(self.F, (Diagonal, ScaledIdentity)) and isinstance(self.E, (Diagonal, Zero))
-        # F = diag(d): FᵀSF + E = S ⊙ ddᵀ + E, one addcmul with ddᵀ and E formed once
+        # F = diag(d), a small: FᵀSF + E = S ⊙ ddᵀ + E is one addcmul with ddᵀ and E formed
+        # once (for large a, forming E densely costs more than adding its diagonal)
         self._dd = self._E = None
-        if isinstance(self.F, Diagonal) and isinstance(self.E, (Diagonal, Zero)):
+        if isinstance(self.F, Diagonal) and isinstance(self.E, (Diagonal, Zero)) and self.F.shape[0] <= 128:
             d = self.F.diagonal
             self._dd = torch.outer(d, d)  # d_i·d_j = d_j·d_i: symmetric exactly
             self._E = torch.diag(self.E.diagonal) if isinstance(self.E, Diagonal) else None
@@ -401,6 +402,27 @@ def _last_block_norm(factors, damping: float) -> float:
     Q = factor.matrix.clone()
     Q.diagonal().sub_(damping)
     return float(Q.abs().max())
+
+
+def diagonal_block_norm_bound(oracles: Sequence[Oracle], loss: Oracle, stages: Sequence) -> float:
+    """A lower bound of ``‖H‖₂`` from the diagonal blocks of the one-sample affine blocks.
+
+    ``S̄_l = ∂²loss/∂z_l²`` follows from the loss by ``S̄ ← E + FᵀS̄F`` (nothing
+    eliminated; independent of ε). A block affine in its parameters (``A = 0``) at one
+    sample has ``G_V = σ·I`` on its span (``σ = ‖x̃‖``, ``V`` orthonormal), so ``VᵀH_llV =
+    σ²S̄_l`` is a compression of ``H`` and ``‖H‖ ≥ σ²‖S̄_l‖ ≥ σ² max_j ‖S̄_l e_j‖``. One sweep of products,
+    one synchronisation; ``0`` where no stage qualifies."""
+    if not any(getattr(st, "sigma", None) is not None and getattr(st, "r", 0) for st in stages):
+        return 0.0
+    S = _symmetrize(loss.E.to_dense())
+    candidates = []
+    for o, st in zip(reversed(oracles), reversed(stages)):
+        sigma = getattr(st, "sigma", None)
+        if sigma is not None and getattr(st, "r", 0) and S.numel():
+            # ‖S̄‖₂ ≥ ‖S̄ e_j‖ for every column j
+            candidates.append(torch.linalg.vector_norm(S, dim=0).amax() * (sigma * sigma))
+        S = _plus(o.E, _congruence(o.F, S))
+    return float(torch.stack(candidates).max()) if candidates else 0.0
 
 
 class RiccatiFactorization:

@@ -68,3 +68,24 @@ def test_bad_refine_values(bad):
     curv, _ = _setup("tanh", 1)
     with pytest.raises(ValueError, match="refine"):
         curv.factorize(0.1).solve(torch.zeros(curv.num_parameters), refine=bad)
+
+
+@pytest.mark.parametrize("width", [3, 6])
+@pytest.mark.parametrize("act", [torch.nn.Tanh, torch.nn.ReLU, torch.nn.Sigmoid])
+@pytest.mark.parametrize("kind", ["hessian", "ggn"])
+def test_diagonal_block_bound_is_a_lower_bound_of_the_norm(width, act, kind):
+    """The bound the check falls back on before refining, ``σ_l²·max_j‖S̄_l e_j‖`` over the
+    one-sample affine layers, never exceeds ``‖H‖₂`` (an overestimate would hide backward
+    errors) and is not trivially zero; at batch 2 no stage qualifies and it is 0."""
+    torch.manual_seed(width)
+    modules = [torch.nn.Linear(4, width), act(), torch.nn.Linear(width, width), act(), torch.nn.Linear(width, 3)]
+    chain = ts.Chain(modules, torch.nn.CrossEntropyLoss())
+    for batch in (1, 2):
+        X, y = 2 * torch.randn(batch, 4), torch.randint(0, 3, (batch,))
+        curv = chain.curvature(X, y, kind=kind)
+        bound = curv._diagonal_block_bound()
+        norm = torch.linalg.matrix_norm(curv.to_dense(), 2).item()
+        if batch == 1:
+            assert 0.05 * norm < bound <= norm * (1 + 1e-12)
+        else:
+            assert bound == 0.0
