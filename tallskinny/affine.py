@@ -19,7 +19,6 @@ size ``p × p`` or ``p × a`` is formed.
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
