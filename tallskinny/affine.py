@@ -230,7 +230,7 @@ class AffineStage(_AffineCoordinates):
     output ordered sample-major (``P_out`` the transpose of ``m × R``).
     """
 
-    def __init__(self, oracle: Oracle, parts):
+    def __init__(self, oracle: Oracle, parts, compiled=None):
         from .products import compile_operator
 
         XV = self._setup(oracle, parts)
@@ -238,7 +238,10 @@ class AffineStage(_AffineCoordinates):
         R, m, r = self.R, self.m, self.r
         self.scalar = self.sigma if R == 1 and r == 1 else None  # G_V = σ·I
         self.E = oracle.E
-        self.F_apply, self.FT_apply = compile_operator(oracle.F), compile_operator(oracle.F.T)
+        if compiled is not None:
+            self.F_apply, self.FT_apply = compiled.F, compiled.FT
+        else:
+            self.F_apply, self.FT_apply = compile_operator(oracle.F), compile_operator(oracle.F.T)
         F = oracle.F
         # one sample, F = W: the products of the sweeps fuse into a few matmuls
         self.W = (

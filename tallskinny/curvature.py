@@ -177,8 +177,14 @@ class Curvature:
     def _prepared_stages(self):
         """The ε-independent stage data of the elimination, computed on first use."""
         if self._stages is None:
-            self._stages = elimination.prepare_stages(self.oracles, self.loss_oracle)
+            self._stages = elimination.prepare_stages(self.oracles, self.loss_oracle, self._compiled_oracles()[0])
         return self._stages
+
+    def _compiled_oracles(self):
+        """The oracles' products as tensor functions (shared by HVPs and the stages)."""
+        if self._compiled is None:
+            self._compiled = (products.compile_oracles(self.oracles), products.CompiledOracle(self.loss_oracle))
+        return self._compiled
 
     def _diagonal_block_bound(self) -> float:
         """A lower bound of ``‖H‖`` from the diagonal blocks of one-sample affine layers."""
@@ -200,9 +206,7 @@ class Curvature:
 
     def _apply(self, x: Tensor) -> Tensor:
         """``H x`` for a validated flat ``(P, k)`` tensor."""
-        if self._compiled is None:
-            self._compiled = (products.compile_oracles(self.oracles), products.CompiledOracle(self.loss_oracle))
-        return products.hvp(*self._compiled, x)
+        return products.hvp(*self._compiled_oracles(), x)
 
     @collector_paused
     def factorize(self, damping: float = 0.0) -> Factorization:

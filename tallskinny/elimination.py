@@ -32,7 +32,7 @@ import math
 import torch
 from torch import Tensor
 
-from .affine import AffineStage, ReducedAffineStage, affine_parts, samples_first
+from .affine import AffineStage, ReducedAffineStage
 from .stage_algebra import (
     SymmetricFactor,
     _congruence,
@@ -80,13 +80,14 @@ class ActivationStage:
 
     p = 0
 
-    def __init__(self, oracle: Oracle):
-        from .products import compile_operator
+    def __init__(self, oracle: Oracle, compiled=None):
+        from .products import CompiledOracle
 
         self.F, self.E = oracle.F, oracle.E
         self.FT = oracle.F.T
         # the sweeps' products y ↦ F y, t ↦ Fᵀ t as plain tensor functions
-        self.F_apply, self.FT_apply = compile_operator(self.F) or _zero_map, compile_operator(self.FT) or _zero_map
+        c = compiled if compiled is not None else CompiledOracle(oracle)
+        self.F_apply, self.FT_apply = c.F or _zero_map, c.FT or _zero_map
         self.diagonal = isinstance(self.F, (Diagonal, ScaledIdentity)) and isinstance(self.E, (Diagonal, Zero))
         # F = diag(d), a small: FᵀSF + E = S ⊙ ddᵀ + E is one addcmul with ddᵀ and E formed
         # once (for large a, forming E densely costs more than adding its diagonal)
@@ -315,25 +316,31 @@ def _sub(a: Tensor | None, b: Tensor) -> Tensor:
     return -b if a is None else a - b
 
 
-def prepare_stages(oracles: Sequence[Oracle], loss: Oracle) -> list:
+def prepare_stages(oracles: Sequence[Oracle], loss: Oracle, compiled: Sequence | None = None) -> list:
     """The ε-independent stage data of every block (computed once per curvature).
 
     Blocks affine in their parameters (their oracle says so with Kronecker-structured
     operators) get an :class:`~tallskinny.affine.AffineStage`; other blocks with
     parameters a :class:`DenseStage`; blocks without an :class:`ActivationStage`.
+    ``compiled`` are the oracles' :class:`~tallskinny.products.CompiledOracle` where at
+    hand (the stages then share their products and their reading of the structure).
     """
+    from .products import CompiledOracle
+
+    if compiled is None:
+        compiled = [CompiledOracle(o) for o in oracles]
     last = max((i for i, o in enumerate(oracles) if o.G.shape[1]), default=-1)
     stages = []
-    for i, o in enumerate(oracles):
+    for i, (o, c) in enumerate(zip(oracles, compiled)):
         if o.G.shape[1] == 0:
-            stages.append(ActivationStage(o))
+            stages.append(ActivationStage(o, c))
             continue
-        parts = affine_parts(o)
+        parts = c.parts
         output_range = _value_hessian_range(oracles[i + 1:], loss) if i == last else None
-        if parts is not None and output_range is None and samples_first(o, parts):
+        if parts is not None and output_range is None and c.sample_major:
             # outputs the next block ignores (dead ReLU units) need no special care here:
             # their rows of S are exactly zero, so Q_ζζ has the exact pivot ε there
-            stages.append(AffineStage(o, parts))
+            stages.append(AffineStage(o, parts, c))
             continue
         if i == last:
             kw = dict(output_range=output_range)

@@ -54,15 +54,17 @@ def compile_operator(op: LinearOperator) -> Apply | None:
 class CompiledOracle:
     """The products of one block's oracle: ``F, Fᵀ, G, Gᵀ, C, Cᵀ, A, E`` (``None`` = zero)."""
 
-    __slots__ = ("p", "F", "FT", "G", "GT", "C", "CT", "A", "E", "HV")
+    __slots__ = ("p", "F", "FT", "G", "GT", "C", "CT", "A", "E", "HV", "parts", "sample_major")
 
     def __init__(self, o: Oracle):
         self.p = o.G.shape[1]
         self.HV = None  # (v, y_in, μ) ↦ C y_in + Gᵀμ for one vector, where fused
         self.F, self.FT = compile_operator(o.F), compile_operator(o.F.T)
         self.A, self.E = compile_operator(o.A), compile_operator(o.E)
-        parts = affine_parts(o) if self.p else None
-        if parts is not None and samples_first(o, parts):
+        # the affine structure (affine.affine_parts), kept for the elimination's stages
+        self.parts = parts = affine_parts(o) if self.p else None
+        self.sample_major = parts is not None and samples_first(o, parts)
+        if self.sample_major:
             self._compile_affine(o, parts)
         else:
             self.G, self.GT = compile_operator(o.G), compile_operator(o.G.T)
