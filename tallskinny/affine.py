@@ -384,8 +384,10 @@ class _DirectAffineFactor:
         if b_perp is not None and st.coupled:
             # −C_⊥ᵀ u_⊥ with u_⊥ = −b_⊥/ε
             if st.fused and k == 1:
-                extra = b_perp[: st.PE.shape[1]] @ st.g
-                t_new = extra.div_(self.damping) if t_new is None else torch.add(t_new, extra, alpha=1.0 / self.damping)
+                if t_new is None:
+                    t_new = (b_perp[: st.PE.shape[1]] @ st.g).div_(self.damping)
+                else:
+                    t_new = torch.addmm(t_new, b_perp[: st.PE.shape[1]], st.g, alpha=1.0 / self.damping)
             else:
                 extra = st._c_t(b_perp, k) / self.damping
                 t_new = extra if t_new is None else t_new + extra
@@ -396,23 +398,28 @@ class _DirectAffineFactor:
         st = self.stage
         nu, b_perp, k = u
         T = None
-        y_new = None if y is None or st.F_apply is None else st.F_apply(y)
+        fuse_F = st.W is not None and y is not None and st.r  # y ← W y + σζ in one addmm
+        y_new = None if y is None or st.F_apply is None or fuse_F else st.F_apply(y)
         if st.r:
             zeta = nu if y is None else torch.addmm(nu, self.K, y, alpha=-1.0)
-            if st.scalar is not None:
+            if fuse_F:
+                y_new = torch.addmm(zeta, st.W, y, beta=st.scalar)
+            elif st.scalar is not None:
                 y_new = zeta * st.scalar if y_new is None else torch.add(y_new, zeta, alpha=st.scalar)
             else:
                 gz = st._gv(zeta)
                 y_new = gz if y_new is None else y_new + gz
-            T = st.V @ zeta.reshape(st.r, -1)
+            T = zeta.reshape(st.r, -1)  # V ζ is added below
         if b_perp is not None:
             inv = 1.0 / self.damping
-            T = b_perp * inv if T is None else torch.add(T, b_perp, alpha=inv)
+            T = b_perp * inv if T is None else torch.addmm(b_perp, st.V, T, beta=inv)
             if y is not None and st.coupled:
                 if st.fused and k == 1:  # C_⊥y = ((I − vvᵀ)Ẽ y) gᵀ
                     T = torch.addmm(T, st.PE @ y, st.g.mT, alpha=-inv)
                 else:
                     T = torch.add(T, st._c_perp(y), alpha=-inv)
+        elif T is not None:
+            T = st.V @ T
         return st._untilde(T, k), y_new
 
 
