@@ -234,6 +234,8 @@ def _check_oracle(o, i: int, module, z_in: Tensor, z_out: Tensor, p: int) -> Non
     if not isinstance(o, Oracle):
         raise TypeError(f"block {i} ({_name(module)}) returned {type(o).__name__} from oracle(), not an Oracle")
     a_in, a_out = z_in.numel(), z_out.numel()
+    if (o.G.shape, o.F.shape, o.A.shape, o.C.shape, o.E.shape) == ((a_out, p), (a_out, a_in), (p, p), (p, a_in), (a_in, a_in)):
+        return
     expected = {"G": (a_out, p), "F": (a_out, a_in), "A": (p, p), "C": (p, a_in), "E": (a_in, a_in)}
     for field, shape in expected.items():
         got = tuple(getattr(o, field).shape)

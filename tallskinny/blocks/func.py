@@ -102,7 +102,12 @@ class Block:
 
     # -- helpers ----------------------------------------------------------------------
     def _where(self, method: str) -> str:
-        return f"{type(self).__name__}({self.module._get_name()}).{method}"
+        """``"Block(Module).method"`` for error messages (made once per method)."""
+        names = self.__dict__.setdefault("_where_names", {})
+        where = names.get(method)
+        if where is None:
+            where = names[method] = f"{type(self).__name__}({self.module._get_name()}).{method}"
+        return where
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.module!r})"
