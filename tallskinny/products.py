@@ -54,14 +54,21 @@ def compile_operator(op: LinearOperator) -> Apply | None:
 class CompiledOracle:
     """The products of one block's oracle: ``F, Fᵀ, G, Gᵀ, C, Cᵀ, A, E`` (``None`` = zero)."""
 
-    __slots__ = ("p", "F", "FT", "G", "GT", "C", "CT", "A", "E", "HV", "parts", "sample_major")
+    __slots__ = ("p", "F", "FT", "G", "GT", "C", "CT", "A", "E", "HV", "TAN", "ADJ", "parts", "sample_major", "oracle_F")
 
     def __init__(self, o: Oracle):
         self.p = o.G.shape[1]
-        self.HV = None  # (v, y_in, μ) ↦ C y_in + Gᵀμ for one vector, where fused
+        # fused one-vector steps, where the structure allows (None: use the products above)
+        self.HV = None  # (v, y_in, μ) ↦ C y_in + Gᵀμ
+        self.TAN = None  # (y_in, v) ↦ F y_in + G v
+        self.ADJ = None  # (μ, y_in, v) ↦ Fᵀμ + E y_in + Cᵀv
         self.F, self.FT = compile_operator(o.F), compile_operator(o.F.T)
         self.A, self.E = compile_operator(o.A), compile_operator(o.E)
+        if self.p == 0 and isinstance(o.F, Diagonal) and isinstance(o.E, Diagonal):
+            d, e = o.F.diagonal.unsqueeze(-1), o.E.diagonal.unsqueeze(-1)
+            self.ADJ = lambda mu, y, v: torch.addcmul(d * mu, e, y)
         # the affine structure (affine.affine_parts), kept for the elimination's stages
+        self.oracle_F = o.F
         self.parts = parts = affine_parts(o) if self.p else None
         self.sample_major = parts is not None and samples_first(o, parts)
         if self.sample_major:
@@ -157,10 +164,25 @@ class CompiledOracle:
             return out
 
         self.HV = HV
+        W = _kronecker_weight(self.oracle_F)
+        if W is not None and W.shape == (m, nw):  # F = I_R ⊗ W
+
+            def TAN(y: Tensor, v: Tensor) -> Tensor:  # Y Wᵀ + X W_vᵀ + b_v
+                Wv = v[:mw].view(m, nw)
+                gv = torch.addmm(v[mw:].view(1, m), Xw, Wv.mT) if bias else Xw @ Wv.mT
+                return torch.addmm(gv, y.view(R, nw), W.mT).view(R * m, 1)
+
+            self.TAN = TAN
+        zeros = X.new_zeros(m) if bias else None
         if Gam is None:
             return
-        zeros = X.new_zeros(m) if bias else None
         Gt = Gam.mT
+        if W is not None and W.shape == (m, nw):
+
+            def ADJ(mu: Tensor, y: Tensor | None, v: Tensor) -> Tensor:  # M W + Γᵀ W_v (E = 0)
+                return torch.addmm(mu.view(R, m) @ W, Gt, v[:mw].view(m, nw)).view(R * nw, 1)
+
+            self.ADJ = ADJ
 
         def C(y: Tensor) -> Tensor:  # [vec(Γ Y), 0]
             if y.shape[1] != 1:
@@ -174,6 +196,13 @@ class CompiledOracle:
             return (Gt @ v[:mw].view(m, nw)).view(R * nw, 1)
 
         self.C, self.CT = C, CT
+
+
+def _kronecker_weight(F) -> Tensor | None:
+    """``W`` if ``F = I_R ⊗ W`` with a dense ``W`` (an ``nn.Linear``'s Jacobian), else ``None``."""
+    if isinstance(F, Kronecker) and isinstance(F.left, ScaledIdentity) and F.left.scale == 1.0 and isinstance(F.right, Dense):
+        return F.right.matrix
+    return None
 
 
 def _weight_columns(p_theta, m: int, q: int) -> int | None:
@@ -204,8 +233,12 @@ def hvp(blocks: Sequence[CompiledOracle], loss: CompiledOracle, v: Tensor) -> Te
     vs = torch.split(v, [b.p for b in blocks], dim=0)
     ys: list[Tensor | None] = []
     y = None  # the tangent; None while it is zero (before the first parameter)
+    one = v.shape[1] == 1
     for b, vl in zip(blocks, vs):
         ys.append(y)
+        if y is not None and one and b.TAN is not None:
+            y = b.TAN(y, vl)
+            continue
         if y is not None:
             y = b.F(y) if b.F is not None else None
         if b.G is not None:
@@ -226,6 +259,9 @@ def hvp(blocks: Sequence[CompiledOracle], loss: CompiledOracle, v: Tensor) -> Te
             if mu is not None and b.GT is not None:
                 hv = _add(hv, b.GT(mu))
             out[i] = hv if hv is not None else torch.zeros_like(vl)
+        if one and b.ADJ is not None and mu is not None and y_in is not None:
+            mu = b.ADJ(mu, y_in, vl)
+            continue
         mu_in = None if mu is None or b.FT is None else b.FT(mu)
         if y_in is not None and b.E is not None:
             mu_in = _add(mu_in, b.E(y_in))
