@@ -147,9 +147,9 @@ class _AffineCoordinates:
             T_C = C_general.to_dense()[self.order].reshape(q, m * a_in)
             VtT = self.Vt @ T_C
             self.C_span = VtT.reshape(r * m, a_in)  # rows ζ = (k, i)
-            self.C_perp_mat = (T_C - self.V @ VtT).reshape(q * m, a_in)
-            CtC = self.C_perp_mat.mT @ self.C_perp_mat
-            self._CtC = 0.5 * (CtC + CtC.mT)
+            self.C_perp_mat = torch.addmm(T_C, self.V, VtT, alpha=-1.0).reshape(q * m, a_in)
+            # (symmetric up to rounding; every stage re-symmetrises its S after using it)
+            self._CtC = self.C_perp_mat.mT @ self.C_perp_mat
         elif Gam is None:
             self._CtC = None
         else:

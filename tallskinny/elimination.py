@@ -36,6 +36,7 @@ from .affine import AffineStage, ReducedAffineStage
 from .stage_algebra import (
     SymmetricFactor,
     _congruence,
+    _congruence_is_dense,
     _plus,
     _raise_if_null_directions,
     _StageSingular,
@@ -204,8 +205,16 @@ class DenseStage:
     # -- elimination -------------------------------------------------------------------------
     def eliminate(self, S: Tensor, damping: float, index: int):
         SGV = S @ self.GV
-        Q_ry = self.C_r + self.FT._matmat(SGV).mT  # r × a_in
-        S_new = _plus(self.E, _congruence(self.F, S))  # Q_yy, then its Schur complement
+        if _congruence_is_dense(self.F):
+            # F used densely anyway (a convolution, a fallback block): SF once gives both
+            # FᵀSF and Q_ζy = C + G_VᵀSF, instead of a second product with Fᵀ
+            Fd = self.F.to_dense()
+            SF = S @ Fd
+            S_new = _plus(self.E, Fd.mT @ SF)
+            Q_ry = self.C_r + _mm(self.GVt, SF)  # r × a_in
+        else:
+            Q_ry = self.C_r + self.FT._matmat(SGV).mT  # r × a_in
+            S_new = _plus(self.E, _congruence(self.F, S))  # Q_yy, then its Schur complement
         Q_rr = self.GVt @ SGV
         if self.A_rr is not None:
             Q_rr = Q_rr + self.A_rr

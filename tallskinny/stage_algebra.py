@@ -51,6 +51,15 @@ def scaled_identity(n: int, value: float, dtype: torch.dtype, device: torch.devi
     return torch.eye(n, dtype=dtype, device=device).mul_(value)
 
 
+def _congruence_is_dense(F: LinearOperator) -> bool:
+    """Whether :func:`_congruence` forms ``F`` densely (no cheaper structure to use)."""
+    if isinstance(F, (Diagonal, ScaledIdentity)):
+        return False
+    return not (
+        isinstance(F, Kronecker) and isinstance(F.left, ScaledIdentity) and F.left.scale == 1.0 and isinstance(F.right, Dense)
+    )
+
+
 def _plus(E: LinearOperator, X: Tensor) -> Tensor:
     """``E + X`` as a dense tensor (``X`` may be overwritten)."""
     if isinstance(E, Zero):
