@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from typing import Callable, TypeVar
+from typing import Callable, Sequence, TypeVar
 
 import torch
 
@@ -41,3 +41,28 @@ def median_time(
     for _ in range(warmup):
         fn()
     return statistics.median(timed(fn, sync)[1] for _ in range(repeats))
+
+
+def paired_times(
+    fns: Sequence[Callable[[], object]], repeats: int, *, warmup: int = 1, sync: Callable[[], None] = lambda: None
+) -> list[list[float]]:
+    """Seconds of ``repeats`` rounds in which every ``fn`` runs once, one after the other.
+
+    On a shared machine the load drifts: timing two functions in interleaved rounds and
+    taking the median of their per-round ratio compares them under the same load, where
+    separate medians can be minutes apart. Returns one list of times per function."""
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    for _ in range(warmup):
+        for fn in fns:
+            fn()
+    times: list[list[float]] = [[] for _ in fns]
+    for _ in range(repeats):
+        for fn, out in zip(fns, times):
+            out.append(timed(fn, sync)[1])
+    return times
+
+
+def median_ratio(numerator: Sequence[float], denominator: Sequence[float]) -> float:
+    """The median of the per-round ratios of two :func:`paired_times` series."""
+    return statistics.median(a / b for a, b in zip(numerator, denominator))

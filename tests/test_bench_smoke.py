@@ -209,3 +209,14 @@ def test_generic_bench_on_a_tiny_model(capsys):
     for c in rows:
         assert float(c[4]) <= 1e-12  # the two eliminations agree
         assert float(c[5]) <= 1e-10 and float(c[6]) <= 1e-10  # and both solve the system
+
+
+def test_paired_times_interleave_and_ratio():
+    """Rounds run every function once, in order; the ratio is the median of per-round ratios."""
+    timing = sys.modules["_timing"]
+    calls = []
+    times = timing.paired_times([lambda: calls.append("a"), lambda: calls.append("b")], 3, warmup=1)
+    assert calls == ["a", "b"] * 4 and [len(t) for t in times] == [3, 3]
+    assert timing.median_ratio([2.0, 9.0, 4.0], [1.0, 3.0, 1.0]) == 3.0
+    with pytest.raises(ValueError):
+        timing.paired_times([lambda: None], 0)
