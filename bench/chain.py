@@ -471,6 +471,24 @@ def depth_sweep(h: int, B: int, depths: Sequence[int], damping: float, repeats: 
     return rows
 
 
+def paired_depth_ratio(
+    h: int, B: int, L_high: int, L_low: int, damping: float, repeats: int, device: str
+) -> dict[str, float]:
+    """``time(L_high)/time(L_low)`` of ``inverse_hvp`` and of one HVP, each from rounds that
+    run both depths one after the other (median of the per-round ratios): the two depths
+    see the same load, where the sweep's medians are taken minutes apart."""
+    high, low = (build_problem(ModelSpec(L, h, B), device) for L in (L_high, L_low))
+
+    def inverse(p: Problem):
+        return lambda: p.chain.inverse_hvp(p.X, p.y, p.b, damping=damping)
+
+    def hvp(p: Problem):
+        return lambda: autograd_hvp(p, p.b)
+
+    t_ih, t_il, t_hh, t_hl = paired_times([inverse(high), inverse(low), hvp(high), hvp(low)], repeats, sync=high.sync)
+    return {"inverse_hvp": median_ratio(t_ih, t_il), "hvp": median_ratio(t_hh, t_hl)}
+
+
 def sweep_ratio(rows: Sequence[dict], key: str, L_high: int, L_low: int) -> float | None:
     times = {r["L"]: r[key] for r in rows}
     if L_high in times and L_low in times:
@@ -804,10 +822,15 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict:
         if not pairs and len(rows) >= 2:
             pairs = [(rows[-1]["L"], rows[0]["L"])]
         for high, low in pairs:
-            for name, k in (("inverse_hvp", "inverse_hvp_seconds"), ("HVP", "hvp_seconds")):
+            log(f"depth sweep h={h}: L={high} against L={low} in paired rounds")
+            paired = paired_depth_ratio(h, 1, high, low, sweep_damping, repeats, args.device)
+            results["sweeps"][f"{key}_paired_{high}_{low}"] = paired
+            save()
+            for name, k, pk in (("inverse_hvp", "inverse_hvp_seconds", "inverse_hvp"), ("HVP", "hvp_seconds", "hvp")):
                 ratio = sweep_ratio(rows, k, high, low)
                 if ratio is not None:
-                    report(f"time(L={high}) / time(L={low}), {name}: {ratio:.2f} (linear in depth: {high / low:g})")
+                    report(f"time(L={high}) / time(L={low}), {name}: {ratio:.2f} from the medians above, "
+                           f"{paired[pk]:.2f} in paired rounds (linear in depth: {high / low:g})")
         if key == "h32" and len(rows) >= 2:
             report(plot_depth(rows, h, 1, sweep_damping, args.out / "chain_depth.png", args.device))
         report()
