@@ -42,6 +42,7 @@ from torch import Tensor
 from tallskinny.blocks import Block, Oracle, block_for
 from tallskinny.blocks.checks import check_adjoint, check_finite, check_input, check_params
 from tallskinny.linalg import Dense, LinearOperator, Zero
+from tallskinny.linalg.kronecker import Kronecker, Product
 
 from .module import Residual
 
@@ -126,6 +127,7 @@ def compose(oracles: Sequence[Oracle], sizes: Sequence[int], z: Tensor, second_o
     offsets = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
     kw = dict(dtype=z.dtype, device=z.device)
     A = C = E = None  # dense accumulators, None while exactly zero
+    C_op: LinearOperator | None = None  # C kept structured (see _structured_c), instead of C
     Xz: Tensor | None = None  # Ξ^z, None for the identity
     Xt: Tensor | None = None  # Ξ^θ, None while exactly zero
 
@@ -145,8 +147,11 @@ def compose(oracles: Sequence[Oracle], sizes: Sequence[int], z: Tensor, second_o
                     C = add(C, Xt.mT @ EXz)
                     A = add(A, Xt.mT @ (o.E @ Xt))
             if hi > lo and not isinstance(o.C, Zero):
-                CXz = o.C.to_dense() if Xz is None else o.C @ Xz
-                C = add(C, _rows(CXz, lo, p))
+                if own_G and C is None and lo == 0 and hi == p:
+                    C_op = _structured_c(o.C, Xz)
+                if C_op is None:
+                    CXz = o.C.to_dense() if Xz is None else o.C @ Xz
+                    C = add(C, _rows(CXz, lo, p))
                 if Xt is not None:
                     CXt = _rows(o.C @ Xt, lo, p)
                     A = add(A, CXt + CXt.mT)
@@ -177,9 +182,25 @@ def compose(oracles: Sequence[Oracle], sizes: Sequence[int], z: Tensor, second_o
         G=G,
         F=F,
         A=Zero(p, p, **kw) if A is None else Dense(0.5 * (A + A.mT), symmetric=True),
-        C=Zero(p, a_in, **kw) if C is None else Dense(C),
+        C=C_op if C_op is not None else Zero(p, a_in, **kw) if C is None else Dense(C),
         E=Zero(a_in, a_in, **kw) if E is None else Dense(0.5 * (E + E.mT), symmetric=True),
     )
+
+
+def _structured_c(C: LinearOperator, Xz: Tensor | None) -> LinearOperator | None:
+    """``C Ξ`` with ``C = P (Γ ⊗ Ẽ)`` at one sample (``Γ`` a column) as ``P (Γ ⊗ ẼΞ)``: the
+    affine form the solver recognises, for the one block with parameters (``None`` where
+    ``C`` has another form; then it is formed densely)."""
+    if not (isinstance(C, Product) and len(C.factors) == 2 and isinstance(C.factors[1], Kronecker)):
+        return None
+    K = C.factors[1]
+    if not (isinstance(K.left, Dense) and isinstance(K.right, Dense) and K.left.shape[1] == 1):
+        return None
+    if Xz is None:
+        return C
+    if K.right.shape[1] != Xz.shape[0]:
+        return None
+    return Product(C.factors[0], Kronecker(K.left, Dense(K.right.matrix @ Xz)))
 
 
 def _rows(M: Tensor, lo: int, p: int) -> Tensor:

@@ -192,3 +192,24 @@ def test_units_with_a_last_linear_are_affine_stages(damping):
     stages = elimination.prepare_stages(curv.oracles, curv.loss_oracle)
     assert all(isinstance(stages[i], AffineStage) and stages[i].C_perp_mat is not None for i in (1, 2, 3))
     check_against_dense(chain, X, y, damping, gen=gen)
+
+
+@pytest.mark.parametrize("damping", [1e-6, 0.1])
+def test_one_sample_affine_units_keep_a_structured_c(damping):
+    """At one sample the unit's C = P(Γ ⊗ Ẽ)·D_σ is kept as P(Γ ⊗ ẼD_σ): the solver reads Γ
+    and Ẽ (no dense p × a matrix), and everything still equals the dense references."""
+    from tallskinny import elimination
+    from tallskinny.affine import AffineStage
+
+    torch.manual_seed(1)
+    units = [Residual([nn.Tanh(), nn.Linear(4, 4)]) for _ in range(3)]
+    chain = ts.Chain([nn.Linear(3, 4), *units, nn.Linear(4, 3)], nn.CrossEntropyLoss())
+    gen = torch.Generator().manual_seed(5)
+    X = randn(1, 3, seed=6)
+    y = torch.randint(0, 3, (1,), generator=gen)
+    curv = chain.curvature(X, y)
+    stages = elimination.prepare_stages(curv.oracles, curv.loss_oracle)
+    for i in (1, 2, 3):
+        assert isinstance(stages[i], AffineStage) and stages[i].C_perp_mat is None and stages[i].Gam is not None
+        assert not stages[i].pad  # Ẽ D_σ is not [I; 0]
+    check_against_dense(chain, X, y, damping, gen=gen)
