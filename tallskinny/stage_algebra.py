@@ -147,10 +147,10 @@ def first_singular(factors: Sequence[tuple[int, "SymmetricFactor"]]) -> int | No
     for n, group in by_size.items():
         if n == 0:
             continue
-        lus = torch.stack([f._lu for _, f in group])
-        Qs = torch.stack([f.matrix for _, f in group])
-        pivots = lus.diagonal(dim1=-2, dim2=-1).abs().amin(dim=-1)
-        tol = pivot_tolerance(n, Qs.dtype, 1.0) * Qs.abs().amax(dim=(-2, -1))
+        # the pivots and max|Q| of each factor, without copying the matrices into one stack
+        pivots = torch.stack([f._lu.diagonal() for _, f in group]).abs().amin(dim=-1)
+        scales = torch.stack([torch.linalg.vector_norm(f.matrix, ord=float("inf")) for _, f in group])
+        tol = pivot_tolerance(n, scales.dtype, 1.0) * scales
         ok = (pivots > tol).tolist()  # NaN compares False
         bad.extend(index for (index, _), fine in zip(group, ok) if not fine)
     if not bad:
