@@ -45,9 +45,18 @@ def _congruence(F: LinearOperator, S: Tensor) -> Tensor:
     return Fd.mT @ (S @ Fd)
 
 
-@functools.lru_cache(maxsize=32)
 def scaled_identity(n: int, value: float, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """``value·I_n`` (cached, never written to: ``Q = εI + c·S`` is one ``torch.add``)."""
+    """``value·I_n``, never written to (``Q = εI + c·S`` is one ``torch.add``): cached for
+    ``n ≤ 256``, where making it would cost as much as the stage's own small products;
+    larger ones are made each time (``O(n²)`` beside the stage's ``O(n³)``), so the cache
+    stays small however many dampings a program tries."""
+    if n > 256:
+        return torch.eye(n, dtype=dtype, device=device).mul_(value)
+    return _small_scaled_identity(n, value, dtype, device)
+
+
+@functools.lru_cache(maxsize=32)
+def _small_scaled_identity(n: int, value: float, dtype: torch.dtype, device) -> Tensor:
     return torch.eye(n, dtype=dtype, device=device).mul_(value)
 
 

@@ -203,3 +203,12 @@ def test_riccati_reports_the_first_unnoticed_singular_stage():
     assert info.value.stage == 1
     with pytest.raises(RuntimeError, match="converge"):
         elimination.RiccatiFactorization([failing, _Stage(fine)], loss, 0.1)
+
+
+def test_scaled_identity_is_cached_only_when_small():
+    from tallskinny.stage_algebra import scaled_identity
+
+    small = scaled_identity(4, 0.5, torch.float64, torch.device("cpu"))
+    assert torch.equal(small, 0.5 * torch.eye(4)) and small is scaled_identity(4, 0.5, torch.float64, torch.device("cpu"))
+    big = scaled_identity(300, 0.25, torch.float64, torch.device("cpu"))
+    assert torch.equal(big, 0.25 * torch.eye(300)) and big is not scaled_identity(300, 0.25, torch.float64, torch.device("cpu"))
