@@ -26,7 +26,15 @@ from torch import Tensor
 
 from .blocks.protocol import Oracle
 from .linalg import Dense, Identity, Inertia, ScaledIdentity, Zero
-from .linalg.kronecker import Kronecker, Permutation, Product, kron, padded_identity_matrix, transpose_permutation
+from .linalg.kronecker import (
+    Kronecker,
+    Permutation,
+    Product,
+    identity_kronecker_factor,
+    kron,
+    padded_identity_matrix,
+    transpose_permutation,
+)
 from .stage_algebra import (
     SymmetricFactor,
     scaled_identity,
@@ -242,13 +250,8 @@ class AffineStage(_AffineCoordinates):
             self.F_apply, self.FT_apply = compiled.F, compiled.FT
         else:
             self.F_apply, self.FT_apply = compile_operator(oracle.F), compile_operator(oracle.F.T)
-        F = oracle.F
         # one sample, F = W: the products of the sweeps fuse into a few matmuls
-        self.W = (
-            F.right.matrix
-            if self.scalar is not None and isinstance(F, Kronecker) and F.left.shape[0] == 1 and isinstance(F.right, Dense)
-            else None
-        )
+        self.W = identity_kronecker_factor(oracle.F) if self.scalar is not None else None
         if self.C_span is not None:
             self.C_r = self.C_span if r else None
         elif self.Gam is None or not r:

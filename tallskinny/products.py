@@ -24,7 +24,7 @@ from .affine import _transposed_order, affine_parts, padded_identity, samples_fi
 from .blocks.linear import _theta_order
 from .blocks.protocol import Oracle
 from .linalg import Dense, Diagonal, LinearOperator, ScaledIdentity, Zero
-from .linalg.kronecker import Kronecker
+from .linalg.kronecker import identity_kronecker_factor
 
 Apply = Callable[[Tensor], Tensor]
 
@@ -42,8 +42,9 @@ def compile_operator(op: LinearOperator) -> Apply | None:
     if isinstance(op, Dense):
         M = op.matrix
         return lambda x: M @ x
-    if isinstance(op, Kronecker) and isinstance(op.left, ScaledIdentity) and op.left.scale == 1.0 and isinstance(op.right, Dense):
-        W, R = op.right.matrix, op.left.shape[0]
+    W = identity_kronecker_factor(op)
+    if W is not None:
+        R = op.shape[0] // W.shape[0]
         if R == 1:
             return lambda x: W @ x
         n, m = W.shape[1], W.shape[0]
@@ -164,7 +165,7 @@ class CompiledOracle:
             return out
 
         self.HV = HV
-        W = _kronecker_weight(self.oracle_F)
+        W = identity_kronecker_factor(self.oracle_F)
         if W is not None and W.shape == (m, nw):  # F = I_R ⊗ W
 
             def TAN(y: Tensor, v: Tensor) -> Tensor:  # Y Wᵀ + X W_vᵀ + b_v
@@ -196,13 +197,6 @@ class CompiledOracle:
             return (Gt @ v[:mw].view(m, nw)).view(R * nw, 1)
 
         self.C, self.CT = C, CT
-
-
-def _kronecker_weight(F) -> Tensor | None:
-    """``W`` if ``F = I_R ⊗ W`` with a dense ``W`` (an ``nn.Linear``'s Jacobian), else ``None``."""
-    if isinstance(F, Kronecker) and isinstance(F.left, ScaledIdentity) and F.left.scale == 1.0 and isinstance(F.right, Dense):
-        return F.right.matrix
-    return None
 
 
 def _weight_columns(p_theta, m: int, q: int) -> int | None:

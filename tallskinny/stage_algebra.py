@@ -11,9 +11,9 @@ import torch
 from torch import Tensor
 
 from .errors import SingularSystemError
-from .linalg import Dense, Diagonal, Inertia, LinearOperator, ScaledIdentity, Zero, pivot_tolerance
+from .linalg import Diagonal, Inertia, LinearOperator, ScaledIdentity, Zero, pivot_tolerance
 from .linalg.factor import ldl_d_eigenvalues
-from .linalg.kronecker import Kronecker
+from .linalg.kronecker import identity_kronecker_factor
 
 
 class _StageSingular(Exception):
@@ -32,10 +32,10 @@ def _congruence(F: LinearOperator, S: Tensor) -> Tensor:
         return S * (d.unsqueeze(0) * d.unsqueeze(1))  # d_i·d_j first: symmetric exactly
     if isinstance(F, ScaledIdentity):
         return (F.scale * F.scale) * S
-    if isinstance(F, Kronecker) and isinstance(F.left, ScaledIdentity) and F.left.scale == 1.0 and isinstance(F.right, Dense):
+    W = identity_kronecker_factor(F)
+    if W is not None:
         # F = I_R ⊗ W: (I ⊗ W)ᵀ S (I ⊗ W), block by block
-        W = F.right.matrix
-        R, (m, n) = F.left.shape[0], W.shape
+        R, (m, n) = F.shape[0] // W.shape[0], W.shape
         if R == 1:
             return W.mT @ (S @ W)
         T = S.reshape(R, m, R, m) @ W  # (s, a, t, n): right factor applied
@@ -62,11 +62,7 @@ def _small_scaled_identity(n: int, value: float, dtype: torch.dtype, device) -> 
 
 def _congruence_is_dense(F: LinearOperator) -> bool:
     """Whether :func:`_congruence` forms ``F`` densely (no cheaper structure to use)."""
-    if isinstance(F, (Diagonal, ScaledIdentity)):
-        return False
-    return not (
-        isinstance(F, Kronecker) and isinstance(F.left, ScaledIdentity) and F.left.scale == 1.0 and isinstance(F.right, Dense)
-    )
+    return not isinstance(F, (Diagonal, ScaledIdentity)) and identity_kronecker_factor(F) is None
 
 
 def _plus(E: LinearOperator, X: Tensor) -> Tensor:

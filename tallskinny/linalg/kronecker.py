@@ -13,7 +13,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from .operators import LinearOperator, ScaledIdentity, _check_compatible, as_operator
+from .operators import Dense, LinearOperator, ScaledIdentity, _check_compatible, as_operator
 
 
 class Kronecker(LinearOperator):
@@ -125,6 +125,19 @@ def transpose_permutation(rows: int, cols: int, *, device=None) -> Tensor:
     return _transpose_permutation(rows, cols, device)
 
 
+def identity_kronecker_factor(op: LinearOperator) -> Tensor | None:
+    """``W`` if ``op = I_R ⊗ W`` with a dense ``W`` (block-diagonal with equal blocks), else
+    ``None``; ``R = op.shape[0] // W.shape[0]``."""
+    if (
+        isinstance(op, Kronecker)
+        and isinstance(op.left, ScaledIdentity)
+        and op.left.scale == 1.0
+        and isinstance(op.right, Dense)
+    ):
+        return op.right.matrix
+    return None
+
+
 @functools.lru_cache(maxsize=512)
 def _transpose_permutation(rows: int, cols: int, device) -> Tensor:
     return torch.arange(rows * cols, device=device).reshape(rows, cols).T.reshape(-1)
@@ -136,4 +149,4 @@ def padded_identity_matrix(rows: int, cols: int, dtype: torch.dtype, device) -> 
     return torch.eye(rows, cols, dtype=dtype, device=device)
 
 
-__all__: Sequence[str] = ["Kronecker", "Permutation", "Product", "kron", "padded_identity_matrix", "transpose_permutation"]
+__all__: Sequence[str] = ["Kronecker", "Permutation", "Product", "kron", "identity_kronecker_factor", "padded_identity_matrix", "transpose_permutation"]

@@ -63,3 +63,16 @@ class TestProduct(LinearOperatorTestCase):
         A = random_matrix(n, n, gen, dtype)
         d = (1 + torch.rand(n, generator=gen, dtype=torch.float64)).to(dtype)
         return Product(Dense(A), Diagonal(d)), (A.double() @ torch.diag(d.double())).to(dtype)
+
+
+def test_identity_kronecker_factor():
+    """``W`` of ``I_R ⊗ W`` (dense ``W``); ``None`` for any other form."""
+    import torch
+    from tallskinny.linalg import Dense, Identity, ScaledIdentity
+    from tallskinny.linalg.kronecker import Kronecker, identity_kronecker_factor
+
+    W = torch.randn(3, 2, dtype=torch.float64)
+    assert identity_kronecker_factor(Kronecker(Identity(4), Dense(W))) is W
+    assert identity_kronecker_factor(Kronecker(ScaledIdentity(4, 2.0), Dense(W))) is None
+    assert identity_kronecker_factor(Kronecker(Dense(torch.eye(1, dtype=torch.float64)), Dense(W))) is None
+    assert identity_kronecker_factor(Dense(W)) is None
