@@ -175,21 +175,28 @@ def test_installing_is_enough():
     assert out.stdout.strip() == "ResidualBlock"
 
 
+def _affine_unit_mlp(batch: int, seed: int):
+    """``Linear(3, 4)``, three ``z + W tanh(z) + b`` units, ``Linear(4, 3)``, cross-entropy:
+    the chain, data, a generator for the checks, and the prepared stages."""
+    from tallskinny import elimination
+
+    torch.manual_seed(seed)
+    units = [Residual([nn.Tanh(), nn.Linear(4, 4)]) for _ in range(3)]
+    chain = ts.Chain([nn.Linear(3, 4), *units, nn.Linear(4, 3)], nn.CrossEntropyLoss())
+    gen = torch.Generator().manual_seed(2 + 3 * seed)
+    X = randn(batch, 3, seed=3 + 3 * seed)
+    y = torch.randint(0, 3, (batch,), generator=gen)
+    curv = chain.curvature(X, y)
+    return chain, X, y, gen, elimination.prepare_stages(curv.oracles, curv.loss_oracle)
+
+
 @pytest.mark.parametrize("damping", [1e-6, 1e-2])
 def test_units_with_a_last_linear_are_affine_stages(damping):
     """``z + W σ(z) + b``: only the last inner block has parameters, so the unit keeps the
     affine G of its Linear and the solver eliminates it as an affine stage (C densely)."""
-    from tallskinny import elimination
     from tallskinny.affine import AffineStage
 
-    torch.manual_seed(0)
-    units = [Residual([nn.Tanh(), nn.Linear(4, 4)]) for _ in range(3)]
-    chain = ts.Chain([nn.Linear(3, 4), *units, nn.Linear(4, 3)], nn.CrossEntropyLoss())
-    gen = torch.Generator().manual_seed(2)
-    X = randn(2, 3, seed=3)
-    y = torch.randint(0, 3, (2,), generator=gen)
-    curv = chain.curvature(X, y)
-    stages = elimination.prepare_stages(curv.oracles, curv.loss_oracle)
+    chain, X, y, gen, stages = _affine_unit_mlp(batch=2, seed=0)
     assert all(isinstance(stages[i], AffineStage) and stages[i].C_perp_mat is not None for i in (1, 2, 3))
     check_against_dense(chain, X, y, damping, gen=gen)
 
@@ -198,17 +205,9 @@ def test_units_with_a_last_linear_are_affine_stages(damping):
 def test_one_sample_affine_units_keep_a_structured_c(damping):
     """At one sample the unit's C = P(Γ ⊗ Ẽ)·D_σ is kept as P(Γ ⊗ ẼD_σ): the solver reads Γ
     and Ẽ (no dense p × a matrix), and everything still equals the dense references."""
-    from tallskinny import elimination
     from tallskinny.affine import AffineStage
 
-    torch.manual_seed(1)
-    units = [Residual([nn.Tanh(), nn.Linear(4, 4)]) for _ in range(3)]
-    chain = ts.Chain([nn.Linear(3, 4), *units, nn.Linear(4, 3)], nn.CrossEntropyLoss())
-    gen = torch.Generator().manual_seed(5)
-    X = randn(1, 3, seed=6)
-    y = torch.randint(0, 3, (1,), generator=gen)
-    curv = chain.curvature(X, y)
-    stages = elimination.prepare_stages(curv.oracles, curv.loss_oracle)
+    chain, X, y, gen, stages = _affine_unit_mlp(batch=1, seed=1)
     for i in (1, 2, 3):
         assert isinstance(stages[i], AffineStage) and stages[i].C_perp_mat is None and stages[i].Gam is not None
         assert not stages[i].pad  # Ẽ D_σ is not [I; 0]
