@@ -55,7 +55,7 @@ def compile_operator(op: LinearOperator) -> Apply | None:
 class CompiledOracle:
     """The products of one block's oracle: ``F, Fᵀ, G, Gᵀ, C, Cᵀ, A, E`` (``None`` = zero)."""
 
-    __slots__ = ("p", "F", "FT", "G", "GT", "C", "CT", "A", "E", "HV", "TAN", "ADJ", "parts", "sample_major", "oracle_F")
+    __slots__ = ("p", "F", "FT", "G", "GT", "C", "CT", "A", "E", "HV", "TAN", "ADJ", "parts", "sample_major")
 
     def __init__(self, o: Oracle):
         self.p = o.G.shape[1]
@@ -69,7 +69,6 @@ class CompiledOracle:
             d, e = o.F.diagonal.unsqueeze(-1), o.E.diagonal.unsqueeze(-1)
             self.ADJ = lambda mu, y, v: torch.addcmul(d * mu, e, y)
         # the affine structure (affine.affine_parts), kept for the elimination's stages
-        self.oracle_F = o.F
         self.parts = parts = affine_parts(o) if self.p else None
         self.sample_major = parts is not None and samples_first(o, parts)
         if self.sample_major:
@@ -102,7 +101,7 @@ class CompiledOracle:
             self.C = self.CT = None
             nw = _weight_columns(p_theta, m, q)
             if nw is not None:
-                self._compile_weight_bias(X, m, nw, None)
+                self._compile_weight_bias(X, m, nw, None, o.F)
             return
         n = Et.shape[1]
         Gt, Ett = Gam.mT, Et.mT
@@ -123,24 +122,24 @@ class CompiledOracle:
         self.C, self.CT = C, CT
         nw = _weight_columns(p_theta, m, q)
         if nw == n and padded_identity(Et):
-            self._compile_weight_bias(X, m, nw, Gam)
+            self._compile_weight_bias(X, m, nw, Gam, o.F)
 
-
-    def _compile_weight_bias(self, X: Tensor, m: int, nw: int, Gam: Tensor | None) -> None:
+    def _compile_weight_bias(self, X: Tensor, m: int, nw: int, Gam: Tensor | None, F: LinearOperator) -> None:
         """θ = ``[vec(W), b]`` with ``Θ̃ = [W | b]`` (``nn.Linear``'s layout) and, if ``C ≠ 0``,
         ``Ẽ = [I; 0]``: the products with one vector read ``W`` and ``b`` as views of θ,
-        without gathers; several vectors at once go through the general closures."""
+        without gathers; several vectors at once go through the general closures. Where
+        ``F = I_R ⊗ W`` too, the sweeps' steps of one vector are fused (``TAN``, ``ADJ``)."""
         R, q = X.shape
         mw, bias = m * nw, q > nw
         Xw = X[:, :nw]
         G_any, GT_any, C_any, CT_any = self.G, self.GT, self.C, self.CT
 
-        def G(v: Tensor) -> Tensor:  # X W_vᵀ + b_v
-            if v.shape[1] != 1:
-                return G_any(v)
+        def gv(v: Tensor) -> Tensor:  # X W_vᵀ + b_v, R × m
             Wv = v[:mw].view(m, nw)
-            out = torch.addmm(v[mw:].view(1, m), Xw, Wv.mT) if bias else Xw @ Wv.mT  # R × m
-            return out.view(R * m, 1)
+            return torch.addmm(v[mw:].view(1, m), Xw, Wv.mT) if bias else Xw @ Wv.mT
+
+        def G(v: Tensor) -> Tensor:
+            return G_any(v) if v.shape[1] != 1 else gv(v).view(R * m, 1)
 
         def GT(mu: Tensor) -> Tensor:  # [vec(Mᵀ X), Mᵀ1]
             if mu.shape[1] != 1:
@@ -165,20 +164,19 @@ class CompiledOracle:
             return out
 
         self.HV = HV
-        W = identity_kronecker_factor(self.oracle_F)
-        if W is not None and W.shape == (m, nw):  # F = I_R ⊗ W
+        W = identity_kronecker_factor(F)
+        fuse = W is not None and W.shape == (m, nw)  # F = I_R ⊗ W
+        if fuse:
 
             def TAN(y: Tensor, v: Tensor) -> Tensor:  # Y Wᵀ + X W_vᵀ + b_v
-                Wv = v[:mw].view(m, nw)
-                gv = torch.addmm(v[mw:].view(1, m), Xw, Wv.mT) if bias else Xw @ Wv.mT
-                return torch.addmm(gv, y.view(R, nw), W.mT).view(R * m, 1)
+                return torch.addmm(gv(v), y.view(R, nw), W.mT).view(R * m, 1)
 
             self.TAN = TAN
-        zeros = X.new_zeros(m) if bias else None
         if Gam is None:
             return
+        zeros = X.new_zeros(m) if bias else None
         Gt = Gam.mT
-        if W is not None and W.shape == (m, nw):
+        if fuse:
 
             def ADJ(mu: Tensor, y: Tensor | None, v: Tensor) -> Tensor:  # M W + Γᵀ W_v (E = 0)
                 return torch.addmm(mu.view(R, m) @ W, Gt, v[:mw].view(m, nw)).view(R * nw, 1)
