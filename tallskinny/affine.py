@@ -164,7 +164,7 @@ class _AffineCoordinates:
             n = Et.shape[1]
             self.VtE = self.Vt[:, :n] if self.pad else self.Vt @ Et  # r × n
             self._CtC = None  # formed on first use
-            # one sample, Ẽ = [I; 0]: C_⊥ᵀC_⊥ = ‖g‖²(I − (VᵀẼ)ᵀVᵀẼ), applied as such
+            # one sample, Ẽ = [I; 0]: C_⊥ᵀC_⊥ = ‖g‖²(I − (VᵀẼ)ᵀVᵀẼ)
             self.g_sq = g_sq if self.pad else None
         self.n_perp = m * (q - r)
         return XV  # R × r
@@ -209,20 +209,17 @@ class _AffineCoordinates:
         M = M.reshape(n, self.m, k).transpose(0, 1).reshape(self.m, n * k)
         return (self.Gam.mT @ M).reshape(-1, k)
 
+    def _check_complement(self, damping: float, index: int) -> None:
+        """At ``ε = 0`` the complement's pivot ``Q_θθ = εI`` is zero: say why, or hand over."""
+        if self.n_perp and damping == 0.0:
+            _raise_if_null_directions(self.CtC, index)
+            raise _StageSingular(index)
+
     def _complement(self, S_new: Tensor, damping: float, index: int) -> Tensor:
         """``S ← S − C_⊥ᵀC_⊥/ε`` (``Q_θθ = εI`` on the complement)."""
-        if self.n_perp:
-            if damping == 0.0:  # Q_θθ = 0 on the complement
-                _raise_if_null_directions(self.CtC, index)
-                raise _StageSingular(index)
-            if self.g_sq is not None:
-                # S − (‖g‖²/ε)(I − (VᵀẼ)ᵀVᵀẼ) without forming it (S_new is a fresh tensor)
-                c = self.g_sq / damping
-                S_new.diagonal().sub_(c)
-                if self.r:
-                    S_new.addmm_(self.VtE.mT, self.VtE, alpha=c)
-            elif self.coupled:
-                S_new = S_new - self.CtC / damping
+        self._check_complement(damping, index)
+        if self.n_perp and self.coupled:
+            S_new = torch.add(S_new, self.CtC, alpha=-1.0 / damping)
         return S_new
 
 
@@ -326,8 +323,7 @@ class AffineStage(_AffineCoordinates):
     def _value_hessian_base(self, Wt: Tensor, SW: Tensor, damping: float, index: int) -> Tensor:
         """``E + WᵀSW − C_⊥ᵀC_⊥/ε`` as a fresh tensor (one ``addmm`` for a Linear layer)."""
         complement = self.n_perp and self.coupled
-        if self.n_perp and damping == 0.0:
-            self._complement(SW, damping, index)  # raises
+        self._check_complement(damping, index)
         if self.E_dense is None:
             return torch.addmm(self.CtC, Wt, SW, beta=-1.0 / damping) if complement else Wt @ SW
         base = torch.add(self.E_dense, self.CtC, alpha=-1.0 / damping) if complement else self.E_dense
