@@ -101,6 +101,12 @@ def _transposed_order(p_theta: Permutation, m: int, q: int) -> tuple[Tensor, Ten
     return cached
 
 
+def _complement_basis(V: Tensor) -> Tensor:
+    """An orthonormal basis of the orthogonal complement of the orthonormal columns ``V``."""
+    Q, _ = torch.linalg.qr(V, mode="complete")
+    return Q[:, V.shape[1]:]
+
+
 def padded_identity(Et: Tensor | None) -> bool:
     """Whether ``Ẽ = [I; 0]`` (a Linear layer's input padded by the bias column)."""
     if Et is None or Et.shape[0] < Et.shape[1]:
@@ -148,16 +154,22 @@ class _AffineCoordinates:
         # Ẽ = [I; 0] (a Linear layer's input padded by the bias column): slicing suffices
         self.pad = padded_identity(Et) and Et.shape[0] > Et.shape[1]
         self.coupled = Gam is not None or C_general is not None  # C ≠ 0
-        self.C_perp_mat = self.C_span = self.g_sq = None
+        self.C_perp_coef = self.V_perp = self.C_span = self.g_sq = None
         if C_general is not None:
             # C densely, in Θ̃ᵀ coordinates: rows (c, i), one column per input entry
             a_in = C_general.shape[1]
             T_C = C_general.to_dense()[self.order].reshape(q, m * a_in)
             VtT = self.Vt @ T_C
             self.C_span = VtT.reshape(r * m, a_in)  # rows ζ = (k, i)
-            self.C_perp_mat = torch.addmm(T_C, self.V, VtT, alpha=-1.0).reshape(q * m, a_in)
-            # (symmetric up to rounding; every stage re-symmetrises its S after using it)
-            self._CtC = self.C_perp_mat.mT @ self.C_perp_mat
+            if q > r:
+                # C_⊥ in the coordinates of an orthonormal basis V_⊥ of the complement:
+                # C_⊥ = (V_⊥ ⊗ I)·C_c with C_c = V_⊥ᵀT_C of m·(q − r) rows, so
+                # C_⊥ᵀC_⊥ = C_cᵀC_c costs a_in²·m·(q − r), not a_in²·m·q
+                self.V_perp = _complement_basis(self.V)
+                self.C_perp_coef = (self.V_perp.mT @ T_C).reshape((q - r) * m, a_in)
+                self._CtC = self.C_perp_coef.mT @ self.C_perp_coef
+            else:
+                self._CtC = None
         elif Gam is None:
             self._CtC = None
         else:
@@ -192,8 +204,8 @@ class _AffineCoordinates:
 
     def _c_perp(self, y: Tensor) -> Tensor:
         """``(C_⊥ y)ᵀ = (I − VVᵀ) Ẽ Yᵀ Γᵀ`` as a ``q × (m·k)`` matrix."""
-        if self.C_perp_mat is not None:
-            return (self.C_perp_mat @ y).reshape(self.q, -1)
+        if self.C_span is not None:
+            return self.V_perp @ (self.C_perp_coef @ y).reshape(self.q - self.r, -1)
         R, n, k = self.Gam.shape[1], self.Et.shape[1], y.shape[1]
         M = (self.Gam @ y.reshape(R, n * k)).reshape(self.m, n, k).transpose(0, 1).reshape(n, -1)
         M = torch.cat((M, M.new_zeros(self.q - n, M.shape[1]))) if self.pad else self.Et @ M
@@ -202,8 +214,8 @@ class _AffineCoordinates:
     def _c_t(self, T: Tensor, k: int) -> Tensor:
         """``Cᵀ`` applied to a ``q × (m·k)`` matrix ``Θ̃ᵀ``: ``Γᵀ Θ̃ Ẽ``, flattened ``(R·n, k)``
         (of a complement direction: ``C`` and ``C_⊥`` agree there)."""
-        if self.C_perp_mat is not None:
-            return self.C_perp_mat.mT @ T.reshape(-1, k)
+        if self.C_span is not None:  # C_⊥ᵀ vec(T) = C_cᵀ vec(V_⊥ᵀT)
+            return self.C_perp_coef.mT @ (self.V_perp.mT @ T).reshape(-1, k)
         n = self.Et.shape[1]
         M = T[:n] if self.pad else self.Et.mT @ T  # n × (m·k)
         M = M.reshape(n, self.m, k).transpose(0, 1).reshape(self.m, n * k)
@@ -441,6 +453,10 @@ class ReducedAffineStage(_AffineCoordinates):
                 Permutation(transpose_permutation(r, m, device=X.device), dtype=X.dtype),  # ζ(i,k) → (k,i)
             )
         a_in = oracle.F.shape[1]
+        if self.n_perp and self.coupled:
+            # symmetric bit for bit (formed once), so that subtracting C_⊥ᵀC_⊥/ε keeps the
+            # inner stage's symmetric S symmetric without a pass over S per damping
+            self._CtC = _symmetrize(self.CtC)
         if self.C_span is not None:
             C_r = Dense(self.C_span)
         elif Gam is None:
@@ -458,8 +474,9 @@ class ReducedAffineStage(_AffineCoordinates):
 
     # -- elimination ------------------------------------------------------------------------
     def eliminate(self, S: Tensor, damping: float, index: int):
+        # the inner stage's S is symmetric, and so is C_⊥ᵀC_⊥: so is their difference
         S_new, inner = self.inner.eliminate(S, damping, index)
-        return _symmetrize(self._complement(S_new, damping, index)), _AffineStageFactor(self, inner, damping)
+        return self._complement(S_new, damping, index), _AffineStageFactor(self, inner, damping)
 
 
 class _AffineStageFactor:

@@ -130,5 +130,5 @@ def test_convolutions_are_eliminated_as_affine_stages(damping):
     stages = elimination.prepare_stages(curv.oracles, curv.loss_oracle)
     conv_stages = [s for s, b in zip(stages, chain.blocks) if isinstance(b, ConvBlock)]
     assert conv_stages and all(isinstance(s, (AffineStage, ReducedAffineStage)) for s in conv_stages)
-    assert all(s.C_perp_mat is not None for s in conv_stages)  # the general-C path
+    assert all(s.C_span is not None for s in conv_stages)  # the general-C path
     check_against_dense(chain, X, y, damping, gen=gen)

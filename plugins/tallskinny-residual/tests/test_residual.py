@@ -197,7 +197,7 @@ def test_units_with_a_last_linear_are_affine_stages(damping):
     from tallskinny.affine import AffineStage
 
     chain, X, y, gen, stages = _affine_unit_mlp(batch=2, seed=0)
-    assert all(isinstance(stages[i], AffineStage) and stages[i].C_perp_mat is not None for i in (1, 2, 3))
+    assert all(isinstance(stages[i], AffineStage) and stages[i].C_span is not None for i in (1, 2, 3))
     check_against_dense(chain, X, y, damping, gen=gen)
 
 
@@ -209,6 +209,6 @@ def test_one_sample_affine_units_keep_a_structured_c(damping):
 
     chain, X, y, gen, stages = _affine_unit_mlp(batch=1, seed=1)
     for i in (1, 2, 3):
-        assert isinstance(stages[i], AffineStage) and stages[i].C_perp_mat is None and stages[i].Gam is not None
+        assert isinstance(stages[i], AffineStage) and stages[i].C_span is None and stages[i].Gam is not None
         assert not stages[i].pad  # Ẽ D_σ is not [I; 0]
     check_against_dense(chain, X, y, damping, gen=gen)
