@@ -466,28 +466,56 @@ class RiccatiFactorization:
         bad = first_singular(unchecked)
         if bad is not None:
             raise _StageSingular(bad)
-        self._inertia = self._logdet = None
+        self._inertia = self._logdet = self._plan = self._sizes = None
         self.norm_lower_bound = _last_block_norm(self._factors, damping)
 
 
+    def _sweep_plan(self) -> list:
+        """The sweeps' steps in forward order: single stages ``(i, i + 1, stage factor)``
+        and batched runs ``(start, end, BatchedRun)`` (made on the first solve)."""
+        if self._plan is None:
+            from .batched_sweeps import BatchedRun, find_runs
+
+            stages, factors = self._stages, self._factors
+            runs = {start: end for start, end in find_runs(stages, factors)}
+            plan, i = [], 0
+            while i < len(stages):
+                end = runs.get(i)
+                if end is None:
+                    plan.append((i, i + 1, factors[i]))
+                    i += 1
+                else:
+                    plan.append((i, end, BatchedRun(stages, factors, i, end, self.damping)))
+                    i = end
+            self._plan = plan
+        return self._plan
+
     def solve(self, b: Tensor) -> Tensor:
-        """``(H + εI)^{-1} b`` for ``b`` of shape ``(P, k)``: two sweeps, no refactoring."""
-        stages, factors = self._stages, self._factors
-        bs = torch.split(b, [s.p for s in stages], dim=0)
+        """``(H + εI)^{-1} b`` for ``b`` of shape ``(P, k)``: two sweeps, no refactoring
+        (one right-hand side through batched runs where the chain has them)."""
+        stages = self._stages
+        if b.shape[1] == 1:
+            plan = self._sweep_plan()
+            sizes = self._sizes = self._sizes or [sum(s.p for s in stages[start:end]) for start, end, _ in plan]
+        else:
+            plan = [(i, i + 1, f) for i, f in enumerate(self._factors)]
+            sizes = [s.p for s in stages]
+        bs = torch.split(b, sizes, dim=0)
         t = None
-        us: list = [None] * len(stages)
-        for i in reversed(range(len(stages))):
-            if factors[i] is None:
-                t = None if t is None else stages[i].FT_apply(t)
+        us: list = [None] * len(plan)
+        for n in reversed(range(len(plan))):
+            start, _, f = plan[n]
+            if f is None:
+                t = None if t is None else stages[start].FT_apply(t)
             else:
-                us[i], t = factors[i].backward(t, bs[i])
+                us[n], t = f.backward(t, bs[n])
         y = None
         out = []
-        for i, s in enumerate(stages):
-            if factors[i] is None:
-                y = None if y is None else s.F_apply(y)
+        for n, (start, _, f) in enumerate(plan):
+            if f is None:
+                y = None if y is None else stages[start].F_apply(y)
             else:
-                theta, y = factors[i].forward(y, us[i])
+                theta, y = f.forward(y, us[n])
                 out.append(theta)
         return torch.cat(out, dim=0)
 
