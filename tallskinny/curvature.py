@@ -98,8 +98,9 @@ class Factorization:
         """The residual ``b − (H+εI)x`` if the backward error of ``x`` is above tolerance.
 
         ``‖H+εI‖`` is bounded below by ``‖(H+εI)x‖/‖x‖``, by the last block's diagonal
-        block of ``H`` (known from the factorization) and by every such bound seen before
-        on this curvature; a low bound only makes the test stricter.
+        block of ``H`` (known from the factorization), by every such bound seen before on
+        this curvature and, where those fail the test, by ``‖Hg‖/‖g‖``; a low bound only
+        makes the test stricter.
         """
         Mx = self._curvature._apply(x).add_(x, alpha=self.damping)
         residual = rhs - Mx
@@ -122,13 +123,13 @@ class Factorization:
 
         if not above(scale):
             return None
-        if not curv._block_bound_done:
-            # the cheap bounds can be far below ‖H‖ (40× on deep tanh MLPs): before paying
-            # for a refinement, bound ‖H‖ by the diagonal blocks of all layers (once per curvature)
-            curv._block_bound_done = True
-            block = curv._diagonal_block_bound()
-            curv._norm_bound = max(curv._norm_bound, block)
-            if not above(max(scale, block - self.damping)):
+        if not curv._gradient_bound_done:
+            # the cheap bounds can be far below ‖H‖ (20–40× on deep tanh MLPs): before paying
+            # for a refinement, bound ‖H‖ by ‖Hg‖/‖g‖ (once per curvature, one HVP)
+            curv._gradient_bound_done = True
+            bound = curv._gradient_norm_bound()
+            curv._norm_bound = max(curv._norm_bound, bound)
+            if not above(max(scale, bound - self.damping)):
                 return None
         return residual
 
@@ -173,7 +174,7 @@ class Curvature:
         self._stages = None
         self._compiled = None
         self._norm_bound = 0.0  # max ‖H v‖/‖v‖ over the vectors seen so far: a lower bound of ‖H‖
-        self._block_bound_done = False  # whether the diagonal-block bound is in _norm_bound
+        self._gradient_bound_done = False  # whether ‖Hg‖/‖g‖ is in _norm_bound
 
     def _prepared_stages(self):
         """The ε-independent stage data of the elimination, computed on first use."""
@@ -187,9 +188,16 @@ class Curvature:
             self._compiled = (products.compile_oracles(self.oracles), products.CompiledOracle(self.loss_oracle))
         return self._compiled
 
-    def _diagonal_block_bound(self) -> float:
-        """A lower bound of ``‖H‖`` from the diagonal blocks of one-sample affine layers."""
-        return elimination.diagonal_block_norm_bound(self.oracles, self.loss_oracle, self._prepared_stages())
+    def _gradient_norm_bound(self) -> float:
+        """``‖Hg‖/‖g‖ ≤ ‖H‖₂`` for the gradient ``g`` (``0`` at a stationary point).
+
+        A Rayleigh-type bound, good because ``g`` is not a random direction: ``g = Jᵀ∇ℓ``
+        lies in the range of ``Jᵀ``, where the Gauss–Newton part, the largest curvature
+        of a network, lives (measured: 0.6·‖H‖ on the benchmark MLPs, against 0.05·‖H‖
+        for the diagonal blocks of ``H``)."""
+        g = self._gradient.reshape(-1, 1)
+        g_norm = float(g.norm())
+        return float(self._apply(g).norm()) / g_norm if g_norm > 0 else 0.0
 
     @property
     def num_parameters(self) -> int:

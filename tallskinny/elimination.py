@@ -420,27 +420,6 @@ def _last_block_norm(factors, damping: float) -> float:
     return float(Q.abs().max())
 
 
-def diagonal_block_norm_bound(oracles: Sequence[Oracle], loss: Oracle, stages: Sequence) -> float:
-    """A lower bound of ``‖H‖₂`` from the diagonal blocks of the one-sample affine blocks.
-
-    ``S̄_l = ∂²loss/∂z_l²`` follows from the loss by ``S̄ ← E + FᵀS̄F`` (nothing
-    eliminated; independent of ε). A block affine in its parameters (``A = 0``) at one
-    sample has ``G_V = σ·I`` on its span (``σ = ‖x̃‖``, ``V`` orthonormal), so ``VᵀH_llV =
-    σ²S̄_l`` is a compression of ``H`` and ``‖H‖ ≥ σ²‖S̄_l‖ ≥ σ² max_j ‖S̄_l e_j‖``. One sweep of products,
-    one synchronisation; ``0`` where no stage qualifies."""
-    if not any(getattr(st, "sigma", None) is not None and getattr(st, "r", 0) for st in stages):
-        return 0.0
-    S = _symmetrize(loss.E.to_dense())
-    candidates = []
-    for o, st in zip(reversed(oracles), reversed(stages)):
-        sigma = getattr(st, "sigma", None)
-        if sigma is not None and getattr(st, "r", 0) and S.numel():
-            # ‖S̄‖₂ ≥ ‖S̄ e_j‖ for every column j
-            candidates.append(torch.linalg.vector_norm(S, dim=0).amax() * (sigma * sigma))
-        S = _plus(o.E, _congruence(o.F, S))
-    return float(torch.stack(candidates).max()) if candidates else 0.0
-
-
 class RiccatiFactorization:
     """``H + εI`` factored stage by stage (see the module docstring)."""
 
