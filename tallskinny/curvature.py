@@ -99,8 +99,8 @@ class Factorization:
 
         ``‖H+εI‖`` is bounded below by ``‖(H+εI)x‖/‖x‖``, by the last block's diagonal
         block of ``H`` (known from the factorization), by every such bound seen before on
-        this curvature and, where those fail the test, by ``‖Hg‖/‖g‖``; a low bound only
-        makes the test stricter.
+        this curvature and, where those fail the test after a refinement on this
+        curvature already, by ``‖Hg‖/‖g‖``; a low bound only makes the test stricter.
         """
         Mx = self._curvature._apply(x).add_(x, alpha=self.damping)
         residual = rhs - Mx
@@ -123,14 +123,17 @@ class Factorization:
 
         if not above(scale):
             return None
-        if not curv._gradient_bound_done:
-            # the cheap bounds can be far below ‖H‖ (20–40× on deep tanh MLPs): before paying
-            # for a refinement, bound ‖H‖ by ‖Hg‖/‖g‖ (once per curvature, one HVP)
+        if not curv._gradient_bound_done and curv._refinements:
+            # the cheap bounds can be far below ‖H‖ (20–40× on deep tanh MLPs). A second
+            # time on this curvature, bound ‖H‖ by ‖Hg‖/‖g‖ before refining: one HVP once,
+            # which spares every later solve its refinement (the first solve refines: its
+            # two sweeps cost less than an HVP, and a one-off solve needs no more)
             curv._gradient_bound_done = True
             bound = curv._gradient_norm_bound()
             curv._norm_bound = max(curv._norm_bound, bound)
             if not above(max(scale, bound - self.damping)):
                 return None
+        curv._refinements += 1
         return residual
 
     @collector_paused
@@ -175,6 +178,7 @@ class Curvature:
         self._compiled = None
         self._norm_bound = 0.0  # max ‖H v‖/‖v‖ over the vectors seen so far: a lower bound of ‖H‖
         self._gradient_bound_done = False  # whether ‖Hg‖/‖g‖ is in _norm_bound
+        self._refinements = 0  # solves the check refined
 
     def _prepared_stages(self):
         """The ε-independent stage data of the elimination, computed on first use."""
