@@ -442,10 +442,15 @@ class ReducedAffineStage(_AffineCoordinates):
         p_out, X, _, Gam, _, _ = parts
         XV = self._setup(oracle, parts)
         R, m, r = self.R, self.m, self.r
-        # the span coordinates ζ = vec(Zᵀ) (r × m, i.e. ordered (i, k)), Θ̃ = Z Vᵀ
+        # the span coordinates ζ of Θ̃ = Z Vᵀ: vec(Zᵀ), ordered (k, i), or, where the
+        # output is ordered channel-major (P_out = I, a convolution at one sample), vec(Z)
+        # ordered (i, k), so that G_V = I_m ⊗ X̃V is applied without any permutation
+        self.channel_major = R > 1 and torch.equal(p_out, torch.arange(p_out.shape[0], device=p_out.device))
         span_order = transpose_permutation(m, r, device=X.device)  # (i, k) → (k, i)
         if R == 1:  # tiny: one dense matrix is cheapest
             GV = Dense(kron(torch.eye(m, dtype=X.dtype, device=X.device), XV)[p_out][:, span_order])
+        elif self.channel_major:
+            GV = Kronecker(Identity(m, dtype=X.dtype, device=X.device), Dense(XV))
         else:  # G V = P_out (I_m ⊗ X̃V) Π: products cost O(a·R·r) instead of O(a²·m·r)
             GV = Product(
                 Permutation(p_out, dtype=X.dtype),
@@ -453,16 +458,17 @@ class ReducedAffineStage(_AffineCoordinates):
                 Permutation(transpose_permutation(r, m, device=X.device), dtype=X.dtype),  # ζ(i,k) → (k,i)
             )
         a_in = oracle.F.shape[1]
+        order = (lambda M: M) if self.channel_major else (lambda M: M[span_order])
         if self.n_perp and self.coupled:
             # symmetric bit for bit (formed once), so that subtracting C_⊥ᵀC_⊥/ε keeps the
             # inner stage's symmetric S symmetric without a pass over S per damping
             self._CtC = _symmetrize(self.CtC)
         if self.C_span is not None:
-            C_r = Dense(self.C_span)
+            C_r = Dense(self._to_span(self.C_span, a_in))
         elif Gam is None:
             C_r = Zero(m * r, a_in, dtype=X.dtype, device=X.device)
         else:
-            C_r = Dense(kron(Gam, self.VtE)[span_order])  # m·r × a_in
+            C_r = Dense(order(kron(Gam, self.VtE)))  # m·r × a_in
         reduced = Oracle(
             G=GV,
             F=oracle.F,
@@ -471,6 +477,19 @@ class ReducedAffineStage(_AffineCoordinates):
             E=oracle.E,
         )
         self.inner = inner_stage(reduced)
+
+    def _to_span(self, Zb: Tensor, k: int) -> Tensor:
+        """``r × (m·k)`` span parts (ordered ``(k, i)``) as the inner stage's ``ζ``."""
+        if self.channel_major:
+            return Zb.reshape(self.r, self.m, k).transpose(0, 1).reshape(-1, k)
+        return Zb.reshape(-1, k)
+
+    def _from_span(self, zeta: Tensor) -> Tensor:
+        """The inner stage's ``ζ`` (``m·r × k``) as an ``r × (m·k)`` matrix."""
+        if self.channel_major:
+            k = zeta.shape[1]
+            return zeta.reshape(self.m, self.r, k).transpose(0, 1).reshape(self.r, -1)
+        return zeta.reshape(self.r, -1)
 
     # -- elimination ------------------------------------------------------------------------
     def eliminate(self, S: Tensor, damping: float, index: int):
@@ -501,7 +520,7 @@ class _AffineStageFactor:
         Zb = st.Vt @ T  # r × (m·k): the span part, ordered (i, k)
         b_perp = T - st.V @ Zb if st.n_perp else None
         if self.inner is not None:
-            u, t_new = self.inner.backward(t, Zb.reshape(-1, k))
+            u, t_new = self.inner.backward(t, st._to_span(Zb, k))
         else:
             u, t_new = None, None if t is None else st.F.T._matmat(t)
         if b_perp is not None and st.coupled:
@@ -514,7 +533,7 @@ class _AffineStageFactor:
         u_inner, b_perp, k = u
         if self.inner is not None:
             theta_z, y_new = self.inner.forward(y, u_inner)
-            T = st.V @ theta_z.reshape(st.r, -1)
+            T = st.V @ st._from_span(theta_z)
         else:
             T, y_new = None, None if y is None else st.F._matmat(y)
         if b_perp is not None:

@@ -204,7 +204,7 @@ class DenseStage:
 
     # -- elimination -------------------------------------------------------------------------
     def eliminate(self, S: Tensor, damping: float, index: int):
-        SGV = S @ self.GV
+        SGV = _mm(self.GVt, S).mT  # S G_V = (G_VᵀS)ᵀ: S is symmetric
         if _congruence_is_dense(self.F):
             # F used densely anyway (a convolution, a fallback block): SF once gives both
             # FᵀSF and Q_ζy = C + G_VᵀSF, instead of a second product with Fᵀ

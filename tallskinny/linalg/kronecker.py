@@ -38,6 +38,9 @@ class Kronecker(LinearOperator):
         (p, q), (r, s) = self.left.shape, self.right.shape
         k = x.shape[1]
         X = x.reshape(q, s, k)
+        if _is_identity(self.left) and isinstance(self.right, Dense):
+            # I ⊗ B: B acts on each of the q blocks, one broadcast product, no transposes
+            return (self.right.matrix @ X).reshape(p * r, k)
         if not _is_identity(self.right):
             Xb = X.transpose(0, 1).reshape(s, q * k)  # B acts on the column index
             X = self.right._matmat(Xb).reshape(r, q, k).transpose(0, 1)
