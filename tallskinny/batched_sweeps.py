@@ -36,17 +36,19 @@ MIN_RUN = 4
 
 
 def _pair_fits(stages: Sequence, factors: Sequence, i: int) -> bool:
-    """Whether stages ``i, i+1`` are a one-sample Linear stage (``Ẽ = [I; 0]``, square
-    ``W``) and a diagonal activation."""
+    """Whether stages ``i, i+1`` are a one-sample Linear stage (square ``W``, with bias)
+    and a diagonal activation."""
     if i + 1 >= len(stages):
         return False
     st, act = stages[i], stages[i + 1]
     f = factors[i]
     return (
         isinstance(st, AffineStage)
-        and st.fused
+        and st.W is not None
+        and (st.fused or st.Gam is None)  # C of rank one with Ẽ = [I; 0], or C = 0 (GGN)
         and st.r == 1
         and st.m == st.W.shape[1]
+        and st.q == st.m + 1
         and f is not None
         and f.factor is not None
         and f.factor._lu is not None
@@ -99,7 +101,8 @@ class _RunLayers:
         self.n = first.q - 1
         v = torch.stack([s.Vt[0] for s in lin])  # J × q, the unit vectors x̃/‖x̃‖
         self.v_in, self.v_bias = v[:, : self.n].unsqueeze(-1), v[:, self.n :].unsqueeze(-1)  # J × n × 1, J × 1 × 1
-        self.g = torch.stack([s.g for s in lin])  # J × m × 1
+        # g = 0 where C = 0 (Gauss–Newton): the C-terms vanish
+        self.g = torch.stack([s.g if s.Gam is not None else s.W.new_zeros(self.m, 1) for s in lin])  # J × m × 1
         d = torch.stack([s.F.diagonal for s in act]).unsqueeze(-1)  # J × m × 1
         self.sigma = first.W.new_tensor([s.scalar for s in lin]).reshape(-1, 1, 1)
         self.sigma_d = self.sigma * d

@@ -55,7 +55,9 @@ def compile_operator(op: LinearOperator) -> Apply | None:
 class CompiledOracle:
     """The products of one block's oracle: ``F, Fᵀ, G, Gᵀ, C, Cᵀ, A, E`` (``None`` = zero)."""
 
-    __slots__ = ("p", "F", "FT", "G", "GT", "C", "CT", "A", "E", "HV", "TAN", "ADJ", "parts", "sample_major")
+    __slots__ = (
+        "p", "F", "FT", "G", "GT", "C", "CT", "A", "E", "HV", "TAN", "ADJ", "parts", "sample_major", "linear", "diagonal"
+    )
 
     def __init__(self, o: Oracle):
         self.p = o.G.shape[1]
@@ -63,11 +65,18 @@ class CompiledOracle:
         self.HV = None  # (v, y_in, μ) ↦ C y_in + Gᵀμ
         self.TAN = None  # (y_in, v) ↦ F y_in + G v
         self.ADJ = None  # (μ, y_in, v) ↦ Fᵀμ + E y_in + Cᵀv
+        # what batched runs read (tallskinny.batched_products): ``(W, x, g)`` of an
+        # nn.Linear at one sample (θ = [vec(W), b], C ≠ 0), ``(d, e)`` of F = diag(d),
+        # E = diag(e) (e None: E = 0) of a parameter-free elementwise block
+        self.linear = self.diagonal = None
         self.F, self.FT = compile_operator(o.F), compile_operator(o.F.T)
         self.A, self.E = compile_operator(o.A), compile_operator(o.E)
-        if self.p == 0 and isinstance(o.F, Diagonal) and isinstance(o.E, Diagonal):
-            d, e = o.F.diagonal.unsqueeze(-1), o.E.diagonal.unsqueeze(-1)
-            self.ADJ = lambda mu, y, v: torch.addcmul(d * mu, e, y)
+        if self.p == 0 and isinstance(o.F, Diagonal) and isinstance(o.E, (Diagonal, Zero)):
+            d = o.F.diagonal.unsqueeze(-1)
+            e = o.E.diagonal.unsqueeze(-1) if isinstance(o.E, Diagonal) else None
+            self.diagonal = (d, e)
+            if e is not None:
+                self.ADJ = lambda mu, y, v: torch.addcmul(d * mu, e, y)
         # the affine structure (affine.affine_parts), kept for the elimination's stages
         self.parts = parts = affine_parts(o) if self.p else None
         self.sample_major = parts is not None and samples_first(o, parts)
@@ -172,6 +181,8 @@ class CompiledOracle:
                 return torch.addmm(gv(v), y.view(R, nw), W.mT).view(R * m, 1)
 
             self.TAN = TAN
+            if R == 1 and bias:
+                self.linear = (W, Xw.mT, Gam)  # x (n × 1), g (m × 1) or None (C = 0)
         if Gam is None:
             return
         zeros = X.new_zeros(m) if bias else None
@@ -213,8 +224,27 @@ def _weight_columns(p_theta, m: int, q: int) -> int | None:
     return p_theta.__dict__[key]
 
 
-def compile_oracles(oracles: Sequence[Oracle]) -> list[CompiledOracle]:
-    return [CompiledOracle(o) for o in oracles]
+class CompiledBlocks(list):
+    """The compiled oracles of a chain's blocks (a list), with what their HVPs of one
+    vector batch (:mod:`tallskinny.batched_products`; found on first use)."""
+
+    _plan = None
+
+    def run_plan(self) -> tuple[dict, list[int]]:
+        """``{start: (end, HVPRun)}`` and the offsets of the blocks' parameters."""
+        if self._plan is None:
+            from .batched_products import HVPRun, find_runs
+
+            offsets = [0]
+            for b in self:
+                offsets.append(offsets[-1] + b.p)
+            runs = {start: (end, HVPRun(self[start:end])) for start, end in find_runs(self)}
+            self._plan = (runs, offsets)
+        return self._plan
+
+
+def compile_oracles(oracles: Sequence[Oracle]) -> CompiledBlocks:
+    return CompiledBlocks(CompiledOracle(o) for o in oracles)
 
 
 def hvp(blocks: Sequence[CompiledOracle], loss: CompiledOracle, v: Tensor) -> Tensor:
@@ -223,11 +253,24 @@ def hvp(blocks: Sequence[CompiledOracle], loss: CompiledOracle, v: Tensor) -> Te
     ``μ_{l-1} = F_lᵀ μ_l + C_lᵀ v_l + E_l y_{l-1}`` (from ``μ_L = E_loss y_L``), giving
     ``(H v)_l = A_l v_l + C_l y_{l-1} + G_lᵀ μ_l``."""
     vs = torch.split(v, [b.p for b in blocks], dim=0)
-    ys: list[Tensor | None] = []
+    n = len(blocks)
+    ys: list[Tensor | None] = [None] * n
     y = None  # the tangent; None while it is zero (before the first parameter)
     one = v.shape[1] == 1
-    for b, vl in zip(blocks, vs):
-        ys.append(y)
+    # runs of identical Linear + elementwise pairs, batched (one vector only)
+    runs, offsets = blocks.run_plan() if one and isinstance(blocks, CompiledBlocks) else ({}, None)
+    ends = {end - 1: start for start, (end, _) in runs.items()}
+    saved: dict = {}
+    i = 0
+    while i < n:
+        b, vl = blocks[i], vs[i]
+        ys[i] = y
+        if i in runs:
+            end, run = runs[i]
+            y, saved[i] = run.tangents(y, v[offsets[i] : offsets[end]])
+            i = end
+            continue
+        i += 1
         if y is not None and one and b.TAN is not None:
             y = b.TAN(y, vl)
             continue
@@ -240,7 +283,18 @@ def hvp(blocks: Sequence[CompiledOracle], loss: CompiledOracle, v: Tensor) -> Te
         return torch.zeros_like(v)
     mu = loss.E(y) if loss.E is not None else None
     out: list[Tensor] = list(vs)
-    for i in reversed(range(len(blocks))):
+    i = n
+    while i > 0:
+        i -= 1
+        start = ends.get(i)
+        if start is not None:
+            run = runs[start][1]
+            mu = y.new_zeros(run.m, 1) if mu is None else mu
+            out[start], mu = run.adjoints(mu, saved[start])
+            for k in range(start + 1, i + 1):
+                out[k] = vs[k][:0]
+            i = start
+            continue
         b, vl, y_in = blocks[i], vs[i], ys[i]
         if b.p and b.HV is not None and mu is not None and b.A is None and vl.shape[1] == 1:
             out[i] = b.HV(vl, y_in, mu)

@@ -13,7 +13,7 @@ from torch import nn
 
 import tallskinny as ts
 from tallskinny import batched_sweeps
-from tallskinny.testing import dense_hessian
+from tallskinny.testing import dense_ggn, dense_hessian
 
 from models import ACTIVATIONS, mlp
 
@@ -44,9 +44,10 @@ def _stagewise(curv, damping, b, monkeypatch):
 
 @pytest.mark.parametrize("act", ["tanh", "relu", "sigmoid", "gelu", "identity"])
 @pytest.mark.parametrize("damping", [1e-6, 1e-3, 0.1])
-def test_batched_solve_matches_stagewise_and_dense(act, damping, monkeypatch):
+@pytest.mark.parametrize("kind", ["hessian", "ggn"])
+def test_batched_solve_matches_stagewise_and_dense(act, damping, kind, monkeypatch):
     chain, X, y = _chain(act)
-    curv = chain.curvature(X, y)
+    curv = chain.curvature(X, y, kind=kind)
     P = curv.num_parameters
     b = torch.randn(P, dtype=torch.float64)
     fact = curv.factorize(damping)
@@ -55,7 +56,8 @@ def test_batched_solve_matches_stagewise_and_dense(act, damping, monkeypatch):
         assert _runs(fact) == []
     else:
         assert _runs(fact) == [(0, 16)]  # eight (Linear, activation) pairs; the last Linear is alone
-    M = dense_hessian(chain, X, y) + damping * torch.eye(P, dtype=torch.float64)
+    H = dense_hessian(chain, X, y) if kind == "hessian" else dense_ggn(chain, X, y)
+    M = H + damping * torch.eye(P, dtype=torch.float64)
     cond = torch.linalg.cond(M).item()
     tol = max(1e-10, 10 * torch.finfo(torch.float64).eps * cond)
     assert rel(x, _stagewise(curv, damping, b, monkeypatch)) <= tol
@@ -117,3 +119,44 @@ def test_batches_of_samples_keep_the_per_stage_sweeps():
     b = torch.randn(curv.num_parameters, dtype=torch.float64)
     M = dense_hessian(chain, X, y) + 0.1 * torch.eye(b.shape[0], dtype=torch.float64)
     assert rel(fact.solve(b), torch.linalg.solve(M, b)) <= 1e-10
+
+
+# -- Hessian-vector products batched over the same runs ------------------------------------
+from tallskinny import batched_products  # noqa: E402
+
+
+@pytest.mark.parametrize("act", ["tanh", "relu", "sigmoid", "softplus", "identity"])
+@pytest.mark.parametrize("kind", ["hessian", "ggn"])
+def test_batched_hvp_matches_per_block_and_dense(act, kind, monkeypatch):
+    chain, X, y = _chain(act, d_in=5)
+    curv = chain.curvature(X, y, kind=kind)
+    runs, _ = curv._compiled_oracles()[0].run_plan()
+    if act == "identity":
+        assert runs == {}
+    else:
+        assert {start: end for start, (end, _) in runs.items()} == {0: 16}
+    v = torch.randn(curv.num_parameters, dtype=torch.float64)
+    hv = curv.hvp(v)
+    assert rel(hv, curv.to_dense() @ v) <= 1e-12
+    with monkeypatch.context() as m:
+        m.setattr(batched_products, "MIN_RUN", 10**9)
+        fresh = chain.curvature(X, y, kind=kind)
+        assert fresh._compiled_oracles()[0].run_plan()[0] == {}
+        assert rel(hv, fresh.hvp(v)) <= 1e-13
+    # k = 2 vectors take the per-block products: the same columns
+    V = torch.stack([v, torch.randn_like(v)], dim=1)
+    HV = curv.hvp(V)
+    assert rel(HV[:, 0], hv) <= 1e-13 and rel(HV[:, 1], curv.hvp(V[:, 1])) <= 1e-13
+
+
+def test_batched_hvp_against_torch_func_hessian():
+    from tallskinny.testing import dense_hessian as ref_hessian
+
+    chain, X, y = _chain("tanh", depth=8, width=4, d_in=6, seed=2)  # first pair alone (6 → 4)
+    curv = chain.curvature(X, y)
+    runs, _ = curv._compiled_oracles()[0].run_plan()
+    assert {start: end for start, (end, _) in runs.items()} == {2: 14}
+    H = ref_hessian(chain, X, y)
+    V = torch.randn(H.shape[0], 3, dtype=torch.float64)
+    for j in range(3):
+        assert rel(chain.hvp(X, y, V[:, j]), H @ V[:, j]) <= 1e-12
