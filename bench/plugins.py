@@ -3,7 +3,7 @@ tallskinny-conv / tallskinny-residual, with the ``torch.func`` fallback for the 
 modules, and one autograd Hessian-vector product of the plain model.
 
     python bench/plugins.py                 # the two networks of issue 5, medians of 5
-    python bench/plugins.py --reps 3 --mlp-units 2
+    python bench/plugins.py --reps 3 --mlp-units 2   # quicker
 
 Networks (float64, batch 1, one thread, ``damping = 1e-3``):
 
@@ -11,9 +11,9 @@ Networks (float64, batch 1, one thread, ``damping = 1e-3``):
   channels, then ``Flatten`` and ``Linear(512, 10)``, cross-entropy;
 * ``resmlp``: ``Linear(16, 32)``, 32 residual units ``z + W tanh(z) + b``
   (``Residual([Tanh(), Linear(32, 32)])``), ``Linear(32, 10)``, cross-entropy;
-* ``resmlp2`` (``--mlp-units``, default 2, one repetition): units
+* ``resmlp2`` (``--mlp-units``, default 8, one repetition): units
   ``Residual([Linear, Tanh, Linear])`` (width 32), whose parameters interact inside
-  the unit (``A ≠ 0`` of size ``2112 × 2112``).
+  the unit (``A ≠ 0`` of size ``2112 × 2112``, of rank ≤ 96: a ``LowRank``).
 
 "fallback" wraps the plugin modules (convolutions, residual units) in
 ``tallskinny.blocks.FuncBlock``; everything else is the same chain. Each solve is
@@ -98,7 +98,7 @@ def run(name: str, modules, X, plugin_types, reps: int, damping: float) -> dict:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--reps", type=int, default=5, help="timed repetitions (median), default 5")
-    parser.add_argument("--mlp-units", type=int, default=2, help="units of the Linear–Tanh–Linear residual MLP (0: skip)")
+    parser.add_argument("--mlp-units", type=int, default=8, help="units of the Linear–Tanh–Linear residual MLP (0: skip; its fallback takes ~2 s per unit)")
     parser.add_argument("--damping", type=float, default=1e-3)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)

@@ -49,6 +49,7 @@ from .linalg import (
     Diagonal,
     Inertia,
     LinearOperator,
+    LowRank,
     ScaledIdentity,
     SingularMatrixError,
     SymmetricBlockTridiagonal,
@@ -118,8 +119,14 @@ class DenseStage:
     see ``ε`` drowned by rounding errors of size ``eps·‖GᵀSG‖`` on ``null(G)`` and
     pass ``1/ε``-amplified errors on to the stages before it.
 
-    When ``A = 0`` (a block linear in its parameters) nothing of size ``p × p`` is
-    formed: ``Z`` stays implicit as the projector ``I − V_r V_rᵀ`` and ``α = 0``.
+    Where ``A`` vanishes on part of ``null(G)`` that part needs no basis: its pivots are
+    ``ε`` exactly, and it is kept implicit as a projector (the *rest*). When ``A = 0`` (a
+    block linear in its parameters) the whole of ``null(G)`` is the rest, ``α`` is empty
+    and nothing of size ``p × p`` is formed. When ``A = U M Uᵀ`` is a
+    :class:`~tallskinny.linalg.LowRank` of rank ``k`` (a residual unit with parameters in
+    several inner blocks), ``Z`` spans the part of ``range(U)`` in ``null(G)`` (at most
+    ``k`` columns, from an SVD of ``p × k``) and the rest is everything else: ``O(p·k²)``
+    instead of the ``O(p³)`` eigendecomposition of a dense ``A_⊥⊥``.
     ``orthogonal_columns=True`` declares that the columns of ``G`` are orthogonal and
     nonzero (so ``V = I`` without an SVD), as for the span of an affine block.
     """
@@ -148,6 +155,7 @@ class DenseStage:
         self.F, self.E = oracle.F, oracle.E
         self.FT = oracle.F.T
         C = oracle.C.to_dense()
+        kw = dict(dtype=C.dtype, device=C.device)
         if keep_structure:
             # the row space of G is everything: V = I, kept implicit (V is None); G keeps
             # whatever operator structure it has (products with it are all we need)
@@ -164,43 +172,54 @@ class DenseStage:
             self.C_r = self.V.mT @ C  # r × a_in
         self.r = r
         self.GVt = self.GV.T
-        self.linear = _is_zero(oracle.A)
-        self.n_z = p - r
-        self.A_rr = self.A_rz = self.alpha = self.CtC = None
-        if self.linear:
-            if self.n_z:
-                C_perp = C - self.V @ self.C_r
-                self.C_z = C_perp  # p × a_in, in ambient coordinates (Z implicit)
-                self.CtC = _symmetrize(C_perp.mT @ C_perp)
-        else:
-            A = _symmetrize(oracle.A.to_dense())
-            V = self.V if self.V is not None else torch.eye(p, dtype=G.dtype, device=G.device)
-            Q, _ = torch.linalg.qr(V, mode="complete") if r else (torch.eye(p, dtype=G.dtype, device=G.device), None)
-            V_perp = Q[:, r:]
+        # null(G) = range(Z) ⊕ rest; A on range(V) ⊕ range(Z): A_rr, A_rz, diag(α)
+        self.Z = self.alpha = self.C_z = self.A_rr = self.A_rz = None
+        A = oracle.A
+        V = self.V if self.V is not None or _is_zero(A) else torch.eye(p, **kw)
+        if isinstance(A, LowRank):
+            self._low_rank_complement(A, V)
+        elif not _is_zero(A) and p > r:
+            A = _symmetrize(A.to_dense())
+            V_perp = torch.linalg.qr(V, mode="complete")[0][:, r:] if r else torch.eye(p, **kw)
             self.alpha, W = torch.linalg.eigh(V_perp.mT @ A @ V_perp)
-            self.Z = V_perp @ W  # p × n_z
+            self.Z = V_perp @ W  # p × (p − r)
             AV = A @ V
             self.A_rr = V.mT @ AV
             self.A_rz = AV.mT @ self.Z
-            self.C_z = self.Z.mT @ C
+        elif not _is_zero(A):  # null(G) = {0}
+            self.A_rr = V.mT @ _symmetrize(A.to_dense()) @ V
+        self.k = 0 if self.Z is None else self.Z.shape[1]
+        if self.Z is not None:
+            self.C_z = self.Z.mT @ C  # k × a_in
+        self.n_rest = p - r - self.k
+        self.C_rest = self.CtC = None
+        if self.n_rest:
+            # C on the rest, in ambient coordinates: (I − VVᵀ − ZZᵀ) C
+            C_rest = C - V @ self.C_r if r else C
+            if self.Z is not None:
+                C_rest = C_rest - self.Z @ self.C_z
+            self.C_rest = C_rest
+            self.CtC = _symmetrize(C_rest.mT @ C_rest)
 
-    # -- coordinates ---------------------------------------------------------------------------
-    def _to_r(self, b: Tensor) -> Tensor:
-        return b if self.V is None else self.V.mT @ b
-
-    def _from_r(self, x: Tensor) -> Tensor:
-        return x if self.V is None else self.V @ x
-
-    def _to_z(self, b: Tensor) -> Tensor:
-        if self.linear:
-            return b - self.V @ (self.V.mT @ b)
-        return self.Z.mT @ b
-
-    def _from_z(self, x: Tensor) -> Tensor:
-        return x if self.linear else self.Z @ x
-
-    def _zdiv(self, d, x: Tensor) -> Tensor:
-        return x / d if self.linear else x / d.unsqueeze(-1)
+    def _low_rank_complement(self, A: "LowRank", V: Tensor) -> None:
+        """``Z``, ``α``, ``A_rr``, ``A_rz`` for ``A = U M Uᵀ``: on ``null(G)`` the matrix
+        ``A_⊥⊥`` lives on ``range((I − VVᵀ)U)``; its SVD ``Ũ Σ W̃ᵀ`` turns ``A_⊥⊥`` there into
+        the ``k' × k'`` matrix ``Σ W̃ᵀ M W̃ Σ``, whose eigenvectors give ``Z = Ũ W``."""
+        U, M = A.U, _symmetrize(A.M)
+        VtU = V.mT @ U  # r × k
+        U_perp = U - V @ VtU
+        Ut, sig, Wh = torch.linalg.svd(U_perp, full_matrices=False)
+        tol = max(U.shape) * torch.finfo(U.dtype).eps * (float(torch.linalg.matrix_norm(U, 2)) if U.numel() else 0.0)
+        k = int((sig > tol).sum())
+        if V.shape[1]:
+            self.A_rr = _symmetrize(VtU @ M @ VtU.mT)
+        if not k:
+            return
+        SW = Wh[:k].mT * sig[:k]  # k_U × k': U_perp = Ũ (SW)ᵀ
+        self.alpha, W = torch.linalg.eigh(_symmetrize(SW.mT @ M @ SW))
+        self.Z = Ut[:, :k] @ W  # p × k', orthonormal, in null(G)
+        if V.shape[1]:
+            self.A_rz = VtU @ M @ (U.mT @ self.Z)  # r × k'
 
     # -- elimination -------------------------------------------------------------------------
     def eliminate(self, S: Tensor, damping: float, index: int):
@@ -219,26 +238,28 @@ class DenseStage:
         if self.A_rr is not None:
             Q_rr = Q_rr + self.A_rr
         Q_rr.diagonal().add_(damping)
-        z_inertia, z_logdet, d = (0, 0), None, None
+        pos = neg = 0
+        logdet = None
+        d = None
         Qt_rr, Qt_ry = Q_rr, Q_ry
-        if self.n_z:
-            if self.linear:
-                # on null(G) the pivots are ε exactly: singular only for ε = 0
-                d = damping
-                if d == 0.0:
-                    _raise_if_null_directions(self.CtC, index)
-                    raise _StageSingular(index)
-                S_new = S_new - self.CtC / d
-                z_inertia, z_logdet = (self.n_z, 0), self.n_z * math.log(d)
-            else:
-                # α carries rounding errors of the size of eps·‖A_⊥⊥‖, ε none
-                d = self.alpha + damping
-                tol = pivot_tolerance(self.n_z, S.dtype, float(self.alpha.abs().max()))
-                if bool((d.abs() <= tol).any()) or bool((d == 0).any()):
-                    raise _StageSingular(index)
-                S_new = S_new - self.C_z.mT @ (self.C_z / d.unsqueeze(-1))
-                z_inertia = (int((d > 0).sum()), int((d < 0).sum()))
-                z_logdet = d.abs().log().sum()
+        if self.n_rest:
+            # on the rest the pivots are ε exactly: singular only for ε = 0
+            if damping == 0.0:
+                _raise_if_null_directions(self.CtC, index)
+                raise _StageSingular(index)
+            S_new = S_new - self.CtC / damping
+            pos, logdet = self.n_rest, self.n_rest * math.log(damping)
+        if self.k:
+            # α carries rounding errors of the size of eps·‖A_⊥⊥‖, ε none
+            d = self.alpha + damping
+            tol = pivot_tolerance(self.k, S.dtype, float(self.alpha.abs().max()))
+            if bool((d.abs() <= tol).any()) or bool((d == 0).any()):
+                raise _StageSingular(index)
+            S_new = S_new - self.C_z.mT @ (self.C_z / d.unsqueeze(-1))
+            pos, neg = pos + int((d > 0).sum()), neg + int((d < 0).sum())
+            z_logdet = d.abs().log().sum()
+            logdet = z_logdet if logdet is None else z_logdet + logdet
+            if self.A_rz is not None:
                 Ad = self.A_rz / d
                 Qt_rr = Q_rr - Ad @ self.A_rz.mT
                 Qt_ry = Q_ry - Ad @ self.C_z
@@ -249,16 +270,16 @@ class DenseStage:
                 raise _StageSingular(index)
             K_r = factor.solve(Qt_ry)
             S_new = S_new - Qt_ry.mT @ K_r
-        return _symmetrize(S_new), _DenseStageFactor(self, d, factor, Q_ry, K_r, z_inertia, z_logdet)
+        return _symmetrize(S_new), _DenseStageFactor(self, damping, d, factor, Q_ry, K_r, (pos, neg), logdet)
 
 
 class _DenseStageFactor:
     """The per-damping factors of a :class:`DenseStage`, used by the solve sweeps."""
 
-    __slots__ = ("stage", "d", "factor", "Q_ry", "K_r", "_z_inertia", "_z_logdet")
+    __slots__ = ("stage", "damping", "d", "factor", "Q_ry", "K_r", "_z_inertia", "_z_logdet")
 
-    def __init__(self, stage, d, factor, Q_ry, K_r, z_inertia, z_logdet):
-        self.stage, self.d, self.factor, self.Q_ry, self.K_r = stage, d, factor, Q_ry, K_r
+    def __init__(self, stage, damping, d, factor, Q_ry, K_r, z_inertia, z_logdet):
+        self.stage, self.damping, self.d, self.factor, self.Q_ry, self.K_r = stage, damping, d, factor, Q_ry, K_r
         self._z_inertia, self._z_logdet = z_inertia, z_logdet
 
     @property
@@ -275,45 +296,55 @@ class _DenseStageFactor:
         return out if self._z_logdet is None else out + self._z_logdet
 
     def backward(self, t: Tensor | None, b: Tensor):
-        """``u = Q_θθ⁻¹(Gᵀt − b)`` (in (r, z) coordinates) and the new ``t``."""
+        """``u = Q_θθ⁻¹(Gᵀt − b)`` in (span, Z, rest) parts, and the new ``t``."""
         st = self.stage
-        u_r = u_z = None
-        q_z = -st._to_z(b) if st.n_z else None
+        u_r = u_z = u_rest = None
+        q_z = -(st.Z.mT @ b) if st.k else None
         if st.r:
-            q_r = -st._to_r(b)
+            q_r = -(b if st.V is None else st.V.mT @ b)
             if t is not None:
                 q_r = q_r + _mm(st.GVt, t)
-            if st.A_rz is not None and q_z is not None:
+            if st.A_rz is not None:
                 q_r = q_r - (st.A_rz / self.d) @ q_z
             u_r = self.factor.solve(q_r)
-        if q_z is not None:
-            u_z = q_z if st.A_rz is None or u_r is None else q_z - st.A_rz.mT @ u_r
-            u_z = st._zdiv(self.d, u_z)
+        if st.k:
+            u_z = q_z if st.A_rz is None else q_z - st.A_rz.mT @ u_r
+            u_z = u_z / self.d.unsqueeze(-1)
+        if st.n_rest:  # −b on the rest, over ε
+            rest = b if st.V is None else b - st.V @ (st.V.mT @ b)
+            if st.k:
+                rest = rest - st.Z @ (st.Z.mT @ b)
+            u_rest = rest / -self.damping
         t_new = None if t is None else st.FT._matmat(t)
         if u_r is not None:
             t_new = _sub(t_new, self.Q_ry.mT @ u_r)
         if u_z is not None:
             t_new = _sub(t_new, st.C_z.mT @ u_z)
-        return (u_r, u_z), t_new
+        if u_rest is not None:
+            t_new = _sub(t_new, st.C_rest.mT @ u_rest)
+        return (u_r, u_z, u_rest), t_new
 
     def forward(self, y: Tensor | None, u):
         """``θ = −Q_θθ⁻¹(Q_θy y + q)`` in ambient coordinates, and the new ``y``."""
         st = self.stage
-        u_r, u_z = u
+        u_r, u_z, u_rest = u
         theta = theta_r = None
+        Ky = None if y is None or not st.r else self.K_r @ y
         if st.r:
-            theta_r = -u_r if y is None else -(self.K_r @ y) - u_r
-            theta = st._from_r(theta_r)
-        if st.n_z:
-            if y is None:
-                theta_z = -u_z
-            else:
+            theta_r = -u_r if y is None else -Ky - u_r
+            theta = theta_r if st.V is None else st.V @ theta_r
+        if st.k:
+            theta_z = -u_z
+            if y is not None:
                 w = st.C_z @ y
-                if st.A_rz is not None and st.r:
-                    w = w - st.A_rz.mT @ (self.K_r @ y)
-                theta_z = -st._zdiv(self.d, w) - u_z
-            theta_z = st._from_z(theta_z)
+                if st.A_rz is not None:
+                    w = w - st.A_rz.mT @ Ky
+                theta_z = theta_z - w / self.d.unsqueeze(-1)
+            theta_z = st.Z @ theta_z
             theta = theta_z if theta is None else theta + theta_z
+        if st.n_rest:
+            theta_rest = -u_rest if y is None else -u_rest - (st.C_rest @ y) / self.damping
+            theta = theta_rest if theta is None else theta + theta_rest
         y_new = None if y is None else st.F._matmat(y)
         if theta_r is not None:
             gy = _mm(st.GV, theta_r)

@@ -23,7 +23,7 @@ from .factor import (
     Factorization,
     pivot_tolerance,
 )
-from .operators import Dense, Diagonal, Identity, Inertia, LinearOperator, ScaledIdentity, Zero, as_operator
+from .operators import Dense, Diagonal, Identity, Inertia, LinearOperator, LowRank, ScaledIdentity, Zero, as_operator
 
 __all__ = [
     "BlockBidiagonalFactorization",
@@ -43,6 +43,7 @@ __all__ = [
     "Identity",
     "Inertia",
     "LinearOperator",
+    "LowRank",
     "ScaledIdentity",
     "SingularMatrixError",
     "SymmetricBlockTridiagonal",

@@ -306,6 +306,36 @@ class Diagonal(LinearOperator):
         return DiagonalFactorization(self.diagonal)
 
 
+class LowRank(LinearOperator):
+    """The symmetric ``U M Uᵀ`` for ``U`` (``n × k``) and a symmetric ``M`` (``k × k``),
+    stored as its factors: products cost ``O(n·k)``, and a solver can work on ``range(U)``
+    (``k ≪ n``) instead of all of ``ℝⁿ``. ``M``'s symmetry is declared, not checked."""
+
+    def __init__(self, U: Tensor, M: Tensor):
+        if not isinstance(U, Tensor) or U.dim() != 2:
+            raise ValueError(f"LowRank needs a 2-D tensor U, got {_describe(U)}")
+        if not isinstance(M, Tensor) or M.shape != (U.shape[1], U.shape[1]):
+            raise ValueError(f"LowRank needs M of shape {(U.shape[1], U.shape[1])} for U of shape {tuple(U.shape)}, got {_describe(M)}")
+        _check_float(U, "LowRank")
+        _check_float(M, "LowRank")
+        if M.dtype != U.dtype or M.device != U.device:
+            raise ValueError("LowRank: U and M must have the same dtype and device")
+        self.U, self.M = U, M
+        n = U.shape[0]
+        self.shape = (n, n)
+        self.dtype, self.device = U.dtype, U.device
+        self.symmetric = True
+
+    def to_dense(self) -> Tensor:
+        return self.U @ self.M @ self.U.mT
+
+    def _matmat(self, x: Tensor) -> Tensor:
+        return self.U @ (self.M @ (self.U.mT @ x))
+
+    def _scale(self, alpha: float) -> LinearOperator:
+        return LowRank(self.U, alpha * self.M)
+
+
 # ---------------------------------------------------------------------------------------
 def as_operator(x) -> LinearOperator:
     """A tensor becomes :class:`Dense`; an operator is returned as is."""

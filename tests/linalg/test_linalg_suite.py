@@ -16,6 +16,7 @@ from tallskinny.linalg import (
     BlockUpperBidiagonal,
     Dense,
     Diagonal,
+    LowRank,
     ScaledIdentity,
     SymmetricBlockTridiagonal,
     Zero,
@@ -92,6 +93,40 @@ class TestDenseRectangular(LinearOperatorTestCase):
             n += 1
         a = torch.randn(m, n, generator=gen, dtype=torch.float64).to(dtype)
         return Dense(a), a
+
+
+class TestLowRank(LinearOperatorTestCase):
+    """``U M Uᵀ`` of rank ``k < n`` (singular: no solves)."""
+
+    singular = True
+    structure_preserved = False
+
+    def make_operator(self, dtype, gen):
+        n = int(torch.randint(2, 9, (1,), generator=gen))
+        k = int(torch.randint(1, n, (1,), generator=gen))
+        U = torch.randn(n, k, generator=gen, dtype=torch.float64).to(dtype)
+        M = random_symmetric(k, gen, dtype)
+        return LowRank(U, M), (U.double() @ M.double() @ U.double().T).to(dtype)
+
+
+class TestLowRankFull(LinearOperatorTestCase):
+    """``U M Uᵀ`` with ``U`` square and well conditioned: invertible."""
+
+    structure_preserved = False
+
+    def make_operator(self, dtype, gen):
+        n = int(torch.randint(1, 7, (1,), generator=gen))
+        U, M = random_matrix(n, n, gen, dtype), random_symmetric(n, gen, dtype)
+        return LowRank(U, M), (U.double() @ M.double() @ U.double().T).to(dtype)
+
+
+def test_low_rank_validates_its_factors():
+    with pytest.raises(ValueError, match="M of shape"):
+        LowRank(torch.zeros(3, 2, dtype=torch.float64), torch.zeros(3, 3, dtype=torch.float64))
+    with pytest.raises(ValueError, match="2-D"):
+        LowRank(torch.zeros(3, dtype=torch.float64), torch.zeros(1, 1, dtype=torch.float64))
+    with pytest.raises(ValueError, match="dtype"):
+        LowRank(torch.zeros(3, 2, dtype=torch.float64), torch.zeros(2, 2, dtype=torch.float32))
 
 
 class TestZero(LinearOperatorTestCase):

@@ -41,7 +41,7 @@ from torch import Tensor
 
 from tallskinny.blocks import Block, Oracle, block_for
 from tallskinny.blocks.checks import check_adjoint, check_finite, check_input, check_params
-from tallskinny.linalg import Dense, LinearOperator, Zero
+from tallskinny.linalg import Dense, LinearOperator, LowRank, Zero
 from tallskinny.linalg.kronecker import Kronecker, Product
 
 from .module import Residual
@@ -126,7 +126,9 @@ def compose(oracles: Sequence[Oracle], sizes: Sequence[int], z: Tensor, second_o
     p, a_in = sum(sizes), z.numel()
     offsets = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
     kw = dict(dtype=z.dtype, device=z.device)
-    A = C = E = None  # dense accumulators, None while exactly zero
+    C = E = None  # dense accumulators, None while exactly zero
+    A_U: list[Tensor] = []  # A = Σ U_j M_j U_jᵀ: the columns U_j (p × k_j) …
+    A_M: list[Tensor] = []  # … and the k_j × k_j middles (see _low_rank)
     C_op: LinearOperator | None = None  # C kept structured (see _structured_c), instead of C
     Xz: Tensor | None = None  # Ξ^z, None for the identity
     Xt: Tensor | None = None  # Ξ^θ, None while exactly zero
@@ -145,7 +147,8 @@ def compose(oracles: Sequence[Oracle], sizes: Sequence[int], z: Tensor, second_o
                 E = add(E, EXz if Xz is None else Xz.mT @ EXz)
                 if Xt is not None:
                     C = add(C, Xt.mT @ EXz)
-                    A = add(A, Xt.mT @ (o.E @ Xt))
+                    A_U.append(Xt.mT)  # Ξ^θᵀ E_i Ξ^θ
+                    A_M.append(o.E.to_dense())
             if hi > lo and not isinstance(o.C, Zero):
                 if own_G and C is None and lo == 0 and hi == p:
                     C_op = _structured_c(o.C, Xz)
@@ -153,10 +156,16 @@ def compose(oracles: Sequence[Oracle], sizes: Sequence[int], z: Tensor, second_o
                     CXz = o.C.to_dense() if Xz is None else o.C @ Xz
                     C = add(C, _rows(CXz, lo, p))
                 if Xt is not None:
-                    CXt = _rows(o.C @ Xt, lo, p)
-                    A = add(A, CXt + CXt.mT)
+                    # S_iᵀC_iΞ^θ + its transpose = [P, Ξ^θᵀ] [[0, I], [I, 0]] [P, Ξ^θᵀ]ᵀ
+                    P_i = _rows(o.C.to_dense(), lo, p)
+                    n = P_i.shape[1]
+                    A_U.append(torch.cat((P_i, Xt.mT), dim=1))
+                    swap = torch.zeros(2 * n, 2 * n, **kw)
+                    swap[:n, n:] = swap[n:, :n] = torch.eye(n, **kw)
+                    A_M.append(swap)
             if hi > lo and not isinstance(o.A, Zero):
-                A = add(A, _block(o.A.to_dense(), lo, p))
+                A_U.append(_rows(torch.eye(hi - lo, **kw), lo, p))  # S_iᵀ A_i S_i
+                A_M.append(o.A.to_dense())
         Xz = o.F.to_dense() if Xz is None else o.F @ Xz
         Xt = None if Xt is None else o.F @ Xt
         if hi > lo and not own_G:
@@ -168,7 +177,8 @@ def compose(oracles: Sequence[Oracle], sizes: Sequence[int], z: Tensor, second_o
         if p > lo and not isinstance(short.C, Zero):
             C = add(C, _rows(short.C.to_dense(), lo, p))
         if p > lo and not isinstance(short.A, Zero):
-            A = add(A, _block(short.A.to_dense(), lo, p))
+            A_U.append(_rows(torch.eye(p - lo, **kw), lo, p))
+            A_M.append(short.A.to_dense())
     F = Dense(Xz + short.F.to_dense())
     a_out = F.shape[0]
 
@@ -181,10 +191,25 @@ def compose(oracles: Sequence[Oracle], sizes: Sequence[int], z: Tensor, second_o
     return Oracle(
         G=G,
         F=F,
-        A=Zero(p, p, **kw) if A is None else Dense(0.5 * (A + A.mT), symmetric=True),
+        A=_low_rank(A_U, A_M, p, kw),
         C=C_op if C_op is not None else Zero(p, a_in, **kw) if C is None else Dense(C),
         E=Zero(a_in, a_in, **kw) if E is None else Dense(0.5 * (E + E.mT), symmetric=True),
     )
+
+
+def _low_rank(U_parts: Sequence[Tensor], M_parts: Sequence[Tensor], p: int, kw) -> LinearOperator:
+    """``A = Σ_j U_j M_j U_jᵀ``: a :class:`~tallskinny.linalg.LowRank` where its rank
+    bound ``k = Σ k_j`` is below ``p`` (the solver then works on ``k`` directions, not on
+    all ``p``: a unit with parameters in several inner blocks has ``k ≈ 3·width``), else
+    dense; ``Zero`` without terms."""
+    if not U_parts:
+        return Zero(p, p, **kw)
+    U = torch.cat(list(U_parts), dim=1)
+    M = torch.block_diag(*[0.5 * (M + M.mT) for M in M_parts])
+    if U.shape[1] < p:
+        return LowRank(U, M)
+    A = U @ M @ U.mT
+    return Dense(0.5 * (A + A.mT), symmetric=True)
 
 
 def _structured_c(C: LinearOperator, Xz: Tensor | None) -> LinearOperator | None:
@@ -217,12 +242,4 @@ def _columns(M: Tensor, lo: int, p: int) -> Tensor:
         return M
     out = M.new_zeros(M.shape[0], p)
     out[:, lo:lo + M.shape[1]] = M
-    return out
-
-
-def _block(M: Tensor, lo: int, p: int) -> Tensor:
-    if lo == 0 and M.shape == (p, p):
-        return M
-    out = M.new_zeros(p, p)
-    out[lo:lo + M.shape[0], lo:lo + M.shape[1]] = M
     return out

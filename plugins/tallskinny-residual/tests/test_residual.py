@@ -212,3 +212,27 @@ def test_one_sample_affine_units_keep_a_structured_c(damping):
         assert isinstance(stages[i], AffineStage) and stages[i].C_span is None and stages[i].Gam is not None
         assert not stages[i].pad  # Ẽ D_σ is not [I; 0]
     check_against_dense(chain, X, y, damping, gen=gen)
+
+
+def test_units_with_several_parameter_blocks_keep_a_low_rank_A():
+    """Parameters in two inner blocks: A couples them, but only through the unit's
+    activations (rank ≤ 3·width here), so it is a LowRank and the solver never forms the
+    p × p complement (p = 2·(w² + w)); the chain still matches dense references,
+    small damping and indefinite systems included."""
+    from tallskinny.linalg import LowRank
+
+    torch.manual_seed(11)
+    w = 5
+    unit = Residual([nn.Linear(w, w), nn.Tanh(), nn.Linear(w, w)])
+    o = block_for(unit).oracle(randn(1, w), [p.detach() for p in unit.parameters()], randn(1, w, seed=2))
+    p = 2 * (w * w + w)
+    assert isinstance(o.A, LowRank) and o.A.shape == (p, p) and o.A.U.shape[1] == 3 * w
+    chain = ts.Chain(residual_mlp(4, w, 3, 2), nn.CrossEntropyLoss())
+    gen = torch.Generator().manual_seed(3)
+    for batch in (1, 2):
+        X, y = torch.randn(batch, 3, generator=gen), torch.randint(0, 2, (batch,), generator=gen)
+        negatives = 0
+        for damping in (1e-6, 1e-2):
+            _, inertia = check_against_dense(chain, X, y, damping, gen=gen)
+            negatives += inertia[1]
+        assert negatives > 0
