@@ -248,17 +248,14 @@ class AffineStage(_AffineCoordinates):
     """
 
     def __init__(self, oracle: Oracle, parts, compiled=None):
-        from .products import compile_operator
+        from .products import CompiledOracle
 
         XV = self._setup(oracle, parts)
         self.XV, self.XVt = XV, XV.mT
         R, m, r = self.R, self.m, self.r
         self.scalar = self.sigma if R == 1 and r == 1 else None  # G_V = σ·I
         self.E = oracle.E
-        if compiled is not None:
-            self.F_apply, self.FT_apply = compiled.F, compiled.FT
-        else:
-            self.F_apply, self.FT_apply = compile_operator(oracle.F), compile_operator(oracle.F.T)
+        self._compiled = compiled if compiled is not None else CompiledOracle(oracle)
         # one sample, F = W: the products of the sweeps fuse into a few matmuls
         self.W = identity_kronecker_factor(oracle.F) if self.scalar is not None else None
         if self.C_span is not None:
@@ -276,7 +273,23 @@ class AffineStage(_AffineCoordinates):
         self.fused = self.W is not None and self.Gam is not None and self.pad
         if self.fused:
             self.g = self.Gam  # m × 1
-            self.PE = torch.addmm(self.Et, self.V, self.VtE, alpha=-1.0)  # (I − vvᵀ)Ẽ, q × n
+            self._PE = None  # (I − vvᵀ)Ẽ, q × n, made on first use (batched runs do without)
+
+    @property
+    def PE(self) -> Tensor:
+        """``(I − vvᵀ)Ẽ`` (``q × n``): ``C_⊥y = ((I − vvᵀ)Ẽ y) gᵀ`` at one sample."""
+        if self._PE is None:
+            self._PE = torch.addmm(self.Et, self.V, self.VtE, alpha=-1.0)
+        return self._PE
+
+    @property
+    def F_apply(self):
+        """``y ↦ F y`` (``None`` for ``F = 0``), made on first use."""
+        return self._compiled.F
+
+    @property
+    def FT_apply(self):
+        return self._compiled.FT
 
     # -- G_V and its transpose on (R·m, k) / (r·m, k) tensors ---------------------------------
     def _gv(self, z: Tensor) -> Tensor:
@@ -396,9 +409,9 @@ class _DirectAffineFactor:
             # −C_⊥ᵀ u_⊥ with u_⊥ = −b_⊥/ε
             if st.fused and k == 1:
                 if t_new is None:
-                    t_new = (b_perp[: st.PE.shape[1]] @ st.g).div_(self.damping)
+                    t_new = (b_perp[: st.Et.shape[1]] @ st.g).div_(self.damping)
                 else:
-                    t_new = torch.addmm(t_new, b_perp[: st.PE.shape[1]], st.g, alpha=1.0 / self.damping)
+                    t_new = torch.addmm(t_new, b_perp[: st.Et.shape[1]], st.g, alpha=1.0 / self.damping)
             else:
                 extra = st._c_t(b_perp, k) / self.damping
                 t_new = extra if t_new is None else t_new + extra

@@ -87,9 +87,8 @@ class ActivationStage:
 
         self.F, self.E = oracle.F, oracle.E
         self.FT = oracle.F.T
-        # the sweeps' products y ↦ F y, t ↦ Fᵀ t as plain tensor functions
-        c = compiled if compiled is not None else CompiledOracle(oracle)
-        self.F_apply, self.FT_apply = c.F or _zero_map, c.FT or _zero_map
+        # the sweeps' products y ↦ F y, t ↦ Fᵀ t as plain tensor functions (made on first use)
+        self._compiled = compiled if compiled is not None else CompiledOracle(oracle)
         self.diagonal = isinstance(self.F, (Diagonal, ScaledIdentity)) and isinstance(self.E, (Diagonal, Zero))
         # F = diag(d), a small: FᵀSF + E = S ⊙ ddᵀ + E is one addcmul with ddᵀ and E formed
         # once (for large a, forming E densely costs more than adding its diagonal)
@@ -98,6 +97,14 @@ class ActivationStage:
             d = self.F.diagonal
             self._dd = torch.outer(d, d)  # d_i·d_j = d_j·d_i: symmetric exactly
             self._E = torch.diag(self.E.diagonal) if isinstance(self.E, Diagonal) else None
+
+    @property
+    def F_apply(self):
+        return self._compiled.F or _zero_map
+
+    @property
+    def FT_apply(self):
+        return self._compiled.FT or _zero_map
 
     def eliminate(self, S: Tensor, damping: float, index: int):
         if self._dd is not None:

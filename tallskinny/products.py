@@ -56,32 +56,48 @@ class CompiledOracle:
     """The products of one block's oracle: ``F, Fᵀ, G, Gᵀ, C, Cᵀ, A, E`` (``None`` = zero)."""
 
     __slots__ = (
-        "p", "F", "FT", "G", "GT", "C", "CT", "A", "E", "HV", "TAN", "ADJ", "parts", "sample_major", "linear", "diagonal"
+        "p", "F", "FT", "G", "GT", "C", "CT", "A", "E", "HV", "TAN", "ADJ", "parts", "sample_major", "linear",
+        "diagonal", "_oracle",
     )
 
     def __init__(self, o: Oracle):
         self.p = o.G.shape[1]
-        # fused one-vector steps, where the structure allows (None: use the products above)
+        # what the stages and batched runs read, made at once: the affine structure
+        # (affine.affine_parts); ``(W, x, g)`` of an nn.Linear at one sample
+        # (θ = [vec(W), b]; g None where C = 0) and ``(d, e)`` of F = diag(d), E = diag(e)
+        # (e None: E = 0) of a parameter-free elementwise block (tallskinny.batched_products)
+        self.parts = parts = affine_parts(o) if self.p else None
+        self.sample_major = parts is not None and samples_first(o, parts)
+        self.linear = _one_sample_linear(o, parts) if self.sample_major else None
+        self.diagonal = None
+        if self.p == 0 and isinstance(o.F, Diagonal) and isinstance(o.E, (Diagonal, Zero)):
+            e = o.E.diagonal.unsqueeze(-1) if isinstance(o.E, Diagonal) else None
+            self.diagonal = (o.F.diagonal.unsqueeze(-1), e)
+        # the products themselves are made on first use: blocks inside batched runs
+        # never need them
+        self._oracle = o
+
+    def __getattr__(self, name: str):
+        # called only for a product not made yet (an unset slot)
+        o = object.__getattribute__(self, "_oracle")
+        if o is None or name not in _PRODUCTS:
+            raise AttributeError(name)
+        self._oracle = None
+        self._compile(o)
+        return getattr(self, name)
+
+    def _compile(self, o: Oracle) -> None:
+        # fused one-vector steps, where the structure allows (None: use the products)
         self.HV = None  # (v, y_in, μ) ↦ C y_in + Gᵀμ
         self.TAN = None  # (y_in, v) ↦ F y_in + G v
         self.ADJ = None  # (μ, y_in, v) ↦ Fᵀμ + E y_in + Cᵀv
-        # what batched runs read (tallskinny.batched_products): ``(W, x, g)`` of an
-        # nn.Linear at one sample (θ = [vec(W), b], C ≠ 0), ``(d, e)`` of F = diag(d),
-        # E = diag(e) (e None: E = 0) of a parameter-free elementwise block
-        self.linear = self.diagonal = None
         self.F, self.FT = compile_operator(o.F), compile_operator(o.F.T)
         self.A, self.E = compile_operator(o.A), compile_operator(o.E)
-        if self.p == 0 and isinstance(o.F, Diagonal) and isinstance(o.E, (Diagonal, Zero)):
-            d = o.F.diagonal.unsqueeze(-1)
-            e = o.E.diagonal.unsqueeze(-1) if isinstance(o.E, Diagonal) else None
-            self.diagonal = (d, e)
-            if e is not None:
-                self.ADJ = lambda mu, y, v: torch.addcmul(d * mu, e, y)
-        # the affine structure (affine.affine_parts), kept for the elimination's stages
-        self.parts = parts = affine_parts(o) if self.p else None
-        self.sample_major = parts is not None and samples_first(o, parts)
+        if self.diagonal is not None and self.diagonal[1] is not None:
+            d, e = self.diagonal
+            self.ADJ = lambda mu, y, v: torch.addcmul(d * mu, e, y)
         if self.sample_major:
-            self._compile_affine(o, parts)
+            self._compile_affine(o, self.parts)
         else:
             self.G, self.GT = compile_operator(o.G), compile_operator(o.G.T)
             self.C, self.CT = compile_operator(o.C), compile_operator(o.C.T)
@@ -181,8 +197,6 @@ class CompiledOracle:
                 return torch.addmm(gv(v), y.view(R, nw), W.mT).view(R * m, 1)
 
             self.TAN = TAN
-            if R == 1 and bias:
-                self.linear = (W, Xw.mT, Gam)  # x (n × 1), g (m × 1) or None (C = 0)
         if Gam is None:
             return
         zeros = X.new_zeros(m) if bias else None
@@ -206,6 +220,27 @@ class CompiledOracle:
             return (Gt @ v[:mw].view(m, nw)).view(R * nw, 1)
 
         self.C, self.CT = C, CT
+
+
+_PRODUCTS = frozenset(("F", "FT", "G", "GT", "C", "CT", "A", "E", "HV", "TAN", "ADJ"))
+
+
+def _one_sample_linear(o: Oracle, parts) -> tuple | None:
+    """``(W, x, g)`` where the oracle is an ``nn.Linear``'s at one sample: θ = ``[vec(W), b]``
+    with a bias, ``F = W`` square or not, and ``C = P_θᵀ(g ⊗ [I; 0])`` or ``C = 0``
+    (``g = None``); else ``None``. The same conditions under which the products fuse."""
+    _, X, p_theta, Gam, Et, C_general = parts
+    R, q = X.shape
+    if R != 1 or C_general is not None:
+        return None
+    m = o.G.shape[0]
+    nw = _weight_columns(p_theta, m, q)
+    if nw is None or q == nw or (Gam is not None and not (nw == Et.shape[1] and padded_identity(Et))):
+        return None
+    W = identity_kronecker_factor(o.F)
+    if W is None or W.shape != (m, nw):
+        return None
+    return W, X[:, :nw].mT, Gam
 
 
 def _weight_columns(p_theta, m: int, q: int) -> int | None:

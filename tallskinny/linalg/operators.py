@@ -7,6 +7,7 @@ Every operator is an ``m × n`` matrix that acts on tensors of shape ``(n,)`` or
 
 from __future__ import annotations
 
+import functools
 import numbers
 from typing import NamedTuple
 
@@ -256,7 +257,13 @@ class ScaledIdentity(LinearOperator):
 
 
 def Identity(n: int, *, dtype: torch.dtype = torch.float64, device=None) -> ScaledIdentity:
-    """The ``n × n`` identity (a :class:`ScaledIdentity` with scale 1)."""
+    """The ``n × n`` identity (a :class:`ScaledIdentity` with scale 1; operators are
+    immutable, so one object per size, dtype and device is shared)."""
+    return _identity(int(n), dtype, torch.device(device) if device is not None else torch.device("cpu"))
+
+
+@functools.lru_cache(maxsize=1024)
+def _identity(n: int, dtype: torch.dtype, device: torch.device) -> ScaledIdentity:
     return ScaledIdentity(n, 1.0, dtype=dtype, device=device)
 
 

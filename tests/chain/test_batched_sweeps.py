@@ -160,3 +160,17 @@ def test_batched_hvp_against_torch_func_hessian():
     V = torch.randn(H.shape[0], 3, dtype=torch.float64)
     for j in range(3):
         assert rel(chain.hvp(X, y, V[:, j]), H @ V[:, j]) <= 1e-12
+
+
+def test_blocks_inside_runs_never_compile_their_products():
+    """The per-block products are made on first use only: a solve with its check through
+    batched runs leaves the run's blocks uncompiled; asking for a product compiles it."""
+    chain, X, y = _chain("tanh", d_in=5)
+    curv = chain.curvature(X, y)
+    b = torch.randn(curv.num_parameters, dtype=torch.float64)
+    curv.factorize(1e-3).solve(b)  # refine=None: the check's HVP runs too
+    blocks = curv._compiled_oracles()[0]
+    assert all(c._oracle is not None for c in blocks[:16])  # the run
+    assert blocks[16]._oracle is None  # the last Linear, outside the run
+    v = b[:blocks[0].p].reshape(-1, 1)
+    assert blocks[0].G(v).shape == (5, 1) and blocks[0]._oracle is None
