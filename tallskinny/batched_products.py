@@ -41,22 +41,28 @@ def _kind(blocks: Sequence, i: int) -> tuple:
     return W.shape, g is None, blocks[i + 1].diagonal[1] is None
 
 
-def find_runs(blocks: Sequence) -> list[tuple[int, int]]:
-    """Maximal ranges ``[start, end)`` of ``≥ MIN_RUN`` batchable pairs of one shape."""
+def pair_runs(n: int, fits, key, min_run: int) -> list[tuple[int, int]]:
+    """Maximal ranges ``[start, end)`` of ``≥ min_run`` consecutive pairs ``(i, i + 1)``
+    with ``fits(i)`` and one ``key(i)``, among ``n`` stages or blocks."""
     runs = []
-    i, n = 0, len(blocks)
+    i = 0
     while i < n:
-        if not _pair_fits(blocks, i):
+        if not fits(i):
             i += 1
             continue
-        kind = _kind(blocks, i)
+        kind = key(i)
         j = i + 2
-        while _pair_fits(blocks, j) and _kind(blocks, j) == kind:
+        while fits(j) and key(j) == kind:
             j += 2
-        if (j - i) // 2 >= MIN_RUN:
+        if (j - i) // 2 >= min_run:
             runs.append((i, j))
         i = j
     return runs
+
+
+def find_runs(blocks: Sequence) -> list[tuple[int, int]]:
+    """Maximal ranges ``[start, end)`` of ``≥ MIN_RUN`` batchable pairs of one shape."""
+    return pair_runs(len(blocks), lambda i: _pair_fits(blocks, i), lambda i: _kind(blocks, i), MIN_RUN)
 
 
 class HVPRun:

@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from .affine import AffineStage
+from .batched_products import pair_runs
 from .linalg import Diagonal
 
 #: Runs shorter than this keep the per-stage sweeps (batching has a fixed cost).
@@ -58,10 +59,6 @@ def _pair_fits(stages: Sequence, factors: Sequence, i: int) -> bool:
     )
 
 
-def _same_shape(a: AffineStage, b: AffineStage) -> bool:
-    return a.m == b.m and a.p == b.p and (a.order is b.order or torch.equal(a.order, b.order))
-
-
 def _weight_then_bias(stage: AffineStage) -> bool:
     """Whether the stage's parameters are ``W`` (``m × n``, row-major) and then the bias,
     i.e. ``Θ̃ = [W | bias]`` in ``nn.Linear``'s own layout."""
@@ -74,20 +71,19 @@ def _weight_then_bias(stage: AffineStage) -> bool:
 
 
 def find_runs(stages: Sequence, factors: Sequence) -> list[tuple[int, int]]:
-    """Maximal ranges ``[start, end)`` of ``≥ MIN_RUN`` batchable pairs of equal shapes."""
-    runs = []
-    i, n = 0, len(stages)
-    while i < n:
-        if not (_pair_fits(stages, factors, i) and _weight_then_bias(stages[i])):
-            i += 1
-            continue
-        j = i + 2
-        while _pair_fits(stages, factors, j) and _same_shape(stages[i], stages[j]):
-            j += 2
-        if (j - i) // 2 >= MIN_RUN:
-            runs.append((i, j))
-        i = j
-    return runs
+    """Maximal ranges ``[start, end)`` of ``≥ MIN_RUN`` batchable pairs of one layout
+    (stages of one shape share their layout's index tensor)."""
+    layout_ok: dict[int, bool] = {}
+
+    def fits(i: int) -> bool:
+        if not _pair_fits(stages, factors, i):
+            return False
+        order = stages[i].order
+        if id(order) not in layout_ok:
+            layout_ok[id(order)] = _weight_then_bias(stages[i])
+        return layout_ok[id(order)]
+
+    return pair_runs(len(stages), fits, lambda i: (stages[i].m, stages[i].p, id(stages[i].order)), MIN_RUN)
 
 
 class _RunLayers:
