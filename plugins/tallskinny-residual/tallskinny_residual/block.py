@@ -29,7 +29,9 @@ that is, block by block,
 ``g_i``). Every product is taken with the inner blocks' operators, so their structure
 is used; the unit's oracle is dense except where a field is exactly zero (then
 ``Zero``) or the unit's only parameters sit in its last inner block (then ``G`` is that
-block's ``G`` operator, e.g. the affine structure of an ``nn.Linear``).
+block's ``G`` operator, e.g. the affine structure of an ``nn.Linear``). ``A`` is
+collected as low-rank terms ``U_j M_j U_jᵀ`` and given as a ``LowRank`` where their
+total rank is below ``p`` (see :func:`_low_rank`).
 """
 
 from __future__ import annotations
