@@ -113,10 +113,12 @@ def test_conv_chain_float32():
 
 
 @pytest.mark.parametrize("damping", [1e-6, 1e-2])
-def test_convolutions_are_eliminated_as_affine_stages(damping):
+@pytest.mark.parametrize("batch", [1, 2])
+def test_convolutions_are_eliminated_as_affine_stages(damping, batch):
     """A convolution (groups = 1) is affine in its parameters: the solver eliminates it as
     an affine stage (its C, which ends with the unfold of the input, read densely), not
-    as a generic dense stage, and the solve stays exact at small damping."""
+    as a generic dense stage, and the solve stays exact at small damping. At one sample
+    its output is channel-major, and its span stage needs no permutations."""
     from tallskinny import elimination
     from tallskinny.affine import AffineStage, ReducedAffineStage
 
@@ -124,11 +126,13 @@ def test_convolutions_are_eliminated_as_affine_stages(damping):
     chain = ts.Chain([nn.Conv2d(2, 3, 3, padding=1), nn.Tanh(), nn.Conv2d(3, 2, 2), nn.Tanh(), nn.Flatten(),
                       nn.Linear(32, 3)], nn.CrossEntropyLoss())
     gen = torch.Generator().manual_seed(1)
-    X = torch.randn(2, 2, 5, 5, generator=gen)
-    y = torch.randint(0, 3, (2,), generator=gen)
+    X = torch.randn(batch, 2, 5, 5, generator=gen)
+    y = torch.randint(0, 3, (batch,), generator=gen)
     curv = chain.curvature(X, y)
     stages = elimination.prepare_stages(curv.oracles, curv.loss_oracle)
     conv_stages = [s for s, b in zip(stages, chain.blocks) if isinstance(b, ConvBlock)]
     assert conv_stages and all(isinstance(s, (AffineStage, ReducedAffineStage)) for s in conv_stages)
     assert all(s.C_span is not None for s in conv_stages)  # the general-C path
+    reduced = [s for s in conv_stages if isinstance(s, ReducedAffineStage)]
+    assert reduced and all(s.channel_major == (batch == 1) for s in reduced)
     check_against_dense(chain, X, y, damping, gen=gen)
