@@ -8,7 +8,8 @@ modules, and one autograd Hessian-vector product of the plain model.
 Networks (float64, batch 1, one thread, ``damping = 1e-3``):
 
 * ``cnn``: 8 × ``Conv2d(8, 8, 3, padding=1)`` with tanh on ``8 × 8`` inputs with 8
-  channels, then ``Flatten`` and ``Linear(512, 10)``, cross-entropy;
+  channels, then ``Flatten`` and ``Linear(512, 10)``, cross-entropy; ``cnn-relu`` the
+  same with ReLU (dead units leave the span of each stage, channel by channel);
 * ``resmlp``: ``Linear(16, 32)``, 32 residual units ``z + W tanh(z) + b``
   (``Residual([Tanh(), Linear(32, 32)])``), ``Linear(32, 10)``, cross-entropy;
 * ``resmlp2`` (``--mlp-units``, default 8, one repetition): units
@@ -39,10 +40,10 @@ except ImportError as err:  # pragma: no cover
     raise SystemExit(f"install the plugins first: pip install -e plugins/tallskinny-conv -e plugins/tallskinny-residual ({err})")
 
 
-def cnn() -> tuple[list[nn.Module], torch.Tensor]:
+def cnn(activation=nn.Tanh) -> tuple[list[nn.Module], torch.Tensor]:
     layers: list[nn.Module] = []
     for _ in range(8):
-        layers += [nn.Conv2d(8, 8, 3, padding=1), nn.Tanh()]
+        layers += [nn.Conv2d(8, 8, 3, padding=1), activation()]
     return layers + [nn.Flatten(), nn.Linear(8 * 8 * 8, 10)], torch.randn(1, 8, 8, 8)
 
 
@@ -106,6 +107,7 @@ def main(argv=None) -> None:
     torch.manual_seed(0)
 
     rows = [run("cnn (8 conv, 8 ch, 8×8)", *cnn(), (nn.Conv2d,), args.reps, args.damping)]
+    rows.append(run("cnn-relu (the same with ReLU)", *cnn(nn.ReLU), (nn.Conv2d,), args.reps, args.damping))
     rows.append(run("resmlp (32 × [Tanh, Linear])", *residual_mlp(32, False), (Residual,), args.reps, args.damping))
     if args.mlp_units:
         rows.append(run(f"resmlp2 ({args.mlp_units} × [Linear, Tanh, Linear])", *residual_mlp(args.mlp_units, True),

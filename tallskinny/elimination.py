@@ -45,6 +45,7 @@ from .stage_algebra import (
 )
 from .blocks.protocol import Oracle
 from .errors import SingularSystemError
+from .linalg.kronecker import identity_kronecker_factor
 from .linalg import (
     Diagonal,
     Inertia,
@@ -147,13 +148,16 @@ class DenseStage:
         orthogonal_columns: bool = False,
     ):
         keep_structure = orthogonal_columns and ignored_rows is None and output_range is None
-        G = oracle.G if keep_structure else oracle.G.to_dense()
+        # G = I_m ⊗ B with rows dropped (a convolution's span at one sample, dead ReLU
+        # units): the SVD splits into m small ones, one per diagonal block
+        B = identity_kronecker_factor(oracle.G) if ignored_rows is not None and output_range is None else None
+        G = oracle.G if keep_structure or B is not None else oracle.G.to_dense()
         # Outputs that the rest of the chain ignores exactly do not count in the row space:
         # ``ignored_rows`` (a ReLU's dead units) are dropped, and G is projected on
         # ``output_range`` (an orthonormal basis of the range of the value Hessian S, when S
         # is known before any ε enters). Both are exact, and keep the directions they
         # remove in null(G), where ε is handled exactly.
-        if ignored_rows is not None:
+        if ignored_rows is not None and B is None:
             G = G.masked_fill(ignored_rows.unsqueeze(-1), 0.0)
         if output_range is not None:
             G = output_range @ (output_range.mT @ G)
@@ -170,6 +174,10 @@ class DenseStage:
             self.V = None
             self.GV = G
             self.C_r = C
+        elif B is not None:
+            self.V, self.GV = _masked_kronecker_svd(B, ignored_rows)
+            r = self.V.shape[1]
+            self.C_r = self.V.mT @ C  # r × a_in
         else:
             U, sigma, Vh = torch.linalg.svd(G, full_matrices=False)
             tol = max(a, p) * torch.finfo(G.dtype).eps * (float(sigma[0]) if sigma.numel() else 0.0)
@@ -278,6 +286,22 @@ class DenseStage:
             K_r = factor.solve(Qt_ry)
             S_new = S_new - Qt_ry.mT @ K_r
         return _symmetrize(S_new), _DenseStageFactor(self, damping, d, factor, Q_ry, K_r, (pos, neg), logdet)
+
+
+def _masked_kronecker_svd(B: Tensor, ignored_rows: Tensor) -> tuple[Tensor, Tensor]:
+    """``(V, G V)`` for ``G = I_m ⊗ B`` (``B``: ``R × q``) with the rows ``ignored_rows``
+    set to zero: ``G`` is block diagonal, so its thin SVD is that of its ``m`` blocks
+    (one batched call on ``m × R × q`` instead of one on ``m·R × m·q``), with the rank
+    tolerance of the whole matrix, ``max(a, p)·eps·σ_max``."""
+    R, q = B.shape
+    m = ignored_rows.numel() // R
+    live = (~ignored_rows).reshape(m, R, 1).to(B.dtype)
+    U, sigma, Vh = torch.linalg.svd(B * live, full_matrices=False)
+    tol = m * max(R, q) * torch.finfo(B.dtype).eps * (float(sigma.max()) if sigma.numel() else 0.0)
+    keep = (sigma > tol).tolist()
+    V = torch.block_diag(*[Vh[i][[j for j, k in enumerate(keep[i]) if k]].mT for i in range(m)])
+    GV = torch.block_diag(*[(U[i] * sigma[i])[:, [j for j, k in enumerate(keep[i]) if k]] for i in range(m)])
+    return V, GV
 
 
 class _DenseStageFactor:

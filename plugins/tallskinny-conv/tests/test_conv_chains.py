@@ -136,3 +136,35 @@ def test_convolutions_are_eliminated_as_affine_stages(damping, batch):
     reduced = [s for s in conv_stages if isinstance(s, ReducedAffineStage)]
     assert reduced and all(s.channel_major == (batch == 1) for s in reduced)
     check_against_dense(chain, X, y, damping, gen=gen)
+
+
+@pytest.mark.parametrize("damping", [1e-6, 1e-2])
+def test_dead_relu_units_split_the_span_channel_by_channel(damping, monkeypatch):
+    """A convolution at one sample followed by a ReLU: its span G_V = I_m ⊗ X̃V with the
+    dead units' rows dropped is block diagonal, so its SVD is taken channel by channel
+    (small SVDs instead of one of size m·R × m·q). Same rank, same solves as the dense
+    SVD, and exact against dense references."""
+    from tallskinny import elimination
+
+    torch.manual_seed(2)
+    chain = ts.Chain([nn.Conv2d(2, 3, 3, padding=1), nn.ReLU(), nn.Conv2d(3, 3, 3, padding=1), nn.ReLU(),
+                      nn.Flatten(), nn.Linear(75, 3)], nn.CrossEntropyLoss())
+    gen = torch.Generator().manual_seed(3)
+    X, y = torch.randn(1, 2, 5, 5, generator=gen), torch.tensor([1])
+    curv = chain.curvature(X, y)
+    stages = curv._prepared_stages()
+    inner = [s.inner for s in stages if getattr(s, "channel_major", False)]
+    assert inner and all(st.V is not None and st.r < st.p for st in inner)  # dead units dropped
+    for st in inner:  # each basis vector lies in one channel's block, exactly
+        channels = (st.V.reshape(3, -1, st.r) != 0).any(dim=1)  # m = 3 output channels
+        assert (channels.sum(dim=0) == 1).all()
+    b = torch.randn(curv.num_parameters, generator=gen)
+    x = curv.factorize(damping).solve(b)
+    with monkeypatch.context() as m:  # the dense SVD of the whole masked span
+        m.setattr(elimination, "identity_kronecker_factor", lambda op: None)
+        dense_curv = chain.curvature(X, y)
+        dense_inner = [s.inner for s in dense_curv._prepared_stages() if getattr(s, "channel_major", False)]
+        assert [st.r for st in dense_inner] == [st.r for st in inner]
+        x_dense_svd = dense_curv.factorize(damping).solve(b)
+    assert rel(x, x_dense_svd) <= 1e-10
+    check_against_dense(chain, X, y, damping, gen=gen)
