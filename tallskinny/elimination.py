@@ -146,6 +146,7 @@ class DenseStage:
         output_range: Tensor | None = None,
         *,
         orthogonal_columns: bool = False,
+        zero_inputs: Tensor | None = None,
     ):
         keep_structure = orthogonal_columns and ignored_rows is None and output_range is None
         # G = I_m ⊗ B with rows dropped (a convolution's span at one sample, dead ReLU
@@ -167,6 +168,12 @@ class DenseStage:
         self.FT = oracle.F.T
         C = oracle.C.to_dense()
         kw = dict(dtype=C.dtype, device=C.device)
+        a_in = C.shape[1]
+        # products of a damping on the live rows and columns only (see _live_products);
+        # then everything of C is computed on the live inputs and embedded with zeros
+        live = ignored_rows is not None and _congruence_is_dense(self.F) and isinstance(self.E, Zero)
+        li = (~zero_inputs).nonzero().squeeze(1) if live and zero_inputs is not None else None
+        C = C if li is None else C.index_select(1, li)
         if keep_structure:
             # the row space of G is everything: V = I, kept implicit (V is None); G keeps
             # whatever operator structure it has (products with it are all we need)
@@ -215,6 +222,29 @@ class DenseStage:
                 C_rest = C_rest - self.Z @ self.C_z
             self.C_rest = C_rest
             self.CtC = _symmetrize(C_rest.mT @ C_rest)
+        self._live = None
+        if live:
+            li = torch.arange(a_in, device=C.device) if li is None else li
+            self._live = self._live_products(ignored_rows, li)
+            if li.shape[0] < a_in:  # the sweeps read C on all inputs: zeros on the dead ones
+                self.C_r, self.C_z, self.C_rest = (_embed_columns(M, li, a_in) for M in (self.C_r, self.C_z, self.C_rest))
+                if self.CtC is not None:
+                    CtC = self.CtC.new_zeros(a_in, a_in)
+                    CtC[li.unsqueeze(1), li] = self.CtC
+                    self.CtC = CtC
+
+    def _live_products(self, ignored_rows: Tensor, li: Tensor):
+        """Where the outputs ``ignored_rows`` are dropped, the value Hessian ``S`` arriving
+        here is exactly zero on them, and where an input is identically zero (a ReLU's dead
+        unit before this block; ``li`` are the others) nothing computed for it is ever
+        read: the dense products of a damping then run on the live rows and columns only
+        (``O(n_out²·n_in)`` instead of ``O(a_out²·a_in)``). Returns the live indices and
+        ``F``, ``G_V``, ``C_r``, ``C_⊥ᵀC_⊥``, ``C_z`` on them (the ``C`` parts are already
+        computed on the live inputs)."""
+        lo = (~ignored_rows).nonzero().squeeze(1)
+        F_oi = self.F.to_dense().index_select(0, lo).index_select(1, li)
+        GV_o = self.GV.index_select(0, lo)
+        return lo, li, F_oi, GV_o, self.C_r, self.CtC, self.C_z
 
     def _low_rank_complement(self, A: "LowRank", V: Tensor) -> None:
         """``Z``, ``α``, ``A_rr``, ``A_rz`` for ``A = U M Uᵀ``: on ``null(G)`` the matrix
@@ -238,6 +268,8 @@ class DenseStage:
 
     # -- elimination -------------------------------------------------------------------------
     def eliminate(self, S: Tensor, damping: float, index: int):
+        if self._live is not None:
+            return self._eliminate_live(S, damping, index)
         SGV = _mm(self.GVt, S).mT  # S G_V = (G_VᵀS)ᵀ: S is symmetric
         if _congruence_is_dense(self.F):
             # F used densely anyway (a convolution, a fallback block): SF once gives both
@@ -287,6 +319,60 @@ class DenseStage:
             S_new = S_new - Qt_ry.mT @ K_r
         return _symmetrize(S_new), _DenseStageFactor(self, damping, d, factor, Q_ry, K_r, (pos, neg), logdet)
 
+    def _eliminate_live(self, S: Tensor, damping: float, index: int):
+        """:meth:`DenseStage.eliminate` on the live rows and columns (see ``_live_products``);
+        ``Q_ζy``, ``K`` and the new ``S`` are zero on the dead inputs, which no later step reads."""
+        lo, li, F_oi, GV_o, C_ri, CtC_ii, C_zi = self._live
+        S_oo = S.index_select(0, lo).index_select(1, lo)
+        SF = S_oo @ F_oi
+        S_ii = F_oi.mT @ SF
+        Q_ry = torch.addmm(C_ri, GV_o.mT, SF)  # r × n_in
+        Q_rr = GV_o.mT @ (S_oo @ GV_o)
+        if self.A_rr is not None:
+            Q_rr = Q_rr + self.A_rr
+        Q_rr.diagonal().add_(damping)
+        pos = neg = 0
+        logdet = None
+        d = None
+        Qt_rr, Qt_ry = Q_rr, Q_ry
+        if self.n_rest:
+            if damping == 0.0:
+                _raise_if_null_directions(self.CtC, index)
+                raise _StageSingular(index)
+            S_ii = S_ii - CtC_ii / damping
+            pos, logdet = self.n_rest, self.n_rest * math.log(damping)
+        if self.k:
+            d = self.alpha + damping
+            tol = pivot_tolerance(self.k, S.dtype, float(self.alpha.abs().max()))
+            if bool((d.abs() <= tol).any()) or bool((d == 0).any()):
+                raise _StageSingular(index)
+            S_ii = S_ii - C_zi.mT @ (C_zi / d.unsqueeze(-1))
+            pos, neg = pos + int((d > 0).sum()), neg + int((d < 0).sum())
+            z_logdet = d.abs().log().sum()
+            logdet = z_logdet if logdet is None else z_logdet + logdet
+            if self.A_rz is not None:
+                Ad = self.A_rz / d
+                Qt_rr = Q_rr - Ad @ self.A_rz.mT
+                Qt_ry = Q_ry - Ad @ C_zi
+        factor = K_r = None
+        if self.r:
+            factor = SymmetricFactor.of(Qt_rr)
+            if factor is None:
+                raise _StageSingular(index)
+            K_r = factor.solve(Qt_ry)
+            S_ii = S_ii - Qt_ry.mT @ K_r
+        a_in = self.F.shape[1]
+        S_new = S.new_zeros(a_in, a_in)
+        S_new[li.unsqueeze(1), li] = _symmetrize(S_ii)
+        return S_new, _DenseStageFactor(
+            self, damping, d, factor, _embed_columns(Q_ry, li, a_in), _embed_columns(K_r, li, a_in), (pos, neg), logdet
+        )
+
+
+def _embed_columns(M: Tensor | None, columns: Tensor, n: int) -> Tensor | None:
+    """``M`` as the given columns of a zero matrix with ``n`` columns."""
+    return None if M is None else M.new_zeros(M.shape[0], n).index_copy_(1, columns, M)
+
 
 def _masked_kronecker_svd(B: Tensor, ignored_rows: Tensor) -> tuple[Tensor, Tensor]:
     """``(V, G V)`` for ``G = I_m ⊗ B`` (``B``: ``R × q``) with the rows ``ignored_rows``
@@ -302,6 +388,8 @@ def _masked_kronecker_svd(B: Tensor, ignored_rows: Tensor) -> tuple[Tensor, Tens
     V = torch.block_diag(*[Vh[i][[j for j, k in enumerate(keep[i]) if k]].mT for i in range(m)])
     GV = torch.block_diag(*[(U[i] * sigma[i])[:, [j for j, k in enumerate(keep[i]) if k]] for i in range(m)])
     return V, GV
+
+
 
 
 class _DenseStageFactor:
@@ -416,7 +504,10 @@ def prepare_stages(oracles: Sequence[Oracle], loss: Oracle, compiled: Sequence |
         if i == last:
             kw = dict(output_range=output_range)
         else:
-            kw = dict(ignored_rows=_ignored_rows(oracles[i + 1] if i + 1 < len(oracles) else None))
+            kw = dict(
+                ignored_rows=_ignored_rows(oracles[i + 1] if i + 1 < len(oracles) else None),
+                zero_inputs=_zero_inputs(oracles[i - 1]) if i else None,
+            )
         if parts is None:
             stages.append(DenseStage(o, **kw))
         else:
@@ -463,6 +554,16 @@ def _ignored_rows(nxt: Oracle | None) -> Tensor | None:
         dead = dead & (nxt.E.diagonal == 0)
     elif not isinstance(nxt.E, Zero):
         return None
+    return dead if bool(dead.any()) else None
+
+
+def _zero_inputs(prev: Oracle) -> Tensor | None:
+    """Inputs that are identically zero: outputs of a parameter-free diagonal block with
+    ``F_kk = 0`` (a ReLU's dead units). Nothing computed for them is read: the block
+    before multiplies the value Hessian and the adjoint there by ``F_kk = 0``."""
+    if prev.G.shape[1] or not isinstance(prev.F, Diagonal):
+        return None
+    dead = prev.F.diagonal == 0
     return dead if bool(dead.any()) else None
 
 

@@ -142,8 +142,9 @@ def test_convolutions_are_eliminated_as_affine_stages(damping, batch):
 def test_dead_relu_units_split_the_span_channel_by_channel(damping, monkeypatch):
     """A convolution at one sample followed by a ReLU: its span G_V = I_m ⊗ X̃V with the
     dead units' rows dropped is block diagonal, so its SVD is taken channel by channel
-    (small SVDs instead of one of size m·R × m·q). Same rank, same solves as the dense
-    SVD, and exact against dense references."""
+    (small SVDs instead of one of size m·R × m·q), and the products of a damping run on
+    the live outputs and, after a ReLU, the live inputs only. Same rank, same solves as
+    the dense SVD on all rows and columns, and exact against dense references."""
     from tallskinny import elimination
 
     torch.manual_seed(2)
@@ -158,10 +159,14 @@ def test_dead_relu_units_split_the_span_channel_by_channel(damping, monkeypatch)
     for st in inner:  # each basis vector lies in one channel's block, exactly
         channels = (st.V.reshape(3, -1, st.r) != 0).any(dim=1)  # m = 3 output channels
         assert (channels.sum(dim=0) == 1).all()
+    lo, li = inner[1]._live[:2]  # the second convolution: dead units on both sides
+    assert lo.numel() < inner[1].GV.shape[0] and li.numel() < inner[1].F.shape[1]
     b = torch.randn(curv.num_parameters, generator=gen)
     x = curv.factorize(damping).solve(b)
-    with monkeypatch.context() as m:  # the dense SVD of the whole masked span
+    with monkeypatch.context() as m:  # the dense SVD of the whole masked span, all rows and columns
         m.setattr(elimination, "identity_kronecker_factor", lambda op: None)
+        m.setattr(elimination, "_zero_inputs", lambda prev: None)
+        m.setattr(elimination.DenseStage, "_live_products", lambda self, rows, li: None)
         dense_curv = chain.curvature(X, y)
         dense_inner = [s.inner for s in dense_curv._prepared_stages() if getattr(s, "channel_major", False)]
         assert [st.r for st in dense_inner] == [st.r for st in inner]
