@@ -282,6 +282,28 @@ class DenseStage:
             Q_ry = self.C_r + self.FT._matmat(SGV).mT  # r × a_in
             S_new = _plus(self.E, _congruence(self.F, S))  # Q_yy, then its Schur complement
         Q_rr = self.GVt @ SGV
+        S_new, factor, K_r, d, inertia, logdet = self._schur(S_new, Q_rr, Q_ry, self.C_z, self.CtC, damping, index)
+        return _symmetrize(S_new), _DenseStageFactor(self, damping, d, factor, Q_ry, K_r, inertia, logdet)
+
+    def _eliminate_live(self, S: Tensor, damping: float, index: int):
+        """:meth:`eliminate` on the live rows and columns (see ``_live_products``);
+        ``Q_ζy``, ``K`` and the new ``S`` are zero on the dead inputs, which no later step reads."""
+        lo, li, F_oi, GV_o, C_ri, CtC_ii, C_zi = self._live
+        S_oo = S.index_select(0, lo).index_select(1, lo)
+        SF = S_oo @ F_oi
+        Q_ry = torch.addmm(C_ri, GV_o.mT, SF)  # r × n_in
+        Q_rr = GV_o.mT @ (S_oo @ GV_o)
+        S_ii, factor, K_r, d, inertia, logdet = self._schur(F_oi.mT @ SF, Q_rr, Q_ry, C_zi, CtC_ii, damping, index)
+        a_in = self.F.shape[1]
+        S_new = S.new_zeros(a_in, a_in)
+        S_new[li.unsqueeze(1), li] = _symmetrize(S_ii)
+        Q_ry, K_r = _embed_columns(Q_ry, li, a_in), _embed_columns(K_r, li, a_in)
+        return S_new, _DenseStageFactor(self, damping, d, factor, Q_ry, K_r, inertia, logdet)
+
+    def _schur(self, S_new, Q_rr, Q_ry, C_z, CtC, damping: float, index: int):
+        """``S_new − Q_yθ Q_θθ⁻¹ Q_θy`` over the rest (pivots ``ε``), ``Z`` (pivots ``α + ε``)
+        and the span (``Q_rr + A_rr + εI``, factored), with the factors and the pivots'
+        inertia and ``log|det|``. ``C_z``, ``CtC`` on the columns of ``Q_ry``."""
         if self.A_rr is not None:
             Q_rr = Q_rr + self.A_rr
         Q_rr.diagonal().add_(damping)
@@ -294,22 +316,22 @@ class DenseStage:
             if damping == 0.0:
                 _raise_if_null_directions(self.CtC, index)
                 raise _StageSingular(index)
-            S_new = S_new - self.CtC / damping
+            S_new = S_new - CtC / damping
             pos, logdet = self.n_rest, self.n_rest * math.log(damping)
         if self.k:
             # α carries rounding errors of the size of eps·‖A_⊥⊥‖, ε none
             d = self.alpha + damping
-            tol = pivot_tolerance(self.k, S.dtype, float(self.alpha.abs().max()))
+            tol = pivot_tolerance(self.k, S_new.dtype, float(self.alpha.abs().max()))
             if bool((d.abs() <= tol).any()) or bool((d == 0).any()):
                 raise _StageSingular(index)
-            S_new = S_new - self.C_z.mT @ (self.C_z / d.unsqueeze(-1))
+            S_new = S_new - C_z.mT @ (C_z / d.unsqueeze(-1))
             pos, neg = pos + int((d > 0).sum()), neg + int((d < 0).sum())
             z_logdet = d.abs().log().sum()
             logdet = z_logdet if logdet is None else z_logdet + logdet
             if self.A_rz is not None:
                 Ad = self.A_rz / d
                 Qt_rr = Q_rr - Ad @ self.A_rz.mT
-                Qt_ry = Q_ry - Ad @ self.C_z
+                Qt_ry = Q_ry - Ad @ C_z
         factor = K_r = None
         if self.r:
             factor = SymmetricFactor.of(Qt_rr)
@@ -317,56 +339,7 @@ class DenseStage:
                 raise _StageSingular(index)
             K_r = factor.solve(Qt_ry)
             S_new = S_new - Qt_ry.mT @ K_r
-        return _symmetrize(S_new), _DenseStageFactor(self, damping, d, factor, Q_ry, K_r, (pos, neg), logdet)
-
-    def _eliminate_live(self, S: Tensor, damping: float, index: int):
-        """:meth:`DenseStage.eliminate` on the live rows and columns (see ``_live_products``);
-        ``Q_ζy``, ``K`` and the new ``S`` are zero on the dead inputs, which no later step reads."""
-        lo, li, F_oi, GV_o, C_ri, CtC_ii, C_zi = self._live
-        S_oo = S.index_select(0, lo).index_select(1, lo)
-        SF = S_oo @ F_oi
-        S_ii = F_oi.mT @ SF
-        Q_ry = torch.addmm(C_ri, GV_o.mT, SF)  # r × n_in
-        Q_rr = GV_o.mT @ (S_oo @ GV_o)
-        if self.A_rr is not None:
-            Q_rr = Q_rr + self.A_rr
-        Q_rr.diagonal().add_(damping)
-        pos = neg = 0
-        logdet = None
-        d = None
-        Qt_rr, Qt_ry = Q_rr, Q_ry
-        if self.n_rest:
-            if damping == 0.0:
-                _raise_if_null_directions(self.CtC, index)
-                raise _StageSingular(index)
-            S_ii = S_ii - CtC_ii / damping
-            pos, logdet = self.n_rest, self.n_rest * math.log(damping)
-        if self.k:
-            d = self.alpha + damping
-            tol = pivot_tolerance(self.k, S.dtype, float(self.alpha.abs().max()))
-            if bool((d.abs() <= tol).any()) or bool((d == 0).any()):
-                raise _StageSingular(index)
-            S_ii = S_ii - C_zi.mT @ (C_zi / d.unsqueeze(-1))
-            pos, neg = pos + int((d > 0).sum()), neg + int((d < 0).sum())
-            z_logdet = d.abs().log().sum()
-            logdet = z_logdet if logdet is None else z_logdet + logdet
-            if self.A_rz is not None:
-                Ad = self.A_rz / d
-                Qt_rr = Q_rr - Ad @ self.A_rz.mT
-                Qt_ry = Q_ry - Ad @ C_zi
-        factor = K_r = None
-        if self.r:
-            factor = SymmetricFactor.of(Qt_rr)
-            if factor is None:
-                raise _StageSingular(index)
-            K_r = factor.solve(Qt_ry)
-            S_ii = S_ii - Qt_ry.mT @ K_r
-        a_in = self.F.shape[1]
-        S_new = S.new_zeros(a_in, a_in)
-        S_new[li.unsqueeze(1), li] = _symmetrize(S_ii)
-        return S_new, _DenseStageFactor(
-            self, damping, d, factor, _embed_columns(Q_ry, li, a_in), _embed_columns(K_r, li, a_in), (pos, neg), logdet
-        )
+        return S_new, factor, K_r, d, (pos, neg), logdet
 
 
 def _embed_columns(M: Tensor | None, columns: Tensor, n: int) -> Tensor | None:
