@@ -257,7 +257,12 @@ class AffineStage(_AffineCoordinates):
         self.E = oracle.E
         self._compiled = compiled if compiled is not None else CompiledOracle(oracle)
         # one sample, F = W: the products of the sweeps fuse into a few matmuls
-        self.W = identity_kronecker_factor(oracle.F) if self.scalar is not None else None
+        # (any dense F of one sample works the same way, e.g. a residual unit's I + W·D_σ)
+        self.W = None
+        if self.scalar is not None:
+            self.W = identity_kronecker_factor(oracle.F)
+            if self.W is None and isinstance(oracle.F, Dense):
+                self.W = oracle.F.matrix
         if self.C_span is not None:
             self.C_r = self.C_span if r else None
         elif self.Gam is None or not r:

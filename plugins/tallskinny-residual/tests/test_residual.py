@@ -204,13 +204,15 @@ def test_units_with_a_last_linear_are_affine_stages(damping):
 @pytest.mark.parametrize("damping", [1e-6, 0.1])
 def test_one_sample_affine_units_keep_a_structured_c(damping):
     """At one sample the unit's C = P(Γ ⊗ Ẽ)·D_σ is kept as P(Γ ⊗ ẼD_σ): the solver reads Γ
-    and Ẽ (no dense p × a matrix), and everything still equals the dense references."""
+    and Ẽ (no dense p × a matrix), its dense F = I + W·D_σ takes the one-sample path of a
+    Linear's (pivots tested after the sweep), and everything still equals the dense references."""
     from tallskinny.affine import AffineStage
 
     chain, X, y, gen, stages = _affine_unit_mlp(batch=1, seed=1)
     for i in (1, 2, 3):
         assert isinstance(stages[i], AffineStage) and stages[i].C_span is None and stages[i].Gam is not None
         assert not stages[i].pad  # Ẽ D_σ is not [I; 0]
+        assert stages[i].W is not None and torch.equal(stages[i].W, stages[i].F.to_dense())
     check_against_dense(chain, X, y, damping, gen=gen)
 
 
