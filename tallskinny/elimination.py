@@ -182,9 +182,14 @@ class DenseStage:
             self.GV = G
             self.C_r = C
         elif B is not None:
-            self.V, self.GV = _masked_kronecker_svd(B, ignored_rows)
+            V_blocks, self.GV = _masked_kronecker_svd(B, ignored_rows)
+            self.V = torch.block_diag(*V_blocks)
             r = self.V.shape[1]
-            self.C_r = self.V.mT @ C  # r × a_in
+            # V is block diagonal: C_r = VᵀC and V C_r one channel at a time
+            C_parts = C.split([blk.shape[0] for blk in V_blocks])
+            C_r_parts = [blk.mT @ Ci for blk, Ci in zip(V_blocks, C_parts)]
+            self.C_r = torch.cat(C_r_parts)  # r × a_in
+            VC_r = torch.cat([blk @ Cr for blk, Cr in zip(V_blocks, C_r_parts)])
         else:
             U, sigma, Vh = torch.linalg.svd(G, full_matrices=False)
             tol = max(a, p) * torch.finfo(G.dtype).eps * (float(sigma[0]) if sigma.numel() else 0.0)
@@ -217,7 +222,7 @@ class DenseStage:
         self.C_rest = self.CtC = None
         if self.n_rest:
             # C on the rest, in ambient coordinates: (I − VVᵀ − ZZᵀ) C
-            C_rest = C - V @ self.C_r if r else C
+            C_rest = C - (VC_r if B is not None else V @ self.C_r) if r else C
             if self.Z is not None:
                 C_rest = C_rest - self.Z @ self.C_z
             self.C_rest = C_rest
@@ -347,22 +352,25 @@ def _embed_columns(M: Tensor | None, columns: Tensor, n: int) -> Tensor | None:
     return None if M is None else M.new_zeros(M.shape[0], n).index_copy_(1, columns, M)
 
 
-def _masked_kronecker_svd(B: Tensor, ignored_rows: Tensor) -> tuple[Tensor, Tensor]:
-    """``(V, G V)`` for ``G = I_m ⊗ B`` (``B``: ``R × q``) with the rows ``ignored_rows``
-    set to zero: ``G`` is block diagonal, so its thin SVD is that of its ``m`` blocks
-    (one batched call on ``m × R × q`` instead of one on ``m·R × m·q``), with the rank
-    tolerance of the whole matrix, ``max(a, p)·eps·σ_max``."""
+def _masked_kronecker_svd(B: Tensor, ignored_rows: Tensor) -> tuple[list[Tensor], Tensor]:
+    """``(V's diagonal blocks, G V)`` for ``G = I_m ⊗ B`` (``B``: ``R × q``) with the rows ``ignored_rows``
+    set to zero: ``G`` is block diagonal, so its thin SVD is that of its ``m`` blocks, each
+    on its live rows only (``m`` SVDs of ``n_live × q`` instead of one of ``m·R × m·q``),
+    with the rank tolerance of the whole matrix, ``max(a, p)·eps·σ_max``."""
     R, q = B.shape
     m = ignored_rows.numel() // R
-    live = (~ignored_rows).reshape(m, R, 1).to(B.dtype)
-    U, sigma, Vh = torch.linalg.svd(B * live, full_matrices=False)
-    tol = m * max(R, q) * torch.finfo(B.dtype).eps * (float(sigma.max()) if sigma.numel() else 0.0)
-    keep = (sigma > tol).tolist()
-    V = torch.block_diag(*[Vh[i][[j for j, k in enumerate(keep[i]) if k]].mT for i in range(m)])
-    GV = torch.block_diag(*[(U[i] * sigma[i])[:, [j for j, k in enumerate(keep[i]) if k]] for i in range(m)])
-    return V, GV
-
-
+    live = [torch.nonzero(~dead).squeeze(1) for dead in ignored_rows.reshape(m, R)]
+    svds = [torch.linalg.svd(B.index_select(0, rows), full_matrices=False) for rows in live]
+    sigma_max = max((float(s.max()) for _, s, _ in svds if s.numel()), default=0.0)
+    tol = m * max(R, q) * torch.finfo(B.dtype).eps * sigma_max
+    V_blocks, GV_blocks = [], []
+    for rows, (U, sigma, Vh) in zip(live, svds):
+        k = int((sigma > tol).sum())  # singular values come sorted
+        V_blocks.append(Vh[:k].mT)
+        block = B.new_zeros(R, k)  # G V on this channel: U σ on its live rows, zero on the dead
+        block[rows] = U[:, :k] * sigma[:k]
+        GV_blocks.append(block)
+    return V_blocks, torch.block_diag(*GV_blocks)
 
 
 class _DenseStageFactor:
