@@ -234,9 +234,7 @@ class DenseStage:
             if li.shape[0] < a_in:  # the sweeps read C on all inputs: zeros on the dead ones
                 self.C_r, self.C_z, self.C_rest = (_embed_columns(M, li, a_in) for M in (self.C_r, self.C_z, self.C_rest))
                 if self.CtC is not None:
-                    CtC = self.CtC.new_zeros(a_in, a_in)
-                    CtC[li.unsqueeze(1), li] = self.CtC
-                    self.CtC = CtC
+                    self.CtC = _embed_square(self.CtC, li, a_in)
 
     def _live_products(self, ignored_rows: Tensor, li: Tensor):
         """Where the outputs ``ignored_rows`` are dropped, the value Hessian ``S`` arriving
@@ -300,8 +298,7 @@ class DenseStage:
         Q_rr = GV_o.mT @ (S_oo @ GV_o)
         S_ii, factor, K_r, d, inertia, logdet = self._schur(F_oi.mT @ SF, Q_rr, Q_ry, C_zi, CtC_ii, damping, index)
         a_in = self.F.shape[1]
-        S_new = S.new_zeros(a_in, a_in)
-        S_new[li.unsqueeze(1), li] = _symmetrize(S_ii)
+        S_new = _embed_square(_symmetrize(S_ii), li, a_in)
         Q_ry, K_r = _embed_columns(Q_ry, li, a_in), _embed_columns(K_r, li, a_in)
         return S_new, _DenseStageFactor(self, damping, d, factor, Q_ry, K_r, inertia, logdet)
 
@@ -350,6 +347,11 @@ class DenseStage:
 def _embed_columns(M: Tensor | None, columns: Tensor, n: int) -> Tensor | None:
     """``M`` as the given columns of a zero matrix with ``n`` columns."""
     return None if M is None else M.new_zeros(M.shape[0], n).index_copy_(1, columns, M)
+
+
+def _embed_square(M: Tensor, index: Tensor, n: int) -> Tensor:
+    """``M`` as the block ``(index, index)`` of an ``n × n`` zero matrix."""
+    return M.new_zeros(n, n).index_copy_(0, index, _embed_columns(M, index, n))
 
 
 def _masked_kronecker_svd(B: Tensor, ignored_rows: Tensor) -> tuple[list[Tensor], Tensor]:
