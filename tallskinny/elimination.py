@@ -137,6 +137,10 @@ class DenseStage:
     instead of the ``O(p³)`` eigendecomposition of a dense ``A_⊥⊥``.
     ``orthogonal_columns=True`` declares that the columns of ``G`` are orthogonal and
     nonzero (so ``V = I`` without an SVD), as for the span of an affine block.
+
+    Next to ReLUs (``ignored_rows``: outputs the next block discards; ``zero_inputs``:
+    inputs the block before zeroes), a dense ``F`` is used on the live rows and columns
+    only, where the value Hessian and everything read later live.
     """
 
     def __init__(
