@@ -173,3 +173,20 @@ def test_dead_relu_units_split_the_span_channel_by_channel(damping, monkeypatch)
         x_dense_svd = dense_curv.factorize(damping).solve(b)
     assert rel(x, x_dense_svd) <= 1e-10
     check_against_dense(chain, X, y, damping, gen=gen)
+
+
+def test_dead_channels_and_a_dead_convolution():
+    """A channel whose units are all dead, and a convolution with no live unit at all
+    (an empty span): exact against dense references."""
+    torch.manual_seed(0)
+    c1, c2 = nn.Conv2d(2, 3, 3, padding=1), nn.Conv2d(3, 3, 3, padding=1)
+    with torch.no_grad():
+        c1.bias[1] = -100.0  # channel 1 of the first convolution: all dead
+        c2.bias[:] = -100.0  # every unit of the second dead
+    chain = ts.Chain([c1, nn.ReLU(), c2, nn.ReLU(), nn.Flatten(), nn.Linear(75, 3)], nn.CrossEntropyLoss())
+    X, y = torch.randn(1, 2, 5, 5), torch.tensor([1])
+    stages = chain.curvature(X, y)._prepared_stages()
+    assert stages[2].inner.r == 0
+    gen = torch.Generator().manual_seed(0)
+    for damping in (1e-3, 1.0):
+        check_against_dense(chain, X, y, damping, gen=gen)
