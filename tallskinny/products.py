@@ -124,9 +124,7 @@ class CompiledOracle:
             return
         if Gam is None:
             self.C = self.CT = None
-            nw = _weight_columns(p_theta, m, q)
-            if nw is not None:
-                self._compile_weight_bias(X, m, nw, None, o.F)
+            self._compile_weight_bias_if_linear(o, parts)
             return
         n = Et.shape[1]
         Gt, Ett = Gam.mT, Et.mT
@@ -145,15 +143,19 @@ class CompiledOracle:
             return (Gt @ M.reshape(m, n * k)).reshape(R * n, k)
 
         self.C, self.CT = C, CT
-        nw = _weight_columns(p_theta, m, q)
-        if nw == n and padded_identity(Et):
-            self._compile_weight_bias(X, m, nw, Gam, o.F)
+        self._compile_weight_bias_if_linear(o, parts)
 
-    def _compile_weight_bias(self, X: Tensor, m: int, nw: int, Gam: Tensor | None, F: LinearOperator) -> None:
+    def _compile_weight_bias_if_linear(self, o: Oracle, parts) -> None:
+        layout = _weight_layout(o, parts)
+        if layout is not None:
+            self._compile_weight_bias(parts[1], o.G.shape[0] // parts[1].shape[0], layout[0], parts[3], layout[1])
+
+    def _compile_weight_bias(self, X: Tensor, m: int, nw: int, Gam: Tensor | None, W: Tensor | None) -> None:
         """θ = ``[vec(W), b]`` with ``Θ̃ = [W | b]`` (``nn.Linear``'s layout) and, if ``C ≠ 0``,
         ``Ẽ = [I; 0]``: the products with one vector read ``W`` and ``b`` as views of θ,
         without gathers; several vectors at once go through the general closures. Where
-        ``F = I_R ⊗ W`` too, the sweeps' steps of one vector are fused (``TAN``, ``ADJ``)."""
+        ``F = I_R ⊗ W`` too (``W`` given), the sweeps' steps of one vector are fused
+        (``TAN``, ``ADJ``)."""
         R, q = X.shape
         mw, bias = m * nw, q > nw
         Xw = X[:, :nw]
@@ -189,8 +191,7 @@ class CompiledOracle:
             return out
 
         self.HV = HV
-        W = identity_kronecker_factor(F)
-        fuse = W is not None and W.shape == (m, nw)  # F = I_R ⊗ W
+        fuse = W is not None  # F = I_R ⊗ W
         if fuse:
 
             def TAN(y: Tensor, v: Tensor) -> Tensor:  # Y Wᵀ + X W_vᵀ + b_v
@@ -225,21 +226,32 @@ class CompiledOracle:
 _PRODUCTS = frozenset(("F", "FT", "G", "GT", "C", "CT", "A", "E", "HV", "TAN", "ADJ"))
 
 
-def _one_sample_linear(o: Oracle, parts) -> tuple | None:
-    """``(W, x, g)`` where the oracle is an ``nn.Linear``'s at one sample: θ = ``[vec(W), b]``
-    with a bias, ``F = W`` square or not, and ``C = P_θᵀ(g ⊗ [I; 0])`` or ``C = 0``
-    (``g = None``); else ``None``. The same conditions under which the products fuse."""
+def _weight_layout(o: Oracle, parts) -> tuple[int, Tensor | None] | None:
+    """``(n_w, W)`` where the affine oracle is ``nn.Linear``'s: θ = ``[vec(W), b]`` (``n_w``
+    weight columns, bias or not) and ``C = 0`` or ``C = P_θᵀ(Γ ⊗ [I; 0])``; ``W`` the
+    ``m × n_w`` factor of ``F = I_R ⊗ W`` where ``F`` has that form, else ``None``.
+    ``None`` for any other layout."""
     _, X, p_theta, Gam, Et, C_general = parts
     R, q = X.shape
-    if R != 1 or C_general is not None:
-        return None
-    m = o.G.shape[0]
+    m = o.G.shape[0] // R
     nw = _weight_columns(p_theta, m, q)
-    if nw is None or q == nw or (Gam is not None and not (nw == Et.shape[1] and padded_identity(Et))):
+    if C_general is not None or nw is None:
+        return None
+    if Gam is not None and not (nw == Et.shape[1] and padded_identity(Et)):
         return None
     W = identity_kronecker_factor(o.F)
-    if W is None or W.shape != (m, nw):
+    return nw, (W if W is not None and W.shape == (m, nw) else None)
+
+
+def _one_sample_linear(o: Oracle, parts) -> tuple | None:
+    """``(W, x, g)`` where the oracle is an ``nn.Linear``'s at one sample with a bias and
+    ``F = W`` (:func:`_weight_layout`; ``g = None`` where ``C = 0``); else ``None``: the
+    conditions under which the products fuse and batched runs apply."""
+    layout = _weight_layout(o, parts)
+    X, Gam = parts[1], parts[3]
+    if layout is None or layout[1] is None or X.shape[0] != 1 or X.shape[1] == layout[0]:
         return None
+    nw, W = layout
     return W, X[:, :nw].mT, Gam
 
 
