@@ -281,6 +281,12 @@ class AffineStage(_AffineCoordinates):
             self._PE = None  # (I − vvᵀ)Ẽ, q × n, made on first use (batched runs do without)
 
     @property
+    def linear(self) -> tuple | None:
+        """``(W, x, g)`` where the block is an ``nn.Linear`` at one sample (with a bias,
+        ``F = W``), else ``None`` (:attr:`tallskinny.products.CompiledOracle.linear`)."""
+        return self._compiled.linear
+
+    @property
     def PE(self) -> Tensor:
         """``(I − vvᵀ)Ẽ`` (``q × n``): ``C_⊥y = ((I − vvᵀ)Ẽ y) gᵀ`` at one sample."""
         if self._PE is None:

@@ -37,19 +37,17 @@ MIN_RUN = 4
 
 
 def _pair_fits(stages: Sequence, factors: Sequence, i: int) -> bool:
-    """Whether stages ``i, i+1`` are a one-sample Linear stage (square ``W``, with bias)
-    and a diagonal activation."""
+    """Whether stages ``i, i+1`` are a one-sample ``nn.Linear`` stage (square ``W``, with
+    bias, in its own ``[W | bias]`` layout) and a diagonal activation."""
     if i + 1 >= len(stages):
         return False
     st, act = stages[i], stages[i + 1]
     f = factors[i]
     return (
         isinstance(st, AffineStage)
-        and st.W is not None
-        and (st.fused or st.Gam is None)  # C of rank one with Ẽ = [I; 0], or C = 0 (GGN)
+        and st.linear is not None
         and st.r == 1
         and st.m == st.W.shape[1]
-        and st.q == st.m + 1
         and f is not None
         and f.factor is not None
         and f.factor._lu is not None
@@ -59,31 +57,9 @@ def _pair_fits(stages: Sequence, factors: Sequence, i: int) -> bool:
     )
 
 
-def _weight_then_bias(stage: AffineStage) -> bool:
-    """Whether the stage's parameters are ``W`` (``m × n``, row-major) and then the bias,
-    i.e. ``Θ̃ = [W | bias]`` in ``nn.Linear``'s own layout."""
-    m, n = stage.m, stage.q - 1
-    order = stage.order
-    expected = torch.cat(
-        (torch.arange(m * n, device=order.device).reshape(m, n).T.reshape(-1), torch.arange(m * n, m * n + m, device=order.device))
-    )
-    return torch.equal(order, expected)
-
-
 def find_runs(stages: Sequence, factors: Sequence) -> list[tuple[int, int]]:
-    """Maximal ranges ``[start, end)`` of ``≥ MIN_RUN`` batchable pairs of one layout
-    (stages of one shape share their layout's index tensor)."""
-    layout_ok: dict[int, bool] = {}
-
-    def fits(i: int) -> bool:
-        if not _pair_fits(stages, factors, i):
-            return False
-        order = stages[i].order
-        if id(order) not in layout_ok:
-            layout_ok[id(order)] = _weight_then_bias(stages[i])
-        return layout_ok[id(order)]
-
-    return pair_runs(len(stages), fits, lambda i: (stages[i].m, stages[i].p, id(stages[i].order)), MIN_RUN)
+    """Maximal ranges ``[start, end)`` of ``≥ MIN_RUN`` batchable pairs of one shape."""
+    return pair_runs(len(stages), lambda i: _pair_fits(stages, factors, i), lambda i: stages[i].W.shape, MIN_RUN)
 
 
 class _RunLayers:
