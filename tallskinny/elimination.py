@@ -66,6 +66,8 @@ from .linalg import (
 def _is_zero(op: LinearOperator) -> bool:
     if isinstance(op, Zero):
         return True
+    if isinstance(op, LowRank):  # from its factors, without forming U M Uᵀ
+        return not (bool(op.U.any()) and bool(op.M.any()))
     return not bool(op.to_dense().any())
 
 
@@ -206,10 +208,11 @@ class DenseStage:
         # null(G) = range(Z) ⊕ rest; A on range(V) ⊕ range(Z): A_rr, A_rz, diag(α)
         self.Z = self.alpha = self.C_z = self.A_rr = self.A_rz = None
         A = oracle.A
-        V = self.V if self.V is not None or _is_zero(A) else torch.eye(p, **kw)
+        a_zero = _is_zero(A)
+        V = self.V if self.V is not None or a_zero else torch.eye(p, **kw)
         if isinstance(A, LowRank):
             self._low_rank_complement(A, V)
-        elif not _is_zero(A) and p > r:
+        elif not a_zero and p > r:
             A = _symmetrize(A.to_dense())
             V_perp = torch.linalg.qr(V, mode="complete")[0][:, r:] if r else torch.eye(p, **kw)
             self.alpha, W = torch.linalg.eigh(V_perp.mT @ A @ V_perp)
@@ -217,7 +220,7 @@ class DenseStage:
             AV = A @ V
             self.A_rr = V.mT @ AV
             self.A_rz = AV.mT @ self.Z
-        elif not _is_zero(A):  # null(G) = {0}
+        elif not a_zero:  # null(G) = {0}
             self.A_rr = V.mT @ _symmetrize(A.to_dense()) @ V
         self.k = 0 if self.Z is None else self.Z.shape[1]
         if self.Z is not None:
@@ -597,7 +600,6 @@ class RiccatiFactorization:
             raise _StageSingular(bad)
         self._inertia = self._logdet = self._plan = self._sizes = None
         self.norm_lower_bound = _last_block_norm(self._factors, damping)
-
 
     def _sweep_plan(self) -> list:
         """The sweeps' steps in forward order: single stages ``(i, i + 1, stage factor)``
