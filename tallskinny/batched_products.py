@@ -79,7 +79,8 @@ class HVPRun:
         self.d = torch.stack([b.diagonal[0] for b in act])  # J × m × 1
         es = [b.diagonal[1] for b in act]
         self.e = None if es[0] is None else torch.stack(es)
-        self.A = (self.d * self.W).unbind(0)
+        self.dW = self.d * self.W  # diag(d) W
+        self.A = self.dW.unbind(0)
         self.p = self.m * self.n + self.m
 
     def tangents(self, y: Tensor | None, v: Tensor):

@@ -1,113 +1,207 @@
-"""The solve sweeps of a run of identical layers, batched over the layers.
+"""A run of identical one-sample Linear + activation layers as one stage of the elimination.
 
-At one sample, the stages of ``nn.Linear`` (``F = W``, ``G_V = σI`` on the span, ``C``
-of rank one) followed by a diagonal activation ``D = diag(d)`` make the sweeps of
-:class:`~tallskinny.elimination.RiccatiFactorization` linear recurrences of one small
-vector per layer. With the stage's factor ``Q_ζζ`` (LU), ``K = Q_ζζ⁻¹Q_ζy`` and
-``N = W − σK``, the backward sweep through layer ``j`` is
+A run is ``J ≥ MIN_RUN`` consecutive pairs (``nn.Linear`` at one sample, square ``W``, with
+bias; then an elementwise block ``F = diag(d)``, ``E = diag(e)``) of one shape
+(:mod:`tallskinny.batched_products` finds them; their data is stacked once per curvature
+and shared with the batched HVPs). :class:`LinearRunStage` eliminates the whole run:
 
-    t_j^A = d_j ⊙ τ_j                       (the adjoint at the Linear's output)
-    τ_{j−1} = Nᵀ t_j^A + Kᵀ b_ζ + C_⊥ᵀ b_⊥ / ε
-    ν_j = Q_ζζ⁻¹ (b_ζ − σ t_j^A)
+* its ε-independent data is computed for all layers at once: ``σ_j = ‖x̃_j‖`` (``x̃ = [x; 1]``),
+  ``v_j = x̃_j/σ_j``, ``C_⊥ᵀC_⊥ = ‖g‖²(I − v_in v_inᵀ)``, ``ddᵀ``, ``diag(e)``;
+* the factorization is the Riccati step of :class:`~tallskinny.affine.AffineStage` at one
+  sample (``G_V = σI``) after the activation's ``S ← S ⊙ ddᵀ + diag(e)``, in one loop of
+  about ten tensor operations per layer:
 
-and the forward sweep ``y_j = d_j ⊙ (N y_{j−1} + σ ν_j)``, ``ζ_j = ν_j − K y_{j−1}``,
-``Θ̃ᵀ = b_⊥/ε + v ζᵀ − C_⊥ y/ε``. With ``A = diag(d) N`` the recurrences are
-``y_j = A_j y_{j−1} + σ d ⊙ ν_j`` and ``τ_{j−1} = A_jᵀ τ_j + h_j``: one matrix-vector
-product per layer and sweep. Everything else is computed for all layers of the run at
-once, as batched tensor operations on the parameters' own layout (``[W | bias]``, no
-gathers): a run of ``J`` layers costs about ``2J + 25`` torch calls per solve instead of
-about twenty per layer. The sums are those of the per-stage sweeps (``Kᵀ`` replaces
-``Q_ζyᵀQ_ζζ⁻¹``); the results agree to rounding. One right-hand side at a time (blocks
-of ``k`` already amortise the per-layer calls over their columns).
+      Q_ζζ = σ²S + εI     Q_ζy = σ S W + g vᵀ     K = Q_ζζ⁻¹ Q_ζy
+      S ← Wᵀ S W − C_⊥ᵀC_⊥/ε − Q_ζyᵀ K
+
+  (the pivots of all LU factors are tested after the loop, in one synchronisation);
+* the sweeps of one right-hand side (:class:`BatchedRun`) are linear recurrences. With
+  ``N = W − σK`` the backward sweep through layer ``j`` is
+
+      t_j^A = d_j ⊙ τ_j                       (the adjoint at the Linear's output)
+      τ_{j−1} = Nᵀ t_j^A + Kᵀ b_ζ + C_⊥ᵀ b_⊥ / ε
+      ν_j = Q_ζζ⁻¹ (b_ζ − σ t_j^A)
+
+  and the forward sweep ``y_j = d_j ⊙ (N y_{j−1} + σ ν_j)``, ``ζ_j = ν_j − K y_{j−1}``,
+  ``Θ̃ᵀ = b_⊥/ε + v ζᵀ − C_⊥ y/ε``. With ``A = diag(d) N`` the recurrences are
+  ``y_j = A_j y_{j−1} + σ d ⊙ ν_j`` and ``τ_{j−1} = A_jᵀ τ_j + h_j``: one matrix-vector
+  product per layer and sweep; everything else is one batched operation for the run, on
+  the parameters' own layout (``[W | bias]``, no gathers). ``k`` right-hand sides are swept
+  one column at a time.
+
+The sums are those of the per-stage elimination (the results agree to rounding); one run
+replaces ``2J`` stage objects, their factor records and their per-layer Python calls.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+import math
+from math import inf
 
 import torch
 from torch import Tensor
 
-from .affine import AffineStage
-from .batched_products import pair_runs
-from .linalg import Diagonal
+from .linalg import Inertia, pivot_tolerance
+from .linalg.factor import ldl_d_eigenvalues
+from .stage_algebra import _raise_if_null_directions, _StageSingular, _symmetrize, scaled_identity
 
-#: Runs shorter than this keep the per-stage sweeps (batching has a fixed cost).
+#: Runs shorter than this keep the per-stage elimination (batching has a fixed cost).
 MIN_RUN = 4
 
 
-def _pair_fits(stages: Sequence, factors: Sequence, i: int) -> bool:
-    """Whether stages ``i, i+1`` are a one-sample ``nn.Linear`` stage (square ``W``, with
-    bias, in its own ``[W | bias]`` layout) and a diagonal activation."""
-    if i + 1 >= len(stages):
-        return False
-    st, act = stages[i], stages[i + 1]
-    f = factors[i]
-    return (
-        isinstance(st, AffineStage)
-        and st.linear is not None
-        and st.r == 1
-        and st.m == st.W.shape[1]
-        and f is not None
-        and f.factor is not None
-        and f.factor._lu is not None
-        and factors[i + 1] is None
-        and getattr(act, "p", None) == 0
-        and isinstance(act.F, Diagonal)
-    )
+class CoveredStage:
+    """A block inside a run: the run's stage (at the run's first block) eliminates it."""
+
+    p = 0
+
+    def eliminate(self, S: Tensor, damping: float, index: int):
+        return S, None
 
 
-def find_runs(stages: Sequence, factors: Sequence) -> list[tuple[int, int]]:
-    """Maximal ranges ``[start, end)`` of ``≥ MIN_RUN`` batchable pairs of one shape."""
-    return pair_runs(len(stages), lambda i: _pair_fits(stages, factors, i), lambda i: stages[i].W.shape, MIN_RUN)
+COVERED = CoveredStage()
 
 
-class _RunLayers:
-    """The ε-independent data of a run, stacked over its ``J`` layers (made once per
-    curvature and kept on the run's first stage)."""
+class LinearRunStage:
+    """The stage of blocks ``[start, end)``: ``J`` (Linear, activation) pairs.
 
-    def __init__(self, stages: Sequence):
-        lin, act = stages[0::2], stages[1::2]
-        first = lin[0]
-        self.J, self.m, self.p = len(lin), first.m, first.p
-        self.n = first.q - 1
-        v = torch.stack([s.Vt[0] for s in lin])  # J × q, the unit vectors x̃/‖x̃‖
-        self.v_in, self.v_bias = v[:, : self.n].unsqueeze(-1), v[:, self.n :].unsqueeze(-1)  # J × n × 1, J × 1 × 1
-        # g = 0 where C = 0 (Gauss–Newton): the C-terms vanish
-        self.g = torch.stack([s.g if s.Gam is not None else s.W.new_zeros(self.m, 1) for s in lin])  # J × m × 1
-        d = torch.stack([s.F.diagonal for s in act]).unsqueeze(-1)  # J × m × 1
-        self.sigma = first.W.new_tensor([s.scalar for s in lin]).reshape(-1, 1, 1)
-        self.sigma_d = self.sigma * d
-        self.dW = d * torch.stack([s.W for s in lin])  # diag(d) W, J × m × n
+    ``run`` is the :class:`~tallskinny.batched_products.HVPRun` of (at least) these
+    pairs; its first ``J`` layers are used."""
+
+    def __init__(self, run, start: int, J: int):
+        self.start, self.end, self.J = start, start + 2 * J, J
+        W, x, d = run.W[:J], run.x[:J], run.d[:J]
+        self.m, self.n = m, n = W.shape[1], W.shape[2]
+        self.p = J * (m * n + m)
+        self.n_perp = m * n  # per layer: m·(q − r) with q = n + 1, r = 1
+        self.W = W
+        sigma = ((x * x).sum(1, keepdim=True) + 1.0).sqrt()  # J × 1 × 1, ‖[x; 1]‖ ≥ 1
+        self.sigmas = sigma.reshape(-1).tolist()
+        self.v_in, self.v_bias = x / sigma, sigma.reciprocal()  # J × n × 1, J × 1 × 1
+        self.sigma_d = sigma * d  # J × m × 1
+        self.dW = run.dW[:J]  # diag(d) W
+        self.dd = d * d.mT  # J × m × m: d_i·d_j, symmetric exactly
+        e = None if run.e is None else run.e[:J]
+        self.Ed = None if e is None else torch.diag_embed(e.squeeze(-1))
+        g = None if run.g is None else run.g[:J]
+        self.coupled = g is not None  # C ≠ 0 (not for the Gauss–Newton matrix)
+        self.g = g if g is not None else W.new_zeros(J, m, 1)
+        if g is not None:
+            # C_⊥ᵀC_⊥ = ‖g‖²(I − v_in v_inᵀ), formed for all layers at once
+            g_sq = (g * g).sum(1, keepdim=True)
+            eye = torch.eye(n, dtype=W.dtype, device=W.device)
+            self.CtC = torch.baddbmm(g_sq * eye, self.v_in, self.v_in.mT * g_sq, alpha=-1.0)
+        else:
+            self.CtC = None
+
+    def eliminate(self, S: Tensor, damping: float, index: int):
+        J, m = self.J, self.m
+        last = self.start + 2 * (J - 1)  # the run's last Linear, eliminated first
+        if damping == 0.0:  # the complement's pivot is εI = 0 (AffineStage._check_complement)
+            _raise_if_null_directions(None if self.CtC is None else self.CtC[J - 1], last)
+            raise _StageSingular(last)
+        eye_eps = scaled_identity(m, damping, S.dtype, S.device)
+        W, dd, sigmas = self.W.unbind(0), self.dd.unbind(0), self.sigmas
+        Ed = None if self.Ed is None else self.Ed.unbind(0)
+        CtC = None if self.CtC is None else self.CtC.unbind(0)
+        g, vt = self.g.unbind(0), self.v_in.mT.unbind(0)
+        beta = -1.0 / damping
+        # the LU factors and K are written into one buffer each, column-major as LAPACK
+        # makes them (no copies into stacks afterwards)
+        Qs = [None] * J
+        lus, Ks = S.new_empty(J, m, m).mT, S.new_empty(J, self.n, m).mT
+        pivs = torch.empty(J, m, dtype=torch.int32, device=S.device)
+        info = torch.empty(J, dtype=torch.int32, device=S.device)
+        for j in range(J - 1, -1, -1):
+            # the activation: S ← S ⊙ ddᵀ + diag(e)
+            S = S * dd[j] if Ed is None else torch.addcmul(Ed[j], S, dd[j])
+            # the Linear at one sample (G_V = σI)
+            s, Wj = sigmas[j], W[j]
+            SW = S @ Wj
+            S_new = Wj.mT @ SW if CtC is None else torch.addmm(CtC[j], Wj.mT, SW, beta=beta)
+            Q = Qs[j] = torch.add(eye_eps, S, alpha=s * s)
+            Q_ry = SW * s if CtC is None else torch.addmm(SW, g[j], vt[j], beta=s)
+            lu, piv, _ = torch.linalg.lu_factor_ex(Q, out=(lus[j], pivs[j], info[j]))
+            K = torch.linalg.lu_solve(lu, piv, Q_ry, out=Ks[j])
+            # re-symmetrised at every layer: Q_ζyᵀQ_ζζ⁻¹Q_ζy of a slightly nonsymmetric S
+            # amplifies the antisymmetric part
+            S = _symmetrize(S_new.addmm_(Q_ry.mT, K, alpha=-1.0))
+        Q = torch.stack(Qs)
+        bad = _first_small_pivot(lus, torch.linalg.vector_norm(Q, ord=inf, dim=(-2, -1)))
+        if bad is not None:
+            raise _StageSingular(self.start + 2 * bad)
+        return S, BatchedRun(self, damping, Q, lus, pivs, Ks)
+
+
+def _first_small_pivot(lu: Tensor, scales: Tensor) -> int | None:
+    """The largest ``j`` (the first eliminated) whose LU has a pivot at or below
+    ``pivot_tolerance(m, dtype, max|Q_j|)`` (``scales[j] = max|Q_j|``; a non-finite pivot
+    counts too), or ``None``: one synchronisation for the run."""
+    pivots = lu.diagonal(dim1=-2, dim2=-1).abs().amin(-1)
+    ok = pivots > pivot_tolerance(lu.shape[-1], lu.dtype, 1.0) * scales  # NaN compares False
+    if bool(ok.all()):
+        return None
+    return int((~ok).nonzero().max())
 
 
 class BatchedRun:
-    """The sweeps of stages ``[start, end)`` with one factorization's factors."""
+    """The factors of a run at one damping: sweeps, inertia and ``log|det|``."""
 
-    def __init__(self, stages: Sequence, factors: Sequence, start: int, end: int, damping: float):
-        first = stages[start]
-        cached = first.__dict__.get("_run_layers")
-        if cached is None or cached[0] != end:
-            cached = (end, _RunLayers(stages[start:end]))
-            first.__dict__["_run_layers"] = cached
-        L = self.layers = cached[1]
+    def __init__(self, stage: LinearRunStage, damping: float, Q: Tensor, lu: Tensor, piv: Tensor, K: Tensor):
+        self.layers = stage
         self.damping = damping
-        fs = [factors[i] for i in range(start, end, 2)]
-        self.K = torch.stack([f.K for f in fs])  # J × m × n
-        self.lu = torch.stack([f.factor._lu for f in fs])
-        self.piv = torch.stack([f.factor._piv for f in fs])
+        self.Q, self.lu, self.piv, self.K = Q, lu, piv, K
         # A = diag(d)(W − σK); the backward recurrence uses Aᵀ (a transposed view)
-        self.A = torch.addcmul(L.dW, L.sigma_d, self.K, value=-1.0).unbind(0)
+        self.A = torch.addcmul(stage.dW, stage.sigma_d, K, value=-1.0).unbind(0)
+        self._inertia = None
+
+    @property
+    def logdet(self) -> Tensor:
+        """``Σ_j log|det Q_ζζ,j| + J·n_⊥·log ε``."""
+        L = self.layers
+        span = self.lu.diagonal(dim1=-2, dim2=-1).abs().log().sum()
+        return span + L.J * L.n_perp * math.log(self.damping)
+
+    @property
+    def inertia(self) -> Inertia:
+        """``Σ_j inertia(Q_ζζ,j)`` (Bunch–Kaufman ``LDLᵀ``) and ``ε > 0`` on the complements."""
+        if self._inertia is None:
+            L = self.layers
+            ld, piv, _ = torch.linalg.ldl_factor_ex(self.Q)
+            positive = sum(int((ldl_d_eigenvalues(ld[j], piv[j]) > 0).sum()) for j in range(L.J))
+            self._inertia = Inertia(positive + L.J * L.n_perp, L.J * L.m - positive, 0)
+        return self._inertia
 
     def _split(self, b: Tensor) -> tuple[Tensor, Tensor]:
         """``b`` of the run as ``W``-shaped (``J × m × n``) and bias (``J × m × 1``) views."""
         L = self.layers
-        b = b.reshape(L.J, L.p)
+        b = b.reshape(L.J, L.p // L.J)
         mn = L.m * L.n
         return b[:, :mn].reshape(L.J, L.m, L.n), b[:, mn:].unsqueeze(-1)
 
     def backward(self, t: Tensor | None, b: Tensor):
-        """``ν`` of every layer, and the adjoint ``t`` at the run's input."""
+        """What the forward sweep needs, and the adjoint ``t`` at the run's input."""
+        if b.shape[1] == 1:
+            return self._backward(t, b)
+        saved, ts = [], []
+        for c in range(b.shape[1]):
+            u, t_c = self._backward(None if t is None else t[:, c : c + 1], b[:, c : c + 1])
+            saved.append(u)
+            ts.append(t_c)
+        return saved, torch.cat(ts, dim=1)
+
+    def forward(self, y: Tensor | None, u):
+        """The parameters of every layer of the run, and ``y`` at its output."""
+        if not isinstance(u, list):
+            return self._forward(y, u)
+        thetas, ys = [], []
+        for c, u_c in enumerate(u):
+            theta, y_c = self._forward(None if y is None else y[:, c : c + 1], u_c)
+            thetas.append(theta)
+            ys.append(y_c)
+        return torch.cat(thetas, dim=1), torch.cat(ys, dim=1)
+
+    def _backward(self, t: Tensor | None, b: Tensor):
+        """``ν`` of every layer, and the adjoint ``t`` at the run's input (one column)."""
         L, eps = self.layers, self.damping
         Wb, bb = self._split(b)
         # b_ζ = Θ̃_b v (J × m × 1) and h = Kᵀ b_ζ + C_⊥ᵀ b_⊥ / ε, where for
@@ -126,8 +220,7 @@ class BatchedRun:
         nu = torch.linalg.lu_solve(self.lu, self.piv, torch.addcmul(Zb, L.sigma_d, torch.stack(taus), value=-1.0))
         return (nu, Wb, bb, Zb), t_in
 
-    def forward(self, y: Tensor | None, u):
-        """The parameters of every layer of the run, and ``y`` at its output."""
+    def _forward(self, y: Tensor | None, u):
         L, eps = self.layers, self.damping
         nu, Wb, bb, Zb = u
         J = L.J

@@ -32,7 +32,9 @@ import math
 import torch
 from torch import Tensor
 
+from . import batched_sweeps
 from .affine import AffineStage, ReducedAffineStage
+from .batched_sweeps import COVERED
 from .stage_algebra import (
     SymmetricFactor,
     _congruence,
@@ -468,28 +470,36 @@ def _sub(a: Tensor | None, b: Tensor) -> Tensor:
 def prepare_stages(oracles: Sequence[Oracle], loss: Oracle, compiled: Sequence | None = None) -> list:
     """The ε-independent stage data of every block (computed once per curvature).
 
-    Blocks affine in their parameters (their oracle says so with Kronecker-structured
-    operators) get an :class:`~tallskinny.affine.AffineStage`; other blocks with
+    Runs of one-sample ``nn.Linear`` + activation pairs (:mod:`tallskinny.batched_sweeps`)
+    get one :class:`~tallskinny.batched_sweeps.LinearRunStage` at their first block (the
+    others hold :data:`~tallskinny.batched_sweeps.COVERED`). Blocks affine in their
+    parameters (their oracle says so with Kronecker-structured operators) get an
+    :class:`~tallskinny.affine.AffineStage`; other blocks with
     parameters a :class:`DenseStage`; blocks without an :class:`ActivationStage`.
     ``compiled`` are the oracles' :class:`~tallskinny.products.CompiledOracle` where at
     hand (the stages then share their products and their reading of the structure).
     """
-    from .products import CompiledOracle
+    from .products import CompiledBlocks, CompiledOracle
 
     if compiled is None:
-        compiled = [CompiledOracle(o) for o in oracles]
+        compiled = CompiledBlocks(CompiledOracle(o) for o in oracles)
     last = max((i for i, o in enumerate(oracles) if o.G.shape[1]), default=-1)
-    stages = []
+    stages: list = [None] * len(oracles)
+    for start, stage in _run_stages(compiled, last):
+        stages[start] = stage
+        stages[start + 1 : stage.end] = [COVERED] * (stage.end - start - 1)
     for i, (o, c) in enumerate(zip(oracles, compiled)):
+        if stages[i] is not None:
+            continue
         if o.G.shape[1] == 0:
-            stages.append(ActivationStage(o, c))
+            stages[i] = ActivationStage(o, c)
             continue
         parts = c.parts
         output_range = _value_hessian_range(oracles[i + 1:], loss) if i == last else None
         if parts is not None and output_range is None and c.sample_major:
             # outputs the next block ignores (dead ReLU units) need no special care here:
             # their rows of S are exactly zero, so Q_ζζ has the exact pivot ε there
-            stages.append(AffineStage(o, parts, c))
+            stages[i] = AffineStage(o, parts, c)
             continue
         if i == last:
             kw = dict(output_range=output_range)
@@ -499,10 +509,27 @@ def prepare_stages(oracles: Sequence[Oracle], loss: Oracle, compiled: Sequence |
                 zero_inputs=_zero_inputs(oracles[i - 1]) if i else None,
             )
         if parts is None:
-            stages.append(DenseStage(o, **kw))
+            stages[i] = DenseStage(o, **kw)
         else:
-            stages.append(ReducedAffineStage(o, parts, lambda reduced: _reduced_stage(reduced, kw)))
+            stages[i] = ReducedAffineStage(o, parts, lambda reduced: _reduced_stage(reduced, kw))
     return stages
+
+
+def _run_stages(compiled, last: int):
+    """``(start, LinearRunStage)`` of the batched HVP runs of ``compiled`` (a
+    :class:`~tallskinny.products.CompiledBlocks`), each cut before the last block with
+    parameters (whose stage also drops the loss's null space) and kept if it still has
+    ``batched_sweeps.MIN_RUN`` pairs."""
+    from .products import CompiledBlocks
+
+    if not isinstance(compiled, CompiledBlocks):
+        return []
+    out = []
+    for start, (end, run) in compiled.run_plan()[0].items():
+        J = (min(end, last) - start) // 2
+        if J >= batched_sweeps.MIN_RUN:
+            out.append((start, batched_sweeps.LinearRunStage(run, start, J)))
+    return out
 
 
 def _reduced_stage(reduced: Oracle, kw: dict):
@@ -598,39 +625,27 @@ class RiccatiFactorization:
         bad = first_singular(unchecked)
         if bad is not None:
             raise _StageSingular(bad)
-        self._inertia = self._logdet = self._plan = self._sizes = None
+        self._inertia = self._logdet = self._plan = None
         self.norm_lower_bound = _last_block_norm(self._factors, damping)
 
-    def _sweep_plan(self) -> list:
-        """The sweeps' steps in forward order: single stages ``(i, i + 1, stage factor)``
-        and batched runs ``(start, end, BatchedRun)`` (made on the first solve)."""
+    def _sweep_plan(self) -> tuple[list, list]:
+        """The sweeps' steps in forward order, ``(start, end, factor)`` for a single stage
+        (``end = start + 1``) or a run of stages (:mod:`tallskinny.batched_sweeps`), and
+        the number of parameters of each step."""
         if self._plan is None:
-            from .batched_sweeps import BatchedRun, find_runs
-
             stages, factors = self._stages, self._factors
-            runs = {start: end for start, end in find_runs(stages, factors)}
             plan, i = [], 0
             while i < len(stages):
-                end = runs.get(i)
-                if end is None:
-                    plan.append((i, i + 1, factors[i]))
-                    i += 1
-                else:
-                    plan.append((i, end, BatchedRun(stages, factors, i, end, self.damping)))
-                    i = end
-            self._plan = plan
+                end = getattr(stages[i], "end", i + 1)
+                plan.append((i, end, factors[i]))
+                i = end
+            self._plan = (plan, [sum(s.p for s in stages[start:end]) for start, end, _ in plan])
         return self._plan
 
     def solve(self, b: Tensor) -> Tensor:
-        """``(H + εI)^{-1} b`` for ``b`` of shape ``(P, k)``: two sweeps, no refactoring
-        (one right-hand side through batched runs where the chain has them)."""
+        """``(H + εI)^{-1} b`` for ``b`` of shape ``(P, k)``: two sweeps, no refactoring."""
         stages = self._stages
-        if b.shape[1] == 1:
-            plan = self._sweep_plan()
-            sizes = self._sizes = self._sizes or [sum(s.p for s in stages[start:end]) for start, end, _ in plan]
-        else:
-            plan = [(i, i + 1, f) for i, f in enumerate(self._factors)]
-            sizes = [s.p for s in stages]
+        plan, sizes = self._sweep_plan()
         bs = torch.split(b, sizes, dim=0)
         t = None
         us: list = [None] * len(plan)

@@ -68,7 +68,7 @@ class CompiledOracle:
         # (e None: E = 0) of a parameter-free elementwise block (tallskinny.batched_products)
         self.parts = parts = affine_parts(o) if self.p else None
         self.sample_major = parts is not None and samples_first(o, parts)
-        self.linear = _one_sample_linear(o, parts) if self.sample_major else None
+        self.linear = _one_sample_linear(o, parts) if self.sample_major and isinstance(o.E, Zero) else None
         self.diagonal = None
         if self.p == 0 and isinstance(o.F, Diagonal) and isinstance(o.E, (Diagonal, Zero)):
             e = o.E.diagonal.unsqueeze(-1) if isinstance(o.E, Diagonal) else None

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 import tallskinny as ts
-from tallskinny import batched_sweeps
+from tallskinny import batched_sweeps, elimination
 from tallskinny.testing import dense_ggn, dense_hessian
 
 from models import ACTIVATIONS, mlp
@@ -31,15 +31,20 @@ def _chain(act="tanh", depth=9, width=5, d_in=5, seed=0, bias=True):
 
 
 def _runs(fact):
-    return [(a, b) for a, b, f in fact._inner._sweep_plan() if isinstance(f, batched_sweeps.BatchedRun)]
+    return [(a, b) for a, b, f in fact._inner._sweep_plan()[0] if isinstance(f, batched_sweeps.BatchedRun)]
+
+
+def _stagewise_factor(curv, damping, monkeypatch):
+    """The factorization of ``curv`` with every block its own stage (no runs)."""
+    with monkeypatch.context() as m:
+        m.setattr(batched_sweeps, "MIN_RUN", 10**9)
+        stages = elimination.prepare_stages(curv.oracles, curv.loss_oracle, curv._compiled_oracles()[0])
+    assert not any(isinstance(s, batched_sweeps.LinearRunStage) for s in stages)
+    return elimination.factorize(curv.oracles, curv.loss_oracle, damping, stages)
 
 
 def _stagewise(curv, damping, b, monkeypatch):
-    with monkeypatch.context() as m:
-        m.setattr(batched_sweeps, "MIN_RUN", 10**9)
-        fact = curv.factorize(damping)
-        assert _runs(fact) == []
-        return fact.solve(b, refine=0)
+    return _stagewise_factor(curv, damping, monkeypatch).solve(b.reshape(b.shape[0], -1)).reshape(b.shape)
 
 
 @pytest.mark.parametrize("act", ["tanh", "relu", "sigmoid", "gelu", "identity"])
@@ -85,116 +90,97 @@ def test_dead_relu_units_and_an_indefinite_system(monkeypatch):
     assert rel(x, _stagewise(curv, damping, b, monkeypatch)) <= tol
 
 
-def test_block_of_right_hand_sides_equals_columns():
+def test_block_of_right_hand_sides_equals_columns(monkeypatch):
     chain, X, y = _chain("tanh")
-    fact = chain.curvature(X, y).factorize(1e-2)
-    B = torch.randn(fact.solve(torch.zeros(chain.layout().numel)).shape[0], 3, dtype=torch.float64)
-    XB = fact.solve(B, refine=0)  # k = 3: the per-stage sweeps
-    cols = torch.stack([fact.solve(B[:, i], refine=0) for i in range(3)], dim=1)  # k = 1: batched
+    curv = chain.curvature(X, y)
+    fact = curv.factorize(1e-2)
+    assert _runs(fact) == [(0, 16)]
+    B = torch.randn(curv.num_parameters, 3, dtype=torch.float64)
+    XB = fact.solve(B, refine=0)  # k = 3: the run swept column by column
+    cols = torch.stack([fact.solve(B[:, i], refine=0) for i in range(3)], dim=1)  # k = 1
     assert rel(XB, cols) <= 1e-12
-
-
-def test_runs_are_found_where_layers_fit():
-    # input width 7 ≠ width 5: the first pair differs in shape and stays alone
-    chain, X, y = _chain("tanh", depth=7, width=5, d_in=7)
-    fact = chain.curvature(X, y).factorize(0.1)
-    assert _runs(fact) == [(2, 12)]
-    # too short a chain: no run
-    chain, X, y = _chain("tanh", depth=4, width=5, d_in=5)
-    fact = chain.curvature(X, y).factorize(0.1)
-    assert _runs(fact) == []
-    # no bias: Ẽ = I, not the batched layout
-    chain, X, y = _chain("tanh", depth=7, width=5, d_in=5, bias=False)
-    fact = chain.curvature(X, y).factorize(0.1)
-    assert _runs(fact) == []
-
-
-def test_batches_of_samples_keep_the_per_stage_sweeps():
-    torch.manual_seed(0)
-    chain = ts.Chain(mlp(8, 4, 4, 3, act="tanh"), nn.CrossEntropyLoss())
-    X, y = torch.randn(2, 4), torch.tensor([0, 2])
-    curv = chain.curvature(X, y)
-    fact = curv.factorize(0.1)
-    assert _runs(fact) == []
-    b = torch.randn(curv.num_parameters, dtype=torch.float64)
-    M = dense_hessian(chain, X, y) + 0.1 * torch.eye(b.shape[0], dtype=torch.float64)
-    assert rel(fact.solve(b), torch.linalg.solve(M, b)) <= 1e-10
-
-
-# -- Hessian-vector products batched over the same runs ------------------------------------
-from tallskinny import batched_products  # noqa: E402
-
-
-@pytest.mark.parametrize("act", ["tanh", "relu", "sigmoid", "softplus", "identity"])
-@pytest.mark.parametrize("kind", ["hessian", "ggn"])
-def test_batched_hvp_matches_per_block_and_dense(act, kind, monkeypatch):
-    chain, X, y = _chain(act, d_in=5)
-    curv = chain.curvature(X, y, kind=kind)
-    runs, _ = curv._compiled_oracles()[0].run_plan()
-    if act == "identity":
-        assert runs == {}
-    else:
-        assert {start: end for start, (end, _) in runs.items()} == {0: 16}
-    v = torch.randn(curv.num_parameters, dtype=torch.float64)
-    hv = curv.hvp(v)
-    assert rel(hv, curv.to_dense() @ v) <= 1e-12
-    with monkeypatch.context() as m:
-        m.setattr(batched_products, "MIN_RUN", 10**9)
-        fresh = chain.curvature(X, y, kind=kind)
-        assert fresh._compiled_oracles()[0].run_plan()[0] == {}
-        assert rel(hv, fresh.hvp(v)) <= 1e-13
-    # k = 2 vectors take the per-block products: the same columns
-    V = torch.stack([v, torch.randn_like(v)], dim=1)
-    HV = curv.hvp(V)
-    assert rel(HV[:, 0], hv) <= 1e-13 and rel(HV[:, 1], curv.hvp(V[:, 1])) <= 1e-13
-
-
-def test_batched_hvp_against_torch_func_hessian():
-    from tallskinny.testing import dense_hessian as ref_hessian
-
-    chain, X, y = _chain("tanh", depth=8, width=4, d_in=6, seed=2)  # first pair alone (6 → 4)
-    curv = chain.curvature(X, y)
-    runs, _ = curv._compiled_oracles()[0].run_plan()
-    assert {start: end for start, (end, _) in runs.items()} == {2: 14}
-    H = ref_hessian(chain, X, y)
-    V = torch.randn(H.shape[0], 3, dtype=torch.float64)
-    for j in range(3):
-        assert rel(chain.hvp(X, y, V[:, j]), H @ V[:, j]) <= 1e-12
-
-
-def test_blocks_inside_runs_never_compile_their_products():
-    """The per-block products are made on first use only: a solve with its check through
-    batched runs leaves the run's blocks uncompiled; asking for a product compiles it."""
-    chain, X, y = _chain("tanh", d_in=5)
-    curv = chain.curvature(X, y)
-    b = torch.randn(curv.num_parameters, dtype=torch.float64)
-    curv.factorize(1e-3).solve(b)  # refine=None: the check's HVP runs too
-    blocks = curv._compiled_oracles()[0]
-    assert all(c._oracle is not None for c in blocks[:16])  # the run
-    assert blocks[16]._oracle is None  # the last Linear, outside the run
-    v = b[:blocks[0].p].reshape(-1, 1)
-    assert blocks[0].G(v).shape == (5, 1) and blocks[0]._oracle is None
+    assert rel(XB, _stagewise(curv, 1e-2, B, monkeypatch)) <= 1e-10  # k = 3 per stage
 
 
 @pytest.mark.parametrize("act", ["tanh", "relu"])
-def test_batched_runs_in_float32(act):
-    """float32 through the batched sweeps and HVPs: within 1e-3 of the float64 dense
-    solve of the same (float32-valued) model where cond ≤ 1e4."""
-    import copy
-
-    chain, X, y = _chain(act, d_in=5)
-    modules32 = [copy.deepcopy(m).float() for m in chain.modules]
-    curv32 = ts.Chain(modules32, nn.CrossEntropyLoss()).curvature(X.float(), y)
-    # the float64 reference of the same (float32-valued) model
-    reference = ts.Chain([copy.deepcopy(m).double() for m in modules32], nn.CrossEntropyLoss())
-    H = dense_hessian(reference, X.float().double(), y)  # torch.func
-    damping = 0.1
+@pytest.mark.parametrize("damping", [1e-6, 1e-3, 0.1])
+@pytest.mark.parametrize("kind", ["hessian", "ggn"])
+def test_run_logdet_and_inertia_match_stagewise_and_dense(act, damping, kind, monkeypatch):
+    """A run stage's ``log|det|`` and inertia: those of the per-stage elimination and of
+    the dense matrix (indefinite at this initialisation for the Hessian)."""
+    chain, X, y = _chain(act, depth=10, width=5, d_in=5, seed=1)
+    curv = chain.curvature(X, y, kind=kind)
+    fact = curv.factorize(damping)
+    assert _runs(fact) == [(0, 18)]
+    H = dense_hessian(chain, X, y) if kind == "hessian" else dense_ggn(chain, X, y)
     M = H + damping * torch.eye(H.shape[0], dtype=torch.float64)
-    assert torch.linalg.cond(M).item() <= 1e4
-    fact = curv32.factorize(damping)
-    assert _runs(fact) == [(0, 16)]
+    eig = torch.linalg.eigvalsh(M)
+    inertia = fact.inertia()
+    assert (inertia.positive, inertia.negative, inertia.zero) == (int((eig > 0).sum()), int((eig < 0).sum()), 0)
+    if kind == "hessian":
+        assert inertia.negative > 0
+    assert abs(float(fact.logdet()) - float(eig.abs().log().sum())) <= 1e-9 * abs(float(eig.abs().log().sum()))
+    stagewise = _stagewise_factor(curv, damping, monkeypatch)
+    assert abs(float(fact.logdet()) - float(stagewise.logdet())) <= 1e-10 * abs(float(stagewise.logdet()))
+    assert stagewise.inertia() == inertia
+
+
+def test_small_pivots_are_found_in_the_first_eliminated_layer():
+    """The run's pivot test: the largest layer index (the first eliminated) whose LU has a
+    pivot at or below ``pivot_tolerance·max|Q|``, NaN pivots included."""
+    torch.manual_seed(0)
+    Q = torch.randn(5, 4, 4, dtype=torch.float64)
+    Q = Q + Q.mT
+    Q[1, :, 0] = Q[1, :, 1]  # singular
+    Q[1, 0, :] = Q[1, 1, :]
+    lu = torch.linalg.lu_factor_ex(Q).LU
+    scales = Q.abs().amax(dim=(1, 2))
+    assert batched_sweeps._first_small_pivot(lu, scales) == 1
+    lu[3, 2, 2] = float("nan")
+    assert batched_sweeps._first_small_pivot(lu, scales) == 3
+    assert batched_sweeps._first_small_pivot(lu[[0, 2, 4]], scales[[0, 2, 4]]) is None
+
+
+def test_singular_layer_inside_a_run_falls_back_to_the_pivoted_factorization(monkeypatch):
+    """A run that reports a singular layer: the factorization says which block it is, and
+    goes to the pivoted KKT system, which solves exactly (``H + εI`` itself is regular)."""
+    chain, X, y = _chain("tanh", depth=9, width=5, d_in=5, seed=0)
+    curv = chain.curvature(X, y)
+    stages = curv._prepared_stages()
+    assert isinstance(stages[0], batched_sweeps.LinearRunStage)
+    damping = 1e-3
+    with monkeypatch.context() as m:
+        m.setattr(batched_sweeps, "_first_small_pivot", lambda lu, scales: 5)
+        with pytest.raises(elimination._StageSingular) as err:
+            elimination.RiccatiFactorization(stages, curv.loss_oracle, damping)
+        assert err.value.stage == 10  # layer 5 of the run: block 2·5
+        fact = curv.factorize(damping)
+    assert isinstance(fact._inner, elimination.KKTFactorization)
+    H = dense_hessian(chain, X, y)
+    M = H + damping * torch.eye(H.shape[0], dtype=torch.float64)
     b = torch.randn(H.shape[0], dtype=torch.float64)
-    x = fact.solve(b.float())
-    assert x.dtype == torch.float32
-    assert rel(x.double(), torch.linalg.solve(M, b)) <= 1e-3
-    assert rel(curv32.hvp(b.float()).double(), H @ b) <= 1e-5
+    assert rel(fact.solve(b, refine=0), torch.linalg.solve(M, b)) <= 1e-9
+
+
+def test_zero_damping_through_a_run_is_the_per_stage_answer(monkeypatch):
+    """At ε = 0 the complement of every Linear in the run has pivot 0: the run hands over
+    exactly as its last Linear's stage would (to the KKT factorization, or the error that
+    no path carries those directions to the loss)."""
+    chain, X, y = _chain("tanh", depth=9, width=5, d_in=5, seed=0)
+    for kind in ("hessian", "ggn"):
+        curv = chain.curvature(X, y, kind=kind)
+        stagewise_error = run_error = None
+        try:
+            stagewise = _stagewise_factor(curv, 0.0, monkeypatch)
+        except ts.SingularSystemError as err:
+            stagewise_error = err
+        try:
+            fact = curv.factorize(0.0)
+        except ts.SingularSystemError as err:
+            run_error = err
+        assert (stagewise_error is None) == (run_error is None)
+        if run_error is not None:
+            assert str(run_error) == str(stagewise_error)
+        else:
+            assert type(fact._inner) is type(stagewise)
+            assert isinstance(fact._inner, elimination.KKTFactorization)
