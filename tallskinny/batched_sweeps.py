@@ -36,7 +36,6 @@ replaces ``2J`` stage objects, their factor records and their per-layer Python c
 from __future__ import annotations
 
 import math
-from math import inf
 
 import torch
 from torch import Tensor
@@ -94,11 +93,22 @@ class LinearRunStage:
             self.CtC = None
 
     def eliminate(self, S: Tensor, damping: float, index: int):
-        J, m = self.J, self.m
+        J = self.J
         last = self.start + 2 * (J - 1)  # the run's last Linear, eliminated first
         if damping == 0.0:  # the complement's pivot is εI = 0 (AffineStage._check_complement)
             _raise_if_null_directions(None if self.CtC is None else self.CtC[J - 1], last)
             raise _StageSingular(last)
+        S_out, lus, pivs, Ks, scales = self._riccati(S, damping)
+        bad = _first_small_pivot(lus, torch.stack(scales))
+        if bad is not None:
+            raise _StageSingular(self.start + 2 * bad)
+        return S_out, BatchedRun(self, damping, S, lus, pivs, Ks)
+
+    def _riccati(self, S: Tensor, damping: float, pivots: list | None = None):
+        """The loop over the layers (last first): ``S`` at the run's input, the LU factors
+        of the pivots, ``K`` and ``max|Q_j|``; the pivots ``Q_j`` themselves appended to
+        ``pivots`` if given (the inertia replays the loop rather than keep them)."""
+        J, m = self.J, self.m
         eye_eps = scaled_identity(m, damping, S.dtype, S.device)
         W, dd, sigmas = self.W.unbind(0), self.dd.unbind(0), self.sigmas
         Ed = None if self.Ed is None else self.Ed.unbind(0)
@@ -107,10 +117,10 @@ class LinearRunStage:
         beta = -1.0 / damping
         # the LU factors and K are written into one buffer each, column-major as LAPACK
         # makes them (no copies into stacks afterwards)
-        Qs = [None] * J
         lus, Ks = S.new_empty(J, m, m).mT, S.new_empty(J, self.n, m).mT
         pivs = torch.empty(J, m, dtype=torch.int32, device=S.device)
         info = torch.empty(J, dtype=torch.int32, device=S.device)
+        scales = [None] * J
         for j in range(J - 1, -1, -1):
             # the activation: S ← S ⊙ ddᵀ + diag(e)
             S = S * dd[j] if Ed is None else torch.addcmul(Ed[j], S, dd[j])
@@ -118,18 +128,17 @@ class LinearRunStage:
             s, Wj = sigmas[j], W[j]
             SW = S @ Wj
             S_new = Wj.mT @ SW if CtC is None else torch.addmm(CtC[j], Wj.mT, SW, beta=beta)
-            Q = Qs[j] = torch.add(eye_eps, S, alpha=s * s)
+            Q = torch.add(eye_eps, S, alpha=s * s)
+            scales[j] = Q.abs().amax()
+            if pivots is not None:
+                pivots.append(Q)
             Q_ry = SW * s if CtC is None else torch.addmm(SW, g[j], vt[j], beta=s)
             lu, piv, _ = torch.linalg.lu_factor_ex(Q, out=(lus[j], pivs[j], info[j]))
             K = torch.linalg.lu_solve(lu, piv, Q_ry, out=Ks[j])
             # re-symmetrised at every layer: Q_ζyᵀQ_ζζ⁻¹Q_ζy of a slightly nonsymmetric S
             # amplifies the antisymmetric part
             S = _symmetrize(S_new.addmm_(Q_ry.mT, K, alpha=-1.0))
-        Q = torch.stack(Qs)
-        bad = _first_small_pivot(lus, torch.linalg.vector_norm(Q, ord=inf, dim=(-2, -1)))
-        if bad is not None:
-            raise _StageSingular(self.start + 2 * bad)
-        return S, BatchedRun(self, damping, Q, lus, pivs, Ks)
+        return S, lus, pivs, Ks, scales
 
 
 def _first_small_pivot(lu: Tensor, scales: Tensor) -> int | None:
@@ -146,10 +155,11 @@ def _first_small_pivot(lu: Tensor, scales: Tensor) -> int | None:
 class BatchedRun:
     """The factors of a run at one damping: sweeps, inertia and ``log|det|``."""
 
-    def __init__(self, stage: LinearRunStage, damping: float, Q: Tensor, lu: Tensor, piv: Tensor, K: Tensor):
+    def __init__(self, stage: LinearRunStage, damping: float, S_in: Tensor, lu: Tensor, piv: Tensor, K: Tensor):
         self.layers = stage
         self.damping = damping
-        self.Q, self.lu, self.piv, self.K = Q, lu, piv, K
+        self.S_in = S_in  # the value Hessian entering the run (m × m), for the inertia
+        self.lu, self.piv, self.K = lu, piv, K
         # A = diag(d)(W − σK); the backward recurrence uses Aᵀ (a transposed view)
         self.A = torch.addcmul(stage.dW, stage.sigma_d, K, value=-1.0).unbind(0)
         self._inertia = None
@@ -163,10 +173,14 @@ class BatchedRun:
 
     @property
     def inertia(self) -> Inertia:
-        """``Σ_j inertia(Q_ζζ,j)`` (Bunch–Kaufman ``LDLᵀ``) and ``ε > 0`` on the complements."""
+        """``Σ_j inertia(Q_ζζ,j)`` (Bunch–Kaufman ``LDLᵀ``) and ``ε > 0`` on the complements.
+        The factorization does not keep the pivots ``Q_j``: on first request the Riccati
+        loop runs again (the same operations on the same data give the same ``Q_j``)."""
         if self._inertia is None:
             L = self.layers
-            ld, piv, _ = torch.linalg.ldl_factor_ex(self.Q)
+            Qs: list = []
+            L._riccati(self.S_in, self.damping, pivots=Qs)
+            ld, piv, _ = torch.linalg.ldl_factor_ex(torch.stack(Qs[::-1]))
             positive = sum(int((ldl_d_eigenvalues(ld[j], piv[j]) > 0).sum()) for j in range(L.J))
             self._inertia = Inertia(positive + L.J * L.n_perp, L.J * L.m - positive, 0)
         return self._inertia
