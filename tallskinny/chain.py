@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from ._gc import collector_paused
 from .blocks import LossBlock, Oracle, block_for, checks, loss_for
+from .blocks.protocol import DeferredOracle
 from .curvature import Curvature, check_damping, check_kind
 from .linalg import Zero
 from .vectors import ParameterLayout
@@ -224,7 +225,13 @@ def _zeros_if_none(g, like: Tensor) -> Tensor:
 
 
 def _gauss_newton(o: Oracle) -> Oracle:
-    """The oracle with the second-order terms of the block dropped."""
+    """The oracle with the second-order terms of the block dropped (a deferred oracle
+    stays deferred, its hints without ``C`` and ``E``)."""
+    if isinstance(o, DeferredOracle) and not o.built:
+        linear = None if o.linear is None else (o.linear[0], o.linear[1], None)
+        diagonal = None if o.diagonal is None else (o.diagonal[0], None)
+        full = lambda: Oracle(G=o.G, F=o.F, A=o.A, C=o.C, E=o.E)  # noqa: E731 (o built here)
+        return DeferredOracle(lambda: _gauss_newton(full()), o.sizes, linear=linear, diagonal=diagonal)
     a_in, _, p = o.sizes
     kw = dict(dtype=o.F.dtype, device=o.F.device)
     return Oracle(G=o.G, F=o.F, A=Zero(p, p, **kw), C=Zero(p, a_in, **kw), E=Zero(a_in, a_in, **kw))
@@ -234,6 +241,13 @@ def _check_oracle(o, i: int, module, z_in: Tensor, z_out: Tensor, p: int) -> Non
     if not isinstance(o, Oracle):
         raise TypeError(f"block {i} ({_name(module)}) returned {type(o).__name__} from oracle(), not an Oracle")
     a_in, a_out = z_in.numel(), z_out.numel()
+    if isinstance(o, DeferredOracle) and not o.built:
+        if o.sizes != (a_in, a_out, p):
+            raise ValueError(
+                f"the oracle of block {i} ({_name(module)}) has sizes (a_in, a_out, p) = {o.sizes}, "
+                f"expected {(a_in, a_out, p)}"
+            )
+        return
     if (o.G.shape, o.F.shape, o.A.shape, o.C.shape, o.E.shape) == ((a_out, p), (a_out, a_in), (p, p), (p, a_in), (a_in, a_in)):
         return
     expected = {"G": (a_out, p), "F": (a_out, a_in), "A": (p, p), "C": (p, a_in), "E": (a_in, a_in)}

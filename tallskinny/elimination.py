@@ -483,7 +483,7 @@ def prepare_stages(oracles: Sequence[Oracle], loss: Oracle, compiled: Sequence |
 
     if compiled is None:
         compiled = CompiledBlocks(CompiledOracle(o) for o in oracles)
-    last = max((i for i, o in enumerate(oracles) if o.G.shape[1]), default=-1)
+    last = max((i for i, c in enumerate(compiled) if c.p), default=-1)
     stages: list = [None] * len(oracles)
     for start, stage in _run_stages(compiled, last):
         stages[start] = stage

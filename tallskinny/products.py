@@ -22,7 +22,7 @@ from torch import Tensor
 
 from .affine import _transposed_order, affine_parts, padded_identity, samples_first
 from .blocks.linear import _theta_order
-from .blocks.protocol import Oracle
+from .blocks.protocol import DeferredOracle, Oracle
 from .linalg import Dense, Diagonal, LinearOperator, ScaledIdentity, Zero
 from .linalg.kronecker import identity_kronecker_factor
 
@@ -57,28 +57,41 @@ class CompiledOracle:
 
     __slots__ = (
         "p", "F", "FT", "G", "GT", "C", "CT", "A", "E", "HV", "TAN", "ADJ", "parts", "sample_major", "linear",
-        "diagonal", "_oracle",
+        "diagonal", "_oracle", "_source",
     )
 
     def __init__(self, o: Oracle):
-        self.p = o.G.shape[1]
-        # what the stages and batched runs read, made at once: the affine structure
-        # (affine.affine_parts); ``(W, x, g)`` of an nn.Linear at one sample
-        # (θ = [vec(W), b]; g None where C = 0) and ``(d, e)`` of F = diag(d), E = diag(e)
-        # (e None: E = 0) of a parameter-free elementwise block (tallskinny.batched_products)
-        self.parts = parts = affine_parts(o) if self.p else None
-        self.sample_major = parts is not None and samples_first(o, parts)
-        self.linear = _one_sample_linear(o, parts) if self.sample_major and isinstance(o.E, Zero) else None
-        self.diagonal = None
-        if self.p == 0 and isinstance(o.F, Diagonal) and isinstance(o.E, (Diagonal, Zero)):
-            e = o.E.diagonal.unsqueeze(-1) if isinstance(o.E, Diagonal) else None
-            self.diagonal = (o.F.diagonal.unsqueeze(-1), e)
-        # the products themselves are made on first use: blocks inside batched runs
-        # never need them
+        # what the batched runs read, made at once: ``(W, x, g)`` of an nn.Linear at one
+        # sample (θ = [vec(W), b]; g None where C = 0) and ``(d, e)`` of F = diag(d),
+        # E = diag(e) (e None: E = 0) of a parameter-free elementwise block
+        # (tallskinny.batched_products); from a DeferredOracle's hints where it has them
+        # (its operators stay unmade), else read off the operators
+        self._source = o
+        if isinstance(o, DeferredOracle):
+            self.p = o.sizes[2]
+            self.linear, self.diagonal = o.linear, o.diagonal
+        else:
+            self.p = o.G.shape[1]
+            self.linear = _one_sample_linear(o, self.parts) if self.sample_major and isinstance(o.E, Zero) else None
+            self.diagonal = None
+            if self.p == 0 and isinstance(o.F, Diagonal) and isinstance(o.E, (Diagonal, Zero)):
+                e = o.E.diagonal.unsqueeze(-1) if isinstance(o.E, Diagonal) else None
+                self.diagonal = (o.F.diagonal.unsqueeze(-1), e)
+        # the products themselves, and the affine structure the stages read
+        # (affine.affine_parts), are made on first use: blocks inside batched runs never
+        # need them
         self._oracle = o
 
     def __getattr__(self, name: str):
-        # called only for a product not made yet (an unset slot)
+        # called only for an attribute not made yet (an unset slot)
+        if name == "parts":
+            o = object.__getattribute__(self, "_source")
+            self.parts = affine_parts(o) if self.p else None
+            return self.parts
+        if name == "sample_major":
+            parts = self.parts
+            self.sample_major = parts is not None and samples_first(self._source, parts)
+            return self.sample_major
         o = object.__getattribute__(self, "_oracle")
         if o is None or name not in _PRODUCTS:
             raise AttributeError(name)

@@ -13,10 +13,10 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
-from ..linalg import Diagonal, Identity, LinearOperator
+from ..linalg import Diagonal, Identity
 from .checks import check_adjoint, check_finite, check_input, check_params, plain, zero
 from .func import Block
-from .protocol import Oracle
+from .protocol import DeferredOracle, Oracle
 from .registry import register
 
 __all__ = [
@@ -125,24 +125,26 @@ class ElementwiseBlock(Block):
     def oracle(
         self, z: Tensor, params: Sequence[Tensor], g: Tensor, *, second_order: bool = True
     ) -> Oracle:
+        z, g = self._checked(z, params, g)
+        a = z.numel()
+        d1, d2 = self.derivatives(z)
+        d = d1.reshape(-1)
+        e = None if not second_order or d2 is None else (g * d2).reshape(-1)
+
+        def build() -> Oracle:  # F = diag(σ'), E = diag(g ⊙ σ'') (made on first use)
+            E = zero(a, a, z) if e is None else Diagonal(e)
+            return Oracle(G=zero(a, 0, z), F=Diagonal(d), A=zero(0, 0, z), C=zero(0, a, z), E=E)
+
+        return DeferredOracle(build, (a, a, 0), diagonal=(d.unsqueeze(-1), None if e is None else e.unsqueeze(-1)))
+
+    def _checked(self, z, params, g) -> tuple[Tensor, Tensor]:
+        """``(z, g)`` after the checks every oracle call makes first."""
         where = self._where("oracle")
         check_input(z, where)
         check_params(self.parameters(), params, z, where)
         z = plain(z)
         check_finite(z, "z", where)
-        g = plain(check_adjoint(g, z.shape, z, where))
-        a = z.numel()
-        F, E = self._jacobian_and_curvature(z, g, second_order)
-        return Oracle(G=zero(a, 0, z), F=F, A=zero(0, 0, z), C=zero(0, a, z), E=E)
-
-    def _jacobian_and_curvature(
-        self, z: Tensor, g: Tensor, second_order: bool
-    ) -> tuple[LinearOperator, LinearOperator]:
-        d1, d2 = self.derivatives(z)
-        F = Diagonal(d1.reshape(-1))
-        if not second_order or d2 is None:
-            return F, zero(z.numel(), z.numel(), z)
-        return F, Diagonal((g * d2).reshape(-1))
+        return z, plain(check_adjoint(g, z.shape, z, where))
 
 
 @register(nn.Tanh)
@@ -232,8 +234,10 @@ class IdentityBlock(ElementwiseBlock):
     def derivatives(self, z: Tensor) -> Derivatives:
         return torch.ones_like(z), None
 
-    def _jacobian_and_curvature(
-        self, z: Tensor, g: Tensor, second_order: bool
-    ) -> tuple[LinearOperator, LinearOperator]:
+    def oracle(
+        self, z: Tensor, params: Sequence[Tensor], g: Tensor, *, second_order: bool = True
+    ) -> Oracle:
+        z, g = self._checked(z, params, g)
         a = z.numel()
-        return Identity(a, dtype=z.dtype, device=z.device), zero(a, a, z)
+        I = Identity(a, dtype=z.dtype, device=z.device)  # noqa: E741
+        return Oracle(G=zero(a, 0, z), F=I, A=zero(0, 0, z), C=zero(0, a, z), E=zero(a, a, z))

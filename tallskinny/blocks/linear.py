@@ -20,7 +20,7 @@ from ..linalg import Dense, Identity, LinearOperator
 from ..linalg.kronecker import Kronecker, Permutation, Product, padded_identity_matrix, transpose_permutation
 from .checks import check_adjoint, check_finite, check_input, check_params, plain, zero
 from .func import Block
-from .protocol import Oracle
+from .protocol import DeferredOracle, Oracle
 from .registry import register
 
 __all__ = ["LinearBlock", "linear_C", "linear_F", "linear_G"]
@@ -48,14 +48,27 @@ class LinearBlock(Block):
         z2 = z.reshape(-1, in_features)
         trainable = self._names
         with_weight, with_bias = "weight" in trainable, bias is not None and "bias" in trainable
+        if z2.shape[0] == 1 and with_weight and with_bias:
+            # one sample, θ = [vec(W), b]: the operators are made on first use; the batched
+            # runs read (W, x, g) only
+            W = plain(weight)
+            second = second_order
+            g2 = g.reshape(1, out_features)
+            sizes = (in_features, out_features, out_features * (in_features + 1))
+            build = lambda: self._oracle(z2, W, g2, second)  # noqa: E731
+            return DeferredOracle(build, sizes, linear=(W, z2.mT, g2.mT if second else None))
+        return self._oracle(z2, plain(weight), g.reshape(-1, out_features), second_order, with_weight, with_bias)
+
+    def _oracle(self, z2, weight, g2, second_order, with_weight=True, with_bias=True) -> Oracle:
+        out_features, in_features = weight.shape
         G = linear_G(z2, out_features, with_weight=with_weight, with_bias=with_bias)
-        F = linear_F(plain(weight), z2.shape[0])
-        p, a_in = G.shape[1], z.numel()
+        F = linear_F(weight, z2.shape[0])
+        p, a_in = G.shape[1], z2.numel()
         if not second_order or not with_weight:
-            C = zero(p, a_in, z)
+            C = zero(p, a_in, z2)
         else:
-            C = linear_C(g.reshape(-1, out_features), in_features, with_bias=with_bias)
-        return Oracle(G=G, F=F, A=zero(p, p, z), C=C, E=zero(a_in, a_in, z))
+            C = linear_C(g2, in_features, with_bias=with_bias)
+        return Oracle(G=G, F=F, A=zero(p, p, z2), C=C, E=zero(a_in, a_in, z2))
 
     def _weight_bias(self, z, params, method: str) -> tuple[Tensor, Tensor | None]:
         where = self._where(method)

@@ -49,6 +49,52 @@ class Oracle:
         return self.F.shape[1], self.F.shape[0], self.G.shape[1]
 
 
+class DeferredOracle(Oracle):
+    """An :class:`Oracle` whose operators are made on first access, with what the solver's
+    fast paths read of it given at once.
+
+    Deep chains of small layers spend much of a curvature's time building operator objects
+    that batched runs never read (:mod:`tallskinny.batched_sweeps`). A block may return
+    this instead (after all its input checks): ``build()`` returns the full
+    :class:`Oracle` and runs on the first access to ``G, F, A, C`` or ``E``; ``sizes`` is
+    ``(a_in, a_out, p)``; the hints are
+
+    * ``linear = (W, x, g)``: the block is ``nn.Linear`` at one sample with a bias,
+      θ = ``[vec(W), b]``, input ``x`` (``n × 1``), adjoint ``g`` (``m × 1``; ``None``
+      where ``C = 0``), ``F = W``, ``A = 0``, ``E = 0``;
+    * ``diagonal = (d, e)``: no parameters, ``F = diag(d)``, ``E = diag(e)`` (``a × 1``
+      columns; ``e = None`` where ``E = 0``).
+
+    A hint must describe exactly the oracle ``build()`` returns (the block test-suite
+    compares them: :func:`tallskinny.blocks.testing.check_block`).
+    """
+
+    def __init__(self, build, sizes: tuple[int, int, int], *, linear=None, diagonal=None):
+        self.__dict__.update(_build=build, _sizes=tuple(sizes), linear=linear, diagonal=diagonal)
+
+    def __getattr__(self, name: str):
+        # called only for an operator not made yet (an unset slot)
+        build = self.__dict__.pop("_build", None)
+        if build is None or name not in _FIELDS:
+            raise AttributeError(name)
+        full = build()
+        for field in _FIELDS:
+            object.__setattr__(self, field, getattr(full, field))
+        return getattr(self, name)
+
+    @property
+    def sizes(self) -> tuple[int, int, int]:
+        return self.__dict__["_sizes"]
+
+    @property
+    def built(self) -> bool:
+        """Whether the operators have been made."""
+        return "_build" not in self.__dict__
+
+
+_FIELDS = ("G", "F", "A", "C", "E")
+
+
 @runtime_checkable
 class DifferentiableBlock(Protocol):
     """A block of a chain: ``z_out = f(z_in; θ)``.

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from ..linalg import LinearOperator
 from .func import FuncBlock, FuncLoss
-from .protocol import DifferentiableBlock, LossBlock, Oracle
+from .protocol import DeferredOracle, DifferentiableBlock, LossBlock, Oracle
 from .registry import block_for, loss_for
 
 __all__ = ["assert_module_unchanged", "check_block", "check_loss", "default_tolerances"]
@@ -241,6 +241,8 @@ def _check_oracle(
     seed: int,
 ) -> None:
     assert isinstance(oracle, Oracle), f"{where} returned {type(oracle).__name__}, not an Oracle"
+    if isinstance(oracle, DeferredOracle):
+        _check_hints(oracle, sizes, where, atol, rtol)
     for field in _FIELDS:
         op = getattr(oracle, field)
         label = f"{where}.{field}"
@@ -262,6 +264,38 @@ def _check_oracle(
         if op.symmetric:
             _close(dense, dense.mT, atol, rtol, f"{label} declares symmetric=True")
         _check_products(op, dense, label, atol, rtol, seed)
+
+
+def _check_hints(oracle: DeferredOracle, sizes: dict, where: str, atol: float, rtol: float) -> None:
+    """A deferred oracle's ``sizes`` and hints describe the operators it builds."""
+    a_out, p = sizes["G"]
+    a_in = sizes["F"][1]
+    assert oracle.sizes == (a_in, a_out, p), f"{where}: DeferredOracle.sizes {oracle.sizes} != {(a_in, a_out, p)}"
+    assert not oracle.built, f"{where}: the DeferredOracle was built before its operators were asked for"
+    if oracle.linear is not None:
+        W, x, g = oracle.linear
+        m, n = W.shape
+        assert tuple(x.shape) == (n, 1) and p == m * (n + 1), f"{where}: linear hint of the wrong shapes"
+        _close(oracle.F.to_dense(), W, atol, rtol, f"{where}: linear hint W vs F")
+        G = oracle.G.to_dense()  # θ = [vec(W), b]: G = [I ⊗ xᵀ, I]
+        eye_m, eye_n = (torch.eye(k, dtype=W.dtype, device=W.device) for k in (m, n))
+        G_W = (eye_m[:, :, None] * x.reshape(1, 1, n)).reshape(m, m * n)  # I_m ⊗ xᵀ
+        _close(G[:, : m * n], G_W, atol, rtol, f"{where}: linear hint x vs G")
+        _close(G[:, m * n :], eye_m, atol, rtol, f"{where}: bias columns of G")
+        for field in "AE":
+            assert not bool(getattr(oracle, field).to_dense().any()), f"{where}: linear hint with {field} ≠ 0"
+        C = oracle.C.to_dense()
+        if g is None:
+            assert not bool(C.any()), f"{where}: linear hint says C = 0, but C ≠ 0"
+        else:  # C[(k,j), j'] = g_k δ(j,j'); no bias row
+            expected = torch.cat(((g.reshape(m, 1, 1) * eye_n).reshape(m * n, n), C.new_zeros(m, n)))
+            _close(C, expected, atol, rtol, f"{where}: linear hint g vs C")
+    if oracle.diagonal is not None:
+        d, e = oracle.diagonal
+        assert p == 0 and tuple(d.shape) == (a_in, 1), f"{where}: diagonal hint of the wrong shapes"
+        _close(oracle.F.to_dense(), torch.diag(d.reshape(-1)), atol, rtol, f"{where}: diagonal hint d vs F")
+        E = oracle.E.to_dense()
+        _close(E, torch.diag(e.reshape(-1)) if e is not None else torch.zeros_like(E), atol, rtol, f"{where}: diagonal hint e vs E")
 
 
 def _check_products(op: LinearOperator, dense: Tensor, label: str, atol: float, rtol: float, seed: int) -> None:

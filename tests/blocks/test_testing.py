@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from tallskinny.blocks import Oracle, block_for, loss_for
+from tallskinny.blocks.protocol import DeferredOracle
 from tallskinny.blocks.elementwise import TanhBlock
 from tallskinny.blocks.linear import LinearBlock
 from tallskinny.blocks.losses import MSELossBlock
@@ -178,3 +179,71 @@ def test_assert_module_unchanged_passes_on_a_real_call():
 def test_default_tolerances():
     assert default_tolerances(torch.float64) == (1e-12, 1e-12)
     assert default_tolerances(torch.float32) == (1e-5, 1e-5)
+
+
+# -- deferred oracles: their hints must describe what they build ------------------------------
+class WrongLinearHint(LinearBlock):
+    def oracle(self, z, params, g, *, second_order=True):
+        o = super().oracle(z, params, g, second_order=second_order)
+        W, x, gg = o.linear
+        return DeferredOracle(o.__dict__["_build"], o.sizes, linear=(W, 2 * x, gg))
+
+
+class WrongGradientHint(LinearBlock):
+    def oracle(self, z, params, g, *, second_order=True):
+        o = super().oracle(z, params, g, second_order=second_order)
+        W, x, gg = o.linear
+        return DeferredOracle(o.__dict__["_build"], o.sizes, linear=(W, x, None if gg is None else gg + 1))
+
+
+class WrongDiagonalHint(TanhBlock):
+    def oracle(self, z, params, g, *, second_order=True):
+        o = super().oracle(z, params, g, second_order=second_order)
+        d, e = o.diagonal
+        return DeferredOracle(o.__dict__["_build"], o.sizes, diagonal=(d, None if e is None else -e))
+
+
+class WrongSizes(TanhBlock):
+    def oracle(self, z, params, g, *, second_order=True):
+        o = super().oracle(z, params, g, second_order=second_order)
+        a = o.sizes[0]
+        return DeferredOracle(o.__dict__["_build"], (a, a + 1, 0), diagonal=o.diagonal)
+
+
+class BuiltTooEarly(TanhBlock):
+    def oracle(self, z, params, g, *, second_order=True):
+        o = super().oracle(z, params, g, second_order=second_order)
+        o.F  # noqa: B018 (builds the operators)
+        return o
+
+
+@pytest.mark.parametrize(
+    "block_cls, make, message",
+    [
+        (WrongLinearHint, lambda: nn.Linear(3, 2).double(), "linear hint x vs G"),
+        (WrongGradientHint, lambda: nn.Linear(3, 2).double(), "linear hint g vs C"),
+        (WrongDiagonalHint, nn.Tanh, "diagonal hint e vs E"),
+        (WrongSizes, nn.Tanh, r"DeferredOracle\.sizes"),
+        (BuiltTooEarly, nn.Tanh, "built before"),
+    ],
+)
+def test_check_block_catches_wrong_deferred_hints(block_cls, make, message):
+    with pytest.raises(AssertionError, match=message):
+        check_block(block_cls(make()), randn(1, 3))
+
+
+def test_deferred_oracles_build_once_on_first_access():
+    block = block_for(nn.Linear(3, 2).double())
+    z, g = randn(1, 3), randn(1, 2, seed=1)
+    o = block.oracle(z, list(block.parameters()), g)
+    assert isinstance(o, DeferredOracle) and not o.built
+    W, x, gg = o.linear
+    assert W is block.module.weight.detach() or torch.equal(W, block.module.weight.detach())
+    assert torch.equal(x.reshape(-1), z.reshape(-1)) and torch.equal(gg.reshape(-1), g.reshape(-1))
+    F = o.F
+    assert o.built and o.F is F and torch.equal(F.to_dense(), W)
+    with pytest.raises(AttributeError):
+        o.no_such_field  # noqa: B018
+    # two samples: the operators at once (no hint)
+    eager = block.oracle(randn(2, 3), list(block.parameters()), randn(2, 2))
+    assert not isinstance(eager, DeferredOracle)
