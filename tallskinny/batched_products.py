@@ -99,8 +99,9 @@ class HVPRun:
         yA = torch.baddbmm(gv, self.W, Y)  # the Linear outputs' tangents
         return y_out, (vW, Y, yA)
 
-    def adjoints(self, mu: Tensor, saved) -> tuple[Tensor, Tensor]:
-        """``(Hv)`` of the run's parameters and the adjoint at its input."""
+    def adjoints(self, mu: Tensor, saved, out: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """``(Hv)`` of the run's parameters (written into the contiguous ``(p_run, 1)``
+        tensor ``out`` if given) and the adjoint at its input."""
         J = self.J
         vW, Y, yA = saved
         h = None if self.g is None else vW.mT @ self.g  # W_vᵀ g
@@ -112,12 +113,16 @@ class HVPRun:
         for j in range(J - 1, 0, -1):
             mu = mus[j - 1] = torch.addmm(h[j], A[j].mT, mu)
         mu_in = torch.addmm(h[0], A[0].mT, mu)
-        muA = self.d * torch.stack(mus)
+        if out is None:
+            out = mu.new_empty(J * self.p, 1)
+        # views of out (.view: never a silent copy), written in place
+        o = out.view(J, -1)
+        HW, muA = o[:, : self.m * self.n].view(J, self.m, self.n), o[:, self.m * self.n :].unsqueeze(-1)
+        torch.mul(self.d, torch.stack(mus), out=muA)
         if self.e is not None:
-            muA = torch.addcmul(muA, self.e, yA)
+            muA.addcmul_(self.e, yA)
         if self.g is None:
-            HW = muA @ self.x.mT  # μ^A xᵀ
+            torch.bmm(muA, self.x.mT, out=HW)  # μ^A xᵀ
         else:
-            HW = torch.cat((muA, self.g), dim=2) @ torch.cat((self.x, Y), dim=2).mT  # μ^A xᵀ + g yᵀ
-        out = torch.cat((HW.reshape(J, -1), muA.reshape(J, -1)), dim=1)
-        return out.reshape(-1, 1), mu_in
+            torch.bmm(torch.cat((muA, self.g), dim=2), torch.cat((self.x, Y), dim=2).mT, out=HW)  # μ^A xᵀ + g yᵀ
+        return out, mu_in

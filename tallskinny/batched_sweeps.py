@@ -203,16 +203,23 @@ class BatchedRun:
             ts.append(t_c)
         return saved, torch.cat(ts, dim=1)
 
-    def forward(self, y: Tensor | None, u):
-        """The parameters of every layer of the run, and ``y`` at its output."""
+    def forward(self, y: Tensor | None, u, out: Tensor | None = None):
+        """The parameters of every layer of the run (written into ``out``, ``(p, k)``, if
+        given), and ``y`` at its output."""
+        L = self.layers
+        if out is None:
+            out = (y if y is not None else self.K).new_empty(L.p, len(u) if isinstance(u, list) else 1)
         if not isinstance(u, list):
-            return self._forward(y, u)
-        thetas, ys = [], []
+            return out, self._forward(y, u, out)
+        ys = []
         for c, u_c in enumerate(u):
-            theta, y_c = self._forward(None if y is None else y[:, c : c + 1], u_c)
-            thetas.append(theta)
-            ys.append(y_c)
-        return torch.cat(thetas, dim=1), torch.cat(ys, dim=1)
+            theta = out[:, c : c + 1] if out.shape[1] == 1 or out[:, c].is_contiguous() else None
+            if theta is None:
+                theta = out.new_empty(L.p, 1)
+            ys.append(self._forward(None if y is None else y[:, c : c + 1], u_c, theta))
+            if theta.data_ptr() != out[:, c : c + 1].data_ptr():
+                out[:, c : c + 1] = theta
+        return out, torch.cat(ys, dim=1)
 
     def _backward(self, t: Tensor | None, b: Tensor):
         """``ν`` of every layer, and the adjoint ``t`` at the run's input (one column)."""
@@ -234,7 +241,9 @@ class BatchedRun:
         nu = torch.linalg.lu_solve(self.lu, self.piv, torch.addcmul(Zb, L.sigma_d, torch.stack(taus), value=-1.0))
         return (nu, Wb, bb, Zb), t_in
 
-    def _forward(self, y: Tensor | None, u):
+    def _forward(self, y: Tensor | None, u, out: Tensor) -> Tensor:
+        """One column: the parameters into the contiguous ``(p, 1)`` tensor ``out``; returns
+        ``y`` at the run's output."""
         L, eps = self.layers, self.damping
         nu, Wb, bb, Zb = u
         J = L.J
@@ -250,7 +259,8 @@ class BatchedRun:
         zeta = torch.baddbmm(nu, self.K, Y, alpha=-1.0)
         s = L.v_in.mT @ Y  # J × 1 × 1
         u = torch.addcmul(torch.add(zeta, Zb, alpha=-1.0 / eps), L.g, s, value=1.0 / eps)
-        theta_W = torch.baddbmm(Wb, torch.cat((u, L.g), dim=2), torch.cat((L.v_in, Y * (-1.0 / eps)), dim=2).mT, beta=1.0 / eps)
-        theta_b = torch.addcmul(bb * (1.0 / eps), L.v_bias, u)
-        out = torch.cat((theta_W.reshape(J, -1), theta_b.reshape(J, -1)), dim=1)
-        return out.reshape(-1, 1), y_out
+        o = out.view(J, -1)  # views of out (.view: never a silent copy), written in place
+        theta_W, theta_b = o[:, : L.m * L.n].view(J, L.m, L.n), o[:, L.m * L.n :].unsqueeze(-1)
+        torch.baddbmm(Wb, torch.cat((u, L.g), dim=2), torch.cat((L.v_in, Y * (-1.0 / eps)), dim=2).mT, beta=1.0 / eps, out=theta_W)
+        torch.addcmul(bb * (1.0 / eps), L.v_bias, u, out=theta_b)
+        return y_out

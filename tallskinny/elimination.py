@@ -34,7 +34,7 @@ from torch import Tensor
 
 from . import batched_sweeps
 from .affine import AffineStage, ReducedAffineStage
-from .batched_sweeps import COVERED
+from .batched_sweeps import COVERED, BatchedRun
 from .stage_algebra import (
     SymmetricFactor,
     _congruence,
@@ -656,14 +656,20 @@ class RiccatiFactorization:
             else:
                 us[n], t = f.backward(t, bs[n])
         y = None
-        out = []
+        x = b.new_empty(b.shape)  # the solution, written step by step
+        offset = 0
         for n, (start, _, f) in enumerate(plan):
             if f is None:
                 y = None if y is None else stages[start].F_apply(y)
+                continue
+            part = x[offset : offset + sizes[n]]
+            offset += sizes[n]
+            if isinstance(f, BatchedRun):
+                _, y = f.forward(y, us[n], out=part)  # written in place
             else:
                 theta, y = f.forward(y, us[n])
-                out.append(theta)
-        return torch.cat(out, dim=0)
+                part.copy_(theta)
+        return x
 
     def logdet(self) -> Tensor:
         """``Σ_l log|det Q_θθ,l|`` (computed on first request)."""

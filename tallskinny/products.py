@@ -343,6 +343,7 @@ def hvp(blocks: Sequence[CompiledOracle], loss: CompiledOracle, v: Tensor) -> Te
         return torch.zeros_like(v)
     mu = loss.E(y) if loss.E is not None else None
     out: list[Tensor] = list(vs)
+    result = torch.empty_like(v) if runs else None  # runs write their part in place
     i = n
     while i > 0:
         i -= 1
@@ -350,9 +351,9 @@ def hvp(blocks: Sequence[CompiledOracle], loss: CompiledOracle, v: Tensor) -> Te
         if start is not None:
             run = runs[start][1]
             mu = y.new_zeros(run.m, 1) if mu is None else mu
-            out[start], mu = run.adjoints(mu, saved[start])
+            out[start], mu = run.adjoints(mu, saved[start], out=result[offsets[start] : offsets[i + 1]])
             for k in range(start + 1, i + 1):
-                out[k] = vs[k][:0]
+                out[k] = None
             i = start
             continue
         b, vl, y_in = blocks[i], vs[i], ys[i]
@@ -374,7 +375,12 @@ def hvp(blocks: Sequence[CompiledOracle], loss: CompiledOracle, v: Tensor) -> Te
         if b.p and b.CT is not None:
             mu_in = _add(mu_in, b.CT(vl))
         mu = mu_in
-    return torch.cat(out, dim=0)
+    if result is None:
+        return torch.cat(out, dim=0)
+    for i, part in enumerate(out):  # the blocks outside runs
+        if part is not None and i not in runs:
+            result[offsets[i] : offsets[i + 1]] = part
+    return result
 
 
 def _add(a: Tensor | None, b: Tensor) -> Tensor:
