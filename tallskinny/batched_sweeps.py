@@ -79,16 +79,14 @@ class LinearRunStage:
         self.sigma_d = sigma * d  # J × m × 1
         self.dW = run.dW[:J]  # diag(d) W
         self.dd = d * d.mT  # J × m × m: d_i·d_j, symmetric exactly
-        e = None if run.e is None else run.e[:J]
-        self.Ed = None if e is None else torch.diag_embed(e.squeeze(-1))
+        self.e = None if run.e is None else run.e[:J].squeeze(-1)  # J × m: E = diag(e)
         g = None if run.g is None else run.g[:J]
         self.coupled = g is not None  # C ≠ 0 (not for the Gauss–Newton matrix)
         self.g = g if g is not None else W.new_zeros(J, m, 1)
         if g is not None:
             # C_⊥ᵀC_⊥ = ‖g‖²(I − v_in v_inᵀ), formed for all layers at once
             g_sq = (g * g).sum(1, keepdim=True)
-            eye = torch.eye(n, dtype=W.dtype, device=W.device)
-            self.CtC = torch.baddbmm(g_sq * eye, self.v_in, self.v_in.mT * g_sq, alpha=-1.0)
+            self.CtC = torch.diag_embed(g_sq.reshape(J, 1).expand(J, n)).baddbmm_(self.v_in, self.v_in.mT * g_sq, alpha=-1.0)
         else:
             self.CtC = None
 
@@ -111,7 +109,7 @@ class LinearRunStage:
         J, m = self.J, self.m
         eye_eps = scaled_identity(m, damping, S.dtype, S.device)
         W, dd, sigmas = self.W.unbind(0), self.dd.unbind(0), self.sigmas
-        Ed = None if self.Ed is None else self.Ed.unbind(0)
+        e = None if self.e is None else self.e.unbind(0)
         CtC = None if self.CtC is None else self.CtC.unbind(0)
         g, vt = self.g.unbind(0), self.v_in.mT.unbind(0)
         beta = -1.0 / damping
@@ -123,7 +121,9 @@ class LinearRunStage:
         scales = [None] * J
         for j in range(J - 1, -1, -1):
             # the activation: S ← S ⊙ ddᵀ + diag(e)
-            S = S * dd[j] if Ed is None else torch.addcmul(Ed[j], S, dd[j])
+            S = S * dd[j]
+            if e is not None:
+                S.diagonal().add_(e[j])
             # the Linear at one sample (G_V = σI)
             s, Wj = sigmas[j], W[j]
             SW = S @ Wj

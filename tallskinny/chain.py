@@ -140,7 +140,7 @@ class Chain:
         # (the gradients of a first-order grad call carry no graph: no detach needed)
         adjoints = [_zeros_if_none(next(grads) if z.requires_grad else None, z) for z in zs[1:]]
         param_grads = [_zeros_if_none(g, t) for g, t in zip(grads, flat_thetas)]
-        gradient = torch.cat([g.reshape(-1) for g in param_grads])
+        gradient = param_grads  # concatenated by Curvature on first use
         for t in flat_thetas:
             t.requires_grad_(False)
         zs = [z.detach() for z in zs]

@@ -170,7 +170,7 @@ class Curvature:
     ):
         self.oracles = tuple(oracles)
         self.loss_oracle = loss_oracle
-        self._gradient = gradient
+        self._gradient = gradient  # flat (P,), or the per-parameter parts, concatenated on first use
         self.layout = layout
         self.kind = kind
         self.loss = loss_value
@@ -199,7 +199,7 @@ class Curvature:
         lies in the range of ``Jᵀ``, where the Gauss–Newton part, the largest curvature
         of a network, lives (measured: 0.6·‖H‖ on the benchmark MLPs, against 0.05·‖H‖
         for the diagonal blocks of ``H``)."""
-        g = self._gradient.reshape(-1, 1)
+        g = self.gradient().reshape(-1, 1)
         g_norm = float(g.norm())
         return float(self._apply(g).norm()) / g_norm if g_norm > 0 else 0.0
 
@@ -209,6 +209,8 @@ class Curvature:
 
     def gradient(self) -> Tensor:
         """The flat gradient ``(P,)`` of the loss."""
+        if not isinstance(self._gradient, Tensor):
+            self._gradient = torch.cat([g.reshape(-1) for g in self._gradient])
         return self._gradient
 
     @collector_paused
