@@ -77,24 +77,20 @@ class LinearRunStage:
         self.sigmas = sigma.reshape(-1).tolist()
         self.v_in, self.v_bias = x / sigma, sigma.reciprocal()  # J × n × 1, J × 1 × 1
         self.sigma_d = sigma * d  # J × m × 1
-        self.dW = run.dW[:J]  # diag(d) W
-        self.dd = d * d.mT  # J × m × m: d_i·d_j, symmetric exactly
+        self.sigmas_column = sigma  # J × 1 × 1
+        self.d = d.squeeze(-1)  # J × m
         self.e = None if run.e is None else run.e[:J].squeeze(-1)  # J × m: E = diag(e)
         g = None if run.g is None else run.g[:J]
         self.coupled = g is not None  # C ≠ 0 (not for the Gauss–Newton matrix)
         self.g = g if g is not None else W.new_zeros(J, m, 1)
-        if g is not None:
-            # C_⊥ᵀC_⊥ = ‖g‖²(I − v_in v_inᵀ), formed for all layers at once
-            g_sq = (g * g).sum(1, keepdim=True)
-            self.CtC = torch.diag_embed(g_sq.reshape(J, 1).expand(J, n)).baddbmm_(self.v_in, self.v_in.mT * g_sq, alpha=-1.0)
-        else:
-            self.CtC = None
+        # C_⊥ᵀC_⊥ = ‖g‖²(I − v_in v_inᵀ) (None: C = 0); ‖g‖² as numbers, with σ
+        self.g_sq = None if g is None else (g * g).sum(1).reshape(-1).tolist()
 
     def eliminate(self, S: Tensor, damping: float, index: int):
         J = self.J
         last = self.start + 2 * (J - 1)  # the run's last Linear, eliminated first
         if damping == 0.0:  # the complement's pivot is εI = 0 (AffineStage._check_complement)
-            _raise_if_null_directions(None if self.CtC is None else self.CtC[J - 1], last)
+            _raise_if_null_directions(self._complement_curvature(J - 1), last)
             raise _StageSingular(last)
         S_out, lus, pivs, Ks, scales = self._riccati(S, damping)
         bad = _first_small_pivot(lus, torch.stack(scales))
@@ -102,17 +98,23 @@ class LinearRunStage:
             raise _StageSingular(self.start + 2 * bad)
         return S_out, BatchedRun(self, damping, S, lus, pivs, Ks)
 
+    def _complement_curvature(self, j: int) -> Tensor | None:
+        """``C_⊥ᵀC_⊥ = ‖g‖²(I − v_in v_inᵀ)`` of layer ``j`` (``None`` where ``C = 0``)."""
+        if self.g_sq is None:
+            return None
+        v = self.v_in[j]
+        return torch.addmm(torch.eye(self.n, dtype=v.dtype, device=v.device), v, v.mT, alpha=-1.0) * self.g_sq[j]
+
     def _riccati(self, S: Tensor, damping: float, pivots: list | None = None):
         """The loop over the layers (last first): ``S`` at the run's input, the LU factors
         of the pivots, ``K`` and ``max|Q_j|``; the pivots ``Q_j`` themselves appended to
         ``pivots`` if given (the inertia replays the loop rather than keep them)."""
         J, m = self.J, self.m
         eye_eps = scaled_identity(m, damping, S.dtype, S.device)
-        W, dd, sigmas = self.W.unbind(0), self.dd.unbind(0), self.sigmas
+        W, d, sigmas, g_sq = self.W.unbind(0), self.d.unbind(0), self.sigmas, self.g_sq
         e = None if self.e is None else self.e.unbind(0)
-        CtC = None if self.CtC is None else self.CtC.unbind(0)
-        g, vt = self.g.unbind(0), self.v_in.mT.unbind(0)
-        beta = -1.0 / damping
+        g, v = self.g.unbind(0), self.v_in.unbind(0)
+        vt = self.v_in.mT.unbind(0)
         # the LU factors and K are written into one buffer each, column-major as LAPACK
         # makes them (no copies into stacks afterwards)
         lus, Ks = S.new_empty(J, m, m).mT, S.new_empty(J, self.n, m).mT
@@ -121,18 +123,22 @@ class LinearRunStage:
         scales = [None] * J
         for j in range(J - 1, -1, -1):
             # the activation: S ← S ⊙ ddᵀ + diag(e)
-            S = S * dd[j]
+            S = S * torch.outer(d[j], d[j])  # d_i·d_j: symmetric exactly
             if e is not None:
                 S.diagonal().add_(e[j])
-            # the Linear at one sample (G_V = σI)
+            # the Linear at one sample (G_V = σI): S_new = WᵀSW − ‖g‖²(I − v vᵀ)/ε − …
             s, Wj = sigmas[j], W[j]
             SW = S @ Wj
-            S_new = Wj.mT @ SW if CtC is None else torch.addmm(CtC[j], Wj.mT, SW, beta=beta)
+            S_new = Wj.mT @ SW
+            if g_sq is not None:
+                c = g_sq[j] / damping
+                S_new.diagonal().sub_(c)
+                S_new.addmm_(v[j], vt[j], alpha=c)
             Q = torch.add(eye_eps, S, alpha=s * s)
             scales[j] = Q.abs().amax()
             if pivots is not None:
                 pivots.append(Q)
-            Q_ry = SW * s if CtC is None else torch.addmm(SW, g[j], vt[j], beta=s)
+            Q_ry = SW * s if g_sq is None else torch.addmm(SW, g[j], vt[j], beta=s)
             lu, piv, _ = torch.linalg.lu_factor_ex(Q, out=(lus[j], pivs[j], info[j]))
             K = torch.linalg.lu_solve(lu, piv, Q_ry, out=Ks[j])
             # re-symmetrised at every layer: Q_ζyᵀQ_ζζ⁻¹Q_ζy of a slightly nonsymmetric S
@@ -161,7 +167,7 @@ class BatchedRun:
         self.S_in = S_in  # the value Hessian entering the run (m × m), for the inertia
         self.lu, self.piv, self.K = lu, piv, K
         # A = diag(d)(W − σK); the backward recurrence uses Aᵀ (a transposed view)
-        self.A = torch.addcmul(stage.dW, stage.sigma_d, K, value=-1.0).unbind(0)
+        self.A = torch.addcmul(stage.W, stage.sigmas_column, K, value=-1.0).mul_(stage.d.unsqueeze(-1)).unbind(0)
         self._inertia = None
 
     @property

@@ -103,10 +103,9 @@ class Factorization:
         curvature already, by ``‖Hg‖/‖g‖``; a low bound only makes the test stricter.
         """
         Mx = self._curvature._apply(x).add_(x, alpha=self.damping)
-        residual = rhs - Mx
-        r_n, x_n, b_n, Mx_n = torch.stack(
-            (residual.norm(dim=0), x.norm(dim=0), rhs.norm(dim=0), Mx.norm(dim=0))
-        ).tolist()
+        Mx_norm = Mx.norm(dim=0)
+        residual = Mx.neg_().add_(rhs)  # b − (H+εI)x, in the buffer of (H+εI)x
+        r_n, x_n, b_n, Mx_n = torch.stack((residual.norm(dim=0), x.norm(dim=0), rhs.norm(dim=0), Mx_norm)).tolist()
         curv = self._curvature
         H_bound = max(curv._norm_bound, getattr(self._inner, "norm_lower_bound", 0.0))
         scale = max(0.0, H_bound - self.damping)  # ‖H+εI‖ ≥ ‖H‖ − ε
