@@ -42,7 +42,7 @@ from torch import Tensor
 
 from .linalg import Inertia, pivot_tolerance
 from .linalg.factor import ldl_d_eigenvalues
-from .stage_algebra import _raise_if_null_directions, _StageSingular, _symmetrize, scaled_identity
+from .stage_algebra import _raise_if_null_directions, _StageSingular, scaled_identity
 
 #: Runs shorter than this keep the per-stage elimination (batching has a fixed cost).
 MIN_RUN = 4
@@ -112,6 +112,7 @@ class LinearRunStage:
         J, m = self.J, self.m
         eye_eps = scaled_identity(m, damping, S.dtype, S.device)
         W, d, sigmas, g_sq = self.W.unbind(0), self.d.unbind(0), self.sigmas, self.g_sq
+        d_half = (0.5 * self.d).unbind(0)
         e = None if self.e is None else self.e.unbind(0)
         g, v = self.g.unbind(0), self.v_in.unbind(0)
         vt = self.v_in.mT.unbind(0)
@@ -122,8 +123,9 @@ class LinearRunStage:
         info = torch.empty(J, dtype=torch.int32, device=S.device)
         scales = [None] * J
         for j in range(J - 1, -1, -1):
-            # the activation: S ← S ⊙ ddᵀ + diag(e)
-            S = S * torch.outer(d[j], d[j])  # d_i·d_j: symmetric exactly
+            # the activation: S ← S ⊙ ddᵀ + diag(e); after the first layer S holds twice
+            # the (symmetrised) value Hessian, and ½ is folded into ddᵀ (exact: d_i·(½d_j))
+            S = S * torch.outer(d[j], d[j] if j == J - 1 else d_half[j])  # symmetric exactly
             if e is not None:
                 S.diagonal().add_(e[j])
             # the Linear at one sample (G_V = σI): S_new = WᵀSW − ‖g‖²(I − v vᵀ)/ε − …
@@ -135,22 +137,26 @@ class LinearRunStage:
                 S_new.diagonal().sub_(c)
                 S_new.addmm_(v[j], vt[j], alpha=c)
             Q = torch.add(eye_eps, S, alpha=s * s)
-            scales[j] = Q.abs().amax()
+            scales[j] = torch.linalg.vector_norm(Q)  # ‖Q‖_F ≥ max|Q|, for the pivot test
             if pivots is not None:
                 pivots.append(Q)
             Q_ry = SW * s if g_sq is None else torch.addmm(SW, g[j], vt[j], beta=s)
             lu, piv, _ = torch.linalg.lu_factor_ex(Q, out=(lus[j], pivs[j], info[j]))
             K = torch.linalg.lu_solve(lu, piv, Q_ry, out=Ks[j])
-            # re-symmetrised at every layer: Q_ζyᵀQ_ζζ⁻¹Q_ζy of a slightly nonsymmetric S
-            # amplifies the antisymmetric part
-            S = _symmetrize(S_new.addmm_(Q_ry.mT, K, alpha=-1.0))
-        return S, lus, pivs, Ks, scales
+            # re-symmetrised at every layer (Q_ζyᵀQ_ζζ⁻¹Q_ζy of a slightly nonsymmetric S
+            # amplifies the antisymmetric part): S + Sᵀ, halved by the next layer's ddᵀ
+            S_new.addmm_(Q_ry.mT, K, alpha=-1.0)
+            S = S_new + S_new.mT
+        return S * 0.5, lus, pivs, Ks, scales
 
 
 def _first_small_pivot(lu: Tensor, scales: Tensor) -> int | None:
     """The largest ``j`` (the first eliminated) whose LU has a pivot at or below
-    ``pivot_tolerance(m, dtype, max|Q_j|)`` (``scales[j] = max|Q_j|``; a non-finite pivot
-    counts too), or ``None``: one synchronisation for the run."""
+    ``pivot_tolerance(m, dtype, scales[j])`` (a non-finite pivot counts too), or ``None``:
+    one synchronisation for the run. The run passes ``scales[j] = ‖Q_j‖_F``, at most
+    ``m`` times the ``max|Q_j|`` of the per-stage test (one reduction per layer instead of
+    two; a larger scale only makes the test stricter, and a stage it rejects goes to the
+    pivoted KKT factorization)."""
     pivots = lu.diagonal(dim1=-2, dim2=-1).abs().amin(-1)
     ok = pivots > pivot_tolerance(lu.shape[-1], lu.dtype, 1.0) * scales  # NaN compares False
     if bool(ok.all()):

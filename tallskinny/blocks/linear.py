@@ -74,8 +74,11 @@ class LinearBlock(Block):
         where = self._where(method)
         check_input(z, where)
         params = check_params(self._parameters, params, z, where)
-        values = self.parameter_values(params)
-        weight, bias = values.get("weight", self.module.weight), values.get("bias", self.module.bias)
+        if len(params) == 2 and self._names == ["weight", "bias"]:  # both trainable (the common case)
+            weight, bias = params
+        else:
+            values = self.parameter_values(params)
+            weight, bias = values.get("weight", self.module.weight), values.get("bias", self.module.bias)
         if z.dim() == 0 or z.shape[-1] != weight.shape[1]:
             raise ValueError(
                 f"{where}: the input must have shape (*, {weight.shape[1]}) (in_features last), "
