@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from ._gc import collector_paused
 from .blocks import LossBlock, Oracle, block_for, checks, loss_for
+from .blocks.elementwise import batch_key, oracles_together
 from .blocks.protocol import DeferredOracle
 from .curvature import Curvature, check_damping, check_kind
 from .linalg import Zero
@@ -149,9 +150,12 @@ class Chain:
         second_order = kind == "hessian"
         oracles = []
         with checks.trusted():
+            together = self._activation_oracles(zs, thetas, adjoints, second_order)
             for i, block in enumerate(self.blocks):
                 values = thetas[i]
-                o = block.oracle(zs[i], values, adjoints[i], second_order=second_order)
+                o = together.get(i)
+                if o is None:
+                    o = block.oracle(zs[i], values, adjoints[i], second_order=second_order)
                 if not second_order:
                     o = _gauss_newton(o)
                 _check_oracle(o, i, self.modules[i], zs[i], zs[i + 1], sum(t.numel() for t in values))
@@ -159,6 +163,25 @@ class Chain:
         loss_oracle = self.loss_block.oracle(zs[-1], targets)
         _check_oracle(loss_oracle, n, self.loss, zs[-1], loss, 0)
         return Curvature(oracles, loss_oracle, gradient, layout, kind, loss.detach())
+
+    def _activation_oracles(self, zs, thetas, adjoints, second_order: bool) -> dict:
+        """The oracles of built-in activation blocks that share a derivative rule, computed
+        together (:func:`tallskinny.blocks.elementwise.oracles_together`), by block index."""
+        groups: dict = {}
+        for i, block in enumerate(self.blocks):
+            key = batch_key(block)
+            if key is not None:
+                groups.setdefault(key, []).append(i)
+        out = {}
+        for idx in groups.values():
+            if len(idx) > 1:
+                blocks = [self.blocks[i] for i in idx]
+                found = oracles_together(
+                    blocks, [zs[i] for i in idx], [thetas[i] for i in idx], [adjoints[i] for i in idx],
+                    second_order=second_order,
+                )
+                out.update(zip(idx, found))
+        return out
 
     @collector_paused
     def hvp(self, inputs: Tensor, targets, v, *, kind: str = "hessian"):

@@ -126,16 +126,9 @@ class ElementwiseBlock(Block):
         self, z: Tensor, params: Sequence[Tensor], g: Tensor, *, second_order: bool = True
     ) -> Oracle:
         z, g = self._checked(z, params, g)
-        a = z.numel()
         d1, d2 = self.derivatives(z)
-        d = d1.reshape(-1)
-        e = None if not second_order or d2 is None else (g * d2).reshape(-1)
-
-        def build() -> Oracle:  # F = diag(σ'), E = diag(g ⊙ σ'') (made on first use)
-            E = zero(a, a, z) if e is None else Diagonal(e)
-            return Oracle(G=zero(a, 0, z), F=Diagonal(d), A=zero(0, 0, z), C=zero(0, a, z), E=E)
-
-        return DeferredOracle(build, (a, a, 0), diagonal=(d.unsqueeze(-1), None if e is None else e.unsqueeze(-1)))
+        e = None if not second_order or d2 is None else (g * d2).reshape(-1, 1)
+        return _diagonal_oracle(z, d1.reshape(-1, 1), e)
 
     def _checked(self, z, params, g) -> tuple[Tensor, Tensor]:
         """``(z, g)`` after the checks every oracle call makes first."""
@@ -145,6 +138,41 @@ class ElementwiseBlock(Block):
         z = plain(z)
         check_finite(z, "z", where)
         return z, plain(check_adjoint(g, z.shape, z, where))
+
+
+def _diagonal_oracle(z: Tensor, d: Tensor, e: Tensor | None) -> DeferredOracle:
+    """``F = diag(d)``, ``E = diag(e)`` (``a × 1`` columns; ``e = None``: ``E = 0``), the
+    operators made on first use."""
+    a = z.numel()
+
+    def build() -> Oracle:
+        E = zero(a, a, z) if e is None else Diagonal(e.reshape(-1))
+        return Oracle(G=zero(a, 0, z), F=Diagonal(d.reshape(-1)), A=zero(0, 0, z), C=zero(0, a, z), E=E)
+
+    return DeferredOracle(build, (a, a, 0), diagonal=(d, e))
+
+
+def batch_key(block) -> tuple | None:
+    """Built-in activation blocks with one key have one derivative rule: their oracles can
+    be computed together (:func:`oracles_together`); ``None`` for any other block (a
+    subclass may override :meth:`ElementwiseBlock.oracle` or :meth:`~ElementwiseBlock.derivatives`)."""
+    key = _BATCH_KEYS.get(type(block))
+    return None if key is None else (type(block), *key(block.module))
+
+
+def oracles_together(blocks: Sequence[ElementwiseBlock], zs, params, gs, *, second_order: bool = True) -> list[Oracle]:
+    """The oracles of blocks of one :func:`batch_key`, each what ``block.oracle`` gives
+    (validated the same way), with the derivative rule applied once, to all inputs
+    concatenated (one set of tensor operations for a deep chain's activations)."""
+    checked = [b._checked(z, p, g) for b, z, p, g in zip(blocks, zs, params, gs)]
+    sizes = [z.numel() for z, _ in checked]
+    d1, d2 = blocks[0].derivatives(torch.cat([z.reshape(-1) for z, _ in checked]).unsqueeze(-1))
+    ds = d1.split(sizes)
+    if not second_order or d2 is None:
+        es = [None] * len(blocks)
+    else:
+        es = (d2 * torch.cat([g.reshape(-1) for _, g in checked]).unsqueeze(-1)).split(sizes)
+    return [_diagonal_oracle(z, d, e) for (z, _), d, e in zip(checked, ds, es)]
 
 
 @register(nn.Tanh)
@@ -241,3 +269,13 @@ class IdentityBlock(ElementwiseBlock):
         a = z.numel()
         I = Identity(a, dtype=z.dtype, device=z.device)  # noqa: E741
         return Oracle(G=zero(a, 0, z), F=I, A=zero(0, 0, z), C=zero(0, a, z), E=zero(a, a, z))
+
+
+_BATCH_KEYS = {
+    TanhBlock: lambda m: (),
+    ReLUBlock: lambda m: (),
+    SigmoidBlock: lambda m: (),
+    SiLUBlock: lambda m: (),
+    SoftplusBlock: lambda m: (m.beta, m.threshold),
+    GELUBlock: lambda m: (m.approximate,),
+}
