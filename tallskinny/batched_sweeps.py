@@ -6,15 +6,16 @@ bias; then an elementwise block ``F = diag(d)``, ``E = diag(e)``) of one shape
 and shared with the batched HVPs). :class:`LinearRunStage` eliminates the whole run:
 
 * its ε-independent data is computed for all layers at once: ``σ_j = ‖x̃_j‖`` (``x̃ = [x; 1]``),
-  ``v_j = x̃_j/σ_j``, ``C_⊥ᵀC_⊥ = ‖g‖²(I − v_in v_inᵀ)``, ``ddᵀ``, ``diag(e)``;
+  ``v_j = x̃_j/σ_j`` and ``‖g_j‖²`` (``C_⊥ᵀC_⊥ = ‖g‖²(I − v_in v_inᵀ)`` is applied, not formed);
 * the factorization is the Riccati step of :class:`~tallskinny.affine.AffineStage` at one
   sample (``G_V = σI``) after the activation's ``S ← S ⊙ ddᵀ + diag(e)``, in one loop of
-  about ten tensor operations per layer:
+  about a dozen tensor operations per layer and no ``J × m × m`` temporaries:
 
       Q_ζζ = σ²S + εI     Q_ζy = σ S W + g vᵀ     K = Q_ζζ⁻¹ Q_ζy
       S ← Wᵀ S W − C_⊥ᵀC_⊥/ε − Q_ζyᵀ K
 
-  (the pivots of all LU factors are tested after the loop, in one synchronisation);
+  (LU factors and ``K`` written into one buffer each; the pivots of all LU factors are
+  tested after the loop, in one synchronisation; the pivots ``Q_j`` are not kept);
 * the sweeps of one right-hand side (:class:`BatchedRun`) are linear recurrences. With
   ``N = W − σK`` the backward sweep through layer ``j`` is
 

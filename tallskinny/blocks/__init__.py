@@ -11,7 +11,7 @@ block against the fallback.
 """
 
 from .func import Block, FuncBlock, FuncLoss
-from .protocol import DifferentiableBlock, LossBlock, Oracle
+from .protocol import DeferredOracle, DifferentiableBlock, LossBlock, Oracle
 from .registry import UnsupportedModuleError, block_for, lookup, loss_for, register
 
 # the built-in rules register themselves on import
@@ -20,6 +20,7 @@ from . import norm  # noqa: E402,F401  (isort: skip)
 
 __all__ = [
     "Block",
+    "DeferredOracle",
     "DifferentiableBlock",
     "FuncBlock",
     "FuncLoss",
