@@ -89,8 +89,8 @@ def test_gradient_bound_is_a_lower_bound_of_the_norm(width, act, kind, batch):
 
 def test_gradient_bound_spares_the_refinement_of_deep_tanh_nets():
     """A deep tanh MLP at ε = 0.1 is solved to rounding level by the bare sweeps, but the
-    cheap bounds of ‖H‖ are ~20× low: the first solve refines (cheaper than an HVP), later
-    ones bound ‖H‖ by ‖Hg‖/‖g‖ once and refine no more."""
+    cheap bounds of ‖H‖ are ~20× low: the first solve that fails the check on them bounds
+    ‖H‖ by ‖Hg‖/‖g‖ (once per curvature) and refines neither then nor later."""
     torch.manual_seed(1)
     modules = []
     for _ in range(16):
@@ -103,10 +103,17 @@ def test_gradient_bound_spares_the_refinement_of_deep_tanh_nets():
     fact = curv.factorize(0.1)
     b = torch.randn(curv.num_parameters)
     x0 = fact.solve(b, refine=0)
-    assert not torch.equal(fact.solve(b), x0)  # refined
-    assert not curv._gradient_bound_done
+    assert curv._norm_bound == 0.0 and not curv._gradient_bound_done
+    assert torch.equal(fact.solve(b), x0)  # checked, not refined
+    assert curv._gradient_bound_done and curv._refinements == 0
+    # the cheap bounds alone would have refined: ‖(H+εI)x‖/‖x‖ fails the test
+    M = curv.to_dense() + 0.1 * torch.eye(b.shape[0])
+    r = b - M @ x0
+    cheap = float((M @ x0).norm() / x0.norm())
+    tol = ts.curvature.BACKWARD_ERROR_TOLERANCE * torch.finfo(torch.float64).eps
+    assert float(r.norm()) > tol * (cheap * float(x0.norm()) + float(b.norm()))
     for rhs in (b, torch.randn(b.shape[0])):
         assert torch.equal(fact.solve(rhs), fact.solve(rhs, refine=0))  # not refined
     assert curv._gradient_bound_done and curv._norm_bound >= curv._gradient_norm_bound()
-    M = curv.to_dense() + 0.1 * torch.eye(b.shape[0])
+    assert curv._refinements == 0
     assert _backward_error(M, x0, b) <= ts.curvature.BACKWARD_ERROR_TOLERANCE * torch.finfo(torch.float64).eps
