@@ -114,7 +114,14 @@ class LinearRunStage:
         eye_eps = scaled_identity(m, damping, S.dtype, S.device)
         W, d, sigmas, g_sq = self.W.unbind(0), self.d.unbind(0), self.sigmas, self.g_sq
         d_half = (0.5 * self.d).unbind(0)
-        e = None if self.e is None else self.e.unbind(0)
+        # the diagonal added after the activation j: diag(e_j), and −‖g‖²I/ε of the Linear
+        # j + 1 (its part of −C_⊥ᵀC_⊥/ε, carried through ⊙ ddᵀ as −‖g‖² d²/ε)
+        diag = self.e
+        c = None if g_sq is None else [gs / damping for gs in g_sq]
+        if c is not None:
+            shift = torch.tensor(c[1:] + [0.0], dtype=S.dtype, device=S.device).unsqueeze(-1)
+            diag = torch.addcmul(diag if diag is not None else torch.zeros_like(self.d), shift, self.d * self.d, value=-1.0)
+        diag = None if diag is None else diag.unbind(0)
         g, v = self.g.unbind(0), self.v_in.unbind(0)
         vt = self.v_in.mT.unbind(0)
         # the LU factors and K are written into one buffer each, column-major as LAPACK
@@ -127,16 +134,15 @@ class LinearRunStage:
             # the activation: S ← S ⊙ ddᵀ + diag(e); after the first layer S holds twice
             # the (symmetrised) value Hessian, and ½ is folded into ddᵀ (exact: d_i·(½d_j))
             S = S * torch.outer(d[j], d[j] if j == J - 1 else d_half[j])  # symmetric exactly
-            if e is not None:
-                S.diagonal().add_(e[j])
+            if diag is not None:
+                S.diagonal().add_(diag[j])
             # the Linear at one sample (G_V = σI): S_new = WᵀSW − ‖g‖²(I − v vᵀ)/ε − …
+            # (the −‖g‖²I/ε is added after the next activation, or after the loop)
             s, Wj = sigmas[j], W[j]
             SW = S @ Wj
             S_new = Wj.mT @ SW
-            if g_sq is not None:
-                c = g_sq[j] / damping
-                S_new.diagonal().sub_(c)
-                S_new.addmm_(v[j], vt[j], alpha=c)
+            if c is not None:
+                S_new.addmm_(v[j], vt[j], alpha=c[j])
             Q = torch.add(eye_eps, S, alpha=s * s)
             scales[j] = torch.linalg.vector_norm(Q)  # ‖Q‖_F ≥ max|Q|, for the pivot test
             if pivots is not None:
@@ -148,7 +154,10 @@ class LinearRunStage:
             # amplifies the antisymmetric part): S + Sᵀ, halved by the next layer's ddᵀ
             S_new.addmm_(Q_ry.mT, K, alpha=-1.0)
             S = S_new + S_new.mT
-        return S * 0.5, lus, pivs, Ks, scales
+        S = S * 0.5
+        if c is not None:
+            S.diagonal().sub_(c[0])
+        return S, lus, pivs, Ks, scales
 
 
 def _first_small_pivot(lu: Tensor, scales: Tensor) -> int | None:
