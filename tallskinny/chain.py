@@ -132,18 +132,18 @@ class Chain:
             if not isinstance(loss, Tensor) or loss.numel() != 1 or loss.dim() != 0:
                 shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
                 raise ValueError(f"the loss must be a scalar (0-dim tensor), got {shape}")
-            flat_thetas = [t for ts in thetas for t in ts]
             # an output that does not depend on any parameter has no part in H: its
-            # adjoint is not needed (every tangent upstream of it is zero)
-            wrt = [z for z in zs[1:] if z.requires_grad] + flat_thetas
-            grads = iter(torch.autograd.grad(loss, wrt, allow_unused=True))
+            # adjoint is not needed (every tangent upstream of it is zero). The gradient
+            # w.r.t. θ is not asked of autograd (which then skips the parameters' branches
+            # of the backward pass): it is Σ_l G_lᵀ g_l, made from the oracles on request
+            wrt = [z for z in zs[1:] if z.requires_grad]
+            grads = iter(torch.autograd.grad(loss, wrt, allow_unused=True) if wrt else ())
         n = len(self.blocks)
         # (the gradients of a first-order grad call carry no graph: no detach needed)
         adjoints = [_zeros_if_none(next(grads) if z.requires_grad else None, z) for z in zs[1:]]
-        param_grads = [_zeros_if_none(g, t) for g, t in zip(grads, flat_thetas)]
-        gradient = param_grads  # concatenated by Curvature on first use
-        for t in flat_thetas:
-            t.requires_grad_(False)
+        for ts in thetas:
+            for t in ts:
+                t.requires_grad_(False)
         zs = [z.detach() for z in zs]
 
         self._check_finite(zs, adjoints)
@@ -162,7 +162,7 @@ class Chain:
                 oracles.append(o)
         loss_oracle = self.loss_block.oracle(zs[-1], targets)
         _check_oracle(loss_oracle, n, self.loss, zs[-1], loss, 0)
-        return Curvature(oracles, loss_oracle, gradient, layout, kind, loss.detach())
+        return Curvature(oracles, loss_oracle, adjoints, layout, kind, loss.detach())
 
     def _activation_oracles(self, zs, thetas, adjoints, second_order: bool) -> dict:
         """The oracles of built-in activation blocks that share a derivative rule, computed

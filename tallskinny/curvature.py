@@ -155,22 +155,24 @@ class Factorization:
 class Curvature:
     """The ε-independent derivative data at one point, computed once by ``Chain.curvature``.
 
-    Holds the gradient and the oracle of every block; ``hvp``, ``solve``,
-    ``factorize`` and ``to_dense`` reuse them without going back to the model.
+    Holds the oracle and the adjoint ``g_l = ∂loss/∂z_l`` of every block (the gradient is
+    ``Σ_l G_lᵀ g_l``, made on first request); ``hvp``, ``solve``, ``factorize`` and
+    ``to_dense`` reuse them without going back to the model.
     """
 
     def __init__(
         self,
         oracles: Sequence[Oracle],
         loss_oracle: Oracle,
-        gradient: Tensor,
+        adjoints: Sequence[Tensor],
         layout: ParameterLayout,
         kind: str,
         loss_value: Tensor,
     ):
         self.oracles = tuple(oracles)
         self.loss_oracle = loss_oracle
-        self._gradient = gradient  # flat (P,), or the per-parameter parts, concatenated on first use
+        self._adjoints = adjoints  # g_l = ∂loss/∂z_l of every block's output
+        self._gradient = None  # Σ_l G_lᵀ g_l, made on first use
         self.layout = layout
         self.kind = kind
         self.loss = loss_value
@@ -209,8 +211,8 @@ class Curvature:
 
     def gradient(self) -> Tensor:
         """The flat gradient ``(P,)`` of the loss."""
-        if not isinstance(self._gradient, Tensor):
-            self._gradient = torch.cat([g.reshape(-1) for g in self._gradient])
+        if self._gradient is None:
+            self._gradient = products.gradient(self._compiled_oracles()[0], self._adjoints)
         return self._gradient
 
     @collector_paused

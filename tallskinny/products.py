@@ -307,6 +307,22 @@ def compile_oracles(oracles: Sequence[Oracle]) -> CompiledBlocks:
     return CompiledBlocks(CompiledOracle(o) for o in oracles)
 
 
+def gradient(blocks: Sequence[CompiledOracle], adjoints: Sequence[Tensor]) -> Tensor:
+    """The flat gradient ``(∂loss/∂θ_l = G_lᵀ g_l)_l`` from the adjoints ``g_l`` of the
+    blocks' outputs: ``[vec(g xᵀ), g]`` for a one-sample ``nn.Linear`` (its hint, no
+    operators made), the compiled ``Gᵀ`` otherwise."""
+    parts = []
+    for b, g in zip(blocks, adjoints):
+        if not b.p:
+            continue
+        if b.linear is not None:
+            x, g = b.linear[1], g.reshape(-1, 1)
+            parts += [(g @ x.mT).reshape(-1), g.reshape(-1)]
+        else:
+            parts.append(b.GT(g.reshape(-1, 1)).reshape(-1))
+    return torch.cat(parts)
+
+
 def hvp(blocks: Sequence[CompiledOracle], loss: CompiledOracle, v: Tensor) -> Tensor:
     """``H v`` for ``v`` of shape ``(P, k)``: a forward sweep of the tangents
     ``y_l = F_l y_{l-1} + G_l v_l`` and a backward sweep of the adjoints

@@ -52,3 +52,17 @@ def test_a_solve_through_runs_builds_no_run_oracle_and_reading_them_is_exact(kin
     # the operators, once read, are the exact ones
     assert ((curv.to_dense() - H).abs().max() / H.abs().max()).item() <= 1e-12
     assert all(o.built for o in run)
+
+
+@pytest.mark.parametrize("kind", ["hessian", "ggn"])
+def test_gradient_from_the_adjoints_without_building_run_oracles(kind):
+    """The gradient is Σ G_lᵀ g_l from the adjoints (autograd is not asked for it): equal to
+    torch.func's, and read from the hints of the run's Linear blocks."""
+    from tallskinny.testing import dense_gradient
+
+    chain, X, y = _chain()
+    curv = chain.curvature(X, y, kind=kind)
+    g = curv.gradient()
+    torch.testing.assert_close(g, dense_gradient(chain, X, y), rtol=1e-12, atol=1e-14)
+    assert not any(o.built for o in curv.oracles[:-1])
+    assert curv.gradient() is g  # made once
