@@ -311,16 +311,36 @@ def gradient(blocks: Sequence[CompiledOracle], adjoints: Sequence[Tensor]) -> Te
     """The flat gradient ``(∂loss/∂θ_l = G_lᵀ g_l)_l`` from the adjoints ``g_l`` of the
     blocks' outputs: ``[vec(g xᵀ), g]`` for a one-sample ``nn.Linear`` (its hint, no
     operators made), the compiled ``Gᵀ`` otherwise."""
-    parts = []
-    for b, g in zip(blocks, adjoints):
+    runs, offsets = blocks.run_plan() if isinstance(blocks, CompiledBlocks) else ({}, None)
+    if offsets is None:
+        offsets = [0]
+        for b in blocks:
+            offsets.append(offsets[-1] + b.p)
+    ref = adjoints[0]
+    out = ref.new_empty(offsets[-1])  # written in place, block by block
+    i = 0
+    while i < len(blocks):
+        b, g = blocks[i], adjoints[i]
+        part = out[offsets[i] : offsets[i + 1] if i not in runs else offsets[runs[i][0]]]
+        if i in runs:  # [vec(g xᵀ), g] of every Linear of the run at once
+            end, run = runs[i]
+            o = part.view(run.J, -1)
+            gs = o[:, run.m * run.n :].unsqueeze(-1)  # J × m × 1 (views of out)
+            torch.stack([adjoints[k].reshape(-1, 1) for k in range(i, end, 2)], out=gs)
+            torch.bmm(gs, run.x.mT, out=o[:, : run.m * run.n].view(run.J, run.m, run.n))
+            i = end
+            continue
+        i += 1
         if not b.p:
             continue
         if b.linear is not None:
             x, g = b.linear[1], g.reshape(-1, 1)
-            parts += [(g @ x.mT).reshape(-1), g.reshape(-1)]
+            m, n = g.shape[0], x.shape[0]
+            torch.mm(g, x.mT, out=part[: m * n].view(m, n))
+            part[m * n :] = g.reshape(-1)
         else:
-            parts.append(b.GT(g.reshape(-1, 1)).reshape(-1))
-    return torch.cat(parts)
+            part[:] = b.GT(g.reshape(-1, 1)).reshape(-1)
+    return out
 
 
 def hvp(blocks: Sequence[CompiledOracle], loss: CompiledOracle, v: Tensor) -> Tensor:
