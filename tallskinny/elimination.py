@@ -588,7 +588,8 @@ def _last_block_norm(factors, damping: float) -> float:
     """A lower bound of ``‖H‖₂`` known for free: the last block with parameters sees the
     loss's own value Hessian (nothing is eliminated after it), so its span pivot
     ``Q − εI = VᵀH_LL V`` (orthonormal ``V``, linear block) is a compression of a diagonal
-    block of ``H``, and ``‖H‖ ≥ max|Q − εI|``. ``0`` where that does not hold."""
+    block of ``H``, and ``‖H‖ ≥ ‖Q − εI‖₂`` (its eigenvalues up to 128 × 128, the
+    largest column norm beyond). ``0`` where that does not hold."""
     last = next((f for f in reversed(factors) if f is not None), None)
     inner = getattr(last, "inner", last)  # a reduced affine stage wraps its span stage
     factor = getattr(inner, "factor", None)
@@ -597,7 +598,11 @@ def _last_block_norm(factors, damping: float) -> float:
         return 0.0
     Q = factor.matrix.clone()
     Q.diagonal().sub_(damping)
-    return float(Q.abs().max())
+    if Q.numel() == 0:
+        return 0.0
+    if Q.shape[0] <= 128:
+        return float(torch.linalg.eigvalsh(Q).abs().max())
+    return float(torch.linalg.vector_norm(Q, dim=0).max())
 
 
 class RiccatiFactorization:
