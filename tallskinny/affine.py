@@ -218,6 +218,8 @@ class _AffineCoordinates:
             return self.C_perp_coef.mT @ (self.V_perp.mT @ T).reshape(-1, k)
         n = self.Et.shape[1]
         M = T[:n] if self.pad else self.Et.mT @ T  # n × (m·k)
+        if k == 1:  # Γᵀ (Θ̃ Ẽ), Θ̃Ẽ = Mᵀ a view
+            return (self.Gam.mT @ M.mT).reshape(-1, 1)
         M = M.reshape(n, self.m, k).transpose(0, 1).reshape(self.m, n * k)
         return (self.Gam.mT @ M).reshape(-1, k)
 
@@ -423,9 +425,10 @@ class _DirectAffineFactor:
                     t_new = (b_perp[: st.Et.shape[1]] @ st.g).div_(self.damping)
                 else:
                     t_new = torch.addmm(t_new, b_perp[: st.Et.shape[1]], st.g, alpha=1.0 / self.damping)
+            elif t_new is None:
+                t_new = st._c_t(b_perp, k).div_(self.damping)
             else:
-                extra = st._c_t(b_perp, k) / self.damping
-                t_new = extra if t_new is None else t_new + extra
+                t_new = torch.add(t_new, st._c_t(b_perp, k), alpha=1.0 / self.damping)
         return (nu, b_perp, k), t_new
 
     def forward(self, y: Tensor | None, u):
@@ -451,6 +454,12 @@ class _DirectAffineFactor:
             if y is not None and st.coupled:
                 if st.fused and k == 1:  # C_⊥y = ((I − vvᵀ)Ẽ y) gᵀ
                     T = torch.addmm(T, st.PE @ y, st.g.mT, alpha=-inv)
+                elif st.pad and k == 1 and st.C_span is None:
+                    # C_⊥y = (I − VVᵀ)[Mᵀ; 0] with M = Γ Y (m × n), added in place
+                    n = st.Et.shape[1]
+                    M = st.Gam @ y.reshape(st.Gam.shape[1], n)
+                    T[:n].sub_(M.mT, alpha=inv)
+                    T.addmm_(st.V, st.VtE @ M.mT, alpha=inv)
                 else:
                     T = torch.add(T, st._c_perp(y), alpha=-inv)
         elif T is not None:

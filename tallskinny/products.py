@@ -48,7 +48,14 @@ def compile_operator(op: LinearOperator) -> Apply | None:
         if R == 1:
             return lambda x: W @ x
         n, m = W.shape[1], W.shape[0]
-        return lambda x: (W @ x.reshape(R, n, -1)).reshape(R * m, -1)
+        Wt = W.mT
+
+        def apply(x: Tensor) -> Tensor:  # one vector: (X Wᵀ) for the R × n matrix X, one mm
+            if x.shape[1] == 1:
+                return (x.reshape(R, n) @ Wt).reshape(R * m, 1)
+            return (W @ x.reshape(R, n, -1)).reshape(R * m, -1)
+
+        return apply
     return op._matmat
 
 
