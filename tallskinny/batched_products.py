@@ -10,11 +10,9 @@ For one vector ``v = (W_v, b_v)`` per layer the tangent and adjoint sweeps of
     (Hv)_j = (μ^A_j x_jᵀ + g_j y_{j−1}ᵀ,  μ^A_j)
 
 (``x_j`` the layer's input, ``g_j`` the adjoint at its output; ``g = 0``, ``e = 0`` for the
-Gauss–Newton matrix). With ``A_j = diag(d_j) W_j``
-the recurrences are ``y_j = A_j y_{j−1} + d_j ⊙ (W_v x_j + b_v)`` and
-``μ_{j−1} = A_jᵀ μ_j + W_jᵀ(e_j ⊙ y^A_j) + W_vᵀ g_j``: one matrix-vector product per
-layer and sweep; every other term is one batched operation for the whole run, on the
-parameters' own layout.
+Gauss–Newton matrix). The recurrences take one matrix-vector product with the layer's own ``W`` per layer and
+sweep (and one elementwise product); every other term is one batched operation for the
+whole run, on the parameters' own layout.
 """
 
 from __future__ import annotations
@@ -66,21 +64,20 @@ def find_runs(blocks: Sequence) -> list[tuple[int, int]]:
 
 
 class HVPRun:
-    """The data of a run of ``J`` pairs, stacked (made once per curvature)."""
+    """The data of a run of ``J`` pairs (made once per curvature): the layers' own ``W``
+    (no copies) and their inputs, adjoints and activation derivatives stacked."""
 
     def __init__(self, blocks: Sequence):
         lin, act = blocks[0::2], blocks[1::2]
         self.J = len(lin)
-        self.W = torch.stack([b.linear[0] for b in lin])  # J × m × n
-        self.m, self.n = self.W.shape[1], self.W.shape[2]
+        self.Ws = [b.linear[0] for b in lin]  # m × n each, the parameters themselves
+        self.m, self.n = self.Ws[0].shape
         self.x = torch.stack([b.linear[1] for b in lin])  # J × n × 1
         gs = [b.linear[2] for b in lin]
         self.g = None if gs[0] is None else torch.stack(gs)  # J × m × 1 (None: C = 0)
         self.d = torch.stack([b.diagonal[0] for b in act])  # J × m × 1
         es = [b.diagonal[1] for b in act]
         self.e = None if es[0] is None else torch.stack(es)
-        self.dW = self.d * self.W  # diag(d) W
-        self.A = self.dW.unbind(0)
         self.p = self.m * self.n + self.m
 
     def tangents(self, y: Tensor | None, v: Tensor):
@@ -88,39 +85,34 @@ class HVPRun:
         J, m, n = self.J, self.m, self.n
         vv = v.reshape(J, self.p)
         vW, vb = vv[:, : m * n].reshape(J, m, n), vv[:, m * n :].unsqueeze(-1)
-        gv = torch.baddbmm(vb, vW, self.x)  # W_v x + b_v
-        c = (self.d * gv).unbind(0)
+        gv = torch.baddbmm(vb, vW, self.x).unbind(0)  # W_v x + b_v
+        d, Ws = self.d.unbind(0), self.Ws
         y = v.new_zeros(n, 1) if y is None else y
-        ys, A = [y] * J, self.A
-        for j in range(J - 1):
-            y = ys[j + 1] = torch.addmm(c[j], A[j], y)
-        y_out = torch.addmm(c[J - 1], A[J - 1], y)
-        Y = torch.stack(ys)  # the layers' input tangents
-        yA = torch.baddbmm(gv, self.W, Y)  # the Linear outputs' tangents
-        return y_out, (vW, Y, yA)
+        ys, yAs = [y] * J, [y] * J
+        for j in range(J):  # y^A = W y + W_v x + b_v, y ← d ⊙ y^A
+            ys[j] = y
+            yA = yAs[j] = torch.addmm(gv[j], Ws[j], y)
+            y = d[j] * yA
+        return y, (vW, torch.stack(ys), yAs)
 
     def adjoints(self, mu: Tensor, saved, out: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """``(Hv)`` of the run's parameters (written into the contiguous ``(p_run, 1)``
         tensor ``out`` if given) and the adjoint at its input."""
         J = self.J
-        vW, Y, yA = saved
-        h = None if self.g is None else vW.mT @ self.g  # W_vᵀ g
-        if self.e is not None:
-            eyA = self.W.mT @ (self.e * yA)
-            h = eyA if h is None else h + eyA
-        h = (Y.new_zeros(J, self.n, 1) if h is None else h).unbind(0)
-        mus, A = [mu] * J, self.A
-        for j in range(J - 1, 0, -1):
-            mu = mus[j - 1] = torch.addmm(h[j], A[j].mT, mu)
-        mu_in = torch.addmm(h[0], A[0].mT, mu)
+        vW, Y, yAs = saved
+        h = (vW.mT @ self.g).unbind(0) if self.g is not None else [None] * J  # W_vᵀ g
+        d, e, Ws = self.d.unbind(0), (None if self.e is None else self.e.unbind(0)), self.Ws
+        muAs = [mu] * J
+        for j in range(J - 1, -1, -1):  # μ^A = d ⊙ μ + e ⊙ y^A, μ ← Wᵀ μ^A + W_vᵀ g
+            muA = muAs[j] = d[j] * mu if e is None else torch.addcmul(d[j] * mu, e[j], yAs[j])
+            mu = Ws[j].mT @ muA if h[j] is None else torch.addmm(h[j], Ws[j].mT, muA)
+        mu_in = mu
         if out is None:
             out = mu.new_empty(J * self.p, 1)
         # views of out (.view: never a silent copy), written in place
         o = out.view(J, -1)
         HW, muA = o[:, : self.m * self.n].view(J, self.m, self.n), o[:, self.m * self.n :].unsqueeze(-1)
-        torch.mul(self.d, torch.stack(mus), out=muA)
-        if self.e is not None:
-            muA.addcmul_(self.e, yA)
+        torch.stack(muAs, out=muA)
         if self.g is None:
             torch.bmm(muA, self.x.mT, out=HW)  # μ^A xᵀ
         else:

@@ -69,8 +69,8 @@ class LinearRunStage:
 
     def __init__(self, run, start: int, J: int):
         self.start, self.end, self.J = start, start + 2 * J, J
-        W, x, d = run.W[:J], run.x[:J], run.d[:J]
-        self.m, self.n = m, n = W.shape[1], W.shape[2]
+        W, x, d = run.Ws[:J], run.x[:J], run.d[:J]
+        self.m, self.n = m, n = W[0].shape
         self.p = J * (m * n + m)
         self.n_perp = m * n  # per layer: m·(q − r) with q = n + 1, r = 1
         self.W = W
@@ -78,12 +78,11 @@ class LinearRunStage:
         self.sigmas = sigma.reshape(-1).tolist()
         self.v_in, self.v_bias = x / sigma, sigma.reciprocal()  # J × n × 1, J × 1 × 1
         self.sigma_d = sigma * d  # J × m × 1
-        self.sigmas_column = sigma  # J × 1 × 1
         self.d = d.squeeze(-1)  # J × m
         self.e = None if run.e is None else run.e[:J].squeeze(-1)  # J × m: E = diag(e)
         g = None if run.g is None else run.g[:J]
         self.coupled = g is not None  # C ≠ 0 (not for the Gauss–Newton matrix)
-        self.g = g if g is not None else W.new_zeros(J, m, 1)
+        self.g = g if g is not None else x.new_zeros(J, m, 1)
         # C_⊥ᵀC_⊥ = ‖g‖²(I − v_in v_inᵀ) (None: C = 0); ‖g‖² as numbers, with σ
         self.g_sq = None if g is None else (g * g).sum(1).reshape(-1).tolist()
 
@@ -93,11 +92,11 @@ class LinearRunStage:
         if damping == 0.0:  # the complement's pivot is εI = 0 (AffineStage._check_complement)
             _raise_if_null_directions(self._complement_curvature(J - 1), last)
             raise _StageSingular(last)
-        S_out, lus, pivs, Ks, scales = self._riccati(S, damping)
+        S_out, lus, pivs, Ks, A, scales = self._riccati(S, damping)
         bad = _first_small_pivot(lus, torch.stack(scales))
         if bad is not None:
             raise _StageSingular(self.start + 2 * bad)
-        return S_out, BatchedRun(self, damping, S, lus, pivs, Ks)
+        return S_out, BatchedRun(self, damping, S, lus, pivs, Ks, A)
 
     def _complement_curvature(self, j: int) -> Tensor | None:
         """``C_⊥ᵀC_⊥ = ‖g‖²(I − v_in v_inᵀ)`` of layer ``j`` (``None`` where ``C = 0``)."""
@@ -112,7 +111,8 @@ class LinearRunStage:
         ``pivots`` if given (the inertia replays the loop rather than keep them)."""
         J, m = self.J, self.m
         eye_eps = scaled_identity(m, damping, S.dtype, S.device)
-        W, d, sigmas, g_sq = self.W.unbind(0), self.d.unbind(0), self.sigmas, self.g_sq
+        W, d, sigmas, g_sq = self.W, self.d.unbind(0), self.sigmas, self.g_sq
+        d_col = self.d.unsqueeze(-1).unbind(0)
         d_half = (0.5 * self.d).unbind(0)
         # the diagonal added after the activation j: diag(e_j), and −‖g‖²I/ε of the Linear
         # j + 1 (its part of −C_⊥ᵀC_⊥/ε, carried through ⊙ ddᵀ as −‖g‖² d²/ε)
@@ -127,6 +127,7 @@ class LinearRunStage:
         # the LU factors and K are written into one buffer each, column-major as LAPACK
         # makes them (no copies into stacks afterwards)
         lus, Ks = S.new_empty(J, m, m).mT, S.new_empty(J, self.n, m).mT
+        A = S.new_empty(J, m, self.n)  # diag(d)(W − σK), for the sweeps
         pivs = torch.empty(J, m, dtype=torch.int32, device=S.device)
         info = torch.empty(J, dtype=torch.int32, device=S.device)
         scales = [None] * J
@@ -150,6 +151,7 @@ class LinearRunStage:
             Q_ry = SW * s if g_sq is None else torch.addmm(SW, g[j], vt[j], beta=s)
             lu, piv, _ = torch.linalg.lu_factor_ex(Q, out=(lus[j], pivs[j], info[j]))
             K = torch.linalg.lu_solve(lu, piv, Q_ry, out=Ks[j])
+            torch.add(Wj, K, alpha=-s, out=A[j]).mul_(d_col[j])
             # re-symmetrised at every layer (Q_ζyᵀQ_ζζ⁻¹Q_ζy of a slightly nonsymmetric S
             # amplifies the antisymmetric part): S + Sᵀ, halved by the next layer's ddᵀ
             S_new.addmm_(Q_ry.mT, K, alpha=-1.0)
@@ -157,7 +159,7 @@ class LinearRunStage:
         S = S * 0.5
         if c is not None:
             S.diagonal().sub_(c[0])
-        return S, lus, pivs, Ks, scales
+        return S, lus, pivs, Ks, A, scales
 
 
 def _first_small_pivot(lu: Tensor, scales: Tensor) -> int | None:
@@ -177,13 +179,13 @@ def _first_small_pivot(lu: Tensor, scales: Tensor) -> int | None:
 class BatchedRun:
     """The factors of a run at one damping: sweeps, inertia and ``log|det|``."""
 
-    def __init__(self, stage: LinearRunStage, damping: float, S_in: Tensor, lu: Tensor, piv: Tensor, K: Tensor):
+    def __init__(self, stage: LinearRunStage, damping: float, S_in: Tensor, lu: Tensor, piv: Tensor, K: Tensor, A: Tensor):
         self.layers = stage
         self.damping = damping
         self.S_in = S_in  # the value Hessian entering the run (m × m), for the inertia
         self.lu, self.piv, self.K = lu, piv, K
-        # A = diag(d)(W − σK); the backward recurrence uses Aᵀ (a transposed view)
-        self.A = torch.addcmul(stage.W, stage.sigmas_column, K, value=-1.0).mul_(stage.d.unsqueeze(-1)).unbind(0)
+        # A = diag(d)(W − σK) (made by the Riccati loop); the backward recurrence uses Aᵀ
+        self.A = A.unbind(0)
         self._inertia = None
 
     @property
