@@ -122,6 +122,14 @@ class Factorization:
 
         if not above(scale):
             return None
+        if not curv._block_bound_done:
+            # the diagonal blocks of the last Linear layers: a few small products, once
+            curv._block_bound_done = True
+            bound = products.last_blocks_norm_bound(curv._compiled_oracles()[0], curv.loss_oracle.E.to_dense())
+            curv._norm_bound = max(curv._norm_bound, bound)
+            scale = max(scale, bound - self.damping)
+            if not above(scale):
+                return None
         if not curv._gradient_bound_done:
             # the cheap bounds can be far below ‖H‖ (20–40× on deep tanh MLPs): before the
             # first refinement on this curvature, bound ‖H‖ by ‖Hg‖/‖g‖ (one HVP, once; it
@@ -180,6 +188,7 @@ class Curvature:
         self._compiled = None
         self._norm_bound = 0.0  # max ‖H v‖/‖v‖ over the vectors seen so far: a lower bound of ‖H‖
         self._gradient_bound_done = False  # whether ‖Hg‖/‖g‖ is in _norm_bound
+        self._block_bound_done = False  # whether the last Linear blocks' ‖H_ll‖ is in it
         self._refinements = 0  # solves the check refined
 
     def _prepared_stages(self):

@@ -350,6 +350,39 @@ def gradient(blocks: Sequence[CompiledOracle], adjoints: Sequence[Tensor]) -> Te
     return out
 
 
+def last_blocks_norm_bound(blocks: Sequence[CompiledOracle], loss_hessian: Tensor, depth: int = 4) -> float:
+    """A lower bound of ``‖H‖₂`` from the diagonal blocks of the last ``depth`` one-sample
+    ``nn.Linear`` blocks (read from their hints; the walk stops at a block without one).
+
+    With ``T_l`` the Hessian of the loss w.r.t. block ``l``'s output at fixed parameters
+    (``T ← FᵀTF + E`` back from the loss; an activation's ``F = diag(d)``, ``E = diag(e)``),
+    the diagonal block of a Linear is ``H_ll = G_lᵀT_lG_l = T_l ⊗ x̃x̃ᵀ``, of norm
+    ``‖T_l‖₂·‖x̃‖²``, and ``‖H‖ ≥ ‖H_ll‖``. A few small products, no HVP."""
+    T = loss_hessian
+    best, seen = 0.0, 0
+    for b in reversed(blocks):
+        if b.linear is not None:
+            W, x, _ = b.linear
+            if T.shape[0] != W.shape[0]:
+                break
+            sigma_sq = float((x * x).sum()) + 1.0
+            best = max(best, float(torch.linalg.eigvalsh(0.5 * (T + T.mT)).abs().max()) * sigma_sq)
+            seen += 1
+            if seen >= depth:
+                break
+            T = W.mT @ T @ W
+        elif b.diagonal is not None and not b.p:
+            d, e = b.diagonal
+            if T.shape[0] != d.shape[0]:
+                break
+            T = T * (d * d.mT)
+            if e is not None:
+                T.diagonal().add_(e.reshape(-1))
+        else:
+            break
+    return best
+
+
 def hvp(blocks: Sequence[CompiledOracle], loss: CompiledOracle, v: Tensor) -> Tensor:
     """``H v`` for ``v`` of shape ``(P, k)``: a forward sweep of the tangents
     ``y_l = F_l y_{l-1} + G_l v_l`` and a backward sweep of the adjoints

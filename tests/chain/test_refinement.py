@@ -87,25 +87,35 @@ def test_gradient_bound_is_a_lower_bound_of_the_norm(width, act, kind, batch):
     assert 0.1 * norm < bound <= norm * (1 + 1e-12)
 
 
-def test_gradient_bound_spares_the_refinement_of_deep_tanh_nets():
-    """A deep tanh MLP at ε = 0.1 is solved to rounding level by the bare sweeps, but the
-    cheap bounds of ‖H‖ are ~20× low: the first solve that fails the check on them bounds
-    ‖H‖ by ‖Hg‖/‖g‖ (once per curvature) and refines neither then nor later."""
+def _deep_tanh(depth=16):
     torch.manual_seed(1)
     modules = []
-    for _ in range(16):
+    for _ in range(depth):
         lin = torch.nn.Linear(8, 8)
         torch.nn.init.orthogonal_(lin.weight)
         modules += [lin, torch.nn.Tanh()]
     chain = ts.Chain(modules + [torch.nn.Linear(8, 10)], torch.nn.CrossEntropyLoss())
-    X, y = torch.randn(1, 8), torch.tensor([3])
+    return chain, torch.randn(1, 8), torch.tensor([3])
+
+
+@pytest.mark.parametrize("block_bound", [True, False])
+def test_norm_bounds_spare_the_refinement_of_deep_tanh_nets(block_bound, monkeypatch):
+    """A deep tanh MLP at ε = 0.1 is solved to rounding level by the bare sweeps, but the
+    cheap bounds of ‖H‖ from the solve itself are ~20× low: the first solve that fails the
+    check on them bounds ‖H‖ by the diagonal blocks of the last Linear layers (a few small
+    products) and, where that is not enough, by ‖Hg‖/‖g‖ (one HVP), once per curvature,
+    and refines neither then nor later."""
+    if not block_bound:
+        monkeypatch.setattr(ts.products, "last_blocks_norm_bound", lambda *a, **k: 0.0)
+    chain, X, y = _deep_tanh()
     curv = chain.curvature(X, y)
     fact = curv.factorize(0.1)
     b = torch.randn(curv.num_parameters)
     x0 = fact.solve(b, refine=0)
     assert curv._norm_bound == 0.0 and not curv._gradient_bound_done
     assert torch.equal(fact.solve(b), x0)  # checked, not refined
-    assert curv._gradient_bound_done and curv._refinements == 0
+    assert curv._block_bound_done and curv._refinements == 0
+    assert curv._gradient_bound_done != block_bound  # the HVP only where the blocks fall short
     # the cheap bounds alone would have refined: ‖(H+εI)x‖/‖x‖ fails the test
     M = curv.to_dense() + 0.1 * torch.eye(b.shape[0])
     r = b - M @ x0
@@ -114,6 +124,30 @@ def test_gradient_bound_spares_the_refinement_of_deep_tanh_nets():
     assert float(r.norm()) > tol * (cheap * float(x0.norm()) + float(b.norm()))
     for rhs in (b, torch.randn(b.shape[0])):
         assert torch.equal(fact.solve(rhs), fact.solve(rhs, refine=0))  # not refined
-    assert curv._gradient_bound_done and curv._norm_bound >= curv._gradient_norm_bound()
     assert curv._refinements == 0
     assert _backward_error(M, x0, b) <= ts.curvature.BACKWARD_ERROR_TOLERANCE * torch.finfo(torch.float64).eps
+
+
+@pytest.mark.parametrize("act", [torch.nn.Tanh, torch.nn.ReLU, torch.nn.Sigmoid])
+@pytest.mark.parametrize("kind", ["hessian", "ggn"])
+@pytest.mark.parametrize("width", [4, 7])
+def test_last_blocks_bound_is_a_lower_bound_of_the_norm(act, kind, width):
+    """``max ‖H_ll‖`` over the last Linear blocks never exceeds ``‖H‖₂`` and equals the
+    largest of the dense diagonal blocks it covers."""
+    torch.manual_seed(width)
+    modules = []
+    for _ in range(5):
+        modules += [torch.nn.Linear(width, width), act()]
+    chain = ts.Chain(modules + [torch.nn.Linear(width, 3)], torch.nn.CrossEntropyLoss())
+    X, y = 2 * torch.randn(1, width), torch.tensor([1])
+    curv = chain.curvature(X, y, kind=kind)
+    bound = ts.products.last_blocks_norm_bound(curv._compiled_oracles()[0], curv.loss_oracle.E.to_dense())
+    H = curv.to_dense()
+    # the dense diagonal blocks of the last four Linear layers (θ = [vec(W), b] each)
+    sizes = [o.G.shape[1] for o in curv.oracles]
+    offsets = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
+    linear = [i for i, p in enumerate(sizes) if p][-4:]
+    blocks = [H[offsets[i] : offsets[i + 1], offsets[i] : offsets[i + 1]] for i in linear]
+    expected = max(float(torch.linalg.matrix_norm(B, 2)) for B in blocks)
+    assert abs(bound - expected) <= 1e-10 * expected
+    assert 0 < bound <= float(torch.linalg.matrix_norm(H, 2)) * (1 + 1e-12)
