@@ -327,7 +327,7 @@ class DenseStage:
             if damping == 0.0:
                 _raise_if_null_directions(self.CtC, index)
                 raise _StageSingular(index)
-            S_new = S_new - CtC / damping
+            S_new -= CtC / damping  # (S_new is always a fresh tensor here: updated in place)
             pos, logdet = self.n_rest, self.n_rest * math.log(damping)
         if self.k:
             # α carries rounding errors of the size of eps·‖A_⊥⊥‖, ε none
@@ -335,7 +335,7 @@ class DenseStage:
             tol = pivot_tolerance(self.k, S_new.dtype, float(self.alpha.abs().max()))
             if bool((d.abs() <= tol).any()) or bool((d == 0).any()):
                 raise _StageSingular(index)
-            S_new = S_new - C_z.mT @ (C_z / d.unsqueeze(-1))
+            S_new -= C_z.mT @ (C_z / d.unsqueeze(-1))
             pos, neg = pos + int((d > 0).sum()), neg + int((d < 0).sum())
             z_logdet = d.abs().log().sum()
             logdet = z_logdet if logdet is None else z_logdet + logdet
@@ -349,7 +349,7 @@ class DenseStage:
             if factor is None:
                 raise _StageSingular(index)
             K_r = factor.solve(Qt_ry)
-            S_new = S_new - Qt_ry.mT @ K_r
+            S_new -= Qt_ry.mT @ K_r
         return S_new, factor, K_r, d, (pos, neg), logdet
 
 
@@ -360,7 +360,9 @@ def _embed_columns(M: Tensor | None, columns: Tensor, n: int) -> Tensor | None:
 
 def _embed_square(M: Tensor, index: Tensor, n: int) -> Tensor:
     """``M`` as the block ``(index, index)`` of an ``n × n`` zero matrix."""
-    return M.new_zeros(n, n).index_copy_(0, index, _embed_columns(M, index, n))
+    out = M.new_zeros(n, n)
+    out[index.unsqueeze(1), index] = M
+    return out
 
 
 def _masked_kronecker_svd(B: Tensor, ignored_rows: Tensor) -> tuple[list[Tensor], Tensor]:

@@ -22,7 +22,8 @@ class _StageSingular(Exception):
 
 
 def _symmetrize(S: Tensor) -> Tensor:
-    return 0.5 * (S + S.mT)
+    """``(S + Sᵀ)/2`` (one new tensor: the halving is in place)."""
+    return torch.add(S, S.mT).mul_(0.5)
 
 
 def _congruence(F: LinearOperator, S: Tensor) -> Tensor:
