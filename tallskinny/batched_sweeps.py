@@ -80,8 +80,7 @@ class LinearRunStage:
         self.sigma_d = sigma * d  # J × m × 1
         self.d = d.squeeze(-1)  # J × m
         self.e = None if run.e is None else run.e[:J].squeeze(-1)  # J × m: E = diag(e)
-        g = None if run.g is None else run.g[:J]
-        self.coupled = g is not None  # C ≠ 0 (not for the Gauss–Newton matrix)
+        g = None if run.g is None else run.g[:J]  # None: C = 0 (the Gauss–Newton matrix)
         self.g = g if g is not None else x.new_zeros(J, m, 1)
         # C_⊥ᵀC_⊥ = ‖g‖²(I − v_in v_inᵀ) (None: C = 0); ‖g‖² as numbers, with σ
         self.g_sq = None if g is None else (g * g).sum(1).reshape(-1).tolist()
@@ -107,8 +106,9 @@ class LinearRunStage:
 
     def _riccati(self, S: Tensor, damping: float, pivots: list | None = None):
         """The loop over the layers (last first): ``S`` at the run's input, the LU factors
-        of the pivots, ``K`` and ``max|Q_j|``; the pivots ``Q_j`` themselves appended to
-        ``pivots`` if given (the inertia replays the loop rather than keep them)."""
+        of the pivots, ``K``, ``A = diag(d)(W − σK)`` and ``‖Q_j‖_F``; the pivots ``Q_j``
+        themselves appended to ``pivots`` if given (the inertia replays the loop rather
+        than keep them)."""
         J, m = self.J, self.m
         eye_eps = scaled_identity(m, damping, S.dtype, S.device)
         W, d, sigmas, g_sq = self.W, self.d.unbind(0), self.sigmas, self.g_sq
@@ -235,14 +235,10 @@ class BatchedRun:
             out = (y if y is not None else self.K).new_empty(L.p, len(u) if isinstance(u, list) else 1)
         if not isinstance(u, list):
             return out, self._forward(y, u, out)
-        ys = []
+        ys, theta = [], out.new_empty(L.p, 1)  # a column of out is not contiguous: copied
         for c, u_c in enumerate(u):
-            theta = out[:, c : c + 1] if out.shape[1] == 1 or out[:, c].is_contiguous() else None
-            if theta is None:
-                theta = out.new_empty(L.p, 1)
             ys.append(self._forward(None if y is None else y[:, c : c + 1], u_c, theta))
-            if theta.data_ptr() != out[:, c : c + 1].data_ptr():
-                out[:, c : c + 1] = theta
+            out[:, c : c + 1] = theta
         return out, torch.cat(ys, dim=1)
 
     def _backward(self, t: Tensor | None, b: Tensor):

@@ -253,8 +253,11 @@ def _gauss_newton(o: Oracle) -> Oracle:
     if isinstance(o, DeferredOracle) and not o.built:
         linear = None if o.linear is None else (o.linear[0], o.linear[1], None)
         diagonal = None if o.diagonal is None else (o.diagonal[0], None)
-        full = lambda: Oracle(G=o.G, F=o.F, A=o.A, C=o.C, E=o.E)  # noqa: E731 (o built here)
-        return DeferredOracle(lambda: _gauss_newton(full()), o.sizes, linear=linear, diagonal=diagonal)
+        return DeferredOracle(lambda: _without_second_order(o), o.sizes, linear=linear, diagonal=diagonal)
+    return _without_second_order(o)
+
+
+def _without_second_order(o: Oracle) -> Oracle:
     a_in, _, p = o.sizes
     kw = dict(dtype=o.F.dtype, device=o.F.device)
     return Oracle(G=o.G, F=o.F, A=Zero(p, p, **kw), C=Zero(p, a_in, **kw), E=Zero(a_in, a_in, **kw))

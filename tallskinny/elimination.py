@@ -485,6 +485,8 @@ def prepare_stages(oracles: Sequence[Oracle], loss: Oracle, compiled: Sequence |
 
     if compiled is None:
         compiled = CompiledBlocks(CompiledOracle(o) for o in oracles)
+    elif not isinstance(compiled, CompiledBlocks):
+        compiled = CompiledBlocks(compiled)
     last = max((i for i, c in enumerate(compiled) if c.p), default=-1)
     stages: list = [None] * len(oracles)
     for start, stage in _run_stages(compiled, last):
@@ -522,10 +524,6 @@ def _run_stages(compiled, last: int):
     :class:`~tallskinny.products.CompiledBlocks`), each cut before the last block with
     parameters (whose stage also drops the loss's null space) and kept if it still has
     ``batched_sweeps.MIN_RUN`` pairs."""
-    from .products import CompiledBlocks
-
-    if not isinstance(compiled, CompiledBlocks):
-        return []
     out = []
     for start, (end, run) in compiled.run_plan()[0].items():
         J = (min(end, last) - start) // 2

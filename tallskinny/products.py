@@ -25,6 +25,7 @@ from .blocks.linear import _theta_order
 from .blocks.protocol import DeferredOracle, Oracle
 from .linalg import Dense, Diagonal, LinearOperator, ScaledIdentity, Zero
 from .linalg.kronecker import identity_kronecker_factor
+from .stage_algebra import _symmetrize
 
 Apply = Callable[[Tensor], Tensor]
 
@@ -314,29 +315,24 @@ def compile_oracles(oracles: Sequence[Oracle]) -> CompiledBlocks:
     return CompiledBlocks(CompiledOracle(o) for o in oracles)
 
 
-def gradient(blocks: Sequence[CompiledOracle], adjoints: Sequence[Tensor]) -> Tensor:
+def gradient(blocks: "CompiledBlocks", adjoints: Sequence[Tensor]) -> Tensor:
     """The flat gradient ``(∂loss/∂θ_l = G_lᵀ g_l)_l`` from the adjoints ``g_l`` of the
     blocks' outputs: ``[vec(g xᵀ), g]`` for a one-sample ``nn.Linear`` (its hint, no
     operators made), the compiled ``Gᵀ`` otherwise."""
-    runs, offsets = blocks.run_plan() if isinstance(blocks, CompiledBlocks) else ({}, None)
-    if offsets is None:
-        offsets = [0]
-        for b in blocks:
-            offsets.append(offsets[-1] + b.p)
-    ref = adjoints[0]
-    out = ref.new_empty(offsets[-1])  # written in place, block by block
+    runs, offsets = blocks.run_plan()
+    out = adjoints[0].new_empty(offsets[-1])  # written in place, block by block
     i = 0
     while i < len(blocks):
         b, g = blocks[i], adjoints[i]
-        part = out[offsets[i] : offsets[i + 1] if i not in runs else offsets[runs[i][0]]]
         if i in runs:  # [vec(g xᵀ), g] of every Linear of the run at once
             end, run = runs[i]
-            o = part.view(run.J, -1)
+            o = out[offsets[i] : offsets[end]].view(run.J, -1)
             gs = o[:, run.m * run.n :].unsqueeze(-1)  # J × m × 1 (views of out)
             torch.stack([adjoints[k].reshape(-1, 1) for k in range(i, end, 2)], out=gs)
             torch.bmm(gs, run.x.mT, out=o[:, : run.m * run.n].view(run.J, run.m, run.n))
             i = end
             continue
+        part = out[offsets[i] : offsets[i + 1]]
         i += 1
         if not b.p:
             continue
@@ -366,7 +362,7 @@ def last_blocks_norm_bound(blocks: Sequence[CompiledOracle], loss_hessian: Tenso
             if T.shape[0] != W.shape[0]:
                 break
             sigma_sq = float((x * x).sum()) + 1.0
-            best = max(best, float(torch.linalg.eigvalsh(0.5 * (T + T.mT)).abs().max()) * sigma_sq)
+            best = max(best, float(torch.linalg.eigvalsh(_symmetrize(T)).abs().max()) * sigma_sq)
             seen += 1
             if seen >= depth:
                 break

@@ -51,12 +51,11 @@ class LinearBlock(Block):
         if z2.shape[0] == 1 and with_weight and with_bias:
             # one sample, θ = [vec(W), b]: the operators are made on first use; the batched
             # runs read (W, x, g) only
-            W = plain(weight)
-            second = second_order
-            g2 = g.reshape(1, out_features)
+            W, g2 = plain(weight), g.reshape(1, out_features)
             sizes = (in_features, out_features, out_features * (in_features + 1))
-            build = lambda: self._oracle(z2, W, g2, second)  # noqa: E731
-            return DeferredOracle(build, sizes, linear=(W, z2.mT, g2.mT if second else None))
+            return DeferredOracle(
+                lambda: self._oracle(z2, W, g2, second_order), sizes, linear=(W, z2.mT, g2.mT if second_order else None)
+            )
         return self._oracle(z2, plain(weight), g.reshape(-1, out_features), second_order, with_weight, with_bias)
 
     def _oracle(self, z2, weight, g2, second_order, with_weight=True, with_bias=True) -> Oracle:
