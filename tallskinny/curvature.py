@@ -58,6 +58,7 @@ class Factorization:
         self._curvature = curvature
         self._layout = curvature.layout
         self.damping = damping
+        self._scratch = None  # the buffer of the last check's (H+εI)x, reused by the next
 
     @collector_paused
     def solve(self, b, *, refine: int | None = None):
@@ -79,9 +80,10 @@ class Factorization:
         rhs, fmt = self._layout.to_flat(b, "b")
         x = self._inner.solve(rhs)
         if refine is None:
-            residual = self._checked_residual(rhs, x)
+            residual, buffer = self._checked_residual(rhs, x)
             if residual is not None:
                 x = x + self._inner.solve(residual)
+            self._scratch = buffer  # free again for the next check
         else:
             for _ in range(refine):
                 residual = rhs - self._curvature._apply(x) - self.damping * x
@@ -94,8 +96,9 @@ class Factorization:
             )
         return self._layout.from_flat(x, fmt)
 
-    def _checked_residual(self, rhs: Tensor, x: Tensor) -> Tensor | None:
-        """The residual ``b − (H+εI)x`` if the backward error of ``x`` is above tolerance.
+    def _checked_residual(self, rhs: Tensor, x: Tensor) -> tuple[Tensor | None, Tensor]:
+        """The residual ``b − (H+εI)x`` if the backward error of ``x`` is above tolerance
+        (else ``None``), and the buffer it is made in (for the next check).
 
         ``‖H+εI‖`` is bounded below by ``‖(H+εI)x‖/‖x‖``, by the last block's diagonal
         block of ``H`` (known from the factorization), by every such bound seen before on
@@ -103,7 +106,13 @@ class Factorization:
         Linear layers and then by ``‖Hg‖/‖g‖`` (each computed once per curvature); a low
         bound only makes the test stricter.
         """
-        Mx = self._curvature._apply(x).add_(x, alpha=self.damping)
+        # (H+εI)x into a buffer kept for this factorization's later checks (taken while in
+        # use, so concurrent solves never share it): a fresh P-sized buffer per solve
+        # costs page faults comparable to the sweeps of a deep one-sample MLP
+        scratch, self._scratch = self._scratch, None
+        if scratch is not None and scratch.shape != x.shape:
+            scratch = None
+        Mx = self._curvature._apply(x, scratch).add_(x, alpha=self.damping)
         Mx_norm = Mx.norm(dim=0)
         residual = Mx.neg_().add_(rhs)  # b − (H+εI)x, in the buffer of (H+εI)x
         r_n, x_n, b_n, Mx_n = torch.stack((residual.norm(dim=0), x.norm(dim=0), rhs.norm(dim=0), Mx_norm)).tolist()
@@ -122,7 +131,7 @@ class Factorization:
             )
 
         if not above(scale):
-            return None
+            return None, residual
         if not curv._block_bound_done:
             # the diagonal blocks of the last Linear layers: a few small products, once
             curv._block_bound_done = True
@@ -130,7 +139,7 @@ class Factorization:
             curv._norm_bound = max(curv._norm_bound, bound)
             scale = max(scale, bound - self.damping)
             if not above(scale):
-                return None
+                return None, residual
         if not curv._gradient_bound_done:
             # the cheap bounds can be far below ‖H‖ (20–40× on deep tanh MLPs): before the
             # first refinement on this curvature, bound ‖H‖ by ‖Hg‖/‖g‖ (one HVP, once; it
@@ -141,9 +150,9 @@ class Factorization:
             bound = curv._gradient_norm_bound()
             curv._norm_bound = max(curv._norm_bound, bound)
             if not above(max(scale, bound - self.damping)):
-                return None
+                return None, residual
         curv._refinements += 1
-        return residual
+        return residual, residual
 
     @collector_paused
     def logdet(self) -> Tensor:
@@ -232,9 +241,10 @@ class Curvature:
         x, fmt = self.layout.to_flat(v, "v")
         return self.layout.from_flat(self._apply(x), fmt)
 
-    def _apply(self, x: Tensor) -> Tensor:
-        """``H x`` for a validated flat ``(P, k)`` tensor."""
-        return products.hvp(*self._compiled_oracles(), x)
+    def _apply(self, x: Tensor, out: Tensor | None = None) -> Tensor:
+        """``H x`` for a validated flat ``(P, k)`` tensor (written into ``out``, of ``x``'s
+        shape, where the products allow)."""
+        return products.hvp(*self._compiled_oracles(), x, out)
 
     @collector_paused
     def factorize(self, damping: float = 0.0) -> Factorization:

@@ -379,7 +379,7 @@ def last_blocks_norm_bound(blocks: Sequence[CompiledOracle], loss_hessian: Tenso
     return best
 
 
-def hvp(blocks: Sequence[CompiledOracle], loss: CompiledOracle, v: Tensor) -> Tensor:
+def hvp(blocks: Sequence[CompiledOracle], loss: CompiledOracle, v: Tensor, into: Tensor | None = None) -> Tensor:
     """``H v`` for ``v`` of shape ``(P, k)``: a forward sweep of the tangents
     ``y_l = F_l y_{l-1} + G_l v_l`` and a backward sweep of the adjoints
     ``μ_{l-1} = F_lᵀ μ_l + C_lᵀ v_l + E_l y_{l-1}`` (from ``μ_L = E_loss y_L``), giving
@@ -415,7 +415,9 @@ def hvp(blocks: Sequence[CompiledOracle], loss: CompiledOracle, v: Tensor) -> Te
         return torch.zeros_like(v)
     mu = loss.E(y) if loss.E is not None else None
     out: list[Tensor] = list(vs)
-    result = torch.empty_like(v) if runs else None  # runs write their part in place
+    # runs write their part in place (into ``into`` where given, a buffer of v's shape
+    # that the caller reuses; without runs the result is a new tensor)
+    result = (into if into is not None else torch.empty_like(v)) if runs else None
     i = n
     while i > 0:
         i -= 1

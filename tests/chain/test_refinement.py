@@ -151,3 +151,23 @@ def test_last_blocks_bound_is_a_lower_bound_of_the_norm(act, kind, width):
     expected = max(float(torch.linalg.matrix_norm(B, 2)) for B in blocks)
     assert abs(bound - expected) <= 1e-10 * expected
     assert 0 < bound <= float(torch.linalg.matrix_norm(H, 2)) * (1 + 1e-12)
+
+
+@pytest.mark.parametrize("damping", [1e-6, 0.1])
+def test_checks_reuse_one_buffer_without_changing_any_solution(damping):
+    """The check's ``(H+εI)x`` (and residual) live in one buffer reused by later solves of
+    a factorization: every solve equals the same solve on a fresh factorization, in any
+    order, refined or not."""
+    chain, X, y = _deep_tanh(depth=6)
+    curv = chain.curvature(X, y)
+    fact = curv.factorize(damping)
+    gen = torch.Generator().manual_seed(0)
+    rhs = [torch.randn(curv.num_parameters, generator=gen) for _ in range(3)]
+    first = [fact.solve(b) for b in rhs]
+    assert fact._scratch is not None
+    for b, x in zip(reversed(rhs), reversed(first)):
+        assert torch.equal(fact.solve(b), x)
+        fresh = chain.curvature(X, y)
+        fresh._norm_bound, fresh._block_bound_done = curv._norm_bound, curv._block_bound_done
+        fresh._gradient_bound_done, fresh._refinements = curv._gradient_bound_done, curv._refinements
+        assert torch.equal(fresh.factorize(damping).solve(b), x)
