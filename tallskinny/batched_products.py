@@ -65,7 +65,16 @@ def find_runs(blocks: Sequence) -> list[tuple[int, int]]:
 
 class HVPRun:
     """The data of a run of ``J`` pairs (made once per curvature): the layers' own ``W``
-    (no copies) and their inputs, adjoints and activation derivatives stacked."""
+    (no copies) and their inputs, adjoints and activation derivatives stacked.
+
+    The sweeps carry the pre-activation tangent ``y^A`` and the adjoint ``μ^A``, so that
+    each takes one matrix-vector product per layer with ``WD_j = W_j diag(d_{j−1})``
+    (made on first use, ``J − 1`` matrices):
+
+        y^A_j = WD_j y^A_{j−1} + W_v x_j + b_v
+        μ^A_{j−1} = WD_jᵀ μ^A_j + d_{j−1} ⊙ W_vᵀ g_j + e_{j−1} ⊙ y^A_{j−1}
+
+    (the last terms of both are batched over the run)."""
 
     def __init__(self, blocks: Sequence):
         lin, act = blocks[0::2], blocks[1::2]
@@ -79,6 +88,13 @@ class HVPRun:
         es = [b.diagonal[1] for b in act]
         self.e = None if es[0] is None else torch.stack(es)
         self.p = self.m * self.n + self.m
+        self._WD = None
+
+    def _scaled_weights(self) -> list[Tensor]:
+        """``[W_j diag(d_{j−1})]`` for ``j = 1 … J−1`` (one batched product, once)."""
+        if self._WD is None:
+            self._WD = (torch.stack(self.Ws[1:]) * self.d[:-1].mT).unbind(0)
+        return self._WD
 
     def tangents(self, y: Tensor | None, v: Tensor):
         """The tangent at the run's output; what the adjoint sweep needs of this one."""
@@ -86,35 +102,43 @@ class HVPRun:
         vv = v.reshape(J, self.p)
         vW, vb = vv[:, : m * n].reshape(J, m, n), vv[:, m * n :].unsqueeze(-1)
         gv = torch.baddbmm(vb, vW, self.x).unbind(0)  # W_v x + b_v
-        d, Ws = self.d.unbind(0), self.Ws
-        y = v.new_zeros(n, 1) if y is None else y
-        ys, yAs = [y] * J, [y] * J
-        for j in range(J):  # y^A = W y + W_v x + b_v, y ← d ⊙ y^A
-            ys[j] = y
-            yA = yAs[j] = torch.addmm(gv[j], Ws[j], y)
-            y = d[j] * yA
-        return y, (vW, torch.stack(ys), yAs)
+        WD = self._scaled_weights()
+        yA = gv[0] if y is None else torch.addmm(gv[0], self.Ws[0], y)
+        yAs = [yA] * J
+        for j in range(1, J):  # y^A_j = W_j (d_{j−1} ⊙ y^A_{j−1}) + W_v x_j + b_v
+            yA = yAs[j] = torch.addmm(gv[j], WD[j - 1], yA)
+        YA = torch.stack(yAs)  # J × m × 1
+        return self.d[-1] * yA, (vW, y, YA)
 
     def adjoints(self, mu: Tensor, saved, out: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """``(Hv)`` of the run's parameters (written into the contiguous ``(p_run, 1)``
         tensor ``out`` if given) and the adjoint at its input."""
-        J = self.J
-        vW, Y, yAs = saved
-        h = (vW.mT @ self.g).unbind(0) if self.g is not None else [None] * J  # W_vᵀ g
-        d, e, Ws = self.d.unbind(0), (None if self.e is None else self.e.unbind(0)), self.Ws
-        muAs = [mu] * J
-        for j in range(J - 1, -1, -1):  # μ^A = d ⊙ μ + e ⊙ y^A, μ ← Wᵀ μ^A + W_vᵀ g
-            muA = muAs[j] = d[j] * mu if e is None else torch.addcmul(d[j] * mu, e[j], yAs[j])
-            mu = Ws[j].mT @ muA if h[j] is None else torch.addmm(h[j], Ws[j].mT, muA)
-        mu_in = mu
+        J, m, n = self.J, self.m, self.n
+        vW, y_in, YA = saved
+        h = None if self.g is None else vW.mT @ self.g  # W_vᵀ g, J × n × 1
+        # c_{j−1} = d_{j−1} ⊙ h_j + e_{j−1} ⊙ y^A_{j−1}, the inhomogeneous term of μ^A
+        c = None if h is None else self.d[:-1] * h[1:]
+        if self.e is not None:
+            c = self.e[:-1] * YA[:-1] if c is None else c.addcmul_(self.e[:-1], YA[:-1])
+        c = None if c is None else c.unbind(0)
+        WD = self._scaled_weights()
         if out is None:
             out = mu.new_empty(J * self.p, 1)
         # views of out (.view: never a silent copy), written in place
         o = out.view(J, -1)
-        HW, muA = o[:, : self.m * self.n].view(J, self.m, self.n), o[:, self.m * self.n :].unsqueeze(-1)
-        torch.stack(muAs, out=muA)
+        HW, MA = o[:, : m * n].view(J, m, n), o[:, m * n :].unsqueeze(-1)
+        muA = self.d[-1] * mu if self.e is None else torch.addcmul(self.d[-1] * mu, self.e[-1], YA[-1])
+        muAs = [muA] * J
+        for j in range(J - 1, 0, -1):
+            muA = muAs[j - 1] = WD[j - 1].mT @ muA if c is None else torch.addmm(c[j - 1], WD[j - 1].mT, muA)
+        torch.stack(muAs, out=MA)
+        mu_in = self.Ws[0].mT @ muA if h is None else torch.addmm(h[0], self.Ws[0].mT, muA)
         if self.g is None:
-            torch.bmm(muA, self.x.mT, out=HW)  # μ^A xᵀ
+            torch.bmm(MA, self.x.mT, out=HW)  # μ^A xᵀ
         else:
-            torch.bmm(torch.cat((muA, self.g), dim=2), torch.cat((self.x, Y), dim=2).mT, out=HW)  # μ^A xᵀ + g yᵀ
+            # y_{j−1} = d_{j−1} ⊙ y^A_{j−1} (the Linear's input tangent; y_in at the first)
+            Y = torch.empty_like(YA)  # square W: n = m
+            Y[0] = 0.0 if y_in is None else y_in
+            torch.mul(self.d[:-1], YA[:-1], out=Y[1:])
+            torch.bmm(torch.cat((MA, self.g), dim=2), torch.cat((self.x, Y), dim=2).mT, out=HW)  # μ^A xᵀ + g yᵀ
         return out, mu_in

@@ -114,7 +114,7 @@ class Factorization:
             scratch = None
         Mx = self._curvature._apply(x, scratch).add_(x, alpha=self.damping)
         Mx_norm = Mx.norm(dim=0)
-        residual = Mx.neg_().add_(rhs)  # b − (H+εI)x, in the buffer of (H+εI)x
+        residual = torch.sub(rhs, Mx, out=Mx)  # b − (H+εI)x, in the buffer of (H+εI)x
         r_n, x_n, b_n, Mx_n = torch.stack((residual.norm(dim=0), x.norm(dim=0), rhs.norm(dim=0), Mx_norm)).tolist()
         curv = self._curvature
         H_bound = max(curv._norm_bound, getattr(self._inner, "norm_lower_bound", 0.0))

@@ -184,3 +184,20 @@ def test_zero_damping_through_a_run_is_the_per_stage_answer(monkeypatch):
         else:
             assert type(fact._inner) is type(stagewise)
             assert isinstance(fact._inner, elimination.KKTFactorization)
+
+
+@pytest.mark.parametrize("act", ["tanh", "relu", "sigmoid"])
+@pytest.mark.parametrize("kind", ["hessian", "ggn"])
+def test_batched_hvp_of_a_run_entered_by_a_tangent(act, kind):
+    """A run after a non-square Linear: the tangent entering it is not zero."""
+    chain, X, y = _chain(act, d_in=3)
+    curv = chain.curvature(X, y, kind=kind)
+    runs, _ = curv._compiled_oracles()[0].run_plan()
+    assert sorted((start, end) for start, (end, _) in runs.items()) == [(2, 16)]
+    P = curv.num_parameters
+    v = torch.randn(P, dtype=torch.float64)
+    H = dense_hessian(chain, X, y) if kind == "hessian" else dense_ggn(chain, X, y)
+    assert rel(curv.hvp(v), H @ v) <= 1e-12
+    # the solve's check uses the same products: a solve is exact too
+    x = curv.factorize(1e-3).solve(v)
+    assert rel(x, torch.linalg.solve(H + 1e-3 * torch.eye(P, dtype=torch.float64), v)) <= 1e-9
