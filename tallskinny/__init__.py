@@ -3,12 +3,13 @@
 from . import blocks, linalg
 from .chain import Chain
 from .curvature import Curvature, Factorization
-from .errors import SingularSystemError
+from .errors import AccuracyWarning, SingularSystemError
 from .linalg import Inertia, SingularMatrixError
 
 __version__ = "0.1.0.dev0"
 
 __all__ = [
+    "AccuracyWarning",
     "Chain",
     "Curvature",
     "Factorization",

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 from typing import Sequence
 
 import torch
@@ -13,16 +14,25 @@ from torch import Tensor
 from . import elimination, products
 from ._gc import collector_paused
 from .blocks.protocol import Oracle
-from .errors import SingularSystemError
+from .errors import AccuracyWarning, SingularSystemError
 from .linalg import Inertia
 from .vectors import ParameterLayout
 
 KINDS = ("hessian", "ggn")
 
 BACKWARD_ERROR_TOLERANCE = 64
-"""``solve(refine=None)`` refines once when the estimated normwise backward error
+"""``solve(refine=None)`` refines when the estimated normwise backward error
 ``‖b − (H+εI)x‖ / (‖H+εI‖·‖x‖ + ‖b‖)`` of the solution exceeds this many units of
 roundoff of the dtype (``64·eps``: 1.4e-14 in float64, 7.6e-6 in float32)."""
+
+MAX_REFINEMENTS = 3
+"""``solve(refine=None)`` refines at most this many times, each step checked again, and
+stops early where a step did not halve the backward error (LAPACK's rule)."""
+
+WARNING_FACTOR = 1024
+"""``solve(refine=None)`` warns (:class:`~tallskinny.errors.AccuracyWarning`) where the
+backward error it ends with is above this many times the tolerance (1.5e-11 in float64):
+far from rounding level, not the last digits of a nearly singular system."""
 
 
 def check_damping(damping) -> float:
@@ -69,21 +79,40 @@ class Factorization:
         checks the solution instead of guessing: it computes the residual with one HVP,
         estimates the normwise backward error ``η = ‖r‖ / (‖H+εI‖·‖x‖ + ‖b‖)`` (with a lower
         bound of ``‖H+εI‖``, so that ``η`` is overestimated, never under)
-        and refines once, with that residual, where ``η`` exceeds
-        ``BACKWARD_ERROR_TOLERANCE·eps``. The elimination does not pivot across blocks, so
-        at small damping its backward error can reach 1e-10 on some right-hand sides; one
-        step brings it back to rounding level. ``0`` never refines (no HVP), ``k`` always
-        refines ``k`` times.
+        and, where ``η`` exceeds ``BACKWARD_ERROR_TOLERANCE·eps``, refines with that
+        residual and checks again, at most ``MAX_REFINEMENTS`` times (an
+        :class:`~tallskinny.errors.AccuracyWarning` if ``η`` is still above). The
+        elimination does not pivot across blocks, so at small damping its backward error
+        can reach 1e-10 on some right-hand sides; one step usually brings it back to
+        rounding level. ``0`` never refines (no HVP), ``k`` always refines ``k`` times.
         """
         if refine is not None and (isinstance(refine, bool) or not isinstance(refine, int) or refine < 0):
             raise ValueError(f"refine must be None or an integer >= 0, got {refine!r}")
         rhs, fmt = self._layout.to_flat(b, "b")
         x = self._inner.solve(rhs)
         if refine is None:
-            residual, buffer = self._checked_residual(rhs, x)
-            if residual is not None:
-                x = x + self._inner.solve(residual)
-            self._scratch = buffer  # free again for the next check
+            # LAPACK's rule (xGERFS): refine while above tolerance and each step at least
+            # halves the backward error, at most MAX_REFINEMENTS steps
+            last = math.inf
+            for step in range(MAX_REFINEMENTS + 1):
+                residual, buffer, eta = self._checked_residual(rhs, x)
+                go_on = residual is not None and step < MAX_REFINEMENTS and eta <= 0.5 * last
+                if go_on:
+                    self._curvature._refinements += 1
+                    x = x + self._inner.solve(residual)
+                self._scratch = buffer  # free again for the next check
+                if not go_on:
+                    break
+                last = eta
+            tol = BACKWARD_ERROR_TOLERANCE * torch.finfo(x.dtype).eps
+            if residual is not None and eta > WARNING_FACTOR * tol:
+                warnings.warn(
+                    f"the estimated backward error of the solution is {eta:.1e} after {step} "
+                    f"refinements (tolerance {tol:.1e}): H + εI is too ill-conditioned for the "
+                    f"elimination at damping={self.damping:g}",
+                    AccuracyWarning,
+                    stacklevel=2,
+                )
         else:
             for _ in range(refine):
                 residual = rhs - self._curvature._apply(x) - self.damping * x
@@ -96,9 +125,10 @@ class Factorization:
             )
         return self._layout.from_flat(x, fmt)
 
-    def _checked_residual(self, rhs: Tensor, x: Tensor) -> tuple[Tensor | None, Tensor]:
+    def _checked_residual(self, rhs: Tensor, x: Tensor) -> tuple[Tensor | None, Tensor, float]:
         """The residual ``b − (H+εI)x`` if the backward error of ``x`` is above tolerance
-        (else ``None``), and the buffer it is made in (for the next check).
+        (else ``None``), the buffer it is made in (for the next check) and the largest
+        estimated backward error of a column.
 
         ``‖H+εI‖`` is bounded below by ``‖(H+εI)x‖/‖x‖``, by the last block's diagonal
         block of ``H`` (known from the factorization), by every such bound seen before on
@@ -131,7 +161,7 @@ class Factorization:
             )
 
         if not above(scale):
-            return None, residual
+            return None, residual, 0.0
         if not curv._block_bound_done:
             # the diagonal blocks of the last Linear layers: a few small products, once
             curv._block_bound_done = True
@@ -139,7 +169,7 @@ class Factorization:
             curv._norm_bound = max(curv._norm_bound, bound)
             scale = max(scale, bound - self.damping)
             if not above(scale):
-                return None, residual
+                return None, residual, 0.0
         if not curv._gradient_bound_done:
             # the cheap bounds can be far below ‖H‖ (20–40× on deep tanh MLPs): before the
             # first refinement on this curvature, bound ‖H‖ by ‖Hg‖/‖g‖ (one HVP, once; it
@@ -149,10 +179,11 @@ class Factorization:
             curv._gradient_bound_done = True
             bound = curv._gradient_norm_bound()
             curv._norm_bound = max(curv._norm_bound, bound)
-            if not above(max(scale, bound - self.damping)):
-                return None, residual
-        curv._refinements += 1
-        return residual, residual
+            scale = max(scale, bound - self.damping)
+            if not above(scale):
+                return None, residual, 0.0
+        eta = max(r_n[j] / (scale * x_n[j] + b_n[j]) for j in range(len(x_n)) if scale * x_n[j] + b_n[j] > 0)
+        return residual, residual, eta
 
     @collector_paused
     def logdet(self) -> Tensor:

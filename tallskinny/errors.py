@@ -18,3 +18,10 @@ class SingularSystemError(SingularMatrixError):
         super().__init__(message, block=stage)
         self.damping = damping
         self.stage = stage
+
+
+class AccuracyWarning(UserWarning):
+    """A solution's estimated backward error stayed above tolerance after the automatic
+    refinements (``Factorization.solve``): ``H + εI`` is too ill-conditioned for the
+    elimination at this damping. The solution is returned; its error may exceed
+    ``eps·cond``. A larger damping, or more ``refine`` steps, usually help."""

@@ -171,3 +171,46 @@ def test_checks_reuse_one_buffer_without_changing_any_solution(damping):
         fresh._norm_bound, fresh._block_bound_done = curv._norm_bound, curv._block_bound_done
         fresh._gradient_bound_done, fresh._refinements = curv._gradient_bound_done, curv._refinements
         assert torch.equal(fresh.factorize(damping).solve(b), x)
+
+
+def test_refinement_is_repeated_until_backward_stable():
+    """A ReLU net at ε = 1e-8: one step leaves the backward error above tolerance (the
+    elimination's pivots are unstable there); the default checks again and refines on."""
+    curv, H = _setup("relu", 2)
+    damping = 1e-8
+    fact = curv.factorize(damping)
+    M = H + damping * torch.eye(H.shape[0])
+    b = torch.randn(H.shape[0], generator=torch.Generator().manual_seed(0))
+    tol = ts.curvature.BACKWARD_ERROR_TOLERANCE * torch.finfo(torch.float64).eps
+    assert _backward_error(M, fact.solve(b, refine=1), b) > tol  # one step is not enough here
+    before = curv._refinements
+    x = fact.solve(b)
+    assert curv._refinements - before == 2
+    assert _backward_error(M, x, b) <= tol
+
+
+def test_stagnating_refinement_stops_and_warns(monkeypatch):
+    """With products that carry a new random error of 1e-8 relative at every call the
+    residual never falls below it: the refinement stops where a step does not halve the
+    backward error, within ``MAX_REFINEMENTS`` steps, and says so with an
+    ``AccuracyWarning``."""
+    curv, H = _setup("tanh", 1)
+    fact = curv.factorize(0.1)
+    exact = curv._apply
+    gen = torch.Generator().manual_seed(1)
+
+    def inexact(x, out=None):
+        y = exact(x, out)
+        u = torch.randn(y.shape, generator=gen)
+        return y.add_(u * (1e-8 * float(y.norm()) / float(u.norm())))
+
+    monkeypatch.setattr(curv, "_apply", inexact)
+    b = torch.randn(curv.num_parameters, generator=torch.Generator().manual_seed(0))
+    before = curv._refinements
+    with pytest.warns(ts.AccuracyWarning, match="backward error"):
+        fact.solve(b)
+    assert 1 <= curv._refinements - before <= ts.curvature.MAX_REFINEMENTS
+    # a solve that is backward stable does not warn (the test suite turns the warning
+    # into an error everywhere else)
+    monkeypatch.setattr(curv, "_apply", exact)
+    fact.solve(b)
