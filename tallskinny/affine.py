@@ -192,8 +192,12 @@ class _AffineCoordinates:
                 eye = padded_identity_matrix(n, n, VtE.dtype, VtE.device)
                 self._CtC = torch.addmm(eye, VtE.mT, VtE, beta=self.g_sq, alpha=-self.g_sq)
             else:
-                self._CtC = kron(self.Gam.mT @ self.Gam, Et.mT @ Et - VtE.mT @ VtE)
+                self._CtC = kron(*self._complement_factors())
         return self._CtC
+
+    def _complement_factors(self) -> tuple[Tensor, Tensor]:
+        """``ΓᵀΓ`` and ``P̄ = ẼᵀẼ − (VᵀẼ)ᵀVᵀẼ``, the factors of ``C_⊥ᵀC_⊥ = ΓᵀΓ ⊗ P̄``."""
+        return self.Gam.mT @ self.Gam, self.Et.mT @ self.Et - self.VtE.mT @ self.VtE
 
     # -- coordinates: Θ̃ᵀ as a q × (m·k) matrix ------------------------------------------------
     def _tilde(self, b: Tensor) -> Tensor:
@@ -274,6 +278,9 @@ class AffineStage(_AffineCoordinates):
         else:  # C_V[(k,i),(s,j)] = (VᵀẼ)[k,j] Γ[i,s]
             n = self.VtE.shape[1]
             self.C_r = (self.VtE[:, None, None, :] * self.Gam[None, :, :, None]).reshape(r * m, R * n)
+        # several samples, F = I_R ⊗ W (a Linear layer): the stage's products are matrix
+        # products on views of contiguous tensors (:meth:`_eliminate_kronecker`)
+        self.kron_W = identity_kronecker_factor(oracle.F) if self.W is None and r else None
         self.E_dense = None if self.W is None or isinstance(oracle.E, Zero) else oracle.E.to_dense()
         # one sample, Ẽ = [I; 0], Γ = g (m × 1): for Θ̃ᵀ of a complement direction
         # C_⊥ᵀθ = (Θ̃ᵀ)[:n] g, and C_⊥y = ((I − vvᵀ)Ẽ y) gᵀ as a q × m matrix
@@ -342,6 +349,8 @@ class AffineStage(_AffineCoordinates):
             # re-symmetrised at every stage: Q_ζyᵀQ_ζζ⁻¹Q_ζy of a slightly nonsymmetric S
             # amplifies the antisymmetric part (measured: 1e-5 residuals at 32 layers without)
             return _symmetrize(S_new.addmm_(Q_ry.mT, K, alpha=-1.0)), _DirectAffineFactor(self, damping, factor, Q_ry, K)
+        if self.kron_W is not None:
+            return self._eliminate_kronecker(S, damping, index)
         S_new = _plus(self.E, _congruence(self.F, S))
         if self.r:
             SGV = self._s_gv(S)
@@ -357,6 +366,47 @@ class AffineStage(_AffineCoordinates):
             S_new = S_new - Q_ry.mT @ K
         S_new = self._complement(S_new, damping, index)
         return _symmetrize(S_new), _DirectAffineFactor(self, damping, factor, Q_ry, K)
+
+    def _eliminate_kronecker(self, S: Tensor, damping: float, index: int):
+        """The stage at ``F = I_R ⊗ W`` (``S`` is ``(R·m)²``, read as ``(R, m, R, m)``):
+
+            G_VᵀS = (X̃Vᵀ ⊗ I) S               one product with S read as R × (m·a)
+            Q_ζζ = (G_VᵀS) G_V + εI            X̃Vᵀ on each row's (R, m) block (batched)
+            Q_ζy = (G_VᵀS) F + C_V             W on each (·, m) block: one product
+            S ← FᵀSF + E − C_⊥ᵀC_⊥/ε − Q_ζyᵀ Q_ζζ⁻¹ Q_ζy
+
+        Every product reads contiguous views (no transposed copies of ``a × a`` matrices)
+        and the updates are in place: on large ``a`` a fresh ``a × a`` buffer costs page
+        faults comparable to its arithmetic."""
+        W, XVt, R, m, r = self.kron_W, self.XVt, self.R, self.m, self.r
+        n, a, rm = W.shape[1], S.shape[0], self.r * self.m
+        self._check_complement(damping, index)
+        GtS = (XVt @ S.reshape(R, m * a)).view(rm, a)  # rows ζ = (k, i)
+        Q_rr = torch.bmm(XVt.expand(rm, r, R), GtS.view(rm, R, m)).view(rm, rm)
+        Q_rr.diagonal().add_(damping)
+        Q_ry = (GtS.view(rm * R, m) @ W).view(rm, R * n)
+        del GtS
+        if self.C_r is not None:
+            Q_ry.add_(self.C_r)
+        SF = (S.reshape(a * R, m) @ W).view(a, R * n)  # S F
+        S_new = _plus(self.E, torch.bmm(W.mT.expand(R, n, m), SF.view(R, m, R * n)).view(R * n, R * n))
+        factor = SymmetricFactor.of(Q_rr)  # large pivots: Cholesky where it applies
+        if factor is None:
+            raise _StageSingular(index)
+        K = factor.solve(Q_ry)
+        S_new.addmm_(Q_ry.mT, K, alpha=-1.0)
+        if self.n_perp and self.coupled:
+            if self._CtC is None and self.g_sq is None and self.C_span is None:
+                # C_⊥ᵀC_⊥ = ΓᵀΓ ⊗ P̄ added from its factors, in place (never formed)
+                GtG, Pbar = self._complement_factors()
+                S_new.view(R, n, R, n).addcmul_(GtG.view(R, 1, R, 1), Pbar.view(1, n, 1, n), value=-1.0 / damping)
+            else:
+                S_new.add_(self.CtC, alpha=-1.0 / damping)
+        if SF.shape == S_new.shape:  # (S + Sᵀ)/2 into the buffer of S F (no longer needed)
+            S_new = torch.add(S_new, S_new.mT, out=SF).mul_(0.5)
+        else:
+            S_new = _symmetrize(S_new)
+        return S_new, _DirectAffineFactor(self, damping, factor, Q_ry, K)
 
     def _value_hessian_base(self, Wt: Tensor, SW: Tensor, damping: float, index: int) -> Tensor:
         """``E + WᵀSW − C_⊥ᵀC_⊥/ε`` as a fresh tensor (one ``addmm`` for a Linear layer)."""

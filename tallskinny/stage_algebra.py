@@ -94,7 +94,7 @@ class SymmetricFactor:
         self = cls.__new__(cls)
         self.matrix, self._chol, self._lu, self._piv, self._inertia, self._logdet = Q, None, None, None, None, None
         n = Q.shape[0]
-        scale, diag_min = torch.stack((Q.abs().max(), Q.diagonal().min())).tolist()
+        scale, diag_min = torch.stack((torch.linalg.vector_norm(Q, ord=float("inf")), Q.diagonal().min())).tolist()
         tol = pivot_tolerance(n, Q.dtype, scale)
         if diag_min > 0:  # a negative diagonal entry rules out positive definiteness at once
             L, info = torch.linalg.cholesky_ex(Q)
