@@ -7,7 +7,7 @@ width ``h``, 10 classes, cross-entropy, orthogonal weights, small biases) on a b
 
 * ``chain.inverse_hvp(X, y, b, damping=ε)`` in one call, and its parts ``curvature()``,
   ``factorize(ε)`` (on a fresh curvature: the ε-independent stage preparation included),
-  ``solve(b)`` (default ``refine=None``: one HVP checks the backward error, one refinement step only where it is above 64·eps) and a second ``solve`` with a new right-hand side;
+  ``solve(b)`` (default ``refine=None``: one HVP checks the backward error, refinement, checked again after each step, only where it is above 64·eps) and a second ``solve`` with a new right-hand side;
 * one HVP by double backward through the plain PyTorch model;
 * accuracy: relative error against a dense solve with the Hessian from ``torch.func``
   (forward-over-reverse, column block by column block) where ``P`` is small enough, and the
@@ -735,7 +735,7 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict:
     report()
     report("inverse_hvp = chain.inverse_hvp(X, y, b, damping=ε) in one call; curvature = chain.curvature(X, y);")
     report("factorize = factorize(ε) on a fresh curvature (the ε-independent stage preparation included);")
-    report("solve = solve(b) with the default refine=None (one refinement step only where the measured backward error asks for it); 2nd solve = solve of a new right-hand side with the same factors;")
+    report("solve = solve(b) with the default refine=None (refinement, checked again after each step, only where the measured backward error asks for it); 2nd solve = solve of a new right-hand side with the same factors;")
     report("refine=0 = that solve never refining (solve(b, refine=0));")
     report("HVP = one Hessian-vector product by double backward through the plain PyTorch model (forward included); "
            "inverse_hvp and HVP are timed in interleaved rounds (one of each per round), ihvp/HVP is the median of the "

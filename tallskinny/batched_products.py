@@ -108,13 +108,13 @@ class HVPRun:
         for j in range(1, J):  # y^A_j = W_j (d_{j−1} ⊙ y^A_{j−1}) + W_v x_j + b_v
             yA = yAs[j] = torch.addmm(gv[j], WD[j - 1], yA)
         YA = torch.stack(yAs)  # J × m × 1
-        return self.d[-1] * yA, (vW, y, YA)
+        return self.d[-1] * yA, (vW, vb, y, YA)
 
-    def adjoints(self, mu: Tensor, saved, out: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """``(Hv)`` of the run's parameters (written into the contiguous ``(p_run, 1)``
-        tensor ``out`` if given) and the adjoint at its input."""
+    def adjoints(self, mu: Tensor, saved, out: Tensor | None = None, shift: float = 0.0) -> tuple[Tensor, Tensor]:
+        """``(Hv + shift·v)`` of the run's parameters (written into the contiguous
+        ``(p_run, 1)`` tensor ``out`` if given) and the adjoint at its input."""
         J, m, n = self.J, self.m, self.n
-        vW, y_in, YA = saved
+        vW, vb, y_in, YA = saved
         h = None if self.g is None else vW.mT @ self.g  # W_vᵀ g, J × n × 1
         # c_{j−1} = d_{j−1} ⊙ h_j + e_{j−1} ⊙ y^A_{j−1}, the inhomogeneous term of μ^A
         c = None if h is None else self.d[:-1] * h[1:]
@@ -134,11 +134,16 @@ class HVPRun:
         torch.stack(muAs, out=MA)
         mu_in = self.Ws[0].mT @ muA if h is None else torch.addmm(h[0], self.Ws[0].mT, muA)
         if self.g is None:
-            torch.bmm(MA, self.x.mT, out=HW)  # μ^A xᵀ
+            left, right = MA, self.x.mT  # μ^A xᵀ
         else:
             # y_{j−1} = d_{j−1} ⊙ y^A_{j−1} (the Linear's input tangent; y_in at the first)
             Y = torch.empty_like(YA)  # square W: n = m
             Y[0] = 0.0 if y_in is None else y_in
             torch.mul(self.d[:-1], YA[:-1], out=Y[1:])
-            torch.bmm(torch.cat((MA, self.g), dim=2), torch.cat((self.x, Y), dim=2).mT, out=HW)  # μ^A xᵀ + g yᵀ
+            left, right = torch.cat((MA, self.g), dim=2), torch.cat((self.x, Y), dim=2).mT  # μ^A xᵀ + g yᵀ
+        if shift:  # + shift·v, in the same pass
+            torch.baddbmm(vW, left, right, beta=shift, out=HW)
+            MA.add_(vb, alpha=shift)  # after the product above, which reads μ^A
+        else:
+            torch.bmm(left, right, out=HW)
         return out, mu_in

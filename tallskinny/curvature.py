@@ -115,7 +115,7 @@ class Factorization:
                 )
         else:
             for _ in range(refine):
-                residual = rhs - self._curvature._apply(x) - self.damping * x
+                residual = rhs - self._curvature._apply(x, shift=self.damping)
                 x = x + self._inner.solve(residual)
         # a finite sum has no inf or NaN terms (one reduction instead of an elementwise test)
         if not bool(torch.isfinite(x.sum())) and not bool(torch.isfinite(x).all()):
@@ -130,7 +130,7 @@ class Factorization:
         (else ``None``), the buffer it is made in (for the next check) and the largest
         estimated backward error of a column.
 
-        ``‖H+εI‖`` is bounded below by ``‖(H+εI)x‖/‖x‖``, by the last block's diagonal
+        ``‖H+εI‖`` is bounded below by ``‖(H+εI)x‖/‖x‖ ≥ (‖b‖ − ‖r‖)/‖x‖``, by the last block's diagonal
         block of ``H`` (known from the factorization), by every such bound seen before on
         this curvature and, where those fail the test, by the diagonal blocks of the last
         Linear layers and then by ``‖Hg‖/‖g‖`` (each computed once per curvature); a low
@@ -142,16 +142,15 @@ class Factorization:
         scratch, self._scratch = self._scratch, None
         if scratch is not None and scratch.shape != x.shape:
             scratch = None
-        Mx = self._curvature._apply(x, scratch).add_(x, alpha=self.damping)
-        Mx_norm = Mx.norm(dim=0)
+        Mx = self._curvature._apply(x, scratch, shift=self.damping)
         residual = torch.sub(rhs, Mx, out=Mx)  # b − (H+εI)x, in the buffer of (H+εI)x
-        r_n, x_n, b_n, Mx_n = torch.stack((residual.norm(dim=0), x.norm(dim=0), rhs.norm(dim=0), Mx_norm)).tolist()
+        r_n, x_n, b_n = torch.stack((residual.norm(dim=0), x.norm(dim=0), rhs.norm(dim=0))).tolist()
         curv = self._curvature
         H_bound = max(curv._norm_bound, getattr(self._inner, "norm_lower_bound", 0.0))
         scale = max(0.0, H_bound - self.damping)  # ‖H+εI‖ ≥ ‖H‖ − ε
         for j in range(len(x_n)):
-            if x_n[j] > 0:
-                scale = max(scale, Mx_n[j] / x_n[j])
+            if x_n[j] > 0:  # ‖(H+εI)x‖ ≥ ‖b‖ − ‖r‖ (one norm fewer than ‖(H+εI)x‖ itself)
+                scale = max(scale, (b_n[j] - r_n[j]) / x_n[j])
         curv._norm_bound = max(H_bound, scale - self.damping)
         tol = BACKWARD_ERROR_TOLERANCE * torch.finfo(x.dtype).eps
 
@@ -272,10 +271,10 @@ class Curvature:
         x, fmt = self.layout.to_flat(v, "v")
         return self.layout.from_flat(self._apply(x), fmt)
 
-    def _apply(self, x: Tensor, out: Tensor | None = None) -> Tensor:
-        """``H x`` for a validated flat ``(P, k)`` tensor (written into ``out``, of ``x``'s
-        shape, where the products allow)."""
-        return products.hvp(*self._compiled_oracles(), x, out)
+    def _apply(self, x: Tensor, out: Tensor | None = None, shift: float = 0.0) -> Tensor:
+        """``H x + shift·x`` for a validated flat ``(P, k)`` tensor (written into ``out``,
+        of ``x``'s shape, where the products allow)."""
+        return products.hvp(*self._compiled_oracles(), x, out, shift)
 
     @collector_paused
     def factorize(self, damping: float = 0.0) -> Factorization:

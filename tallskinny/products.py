@@ -379,11 +379,14 @@ def last_blocks_norm_bound(blocks: Sequence[CompiledOracle], loss_hessian: Tenso
     return best
 
 
-def hvp(blocks: Sequence[CompiledOracle], loss: CompiledOracle, v: Tensor, into: Tensor | None = None) -> Tensor:
-    """``H v`` for ``v`` of shape ``(P, k)``: a forward sweep of the tangents
+def hvp(
+    blocks: Sequence[CompiledOracle], loss: CompiledOracle, v: Tensor, into: Tensor | None = None, shift: float = 0.0
+) -> Tensor:
+    """``H v + shift·v`` for ``v`` of shape ``(P, k)``: a forward sweep of the tangents
     ``y_l = F_l y_{l-1} + G_l v_l`` and a backward sweep of the adjoints
     ``μ_{l-1} = F_lᵀ μ_l + C_lᵀ v_l + E_l y_{l-1}`` (from ``μ_L = E_loss y_L``), giving
-    ``(H v)_l = A_l v_l + C_l y_{l-1} + G_lᵀ μ_l``."""
+    ``(H v)_l = A_l v_l + C_l y_{l-1} + G_lᵀ μ_l`` (the shift is added where each part is
+    made: no extra pass over the result)."""
     vs = torch.split(v, [b.p for b in blocks], dim=0)
     n = len(blocks)
     ys: list[Tensor | None] = [None] * n
@@ -412,7 +415,7 @@ def hvp(blocks: Sequence[CompiledOracle], loss: CompiledOracle, v: Tensor, into:
             gv = b.G(vl)
             y = gv if y is None else y + gv
     if y is None:
-        return torch.zeros_like(v)
+        return v * shift if into is None else torch.mul(v, shift, out=into)
     mu = loss.E(y) if loss.E is not None else None
     out: list[Tensor] = list(vs)
     # runs write their part in place (into ``into`` where given, a buffer of v's shape
@@ -425,7 +428,7 @@ def hvp(blocks: Sequence[CompiledOracle], loss: CompiledOracle, v: Tensor, into:
         if start is not None:
             run = runs[start][1]
             mu = y.new_zeros(run.m, 1) if mu is None else mu
-            out[start], mu = run.adjoints(mu, saved[start], out=result[offsets[start] : offsets[i + 1]])
+            out[start], mu = run.adjoints(mu, saved[start], out=result[offsets[start] : offsets[i + 1]], shift=shift)
             for k in range(start + 1, i + 1):
                 out[k] = None
             i = start
@@ -440,6 +443,8 @@ def hvp(blocks: Sequence[CompiledOracle], loss: CompiledOracle, v: Tensor, into:
             if mu is not None and b.GT is not None:
                 hv = _add(hv, b.GT(mu))
             out[i] = hv if hv is not None else torch.zeros_like(vl)
+        if b.p and shift:
+            out[i] = out[i] + shift * vl
         if one and b.ADJ is not None and mu is not None and y_in is not None:
             mu = b.ADJ(mu, y_in, vl)
             continue

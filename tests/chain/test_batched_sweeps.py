@@ -198,6 +198,10 @@ def test_batched_hvp_of_a_run_entered_by_a_tangent(act, kind):
     v = torch.randn(P, dtype=torch.float64)
     H = dense_hessian(chain, X, y) if kind == "hessian" else dense_ggn(chain, X, y)
     assert rel(curv.hvp(v), H @ v) <= 1e-12
+    # H v + s·v as the solve's check makes it (run and per-block parts, one and two columns)
+    V = torch.randn(P, 2, dtype=torch.float64)
+    assert rel(curv._apply(v[:, None], shift=0.3), (H @ v + 0.3 * v)[:, None]) <= 1e-12
+    assert rel(curv._apply(V, shift=0.3), H @ V + 0.3 * V) <= 1e-12
     # the solve's check uses the same products: a solve is exact too
     x = curv.factorize(1e-3).solve(v)
     assert rel(x, torch.linalg.solve(H + 1e-3 * torch.eye(P, dtype=torch.float64), v)) <= 1e-9

@@ -199,8 +199,8 @@ def test_stagnating_refinement_stops_and_warns(monkeypatch):
     exact = curv._apply
     gen = torch.Generator().manual_seed(1)
 
-    def inexact(x, out=None):
-        y = exact(x, out)
+    def inexact(x, out=None, shift=0.0):
+        y = exact(x, out, shift)
         u = torch.randn(y.shape, generator=gen)
         return y.add_(u * (1e-8 * float(y.norm()) / float(u.norm())))
 
