@@ -22,6 +22,8 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from . import _workspace
+
 #: Runs shorter than this keep the per-block products (batching has a fixed cost).
 MIN_RUN = 4
 
@@ -93,7 +95,10 @@ class HVPRun:
     def _scaled_weights(self) -> list[Tensor]:
         """``[W_j diag(d_{j−1})]`` for ``j = 1 … J−1`` (one batched product, once)."""
         if self._WD is None:
-            self._WD = (torch.stack(self.Ws[1:]) * self.d[:-1].mT).unbind(0)
+            WD = _workspace.empty((self.J - 1, self.m, self.n), self.x)  # back to the pool with the run
+            torch.stack(self.Ws[1:], out=WD).mul_(self.d[:-1].mT)
+            _workspace.recycle(self, WD)
+            self._WD = WD.unbind(0)
         return self._WD
 
     def tangents(self, y: Tensor | None, v: Tensor):

@@ -41,6 +41,7 @@ import math
 import torch
 from torch import Tensor
 
+from . import _workspace
 from .linalg import Inertia, pivot_tolerance
 from .linalg.factor import ldl_d_eigenvalues
 from .stage_algebra import _raise_if_null_directions, _StageSingular, scaled_identity
@@ -95,7 +96,9 @@ class LinearRunStage:
         bad = _first_small_pivot(lus, torch.stack(scales))
         if bad is not None:
             raise _StageSingular(self.start + 2 * bad)
-        return S_out, BatchedRun(self, damping, S, lus, pivs, Ks, A)
+        factor = BatchedRun(self, damping, S, lus, pivs, Ks, A)
+        _workspace.recycle(factor, lus._base, Ks._base, A)
+        return S_out, factor
 
     def _complement_curvature(self, j: int) -> Tensor | None:
         """``C_⊥ᵀC_⊥ = ‖g‖²(I − v_in v_inᵀ)`` of layer ``j`` (``None`` where ``C = 0``)."""
@@ -126,8 +129,9 @@ class LinearRunStage:
         vt = self.v_in.mT.unbind(0)
         # the LU factors and K are written into one buffer each, column-major as LAPACK
         # makes them (no copies into stacks afterwards)
-        lus, Ks = S.new_empty(J, m, m).mT, S.new_empty(J, self.n, m).mT
-        A = S.new_empty(J, m, self.n)  # diag(d)(W − σK), for the sweeps
+        # (from the workspace pool: BatchedRun gives them back when it is collected)
+        lus, Ks = _workspace.empty((J, m, m), S).mT, _workspace.empty((J, self.n, m), S).mT
+        A = _workspace.empty((J, m, self.n), S)  # diag(d)(W − σK), for the sweeps
         pivs = torch.empty(J, m, dtype=torch.int32, device=S.device)
         info = torch.empty(J, dtype=torch.int32, device=S.device)
         scales = [None] * J

@@ -11,7 +11,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from . import elimination, products
+from . import _workspace, elimination, products
 from ._gc import collector_paused
 from .blocks.protocol import Oracle
 from .errors import AccuracyWarning, SingularSystemError
@@ -69,6 +69,7 @@ class Factorization:
         self._layout = curvature.layout
         self.damping = damping
         self._scratch = None  # the buffer of the last check's (H+εI)x, reused by the next
+        self._pooled_scratch = False  # whether a check buffer came from the workspace pool
 
     @collector_paused
     def solve(self, b, *, refine: int | None = None):
@@ -142,6 +143,10 @@ class Factorization:
         scratch, self._scratch = self._scratch, None
         if scratch is not None and scratch.shape != x.shape:
             scratch = None
+        if scratch is None and not self._pooled_scratch:  # the first: from the workspace pool
+            self._pooled_scratch = True
+            scratch = _workspace.empty(tuple(x.shape), x)
+            _workspace.recycle(self, scratch)
         Mx = self._curvature._apply(x, scratch, shift=self.damping)
         residual = torch.sub(rhs, Mx, out=Mx)  # b − (H+εI)x, in the buffer of (H+εI)x
         r_n, x_n, b_n = torch.stack((residual.norm(dim=0), x.norm(dim=0), rhs.norm(dim=0))).tolist()

@@ -1,0 +1,79 @@
+"""The workspace pool: large internal buffers are reused once their owner is gone, never
+while it lives, and reusing them changes no result."""
+
+from __future__ import annotations
+
+import gc
+
+import torch
+from torch import nn
+
+import tallskinny as ts
+from tallskinny import _workspace, batched_sweeps
+
+
+def _deep_chain(depth=12, width=48):
+    torch.manual_seed(0)
+    layers = []
+    for _ in range(depth):
+        layers += [nn.Linear(width, width).double(), nn.Tanh()]
+    layers.append(nn.Linear(width, 3).double())
+    X = torch.randn(1, width, dtype=torch.float64)
+    return ts.Chain(layers, nn.CrossEntropyLoss()), X, torch.tensor([1])
+
+
+def _run_buffers(fact):
+    runs = [f for _, _, f in fact._inner._sweep_plan()[0] if isinstance(f, batched_sweeps.BatchedRun)]
+    assert len(runs) == 1
+    return {runs[0].lu._base.data_ptr(), runs[0].K._base.data_ptr(), runs[0].A[0].data_ptr()}
+
+
+def test_buffers_are_reused_after_their_owner_is_gone_and_never_before():
+    _workspace.clear()
+    chain, X, y = _deep_chain()
+    curv = chain.curvature(X, y)
+    b = torch.randn(curv.num_parameters, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    first = curv.factorize(1e-3)
+    x_first = first.solve(b)
+    live = _run_buffers(first)
+    second = curv.factorize(1e-3)  # the first is alive: fresh buffers
+    assert not live & _run_buffers(second)
+    assert torch.equal(second.solve(b), x_first)
+    del first
+    gc.collect()
+    assert _workspace._held > 0  # the first factorization's buffers are in the pool
+    third = curv.factorize(1e-3)
+    assert _run_buffers(third) == live  # ... and reused
+    assert not _run_buffers(third) & _run_buffers(second)
+    assert torch.equal(third.solve(b), x_first)
+    assert torch.equal(third.logdet(), second.logdet())
+
+
+def test_inverse_hvp_repeated_gives_the_same_answer_bit_for_bit():
+    _workspace.clear()
+    chain, X, y = _deep_chain()
+    P = sum(p.numel() for m in chain.modules for p in m.parameters())
+    b = torch.randn(P, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    results = [chain.inverse_hvp(X, y, b, damping=1e-3) for _ in range(3)]
+    assert _workspace._held > 0
+    assert all(torch.equal(r, results[0]) for r in results[1:])
+
+
+def test_the_pool_holds_at_most_its_limit(monkeypatch):
+    _workspace.clear()
+    monkeypatch.setattr(_workspace, "LIMIT_BYTES", 3 * _workspace.MIN_BYTES)
+
+    class Owner:
+        pass
+
+    owners = [Owner() for _ in range(5)]
+    for o in owners:
+        _workspace.recycle(o, torch.empty(_workspace.MIN_BYTES // 8, dtype=torch.float64))
+    _workspace.recycle(owners[0], torch.empty(4))  # too small to pool: ignored
+    del owners, o
+    gc.collect()
+    assert _workspace._held == 3 * _workspace.MIN_BYTES
+    t = _workspace.empty((_workspace.MIN_BYTES // 8,), torch.zeros((), dtype=torch.float64))
+    assert _workspace._held == 2 * _workspace.MIN_BYTES and t.dtype == torch.float64
+    _workspace.clear()
+    assert _workspace._held == 0
