@@ -38,6 +38,7 @@ from .linalg.kronecker import (
 from .stage_algebra import (
     SymmetricFactor,
     scaled_identity,
+    subtract_symmetric_product,
     _congruence,
     _plus,
     _raise_if_null_directions,
@@ -376,8 +377,9 @@ class AffineStage(_AffineCoordinates):
             S ← FᵀSF + E − C_⊥ᵀC_⊥/ε − Q_ζyᵀ Q_ζζ⁻¹ Q_ζy
 
         Every product reads contiguous views (no transposed copies of ``a × a`` matrices)
-        and the updates are in place: on large ``a`` a fresh ``a × a`` buffer costs page
-        faults comparable to its arithmetic."""
+        and the updates are in place (on large ``a`` a fresh ``a × a`` buffer costs page
+        faults comparable to its arithmetic); the Schur update computes the blocks on and
+        below the diagonal only (:func:`~tallskinny.stage_algebra.subtract_symmetric_product`)."""
         W, XVt, R, m, r = self.kron_W, self.XVt, self.R, self.m, self.r
         n, a, rm = W.shape[1], S.shape[0], self.r * self.m
         self._check_complement(damping, index)
@@ -394,7 +396,7 @@ class AffineStage(_AffineCoordinates):
         if factor is None:
             raise _StageSingular(index)
         K = factor.solve(Q_ry)
-        S_new.addmm_(Q_ry.mT, K, alpha=-1.0)
+        del SF
         if self.n_perp and self.coupled:
             if self._CtC is None and self.g_sq is None and self.C_span is None:
                 # C_⊥ᵀC_⊥ = ΓᵀΓ ⊗ P̄ added from its factors, in place (never formed)
@@ -402,10 +404,8 @@ class AffineStage(_AffineCoordinates):
                 S_new.view(R, n, R, n).addcmul_(GtG.view(R, 1, R, 1), Pbar.view(1, n, 1, n), value=-1.0 / damping)
             else:
                 S_new.add_(self.CtC, alpha=-1.0 / damping)
-        if SF.shape == S_new.shape:  # (S + Sᵀ)/2 into the buffer of S F (no longer needed)
-            S_new = torch.add(S_new, S_new.mT, out=SF).mul_(0.5)
-        else:
-            S_new = _symmetrize(S_new)
+        # the Schur complement, symmetrised (from the blocks on and below the diagonal)
+        S_new = subtract_symmetric_product(S_new, Q_ry, K)
         return S_new, _DirectAffineFactor(self, damping, factor, Q_ry, K)
 
     def _value_hessian_base(self, Wt: Tensor, SW: Tensor, damping: float, index: int) -> Tensor:

@@ -44,6 +44,7 @@ from .stage_algebra import (
     _StageSingular,
     _symmetrize,
     first_singular,
+    subtract_symmetric_product,
 )
 from .blocks.protocol import Oracle
 from .errors import SingularSystemError
@@ -295,7 +296,7 @@ class DenseStage:
             S_new = _plus(self.E, _congruence(self.F, S))  # Q_yy, then its Schur complement
         Q_rr = self.GVt @ SGV
         S_new, factor, K_r, d, inertia, logdet = self._schur(S_new, Q_rr, Q_ry, self.C_z, self.CtC, damping, index)
-        return _symmetrize(S_new), _DenseStageFactor(self, damping, d, factor, Q_ry, K_r, inertia, logdet)
+        return S_new, _DenseStageFactor(self, damping, d, factor, Q_ry, K_r, inertia, logdet)
 
     def _eliminate_live(self, S: Tensor, damping: float, index: int):
         """:meth:`eliminate` on the live rows and columns (see ``_live_products``);
@@ -307,14 +308,14 @@ class DenseStage:
         Q_rr = GV_o.mT @ (S_oo @ GV_o)
         S_ii, factor, K_r, d, inertia, logdet = self._schur(F_oi.mT @ SF, Q_rr, Q_ry, C_zi, CtC_ii, damping, index)
         a_in = self.F.shape[1]
-        S_new = _embed_square(_symmetrize(S_ii), li, a_in)
+        S_new = _embed_square(S_ii, li, a_in)
         Q_ry, K_r = _embed_columns(Q_ry, li, a_in), _embed_columns(K_r, li, a_in)
         return S_new, _DenseStageFactor(self, damping, d, factor, Q_ry, K_r, inertia, logdet)
 
     def _schur(self, S_new, Q_rr, Q_ry, C_z, CtC, damping: float, index: int):
         """``S_new − Q_yθ Q_θθ⁻¹ Q_θy`` over the rest (pivots ``ε``), ``Z`` (pivots ``α + ε``)
-        and the span (``Q_rr + A_rr + εI``, factored), with the factors and the pivots'
-        inertia and ``log|det|``. ``C_z``, ``CtC`` on the columns of ``Q_ry``."""
+        and the span (``Q_rr + A_rr + εI``, factored), symmetrised, with the factors and the
+        pivots' inertia and ``log|det|``. ``C_z``, ``CtC`` on the columns of ``Q_ry``."""
         if self.A_rr is not None:
             Q_rr = Q_rr + self.A_rr
         Q_rr.diagonal().add_(damping)
@@ -349,7 +350,9 @@ class DenseStage:
             if factor is None:
                 raise _StageSingular(index)
             K_r = factor.solve(Qt_ry)
-            S_new -= Qt_ry.mT @ K_r
+            S_new = subtract_symmetric_product(S_new, Qt_ry, K_r)  # symmetric
+        else:
+            S_new = _symmetrize(S_new)
         return S_new, factor, K_r, d, (pos, neg), logdet
 
 

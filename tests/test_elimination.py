@@ -249,3 +249,23 @@ def test_scaled_identity_is_cached_only_when_small():
     assert torch.equal(small, 0.5 * torch.eye(4)) and small is scaled_identity(4, 0.5, torch.float64, torch.device("cpu"))
     big = scaled_identity(300, 0.25, torch.float64, torch.device("cpu"))
     assert torch.equal(big, 0.25 * torch.eye(300)) and big is not scaled_identity(300, 0.25, torch.float64, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("n", [100, 600, 1031])
+def test_symmetric_schur_update_from_the_lower_blocks(n):
+    """``S − QᵀK`` for ``K = P⁻¹Q`` (``P`` symmetric), made from the blocks on and below the
+    diagonal: exactly symmetric, equal to the symmetrised full product to rounding."""
+    from tallskinny.stage_algebra import subtract_symmetric_product
+
+    gen = torch.Generator().manual_seed(n)
+    S = torch.randn(n, n, generator=gen, dtype=torch.float64)
+    S = S + S.mT
+    P = torch.randn(n, n, generator=gen, dtype=torch.float64)
+    P = P + P.mT + 2 * n**0.5 * torch.eye(n, dtype=torch.float64)
+    Q = torch.randn(n, n, generator=gen, dtype=torch.float64)
+    K = torch.linalg.solve(P, Q)
+    full = S - Q.mT @ K
+    expected = (full + full.mT) / 2
+    result = subtract_symmetric_product(S.clone(), Q, K)
+    assert torch.equal(result, result.mT)
+    assert ((result - expected).norm() / expected.norm()).item() <= 1e-13
