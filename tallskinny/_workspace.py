@@ -9,8 +9,10 @@ buffer and batched-HVP weights are fresh multi-MiB tensors at every call.
 ``empty(shape, like)`` returns a buffer of that shape from a small pool, or a new one;
 ``recycle(owner, *tensors)`` hands the tensors to the pool once ``owner`` (a library
 object that holds them and never gives them to the caller: a run's factors, a
-factorization's check buffer) is garbage. A buffer is in the pool only after its owner is
-gone, so no two live objects share one. The pool holds CPU tensors only (CUDA has its own
+factorization's check buffer) is garbage; ``give(t)`` at once, for a temporary whose
+last use has passed (a stage's scratch products, the value Hessian ``S`` a stage has
+consumed). A buffer is in the pool only after its owner is gone or its last use, so no
+two live objects share one. The pool holds CPU tensors only (CUDA has its own
 caching allocator), of at least ``MIN_BYTES`` each and ``LIMIT_BYTES`` in all; a
 buffer that does not fit is simply freed.
 """
@@ -61,6 +63,13 @@ def recycle(owner: object, *tensors: Tensor) -> None:
     buffers = tuple(t for t in tensors if t is not None and _poolable(t))
     if buffers:
         weakref.finalize(owner, _put, buffers)
+
+
+def give(t: Tensor) -> None:
+    """Put ``t`` in the pool now: the caller holds the only reference that will ever be
+    used again (it must not read or write ``t`` afterwards)."""
+    if _poolable(t):
+        _put((t,))
 
 
 def _put(buffers: tuple[Tensor, ...]) -> None:

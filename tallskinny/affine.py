@@ -24,6 +24,7 @@ import math
 import torch
 from torch import Tensor
 
+from . import _workspace
 from .blocks.protocol import Oracle
 from .linalg import Dense, Identity, Inertia, ScaledIdentity, Zero
 from .linalg.kronecker import (
@@ -383,20 +384,25 @@ class AffineStage(_AffineCoordinates):
         W, XVt, R, m, r = self.kron_W, self.XVt, self.R, self.m, self.r
         n, a, rm = W.shape[1], S.shape[0], self.r * self.m
         self._check_complement(damping, index)
-        GtS = (XVt @ S.reshape(R, m * a)).view(rm, a)  # rows ζ = (k, i)
+        # the scratch products G_VᵀS and S F, and the new S, in buffers of the workspace pool
+        GtS = _workspace.empty((rm, a), S)  # rows ζ = (k, i)
+        torch.mm(XVt, S.reshape(R, m * a), out=GtS.view(r, m * a))
         Q_rr = torch.bmm(XVt.expand(rm, r, R), GtS.view(rm, R, m)).view(rm, rm)
         Q_rr.diagonal().add_(damping)
         Q_ry = (GtS.view(rm * R, m) @ W).view(rm, R * n)
-        del GtS
+        _workspace.give(GtS)
         if self.C_r is not None:
             Q_ry.add_(self.C_r)
-        SF = (S.reshape(a * R, m) @ W).view(a, R * n)  # S F
-        S_new = _plus(self.E, torch.bmm(W.mT.expand(R, n, m), SF.view(R, m, R * n)).view(R * n, R * n))
+        SF = _workspace.empty((a, R * n), S)  # S F
+        torch.mm(S.reshape(a * R, m), W, out=SF.view(a * R, n))
+        S_new = _workspace.empty((R * n, R * n), S)  # Fᵀ S F
+        torch.bmm(W.mT.expand(R, n, m), SF.view(R, m, R * n), out=S_new.view(R, n, R * n))
+        _workspace.give(SF)
+        S_new = _plus(self.E, S_new)
         factor = SymmetricFactor.of(Q_rr)  # large pivots: Cholesky where it applies
         if factor is None:
             raise _StageSingular(index)
         K = factor.solve(Q_ry)
-        del SF
         if self.n_perp and self.coupled:
             if self._CtC is None and self.g_sq is None and self.C_span is None:
                 # C_⊥ᵀC_⊥ = ΓᵀΓ ⊗ P̄ added from its factors, in place (never formed)

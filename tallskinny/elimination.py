@@ -32,7 +32,7 @@ import math
 import torch
 from torch import Tensor
 
-from . import batched_sweeps
+from . import _workspace, batched_sweeps
 from .affine import AffineStage, ReducedAffineStage
 from .batched_sweeps import COVERED, BatchedRun
 from .stage_algebra import (
@@ -115,6 +115,14 @@ class ActivationStage:
     def eliminate(self, S: Tensor, damping: float, index: int):
         if self._dd is not None:
             return (S * self._dd if self._E is None else torch.addcmul(self._E, S, self._dd)), None
+        if isinstance(self.F, Diagonal):
+            # S ⊙ ddᵀ (d_i·d_j first: symmetric bit for bit), in buffers of the workspace pool
+            d = self.F.diagonal
+            dd = _workspace.empty(S.shape, S)
+            torch.outer(d, d, out=dd)
+            S_new = torch.mul(S, dd, out=_workspace.empty(S.shape, S))
+            _workspace.give(dd)
+            return _plus(self.E, S_new), None
         S_new = _plus(self.E, _congruence(self.F, S))
         # D S D (+ a diagonal) of a symmetric S is symmetric bit for bit: s_ij·d_i·d_j
         return (S_new if self.diagonal else _symmetrize(S_new)), None
@@ -286,11 +294,13 @@ class DenseStage:
         SGV = _mm(self.GVt, S).mT  # S G_V = (G_VᵀS)ᵀ: S is symmetric
         if _congruence_is_dense(self.F):
             # F used densely anyway (a convolution, a fallback block): SF once gives both
-            # FᵀSF and Q_ζy = C + G_VᵀSF, instead of a second product with Fᵀ
+            # FᵀSF and Q_ζy = C + G_VᵀSF, instead of a second product with Fᵀ (SF and the
+            # new S in buffers of the workspace pool)
             Fd = self.F.to_dense()
-            SF = S @ Fd
-            S_new = _plus(self.E, Fd.mT @ SF)
+            SF = torch.mm(S, Fd, out=_workspace.empty((S.shape[0], Fd.shape[1]), S))
+            S_new = _plus(self.E, torch.mm(Fd.mT, SF, out=_workspace.empty((Fd.shape[1],) * 2, S)))
             Q_ry = self.C_r + _mm(self.GVt, SF)  # r × a_in
+            _workspace.give(SF)
         else:
             Q_ry = self.C_r + self.FT._matmat(SGV).mT  # r × a_in
             S_new = _plus(self.E, _congruence(self.F, S))  # Q_yy, then its Schur complement
@@ -619,7 +629,12 @@ class RiccatiFactorization:
         unchecked: list = []  # (stage, factor) whose pivots are tested after the sweep
         try:
             for i in reversed(range(len(stages))):
-                S, f = stages[i].eliminate(S, damping, i)
+                S_new, f = stages[i].eliminate(S, damping, i)
+                # S is consumed: its buffer goes to the workspace pool, unless the factor
+                # keeps it (a run, for its inertia) or the new S shares its memory
+                if not isinstance(f, BatchedRun) and S_new.untyped_storage().data_ptr() != S.untyped_storage().data_ptr():
+                    _workspace.give(S)
+                S = S_new
                 self._factors[i] = f
                 if getattr(f, "unchecked", None) is not None:
                     unchecked.append((i, f.unchecked))
