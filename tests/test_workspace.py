@@ -77,3 +77,24 @@ def test_the_pool_holds_at_most_its_limit(monkeypatch):
     assert _workspace._held == 2 * _workspace.MIN_BYTES and t.dtype == torch.float64
     _workspace.clear()
     assert _workspace._held == 0
+
+
+def test_a_run_keeps_its_input_hessian_while_the_pool_is_reused(monkeypatch):
+    """The value Hessian entering a run is kept (the run's inertia replays its loop from
+    it): later factorizations, which take and give back pooled buffers (every buffer,
+    here), leave it intact."""
+    from tallskinny.testing import dense_hessian
+
+    _workspace.clear()
+    monkeypatch.setattr(_workspace, "MIN_BYTES", 0)
+    chain, X, y = _deep_chain(depth=6, width=8)
+    curv = chain.curvature(X, y)
+    first = curv.factorize(1.0)  # the run's span pivots have mixed signs here (5 negative)
+    for damping in (0.1, 1e-3, 1e-2):  # each takes buffers from the pool and gives them back
+        curv.factorize(damping).logdet()
+    for buffers in _workspace._free.values():  # nothing alive may read a pooled buffer
+        for t in buffers:
+            t.fill_(float("nan"))
+    eig = torch.linalg.eigvalsh(dense_hessian(chain, X, y) + torch.eye(curv.num_parameters, dtype=torch.float64))
+    assert tuple(first.inertia()) == ((eig > 0).sum().item(), (eig < 0).sum().item(), 0)
+    _workspace.clear()
