@@ -19,6 +19,7 @@ buffer that does not fit is simply freed.
 
 from __future__ import annotations
 
+import math
 import threading
 import weakref
 
@@ -43,10 +44,16 @@ def _poolable(t: Tensor) -> bool:
     return t.device.type == "cpu" and t._base is None and t.is_contiguous() and _nbytes(t) >= MIN_BYTES
 
 
+def pooled(t: Tensor) -> bool:
+    """Whether buffers of ``t``'s size and device go through the pool (small ones come
+    from malloc's free lists without page faults, and skip the pool's bookkeeping)."""
+    return t.device.type == "cpu" and t.numel() * t.element_size() >= MIN_BYTES
+
+
 def empty(shape: tuple[int, ...], like: Tensor) -> Tensor:
     """An uninitialised contiguous tensor of ``shape`` with ``like``'s dtype and device."""
     shape = tuple(shape)
-    if like.device.type == "cpu":
+    if like.device.type == "cpu" and math.prod(shape) * like.element_size() >= MIN_BYTES:
         global _held
         with _lock:
             stack = _free.get((shape, like.dtype))
@@ -68,7 +75,7 @@ def recycle(owner: object, *tensors: Tensor) -> None:
 def give(t: Tensor) -> None:
     """Put ``t`` in the pool now: the caller holds the only reference that will ever be
     used again (it must not read or write ``t`` afterwards)."""
-    if _poolable(t):
+    if t.numel() * t.element_size() >= MIN_BYTES and _poolable(t):
         _put((t,))
 
 

@@ -38,6 +38,7 @@ from .linalg.kronecker import (
 )
 from .stage_algebra import (
     SymmetricFactor,
+    mirror_lower,
     scaled_identity,
     subtract_symmetric_product,
     _congruence,
@@ -198,8 +199,11 @@ class _AffineCoordinates:
         return self._CtC
 
     def _complement_factors(self) -> tuple[Tensor, Tensor]:
-        """``ΓᵀΓ`` and ``P̄ = ẼᵀẼ − (VᵀẼ)ᵀVᵀẼ``, the factors of ``C_⊥ᵀC_⊥ = ΓᵀΓ ⊗ P̄``."""
-        return self.Gam.mT @ self.Gam, self.Et.mT @ self.Et - self.VtE.mT @ self.VtE
+        """``ΓᵀΓ`` and ``P̄ = ẼᵀẼ − (VᵀẼ)ᵀVᵀẼ``, the factors of ``C_⊥ᵀC_⊥ = ΓᵀΓ ⊗ P̄``
+        (made on first use)."""
+        if getattr(self, "_CtC_factors", None) is None:
+            self._CtC_factors = (self.Gam.mT @ self.Gam, self.Et.mT @ self.Et - self.VtE.mT @ self.VtE)
+        return self._CtC_factors
 
     # -- coordinates: Θ̃ᵀ as a q × (m·k) matrix ------------------------------------------------
     def _tilde(self, b: Tensor) -> Tensor:
@@ -389,7 +393,13 @@ class AffineStage(_AffineCoordinates):
         torch.mm(XVt, S.reshape(R, m * a), out=GtS.view(r, m * a))
         Q_rr = torch.bmm(XVt.expand(rm, r, R), GtS.view(rm, R, m)).view(rm, rm)
         Q_rr.diagonal().add_(damping)
-        Q_ry = (GtS.view(rm * R, m) @ W).view(rm, R * n)
+        # large stages keep K only (Q_ζy is a quarter of their memory): Q_ζζ made symmetric
+        # bit for bit, so that Q⁻ᵀ = Q⁻¹ and the backward sweep's Q_ζyᵀQ⁻¹ is Kᵀ
+        keep_K_only = _workspace.pooled(S)
+        if keep_K_only:
+            Q_rr = mirror_lower(Q_rr)
+        Q_ry = _workspace.empty((rm, R * n), S)  # given back after the Schur update
+        torch.mm(GtS.view(rm * R, m), W, out=Q_ry.view(rm * R, n))
         _workspace.give(GtS)
         if self.C_r is not None:
             Q_ry.add_(self.C_r)
@@ -412,7 +422,10 @@ class AffineStage(_AffineCoordinates):
                 S_new.add_(self.CtC, alpha=-1.0 / damping)
         # the Schur complement, symmetrised (from the blocks on and below the diagonal)
         S_new = subtract_symmetric_product(S_new, Q_ry, K)
-        return S_new, _DirectAffineFactor(self, damping, factor, Q_ry, K)
+        if not keep_K_only:
+            return S_new, _DirectAffineFactor(self, damping, factor, Q_ry, K)
+        _workspace.give(Q_ry)  # the backward sweep applies Q_ζyᵀQ_ζζ⁻¹ as Kᵀ
+        return S_new, _DirectAffineFactor(self, damping, factor, None, K)
 
     def _value_hessian_base(self, Wt: Tensor, SW: Tensor, damping: float, index: int) -> Tensor:
         """``E + WᵀSW − C_⊥ᵀC_⊥/ε`` as a fresh tensor (one ``addmm`` for a Linear layer)."""
@@ -471,7 +484,9 @@ class _DirectAffineFactor:
             if t is not None:
                 nq = torch.add(nq, t, alpha=-st.scalar) if st.scalar is not None else nq - st._gvt(t)
             nu = self.factor.solve(nq)
-            t_new = self.Q_ry.mT @ nu if t_new is None else torch.addmm(t_new, self.Q_ry.mT, nu)
+            # Q_ζyᵀν = Q_ζyᵀQ_ζζ⁻¹(−q) = Kᵀ(−q) for a symmetric Q_ζζ (Q_ζy not kept)
+            M, v = (self.Q_ry, nu) if self.Q_ry is not None else (self.K, nq)
+            t_new = M.mT @ v if t_new is None else torch.addmm(t_new, M.mT, v)
             if st.n_perp:
                 b_perp = torch.addmm(T, st.V, Zb, alpha=-1.0)
         if b_perp is not None and st.coupled:

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from .errors import SingularSystemError
+from . import _workspace
 from .linalg import Diagonal, Inertia, LinearOperator, ScaledIdentity, Zero, pivot_tolerance
 from .linalg.factor import ldl_d_eigenvalues
 from .linalg.kronecker import identity_kronecker_factor
@@ -37,13 +38,37 @@ def subtract_symmetric_product(S: Tensor, Q: Tensor, K: Tensor) -> Tensor:
     product would be, and differs from it by the rounding-level asymmetry of ``QᵀK``."""
     n = S.shape[0]
     if n < 512:
-        return _symmetrize(S.addmm_(Q.mT, K, alpha=-1.0))
+        return _symmetrized_into_pool_buffer(S.addmm_(Q.mT, K, alpha=-1.0))
     parts = 4
     edges = [n * i // parts for i in range(parts + 1)]
     blocks = [slice(edges[i], edges[i + 1]) for i in range(parts)]
     for i, rows in enumerate(blocks):
         for cols in blocks[: i + 1]:
             S[rows, cols].addmm_(Q[:, rows].mT, K[:, cols], alpha=-1.0)
+    return mirror_lower(S, blocks)
+
+
+def _symmetrized_into_pool_buffer(S: Tensor) -> Tensor:
+    """``(S + Sᵀ)/2`` in a buffer of the workspace pool; ``S`` (the caller's own) goes back."""
+    if S.numel() * S.element_size() < _workspace.MIN_BYTES:
+        return _symmetrize(S)
+    out = torch.add(S, S.mT, out=_workspace.empty(S.shape, S)).mul_(0.5)
+    _workspace.give(S)
+    return out
+
+
+def mirror_lower(S: Tensor, blocks: list[slice] | None = None) -> Tensor:
+    """``S`` made symmetric, for a matrix symmetric up to rounding (``S`` is overwritten or
+    given back to the workspace pool): on ``n ≥ 512`` in place,
+    the blocks below the diagonal (of a 4 × 4 partition unless ``blocks`` are given)
+    copied above it and the diagonal blocks averaged with their transposes; below, as
+    ``(S + Sᵀ)/2`` in another buffer (the sixteen block operations would cost more)."""
+    if blocks is None:
+        n = S.shape[0]
+        if n < 512:
+            return _symmetrized_into_pool_buffer(S)
+        edges = [n * i // 4 for i in range(5)]
+        blocks = [slice(edges[i], edges[i + 1]) for i in range(4)]
     for i, rows in enumerate(blocks):
         D = S[rows, rows]
         D.copy_(_symmetrize(D))

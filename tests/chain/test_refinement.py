@@ -31,7 +31,7 @@ def test_moderate_damping_needs_no_refinement():
     assert torch.equal(fact.solve(b), x0)
 
 
-@pytest.mark.parametrize("seed", [1, 3])
+@pytest.mark.parametrize("seed", [1, 2])
 def test_small_damping_refines_and_is_accurate(seed):
     """ReLU nets at ε = 1e-6: without refinement the error is far above eps·cond (the
     elimination does not pivot across blocks); the default sees the backward error and refines."""
