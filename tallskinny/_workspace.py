@@ -44,12 +44,6 @@ def _poolable(t: Tensor) -> bool:
     return t.device.type == "cpu" and t._base is None and t.is_contiguous() and _nbytes(t) >= MIN_BYTES
 
 
-def pooled(t: Tensor) -> bool:
-    """Whether buffers of ``t``'s size and device go through the pool (small ones come
-    from malloc's free lists without page faults, and skip the pool's bookkeeping)."""
-    return t.device.type == "cpu" and t.numel() * t.element_size() >= MIN_BYTES
-
-
 def empty(shape: tuple[int, ...], like: Tensor) -> Tensor:
     """An uninitialised contiguous tensor of ``shape`` with ``like``'s dtype and device."""
     shape = tuple(shape)

@@ -252,9 +252,9 @@ def test_scaled_identity_is_cached_only_when_small():
 
 
 @pytest.mark.parametrize("n", [100, 600, 1031])
-def test_symmetric_schur_update_from_the_lower_blocks(n):
-    """``S − QᵀK`` for ``K = P⁻¹Q`` (``P`` symmetric), made from the blocks on and below the
-    diagonal: exactly symmetric, equal to the symmetrised full product to rounding."""
+def test_symmetric_schur_update(n):
+    """``S − QᵀK`` for ``K = P⁻¹Q`` (``P`` symmetric), symmetrised (in a pooled buffer
+    where large): exactly symmetric, equal to ``(M + Mᵀ)/2`` of the full product."""
     from tallskinny.stage_algebra import subtract_symmetric_product
 
     gen = torch.Generator().manual_seed(n)

@@ -176,26 +176,3 @@ def test_single_vector_products_match_dense(bias, batch, kind):
     V = torch.randn(H.shape[0], 2, generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(curv.hvp(V[:, 0]), H @ V[:, 0], rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(curv.hvp(V), H @ V, rtol=1e-12, atol=1e-12)
-
-
-@pytest.mark.parametrize("damping", [1e-6, 1e-3, 0.1])
-@pytest.mark.parametrize("kind", ["hessian", "ggn"])
-def test_large_linear_stages_keep_only_K(damping, kind):
-    """Linear stages at several samples with ``a ≥ 128`` (buffers of the workspace pool)
-    keep ``K`` but not ``Q_ζy`` (the backward sweep applies ``Kᵀ`` to a bit-for-bit
-    symmetric pivot): solves, log-determinant and inertia as exact as everywhere else."""
-    from tallskinny import affine
-
-    torch.manual_seed(4)
-    modules = []
-    for _ in range(3):
-        modules += [torch.nn.Linear(16, 16), torch.nn.Tanh()]
-    modules.append(torch.nn.Linear(16, 3))
-    X, y = torch.randn(8, 16), torch.randint(0, 3, (8,))  # a = 8 · 16 = 128
-    chain = ts.Chain(modules, torch.nn.CrossEntropyLoss())
-    curv = chain.curvature(X, y, kind=kind)
-    H = dense_hessian(chain, X, y) if kind == "hessian" else dense_ggn(chain, X, y)
-    fact = curv.factorize(damping)
-    kept = [f for f in fact._inner._factors if isinstance(f, affine._DirectAffineFactor)]
-    assert sum(f.Q_ry is None for f in kept) >= 2  # the large stages took that path
-    check_factorization(curv, H + damping * torch.eye(H.shape[0]), torch.Generator().manual_seed(0))
