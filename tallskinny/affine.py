@@ -39,7 +39,7 @@ from .linalg.kronecker import (
 from .stage_algebra import (
     SymmetricFactor,
     scaled_identity,
-    subtract_symmetric_product,
+    symmetrized,
     _congruence,
     _plus,
     _raise_if_null_directions,
@@ -408,6 +408,7 @@ class AffineStage(_AffineCoordinates):
         if factor is None:
             raise _StageSingular(index)
         K = factor.solve(Q_ry)
+        S_new.addmm_(Q_ry.mT, K, alpha=-1.0)  # the Schur complement
         if self.n_perp and self.coupled:
             if self._CtC is None and self.g_sq is None and self.C_span is None:
                 # C_⊥ᵀC_⊥ = ΓᵀΓ ⊗ P̄ added from its factors, in place (never formed)
@@ -415,9 +416,7 @@ class AffineStage(_AffineCoordinates):
                 S_new.view(R, n, R, n).addcmul_(GtG.view(R, 1, R, 1), Pbar.view(1, n, 1, n), value=-1.0 / damping)
             else:
                 S_new.add_(self.CtC, alpha=-1.0 / damping)
-        # the Schur complement, symmetrised (from the blocks on and below the diagonal)
-        S_new = subtract_symmetric_product(S_new, Q_ry, K)
-        return S_new, _DirectAffineFactor(self, damping, factor, Q_ry, K)
+        return symmetrized(S_new), _DirectAffineFactor(self, damping, factor, Q_ry, K)
 
     def _value_hessian_base(self, Wt: Tensor, SW: Tensor, damping: float, index: int) -> Tensor:
         """``E + WᵀSW − C_⊥ᵀC_⊥/ε`` as a fresh tensor (one ``addmm`` for a Linear layer)."""
