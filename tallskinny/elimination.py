@@ -79,6 +79,19 @@ def _mm(A, x: Tensor) -> Tensor:
     return A @ x if isinstance(A, Tensor) else A._matmat(x)
 
 
+def _gvt_product(GVt, S: Tensor) -> tuple[Tensor, bool]:
+    """``G_Vᵀ S``, and whether it is in a buffer of the workspace pool (the caller gives
+    it back): so for ``G_Vᵀ = I_m ⊗ B`` (a convolution's span, channel-major), one
+    batched product."""
+    B = identity_kronecker_factor(GVt) if not isinstance(GVt, Tensor) else None
+    if B is None or not S.is_contiguous():
+        return _mm(GVt, S), False
+    m, N = S.shape[0] // B.shape[1], S.shape[1]
+    out = _workspace.empty((m * B.shape[0], N), S)
+    torch.matmul(B, S.view(m, B.shape[1], N), out=out.view(m, B.shape[0], N))
+    return out, True
+
+
 def _zero_map(x: Tensor) -> Tensor:
     return torch.zeros_like(x)
 
@@ -291,7 +304,8 @@ class DenseStage:
     def eliminate(self, S: Tensor, damping: float, index: int):
         if self._live is not None:
             return self._eliminate_live(S, damping, index)
-        SGV = _mm(self.GVt, S).mT  # S G_V = (G_VᵀS)ᵀ: S is symmetric
+        GtS, pooled = _gvt_product(self.GVt, S)  # G_VᵀS
+        SGV = GtS.mT  # S G_V = (G_VᵀS)ᵀ: S is symmetric
         if _congruence_is_dense(self.F):
             # F used densely anyway (a convolution, a fallback block): SF once gives both
             # FᵀSF and Q_ζy = C + G_VᵀSF, instead of a second product with Fᵀ (SF and the
@@ -299,12 +313,17 @@ class DenseStage:
             Fd = self.F.to_dense()
             SF = torch.mm(S, Fd, out=_workspace.empty((S.shape[0], Fd.shape[1]), S))
             S_new = _plus(self.E, torch.mm(Fd.mT, SF, out=_workspace.empty((Fd.shape[1],) * 2, S)))
-            Q_ry = self.C_r + _mm(self.GVt, SF)  # r × a_in
+            GtSF = _mm(self.GVt, SF)
+            # Q_ζy = C + G_VᵀSF, in place where the product is a new tensor
+            shared = GtSF.untyped_storage().data_ptr() == SF.untyped_storage().data_ptr()
+            Q_ry = GtSF + self.C_r if shared else GtSF.add_(self.C_r)  # r × a_in
             _workspace.give(SF)
         else:
             Q_ry = self.C_r + self.FT._matmat(SGV).mT  # r × a_in
             S_new = _plus(self.E, _congruence(self.F, S))  # Q_yy, then its Schur complement
         Q_rr = self.GVt @ SGV
+        if pooled:
+            _workspace.give(GtS)
         S_new, factor, K_r, d, inertia, logdet = self._schur(S_new, Q_rr, Q_ry, self.C_z, self.CtC, damping, index)
         return S_new, _DenseStageFactor(self, damping, d, factor, Q_ry, K_r, inertia, logdet)
 
