@@ -41,7 +41,14 @@ def _nbytes(t: Tensor) -> int:
 
 
 def _poolable(t: Tensor) -> bool:
-    return t.device.type == "cpu" and t._base is None and t.is_contiguous() and _nbytes(t) >= MIN_BYTES
+    return (
+        t.device.type == "cpu"
+        and t._base is None
+        and not t.requires_grad
+        and t.grad_fn is None
+        and t.is_contiguous()
+        and _nbytes(t) >= MIN_BYTES
+    )
 
 
 def empty(shape: tuple[int, ...], like: Tensor) -> Tensor:

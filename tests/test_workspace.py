@@ -98,3 +98,13 @@ def test_a_run_keeps_its_input_hessian_while_the_pool_is_reused(monkeypatch):
     eig = torch.linalg.eigvalsh(dense_hessian(chain, X, y) + torch.eye(curv.num_parameters, dtype=torch.float64))
     assert tuple(first.inertia()) == ((eig > 0).sum().item(), (eig < 0).sum().item(), 0)
     _workspace.clear()
+
+
+def test_tensors_with_autograd_history_are_never_pooled():
+    _workspace.clear()
+    leaf = torch.zeros(_workspace.MIN_BYTES // 8, dtype=torch.float64, requires_grad=True)
+    _workspace.give(leaf)
+    _workspace.give(leaf * 2)  # has a grad_fn
+    view = torch.zeros(2 * _workspace.MIN_BYTES // 8, dtype=torch.float64)[::2]
+    _workspace.give(view)  # a view: its base may be in use
+    assert _workspace._held == 0
