@@ -42,12 +42,12 @@ def _nbytes(t: Tensor) -> int:
 
 def _poolable(t: Tensor) -> bool:
     return (
-        t.device.type == "cpu"
+        _nbytes(t) >= MIN_BYTES
+        and t.device.type == "cpu"
         and t._base is None
         and not t.requires_grad
         and t.grad_fn is None
         and t.is_contiguous()
-        and _nbytes(t) >= MIN_BYTES
     )
 
 
@@ -76,7 +76,7 @@ def recycle(owner: object, *tensors: Tensor) -> None:
 def give(t: Tensor) -> None:
     """Put ``t`` in the pool now: the caller holds the only reference that will ever be
     used again (it must not read or write ``t`` afterwards)."""
-    if t.numel() * t.element_size() >= MIN_BYTES and _poolable(t):
+    if _poolable(t):
         _put((t,))
 
 

@@ -128,14 +128,6 @@ class ActivationStage:
     def eliminate(self, S: Tensor, damping: float, index: int):
         if self._dd is not None:
             return (S * self._dd if self._E is None else torch.addcmul(self._E, S, self._dd)), None
-        if isinstance(self.F, Diagonal):
-            # S ⊙ ddᵀ (d_i·d_j first: symmetric bit for bit), in buffers of the workspace pool
-            d = self.F.diagonal
-            dd = _workspace.empty(S.shape, S)
-            torch.outer(d, d, out=dd)
-            S_new = torch.mul(S, dd, out=_workspace.empty(S.shape, S))
-            _workspace.give(dd)
-            return _plus(self.E, S_new), None
         S_new = _plus(self.E, _congruence(self.F, S))
         # D S D (+ a diagonal) of a symmetric S is symmetric bit for bit: s_ij·d_i·d_j
         return (S_new if self.diagonal else _symmetrize(S_new)), None

@@ -42,8 +42,6 @@ def subtract_symmetric_product(S: Tensor, Q: Tensor, K: Tensor) -> Tensor:
 def symmetrized(S: Tensor) -> Tensor:
     """``(S + Sᵀ)/2`` (``S`` is the caller's own: a large one goes back to the workspace
     pool, and the result takes a buffer from it)."""
-    if S.numel() * S.element_size() < _workspace.MIN_BYTES:
-        return _symmetrize(S)
     out = torch.add(S, S.mT, out=_workspace.empty(S.shape, S)).mul_(0.5)
     _workspace.give(S)
     return out
@@ -52,8 +50,12 @@ def symmetrized(S: Tensor) -> Tensor:
 def _congruence(F: LinearOperator, S: Tensor) -> Tensor:
     """``Fᵀ S F`` for a symmetric dense ``S``, exploiting diagonal ``F``."""
     if isinstance(F, Diagonal):
+        # S ⊙ ddᵀ with d_i·d_j formed first (symmetric exactly), both in pool buffers
         d = F.diagonal
-        return S * (d.unsqueeze(0) * d.unsqueeze(1))  # d_i·d_j first: symmetric exactly
+        dd = torch.outer(d, d, out=_workspace.empty(S.shape, S))
+        out = torch.mul(S, dd, out=_workspace.empty(S.shape, S))
+        _workspace.give(dd)
+        return out
     if isinstance(F, ScaledIdentity):
         return (F.scale * F.scale) * S
     W = identity_kronecker_factor(F)
