@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from .affine import _transposed_order, affine_parts, padded_identity, samples_first
-from .blocks.linear import _theta_order
+from .blocks.linear import WeightBiasOrder
 from .blocks.protocol import DeferredOracle, Oracle
 from .linalg import Dense, Diagonal, LinearOperator, ScaledIdentity, Zero
 from .linalg.kronecker import identity_kronecker_factor
@@ -277,19 +277,14 @@ def _one_sample_linear(o: Oracle, parts) -> tuple | None:
 
 
 def _weight_columns(p_theta, m: int, q: int) -> int | None:
-    """The number ``n_w`` of weight columns if ``P_θ`` is ``nn.Linear``'s layout
-    (θ = ``[vec(W), b]``, ``Θ̃ = [W | b]``, or ``Θ̃ = W`` without bias), else ``None``
-    (kept on the permutation, which blocks make once per shape)."""
-    key = "_weight_columns"
-    if key not in p_theta.__dict__:
-        device = p_theta.index.device
-        found = None
-        for nw, bias in ((q - 1, True), (q, False)):
-            if nw >= 1 and torch.equal(_theta_order(m, nw, True, bias, device), p_theta.index):
-                found = nw
-                break
-        p_theta.__dict__[key] = found
-    return p_theta.__dict__[key]
+    """The number ``n_w`` of weight columns where the block declares ``nn.Linear``'s layout
+    (θ = ``[vec(W), b]``, ``Θ̃ = [W | b]``, or ``Θ̃ = W`` without bias: a
+    :class:`~tallskinny.blocks.linear.WeightBiasOrder`), else ``None``."""
+    if not isinstance(p_theta, WeightBiasOrder) or p_theta.weight_columns < 1:
+        return None
+    if p_theta.out_features != m or p_theta.weight_columns + p_theta.bias != q:
+        return None
+    return p_theta.weight_columns
 
 
 class CompiledBlocks(list):

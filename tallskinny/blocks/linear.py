@@ -23,7 +23,7 @@ from .func import Block
 from .protocol import DeferredOracle, Oracle
 from .registry import register
 
-__all__ = ["LinearBlock", "linear_C", "linear_F", "linear_G"]
+__all__ = ["LinearBlock", "WeightBiasOrder", "linear_C", "linear_F", "linear_G", "weight_bias_order"]
 
 
 @register(nn.Linear)
@@ -102,7 +102,7 @@ def linear_G(z2: Tensor, out_features: int, *, with_weight: bool, with_bias: boo
     return Product(
         _output_order(out_features, S, z2.dtype, z2.device),
         Kronecker(Identity(out_features, dtype=z2.dtype, device=z2.device), Dense(X)),
-        _theta_permutation(out_features, in_features, with_weight, with_bias, z2.dtype, z2.device),
+        weight_bias_order(out_features, in_features, with_weight, with_bias, z2.dtype, z2.device),
     )
 
 
@@ -117,7 +117,7 @@ def linear_C(g2: Tensor, in_features: int, *, with_bias: bool) -> LinearOperator
     ``C = P_θᵀ (g2ᵀ ⊗ Ẽ)`` with ``Ẽ = [I_in; 0]`` (no bias row is touched)."""
     S, out_features = g2.shape
     E_tilde = padded_identity_matrix(in_features + int(with_bias), in_features, g2.dtype, g2.device)
-    P_theta = _theta_permutation(out_features, in_features, True, with_bias, g2.dtype, g2.device)
+    P_theta = weight_bias_order(out_features, in_features, True, with_bias, g2.dtype, g2.device)
     return Product(P_theta.T, Kronecker(Dense(g2.mT), Dense(E_tilde)))
 
 
@@ -127,10 +127,24 @@ def _output_order(out_features: int, samples: int, dtype, device) -> Permutation
     return Permutation(transpose_permutation(out_features, samples, device=device), dtype=dtype)
 
 
+class WeightBiasOrder(Permutation):
+    """``P_θ`` of a block with θ = ``[vec(W), b]`` and ``Θ̃ = [W | b]`` (``nn.Linear``'s layout;
+    a convolution's with ``groups = 1``): ``vec(Θ̃) = P_θ θ``, with the layout it stands for
+    declared: ``weight_columns`` (``n_w``, 0 without a trainable weight) and ``bias``.
+
+    The layout is declared, not read off the permutation: with one output unit the index
+    orders of "``n`` weight columns and a bias" and "``n + 1`` weight columns" coincide."""
+
+    def __init__(self, out_features: int, weight_columns: int, bias: bool, *, dtype, device):
+        index = _theta_order(out_features, weight_columns, weight_columns > 0, bias, device)
+        super().__init__(index, dtype=dtype)
+        self.out_features, self.weight_columns, self.bias = out_features, weight_columns, bias
+
+
 @functools.lru_cache(maxsize=256)
-def _theta_permutation(out_features, in_features, with_weight, with_bias, dtype, device) -> Permutation:
-    """``P_θ`` (cached: made once per shape)."""
-    return Permutation(_theta_order(out_features, in_features, with_weight, with_bias, device), dtype=dtype)
+def weight_bias_order(out_features, in_features, with_weight, with_bias, dtype, device) -> WeightBiasOrder:
+    """``P_θ`` of ``nn.Linear``'s layout (cached: made once per shape)."""
+    return WeightBiasOrder(out_features, in_features if with_weight else 0, with_bias, dtype=dtype, device=device)
 
 
 def _theta_order(out_features: int, in_features: int, with_weight: bool, with_bias: bool, device) -> Tensor:

@@ -33,6 +33,7 @@ from torch.nn import functional as Fn
 
 from tallskinny.blocks import Block, Oracle, register
 from tallskinny.blocks.checks import check_adjoint, check_finite, check_input, check_params
+from tallskinny.blocks.linear import weight_bias_order
 from tallskinny.linalg import Dense, Identity, LinearOperator, Zero
 from tallskinny.linalg.kronecker import Kronecker, Permutation
 
@@ -276,7 +277,11 @@ def _injection_index(out, channels, groups, K, with_weight, with_bias, device) -
 
 
 def _theta_injection(module, channels, q_w, with_weight, with_bias, p, z) -> LinearOperator:
-    """``J``: θ ↦ ``vec Θ̃`` (a :class:`Permutation` when ``Θ̃`` has no structural zeros)."""
+    """``J``: θ ↦ ``vec Θ̃``: ``nn.Linear``'s layout (declared, a
+    :class:`~tallskinny.blocks.linear.WeightBiasOrder`) for ``groups = 1``, a
+    :class:`Permutation` when ``Θ̃`` has no structural zeros otherwise."""
+    if module.groups == 1:
+        return weight_bias_order(module.out_channels, q_w, with_weight, with_bias, z.dtype, z.device)
     K = q_w // channels
     index = _injection_index(module.out_channels, channels, module.groups, K, with_weight, with_bias, z.device)
     if module.groups == 1 or not with_weight:
