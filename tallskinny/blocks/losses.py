@@ -229,8 +229,12 @@ def softmax_cross_entropy_derivatives(rows: Tensor, q: Tensor, denominator) -> t
     p = torch.softmax(rows, dim=-1)
     Q = q.sum(-1, keepdim=True)
     grad = (Q * p - q) / denominator
-    hess = Q[..., None] * (torch.diag_embed(p) - p[:, :, None] * p[:, None, :]) / denominator
-    return grad, hess
+    # diag(p) − ppᵀ with the diagonal p_i(1 − p_i) summed as Σ_{j≠i} p_i p_j: no cancellation
+    # where the softmax saturates (1 − p_i is then far below eps relative to p_i)
+    outer = p[:, :, None] * p[:, None, :]
+    off = outer.masked_fill(torch.eye(p.shape[-1], dtype=torch.bool, device=p.device), 0.0)
+    hess = torch.diag_embed(off.sum(-1)) - off
+    return grad, hess * (Q[..., None] / denominator)
 
 
 def block_diagonal(blocks: Tensor) -> Tensor:
