@@ -56,11 +56,29 @@ def check_kind(kind) -> str:
     return kind
 
 
+FACTORIZATION_TOLERANCE = 512
+"""``logdet()``, ``sign()`` and ``inertia()`` of a Hessian factorization first check the
+stagewise elimination: one solve with a fixed random right-hand side and one HVP estimate
+the normwise backward error ``η`` of its factors (as ``solve`` does). A perturbation of
+normwise size ``η‖H+εI‖`` moves ``log|det|`` by at most about ``P·η·cond`` and leaves the
+inertia exact where ``η·cond < 1``; above this many units of roundoff (``1.1e-13`` in
+float64, the ``1e-13·P·cond`` of the documented accuracy) the elimination may have lost
+accuracy to element growth, and the quantities are taken from the pivoted KKT
+factorization instead (Bunch–Kaufman pivoting: no such growth)."""
+
+PIVOTED_FALLBACK_BYTES = 2 * 2**30
+"""The pivoted KKT fallback forms dense blocks of size ``p_l + 2a_l`` per block: it is
+tried only where they need at most this many bytes (else the warning says so)."""
+
+
 class Factorization:
     """``H + εI`` factored once; solves any number of right-hand sides.
 
     ``logdet()`` is ``log|det(H + εI)|``, ``sign()`` the sign of the determinant and
     ``inertia()`` the counts ``(positive, negative, zero)`` of eigenvalues of ``H + εI``.
+    Solves use the stagewise elimination (refined and checked); the three spectral
+    quantities come from a factorization whose backward error was checked
+    (:data:`FACTORIZATION_TOLERANCE`).
     """
 
     def __init__(self, inner, curvature: "Curvature", damping: float):
@@ -70,6 +88,9 @@ class Factorization:
         self.damping = damping
         self._scratch = None  # the buffer of the last check's (H+εI)x, reused by the next
         self._pooled_scratch = False  # whether a check buffer came from the workspace pool
+        self._norm_hint = inner.norm_lower_bound  # a lower bound of ‖H‖ the elimination knows
+        self._pivoted = None  # the KKT factorization, made where the elimination lost accuracy
+        self._spectral = None  # the checked factorization logdet/sign/inertia read
 
     @collector_paused
     def solve(self, b, *, refine: int | None = None):
@@ -81,40 +102,38 @@ class Factorization:
         estimates the normwise backward error ``η = ‖r‖ / (‖H+εI‖·‖x‖ + ‖b‖)`` (with a lower
         bound of ``‖H+εI‖``, so that ``η`` is overestimated, never under)
         and, where ``η`` exceeds ``BACKWARD_ERROR_TOLERANCE·eps``, refines with that
-        residual and checks again, at most ``MAX_REFINEMENTS`` times (an
-        :class:`~tallskinny.errors.AccuracyWarning` if ``η`` is still above). The
+        residual and checks again, at most ``MAX_REFINEMENTS`` times. The
         elimination does not pivot across blocks, so at small damping its backward error
         can reach 1e-10 on some right-hand sides; one step usually brings it back to
-        rounding level. ``0`` never refines (no HVP), ``k`` always refines ``k`` times.
+        rounding level. Where refinement stalls above tolerance, the solve is done again
+        with the pivoted KKT factorization (kept for later solves), and an
+        :class:`~tallskinny.errors.AccuracyWarning` is given where ``η`` ends far above
+        tolerance (``WARNING_FACTOR`` times).
+        ``0`` never refines (no HVP), ``k`` always refines ``k`` times.
         """
         if refine is not None and (isinstance(refine, bool) or not isinstance(refine, int) or refine < 0):
             raise ValueError(f"refine must be None or an integer >= 0, got {refine!r}")
         rhs, fmt = self._layout.to_flat(b, "b")
-        x = self._inner.solve(rhs)
         if refine is None:
-            # LAPACK's rule (xGERFS): refine while above tolerance and each step at least
-            # halves the backward error, at most MAX_REFINEMENTS steps
-            last = math.inf
-            for step in range(MAX_REFINEMENTS + 1):
-                residual, buffer, eta = self._checked_residual(rhs, x)
-                go_on = residual is not None and step < MAX_REFINEMENTS and eta <= 0.5 * last
-                if go_on:
-                    self._curvature._refinements += 1
-                    x = x + self._inner.solve(residual)
-                self._scratch = buffer  # free again for the next check
-                if not go_on:
-                    break
-                last = eta
+            x, eta, steps = self._checked_solve(rhs)
             tol = BACKWARD_ERROR_TOLERANCE * torch.finfo(x.dtype).eps
-            if residual is not None and eta > WARNING_FACTOR * tol:
+            if eta > tol and self._pivoted is None and self._pivoted_fits():
+                # refinement stalled above tolerance: element growth in the stages; the
+                # pivoted KKT factorization solves from here on
+                self._inner = self._pivoted = self._pivoted_factorization()
+                x2, eta2, steps2 = self._checked_solve(rhs)
+                if eta2 <= eta:
+                    x, eta, steps = x2, eta2, steps2
+            if eta > WARNING_FACTOR * tol:
                 warnings.warn(
-                    f"the estimated backward error of the solution is {eta:.1e} after {step} "
+                    f"the estimated backward error of the solution is {eta:.1e} after {steps} "
                     f"refinements (tolerance {tol:.1e}): H + εI is too ill-conditioned for the "
                     f"elimination at damping={self.damping:g}",
                     AccuracyWarning,
                     stacklevel=2,
                 )
         else:
+            x = self._inner.solve(rhs)
             for _ in range(refine):
                 residual = rhs - self._curvature._apply(x, shift=self.damping)
                 x = x + self._inner.solve(residual)
@@ -126,10 +145,30 @@ class Factorization:
             )
         return self._layout.from_flat(x, fmt)
 
-    def _checked_residual(self, rhs: Tensor, x: Tensor) -> tuple[Tensor | None, Tensor, float]:
-        """The residual ``b − (H+εI)x`` if the backward error of ``x`` is above tolerance
+    def _checked_solve(self, rhs: Tensor) -> tuple[Tensor, float, int]:
+        """A solve refined by LAPACK's rule (xGERFS): while the backward error is above
+        tolerance and each step at least halves it, at most ``MAX_REFINEMENTS`` steps.
+        Returns the solution, its estimated backward error (``0`` below tolerance) and the
+        number of steps."""
+        x = self._inner.solve(rhs)
+        tol = BACKWARD_ERROR_TOLERANCE * torch.finfo(x.dtype).eps
+        last = math.inf
+        for step in range(MAX_REFINEMENTS + 1):
+            residual, buffer, eta = self._checked_residual(rhs, x, tol)
+            go_on = residual is not None and step < MAX_REFINEMENTS and eta <= 0.5 * last
+            if go_on:
+                self._curvature._refinements += 1
+                x = x + self._inner.solve(residual)
+            self._scratch = buffer  # free again for the next check
+            if not go_on:
+                break
+            last = eta
+        return x, eta, step
+
+    def _checked_residual(self, rhs: Tensor, x: Tensor, tol: float) -> tuple[Tensor | None, Tensor, float]:
+        """The residual ``b − (H+εI)x`` if the backward error of ``x`` is above ``tol``
         (else ``None``), the buffer it is made in (for the next check) and the largest
-        estimated backward error of a column.
+        estimated backward error of a column (``0`` below ``tol``).
 
         ``‖H+εI‖`` is bounded below by ``‖(H+εI)x‖/‖x‖ ≥ (‖b‖ − ‖r‖)/‖x‖``, by the last block's diagonal
         block of ``H`` (known from the factorization), by every such bound seen before on
@@ -151,18 +190,17 @@ class Factorization:
         residual = torch.sub(rhs, Mx, out=Mx)  # b − (H+εI)x, in the buffer of (H+εI)x
         r_n, x_n, b_n = torch.stack((residual.norm(dim=0), x.norm(dim=0), rhs.norm(dim=0))).tolist()
         curv = self._curvature
-        H_bound = max(curv._norm_bound, getattr(self._inner, "norm_lower_bound", 0.0))
+        H_bound = max(curv._norm_bound, self._norm_hint)
         scale = max(0.0, H_bound - self.damping)  # ‖H+εI‖ ≥ ‖H‖ − ε
         for j in range(len(x_n)):
             if x_n[j] > 0:  # ‖(H+εI)x‖ ≥ ‖b‖ − ‖r‖ (one norm fewer than ‖(H+εI)x‖ itself)
                 scale = max(scale, (b_n[j] - r_n[j]) / x_n[j])
         curv._norm_bound = max(H_bound, scale - self.damping)
-        tol = BACKWARD_ERROR_TOLERANCE * torch.finfo(x.dtype).eps
 
         def above(scale: float) -> bool:
             return any(
                 scale * x_n[j] + b_n[j] > 0 and r_n[j] > tol * (scale * x_n[j] + b_n[j]) for j in range(len(x_n))
-            )
+            ) or any(math.isnan(r) for r in r_n)
 
         if not above(scale):
             return None, residual, 0.0
@@ -176,29 +214,89 @@ class Factorization:
                 return None, residual, 0.0
         if not curv._gradient_bound_done:
             # the cheap bounds can be far below ‖H‖ (20–40× on deep tanh MLPs): before the
-            # first refinement on this curvature, bound ‖H‖ by ‖Hg‖/‖g‖ (one HVP, once; it
-            # costs less than the refinement's two sweeps — measured 0.4–0.6× at one sample
-            # through batched runs, 0.35× at four samples — and spares this and every later
-            # solve a refinement that the cheap bounds alone would ask for)
+            # first refinement on this curvature, bound ‖H‖ by ‖Hg‖/‖g‖ (one HVP, once,
+            # cheaper than the refinement's two sweeps it spares this and later solves)
             curv._gradient_bound_done = True
             bound = curv._gradient_norm_bound()
             curv._norm_bound = max(curv._norm_bound, bound)
             scale = max(scale, bound - self.damping)
             if not above(scale):
                 return None, residual, 0.0
-        eta = max(r_n[j] / (scale * x_n[j] + b_n[j]) for j in range(len(x_n)) if scale * x_n[j] + b_n[j] > 0)
+        etas = [r_n[j] / (scale * x_n[j] + b_n[j]) for j in range(len(x_n)) if scale * x_n[j] + b_n[j] > 0]
+        eta = math.inf if any(math.isnan(e) for e in etas) else max(etas, default=math.inf)
         return residual, residual, eta
+
+    # -- the spectrum's signs and log-determinant -----------------------------------------
+    def _spectral_factorization(self):
+        """The factorization ``logdet``, ``sign`` and ``inertia`` read: the elimination's
+        where its backward error passes :data:`FACTORIZATION_TOLERANCE`, else the pivoted
+        KKT factorization (an :class:`~tallskinny.errors.AccuracyWarning` where that is too
+        large to make or finds ``H + εI`` singular). Decided once. The Gauss–Newton matrix
+        is not checked: its elimination is a block Cholesky of a positive semidefinite
+        problem (every value Hessian ``S ⪰ 0`` and no larger than ``FᵀSF``), which has no
+        element growth."""
+        if self._spectral is not None:
+            return self._spectral
+        self._spectral = self._inner
+        if self._curvature.kind == "ggn" or self._inner is self._pivoted:
+            return self._spectral
+        eta = self._factorization_error(self._inner)
+        tol = FACTORIZATION_TOLERANCE * torch.finfo(self._layout.dtype).eps
+        if eta <= tol:
+            return self._spectral
+        why = None
+        if not self._pivoted_fits():
+            why = f"the pivoted fallback would need more than {PIVOTED_FALLBACK_BYTES / 2**30:g} GiB"
+        elif self._pivoted is None:
+            try:
+                self._pivoted = self._pivoted_factorization()
+            except SingularSystemError:
+                why = "the pivoted fallback finds H + εI singular"
+        if self._pivoted is not None:
+            self._spectral = self._pivoted
+        else:
+            warnings.warn(
+                f"the estimated backward error of the factorization of H + εI is {eta:.1e} "
+                f"(tolerance {tol:.1e}) at damping={self.damping:g} and {why}: log|det| may be "
+                "off by about P·η·cond(H + εI), and the inertia may miscount eigenvalues below "
+                "η·‖H + εI‖",
+                AccuracyWarning,
+                stacklevel=3,
+            )
+        return self._spectral
+
+    def _factorization_error(self, factorization) -> float:
+        """The normwise backward error of ``factorization``'s solve of a fixed random
+        right-hand side (unrefined): an estimate of its factors' backward error."""
+        layout = self._layout
+        gen = torch.Generator().manual_seed(0)
+        b = torch.randn((layout.numel, 1), generator=gen, dtype=layout.dtype).to(layout.device)
+        x = factorization.solve(b)
+        if not bool(torch.isfinite(x).all()):
+            return math.inf
+        tol = FACTORIZATION_TOLERANCE * torch.finfo(x.dtype).eps
+        _, buffer, eta = self._checked_residual(b, x, tol)
+        self._scratch = buffer
+        return eta
+
+    def _pivoted_fits(self) -> bool:
+        return elimination.kkt_bytes(self._curvature.oracles) <= PIVOTED_FALLBACK_BYTES
+
+    def _pivoted_factorization(self):
+        curv = self._curvature
+        return elimination.KKTFactorization(curv.oracles, curv.loss_oracle, self.damping)
 
     @collector_paused
     def logdet(self) -> Tensor:
-        return self._inner.logdet()
+        return self._spectral_factorization().logdet()
 
+    @collector_paused
     def sign(self) -> Tensor:
-        return self._inner.sign()
+        return self._spectral_factorization().sign()
 
     @collector_paused
     def inertia(self) -> Inertia:
-        return self._inner.inertia()
+        return self._spectral_factorization().inertia()
 
     def is_positive_definite(self) -> bool:
         inertia = self.inertia()
