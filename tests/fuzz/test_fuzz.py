@@ -24,6 +24,9 @@ FIXED = {
     178: "LayerNorm chain at ε = 1.3e-6: log|det| off by 1.5e-2 without a warning",
     214: "bias-free Linear chain at ε = 2.9e-8: refinement stalled, solve 12× its tolerance",
     300: "residual unit at ε = 1.1 (cond 59): log|det| off by 3.4e-5",
+    527: "float32, cond 6e5: SingularSystemError",
+    1147: "float32, cond 2e5: SingularSystemError",
+    1327: "float32, cond 3e5: SingularSystemError",
 }
 
 
