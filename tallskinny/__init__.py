@@ -3,7 +3,7 @@
 from . import blocks, linalg
 from .chain import Chain
 from .curvature import Curvature, Factorization
-from .errors import AccuracyWarning, SingularSystemError
+from .errors import AccuracyWarning, SingularSystemError, StaleCurvatureError
 from .linalg import Inertia, SingularMatrixError
 
 __version__ = "0.1.0.dev0"
@@ -16,6 +16,7 @@ __all__ = [
     "Inertia",
     "SingularMatrixError",
     "SingularSystemError",
+    "StaleCurvatureError",
     "blocks",
     "linalg",
     "__version__",

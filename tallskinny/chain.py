@@ -16,7 +16,7 @@ from ._gc import collector_paused
 from .blocks import LossBlock, Oracle, block_for, checks, loss_for
 from .blocks.elementwise import batch_key, oracles_together
 from .blocks.protocol import DeferredOracle
-from .curvature import Curvature, check_damping, check_kind
+from .curvature import Curvature, ParameterVersions, check_damping, check_kind, check_refine
 from .linalg import Zero
 from .vectors import ParameterLayout
 
@@ -59,6 +59,14 @@ class Chain:
         self._names = tuple(
             f"{i}.{n}" for i, (m, ps) in enumerate(zip(self.modules, self._params)) for n in _param_names(m, ps)
         )
+        # every tensor a curvature may share memory with: θ and the frozen parameters
+        watched: dict[int, tuple[str, Tensor]] = {}
+        for i, (m, ps) in enumerate(zip(self.modules, self._params)):
+            named = m.named_parameters() if isinstance(m, nn.Module) else zip(_param_names(m, ps), ps)
+            for n, p in named:
+                watched.setdefault(id(p), (f"{i}.{n}", p))
+        self._watched_names = tuple(n for n, _ in watched.values())
+        self._watched = tuple(p for _, p in watched.values())
 
     @classmethod
     def from_sequential(cls, sequential: nn.Sequential, loss: Callable, *, strict: bool = False) -> "Chain":
@@ -106,16 +114,22 @@ class Chain:
 
         ``kind="hessian"`` gives the Hessian of the loss w.r.t. all parameters,
         ``kind="ggn"`` the generalised Gauss–Newton matrix ``Jᵀ ∇²loss J``.
+
+        The curvature holds a copy of ``inputs`` but shares memory with the parameters:
+        once one of them is changed in place, its methods raise
+        :class:`~tallskinny.errors.StaleCurvatureError`.
         """
         return self._curvature(inputs, targets, check_kind(kind), self.layout())
 
     def _curvature(self, inputs: Tensor, targets, kind: str, layout: ParameterLayout) -> Curvature:
         self._check_inputs(inputs, layout)
+        versions = ParameterVersions(self._watched_names, self._watched)
         # our own leaves: they require grad for the backward pass, and once it is done
         # the same tensors (flag cleared) are the parameter values the oracles see
         thetas = [[p.detach().requires_grad_(True) for p in ps] for ps in self._params]
         with torch.enable_grad(), checks.trusted():
-            zs = [inputs.detach()]
+            # a copy: the first oracle may keep its input, and the user may change theirs
+            zs = [inputs.detach().clone()]
             for i, block in enumerate(self.blocks):
                 try:
                     z = block.forward(zs[-1], thetas[i])
@@ -162,7 +176,7 @@ class Chain:
                 oracles.append(o)
         loss_oracle = self.loss_block.oracle(zs[-1], targets)
         _check_oracle(loss_oracle, n, self.loss, zs[-1], loss, 0)
-        return Curvature(oracles, loss_oracle, adjoints, layout, kind, loss.detach())
+        return Curvature(oracles, loss_oracle, adjoints, layout, kind, loss.detach(), versions)
 
     def _activation_oracles(self, zs, thetas, adjoints, second_order: bool) -> dict:
         """The oracles of built-in activation blocks that share a derivative rule, computed
@@ -197,6 +211,7 @@ class Chain:
         """``(H + damping·I)^{-1} b`` at ``(inputs, targets)``, in the format of ``b``."""
         damping = check_damping(damping)
         kind = check_kind(kind)
+        check_refine(refine)
         layout = self.layout()
         layout.to_flat(b, "b")
         return self._curvature(inputs, targets, kind, layout).solve(b, damping, refine=refine)

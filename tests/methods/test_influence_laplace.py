@@ -151,3 +151,15 @@ def test_laplace_errors():
         lap.log_marginal_likelihood(0.0)
     with pytest.raises(ValueError, match="lower < upper"):
         lap.optimize_prior_precision(10.0, 1.0)
+
+
+def test_laplace_after_training_is_stale():
+    model = small_model()
+    X, y = data(4)
+    lap = Laplace(chain_of(model, nn.CrossEntropyLoss()), X, y)
+    lap.log_marginal_likelihood(1.0)
+    with torch.no_grad():
+        next(model.parameters()).add_(0.1)  # trained further: the GGN is not the model's any more
+    for call in (lambda: lap.log_marginal_likelihood(1.0), lambda: lap.predictive_variance(X, 1.0)):
+        with pytest.raises(ts.StaleCurvatureError):
+            call()

@@ -1,0 +1,129 @@
+"""No silent wrong answers: stale curvatures, modules that change their input in place,
+non-finite or graph-carrying vectors, zero right-hand sides and random modules."""
+
+from __future__ import annotations
+
+import math
+from unittest import mock
+
+import pytest
+import torch
+from torch import nn
+
+import tallskinny as ts
+from tallskinny import elimination
+from tallskinny.optim import DampedNewton
+from tallskinny.testing import dense_hessian, relative_error
+
+
+def _mlp(batch: int = 3, seed: int = 0):
+    torch.manual_seed(seed)
+    modules = [nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)]
+    X, y = torch.randn(batch, 3), torch.randint(0, 2, (batch,))
+    return modules, X, y
+
+
+def _num_parameters(chain) -> int:
+    return sum(p.numel() for p in chain.parameters())
+
+
+# -- 1. a curvature whose parameters changed in place -----------------------------------------
+def _public_calls(curv, P):
+    """Every public method of a curvature and of its factorization, as thunks."""
+    fact = curv.factorize(0.5)
+    v = torch.randn(P)
+    return {
+        "hvp": lambda: curv.hvp(v),
+        "gradient": lambda: curv.gradient(),
+        "solve": lambda: curv.solve(v, 0.5),
+        "factorize": lambda: curv.factorize(0.5),
+        "to_dense": lambda: curv.to_dense(),
+        "fact.solve": lambda: fact.solve(v),
+        "fact.logdet": lambda: fact.logdet(),
+        "fact.sign": lambda: fact.sign(),
+        "fact.inertia": lambda: fact.inertia(),
+        "fact.is_positive_definite": lambda: fact.is_positive_definite(),
+    }
+
+
+def _add_(p):
+    with torch.no_grad():
+        p.add_(torch.randn_like(p))
+
+
+def _sgd_step(p):
+    p.grad = torch.randn_like(p)
+    torch.optim.SGD([p], lr=0.1).step()
+    p.grad = None
+
+
+@pytest.mark.parametrize("change", [_add_, _sgd_step], ids=["add_", "sgd"])
+def test_changed_parameter_makes_every_method_raise(change):
+    modules, X, y = _mlp()
+    chain = ts.Chain(modules, nn.CrossEntropyLoss())
+    curv = chain.curvature(X, y)
+    calls = _public_calls(curv, curv.num_parameters)
+    for call in calls.values():
+        call()  # unchanged: no false alarm
+    change(modules[2].weight)
+    for name, call in calls.items():
+        with pytest.raises(ts.StaleCurvatureError, match=r"'2\.weight'.*chain\.curvature") as info:
+            call()
+        assert info.value.parameter == "2.weight", name
+    assert issubclass(ts.StaleCurvatureError, RuntimeError)
+    # made again, the curvature is the Hessian at the new parameters
+    v = torch.randn(curv.num_parameters)
+    H = dense_hessian(chain, X, y)
+    assert relative_error(chain.curvature(X, y).hvp(v), H @ v) <= 1e-9
+
+
+def test_changed_frozen_parameter_makes_the_curvature_stale():
+    """A frozen weight is a constant of H that the oracles share too (``F = W``)."""
+    modules, X, y = _mlp()
+    modules[2].weight.requires_grad_(False)
+    chain = ts.Chain(modules, nn.CrossEntropyLoss())
+    curv = chain.curvature(X, y)
+    _add_(modules[2].weight)
+    with pytest.raises(ts.StaleCurvatureError, match=r"'2\.weight'"):
+        curv.hvp(torch.randn(curv.num_parameters))
+
+
+def test_optimizer_step_makes_an_earlier_curvature_stale():
+    modules, X, y = _mlp()
+    chain = ts.Chain(modules, nn.CrossEntropyLoss())
+    curv = chain.curvature(X, y)
+    opt = DampedNewton(chain, damping=1.0)
+    opt.step((X, y))
+    assert opt.last_step.accepted
+    with pytest.raises(ts.StaleCurvatureError):
+        curv.solve(torch.randn(curv.num_parameters), 0.1)
+
+
+def test_rejected_trial_steps_leave_the_parameters_untouched():
+    """The optimizer judges a trial step without applying it: rejected steps change no
+    parameter (not even its version counter), so the step's curvature stays valid for
+    the retries."""
+    modules, X, y = _mlp(seed=4)
+    with torch.no_grad():
+        modules[0].weight.mul_(4)
+        modules[2].weight.mul_(4)
+    chain = ts.Chain(modules, nn.CrossEntropyLoss())
+    before = [(p.detach().clone(), p._version) for p in chain.parameters()]
+    opt = DampedNewton(chain, damping=1e-6, min_damping=1e-8, eta=0.2, max_retries=3)
+    opt.step((X, y))
+    assert not opt.last_step.accepted and opt.last_step.trials == 4  # every retry ran
+    assert all(torch.equal(p, v) and p._version == n for p, (v, n) in zip(chain.parameters(), before))
+
+
+def test_curvature_keeps_no_reference_to_the_inputs():
+    """At one sample the first Linear's oracle keeps its input ``x``: it is a copy, so a
+    later in-place change of the user's ``X`` changes nothing."""
+    modules, X, y = _mlp(batch=1)
+    chain = ts.Chain(modules, nn.CrossEntropyLoss())
+    H = dense_hessian(chain, X, y)
+    curv = chain.curvature(X, y)
+    X.add_(1.0)
+    V = torch.randn(curv.num_parameters, 2)
+    assert relative_error(curv.hvp(V), H @ V) <= 1e-9
+    M = H + 0.1 * torch.eye(H.shape[0])
+    assert relative_error(curv.solve(V, 0.1), torch.linalg.solve(M, V)) <= 1e-9
