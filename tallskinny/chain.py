@@ -77,8 +77,9 @@ class Chain:
 
     # -- plain evaluation --------------------------------------------------------------
     def __call__(self, inputs: Tensor, targets) -> Tensor:
-        """The loss, as plain PyTorch computes it (the modules are called as usual)."""
-        z = inputs
+        """The loss, as plain PyTorch computes it (the modules are called as usual, on a
+        copy of ``inputs``: a module that changes its input in place leaves them as they are)."""
+        z = inputs.clone() if isinstance(inputs, Tensor) else inputs
         for m, block, params in zip(self.modules, self.blocks, self._params):
             z = m(z) if isinstance(m, nn.Module) else block.forward(z, params)
         return self.loss(z, targets) if callable(self.loss) else self.loss_block.forward(z, targets)

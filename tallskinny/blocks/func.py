@@ -34,6 +34,9 @@ class Block:
     on clones of its buffers, so nothing of the module changes (a ``BatchNorm`` in
     training mode updates the clones, not the model's running statistics).
 
+    ``forward`` hands the module a copy of its input, so a module that changes its input
+    in place (``x.tanh_()``, ``inplace=True``) leaves the caller's tensor as it was.
+
     ``oracle`` is the generic ``torch.func`` fallback: it differentiates
     :meth:`forward`. A subclass that overrides nothing is therefore correct for any
     module; an analytic block overrides :meth:`oracle` (and :meth:`forward` where a
@@ -77,9 +80,8 @@ class Block:
         params = check_params(self._parameters, params, z, where)
         tensors = {name: buffer.clone() for name, buffer in self.module.named_buffers()}
         tensors.update(zip(self._names, params))
-        if _mutates_its_input(self.module):
-            z = z.clone()
-        out = functional_call(self.module, tensors, (z,))
+        # a module may change its input in place, declared (inplace=True) or not
+        out = functional_call(self.module, tensors, (z.clone(),))
         if not isinstance(out, Tensor):
             raise TypeError(
                 f"{where}: the module returned {describe(out)}; a block maps one tensor to one tensor"
@@ -276,8 +278,3 @@ def _callable_name(f) -> str:
     if isinstance(f, nn.Module):
         return f._get_name()
     return getattr(f, "__qualname__", None) or type(f).__name__
-
-
-def _mutates_its_input(module: nn.Module) -> bool:
-    """Whether a submodule declares ``inplace=True`` (ReLU, Dropout, …): its input must be cloned."""
-    return any(getattr(m, "inplace", False) is True for m in module.modules())

@@ -127,3 +127,75 @@ def test_curvature_keeps_no_reference_to_the_inputs():
     assert relative_error(curv.hvp(V), H @ V) <= 1e-9
     M = H + 0.1 * torch.eye(H.shape[0])
     assert relative_error(curv.solve(V, 0.1), torch.linalg.solve(M, V)) <= 1e-9
+
+
+# -- 2. modules that change their input in place ---------------------------------------------
+class InplaceTanh(nn.Module):
+    """Changes its input in place and does not say so (no ``inplace`` attribute)."""
+
+    def forward(self, x):
+        return x.tanh_()
+
+
+class ScaledInplaceTanh(nn.Module):
+    """With a parameter: ``tanh(x) ⊙ s``, ``x`` overwritten."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.s = nn.Parameter(1 + 0.1 * torch.randn(width))
+
+    def forward(self, x):
+        return x.tanh_() * self.s
+
+
+class ScaledTanh(nn.Module):
+    def __init__(self, twin: ScaledInplaceTanh):
+        super().__init__()
+        self.s = twin.s
+
+    def forward(self, x):
+        return torch.tanh(x) * self.s
+
+
+def _out_of_place(m):
+    if isinstance(m, InplaceTanh):
+        return nn.Tanh()
+    if isinstance(m, ScaledInplaceTanh):
+        return ScaledTanh(m)
+    return m
+
+
+@pytest.mark.parametrize("where", ["first", "middle", "last"])
+@pytest.mark.parametrize("module", [InplaceTanh, ScaledInplaceTanh])
+def test_module_changing_its_input_in_place(where, module):
+    torch.manual_seed(1)
+    if where == "first":
+        modules = [module(3) if module is ScaledInplaceTanh else module(), nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)]
+    elif where == "middle":
+        modules = [nn.Linear(3, 4), module(4) if module is ScaledInplaceTanh else module(), nn.Linear(4, 2)]
+    else:
+        modules = [nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2), module(2) if module is ScaledInplaceTanh else module()]
+    chain = ts.Chain(modules, nn.CrossEntropyLoss())
+    reference = ts.Chain([_out_of_place(m) for m in modules], nn.CrossEntropyLoss())
+    X, y = torch.randn(3, 3), torch.tensor([0, 1, 1])
+    X0 = X.clone()
+    H = dense_hessian(reference, X, y)
+    loss = chain(X, y)
+    assert torch.equal(X, X0)
+    assert abs(loss.item() - reference(X, y).item()) <= 1e-12
+    curv = chain.curvature(X, y)
+    assert torch.equal(X, X0)
+    V = torch.randn(H.shape[0], 2)
+    assert relative_error(curv.hvp(V), H @ V) <= 1e-9
+    M = H + 0.5 * torch.eye(H.shape[0])
+    assert relative_error(curv.solve(V, 0.5), torch.linalg.solve(M, V)) <= 1e-9
+    assert relative_error(chain.inverse_hvp(X, y, V[:, 0], 0.5), torch.linalg.solve(M, V[:, 0])) <= 1e-9
+    assert torch.equal(X, X0)
+
+
+def test_block_forward_leaves_its_input_alone():
+    block = ts.blocks.block_for(InplaceTanh())
+    z = torch.randn(2, 3)
+    z0 = z.clone()
+    out = block.forward(z, [])
+    assert torch.equal(z, z0) and torch.allclose(out, torch.tanh(z0))
