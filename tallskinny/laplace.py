@@ -149,6 +149,8 @@ class Laplace:
         # first: a curvature made stale by later training raises before the Jacobian's passes
         fact = self.curvature.factorize(alpha / self.nll_scale)
         J = output_jacobian(self.chain, inputs)  # (n, d, P)
+        if not bool(torch.isfinite(J.sum())) and not bool(torch.isfinite(J).all()):
+            raise ValueError("the output Jacobian at inputs contains NaN or inf (check the inputs)")
         n, d, P = J.shape
         rows = J.reshape(n * d, P)
         solved = fact.solve(rows.T.contiguous()) / self.nll_scale

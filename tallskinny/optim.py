@@ -140,6 +140,11 @@ class _ExactStepOptimizer(torch.optim.Optimizer):
             loss = self.chain(g_inputs, g_targets)
             grads = torch.autograd.grad(loss, params, allow_unused=True)
         flat = torch.cat([(torch.zeros_like(p) if d is None else d).reshape(-1) for p, d in zip(params, grads)])
+        if not bool(torch.isfinite(flat.sum())) and not bool(torch.isfinite(flat).all()):
+            raise ValueError(
+                f"the gradient on gradient_batch contains NaN or inf (loss there: {float(loss.detach())}); "
+                "no step can be taken from it"
+            )
         return flat.detach(), float(loss.detach()), g_inputs, g_targets
 
     def _try(self, curv, g: Tensor, inputs, targets, step: Tensor, loss: float) -> tuple[float, float, float]:

@@ -199,3 +199,55 @@ def test_block_forward_leaves_its_input_alone():
     z0 = z.clone()
     out = block.forward(z, [])
     assert torch.equal(z, z0) and torch.allclose(out, torch.tanh(z0))
+
+
+# -- 3. NaN or inf in a vector -------------------------------------------------------------
+def _vectors(chain, bad: float, fmt: str):
+    params = list(chain.parameters())
+    if fmt == "flat":
+        v = torch.randn(_num_parameters(chain))
+        v[params[0].numel() + params[1].numel() + 1] = bad  # an entry of 2.weight
+        return v
+    v = [torch.randn(p.shape) for p in params]
+    v[2][1, 0] = bad
+    return v
+
+
+@pytest.fixture
+def counted():
+    """A chain whose loss counts its calls (no pass may start for a bad vector)."""
+    modules, X, y = _mlp()
+    calls = []
+    ce = nn.CrossEntropyLoss()
+
+    def loss(z, t):
+        calls.append(1)
+        return ce(z, t)
+
+    return ts.Chain(modules, loss), X, y, calls
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+@pytest.mark.parametrize("fmt", ["flat", "list"])
+def test_non_finite_vectors_are_refused_before_any_work(counted, bad, fmt):
+    chain, X, y, calls = counted
+    curv = chain.curvature(X, y)
+    fact = curv.factorize(0.5)
+    calls.clear()
+    v = _vectors(chain, bad, fmt)
+    where = r"\[2\] \(parameter '2\.weight'\)" if fmt == "list" else r", at parameter '2\.weight',"
+    cases = [
+        ("v", lambda: chain.hvp(X, y, v)),
+        ("b", lambda: chain.inverse_hvp(X, y, v, damping=0.5)),
+        ("v", lambda: curv.hvp(v)),
+        ("b", lambda: curv.solve(v, 0.5)),
+        ("b", lambda: fact.solve(v)),
+    ]
+    with mock.patch.object(elimination, "factorize", side_effect=AssertionError("factorized")):
+        for what, call in cases:
+            with pytest.raises(ValueError, match=rf"^{what}{where} contains NaN or inf"):
+                call()
+    assert not calls  # no forward pass either
+    # finite entries whose sum overflows are fine (the one-reduction test has a fallback)
+    huge = torch.full((_num_parameters(chain),), 1e308)
+    assert torch.equal(chain.layout().to_flat(huge, "v")[0][:, 0], huge)
