@@ -3,7 +3,7 @@
 from . import blocks, linalg
 from .chain import Chain
 from .curvature import Curvature, Factorization
-from .errors import AccuracyWarning, SingularSystemError, StaleCurvatureError
+from .errors import AccuracyWarning, NondeterministicModuleError, SingularSystemError, StaleCurvatureError
 from .linalg import Inertia, SingularMatrixError
 
 __version__ = "0.1.0.dev0"
@@ -14,6 +14,7 @@ __all__ = [
     "Curvature",
     "Factorization",
     "Inertia",
+    "NondeterministicModuleError",
     "SingularMatrixError",
     "SingularSystemError",
     "StaleCurvatureError",

@@ -17,6 +17,7 @@ from .blocks import LossBlock, Oracle, block_for, checks, loss_for
 from .blocks.elementwise import batch_key, oracles_together
 from .blocks.protocol import DeferredOracle
 from .curvature import Curvature, ParameterVersions, check_damping, check_kind, check_refine
+from .errors import NondeterministicModuleError
 from .linalg import Zero
 from .vectors import ParameterLayout
 
@@ -118,7 +119,8 @@ class Chain:
 
         The curvature holds a copy of ``inputs`` but shares memory with the parameters:
         once one of them is changed in place, its methods raise
-        :class:`~tallskinny.errors.StaleCurvatureError`.
+        :class:`~tallskinny.errors.StaleCurvatureError`. A module that is random here
+        (dropout in training mode) raises :class:`~tallskinny.errors.NondeterministicModuleError`.
         """
         return self._curvature(inputs, targets, check_kind(kind), self.layout())
 
@@ -134,6 +136,8 @@ class Chain:
             for i, block in enumerate(self.blocks):
                 try:
                     z = block.forward(zs[-1], thetas[i])
+                except NondeterministicModuleError as err:
+                    raise NondeterministicModuleError(f"block {i} ({_name(self.modules[i])}): {err}") from None
                 except (RuntimeError, ValueError, TypeError, IndexError) as err:
                     raise ValueError(
                         f"block {i} ({_name(self.modules[i])}) failed on an input of shape "
@@ -170,7 +174,10 @@ class Chain:
                 values = thetas[i]
                 o = together.get(i)
                 if o is None:
-                    o = block.oracle(zs[i], values, adjoints[i], second_order=second_order)
+                    try:
+                        o = block.oracle(zs[i], values, adjoints[i], second_order=second_order)
+                    except NondeterministicModuleError as err:
+                        raise NondeterministicModuleError(f"block {i} ({_name(self.modules[i])}): {err}") from None
                 if not second_order:
                     o = _gauss_newton(o)
                 _check_oracle(o, i, self.modules[i], zs[i], zs[i + 1], sum(t.numel() for t in values))

@@ -41,3 +41,11 @@ class StaleCurvatureError(RuntimeError):
     def __init__(self, message: str, *, parameter: str):
         super().__init__(message)
         self.parameter = parameter
+
+
+class NondeterministicModuleError(ValueError):
+    """A module of a chain is random where the call evaluates it: a dropout module in
+    training mode, or a ``torch.func`` fallback module whose two evaluations at the same
+    input differed. A random map has no derivatives to compute (each evaluation draws a
+    new function); call ``.eval()`` on the module (dropout is the identity in eval mode).
+    """

@@ -11,12 +11,14 @@ dense matrices of size ``a_out × (p + a_in)`` and ``(p + a_in)²``: analytic bl
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, jacfwd, jacrev
 
+from ..errors import NondeterministicModuleError
 from ..linalg import Dense
 from .checks import check_adjoint, check_finite, check_input, check_params, describe, zero
 from .protocol import Oracle
@@ -41,7 +43,10 @@ class Block:
     :meth:`forward`. A subclass that overrides nothing is therefore correct for any
     module; an analytic block overrides :meth:`oracle` (and :meth:`forward` where a
     direct formula is simpler) and is registered with
-    :func:`tallskinny.blocks.register`.
+    :func:`tallskinny.blocks.register`. The fallback evaluates the module twice at the
+    point and raises :class:`~tallskinny.errors.NondeterministicModuleError` where the
+    two outputs differ by more than rounding (a random module, e.g. dropout in training
+    mode, has no derivatives).
     """
 
     def __init__(self, module: nn.Module):
@@ -99,6 +104,15 @@ class Block:
         check_finite(z, "z", where)
         with torch.no_grad():
             out = self.forward(z, params)
+            # a random module draws a new function at every call: one more forward pass
+            # (cheap next to the Jacobians) tells it from a deterministic one
+            again = self.forward(z, params)
+        if _differ(out, again):
+            raise NondeterministicModuleError(
+                f"{where}: two evaluations of {self.module._get_name()} at the same input and "
+                "parameters differ; a random module (dropout in training mode, …) has no "
+                "derivatives: call .eval() on it"
+            )
         g = check_adjoint(g, out.shape, z, where).detach()
         return func_oracle(self.forward, z, params, g, second_order=second_order, where=where)
 
@@ -278,3 +292,17 @@ def _callable_name(f) -> str:
     if isinstance(f, nn.Module):
         return f._get_name()
     return getattr(f, "__qualname__", None) or type(f).__name__
+
+
+def _differ(a: Tensor, b: Tensor) -> bool:
+    """Whether two evaluations ``a``, ``b`` of one map at one point differ by more than
+    rounding: ``max |a − b| > √eps · max |a|`` (a tolerance, not bitwise equality, so that
+    kernels with a nondeterministic summation order are not mistaken for random ones)."""
+    if a.shape != b.shape:
+        return True
+    if a.numel() == 0:
+        return False
+    if not a.dtype.is_floating_point:
+        return not torch.equal(a, b)
+    tol = math.sqrt(torch.finfo(a.dtype).eps) * float(a.abs().max())
+    return bool((a - b).abs().max() > tol)

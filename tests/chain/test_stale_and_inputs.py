@@ -251,3 +251,74 @@ def test_non_finite_vectors_are_refused_before_any_work(counted, bad, fmt):
     # finite entries whose sum overflows are fine (the one-reduction test has a fallback)
     huge = torch.full((_num_parameters(chain),), 1e308)
     assert torch.equal(chain.layout().to_flat(huge, "v")[0][:, 0], huge)
+
+
+# -- 4. random modules -------------------------------------------------------------------------
+DROPOUTS = [nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout]
+
+
+@pytest.mark.filterwarnings("ignore:dropout[23]d. Received a 2-D input")  # the dense reference's call
+@pytest.mark.parametrize("dropout", DROPOUTS, ids=lambda c: c.__name__)
+def test_dropout_in_training_mode_is_refused(dropout):
+    modules, X, y = _mlp()
+    modules.insert(2, dropout(0.3))
+    chain = ts.Chain(modules, nn.CrossEntropyLoss())
+    P = _num_parameters(chain)
+    for call in (
+        lambda: chain.curvature(X, y),
+        lambda: chain.hvp(X, y, torch.randn(P)),
+        lambda: chain.inverse_hvp(X, y, torch.randn(P), damping=0.1),
+    ):
+        with pytest.raises(ts.NondeterministicModuleError, match=rf"block 2 \({dropout.__name__}\).*\.eval\(\)"):
+            call()
+    assert issubclass(ts.NondeterministicModuleError, ValueError)
+    # the flag is read at the call: in eval mode the module is the identity, exactly
+    modules[2].eval()
+    H = dense_hessian(chain, X, y)
+    V = torch.randn(P, 2)
+    curv = chain.curvature(X, y)
+    assert relative_error(curv.hvp(V), H @ V) <= 1e-9
+    assert relative_error(curv.solve(V, 0.1), torch.linalg.solve(H + 0.1 * torch.eye(P), V)) <= 1e-9
+    modules[2].train()
+    with pytest.raises(ts.NondeterministicModuleError):
+        chain.curvature(X, y)
+
+
+def test_dropout_without_probability_is_the_identity_in_training_mode():
+    modules, X, y = _mlp()
+    modules.insert(2, nn.Dropout(0.0))
+    chain = ts.Chain(modules, nn.CrossEntropyLoss())
+    V = torch.randn(_num_parameters(chain), 2)
+    assert relative_error(chain.curvature(X, y).hvp(V), dense_hessian(chain, X, y) @ V) <= 1e-9
+
+
+class NoisyTanh(nn.Module):
+    """An unregistered random module (the torch.func fallback): ``tanh(x) ⊙ (1 + 0.1ξ)``."""
+
+    def forward(self, x):
+        return torch.tanh(x) * (1 + 0.1 * torch.randn_like(x))
+
+
+class MyDropout(nn.Dropout):
+    """A dropout subclass with its own forward: the fallback, not the registered rule."""
+
+    def forward(self, x):
+        return super().forward(x) + 0.0
+
+
+@pytest.mark.parametrize("random_module", [NoisyTanh, lambda: MyDropout(0.5)], ids=["noisy", "dropout_subclass"])
+def test_random_fallback_module_is_refused(random_module):
+    modules, X, y = _mlp()
+    modules.insert(2, random_module())
+    chain = ts.Chain(modules, nn.CrossEntropyLoss())
+    assert isinstance(chain.blocks[2], ts.blocks.FuncBlock)
+    with pytest.raises(ts.NondeterministicModuleError, match=r"block 2 .*differ.*\.eval\(\)"):
+        chain.curvature(X, y)
+
+
+def test_deterministic_fallback_module_is_accepted():
+    modules, X, y = _mlp()
+    modules.insert(2, MyDropout(0.5).eval())
+    chain = ts.Chain(modules, nn.CrossEntropyLoss())
+    V = torch.randn(_num_parameters(chain), 2)
+    assert relative_error(chain.curvature(X, y).hvp(V), dense_hessian(chain, X, y) @ V) <= 1e-9
