@@ -207,21 +207,29 @@ class Chain:
 
     @collector_paused
     def hvp(self, inputs: Tensor, targets, v, *, kind: str = "hessian"):
-        """``H v`` at ``(inputs, targets)``, in the format of ``v``."""
+        """``H v`` at ``(inputs, targets)``, in the format of ``v`` (``(P, 0)``: empty, no pass)."""
+        kind = check_kind(kind)
         layout = self.layout()
-        layout.to_flat(v, "v")
-        return self._curvature(inputs, targets, check_kind(kind), layout).hvp(v)
+        x, fmt = layout.to_flat(v, "v")
+        if x.shape[1] == 0:
+            self._check_inputs(inputs, layout)
+            return layout.from_flat(x.new_zeros(x.shape), fmt)
+        return self._curvature(inputs, targets, kind, layout).hvp(v)
 
     @collector_paused
     def inverse_hvp(
         self, inputs: Tensor, targets, b, damping: float = 0.0, *, kind: str = "hessian", refine: int | None = None
     ):
-        """``(H + damping·I)^{-1} b`` at ``(inputs, targets)``, in the format of ``b``."""
+        """``(H + damping·I)^{-1} b`` at ``(inputs, targets)``, in the format of ``b``
+        (``(P, 0)``: empty, no pass and no factorization)."""
         damping = check_damping(damping)
         kind = check_kind(kind)
         check_refine(refine)
         layout = self.layout()
-        layout.to_flat(b, "b")
+        x, fmt = layout.to_flat(b, "b")
+        if x.shape[1] == 0:
+            self._check_inputs(inputs, layout)
+            return layout.from_flat(x.new_zeros(x.shape), fmt)
         return self._curvature(inputs, targets, kind, layout).solve(b, damping, refine=refine)
 
     def _check_finite(self, zs: Sequence[Tensor], adjoints: Sequence[Tensor]) -> None:

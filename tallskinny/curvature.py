@@ -131,6 +131,9 @@ class Factorization:
         elimination does not pivot across blocks, so at small damping its backward error
         can reach 1e-10 on some right-hand sides; one step usually brings it back to
         rounding level. ``0`` never refines (no HVP), ``k`` always refines ``k`` times.
+
+        ``b`` must be finite; its autograd history is ignored (the solution carries no
+        graph). Zero right-hand sides (``(P, 0)``) give an empty result.
         """
         self._curvature._check_current()
         check_refine(refine)
@@ -139,6 +142,8 @@ class Factorization:
 
     def _solve(self, rhs: Tensor, fmt, refine: int | None):
         """:meth:`solve` for a validated flat ``(P, k)`` right-hand side."""
+        if rhs.shape[1] == 0:
+            return self._layout.from_flat(rhs.new_zeros(rhs.shape), fmt)
         x = self._inner.solve(rhs)
         if refine is None:
             # LAPACK's rule (xGERFS): refine while above tolerance and each step at least
@@ -340,9 +345,14 @@ class Curvature:
 
     @collector_paused
     def hvp(self, v):
-        """``H v`` (or ``G v`` for ``kind="ggn"``) in the format of ``v``."""
+        """``H v`` (or ``G v`` for ``kind="ggn"``) in the format of ``v``.
+
+        ``v`` must be finite; its autograd history is ignored (the result carries no
+        graph). Zero vectors (``(P, 0)``) give an empty result."""
         self._check_current()
         x, fmt = self.layout.to_flat(v, "v")
+        if x.shape[1] == 0:
+            return self.layout.from_flat(x.new_zeros(x.shape), fmt)
         return self.layout.from_flat(self._apply(x), fmt)
 
     def _apply(self, x: Tensor, out: Tensor | None = None, shift: float = 0.0) -> Tensor:
@@ -362,11 +372,14 @@ class Curvature:
 
     @collector_paused
     def solve(self, b, damping: float = 0.0, *, refine: int | None = None):
-        """``(H + damping·I)^{-1} b`` in the format of ``b`` (see :meth:`Factorization.solve`)."""
+        """``(H + damping·I)^{-1} b`` in the format of ``b`` (see :meth:`Factorization.solve`;
+        zero right-hand sides return an empty result without a factorization)."""
         self._check_current()
         damping = check_damping(damping)
         check_refine(refine)
         rhs, fmt = self.layout.to_flat(b, "b")  # validate before any work
+        if rhs.shape[1] == 0:
+            return self.layout.from_flat(rhs.new_zeros(rhs.shape), fmt)
         return self._factorize(damping)._solve(rhs, fmt, refine)
 
     @collector_paused

@@ -45,7 +45,8 @@ class ParameterLayout:
     def to_flat(self, v, what: str = "vector") -> tuple[Tensor, VectorFormat]:
         """Validate ``v`` and return it as a ``(P, k)`` tensor with its format.
 
-        ``v`` must be finite (``ValueError`` naming ``what`` and the parameter)."""
+        ``v`` must be finite (``ValueError`` naming ``what`` and the parameter). Its
+        autograd history is dropped: results computed from it carry no graph."""
         if isinstance(v, Tensor):
             self._check_tensor(v, what, "")
             P = self.numel
@@ -63,6 +64,8 @@ class ParameterLayout:
             raise TypeError(
                 f"{what} must be a tensor or a list/tuple of tensors, got {type(v).__name__}"
             )
+        # the products write into buffers (out=), which autograd refuses
+        x = x.detach() if x.requires_grad else x
         self._check_finite(x, what, fmt)
         return x, fmt
 

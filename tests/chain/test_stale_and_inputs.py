@@ -322,3 +322,54 @@ def test_deterministic_fallback_module_is_accepted():
     chain = ts.Chain(modules, nn.CrossEntropyLoss())
     V = torch.randn(_num_parameters(chain), 2)
     assert relative_error(chain.curvature(X, y).hvp(V), dense_hessian(chain, X, y) @ V) <= 1e-9
+
+
+# -- 5. right-hand sides with autograd history, and zero right-hand sides ---------------------
+def test_vectors_that_require_grad_are_detached():
+    modules, X, y = _mlp()
+    chain = ts.Chain(modules, nn.CrossEntropyLoss())
+    curv = chain.curvature(X, y)
+    P = curv.num_parameters
+    H = dense_hessian(chain, X, y)
+    M = H + 0.5 * torch.eye(P)
+    leaf = torch.randn(P, 2, requires_grad=True)
+    V = leaf * 2  # with history
+    expected_hv, expected_x = H @ V.detach(), torch.linalg.solve(M, V.detach())
+    results = [
+        (curv.hvp(V), expected_hv),
+        (chain.hvp(X, y, V), expected_hv),
+        (curv.solve(V, 0.5), expected_x),
+        (curv.factorize(0.5).solve(V), expected_x),
+        (chain.inverse_hvp(X, y, V, damping=0.5), expected_x),
+        (curv.solve(leaf, 0.5), torch.linalg.solve(M, leaf.detach())),
+    ]
+    for got, expected in results:
+        assert not got.requires_grad and got.grad_fn is None
+        assert relative_error(got, expected) <= 1e-9
+    parts = curv.hvp([p.detach().clone().requires_grad_(True) for p in chain.parameters()])
+    assert not any(t.requires_grad for t in parts)
+
+
+@pytest.mark.parametrize("fmt", ["flat", "list"])
+def test_zero_right_hand_sides(counted, fmt):
+    chain, X, y, calls = counted
+    curv = chain.curvature(X, y)
+    fact = curv.factorize(0.5)
+    calls.clear()
+    params = list(chain.parameters())
+    P = _num_parameters(chain)
+    b = torch.randn(P, 0) if fmt == "flat" else [torch.randn(*p.shape, 0) for p in params]
+    with mock.patch.object(elimination, "factorize", side_effect=AssertionError("factorized")):
+        results = [
+            chain.hvp(X, y, b),
+            chain.inverse_hvp(X, y, b, damping=0.5),
+            curv.hvp(b),
+            curv.solve(b, 0.5),
+            fact.solve(b),
+        ]
+    assert not calls
+    for r in results:
+        if fmt == "flat":
+            assert isinstance(r, torch.Tensor) and r.shape == (P, 0)
+        else:
+            assert isinstance(r, list) and [t.shape for t in r] == [(*p.shape, 0) for p in params]
