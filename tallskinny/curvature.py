@@ -73,8 +73,9 @@ class ParameterVersions:
     PyTorch increments a tensor's counter at every in-place operation on it or on a tensor
     sharing its memory (``add_``, ``copy_``, an optimizer step) and never decreases it, so
     the sum of the counters equals its recorded value exactly when no tensor changed: one
-    pass over the tensors and one integer comparison per check. Writes through ``.data``
-    bypass the counter and are not seen.
+    pass over the tensors and one integer comparison per check. Writes that bypass the
+    counter are not seen: through ``.data``, and the fused optimizer kernels
+    (``torch.optim.Adam(..., fused=True)`` and the like, torch 2.13).
     """
 
     def __init__(self, names: Sequence[str], tensors: Sequence[Tensor]):
