@@ -16,7 +16,8 @@ from ._gc import collector_paused
 from .blocks import LossBlock, Oracle, block_for, checks, loss_for
 from .blocks.elementwise import batch_key, oracles_together
 from .blocks.protocol import DeferredOracle
-from .curvature import Curvature, check_damping, check_kind
+from .curvature import Curvature, ParameterVersions, check_damping, check_kind, check_refine
+from .errors import NondeterministicModuleError
 from .linalg import Zero
 from .vectors import ParameterLayout
 
@@ -59,6 +60,14 @@ class Chain:
         self._names = tuple(
             f"{i}.{n}" for i, (m, ps) in enumerate(zip(self.modules, self._params)) for n in _param_names(m, ps)
         )
+        # every tensor a curvature may share memory with: θ and the frozen parameters
+        watched: dict[int, tuple[str, Tensor]] = {}
+        for i, (m, ps) in enumerate(zip(self.modules, self._params)):
+            named = m.named_parameters() if isinstance(m, nn.Module) else zip(_param_names(m, ps), ps)
+            for n, p in named:
+                watched.setdefault(id(p), (f"{i}.{n}", p))
+        self._watched_names = tuple(n for n, _ in watched.values())
+        self._watched = tuple(p for _, p in watched.values())
 
     @classmethod
     def from_sequential(cls, sequential: nn.Sequential, loss: Callable, *, strict: bool = False) -> "Chain":
@@ -69,8 +78,9 @@ class Chain:
 
     # -- plain evaluation --------------------------------------------------------------
     def __call__(self, inputs: Tensor, targets) -> Tensor:
-        """The loss, as plain PyTorch computes it (the modules are called as usual)."""
-        z = inputs
+        """The loss, as plain PyTorch computes it (the modules are called as usual, on a
+        copy of ``inputs``: a module that changes its input in place leaves them as they are)."""
+        z = inputs.clone() if isinstance(inputs, Tensor) else inputs
         for m, block, params in zip(self.modules, self.blocks, self._params):
             z = m(z) if isinstance(m, nn.Module) else block.forward(z, params)
         return self.loss(z, targets) if callable(self.loss) else self.loss_block.forward(z, targets)
@@ -106,19 +116,28 @@ class Chain:
 
         ``kind="hessian"`` gives the Hessian of the loss w.r.t. all parameters,
         ``kind="ggn"`` the generalised Gauss–Newton matrix ``Jᵀ ∇²loss J``.
+
+        The curvature holds a copy of ``inputs`` but shares memory with the parameters:
+        once one of them is changed in place, its methods raise
+        :class:`~tallskinny.errors.StaleCurvatureError`. A module that is random here
+        (dropout in training mode) raises :class:`~tallskinny.errors.NondeterministicModuleError`.
         """
         return self._curvature(inputs, targets, check_kind(kind), self.layout())
 
     def _curvature(self, inputs: Tensor, targets, kind: str, layout: ParameterLayout) -> Curvature:
         self._check_inputs(inputs, layout)
+        versions = ParameterVersions(self._watched_names, self._watched)
         # our own leaves: they require grad for the backward pass, and once it is done
         # the same tensors (flag cleared) are the parameter values the oracles see
         thetas = [[p.detach().requires_grad_(True) for p in ps] for ps in self._params]
         with torch.enable_grad(), checks.trusted():
-            zs = [inputs.detach()]
+            # a copy: the first oracle may keep its input, and the user may change theirs
+            zs = [inputs.detach().clone()]
             for i, block in enumerate(self.blocks):
                 try:
                     z = block.forward(zs[-1], thetas[i])
+                except NondeterministicModuleError as err:
+                    raise NondeterministicModuleError(f"block {i} ({_name(self.modules[i])}): {err}") from None
                 except (RuntimeError, ValueError, TypeError, IndexError) as err:
                     raise ValueError(
                         f"block {i} ({_name(self.modules[i])}) failed on an input of shape "
@@ -155,14 +174,17 @@ class Chain:
                 values = thetas[i]
                 o = together.get(i)
                 if o is None:
-                    o = block.oracle(zs[i], values, adjoints[i], second_order=second_order)
+                    try:
+                        o = block.oracle(zs[i], values, adjoints[i], second_order=second_order)
+                    except NondeterministicModuleError as err:
+                        raise NondeterministicModuleError(f"block {i} ({_name(self.modules[i])}): {err}") from None
                 if not second_order:
                     o = _gauss_newton(o)
                 _check_oracle(o, i, self.modules[i], zs[i], zs[i + 1], sum(t.numel() for t in values))
                 oracles.append(o)
         loss_oracle = self.loss_block.oracle(zs[-1], targets)
         _check_oracle(loss_oracle, n, self.loss, zs[-1], loss, 0)
-        return Curvature(oracles, loss_oracle, adjoints, layout, kind, loss.detach())
+        return Curvature(oracles, loss_oracle, adjoints, layout, kind, loss.detach(), versions)
 
     def _activation_oracles(self, zs, thetas, adjoints, second_order: bool) -> dict:
         """The oracles of built-in activation blocks that share a derivative rule, computed
@@ -185,20 +207,29 @@ class Chain:
 
     @collector_paused
     def hvp(self, inputs: Tensor, targets, v, *, kind: str = "hessian"):
-        """``H v`` at ``(inputs, targets)``, in the format of ``v``."""
+        """``H v`` at ``(inputs, targets)``, in the format of ``v`` (``(P, 0)``: empty, no pass)."""
+        kind = check_kind(kind)
         layout = self.layout()
-        layout.to_flat(v, "v")
-        return self._curvature(inputs, targets, check_kind(kind), layout).hvp(v)
+        x, fmt = layout.to_flat(v, "v")
+        if x.shape[1] == 0:
+            self._check_inputs(inputs, layout)
+            return layout.from_flat(x.new_zeros(x.shape), fmt)
+        return self._curvature(inputs, targets, kind, layout).hvp(v)
 
     @collector_paused
     def inverse_hvp(
         self, inputs: Tensor, targets, b, damping: float = 0.0, *, kind: str = "hessian", refine: int | None = None
     ):
-        """``(H + damping·I)^{-1} b`` at ``(inputs, targets)``, in the format of ``b``."""
+        """``(H + damping·I)^{-1} b`` at ``(inputs, targets)``, in the format of ``b``
+        (``(P, 0)``: empty, no pass and no factorization)."""
         damping = check_damping(damping)
         kind = check_kind(kind)
+        check_refine(refine)
         layout = self.layout()
-        layout.to_flat(b, "b")
+        x, fmt = layout.to_flat(b, "b")
+        if x.shape[1] == 0:
+            self._check_inputs(inputs, layout)
+            return layout.from_flat(x.new_zeros(x.shape), fmt)
         return self._curvature(inputs, targets, kind, layout).solve(b, damping, refine=refine)
 
     def _check_finite(self, zs: Sequence[Tensor], adjoints: Sequence[Tensor]) -> None:

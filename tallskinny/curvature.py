@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import operator
 import warnings
 from typing import Sequence
 
@@ -14,7 +15,7 @@ from torch import Tensor
 from . import _workspace, elimination, products
 from ._gc import collector_paused
 from .blocks.protocol import Oracle
-from .errors import AccuracyWarning, SingularSystemError
+from .errors import AccuracyWarning, SingularSystemError, StaleCurvatureError
 from .linalg import Inertia
 from .vectors import ParameterLayout
 
@@ -50,6 +51,12 @@ def check_damping(damping) -> float:
     return damping
 
 
+def check_refine(refine) -> None:
+    """``refine`` must be ``None`` or an integer ``≥ 0``."""
+    if refine is not None and (isinstance(refine, bool) or not isinstance(refine, int) or refine < 0):
+        raise ValueError(f"refine must be None or an integer >= 0, got {refine!r}")
+
+
 def check_kind(kind) -> str:
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
@@ -69,6 +76,44 @@ factorization instead (Bunch–Kaufman pivoting: no such growth)."""
 PIVOTED_FALLBACK_BYTES = 2 * 2**30
 """The pivoted KKT fallback forms dense blocks of size ``p_l + 2a_l`` per block: it is
 tried only where they need at most this many bytes (else the warning says so)."""
+
+_VERSION = operator.attrgetter("_version")
+
+
+class ParameterVersions:
+    """The version counters (``Tensor._version``) of the tensors a curvature is computed
+    from, recorded when it is made, and the check that none of them changed.
+
+    PyTorch increments a tensor's counter at every in-place operation on it or on a tensor
+    sharing its memory (``add_``, ``copy_``, an optimizer step) and never decreases it, so
+    the sum of the counters equals its recorded value exactly when no tensor changed: one
+    pass over the tensors and one integer comparison per check. Writes that bypass the
+    counter are not seen: through ``.data``, and the fused optimizer kernels
+    (``torch.optim.Adam(..., fused=True)`` and the like, torch 2.13).
+    """
+
+    def __init__(self, names: Sequence[str], tensors: Sequence[Tensor]):
+        if len(names) != len(tensors):
+            raise ValueError(f"{len(names)} names for {len(tensors)} tensors")
+        self.names = tuple(names)
+        self.tensors = tuple(tensors)
+        self.versions = tuple(map(_VERSION, self.tensors))
+        self._total = sum(self.versions)
+
+    def check(self) -> None:
+        """Raise :class:`~tallskinny.errors.StaleCurvatureError`, naming the first changed
+        tensor, if any tensor changed in place since the record."""
+        if sum(map(_VERSION, self.tensors)) == self._total:
+            return
+        for name, t, version in zip(self.names, self.tensors, self.versions):
+            if t._version != version:
+                raise StaleCurvatureError(
+                    f"the parameter {name!r} was changed in place after this curvature was made "
+                    "(its version counter moved); the curvature shares memory with the "
+                    "parameters and would mix old and new values. Call chain.curvature(...) again "
+                    "at the new parameters",
+                    parameter=name,
+                )
 
 
 class Factorization:
@@ -110,10 +155,19 @@ class Factorization:
         :class:`~tallskinny.errors.AccuracyWarning` is given where ``η`` ends far above
         tolerance (``WARNING_FACTOR`` times).
         ``0`` never refines (no HVP), ``k`` always refines ``k`` times.
+
+        ``b`` must be finite; its autograd history is ignored (the solution carries no
+        graph). Zero right-hand sides (``(P, 0)``) give an empty result.
         """
-        if refine is not None and (isinstance(refine, bool) or not isinstance(refine, int) or refine < 0):
-            raise ValueError(f"refine must be None or an integer >= 0, got {refine!r}")
+        self._curvature._check_current()
+        check_refine(refine)
         rhs, fmt = self._layout.to_flat(b, "b")
+        return self._solve(rhs, fmt, refine)
+
+    def _solve(self, rhs: Tensor, fmt, refine: int | None):
+        """:meth:`solve` for a validated flat ``(P, k)`` right-hand side."""
+        if rhs.shape[1] == 0:
+            return self._layout.from_flat(rhs.new_zeros(rhs.shape), fmt)
         if refine is None:
             x, eta, steps = self._checked_solve(rhs)
             tol = BACKWARD_ERROR_TOLERANCE * torch.finfo(x.dtype).eps
@@ -297,14 +351,17 @@ class Factorization:
 
     @collector_paused
     def logdet(self) -> Tensor:
+        self._curvature._check_current()
         return self._spectral_factorization().logdet()
 
     @collector_paused
     def sign(self) -> Tensor:
+        self._curvature._check_current()
         return self._spectral_factorization().sign()
 
     @collector_paused
     def inertia(self) -> Inertia:
+        self._curvature._check_current()
         return self._spectral_factorization().inertia()
 
     def is_positive_definite(self) -> bool:
@@ -318,6 +375,11 @@ class Curvature:
     Holds the oracle and the adjoint ``g_l = ∂loss/∂z_l`` of every block (the gradient is
     ``Σ_l G_lᵀ g_l``, made on first request); ``hvp``, ``solve``, ``factorize`` and
     ``to_dense`` reuse them without going back to the model.
+
+    The oracles share memory with the parameters (``nn.Linear``'s ``F`` is the weight
+    itself), so ``versions`` (:class:`ParameterVersions`, recorded by ``Chain.curvature``)
+    is checked first by every method of the curvature and of its factorizations: a
+    parameter changed in place since raises :class:`~tallskinny.errors.StaleCurvatureError`.
     """
 
     def __init__(
@@ -328,7 +390,9 @@ class Curvature:
         layout: ParameterLayout,
         kind: str,
         loss_value: Tensor,
+        versions: ParameterVersions | None = None,
     ):
+        self._versions = versions
         self.oracles = tuple(oracles)
         self.loss_oracle = loss_oracle
         self._adjoints = adjoints  # g_l = ∂loss/∂z_l of every block's output
@@ -342,6 +406,11 @@ class Curvature:
         self._gradient_bound_done = False  # whether ‖Hg‖/‖g‖ is in _norm_bound
         self._block_bound_done = False  # whether the last Linear blocks' ‖H_ll‖ is in it
         self._refinements = 0  # solves the check refined
+
+    def _check_current(self) -> None:
+        """The parameters are as when the curvature was made (else ``StaleCurvatureError``)."""
+        if self._versions is not None:
+            self._versions.check()
 
     def _prepared_stages(self):
         """The ε-independent stage data of the elimination, computed on first use."""
@@ -363,7 +432,7 @@ class Curvature:
         of a network, lives (measured: 0.6·‖H‖ on the benchmark MLPs, against 0.05·‖H‖
         from the factorization's pivots and ~0.1·‖H‖ from the last Linear layers'
         diagonal blocks)."""
-        g = self.gradient().reshape(-1, 1)
+        g = self._flat_gradient().reshape(-1, 1)
         g_norm = float(g.norm())
         return float(self._apply(g).norm()) / g_norm if g_norm > 0 else 0.0
 
@@ -373,14 +442,24 @@ class Curvature:
 
     def gradient(self) -> Tensor:
         """The flat gradient ``(P,)`` of the loss."""
+        self._check_current()
+        return self._flat_gradient()
+
+    def _flat_gradient(self) -> Tensor:
         if self._gradient is None:
             self._gradient = products.gradient(self._compiled_oracles()[0], self._adjoints)
         return self._gradient
 
     @collector_paused
     def hvp(self, v):
-        """``H v`` (or ``G v`` for ``kind="ggn"``) in the format of ``v``."""
+        """``H v`` (or ``G v`` for ``kind="ggn"``) in the format of ``v``.
+
+        ``v`` must be finite; its autograd history is ignored (the result carries no
+        graph). Zero vectors (``(P, 0)``) give an empty result."""
+        self._check_current()
         x, fmt = self.layout.to_flat(v, "v")
+        if x.shape[1] == 0:
+            return self.layout.from_flat(x.new_zeros(x.shape), fmt)
         return self.layout.from_flat(self._apply(x), fmt)
 
     def _apply(self, x: Tensor, out: Tensor | None = None, shift: float = 0.0) -> Tensor:
@@ -391,20 +470,29 @@ class Curvature:
     @collector_paused
     def factorize(self, damping: float = 0.0) -> Factorization:
         """Factor ``H + damping·I`` (raises ``SingularSystemError`` if it is singular)."""
-        damping = check_damping(damping)
+        self._check_current()
+        return self._factorize(check_damping(damping))
+
+    def _factorize(self, damping: float) -> Factorization:
         inner = elimination.factorize(self.oracles, self.loss_oracle, damping, self._prepared_stages())
         return Factorization(inner, self, damping)
 
     @collector_paused
     def solve(self, b, damping: float = 0.0, *, refine: int | None = None):
-        """``(H + damping·I)^{-1} b`` in the format of ``b`` (see :meth:`Factorization.solve`)."""
+        """``(H + damping·I)^{-1} b`` in the format of ``b`` (see :meth:`Factorization.solve`;
+        zero right-hand sides return an empty result without a factorization)."""
+        self._check_current()
         damping = check_damping(damping)
-        self.layout.to_flat(b, "b")  # validate before any work
-        return self.factorize(damping).solve(b, refine=refine)
+        check_refine(refine)
+        rhs, fmt = self.layout.to_flat(b, "b")  # validate before any work
+        if rhs.shape[1] == 0:
+            return self.layout.from_flat(rhs.new_zeros(rhs.shape), fmt)
+        return self._factorize(damping)._solve(rhs, fmt, refine)
 
     @collector_paused
     def to_dense(self) -> Tensor:
         """The ``P × P`` matrix (for checks on small models)."""
+        self._check_current()
         P = self.layout.numel
         eye = torch.eye(P, dtype=self.layout.dtype, device=self.layout.device)
         H = self._apply(eye)

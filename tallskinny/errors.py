@@ -25,3 +25,27 @@ class AccuracyWarning(UserWarning):
     refinements (``Factorization.solve``): ``H + εI`` is too ill-conditioned for the
     elimination at this damping. The solution is returned; its error may exceed
     ``eps·cond``. A larger damping, or more ``refine`` steps, usually help."""
+
+
+class StaleCurvatureError(RuntimeError):
+    """A tensor a :class:`~tallskinny.Curvature` was computed from changed in place after
+    the curvature was made (``with torch.no_grad(): p.add_(…)``, an optimizer step).
+
+    The curvature shares memory with the parameters, so its products would mix old and
+    new values; every method of the curvature and of its factorizations raises this
+    instead. Carries ``parameter``, the name of the first changed parameter
+    (``"<block index>.<name in the module>"``, as in ``chain.layout().names``; frozen
+    parameters are watched too). Call ``chain.curvature(...)`` again at the new values.
+    """
+
+    def __init__(self, message: str, *, parameter: str):
+        super().__init__(message)
+        self.parameter = parameter
+
+
+class NondeterministicModuleError(ValueError):
+    """A module of a chain is random where the call evaluates it: a dropout module in
+    training mode, or a ``torch.func`` fallback module whose two evaluations at the same
+    input differed. A random map has no derivatives to compute (each evaluation draws a
+    new function); call ``.eval()`` on the module (dropout is the identity in eval mode).
+    """

@@ -40,6 +40,14 @@ def _check_pair(pair, what: str) -> tuple[Tensor, Tensor]:
     return inputs, targets
 
 
+def _check_finite_rows(grads: Tensor, what: str) -> None:
+    """Every per-example gradient is finite (else a ``ValueError`` naming the first example)."""
+    finite = torch.isfinite(grads).all(dim=1)
+    if not bool(finite.all()):
+        i = int((~finite).nonzero()[0, 0])
+        raise ValueError(f"the gradient of {what} example {i} contains NaN or inf (check its inputs and target)")
+
+
 def influence(
     chain: Chain,
     train: Sequence[Tensor],
@@ -62,6 +70,7 @@ def influence(
     x_test, y_test = _check_pair(test, "test")
     curv = chain.curvature(x_train, y_train, kind=kind)
     test_grads = per_example_gradients(chain, x_test, y_test)  # (n_test, P)
+    _check_finite_rows(test_grads, "test")
     solved = curv.factorize(damping).solve(test_grads.T.contiguous())  # (P, n_test)
     train_grads = per_example_gradients(chain, x_train, y_train)  # (n_train, P)
     scores = -(train_grads @ solved).T

@@ -146,10 +146,14 @@ class Laplace:
         (``d`` outputs per example; one backward pass per output entry, one solve with
         ``n·d`` right-hand sides)."""
         alpha = self._check_precision(prior_precision)
+        # first: a curvature made stale by later training raises before the Jacobian's passes
+        fact = self.curvature.factorize(alpha / self.nll_scale)
         J = output_jacobian(self.chain, inputs)  # (n, d, P)
+        if not bool(torch.isfinite(J.sum())) and not bool(torch.isfinite(J).all()):
+            raise ValueError("the output Jacobian at inputs contains NaN or inf (check the inputs)")
         n, d, P = J.shape
         rows = J.reshape(n * d, P)
-        solved = self.curvature.factorize(alpha / self.nll_scale).solve(rows.T.contiguous()) / self.nll_scale
+        solved = fact.solve(rows.T.contiguous()) / self.nll_scale
         cov = torch.einsum("idp,pie->ide", J, solved.reshape(P, n, d))
         return 0.5 * (cov + cov.mT)
 

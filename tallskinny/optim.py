@@ -9,8 +9,10 @@ or ``step(closure)`` with ``closure()`` returning ``(inputs, targets)``. Per ste
 2. a step ``s`` from exact solves with ``H + λI`` (as many dampings as needed, all on
    the same ``curv``);
 3. the ratio ``ρ = (L(θ) − L(θ + s)) / m(s)`` of actual to predicted decrease,
-   ``m(s) = −(gᵀs + ½sᵀHs)`` (one forward pass per trial); a step with ``ρ ≤ η`` is
-   undone and retried with more damping / a smaller radius, up to ``max_retries``.
+   ``m(s) = −(gᵀs + ½sᵀHs)`` (one forward pass per trial, through the blocks at the
+   values ``θ + s``: the parameters change only when a step is accepted, so ``curv``
+   stays valid for the retries); a step with ``ρ ≤ η`` is not applied and is retried
+   with more damping / a smaller radius, up to ``max_retries``.
 
 * :class:`DampedNewton` — Levenberg–Marquardt: ``s = −(H + λI)⁻¹g``, ``λ`` adapted
   from ``ρ`` (×``1/3`` when ``ρ > ¾``, ×4 when ``ρ < ¼``). With ``kind="hessian"``
@@ -36,6 +38,7 @@ import attrs
 import torch
 from torch import Tensor
 
+from ._per_example import flat_parameters, loss_at
 from .chain import Chain
 from .curvature import Curvature, check_kind
 from .errors import SingularSystemError
@@ -105,23 +108,18 @@ class _ExactStepOptimizer(torch.optim.Optimizer):
     def _params(self) -> list[Tensor]:
         return self.param_groups[0]["params"]
 
-    def _add(self, step: Tensor) -> list[Tensor]:
-        """``θ ← θ + step`` in place; returns the previous values (to undo exactly)."""
+    def _add(self, step: Tensor) -> None:
+        """``θ ← θ + step`` in place."""
         params = self._params()
-        saved = [p.detach().clone() for p in params]
         with torch.no_grad():
             for p, piece in zip(params, torch.split(step, [p.numel() for p in params])):
                 p.add_(piece.view_as(p))
-        return saved
 
-    def _restore(self, saved: list[Tensor]) -> None:
+    def _loss(self, inputs, targets, step: Tensor) -> float:
+        """The loss at ``θ + step``, the parameters unchanged (the step's curvature, which
+        shares memory with them, stays valid for a retry)."""
         with torch.no_grad():
-            for p, value in zip(self._params(), saved):
-                p.copy_(value)
-
-    def _loss(self, inputs, targets) -> float:
-        with torch.no_grad():
-            return float(self.chain(inputs, targets))
+            return float(loss_at(self.chain, flat_parameters(self.chain) + step, inputs, targets))
 
     def _begin_step(self, closure: BatchOrClosure, gradient_batch: BatchOrClosure | None) -> tuple:
         """``(curvature, g, loss, inputs, targets)`` at the start of a step: the curvature of
@@ -142,20 +140,24 @@ class _ExactStepOptimizer(torch.optim.Optimizer):
             loss = self.chain(g_inputs, g_targets)
             grads = torch.autograd.grad(loss, params, allow_unused=True)
         flat = torch.cat([(torch.zeros_like(p) if d is None else d).reshape(-1) for p, d in zip(params, grads)])
+        if not bool(torch.isfinite(flat.sum())) and not bool(torch.isfinite(flat).all()):
+            raise ValueError(
+                f"the gradient on gradient_batch contains NaN or inf (loss there: {float(loss.detach())}); "
+                "no step can be taken from it"
+            )
         return flat.detach(), float(loss.detach()), g_inputs, g_targets
 
     def _try(self, curv, g: Tensor, inputs, targets, step: Tensor, loss: float) -> tuple[float, float, float]:
-        """Apply ``step``; return (new loss, predicted decrease, ratio); undo it if ρ ≤ η."""
+        """Judge ``step``; return (new loss, predicted decrease, ratio); apply it if ρ > η."""
         # the model m(s) = gᵀs + ½sᵀ(H + δI)s
         predicted = -float(g @ step + 0.5 * (step @ curv.hvp(step)))
-        saved = self._add(step)
-        new_loss = self._loss(inputs, targets)
+        new_loss = self._loss(inputs, targets, step)
         if predicted > 0 and math.isfinite(new_loss):
             ratio = (loss - new_loss) / predicted
         else:
             ratio = -math.inf if not math.isfinite(new_loss) else (1.0 if new_loss <= loss else -math.inf)
-        if not ratio > self.eta:
-            self._restore(saved)
+        if ratio > self.eta:
+            self._add(step)
         return new_loss, predicted, ratio
 
 

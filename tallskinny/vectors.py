@@ -43,7 +43,10 @@ class ParameterLayout:
         return sum(self.sizes)
 
     def to_flat(self, v, what: str = "vector") -> tuple[Tensor, VectorFormat]:
-        """Validate ``v`` and return it as a ``(P, k)`` tensor with its format."""
+        """Validate ``v`` and return it as a ``(P, k)`` tensor with its format.
+
+        ``v`` must be finite (``ValueError`` naming ``what`` and the parameter). Its
+        autograd history is dropped: results computed from it carry no graph."""
         if isinstance(v, Tensor):
             self._check_tensor(v, what, "")
             P = self.numel
@@ -54,12 +57,17 @@ class ParameterLayout:
                     f"got a tensor of shape {tuple(v.shape)}"
                 )
             fmt = VectorFormat(as_list=False, container=None, k=v.shape[1] if v.dim() == 2 else None)
-            return (v if v.dim() == 2 else v.unsqueeze(1)), fmt
-        if isinstance(v, (list, tuple)):
-            return self._list_to_flat(v, what)
-        raise TypeError(
-            f"{what} must be a tensor or a list/tuple of tensors, got {type(v).__name__}"
-        )
+            x = v if v.dim() == 2 else v.unsqueeze(1)
+        elif isinstance(v, (list, tuple)):
+            x, fmt = self._list_to_flat(v, what)
+        else:
+            raise TypeError(
+                f"{what} must be a tensor or a list/tuple of tensors, got {type(v).__name__}"
+            )
+        # the products write into buffers (out=), which autograd refuses
+        x = x.detach() if x.requires_grad else x
+        self._check_finite(x, what, fmt)
+        return x, fmt
 
     def from_flat(self, x: Tensor, fmt: VectorFormat):
         """The inverse of :meth:`to_flat` for a ``(P, k)`` result."""
@@ -75,6 +83,16 @@ class ParameterLayout:
         return list(torch.split(x, self.sizes, dim=0))
 
     # -- validation ---------------------------------------------------------------------
+    def _check_finite(self, x: Tensor, what: str, fmt: VectorFormat) -> None:
+        """No NaN or inf in the flat ``(P, k)`` ``x`` (a finite sum has no inf or NaN terms:
+        one reduction; the elementwise test only where the sum is not finite)."""
+        if bool(torch.isfinite(x.sum())) or bool(torch.isfinite(x).all()):
+            return
+        for i, (piece, name) in enumerate(zip(self.split(x), self.names)):
+            if not bool(torch.isfinite(piece).all()):
+                where = f"{what}[{i}] (parameter {name!r})" if fmt.as_list else f"{what}, at parameter {name!r},"
+                raise ValueError(f"{where} contains NaN or inf; a parameter-space vector must be finite")
+
     def _check_tensor(self, t: Tensor, what: str, where: str) -> None:
         if t.dtype != self.dtype:
             raise TypeError(

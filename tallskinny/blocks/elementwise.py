@@ -13,6 +13,7 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
+from ..errors import NondeterministicModuleError
 from ..linalg import Diagonal, Identity
 from .checks import check_adjoint, check_finite, check_input, check_params, plain, zero
 from .func import Block
@@ -20,6 +21,7 @@ from .protocol import DeferredOracle, Oracle
 from .registry import register
 
 __all__ = [
+    "DropoutBlock",
     "ElementwiseBlock",
     "GELUBlock",
     "IdentityBlock",
@@ -269,6 +271,39 @@ class IdentityBlock(ElementwiseBlock):
         a = z.numel()
         I = Identity(a, dtype=z.dtype, device=z.device)  # noqa: E741
         return Oracle(G=zero(a, 0, z), F=I, A=zero(0, 0, z), C=zero(0, a, z), E=zero(a, a, z))
+
+
+class DropoutBlock(IdentityBlock):
+    """The dropout modules (``nn.Dropout``, ``Dropout1d/2d/3d``, ``AlphaDropout``,
+    ``FeatureAlphaDropout``) in eval mode, where they are the identity.
+
+    In training mode (with ``p > 0``) every call draws a new random mask: the map has no
+    derivatives, and ``forward`` and ``oracle`` raise
+    :class:`~tallskinny.errors.NondeterministicModuleError`. The flag is read at each call
+    (a module may be put in eval mode after the chain is made).
+    """
+
+    def forward(self, z: Tensor, params: Sequence[Tensor]) -> Tensor:
+        self._check_eval("forward")
+        return super().forward(z, params)
+
+    def oracle(
+        self, z: Tensor, params: Sequence[Tensor], g: Tensor, *, second_order: bool = True
+    ) -> Oracle:
+        self._check_eval("oracle")
+        return super().oracle(z, params, g, second_order=second_order)
+
+    def _check_eval(self, method: str) -> None:
+        if self.module.training and self.module.p > 0:
+            raise NondeterministicModuleError(
+                f"{self._where(method)}: {self.module!r} is in training mode, where each call "
+                "draws a new random mask and the map has no derivatives; call .eval() on it "
+                "(in eval mode it is the identity)"
+            )
+
+
+for _dropout in (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout):
+    register(_dropout)(DropoutBlock)
 
 
 _BATCH_KEYS = {

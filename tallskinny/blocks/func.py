@@ -11,12 +11,14 @@ dense matrices of size ``a_out × (p + a_in)`` and ``(p + a_in)²``: analytic bl
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, jacfwd, jacrev
 
+from ..errors import NondeterministicModuleError
 from ..linalg import Dense
 from .checks import check_adjoint, check_finite, check_input, check_params, describe, zero
 from .protocol import Oracle
@@ -34,11 +36,17 @@ class Block:
     on clones of its buffers, so nothing of the module changes (a ``BatchNorm`` in
     training mode updates the clones, not the model's running statistics).
 
+    ``forward`` hands the module a copy of its input, so a module that changes its input
+    in place (``x.tanh_()``, ``inplace=True``) leaves the caller's tensor as it was.
+
     ``oracle`` is the generic ``torch.func`` fallback: it differentiates
     :meth:`forward`. A subclass that overrides nothing is therefore correct for any
     module; an analytic block overrides :meth:`oracle` (and :meth:`forward` where a
     direct formula is simpler) and is registered with
-    :func:`tallskinny.blocks.register`.
+    :func:`tallskinny.blocks.register`. The fallback evaluates the module twice at the
+    point and raises :class:`~tallskinny.errors.NondeterministicModuleError` where the
+    two outputs differ by more than rounding (a random module, e.g. dropout in training
+    mode, has no derivatives).
     """
 
     def __init__(self, module: nn.Module):
@@ -77,9 +85,8 @@ class Block:
         params = check_params(self._parameters, params, z, where)
         tensors = {name: buffer.clone() for name, buffer in self.module.named_buffers()}
         tensors.update(zip(self._names, params))
-        if _mutates_its_input(self.module):
-            z = z.clone()
-        out = functional_call(self.module, tensors, (z,))
+        # a module may change its input in place, declared (inplace=True) or not
+        out = functional_call(self.module, tensors, (z.clone(),))
         if not isinstance(out, Tensor):
             raise TypeError(
                 f"{where}: the module returned {describe(out)}; a block maps one tensor to one tensor"
@@ -97,6 +104,15 @@ class Block:
         check_finite(z, "z", where)
         with torch.no_grad():
             out = self.forward(z, params)
+            # a random module draws a new function at every call: one more forward pass
+            # (cheap next to the Jacobians) tells it from a deterministic one
+            again = self.forward(z, params)
+        if _differ(out, again):
+            raise NondeterministicModuleError(
+                f"{where}: two evaluations of {self.module._get_name()} at the same input and "
+                "parameters differ; a random module (dropout in training mode, …) has no "
+                "derivatives: call .eval() on it"
+            )
         g = check_adjoint(g, out.shape, z, where).detach()
         return func_oracle(self.forward, z, params, g, second_order=second_order, where=where)
 
@@ -278,6 +294,15 @@ def _callable_name(f) -> str:
     return getattr(f, "__qualname__", None) or type(f).__name__
 
 
-def _mutates_its_input(module: nn.Module) -> bool:
-    """Whether a submodule declares ``inplace=True`` (ReLU, Dropout, …): its input must be cloned."""
-    return any(getattr(m, "inplace", False) is True for m in module.modules())
+def _differ(a: Tensor, b: Tensor) -> bool:
+    """Whether two evaluations ``a``, ``b`` of one map at one point differ by more than
+    rounding: ``max |a − b| > √eps · max |a|`` (a tolerance, not bitwise equality, so that
+    kernels with a nondeterministic summation order are not mistaken for random ones)."""
+    if a.shape != b.shape:
+        return True
+    if a.numel() == 0:
+        return False
+    if not a.dtype.is_floating_point:
+        return not torch.equal(a, b)
+    tol = math.sqrt(torch.finfo(a.dtype).eps) * float(a.abs().max())
+    return bool((a - b).abs().max() > tol)

@@ -151,3 +151,34 @@ def test_laplace_errors():
         lap.log_marginal_likelihood(0.0)
     with pytest.raises(ValueError, match="lower < upper"):
         lap.optimize_prior_precision(10.0, 1.0)
+
+
+def test_non_finite_test_example_is_named():
+    """A test example with NaN gives a NaN gradient: refused before the solve, naming it
+    (not blamed on H + εI)."""
+    chain = chain_of(small_model(), nn.CrossEntropyLoss())
+    (X, y), (Xte, yte) = data(4), data(3, seed=2)
+    Xte[1, 0] = math.nan
+    with pytest.raises(ValueError, match="test example 1 contains NaN or inf"):
+        influence(chain, (X, y), (Xte, yte), damping=0.1)
+
+
+def test_laplace_after_training_is_stale():
+    model = small_model()
+    X, y = data(4)
+    lap = Laplace(chain_of(model, nn.CrossEntropyLoss()), X, y)
+    lap.log_marginal_likelihood(1.0)
+    with torch.no_grad():
+        next(model.parameters()).add_(0.1)  # trained further: the GGN is not the model's any more
+    for call in (lambda: lap.log_marginal_likelihood(1.0), lambda: lap.predictive_variance(X, 1.0)):
+        with pytest.raises(ts.StaleCurvatureError):
+            call()
+
+
+def test_laplace_non_finite_inputs_are_named():
+    X, y = data(4)
+    lap = Laplace(chain_of(small_model(), nn.CrossEntropyLoss()), X, y)
+    Xte, _ = data(2, seed=3)
+    Xte[0, 1] = math.inf
+    with pytest.raises(ValueError, match="output Jacobian at inputs contains NaN or inf"):
+        lap.predictive_covariance(Xte, 1.0)

@@ -152,3 +152,13 @@ def test_gradient_batch_gives_the_subsampled_newton_step():
     else:
         torch.testing.assert_close(flat(model), before, rtol=0, atol=0)
         assert float(dense.loss_at(before + expected, Xg, yg)) >= float(loss)
+
+
+def test_non_finite_gradient_batch_is_refused():
+    _, chain, _, X, y = setup(seed=2)
+    Xg = X.clone()
+    Xg[0, 0] = math.nan
+    before = [p.detach().clone() for p in chain.parameters()]
+    with pytest.raises(ValueError, match="gradient on gradient_batch contains NaN or inf"):
+        DampedNewton(chain).step((X, y), (Xg, y))
+    assert all(torch.equal(p, b) for p, b in zip(chain.parameters(), before))
