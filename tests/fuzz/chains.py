@@ -121,8 +121,10 @@ def _dense_body(rng, gen, d_in: int, depth: int) -> tuple[list, int]:
                 inner = inner[::-1]
             shortcut = _linear(rng, w, w) if rng.random() < 0.3 else None
             modules.append(Residual(inner, shortcut))
-        elif r < 0.95:
+        elif r < 0.93:
             modules.append(ScaledSine(w, gen))
+        elif r < 0.95:
+            modules.append(nn.Dropout(rng.choice([0.0, 0.3])).eval())
         else:
             modules.append(BatchMix())
     return modules, w
