@@ -45,7 +45,12 @@ _FLOAT_TYPES = (torch.float32, torch.float64)
 
 
 def pivot_tolerance(n: int, dtype: torch.dtype, scale: float) -> float:
-    """``c · n · eps · scale``: pivots at or below it count as zero (see the module doc)."""
+    """``c · n · eps · scale``: pivots at or below it count as zero (see the module doc).
+
+    The one tolerance of every rank and pivot decision in :mod:`tallskinny` too: singular
+    values or eigenvalues at or below ``pivot_tolerance(n, dtype, σ_max)`` count as zero.
+    ``c = PIVOT_TOLERANCE_FACTOR`` is read at each call, so tests can move every decision
+    at once (:func:`tallskinny.linalg.testing.scaled_tolerances`)."""
     return PIVOT_TOLERANCE_FACTOR * n * torch.finfo(dtype).eps * scale
 
 
