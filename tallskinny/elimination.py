@@ -214,7 +214,7 @@ class DenseStage:
             VC_r = torch.cat([blk @ Cr for blk, Cr in zip(V_blocks, C_r_parts)])
         else:
             U, sigma, Vh = torch.linalg.svd(G, full_matrices=False)
-            tol = max(a, p) * torch.finfo(G.dtype).eps * (float(sigma[0]) if sigma.numel() else 0.0)
+            tol = pivot_tolerance(max(a, p), G.dtype, float(sigma[0]) if sigma.numel() else 0.0)
             r = int((sigma > tol).sum())
             self.V = Vh[:r].mT  # p × r, orthonormal basis of the row space of G
             self.GV = U[:, :r] * sigma[:r]  # G V_r, a × r
@@ -223,6 +223,7 @@ class DenseStage:
         self.GVt = self.GV.T
         # null(G) = range(Z) ⊕ rest; A on range(V) ⊕ range(Z): A_rr, A_rz, diag(α)
         self.Z = self.alpha = self.C_z = self.A_rr = self.A_rz = None
+        self.a_norm = 0.0  # a bound of ‖A‖₂: the scale of the rounding errors of α
         A = oracle.A
         a_zero = _is_zero(A)
         V = self.V if self.V is not None or a_zero else torch.eye(p, **kw)
@@ -230,6 +231,7 @@ class DenseStage:
             self._low_rank_complement(A, V)
         elif not a_zero and p > r:
             A = _symmetrize(A.to_dense())
+            self.a_norm = float(torch.linalg.vector_norm(A))  # ‖A‖_F ≥ ‖A‖₂
             V_perp = torch.linalg.qr(V, mode="complete")[0][:, r:] if r else torch.eye(p, **kw)
             self.alpha, W = torch.linalg.eigh(V_perp.mT @ A @ V_perp)
             self.Z = V_perp @ W  # p × (p − r)
@@ -274,23 +276,48 @@ class DenseStage:
 
     def _low_rank_complement(self, A: "LowRank", V: Tensor) -> None:
         """``Z``, ``α``, ``A_rr``, ``A_rz`` for ``A = U M Uᵀ``: on ``null(G)`` the matrix
-        ``A_⊥⊥`` lives on ``range((I − VVᵀ)U)``; its SVD ``Ũ Σ W̃ᵀ`` turns ``A_⊥⊥`` there into
-        the ``k' × k'`` matrix ``Σ W̃ᵀ M W̃ Σ``, whose eigenvectors give ``Z = Ũ W``."""
+        ``A_⊥⊥`` lives on ``range((I − VVᵀ)U)``. With the Householder QR ``V = Q[:, :r]``
+        (``Q`` kept as its reflectors) the coordinates of that range in the basis
+        ``Q[:, r:]`` of ``null(G)`` are ``U_n = (QᵀU)[r:]``; the SVD ``U_n = Ũ Σ W̃ᵀ`` turns
+        ``A_⊥⊥`` there into the ``k' × k'`` matrix ``Σ W̃ᵀ M W̃ Σ``, whose eigenvectors give
+        ``Z = Q[:, r:] Ũ W``.
+
+        Every column of ``Z`` lies in ``null(G)`` by construction (``k' ≤ p − r``), also a
+        direction that passes the rank test on rounding noise: a left singular vector of
+        ``(I − VVᵀ)U`` for a singular value below ``eps·‖U‖`` (where ``U`` is rank-deficient
+        or lies partly in ``range(V)``) is an arbitrary unit vector, not one of ``null(G)``,
+        and taking it as a column of ``Z`` gave wrong answers (issue 14)."""
         U, M = A.U, _symmetrize(A.M)
+        p, r = U.shape[0], V.shape[1]
         VtU = V.mT @ U  # r × k
-        U_perp = U - V @ VtU
-        Ut, sig, Wh = torch.linalg.svd(U_perp, full_matrices=False)
-        tol = max(U.shape) * torch.finfo(U.dtype).eps * (float(torch.linalg.matrix_norm(U, 2)) if U.numel() else 0.0)
-        k = int((sig > tol).sum())
-        if V.shape[1]:
+        vtu_norm = float(torch.linalg.matrix_norm(VtU, 2)) if VtU.numel() else 0.0
+        if r:
             self.A_rr = _symmetrize(VtU @ M @ VtU.mT)
+        if r == p:  # null(G) = {0}
+            self.a_norm = vtu_norm * vtu_norm * float(torch.linalg.vector_norm(M))
+            return
+        reflectors = None
+        if r:
+            reflectors = torch.geqrf(V)
+            U_n = torch.ormqr(*reflectors, U, left=True, transpose=True)[r:]  # (p − r) × k
+        else:
+            U_n = U
+        Ut, sig, Wh = torch.linalg.svd(U_n, full_matrices=False)
+        # ‖U‖₂ ≤ hypot(‖VᵀU‖₂, ‖U_n‖₂) ≤ √2‖U‖₂ (QᵀU = [VᵀU; U_n]): no SVD of U itself
+        u_norm = math.hypot(vtu_norm, float(sig[0]) if sig.numel() else 0.0)
+        self.a_norm = u_norm * u_norm * float(torch.linalg.vector_norm(M))  # ≥ ‖U M Uᵀ‖₂
+        k = int((sig > pivot_tolerance(max(U.shape), U.dtype, u_norm)).sum())
         if not k:
             return
-        SW = Wh[:k].mT * sig[:k]  # k_U × k': U_perp = Ũ (SW)ᵀ
+        SW = Wh[:k].mT * sig[:k]  # k_U × k': U_n = Ũ (SW)ᵀ on the kept part
         self.alpha, W = torch.linalg.eigh(_symmetrize(SW.mT @ M @ SW))
-        self.Z = Ut[:, :k] @ W  # p × k', orthonormal, in null(G)
-        if V.shape[1]:
-            self.A_rz = VtU @ M @ (U.mT @ self.Z)  # r × k'
+        Z_n = Ut[:, :k] @ W
+        if reflectors is None:
+            self.Z = Z_n
+        else:  # Q [0; Z_n]: orthonormal, orthogonal to range(V) to working precision
+            self.Z = torch.ormqr(*reflectors, torch.cat((Z_n.new_zeros(r, k), Z_n)), left=True, transpose=False)
+        if r:
+            self.A_rz = VtU @ M @ (SW @ W)  # UᵀZ = W̃Σ W on the kept part: r × k'
 
     # -- elimination -------------------------------------------------------------------------
     def eliminate(self, S: Tensor, damping: float, index: int):
@@ -352,9 +379,10 @@ class DenseStage:
             S_new -= CtC / damping  # (S_new is always a fresh tensor here: updated in place)
             pos, logdet = self.n_rest, self.n_rest * math.log(damping)
         if self.k:
-            # α carries rounding errors of the size of eps·‖A_⊥⊥‖, ε none
+            # α carries rounding errors of the size of p·eps·‖A‖ (Z is orthogonal to range(V)
+            # to working precision, not exactly), ε none
             d = self.alpha + damping
-            tol = pivot_tolerance(self.k, S_new.dtype, float(self.alpha.abs().max()))
+            tol = pivot_tolerance(self.p, S_new.dtype, max(self.a_norm, float(self.alpha.abs().max())))
             if bool((d.abs() <= tol).any()) or bool((d == 0).any()):
                 raise _StageSingular(index)
             S_new -= C_z.mT @ (C_z / d.unsqueeze(-1))
@@ -399,7 +427,7 @@ def _masked_kronecker_svd(B: Tensor, ignored_rows: Tensor) -> tuple[list[Tensor]
     live = [torch.nonzero(~dead).squeeze(1) for dead in ignored_rows.reshape(m, R)]
     svds = [torch.linalg.svd(B.index_select(0, rows), full_matrices=False) for rows in live]
     sigma_max = max((float(s.max()) for _, s, _ in svds if s.numel()), default=0.0)
-    tol = m * max(R, q) * torch.finfo(B.dtype).eps * sigma_max
+    tol = pivot_tolerance(m * max(R, q), B.dtype, sigma_max)
     V_blocks, GV_blocks = [], []
     for rows, (U, sigma, Vh) in zip(live, svds):
         k = int((sigma > tol).sum())  # singular values come sorted
@@ -579,7 +607,7 @@ def _value_hessian_range(activations: Sequence[Oracle], loss: Oracle) -> Tensor 
         S = _symmetrize(_plus(o.E, _congruence(o.F, S)))
     lam, Q = torch.linalg.eigh(S)
     n = lam.shape[0]
-    keep = lam.abs() > n * torch.finfo(S.dtype).eps * (float(lam.abs().max()) if n else 0.0)
+    keep = lam.abs() > pivot_tolerance(n, S.dtype, float(lam.abs().max()) if n else 0.0)
     if bool(keep.all()):
         return None
     return Q[:, keep]
