@@ -19,6 +19,10 @@ elimination on ``N`` unknowns (``N · eps · scale`` bounds those errors up to g
 partial pivoting keeps growth small in practice). Such a matrix raises
 :class:`SingularMatrixError` when it is factored, before any solve — never NaN or inf.
 Consequently a successful factorization always reports ``inertia().zero == 0``.
+The test is exact where the elimination meets a zero (a zero row or column, a decoupled
+zero block); a matrix singular only up to rounding has its smallest pivot at the
+tolerance, so whether it raises is decided by rounding — when it does not, its
+factorization is still backward stable (see ``docs/linalg.md``).
 (:class:`BlockDiagonalFactorization` and :class:`BlockBidiagonalFactorization` factor
 each diagonal block on its own, so for them the test applies block by block.)
 """
