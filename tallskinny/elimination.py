@@ -186,6 +186,7 @@ class DenseStage:
             G = output_range @ (output_range.mT @ G)
         a, p = G.shape
         self.p = p
+        self.g_norm = 0.0  # ‖G‖₂ where A ≠ 0 can cancel GᵀSG (the scale of the pivot test)
         self.F, self.E = oracle.F, oracle.E
         self.FT = oracle.F.T
         C = oracle.C.to_dense()
@@ -205,6 +206,7 @@ class DenseStage:
             self.C_r = C
         elif B is not None:
             V_blocks, self.GV = _masked_kronecker_svd(B, ignored_rows)
+            self.g_norm = float(torch.linalg.matrix_norm(self.GV, 2)) if self.GV.numel() else 0.0
             self.V = torch.block_diag(*V_blocks)
             r = self.V.shape[1]
             # V is block diagonal: C_r = VᵀC and V C_r one channel at a time
@@ -214,7 +216,8 @@ class DenseStage:
             VC_r = torch.cat([blk @ Cr for blk, Cr in zip(V_blocks, C_r_parts)])
         else:
             U, sigma, Vh = torch.linalg.svd(G, full_matrices=False)
-            tol = pivot_tolerance(max(a, p), G.dtype, float(sigma[0]) if sigma.numel() else 0.0)
+            self.g_norm = float(sigma[0]) if sigma.numel() else 0.0
+            tol = pivot_tolerance(max(a, p), G.dtype, self.g_norm)
             r = int((sigma > tol).sum())
             self.V = Vh[:r].mT  # p × r, orthonormal basis of the row space of G
             self.GV = U[:, :r] * sigma[:r]  # G V_r, a × r
@@ -239,7 +242,9 @@ class DenseStage:
             self.A_rr = V.mT @ AV
             self.A_rz = AV.mT @ self.Z
         elif not a_zero:  # null(G) = {0}
-            self.A_rr = V.mT @ _symmetrize(A.to_dense()) @ V
+            A = _symmetrize(A.to_dense())
+            self.a_norm = float(torch.linalg.vector_norm(A))
+            self.A_rr = V.mT @ A @ V
         self.k = 0 if self.Z is None else self.Z.shape[1]
         if self.Z is not None:
             self.C_z = self.Z.mT @ C  # k × a_in
@@ -343,7 +348,8 @@ class DenseStage:
         Q_rr = self.GVt @ SGV
         if pooled:
             _workspace.give(GtS)
-        S_new, factor, K_r, d, inertia, logdet = self._schur(S_new, Q_rr, Q_ry, self.C_z, self.CtC, damping, index)
+        S_norm = torch.linalg.vector_norm(S) if self.A_rr is not None else None
+        S_new, factor, K_r, d, inertia, logdet = self._schur(S_new, Q_rr, Q_ry, self.C_z, self.CtC, damping, index, S_norm)
         return S_new, _DenseStageFactor(self, damping, d, factor, Q_ry, K_r, inertia, logdet)
 
     def _eliminate_live(self, S: Tensor, damping: float, index: int):
@@ -354,17 +360,27 @@ class DenseStage:
         SF = S_oo @ F_oi
         Q_ry = torch.addmm(C_ri, GV_o.mT, SF)  # r × n_in
         Q_rr = GV_o.mT @ (S_oo @ GV_o)
-        S_ii, factor, K_r, d, inertia, logdet = self._schur(F_oi.mT @ SF, Q_rr, Q_ry, C_zi, CtC_ii, damping, index)
+        S_norm = torch.linalg.vector_norm(S_oo) if self.A_rr is not None else None
+        S_ii, factor, K_r, d, inertia, logdet = self._schur(F_oi.mT @ SF, Q_rr, Q_ry, C_zi, CtC_ii, damping, index, S_norm)
         a_in = self.F.shape[1]
         S_new = _embed_square(S_ii, li, a_in)
         Q_ry, K_r = _embed_columns(Q_ry, li, a_in), _embed_columns(K_r, li, a_in)
         return S_new, _DenseStageFactor(self, damping, d, factor, Q_ry, K_r, inertia, logdet)
 
-    def _schur(self, S_new, Q_rr, Q_ry, C_z, CtC, damping: float, index: int):
+    def _schur(self, S_new, Q_rr, Q_ry, C_z, CtC, damping: float, index: int, S_norm: Tensor | None = None):
         """``S_new − Q_yθ Q_θθ⁻¹ Q_θy`` over the rest (pivots ``ε``), ``Z`` (pivots ``α + ε``)
         and the span (``Q_rr + A_rr + εI``, factored), symmetrised, with the factors and the
-        pivots' inertia and ``log|det|``. ``C_z``, ``CtC`` on the columns of ``Q_ry``."""
+        pivots' inertia and ``log|det|``. ``C_z``, ``CtC`` on the columns of ``Q_ry``.
+
+        Where ``A ≠ 0`` it may cancel ``G_VᵀSG_V`` (``S_norm = ‖S‖_F`` is then given): the
+        rounding errors of ``Q``, and so the pivots of a ``Q`` singular in exact arithmetic,
+        scale with the terms ``‖G‖²‖S‖ + ‖A‖ + max|A_rz d⁻¹A_rzᵀ| + ε``, not with ``max|Q|``;
+        ``Q`` is then also tested by its smallest eigenvalue against that bound
+        (:meth:`SymmetricFactor.of`). Issue 14: the pivot test alone took an exactly
+        singular stage of 35 in 180 random ones as regular (a silently wrong log|det|)."""
+        terms = None
         if self.A_rr is not None:
+            terms = [S_norm * (self.g_norm * self.g_norm), self.a_norm + damping]
             Q_rr = Q_rr + self.A_rr
         Q_rr.diagonal().add_(damping)
         pos = neg = 0
@@ -391,11 +407,14 @@ class DenseStage:
             logdet = z_logdet if logdet is None else z_logdet + logdet
             if self.A_rz is not None:
                 Ad = self.A_rz / d
-                Qt_rr = Q_rr - Ad @ self.A_rz.mT
+                AdA = Ad @ self.A_rz.mT
+                terms.append(torch.linalg.vector_norm(AdA, float("inf")))
+                Qt_rr = Q_rr - AdA
                 Qt_ry = Q_ry - Ad @ C_z
         factor = K_r = None
         if self.r:
-            factor = SymmetricFactor.of(Qt_rr)
+            # ‖ΔQ‖ ≤ γ_k·(terms) with k = 4(p + a): two products over a, two over p, and the SVD
+            factor = SymmetricFactor.of(Qt_rr, terms, 4 * (self.p + self.GV.shape[0]))
             if factor is None:
                 raise _StageSingular(index)
             K_r = factor.solve(Qt_ry)

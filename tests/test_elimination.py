@@ -199,6 +199,32 @@ def test_singular_stage_falls_back_to_pivoted_kkt():
     torch.testing.assert_close(fact.logdet(), eig.abs().log().sum(), rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("sizes", [[(3, 4), (3, 0), (2, 3)], [(4, 5), (2, 6)], [(3, 3), (3, 5)]])
+def test_exactly_singular_stage_goes_to_the_pivoted_factorization(sizes):
+    """Issue 14: the last stage's ``Q_θθ = A + εI + GᵀSG`` is made singular (up to
+    rounding) by an ``A`` that cancels ``GᵀSG``; ``H + εI`` stays well conditioned. The
+    rounding errors of ``Q`` scale with ``A`` and ``GᵀSG``, not with ``max|Q|``, and the
+    pivot of LU or Cholesky can exceed them several times: the old test took such a pivot
+    as nonzero in 35 of 180 cases (a silently wrong log|det| and inertia). ``Q``'s smallest
+    eigenvalue against the bound of its rounding errors flags every one of them."""
+    damping = 0.1
+    for seed in range(20):
+        oracles, loss = random_problem(sizes, seed=seed)
+        last = oracles[-1]
+        G = last.G.to_dense()
+        p = G.shape[1]
+        A = -damping * torch.eye(p) - G.T @ loss.E.to_dense() @ G + torch.diag(torch.arange(p, dtype=torch.float64))
+        oracles[-1] = Oracle(G=last.G, F=last.F, A=Dense((A + A.T) / 2, symmetric=True), C=last.C, E=last.E)
+        M = dense_hessian(oracles, loss) + damping * torch.eye(sum(q for _, q in sizes))
+        eig = torch.linalg.eigvalsh(M)
+        assert eig.abs().min() > 1e-8 * eig.abs().max()  # H + εI itself is fine
+        fact = elimination.factorize(oracles, loss, damping)
+        assert isinstance(fact, elimination.KKTFactorization), seed
+        assert fact.inertia() == ((eig > 0).sum().item(), (eig < 0).sum().item(), 0)
+        cond = (eig.abs().max() / eig.abs().min()).item()
+        assert abs(fact.logdet().item() - eig.abs().log().sum().item()) <= 1e-9 + 1e-13 * M.shape[0] * cond
+
+
 def test_singular_system_raises_with_damping():
     """A block whose parameters do not influence the loss makes H singular at ε = 0."""
     oracles, loss = random_problem([(3, 2), (2, 3)], seed=3)
