@@ -395,10 +395,11 @@ class DenseStage:
             S_new -= CtC / damping  # (S_new is always a fresh tensor here: updated in place)
             pos, logdet = self.n_rest, self.n_rest * math.log(damping)
         if self.k:
-            # α carries rounding errors of the size of p·eps·‖A‖ (Z is orthogonal to range(V)
-            # to working precision, not exactly), ε none
+            # α carries rounding errors of ‖A‖ times two sums of length p (ZᵀAZ, Z orthogonal
+            # to range(V) to working precision, not exactly), ε none: Weyl bounds |α + ε| by
+            # them where α + ε = 0 in exact arithmetic
             d = self.alpha + damping
-            tol = pivot_tolerance(self.p, S_new.dtype, max(self.a_norm, float(self.alpha.abs().max())))
+            tol = pivot_tolerance(2 * self.p, S_new.dtype, max(self.a_norm, float(self.alpha.abs().max())))
             if bool((d.abs() <= tol).any()) or bool((d == 0).any()):
                 raise _StageSingular(index)
             S_new -= C_z.mT @ (C_z / d.unsqueeze(-1))
