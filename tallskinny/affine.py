@@ -26,7 +26,7 @@ from torch import Tensor
 
 from . import _workspace
 from .blocks.protocol import Oracle
-from .linalg import Dense, Identity, Inertia, ScaledIdentity, Zero
+from .linalg import Dense, Identity, Inertia, ScaledIdentity, Zero, pivot_tolerance
 from .linalg.kronecker import (
     Kronecker,
     Permutation,
@@ -146,7 +146,7 @@ class _AffineCoordinates:
             XV = X.new_full((1, r), sigma)
         else:
             U, sigma, Vh = torch.linalg.svd(X, full_matrices=False)
-            tol = max(R, q) * torch.finfo(X.dtype).eps * (float(sigma[0]) if sigma.numel() else 0.0)
+            tol = pivot_tolerance(max(R, q), X.dtype, float(sigma[0]) if sigma.numel() else 0.0)
             r = int((sigma > tol).sum())
             Vh, XV = Vh[:r], U[:, :r] * sigma[:r]
         self.r = r

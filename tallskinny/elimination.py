@@ -186,6 +186,7 @@ class DenseStage:
             G = output_range @ (output_range.mT @ G)
         a, p = G.shape
         self.p = p
+        self.g_norm = 0.0  # ‖G‖₂ where A ≠ 0 can cancel GᵀSG (the scale of the pivot test)
         self.F, self.E = oracle.F, oracle.E
         self.FT = oracle.F.T
         C = oracle.C.to_dense()
@@ -205,6 +206,7 @@ class DenseStage:
             self.C_r = C
         elif B is not None:
             V_blocks, self.GV = _masked_kronecker_svd(B, ignored_rows)
+            self.g_norm = float(torch.linalg.matrix_norm(self.GV, 2)) if self.GV.numel() else 0.0
             self.V = torch.block_diag(*V_blocks)
             r = self.V.shape[1]
             # V is block diagonal: C_r = VᵀC and V C_r one channel at a time
@@ -214,7 +216,8 @@ class DenseStage:
             VC_r = torch.cat([blk @ Cr for blk, Cr in zip(V_blocks, C_r_parts)])
         else:
             U, sigma, Vh = torch.linalg.svd(G, full_matrices=False)
-            tol = max(a, p) * torch.finfo(G.dtype).eps * (float(sigma[0]) if sigma.numel() else 0.0)
+            self.g_norm = float(sigma[0]) if sigma.numel() else 0.0
+            tol = pivot_tolerance(max(a, p), G.dtype, self.g_norm)
             r = int((sigma > tol).sum())
             self.V = Vh[:r].mT  # p × r, orthonormal basis of the row space of G
             self.GV = U[:, :r] * sigma[:r]  # G V_r, a × r
@@ -223,6 +226,7 @@ class DenseStage:
         self.GVt = self.GV.T
         # null(G) = range(Z) ⊕ rest; A on range(V) ⊕ range(Z): A_rr, A_rz, diag(α)
         self.Z = self.alpha = self.C_z = self.A_rr = self.A_rz = None
+        self.a_norm = 0.0  # a bound of ‖A‖₂: the scale of the rounding errors of α
         A = oracle.A
         a_zero = _is_zero(A)
         V = self.V if self.V is not None or a_zero else torch.eye(p, **kw)
@@ -230,6 +234,7 @@ class DenseStage:
             self._low_rank_complement(A, V)
         elif not a_zero and p > r:
             A = _symmetrize(A.to_dense())
+            self.a_norm = float(torch.linalg.vector_norm(A))  # ‖A‖_F ≥ ‖A‖₂
             V_perp = torch.linalg.qr(V, mode="complete")[0][:, r:] if r else torch.eye(p, **kw)
             self.alpha, W = torch.linalg.eigh(V_perp.mT @ A @ V_perp)
             self.Z = V_perp @ W  # p × (p − r)
@@ -237,7 +242,9 @@ class DenseStage:
             self.A_rr = V.mT @ AV
             self.A_rz = AV.mT @ self.Z
         elif not a_zero:  # null(G) = {0}
-            self.A_rr = V.mT @ _symmetrize(A.to_dense()) @ V
+            A = _symmetrize(A.to_dense())
+            self.a_norm = float(torch.linalg.vector_norm(A))
+            self.A_rr = V.mT @ A @ V
         self.k = 0 if self.Z is None else self.Z.shape[1]
         if self.Z is not None:
             self.C_z = self.Z.mT @ C  # k × a_in
@@ -274,23 +281,48 @@ class DenseStage:
 
     def _low_rank_complement(self, A: "LowRank", V: Tensor) -> None:
         """``Z``, ``α``, ``A_rr``, ``A_rz`` for ``A = U M Uᵀ``: on ``null(G)`` the matrix
-        ``A_⊥⊥`` lives on ``range((I − VVᵀ)U)``; its SVD ``Ũ Σ W̃ᵀ`` turns ``A_⊥⊥`` there into
-        the ``k' × k'`` matrix ``Σ W̃ᵀ M W̃ Σ``, whose eigenvectors give ``Z = Ũ W``."""
+        ``A_⊥⊥`` lives on ``range((I − VVᵀ)U)``. With the Householder QR ``V = Q[:, :r]``
+        (``Q`` kept as its reflectors) the coordinates of that range in the basis
+        ``Q[:, r:]`` of ``null(G)`` are ``U_n = (QᵀU)[r:]``; the SVD ``U_n = Ũ Σ W̃ᵀ`` turns
+        ``A_⊥⊥`` there into the ``k' × k'`` matrix ``Σ W̃ᵀ M W̃ Σ``, whose eigenvectors give
+        ``Z = Q[:, r:] Ũ W``.
+
+        Every column of ``Z`` lies in ``null(G)`` by construction (``k' ≤ p − r``), also a
+        direction that passes the rank test on rounding noise: a left singular vector of
+        ``(I − VVᵀ)U`` for a singular value below ``eps·‖U‖`` (where ``U`` is rank-deficient
+        or lies partly in ``range(V)``) is an arbitrary unit vector, not one of ``null(G)``,
+        and taking it as a column of ``Z`` gave wrong answers (issue 14)."""
         U, M = A.U, _symmetrize(A.M)
+        p, r = U.shape[0], V.shape[1]
         VtU = V.mT @ U  # r × k
-        U_perp = U - V @ VtU
-        Ut, sig, Wh = torch.linalg.svd(U_perp, full_matrices=False)
-        tol = max(U.shape) * torch.finfo(U.dtype).eps * (float(torch.linalg.matrix_norm(U, 2)) if U.numel() else 0.0)
-        k = int((sig > tol).sum())
-        if V.shape[1]:
+        vtu_norm = float(torch.linalg.matrix_norm(VtU, 2)) if VtU.numel() else 0.0
+        if r:
             self.A_rr = _symmetrize(VtU @ M @ VtU.mT)
+        if r == p:  # null(G) = {0}
+            self.a_norm = vtu_norm * vtu_norm * float(torch.linalg.vector_norm(M))
+            return
+        reflectors = None
+        if r:
+            reflectors = torch.geqrf(V)
+            U_n = torch.ormqr(*reflectors, U, left=True, transpose=True)[r:]  # (p − r) × k
+        else:
+            U_n = U
+        Ut, sig, Wh = torch.linalg.svd(U_n, full_matrices=False)
+        # ‖U‖₂ ≤ hypot(‖VᵀU‖₂, ‖U_n‖₂) ≤ √2‖U‖₂ (QᵀU = [VᵀU; U_n]): no SVD of U itself
+        u_norm = math.hypot(vtu_norm, float(sig[0]) if sig.numel() else 0.0)
+        self.a_norm = u_norm * u_norm * float(torch.linalg.vector_norm(M))  # ≥ ‖U M Uᵀ‖₂
+        k = int((sig > pivot_tolerance(max(U.shape), U.dtype, u_norm)).sum())
         if not k:
             return
-        SW = Wh[:k].mT * sig[:k]  # k_U × k': U_perp = Ũ (SW)ᵀ
+        SW = Wh[:k].mT * sig[:k]  # k_U × k': U_n = Ũ (SW)ᵀ on the kept part
         self.alpha, W = torch.linalg.eigh(_symmetrize(SW.mT @ M @ SW))
-        self.Z = Ut[:, :k] @ W  # p × k', orthonormal, in null(G)
-        if V.shape[1]:
-            self.A_rz = VtU @ M @ (U.mT @ self.Z)  # r × k'
+        Z_n = Ut[:, :k] @ W
+        if reflectors is None:
+            self.Z = Z_n
+        else:  # Q [0; Z_n]: orthonormal, orthogonal to range(V) to working precision
+            self.Z = torch.ormqr(*reflectors, torch.cat((Z_n.new_zeros(r, k), Z_n)), left=True, transpose=False)
+        if r:
+            self.A_rz = VtU @ M @ (SW @ W)  # UᵀZ = W̃Σ W on the kept part: r × k'
 
     # -- elimination -------------------------------------------------------------------------
     def eliminate(self, S: Tensor, damping: float, index: int):
@@ -316,7 +348,8 @@ class DenseStage:
         Q_rr = self.GVt @ SGV
         if pooled:
             _workspace.give(GtS)
-        S_new, factor, K_r, d, inertia, logdet = self._schur(S_new, Q_rr, Q_ry, self.C_z, self.CtC, damping, index)
+        S_norm = torch.linalg.vector_norm(S) if self.A_rr is not None else None
+        S_new, factor, K_r, d, inertia, logdet = self._schur(S_new, Q_rr, Q_ry, self.C_z, self.CtC, damping, index, S_norm)
         return S_new, _DenseStageFactor(self, damping, d, factor, Q_ry, K_r, inertia, logdet)
 
     def _eliminate_live(self, S: Tensor, damping: float, index: int):
@@ -327,17 +360,27 @@ class DenseStage:
         SF = S_oo @ F_oi
         Q_ry = torch.addmm(C_ri, GV_o.mT, SF)  # r × n_in
         Q_rr = GV_o.mT @ (S_oo @ GV_o)
-        S_ii, factor, K_r, d, inertia, logdet = self._schur(F_oi.mT @ SF, Q_rr, Q_ry, C_zi, CtC_ii, damping, index)
+        S_norm = torch.linalg.vector_norm(S_oo) if self.A_rr is not None else None
+        S_ii, factor, K_r, d, inertia, logdet = self._schur(F_oi.mT @ SF, Q_rr, Q_ry, C_zi, CtC_ii, damping, index, S_norm)
         a_in = self.F.shape[1]
         S_new = _embed_square(S_ii, li, a_in)
         Q_ry, K_r = _embed_columns(Q_ry, li, a_in), _embed_columns(K_r, li, a_in)
         return S_new, _DenseStageFactor(self, damping, d, factor, Q_ry, K_r, inertia, logdet)
 
-    def _schur(self, S_new, Q_rr, Q_ry, C_z, CtC, damping: float, index: int):
+    def _schur(self, S_new, Q_rr, Q_ry, C_z, CtC, damping: float, index: int, S_norm: Tensor | None = None):
         """``S_new − Q_yθ Q_θθ⁻¹ Q_θy`` over the rest (pivots ``ε``), ``Z`` (pivots ``α + ε``)
         and the span (``Q_rr + A_rr + εI``, factored), symmetrised, with the factors and the
-        pivots' inertia and ``log|det|``. ``C_z``, ``CtC`` on the columns of ``Q_ry``."""
+        pivots' inertia and ``log|det|``. ``C_z``, ``CtC`` on the columns of ``Q_ry``.
+
+        Where ``A ≠ 0`` it may cancel ``G_VᵀSG_V`` (``S_norm = ‖S‖_F`` is then given): the
+        rounding errors of ``Q``, and so the pivots of a ``Q`` singular in exact arithmetic,
+        scale with the terms ``‖G‖²‖S‖ + ‖A‖ + max|A_rz d⁻¹A_rzᵀ| + ε``, not with ``max|Q|``;
+        ``Q`` is then also tested by its smallest eigenvalue against that bound
+        (:meth:`SymmetricFactor.of`). Issue 14: the pivot test alone took an exactly
+        singular stage of 35 in 180 random ones as regular (a silently wrong log|det|)."""
+        terms = None
         if self.A_rr is not None:
+            terms = [S_norm * (self.g_norm * self.g_norm), self.a_norm + damping]
             Q_rr = Q_rr + self.A_rr
         Q_rr.diagonal().add_(damping)
         pos = neg = 0
@@ -352,9 +395,11 @@ class DenseStage:
             S_new -= CtC / damping  # (S_new is always a fresh tensor here: updated in place)
             pos, logdet = self.n_rest, self.n_rest * math.log(damping)
         if self.k:
-            # α carries rounding errors of the size of eps·‖A_⊥⊥‖, ε none
+            # α carries rounding errors of ‖A‖ times two sums of length p (ZᵀAZ, Z orthogonal
+            # to range(V) to working precision, not exactly), ε none: Weyl bounds |α + ε| by
+            # them where α + ε = 0 in exact arithmetic
             d = self.alpha + damping
-            tol = pivot_tolerance(self.k, S_new.dtype, float(self.alpha.abs().max()))
+            tol = pivot_tolerance(2 * self.p, S_new.dtype, max(self.a_norm, float(self.alpha.abs().max())))
             if bool((d.abs() <= tol).any()) or bool((d == 0).any()):
                 raise _StageSingular(index)
             S_new -= C_z.mT @ (C_z / d.unsqueeze(-1))
@@ -363,11 +408,14 @@ class DenseStage:
             logdet = z_logdet if logdet is None else z_logdet + logdet
             if self.A_rz is not None:
                 Ad = self.A_rz / d
-                Qt_rr = Q_rr - Ad @ self.A_rz.mT
+                AdA = Ad @ self.A_rz.mT
+                terms.append(torch.linalg.vector_norm(AdA, float("inf")))
+                Qt_rr = Q_rr - AdA
                 Qt_ry = Q_ry - Ad @ C_z
         factor = K_r = None
         if self.r:
-            factor = SymmetricFactor.of(Qt_rr)
+            # ‖ΔQ‖ ≤ γ_k·(terms) with k = 4(p + a): two products over a, two over p, and the SVD
+            factor = SymmetricFactor.of(Qt_rr, terms, 4 * (self.p + self.GV.shape[0]))
             if factor is None:
                 raise _StageSingular(index)
             K_r = factor.solve(Qt_ry)
@@ -399,7 +447,7 @@ def _masked_kronecker_svd(B: Tensor, ignored_rows: Tensor) -> tuple[list[Tensor]
     live = [torch.nonzero(~dead).squeeze(1) for dead in ignored_rows.reshape(m, R)]
     svds = [torch.linalg.svd(B.index_select(0, rows), full_matrices=False) for rows in live]
     sigma_max = max((float(s.max()) for _, s, _ in svds if s.numel()), default=0.0)
-    tol = m * max(R, q) * torch.finfo(B.dtype).eps * sigma_max
+    tol = pivot_tolerance(m * max(R, q), B.dtype, sigma_max)
     V_blocks, GV_blocks = [], []
     for rows, (U, sigma, Vh) in zip(live, svds):
         k = int((sigma > tol).sum())  # singular values come sorted
@@ -579,7 +627,7 @@ def _value_hessian_range(activations: Sequence[Oracle], loss: Oracle) -> Tensor 
         S = _symmetrize(_plus(o.E, _congruence(o.F, S)))
     lam, Q = torch.linalg.eigh(S)
     n = lam.shape[0]
-    keep = lam.abs() > n * torch.finfo(S.dtype).eps * (float(lam.abs().max()) if n else 0.0)
+    keep = lam.abs() > pivot_tolerance(n, S.dtype, float(lam.abs().max()) if n else 0.0)
     if bool(keep.all()):
         return None
     return Q[:, keep]

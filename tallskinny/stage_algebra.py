@@ -114,12 +114,29 @@ class SymmetricFactor:
     __slots__ = ("matrix", "_chol", "_lu", "_piv", "_inertia", "_logdet")
 
     @classmethod
-    def of(cls, Q: Tensor) -> "SymmetricFactor | None":
-        """The factorization, or ``None`` if ``Q`` is singular to working precision."""
+    def of(cls, Q: Tensor, terms: Sequence | None = None, inner: int = 0) -> "SymmetricFactor | None":
+        """The factorization, or ``None`` if ``Q`` is singular to working precision: a pivot
+        at or below ``pivot_tolerance(n, dtype, max|Q|)``.
+
+        Where ``Q`` is a sum of terms that may cancel, its rounding errors, and so the
+        pivots of a ``Q`` that is singular in exact arithmetic, scale with the terms, not
+        with ``max|Q|``; then ``pivot_tolerance(inner, dtype, Σ terms)`` (``terms``: numbers
+        or 0-dim tensors) bounds ``‖ΔQ‖₂``, and ``Q`` is also singular where its smallest
+        ``|λ|`` is at or below it. By Weyl's theorem a singular ``Q`` has such an eigenvalue
+        whatever the rounding; a pivot of LU or Cholesky, whose order of elimination is not
+        rank-revealing, can exceed it several times (issue 14). Costs one ``eigvalsh``."""
         self = cls.__new__(cls)
         self.matrix, self._chol, self._lu, self._piv, self._inertia, self._logdet = Q, None, None, None, None, None
         n = Q.shape[0]
-        scale, diag_min = torch.stack((torch.linalg.vector_norm(Q, ord=float("inf")), Q.diagonal().min())).tolist()
+        parts = [torch.linalg.vector_norm(Q, ord=float("inf")), Q.diagonal().min()]
+        if terms is not None:
+            parts += [t for t in terms if isinstance(t, Tensor)]
+            parts.append(torch.linalg.eigvalsh(Q).abs().min())
+        scale, diag_min, *rest = torch.stack(parts).tolist()  # one synchronisation
+        if terms is not None:
+            bound = sum(rest[:-1]) + sum(t for t in terms if not isinstance(t, Tensor))
+            if rest[-1] <= pivot_tolerance(inner, Q.dtype, bound):
+                return None
         tol = pivot_tolerance(n, Q.dtype, scale)
         if diag_min > 0:  # a negative diagonal entry rules out positive definiteness at once
             L, info = torch.linalg.cholesky_ex(Q)

@@ -110,19 +110,39 @@ def test_autograd_references_agree_with_each_other():
     assert torch.allclose(problem.chain.curvature(problem.X, problem.y).to_dense(), H, rtol=1e-10, atol=1e-12)
 
 
-def test_refined_dense_reference_is_more_accurate_and_leaves_H_alone():
-    """The accuracy table's reference: at cond ≈ 1e7 two refinement steps shrink the
-    residual of the plain dense LU solve, and the diagonal shift is undone."""
+@pytest.mark.parametrize("seed", [4, 5, 6, 7])
+def test_refined_dense_reference_is_componentwise_backward_stable_and_leaves_H_alone(seed):
+    """The accuracy table's reference at cond ≈ 1e7: after refinement with residuals of the
+    dense ``H`` (LAPACK's ``gerfs``) its componentwise backward error
+    ``max_i |b − Mx|_i / (|M||x| + |b|)_i`` is at rounding level (Skeel: one step of
+    fixed-precision refinement makes LU componentwise backward stable), so its error is at
+    most that times Skeel's ``cond(M, x) ≤ cond(M)``: below the ``10·eps·cond`` the table
+    measures tallskinny against. The diagonal shift is undone.
+
+    Whether it also beats the plain solve's residual is rounding luck — both are at
+    rounding level (``res(refined) < 0.5·res(plain)`` held here and failed on another
+    machine, 1.3e-10 against 2.4e-10; issue 14) — and is not asserted."""
     n = 200
+    eps = torch.finfo(torch.float64).eps
     lam = torch.logspace(0, -7, n, dtype=torch.float64) * torch.where(torch.arange(n) % 3 == 0, -1.0, 1.0)
-    H = _symmetric(n, lam, seed=4)
+    H = _symmetric(n, lam, seed=seed)
     H0 = H.clone()
     b = torch.randn(n, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
     M = H + 1e-12 * torch.eye(n, dtype=torch.float64)
     plain, refined = bench.dense_solve(H, 1e-12, b), bench.refined_dense_solve(H, 1e-12, b)
     assert torch.equal(H, H0)
-    res = lambda x: ((b - M @ x).norm() / b.norm()).item()  # noqa: E731
-    assert res(refined) < 0.5 * res(plain)
+
+    def componentwise(x):
+        return float(((b - M @ x).abs() / (M.abs() @ x.abs() + b.abs())).max())
+
+    def normwise(x):
+        return float((b - M @ x).norm() / (torch.linalg.matrix_norm(M, 2) * x.norm() + b.norm()))
+
+    # measured 0.3–0.76 eps on two machines (the residual itself is rounded: a few eps)
+    assert componentwise(refined) <= 4 * eps
+    assert normwise(refined) <= 4 * eps and normwise(plain) <= n * eps  # both backward stable
+    # the two differ by at most what backward stability allows at this condition
+    assert (refined - plain).norm() / refined.norm() <= 10 * eps * 1e7
 
 
 def test_benchmark_model_on_a_tiny_model():

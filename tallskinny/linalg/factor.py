@@ -19,6 +19,10 @@ elimination on ``N`` unknowns (``N · eps · scale`` bounds those errors up to g
 partial pivoting keeps growth small in practice). Such a matrix raises
 :class:`SingularMatrixError` when it is factored, before any solve — never NaN or inf.
 Consequently a successful factorization always reports ``inertia().zero == 0``.
+The test is exact where the elimination meets a zero (a zero row or column, a decoupled
+zero block); a matrix singular only up to rounding has its smallest pivot at the
+tolerance, so whether it raises is decided by rounding — when it does not, its
+factorization is still backward stable (see ``docs/linalg.md``).
 (:class:`BlockDiagonalFactorization` and :class:`BlockBidiagonalFactorization` factor
 each diagonal block on its own, so for them the test applies block by block.)
 """
@@ -45,7 +49,12 @@ _FLOAT_TYPES = (torch.float32, torch.float64)
 
 
 def pivot_tolerance(n: int, dtype: torch.dtype, scale: float) -> float:
-    """``c · n · eps · scale``: pivots at or below it count as zero (see the module doc)."""
+    """``c · n · eps · scale``: pivots at or below it count as zero (see the module doc).
+
+    The one tolerance of every rank and pivot decision in :mod:`tallskinny` too: singular
+    values or eigenvalues at or below ``pivot_tolerance(n, dtype, σ_max)`` count as zero.
+    ``c = PIVOT_TOLERANCE_FACTOR`` is read at each call, so tests can move every decision
+    at once (:func:`tallskinny.linalg.testing.scaled_tolerances`)."""
     return PIVOT_TOLERANCE_FACTOR * n * torch.finfo(dtype).eps * scale
 
 

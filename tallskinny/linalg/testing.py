@@ -18,14 +18,50 @@ The helpers ``random_*`` build reproducible, well-conditioned test matrices.
 
 from __future__ import annotations
 
-from typing import Sequence
+import contextlib
+from typing import Iterator, Sequence
 
 import torch
 from torch import Tensor
 
+from . import factor
 from .block import BlockTridiagonal, SymmetricBlockTridiagonal
 from .errors import SingularMatrixError
 from .operators import Dense, Identity
+
+# ---------------------------------------------------------------------------------------
+# moving every rank and pivot decision at once
+
+
+@contextlib.contextmanager
+def scaled_tolerances(scale: float) -> Iterator[None]:
+    """Test-only: every rank and pivot tolerance (:func:`~tallskinny.linalg.factor.pivot_tolerance`,
+    hence every decision of :mod:`tallskinny` that counts a pivot, singular value or
+    eigenvalue as zero) multiplied by ``scale`` inside the block, restored after. A result
+    must stay right whichever way a decision near its threshold falls: run it at
+    ``scale = 1e-3`` and ``1e3``. Not thread-safe (it changes a module constant)."""
+    previous = factor.PIVOT_TOLERANCE_FACTOR
+    factor.PIVOT_TOLERANCE_FACTOR = previous * scale
+    try:
+        yield
+    finally:
+        factor.PIVOT_TOLERANCE_FACTOR = previous
+
+
+def nudged(tensor: Tensor, ulps: int, generator: torch.Generator) -> Tensor:
+    """A copy of ``tensor`` with each entry moved by a random number of units in the last
+    place in ``[-ulps, ulps]`` (zeros stay zero): the same input as rounding on another
+    machine might have left it, to test decisions that sit on their threshold."""
+    steps = torch.randint(-ulps, ulps + 1, tensor.shape, generator=generator, device=tensor.device)
+    steps = torch.where(tensor == 0, torch.zeros_like(steps), steps)
+    out = tensor.clone()
+    up, down = torch.full_like(out, float("inf")), torch.full_like(out, -float("inf"))
+    for _ in range(ulps):
+        moved = torch.nextafter(out, torch.where(steps > 0, up, down))
+        out = torch.where(steps != 0, moved, out)
+        steps = steps - steps.sign()
+    return out
+
 
 # ---------------------------------------------------------------------------------------
 # random test matrices
@@ -395,6 +431,7 @@ def _expect(error: type[BaseException], fn, where: str) -> BaseException:
 
 __all__ = [
     "LinearOperatorTestCase",
+    "nudged",
     "random_block_tridiagonal",
     "random_matrix",
     "random_orthogonal",
@@ -402,5 +439,6 @@ __all__ = [
     "random_symmetric",
     "random_symmetric_block_tridiagonal",
     "relative_error",
+    "scaled_tolerances",
     "to_banded",
 ]

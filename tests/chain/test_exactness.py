@@ -84,6 +84,25 @@ def test_relu_logdet_at_tiny_damping():
         _check_logdet(curv.factorize(damping), eig.abs().log().sum(), H.shape[0], cond)
 
 
+def test_layernorm_logdet_at_small_damping():
+    """Found with the decision tests of issue 14 (independent of any tolerance): the
+    directions of curvature ``≈ ε`` that LayerNorm's invariances leave are not in
+    ``null(G)`` of their block, and the elimination does not pivot across blocks; the
+    factorization's check sees the lost digits and takes log|det| from the pivoted
+    factorization."""
+    torch.manual_seed(6)
+    modules = [torch.nn.Linear(3, 5), torch.nn.LayerNorm(5), torch.nn.Tanh(), torch.nn.Linear(5, 3)]
+    chain = ts.Chain([m.double() for m in modules], torch.nn.CrossEntropyLoss())
+    X, y = torch.randn(2, 3, generator=torch.Generator().manual_seed(0)), torch.tensor([0, 2])
+    curv = chain.curvature(X, y)
+    H = dense_hessian(chain, X, y)
+    for damping in (1e-6, 1e-8):
+        M = H + damping * torch.eye(H.shape[0])
+        eig = torch.linalg.eigvalsh(M)
+        cond = (eig.abs().max() / eig.abs().min()).item()
+        _check_logdet(curv.factorize(damping), eig.abs().log().sum(), H.shape[0], cond)
+
+
 @pytest.mark.parametrize("name", ["tanh", "relu", "fallback", "interacting", "mse_sum"])
 def test_strongly_indefinite(name):
     """Large weights: hundreds of negative eigenvalues relative to P; H + εI indefinite."""

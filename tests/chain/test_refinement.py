@@ -98,34 +98,55 @@ def _deep_tanh(depth=16):
     return chain, torch.randn(1, 8), torch.tensor([3])
 
 
-@pytest.mark.parametrize("block_bound", [True, False])
+@pytest.mark.parametrize("block_bound", [1.0, 0.5, 0.0])
 def test_norm_bounds_spare_the_refinement_of_deep_tanh_nets(block_bound, monkeypatch):
     """A deep tanh MLP at ε = 0.1 is solved to rounding level by the bare sweeps, but the
-    cheap bounds of ‖H‖ from the solve itself are ~20× low: the first solve that fails the
-    check on them bounds ‖H‖ by the diagonal blocks of the last Linear layers (a few small
-    products) and, where that is not enough, by ‖Hg‖/‖g‖ (one HVP), once per curvature,
-    and refines neither then nor later."""
-    if not block_bound:
-        monkeypatch.setattr(ts.products, "last_blocks_norm_bound", lambda *a, **k: 0.0)
+    cheap bounds of ‖H‖ from the solve itself are ~20× low: the check falls back on the
+    better bounds (the diagonal blocks of the last Linear layers, then ‖Hg‖/‖g‖), each
+    computed at most once per curvature, and refines neither then nor later.
+
+    Which of the two bounds suffices is decided by rounding (the block bound leaves the
+    estimated backward error at 0.74 of the tolerance here and 0.97 on another machine,
+    issue 14): the test asserts what holds whichever fires — the answer, no refinement,
+    no warning, each bound at most once — not which one it was. ``block_bound`` scales
+    the block bound: ``0.5`` makes it fall short as it did there, ``0`` drops it."""
+    calls = {"blocks": 0, "gradient": 0}
+    blocks = ts.products.last_blocks_norm_bound
+
+    def counted_blocks(*args, **kwargs):
+        calls["blocks"] += 1
+        return block_bound * blocks(*args, **kwargs)
+
+    monkeypatch.setattr(ts.products, "last_blocks_norm_bound", counted_blocks)
     chain, X, y = _deep_tanh()
     curv = chain.curvature(X, y)
+    gradient_bound = curv._gradient_norm_bound
+
+    def counted_gradient():
+        calls["gradient"] += 1
+        return gradient_bound()
+
+    monkeypatch.setattr(curv, "_gradient_norm_bound", counted_gradient)
     fact = curv.factorize(0.1)
     b = torch.randn(curv.num_parameters)
     x0 = fact.solve(b, refine=0)
-    assert curv._norm_bound == 0.0 and not curv._gradient_bound_done
-    assert torch.equal(fact.solve(b), x0)  # checked, not refined
-    assert curv._block_bound_done and curv._refinements == 0
-    assert curv._gradient_bound_done != block_bound  # the HVP only where the blocks fall short
-    # the cheap bounds alone would have refined: ‖(H+εI)x‖/‖x‖ fails the test
     M = curv.to_dense() + 0.1 * torch.eye(b.shape[0])
+    tol = ts.curvature.BACKWARD_ERROR_TOLERANCE * torch.finfo(torch.float64).eps
+    # the bare sweeps are backward stable (0.05–0.06 of the tolerance on two machines)...
+    assert _backward_error(M, x0, b) <= tol / 4
+    # ... but the cheap bound ‖(H+εI)x‖/‖x‖ alone would refine (6.5–8.5× the tolerance)
     r = b - M @ x0
     cheap = float((M @ x0).norm() / x0.norm())
-    tol = ts.curvature.BACKWARD_ERROR_TOLERANCE * torch.finfo(torch.float64).eps
-    assert float(r.norm()) > tol * (cheap * float(x0.norm()) + float(b.norm()))
-    for rhs in (b, torch.randn(b.shape[0])):
+    assert float(r.norm()) > 2 * tol * (cheap * float(x0.norm()) + float(b.norm()))
+    assert torch.equal(fact.solve(b), x0)  # checked, not refined, no AccuracyWarning
+    for rhs in (b, torch.randn(b.shape[0]), torch.randn(b.shape[0], 3)):
         assert torch.equal(fact.solve(rhs), fact.solve(rhs, refine=0))  # not refined
     assert curv._refinements == 0
-    assert _backward_error(M, x0, b) <= ts.curvature.BACKWARD_ERROR_TOLERANCE * torch.finfo(torch.float64).eps
+    assert calls["blocks"] == 1 and calls["gradient"] <= 1  # each bound once per curvature
+    if block_bound < 1.0:
+        assert calls["gradient"] == 1  # the only bound left that spares the refinement
+    H_norm = float(torch.linalg.matrix_norm(M, 2)) - 0.1
+    assert curv._norm_bound <= H_norm * (1 + 1e-12)  # a lower bound of ‖H‖, whichever fired
 
 
 @pytest.mark.parametrize("act", [torch.nn.Tanh, torch.nn.ReLU, torch.nn.Sigmoid])
