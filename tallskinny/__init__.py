@@ -3,7 +3,7 @@
 from . import blocks, linalg
 from .chain import Chain
 from .curvature import Curvature, Factorization
-from .errors import AccuracyWarning, SingularSystemError
+from .errors import AccuracyWarning, ResourceError, SingularSystemError
 from .linalg import Inertia, SingularMatrixError
 
 __version__ = "0.1.0.dev0"
@@ -14,6 +14,7 @@ __all__ = [
     "Curvature",
     "Factorization",
     "Inertia",
+    "ResourceError",
     "SingularMatrixError",
     "SingularSystemError",
     "blocks",

@@ -11,11 +11,12 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from . import _workspace, elimination, products
+from . import _workspace, elimination, products, resources
 from ._gc import collector_paused
 from .blocks.protocol import Oracle
 from .errors import AccuracyWarning, SingularSystemError
 from .linalg import Inertia
+from .resources import MemoryEstimate, check_memory_limit, format_bytes
 from .vectors import ParameterLayout
 
 KINDS = ("hessian", "ggn")
@@ -211,6 +212,11 @@ class Curvature:
     Holds the oracle and the adjoint ``g_l = ∂loss/∂z_l`` of every block (the gradient is
     ``Σ_l G_lᵀ g_l``, made on first request); ``hvp``, ``solve``, ``factorize`` and
     ``to_dense`` reuse them without going back to the model.
+
+    ``memory_limit`` (bytes, ``None``: the memory available at each call, ``float('inf')``:
+    no check; given to ``Chain.curvature``, may be changed) bounds the estimated memory of
+    ``factorize``, ``solve`` and ``to_dense``: a call whose estimate exceeds it raises
+    :class:`~tallskinny.errors.ResourceError` before any work (:mod:`tallskinny.resources`).
     """
 
     def __init__(
@@ -221,7 +227,16 @@ class Curvature:
         layout: ParameterLayout,
         kind: str,
         loss_value: Tensor,
+        *,
+        memory_limit: float | None = None,
+        samples: int | None = None,
+        names: Sequence[str] | None = None,
     ):
+        self._memory_limit = check_memory_limit(memory_limit)
+        self._samples = samples  # the batch size where every activation leads with it
+        self._block_names = tuple(names) if names is not None else tuple(f"block {i}" for i in range(len(oracles)))
+        self._stage_shapes = None  # the stages' sizes for the memory estimates, made on first use
+        self._estimates: dict = {}  # the factorization's memory estimates, by (prepared, KKT)
         self.oracles = tuple(oracles)
         self.loss_oracle = loss_oracle
         self._adjoints = adjoints  # g_l = ∂loss/∂z_l of every block's output
@@ -235,6 +250,16 @@ class Curvature:
         self._gradient_bound_done = False  # whether ‖Hg‖/‖g‖ is in _norm_bound
         self._block_bound_done = False  # whether the last Linear blocks' ‖H_ll‖ is in it
         self._refinements = 0  # solves the check refined
+
+    @property
+    def memory_limit(self) -> float | None:
+        """The limit (bytes) of ``factorize``, ``solve`` and ``to_dense``; ``None``: the
+        memory available at each call; ``float('inf')``: no check. Settable."""
+        return self._memory_limit
+
+    @memory_limit.setter
+    def memory_limit(self, limit: float | None) -> None:
+        self._memory_limit = check_memory_limit(limit)
 
     def _prepared_stages(self):
         """The ε-independent stage data of the elimination, computed on first use."""
@@ -283,10 +308,69 @@ class Curvature:
 
     @collector_paused
     def factorize(self, damping: float = 0.0) -> Factorization:
-        """Factor ``H + damping·I`` (raises ``SingularSystemError`` if it is singular)."""
+        """Factor ``H + damping·I`` (raises ``SingularSystemError`` if it is singular, and
+        :class:`~tallskinny.errors.ResourceError`, before any work, where its estimated
+        memory exceeds ``memory_limit``)."""
         damping = check_damping(damping)
+        self._check_factorization(damping)
         inner = elimination.factorize(self.oracles, self.loss_oracle, damping, self._prepared_stages())
         return Factorization(inner, self, damping)
+
+    def _stage_plan(self) -> list:
+        """The stages' :class:`~tallskinny.resources.StageShape` (made once)."""
+        if self._stage_shapes is None:
+            self._stage_shapes = resources.stage_shapes(self.oracles, self._compiled_oracles()[0], self._block_names)
+        return self._stage_shapes
+
+    def factorization_memory(self, damping: float = 0.0) -> MemoryEstimate:
+        """The estimated peak of the new allocations of :meth:`factorize` at this damping
+        (:mod:`tallskinny.resources`; at ``damping = 0`` it includes the pivoted KKT system
+        where a stage is singular there). Shape arithmetic only."""
+        return self._factorization_estimate(check_damping(damping) == 0.0)
+
+    def _factorization_estimate(self, at_zero: bool) -> MemoryEstimate:
+        stages = self._stage_plan()
+        kkt = at_zero and any(s.complement for s in stages)
+        key = (self._stages is not None, kkt)
+        estimate = self._estimates.get(key)
+        if estimate is None:
+            itemsize = self.layout.dtype.itemsize
+            estimate = self._estimates[key] = resources.factorization_estimate(
+                stages, prepared=key[0], kkt=kkt, itemsize=itemsize
+            )
+        return estimate
+
+    def _check_factorization(self, damping: float) -> None:
+        estimate = self._factorization_estimate(damping == 0.0)
+        resources.require(
+            estimate, self.memory_limit, self.layout.device, what=f"factorize(damping={damping:g})",
+            advice=lambda limit: self._factorization_advice(damping, limit),
+        )
+
+    def _factorization_advice(self, damping: float, limit: float) -> list[str]:
+        """What would fit: a smaller batch, the Gauss–Newton matrix, a damping > 0."""
+        stages, prepared = self._stage_plan(), self._stages is not None
+        itemsize = self.layout.dtype.itemsize
+        kkt = damping == 0.0 and any(s.complement for s in stages)
+        out = []
+        B = self._samples
+        if B is not None:
+            def at(b: int) -> int:
+                shapes = [s.batch(b, B) for s in stages]
+                return resources.factorization_estimate(shapes, prepared=False, kkt=kkt, itemsize=itemsize).total
+
+            out.append(resources.batch_advice(at, B, limit))
+        if self.kind == "hessian":
+            ggn = [s.gauss_newton() for s in stages]
+            total = resources.factorization_estimate(ggn, prepared=False, kkt=kkt, itemsize=itemsize).total
+            out.append(f"kind='ggn' needs about {format_bytes(total)}")
+        if kkt:
+            riccati = resources.factorization_estimate(stages, prepared=prepared, kkt=False, itemsize=itemsize).total
+            out.append(
+                f"a damping > 0 needs about {format_bytes(riccati)} (at damping=0 a singular stage sends the "
+                "factorization to the pivoted KKT system)"
+            )
+        return out
 
     @collector_paused
     def solve(self, b, damping: float = 0.0, *, refine: int | None = None):
@@ -297,8 +381,23 @@ class Curvature:
 
     @collector_paused
     def to_dense(self) -> Tensor:
-        """The ``P × P`` matrix (for checks on small models)."""
+        """The ``P × P`` matrix (for checks on small models; refused before any work, with
+        :class:`~tallskinny.errors.ResourceError`, where its estimated memory exceeds
+        ``memory_limit``)."""
         P = self.layout.numel
+        itemsize = self.layout.dtype.itemsize
+        sizes = [o.sizes for o in self.oracles]
+        estimate = resources.dense_estimate(P, [s[1] for s in sizes], [s[2] for s in sizes], itemsize)
+        resources.require(
+            estimate, self.memory_limit, self.layout.device, what="Curvature.to_dense",
+            advice=lambda limit: [
+                f"at most {resources.format_count(math.isqrt(int(limit // (3 * itemsize))))} parameters fit; "
+                "hvp, factorize and solve work without the dense matrix"
+            ],
+        )
         eye = torch.eye(P, dtype=self.layout.dtype, device=self.layout.device)
         H = self._apply(eye)
-        return 0.5 * (H + H.mT)
+        if H.untyped_storage().data_ptr() == eye.untyped_storage().data_ptr():
+            return 0.5 * (H + H.mT)
+        # (H + Hᵀ)/2 into the identity's buffer, no longer needed: no third P × P matrix
+        return torch.add(H, H.mT, out=eye).mul_(0.5)

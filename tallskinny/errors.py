@@ -25,3 +25,21 @@ class AccuracyWarning(UserWarning):
     refinements (``Factorization.solve``): ``H + εI`` is too ill-conditioned for the
     elimination at this damping. The solution is returned; its error may exceed
     ``eps·cond``. A larger damping, or more ``refine`` steps, usually help."""
+
+
+class ResourceError(MemoryError):
+    """A computation would need more memory than the limit: refused before any work.
+
+    ``estimate`` is the estimated peak of the new allocations (bytes, an upper bound
+    within about 2×: :mod:`tallskinny.resources`), ``limit`` the limit it was checked
+    against (bytes: ``memory_limit=`` or the available memory) and ``largest`` the part
+    of the estimate that dominates, in words. The message also says what would fit (a
+    smaller batch, ``kind="ggn"``, a damping ``> 0``) and how to override the limit.
+    A subclass of :class:`MemoryError`.
+    """
+
+    def __init__(self, message: str, *, estimate: int, limit: float, largest: str):
+        super().__init__(message)
+        self.estimate = estimate
+        self.limit = limit
+        self.largest = largest
