@@ -1,6 +1,6 @@
 """tallskinny: exact second-order calculus for deep networks that are a chain of blocks."""
 
-from . import blocks, linalg
+from . import blocks, linalg, resources
 from .chain import Chain
 from .curvature import Curvature, Factorization
 from .errors import AccuracyWarning, ResourceError, SingularSystemError
@@ -19,5 +19,6 @@ __all__ = [
     "SingularSystemError",
     "blocks",
     "linalg",
+    "resources",
     "__version__",
 ]

@@ -177,11 +177,11 @@ def format_bytes(n: float) -> str:
     """``131.1 GB`` (decimal units)."""
     if math.isinf(n):
         return "unlimited"
-    for unit in ("B", "kB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
+    for unit in ("B", "kB", "MB", "GB", "TB", "PB"):
+        if abs(n) < 1000 or unit == "PB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1000
-    return f"{n:.1f} PB"  # not reached
+    raise AssertionError("not reached")
 
 
 def format_count(n: int) -> str:

@@ -276,6 +276,7 @@ def test_format():
     assert resources.format_bytes(131_072_000_000) == "131.1 GB"
     assert resources.format_bytes(129_412_515_520_800) == "129.4 TB"
     assert resources.format_bytes(512) == "512 B"
+    assert resources.format_bytes(1_035_300_000_000_000) == "1.0 PB"
     assert resources.format_count(131072) == "131 072"
 
 
