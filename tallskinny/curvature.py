@@ -91,6 +91,7 @@ class Factorization:
         if refine is not None and (isinstance(refine, bool) or not isinstance(refine, int) or refine < 0):
             raise ValueError(f"refine must be None or an integer >= 0, got {refine!r}")
         rhs, fmt = self._layout.to_flat(b, "b")
+        self._curvature._check_solve(rhs.shape[1])
         x = self._inner.solve(rhs)
         if refine is None:
             # LAPACK's rule (xGERFS): refine while above tolerance and each step at least
@@ -237,6 +238,7 @@ class Curvature:
         self._block_names = tuple(names) if names is not None else tuple(f"block {i}" for i in range(len(oracles)))
         self._stage_shapes = None  # the stages' sizes for the memory estimates, made on first use
         self._estimates: dict = {}  # the factorization's memory estimates, by (prepared, KKT)
+        self._pooled = layout.device.type == "cpu"  # the workspace pool holds CPU buffers only
         self.oracles = tuple(oracles)
         self.loss_oracle = loss_oracle
         self._adjoints = adjoints  # g_l = ∂loss/∂z_l of every block's output
@@ -334,49 +336,72 @@ class Curvature:
         key = (self._stages is not None, kkt)
         estimate = self._estimates.get(key)
         if estimate is None:
-            itemsize = self.layout.dtype.itemsize
-            estimate = self._estimates[key] = resources.factorization_estimate(
-                stages, prepared=key[0], kkt=kkt, itemsize=itemsize
-            )
+            estimate = self._estimates[key] = self._estimate(stages, prepared=key[0], kkt=kkt)
         return estimate
 
-    def _check_factorization(self, damping: float) -> None:
-        estimate = self._factorization_estimate(damping == 0.0)
-        resources.require(
-            estimate, self.memory_limit, self.layout.device, what=f"factorize(damping={damping:g})",
-            advice=lambda limit: self._factorization_advice(damping, limit),
+    def _estimate(self, stages, *, prepared: bool, kkt: bool) -> MemoryEstimate:
+        return resources.factorization_estimate(
+            stages, prepared=prepared, kkt=kkt, itemsize=self.layout.dtype.itemsize, pooled=self._pooled
         )
 
-    def _factorization_advice(self, damping: float, limit: float) -> list[str]:
-        """What would fit: a smaller batch, the Gauss–Newton matrix, a damping > 0."""
+    def _check_factorization(self, damping: float, columns: int = 0) -> None:
+        """Refuse ``factorize(damping)`` (and a solve of ``columns`` right-hand sides after it)
+        where the estimate exceeds the limit."""
+        estimate = self._factorization_estimate(damping == 0.0)
+        what = f"factorize(damping={damping:g})"
+        if columns:
+            estimate += resources.solve_estimate(self.layout.numel, columns, self.layout.dtype.itemsize)
+            what = f"solve(damping={damping:g})"
+        resources.require(
+            estimate, self.memory_limit, self.layout.device, what=what,
+            advice=lambda limit: self._factorization_advice(damping, limit, columns),
+        )
+
+    def _check_solve(self, columns: int) -> None:
+        """Refuse a solve of ``columns`` right-hand sides that would not fit."""
+        P, itemsize = self.layout.numel, self.layout.dtype.itemsize
+        if resources.fits(resources.solve_bytes(P, columns, itemsize), self._memory_limit):
+            return  # (every solve: no estimate made)
+        one = resources.solve_bytes(P, 1, itemsize)
+        resources.require(
+            resources.solve_estimate(P, columns, itemsize), self.memory_limit, self.layout.device, what="solve",
+            advice=lambda limit: [f"at most {int(limit // one)} right-hand sides at a time fit"],
+        )
+
+    def _factorization_advice(self, damping: float, limit: float, columns: int = 0) -> list[str]:
+        """What would fit: a smaller batch, the Gauss–Newton matrix, a damping > 0, fewer
+        right-hand sides at a time."""
         stages, prepared = self._stage_plan(), self._stages is not None
-        itemsize = self.layout.dtype.itemsize
         kkt = damping == 0.0 and any(s.complement for s in stages)
+        P, itemsize = self.layout.numel, self.layout.dtype.itemsize
+        solve = resources.solve_bytes(P, columns, itemsize)  # the same at every batch size
         out = []
-        B = self._samples
+        B = self._samples if solve < limit else None  # (no batch fits the solve's vectors)
         if B is not None:
             def at(b: int) -> int:
-                shapes = [s.batch(b, B) for s in stages]
-                return resources.factorization_estimate(shapes, prepared=False, kkt=kkt, itemsize=itemsize).total
+                return self._estimate([s.batch(b, B) for s in stages], prepared=False, kkt=kkt).total + solve
 
             out.append(resources.batch_advice(at, B, limit))
         if self.kind == "hessian":
-            ggn = [s.gauss_newton() for s in stages]
-            total = resources.factorization_estimate(ggn, prepared=False, kkt=kkt, itemsize=itemsize).total
-            out.append(f"kind='ggn' needs about {format_bytes(total)}")
+            ggn = self._estimate([s.gauss_newton() for s in stages], prepared=False, kkt=kkt).total + solve
+            out.append(f"kind='ggn' needs about {format_bytes(ggn)}")
         if kkt:
-            riccati = resources.factorization_estimate(stages, prepared=prepared, kkt=False, itemsize=itemsize).total
+            riccati = self._estimate(stages, prepared=prepared, kkt=False).total + solve
             out.append(
                 f"a damping > 0 needs about {format_bytes(riccati)} (at damping=0 a singular stage sends the "
                 "factorization to the pivoted KKT system)"
             )
+        room = limit - self._factorization_estimate(damping == 0.0).total
+        if columns > 1 and room > 0:
+            out.append(f"at most {int(room // resources.solve_bytes(P, 1, itemsize))} right-hand sides at a time fit")
         return out
 
     @collector_paused
     def solve(self, b, damping: float = 0.0, *, refine: int | None = None):
         """``(H + damping·I)^{-1} b`` in the format of ``b`` (see :meth:`Factorization.solve`)."""
         damping = check_damping(damping)
-        self.layout.to_flat(b, "b")  # validate before any work
+        rhs, _ = self.layout.to_flat(b, "b")  # validate before any work
+        self._check_factorization(damping, columns=rhs.shape[1])  # the factorization and the solve
         return self.factorize(damping).solve(b, refine=refine)
 
     @collector_paused

@@ -32,6 +32,10 @@ At ``ε = 0`` a stage with a complement sends the factorization to the pivoted K
 whose blocks of ``b_l = p_l + 2a_l`` rows are all formed and factored:
 ``4·Σ_l b_l² + 2·Σ_l b_l·b_{l+1} + 3·max_l b_l²``.
 
+**A solve** of ``k`` right-hand sides (``Factorization.solve``; ``Curvature.solve`` adds the
+factorization): ``8P·k``, the solution, the sweeps' parts, the check's residual and the
+refinements' corrections.
+
 **The dense matrix** (``Curvature.to_dense``): ``3P²`` (the identity, the HVP's parts and
 their concatenation) plus the HVP's tangents and products, ``P·(Σ_l a_l + 2·max_l a_l + 3·max_l p_l)``.
 
@@ -171,6 +175,11 @@ class MemoryEstimate:
         """From ``(what, bytes)`` terms (``total`` their sum unless given)."""
         label, largest = max(terms, key=lambda t: t[1], default=("nothing", 0))
         return cls(int(sum(b for _, b in terms) if total is None else total), label, int(largest))
+
+    def __add__(self, other: "MemoryEstimate") -> "MemoryEstimate":
+        """Two calls made one after the other, the first one's allocations kept."""
+        big = self if self.largest_bytes >= other.largest_bytes else other
+        return MemoryEstimate(self.total + other.total, big.largest, big.largest_bytes)
 
 
 def format_bytes(n: float) -> str:
@@ -365,11 +374,12 @@ class StageShape:
 
 
 def factorization_estimate(
-    stages: Sequence[StageShape], *, prepared: bool, kkt: bool, itemsize: int
+    stages: Sequence[StageShape], *, prepared: bool, kkt: bool, itemsize: int, pooled: bool = True
 ) -> MemoryEstimate:
     """The peak of a factorization's new allocations (see the module docstring);
     ``prepared``: the stages' prepared data exists already; ``kkt``: at ``ε = 0``, with a
-    stage that has a complement (the pivoted KKT system follows the Riccati attempt)."""
+    stage that has a complement (the pivoted KKT system follows the Riccati attempt);
+    ``pooled``: on the CPU, where the workspace pool keeps buffers."""
     keep = prep_peak = 0
     largest, owner = ("nothing", (), 0), None
     groups = []
@@ -403,8 +413,8 @@ def factorization_estimate(
             label = f"the pivoted KKT system (blocks of up to {format_count(biggest)} rows)"
     # scratch given back to the workspace pool stays allocated for reuse instead of being
     # freed: at most the pool's capacity, at most one stage's scratch
-    pooled = min(POOL_BYTES, scratch * itemsize)
-    return MemoryEstimate((keep + peak) * itemsize + pooled, label, largest[2] * itemsize)
+    pool = min(POOL_BYTES, scratch * itemsize) if pooled else 0
+    return MemoryEstimate((keep + peak) * itemsize + pool, label, largest[2] * itemsize)
 
 
 def _kkt_blocks(stages: Sequence[StageShape]) -> list[StageShape]:
@@ -498,6 +508,19 @@ def dense_estimate(P: int, activations: Sequence[int], parameters: Sequence[int]
     return MemoryEstimate.of(terms)
 
 
+def solve_bytes(P: int, columns: int, itemsize: int) -> int:
+    """``Factorization.solve`` of ``k`` right-hand sides: ``8P·k`` (the solution, the sweeps'
+    parts, the check's product and residual, the refinements' corrections; measured
+    4.7–7.2 ``P·k`` elements)."""
+    return 8 * P * columns * itemsize
+
+
+def solve_estimate(P: int, columns: int, itemsize: int) -> MemoryEstimate:
+    """:func:`solve_bytes` with its description."""
+    total = solve_bytes(P, columns, itemsize)
+    return MemoryEstimate(total, f"the solve's {format_count(columns)} vectors of {format_count(P)}", total)
+
+
 def batch_advice(estimate_at: Callable[[int], int], samples: int, limit: float) -> str:
     """The largest batch ``b < samples`` with ``estimate_at(b) ≤ limit``, in words."""
     lo, hi = 0, samples - 1  # estimate_at grows with b: bisection
@@ -514,6 +537,11 @@ def batch_advice(estimate_at: Callable[[int], int], samples: int, limit: float) 
 
 # ---------------------------------------------------------------------------------------
 # The check
+
+
+def fits(total: int, limit: float | None) -> bool:
+    """Whether ``total`` bytes surely pass :func:`require` (no estimate made, nothing read)."""
+    return total < UNCHECKED_BYTES if limit is None else total <= limit
 
 
 def require(
