@@ -1,9 +1,15 @@
 """tallskinny: exact second-order calculus for deep networks that are a chain of blocks."""
 
-from . import blocks, linalg
+from . import blocks, linalg, resources
 from .chain import Chain
 from .curvature import Curvature, Factorization
-from .errors import AccuracyWarning, NondeterministicModuleError, SingularSystemError, StaleCurvatureError
+from .errors import (
+    AccuracyWarning,
+    NondeterministicModuleError,
+    ResourceError,
+    SingularSystemError,
+    StaleCurvatureError,
+)
 from .linalg import Inertia, SingularMatrixError
 
 __version__ = "0.1.0.dev0"
@@ -15,10 +21,12 @@ __all__ = [
     "Factorization",
     "Inertia",
     "NondeterministicModuleError",
+    "ResourceError",
     "SingularMatrixError",
     "SingularSystemError",
     "StaleCurvatureError",
     "blocks",
     "linalg",
+    "resources",
     "__version__",
 ]

@@ -13,11 +13,13 @@ import torch
 from torch import Tensor, nn
 
 from ._gc import collector_paused
-from .blocks import LossBlock, Oracle, block_for, checks, loss_for
+from . import resources
+from .blocks import LossBlock, Oracle, OracleMemory, block_for, checks, loss_for
 from .blocks.elementwise import batch_key, oracles_together
 from .blocks.protocol import DeferredOracle
 from .curvature import Curvature, ParameterVersions, check_damping, check_kind, check_refine
 from .errors import NondeterministicModuleError
+from .resources import MemoryEstimate, check_memory_limit
 from .linalg import Zero
 from .vectors import ParameterLayout
 
@@ -68,6 +70,12 @@ class Chain:
                 watched.setdefault(id(p), (f"{i}.{n}", p))
         self._watched_names = tuple(n for n, _ in watched.values())
         self._watched = tuple(p for _, p in watched.values())
+        self._block_names = tuple(_name(m) for m in modules)
+        # what each block and the loss allocate for their oracles, as they state it from
+        # shapes (None: not stated), and the curvature pass's estimates by shapes
+        self._oracle_sizers = [b.oracle_bytes if isinstance(b, OracleMemory) else None for b in self.blocks]
+        self._loss_sizer = self.loss_block.oracle_bytes if isinstance(self.loss_block, OracleMemory) else None
+        self._memory_plans: dict = {}
 
     @classmethod
     def from_sequential(cls, sequential: nn.Sequential, loss: Callable, *, strict: bool = False) -> "Chain":
@@ -111,7 +119,9 @@ class Chain:
 
     # -- curvature ---------------------------------------------------------------------
     @collector_paused
-    def curvature(self, inputs: Tensor, targets, kind: str = "hessian") -> Curvature:
+    def curvature(
+        self, inputs: Tensor, targets, kind: str = "hessian", *, memory_limit: float | None = None
+    ) -> Curvature:
         """Forward pass, one backward pass, and every block's oracle at ``(inputs, targets)``.
 
         ``kind="hessian"`` gives the Hessian of the loss w.r.t. all parameters,
@@ -121,10 +131,20 @@ class Chain:
         once one of them is changed in place, its methods raise
         :class:`~tallskinny.errors.StaleCurvatureError`. A module that is random here
         (dropout in training mode) raises :class:`~tallskinny.errors.NondeterministicModuleError`.
-        """
-        return self._curvature(inputs, targets, check_kind(kind), self.layout())
 
-    def _curvature(self, inputs: Tensor, targets, kind: str, layout: ParameterLayout) -> Curvature:
+        ``memory_limit`` (bytes; ``None``: the memory available at each call,
+        ``float('inf')``: no check) bounds the estimated memory of this pass, checked after
+        the forward pass, and of the curvature's ``factorize``, ``solve`` and ``to_dense``,
+        checked before each: a call whose estimate exceeds it raises
+        :class:`~tallskinny.errors.ResourceError` before any work (:mod:`tallskinny.resources`).
+        """
+        kind = check_kind(kind)
+        memory_limit = check_memory_limit(memory_limit)
+        return self._curvature(inputs, targets, kind, self.layout(), memory_limit)
+
+    def _curvature(
+        self, inputs: Tensor, targets, kind: str, layout: ParameterLayout, memory_limit: float | None
+    ) -> Curvature:
         self._check_inputs(inputs, layout)
         versions = ParameterVersions(self._watched_names, self._watched)
         # our own leaves: they require grad for the backward pass, and once it is done
@@ -151,6 +171,8 @@ class Chain:
             if not isinstance(loss, Tensor) or loss.numel() != 1 or loss.dim() != 0:
                 shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
                 raise ValueError(f"the loss must be a scalar (0-dim tensor), got {shape}")
+            # the forward pass gave the shapes: refuse before the backward pass and the oracles
+            samples = self._check_memory(zs, kind, layout, memory_limit)
             # an output that does not depend on any parameter has no part in H: its
             # adjoint is not needed (every tangent upstream of it is zero). The gradient
             # w.r.t. θ is not asked of autograd (which then skips the parameters' branches
@@ -184,7 +206,53 @@ class Chain:
                 oracles.append(o)
         loss_oracle = self.loss_block.oracle(zs[-1], targets)
         _check_oracle(loss_oracle, n, self.loss, zs[-1], loss, 0)
-        return Curvature(oracles, loss_oracle, adjoints, layout, kind, loss.detach(), versions)
+        return Curvature(
+            oracles, loss_oracle, adjoints, layout, kind, loss.detach(), versions,
+            memory_limit=memory_limit, samples=samples, names=self._block_names,
+        )
+
+    def _check_memory(
+        self, zs: Sequence[Tensor], kind: str, layout: ParameterLayout, limit: float | None
+    ) -> int | None:
+        """Refuse the curvature pass where its estimate exceeds ``limit``; the batch size
+        where every activation leads with it. The estimate is made once per input and
+        output shape (a block's output shape is a function of its input's): reading all
+        the shapes of a deep chain would cost more than the check itself."""
+        itemsize = layout.dtype.itemsize
+        key = (zs[0].shape, zs[-1].shape, len(zs), kind, itemsize)
+        plan = self._memory_plans.get(key)
+        if plan is None:
+            if len(self._memory_plans) >= 16:  # a few batch shapes in turn, not a growing cache
+                self._memory_plans.clear()
+            shapes = tuple(tuple(z.shape) for z in zs)
+            estimate = self._memory_estimate(shapes, kind == "hessian", itemsize)
+            plan = self._memory_plans[key] = (estimate, shapes, resources.samples_of(shapes))
+        estimate, shapes, samples = plan
+        resources.require(
+            estimate, limit, layout.device, what="Chain.curvature",
+            advice=lambda limit: self._memory_advice(shapes, kind, itemsize, limit),
+        )
+        return samples
+
+    def _memory_estimate(self, shapes, second_order: bool, itemsize: int) -> MemoryEstimate:
+        return resources.curvature_estimate(
+            self._oracle_sizers, self._loss_sizer, shapes, self._block_names,
+            second_order=second_order, itemsize=itemsize,
+        )
+
+    def _memory_advice(self, shapes, kind: str, itemsize: int, limit: float) -> list[str]:
+        """What would fit: a smaller batch, the Gauss–Newton matrix."""
+        out = []
+        samples = resources.samples_of(shapes)
+        if samples is not None:
+            def at(b: int) -> int:
+                return self._memory_estimate(resources.batch_shapes(shapes, b), kind == "hessian", itemsize).total
+
+            out.append(resources.batch_advice(at, samples, limit))
+        if kind == "hessian":
+            ggn = self._memory_estimate(shapes, False, itemsize).total
+            out.append(f"kind='ggn' needs about {resources.format_bytes(ggn)}")
+        return out
 
     def _activation_oracles(self, zs, thetas, adjoints, second_order: bool) -> dict:
         """The oracles of built-in activation blocks that share a derivative rule, computed
@@ -206,31 +274,44 @@ class Chain:
         return out
 
     @collector_paused
-    def hvp(self, inputs: Tensor, targets, v, *, kind: str = "hessian"):
-        """``H v`` at ``(inputs, targets)``, in the format of ``v`` (``(P, 0)``: empty, no pass)."""
+    def hvp(self, inputs: Tensor, targets, v, *, kind: str = "hessian", memory_limit: float | None = None):
+        """``H v`` at ``(inputs, targets)``, in the format of ``v`` (``(P, 0)``: empty, no
+        pass; ``memory_limit``: as for :meth:`curvature`)."""
         kind = check_kind(kind)
+        memory_limit = check_memory_limit(memory_limit)
         layout = self.layout()
         x, fmt = layout.to_flat(v, "v")
         if x.shape[1] == 0:
             self._check_inputs(inputs, layout)
             return layout.from_flat(x.new_zeros(x.shape), fmt)
-        return self._curvature(inputs, targets, kind, layout).hvp(v)
+        return self._curvature(inputs, targets, kind, layout, memory_limit).hvp(v)
 
     @collector_paused
     def inverse_hvp(
-        self, inputs: Tensor, targets, b, damping: float = 0.0, *, kind: str = "hessian", refine: int | None = None
+        self,
+        inputs: Tensor,
+        targets,
+        b,
+        damping: float = 0.0,
+        *,
+        kind: str = "hessian",
+        refine: int | None = None,
+        memory_limit: float | None = None,
     ):
         """``(H + damping·I)^{-1} b`` at ``(inputs, targets)``, in the format of ``b``
-        (``(P, 0)``: empty, no pass and no factorization)."""
+        (``(P, 0)``: empty, no pass and no factorization; ``memory_limit``: as for
+        :meth:`curvature`; the factorization is checked once the oracles are made, before
+        the elimination)."""
         damping = check_damping(damping)
         kind = check_kind(kind)
         check_refine(refine)
+        memory_limit = check_memory_limit(memory_limit)
         layout = self.layout()
         x, fmt = layout.to_flat(b, "b")
         if x.shape[1] == 0:
             self._check_inputs(inputs, layout)
             return layout.from_flat(x.new_zeros(x.shape), fmt)
-        return self._curvature(inputs, targets, kind, layout).solve(b, damping, refine=refine)
+        return self._curvature(inputs, targets, kind, layout, memory_limit).solve(b, damping, refine=refine)
 
     def _check_finite(self, zs: Sequence[Tensor], adjoints: Sequence[Tensor]) -> None:
         """Every activation and adjoint of the pass is finite (one reduction for all)."""

@@ -12,11 +12,12 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from . import _workspace, elimination, products
+from . import _workspace, elimination, products, resources
 from ._gc import collector_paused
 from .blocks.protocol import Oracle
 from .errors import AccuracyWarning, SingularSystemError, StaleCurvatureError
 from .linalg import Inertia
+from .resources import MemoryEstimate, check_memory_limit, format_bytes
 from .vectors import ParameterLayout
 
 KINDS = ("hessian", "ggn")
@@ -168,6 +169,7 @@ class Factorization:
         """:meth:`solve` for a validated flat ``(P, k)`` right-hand side."""
         if rhs.shape[1] == 0:
             return self._layout.from_flat(rhs.new_zeros(rhs.shape), fmt)
+        self._curvature._check_solve(rhs.shape[1])
         if refine is None:
             x, eta, steps = self._checked_solve(rhs)
             tol = BACKWARD_ERROR_TOLERANCE * torch.finfo(x.dtype).eps
@@ -343,7 +345,11 @@ class Factorization:
         return eta, cond
 
     def _pivoted_fits(self) -> bool:
-        return elimination.kkt_bytes(self._curvature.oracles) <= PIVOTED_FALLBACK_BYTES
+        """Whether the pivoted fallback's dense blocks fit in :data:`PIVOTED_FALLBACK_BYTES`
+        and in the curvature's ``memory_limit``."""
+        limit = self._curvature.memory_limit
+        cap = PIVOTED_FALLBACK_BYTES if limit is None else min(PIVOTED_FALLBACK_BYTES, limit)
+        return elimination.kkt_bytes(self._curvature.oracles) <= cap
 
     def _pivoted_factorization(self):
         curv = self._curvature
@@ -380,6 +386,11 @@ class Curvature:
     itself), so ``versions`` (:class:`ParameterVersions`, recorded by ``Chain.curvature``)
     is checked first by every method of the curvature and of its factorizations: a
     parameter changed in place since raises :class:`~tallskinny.errors.StaleCurvatureError`.
+
+    ``memory_limit`` (bytes, ``None``: the memory available at each call, ``float('inf')``:
+    no check; given to ``Chain.curvature``, may be changed) bounds the estimated memory of
+    ``factorize``, ``solve`` and ``to_dense``: a call whose estimate exceeds it raises
+    :class:`~tallskinny.errors.ResourceError` before any work (:mod:`tallskinny.resources`).
     """
 
     def __init__(
@@ -391,8 +402,18 @@ class Curvature:
         kind: str,
         loss_value: Tensor,
         versions: ParameterVersions | None = None,
+        *,
+        memory_limit: float | None = None,
+        samples: int | None = None,
+        names: Sequence[str] | None = None,
     ):
         self._versions = versions
+        self._memory_limit = check_memory_limit(memory_limit)
+        self._samples = samples  # the batch size where every activation leads with it
+        self._block_names = tuple(names) if names is not None else tuple(f"block {i}" for i in range(len(oracles)))
+        self._stage_shapes = None  # the stages' sizes for the memory estimates, made on first use
+        self._estimates: dict = {}  # the factorization's memory estimates, by (prepared, KKT)
+        self._pooled = layout.device.type == "cpu"  # the workspace pool holds CPU buffers only
         self.oracles = tuple(oracles)
         self.loss_oracle = loss_oracle
         self._adjoints = adjoints  # g_l = ∂loss/∂z_l of every block's output
@@ -411,6 +432,16 @@ class Curvature:
         """The parameters are as when the curvature was made (else ``StaleCurvatureError``)."""
         if self._versions is not None:
             self._versions.check()
+
+    @property
+    def memory_limit(self) -> float | None:
+        """The limit (bytes) of ``factorize``, ``solve`` and ``to_dense``; ``None``: the
+        memory available at each call; ``float('inf')``: no check. Settable."""
+        return self._memory_limit
+
+    @memory_limit.setter
+    def memory_limit(self, limit: float | None) -> None:
+        self._memory_limit = check_memory_limit(limit)
 
     def _prepared_stages(self):
         """The ε-independent stage data of the elimination, computed on first use."""
@@ -469,13 +500,95 @@ class Curvature:
 
     @collector_paused
     def factorize(self, damping: float = 0.0) -> Factorization:
-        """Factor ``H + damping·I`` (raises ``SingularSystemError`` if it is singular)."""
+        """Factor ``H + damping·I`` (raises ``SingularSystemError`` if it is singular, and
+        :class:`~tallskinny.errors.ResourceError`, before any work, where its estimated
+        memory exceeds ``memory_limit``)."""
         self._check_current()
-        return self._factorize(check_damping(damping))
+        damping = check_damping(damping)
+        self._check_factorization(damping)
+        return self._factorize(damping)
 
     def _factorize(self, damping: float) -> Factorization:
         inner = elimination.factorize(self.oracles, self.loss_oracle, damping, self._prepared_stages())
         return Factorization(inner, self, damping)
+
+    def _stage_plan(self) -> list:
+        """The stages' :class:`~tallskinny.resources.StageShape` (made once)."""
+        if self._stage_shapes is None:
+            self._stage_shapes = resources.stage_shapes(self.oracles, self._compiled_oracles()[0], self._block_names)
+        return self._stage_shapes
+
+    def factorization_memory(self, damping: float = 0.0) -> MemoryEstimate:
+        """The estimated peak of the new allocations of :meth:`factorize` at this damping
+        (:mod:`tallskinny.resources`; at ``damping = 0`` it includes the pivoted KKT system
+        where a stage is singular there). Shape arithmetic only."""
+        return self._factorization_estimate(check_damping(damping) == 0.0)
+
+    def _factorization_estimate(self, at_zero: bool) -> MemoryEstimate:
+        stages = self._stage_plan()
+        kkt = at_zero and any(s.complement for s in stages)
+        key = (self._stages is not None, kkt)
+        estimate = self._estimates.get(key)
+        if estimate is None:
+            estimate = self._estimates[key] = self._estimate(stages, prepared=key[0], kkt=kkt)
+        return estimate
+
+    def _estimate(self, stages, *, prepared: bool, kkt: bool) -> MemoryEstimate:
+        return resources.factorization_estimate(
+            stages, prepared=prepared, kkt=kkt, itemsize=self.layout.dtype.itemsize, pooled=self._pooled
+        )
+
+    def _check_factorization(self, damping: float, columns: int = 0) -> None:
+        """Refuse ``factorize(damping)`` (and a solve of ``columns`` right-hand sides after it)
+        where the estimate exceeds the limit."""
+        estimate = self._factorization_estimate(damping == 0.0)
+        what = f"factorize(damping={damping:g})"
+        if columns:
+            estimate += resources.solve_estimate(self.layout.numel, columns, self.layout.dtype.itemsize)
+            what = f"solve(damping={damping:g})"
+        resources.require(
+            estimate, self.memory_limit, self.layout.device, what=what,
+            advice=lambda limit: self._factorization_advice(damping, limit, columns),
+        )
+
+    def _check_solve(self, columns: int) -> None:
+        """Refuse a solve of ``columns`` right-hand sides that would not fit."""
+        P, itemsize = self.layout.numel, self.layout.dtype.itemsize
+        if resources.fits(resources.solve_bytes(P, columns, itemsize), self._memory_limit):
+            return  # (every solve: no estimate made)
+        one = resources.solve_bytes(P, 1, itemsize)
+        resources.require(
+            resources.solve_estimate(P, columns, itemsize), self.memory_limit, self.layout.device, what="solve",
+            advice=lambda limit: [f"at most {int(limit // one)} right-hand sides at a time fit"],
+        )
+
+    def _factorization_advice(self, damping: float, limit: float, columns: int = 0) -> list[str]:
+        """What would fit: a smaller batch, the Gauss–Newton matrix, a damping > 0, fewer
+        right-hand sides at a time."""
+        stages, prepared = self._stage_plan(), self._stages is not None
+        kkt = damping == 0.0 and any(s.complement for s in stages)
+        P, itemsize = self.layout.numel, self.layout.dtype.itemsize
+        solve = resources.solve_bytes(P, columns, itemsize)  # the same at every batch size
+        out = []
+        B = self._samples if solve < limit else None  # (no batch fits the solve's vectors)
+        if B is not None:
+            def at(b: int) -> int:
+                return self._estimate([s.batch(b, B) for s in stages], prepared=False, kkt=kkt).total + solve
+
+            out.append(resources.batch_advice(at, B, limit))
+        if self.kind == "hessian":
+            ggn = self._estimate([s.gauss_newton() for s in stages], prepared=False, kkt=kkt).total + solve
+            out.append(f"kind='ggn' needs about {format_bytes(ggn)}")
+        if kkt:
+            riccati = self._estimate(stages, prepared=prepared, kkt=False).total + solve
+            out.append(
+                f"a damping > 0 needs about {format_bytes(riccati)} (at damping=0 a singular stage sends the "
+                "factorization to the pivoted KKT system)"
+            )
+        room = limit - self._factorization_estimate(damping == 0.0).total
+        if columns > 1 and room > 0:
+            out.append(f"at most {int(room // resources.solve_bytes(P, 1, itemsize))} right-hand sides at a time fit")
+        return out
 
     @collector_paused
     def solve(self, b, damping: float = 0.0, *, refine: int | None = None):
@@ -487,13 +600,29 @@ class Curvature:
         rhs, fmt = self.layout.to_flat(b, "b")  # validate before any work
         if rhs.shape[1] == 0:
             return self.layout.from_flat(rhs.new_zeros(rhs.shape), fmt)
+        self._check_factorization(damping, columns=rhs.shape[1])  # the factorization and the solve
         return self._factorize(damping)._solve(rhs, fmt, refine)
 
     @collector_paused
     def to_dense(self) -> Tensor:
-        """The ``P × P`` matrix (for checks on small models)."""
+        """The ``P × P`` matrix (for checks on small models; refused before any work, with
+        :class:`~tallskinny.errors.ResourceError`, where its estimated memory exceeds
+        ``memory_limit``)."""
         self._check_current()
         P = self.layout.numel
+        itemsize = self.layout.dtype.itemsize
+        sizes = [o.sizes for o in self.oracles]
+        estimate = resources.dense_estimate(P, [s[1] for s in sizes], [s[2] for s in sizes], itemsize)
+        resources.require(
+            estimate, self.memory_limit, self.layout.device, what="Curvature.to_dense",
+            advice=lambda limit: [
+                f"at most {resources.format_count(math.isqrt(int(limit // (3 * itemsize))))} parameters fit; "
+                "hvp, factorize and solve work without the dense matrix"
+            ],
+        )
         eye = torch.eye(P, dtype=self.layout.dtype, device=self.layout.device)
         H = self._apply(eye)
-        return 0.5 * (H + H.mT)
+        if H.untyped_storage().data_ptr() == eye.untyped_storage().data_ptr():
+            return 0.5 * (H + H.mT)
+        # (H + Hᵀ)/2 into the identity's buffer, no longer needed: no third P × P matrix
+        return torch.add(H, H.mT, out=eye).mul_(0.5)

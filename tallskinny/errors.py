@@ -49,3 +49,21 @@ class NondeterministicModuleError(ValueError):
     input differed. A random map has no derivatives to compute (each evaluation draws a
     new function); call ``.eval()`` on the module (dropout is the identity in eval mode).
     """
+
+
+class ResourceError(MemoryError):
+    """A computation would need more memory than the limit: refused before any work.
+
+    ``estimate`` is the estimated peak of the new allocations (bytes, an upper bound
+    within about 2×: :mod:`tallskinny.resources`), ``limit`` the limit it was checked
+    against (bytes: ``memory_limit=`` or the available memory) and ``largest`` the part
+    of the estimate that dominates, in words. The message also says what would fit (a
+    smaller batch, ``kind="ggn"``, a damping ``> 0``) and how to override the limit.
+    A subclass of :class:`MemoryError`.
+    """
+
+    def __init__(self, message: str, *, estimate: int, limit: float, largest: str):
+        super().__init__(message)
+        self.estimate = estimate
+        self.limit = limit
+        self.largest = largest

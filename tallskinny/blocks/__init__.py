@@ -11,7 +11,7 @@ block against the fallback.
 """
 
 from .func import Block, FuncBlock, FuncLoss
-from .protocol import DeferredOracle, DifferentiableBlock, LossBlock, Oracle
+from .protocol import DeferredOracle, DifferentiableBlock, LossBlock, Oracle, OracleMemory
 from .registry import UnsupportedModuleError, block_for, lookup, loss_for, register
 
 # the built-in rules register themselves on import
@@ -26,6 +26,7 @@ __all__ = [
     "FuncLoss",
     "LossBlock",
     "Oracle",
+    "OracleMemory",
     "UnsupportedModuleError",
     "block_for",
     "lookup",

@@ -132,6 +132,14 @@ class ElementwiseBlock(Block):
         e = None if not second_order or d2 is None else (g * d2).reshape(-1, 1)
         return _diagonal_oracle(z, d1.reshape(-1, 1), e)
 
+    def oracle_bytes(
+        self, z_in: tuple[int, ...], z_out: tuple[int, ...], *, second_order: bool, itemsize: int
+    ) -> tuple[int, int]:
+        """Kept: ``σ'``, ``σ''·g`` (``2a``); scratch: computed with other blocks, their inputs
+        concatenated (``2a``) (:class:`~tallskinny.blocks.protocol.OracleMemory`)."""
+        a = math.prod(z_in) * itemsize
+        return 2 * a, 2 * a
+
     def _checked(self, z, params, g) -> tuple[Tensor, Tensor]:
         """``(z, g)`` after the checks every oracle call makes first."""
         where = self._where("oracle")
@@ -271,6 +279,12 @@ class IdentityBlock(ElementwiseBlock):
         a = z.numel()
         I = Identity(a, dtype=z.dtype, device=z.device)  # noqa: E741
         return Oracle(G=zero(a, 0, z), F=I, A=zero(0, 0, z), C=zero(0, a, z), E=zero(a, a, z))
+
+    def oracle_bytes(
+        self, z_in: tuple[int, ...], z_out: tuple[int, ...], *, second_order: bool, itemsize: int
+    ) -> tuple[int, int]:
+        """Nothing (``F = I``, ``E = 0``: operators without tensors)."""
+        return 0, 0
 
 
 class DropoutBlock(IdentityBlock):

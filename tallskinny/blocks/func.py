@@ -23,7 +23,7 @@ from ..linalg import Dense
 from .checks import check_adjoint, check_finite, check_input, check_params, describe, zero
 from .protocol import Oracle
 
-__all__ = ["Block", "FuncBlock", "FuncLoss", "func_oracle", "second_derivatives"]
+__all__ = ["Block", "FuncBlock", "FuncLoss", "func_oracle", "func_oracle_bytes", "second_derivatives"]
 
 
 class Block:
@@ -116,6 +116,18 @@ class Block:
         g = check_adjoint(g, out.shape, z, where).detach()
         return func_oracle(self.forward, z, params, g, second_order=second_order, where=where)
 
+    def oracle_bytes(
+        self, z_in: tuple[int, ...], z_out: tuple[int, ...], *, second_order: bool, itemsize: int
+    ) -> tuple[int, int]:
+        """Bytes :meth:`oracle` allocates at these shapes
+        (:class:`~tallskinny.blocks.protocol.OracleMemory`): the fallback's
+        (:func:`func_oracle_bytes`). A subclass that overrides :meth:`oracle` states its own;
+        one that does not override this counts as ``(0, 0)`` (not stated)."""
+        if type(self).oracle is not Block.oracle:
+            return 0, 0
+        p = sum(t.numel() for t in self._parameters)
+        return func_oracle_bytes(math.prod(z_in), math.prod(z_out), p, second_order=second_order, itemsize=itemsize)
+
     # -- helpers ----------------------------------------------------------------------
     def _where(self, method: str) -> str:
         """``"Block(Module).method"`` for error messages (made once per method)."""
@@ -185,6 +197,18 @@ def func_oracle(
     C = Dense(hess[:p, p:].contiguous()) if p else zero(0, a_in, z)
     E = Dense(hess[p:, p:].contiguous(), symmetric=True)
     return Oracle(G=G, F=F, A=A, C=C, E=E)
+
+
+def func_oracle_bytes(a_in: int, a_out: int, p: int, *, second_order: bool, itemsize: int) -> tuple[int, int]:
+    """``(kept, scratch)`` of :func:`func_oracle`, with ``n = p + a_in``: it keeps ``G``, ``F``
+    (``a_out·n``) and, with ``second_order``, ``A``, ``C``, ``E`` (``n²``); the Jacobian needs
+    its vmap's basis (``a_out²``, or ``n²`` in forward mode) and ``2·a_out·n`` besides, the
+    Hessian ``3n² + a_out·n`` (its basis, the result, the symmetrised copy)."""
+    n = p + a_in
+    basis = n * n if a_out > n else a_out * a_out  # forward mode where a_out > n
+    kept = a_out * n + (n * n if second_order else 0)
+    scratch = max(basis + 2 * a_out * n, 3 * n * n + a_out * n if second_order else 0)
+    return kept * itemsize, scratch * itemsize
 
 
 def _jacobian(fn: Callable[[Tensor], Tensor], x0: Tensor, *, forward_mode: bool) -> Tensor:
@@ -272,6 +296,14 @@ class FuncLoss:
             C=zero(0, a_in, z),
             E=Dense(0.5 * (hess + hess.mT), symmetric=True),
         )
+
+    def oracle_bytes(
+        self, z_in: tuple[int, ...], z_out: tuple[int, ...], *, second_order: bool, itemsize: int
+    ) -> tuple[int, int]:
+        """The Hessian ``a × a`` of the loss and the gradient, kept; the Hessian's basis,
+        the result and its symmetrised copy (:class:`~tallskinny.blocks.protocol.OracleMemory`)."""
+        a = math.prod(z_in)
+        return (a * a + a) * itemsize, 3 * a * a * itemsize
 
     def _scalar(self, value, method: str) -> Tensor:
         if not isinstance(value, Tensor) or value.dim() != 0 or not value.dtype.is_floating_point:

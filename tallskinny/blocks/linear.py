@@ -11,6 +11,7 @@ All leading dimensions of the input ``(*, in)`` are samples (``S`` in all). With
 from __future__ import annotations
 
 import functools
+import math
 from typing import Sequence
 
 import torch
@@ -57,6 +58,18 @@ class LinearBlock(Block):
                 lambda: self._oracle(z2, W, g2, second_order), sizes, linear=(W, z2.mT, g2.mT if second_order else None)
             )
         return self._oracle(z2, plain(weight), g.reshape(-1, out_features), second_order, with_weight, with_bias)
+
+    def oracle_bytes(
+        self, z_in: tuple[int, ...], z_out: tuple[int, ...], *, second_order: bool, itemsize: int
+    ) -> tuple[int, int]:
+        """Kept: ``X̃ = [x | 1]`` (``R × q``), the padded identity ``Ẽ`` of ``C`` (``q × in``)
+        and the permutations' int64 indices (``out·(R + 3q)``); no scratch
+        (:class:`~tallskinny.blocks.protocol.OracleMemory`)."""
+        out_features, in_features = self.module.weight.shape
+        R = math.prod(z_in) // max(in_features, 1)
+        q = in_features + 1
+        C = q * in_features if second_order and "weight" in self._names else 0
+        return (R * q + C) * itemsize + 8 * out_features * (R + 3 * q), 0
 
     def _oracle(self, z2, weight, g2, second_order, with_weight=True, with_bias=True) -> Oracle:
         out_features, in_features = weight.shape

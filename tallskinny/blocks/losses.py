@@ -19,6 +19,8 @@ MSE over ``N`` entries: ``F = 2(z − y)ᵀ/N``, ``E = (2/N) I`` ('mean'; withou
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor, nn
 
@@ -58,6 +60,14 @@ class LossModuleBlock:
 
     def check_target(self, z: Tensor, target: Tensor) -> None:
         raise NotImplementedError
+
+    def oracle_bytes(
+        self, z_in: tuple[int, ...], z_out: tuple[int, ...], *, second_order: bool, itemsize: int
+    ) -> tuple[int, int]:
+        """The gradient, kept, and its temporaries: ``2a`` each (a subclass with a dense
+        Hessian says more) (:class:`~tallskinny.blocks.protocol.OracleMemory`)."""
+        a = math.prod(z_in) * itemsize
+        return 2 * a, 2 * a
 
     def _loss_oracle(self, z: Tensor, grad: Tensor, hess: LinearOperator) -> Oracle:
         a = z.numel()
@@ -145,6 +155,19 @@ class CrossEntropyLossBlock(LossModuleBlock):
                 f"{where}: the target must hold class indices (dtype torch.int64 or torch.uint8) or class "
                 f"probabilities (z's dtype {z.dtype}), got dtype {target.dtype}"
             )
+
+    def oracle_bytes(
+        self, z_in: tuple[int, ...], z_out: tuple[int, ...], *, second_order: bool, itemsize: int
+    ) -> tuple[int, int]:
+        """Kept: the dense block-diagonal Hessian ``a × a`` and the gradient; scratch: its
+        ``R`` blocks ``C × C`` and their temporaries, the ``R × R`` selector of the blocks
+        and, for spatial outputs, the Hessian reordered (``2a²``)
+        (:class:`~tallskinny.blocks.protocol.OracleMemory`)."""
+        a = math.prod(z_in)
+        classes = z_in[1] if len(z_in) >= 2 else z_in[0] if z_in else 1
+        R = a // max(classes, 1)
+        scratch = R * R + 4 * R * classes * classes + 4 * a + (2 * a * a if len(z_in) > 2 else 0)
+        return (a * a + a) * itemsize, scratch * itemsize
 
     def _check_probabilities(self, z: Tensor, target: Tensor, where: str) -> None:
         if target.shape != z.shape or target.dtype != z.dtype:

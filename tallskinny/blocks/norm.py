@@ -84,6 +84,15 @@ class LayerNormBlock(Block):
         E = _block_diagonal(_layer_norm_curvature(x_hat, r, gamma * g2), symmetric=True)
         return Oracle(G=G, F=F, A=zero(p, p, z), C=C, E=E)
 
+    def oracle_bytes(
+        self, z_in: tuple[int, ...], z_out: tuple[int, ...], *, second_order: bool, itemsize: int
+    ) -> tuple[int, int]:
+        """``S`` blocks ``D × D`` (``a·D`` in all) for ``F`` and ``E``, the ``a × D`` columns
+        of ``G`` and rows of ``C``: ``7·a·D`` kept, ``9·a·D`` of temporaries besides
+        (:class:`~tallskinny.blocks.protocol.OracleMemory`)."""
+        aD = math.prod(z_in) * math.prod(self.module.normalized_shape) * itemsize
+        return 7 * aD, 9 * aD
+
     def _weight_bias(self, z, params, method: str) -> tuple[Tensor | None, Tensor | None]:
         where = self._where(method)
         check_input(z, where)

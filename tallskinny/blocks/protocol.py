@@ -131,3 +131,21 @@ class LossBlock(Protocol):
     def oracle(self, z: Tensor, target: Tensor) -> Oracle: ...
 
     def check_target(self, z: Tensor, target: Tensor) -> None: ...
+
+
+@runtime_checkable
+class OracleMemory(Protocol):
+    """A block (or loss block) that states, from shapes alone, how many bytes its
+    ``oracle`` allocates: ``(kept, scratch)``, the tensors of the oracle it returns (kept
+    by the curvature) and the peak of what it allocates besides while it runs (upper
+    bounds, within about 2×). ``z_in``, ``z_out`` are the shapes of its input and output
+    (``()`` for a loss), ``itemsize`` the bytes of one element.
+
+    ``Chain.curvature`` adds them up (``Σ kept + max scratch``), before any oracle is
+    made, to refuse a curvature that would not fit (:mod:`tallskinny.resources`). :class:`~tallskinny.blocks.Block`
+    implements it for the ``torch.func`` fallback; an analytic block states what it forms.
+    """
+
+    def oracle_bytes(
+        self, z_in: tuple[int, ...], z_out: tuple[int, ...], *, second_order: bool, itemsize: int
+    ) -> tuple[int, int]: ...

@@ -51,6 +51,12 @@ class ReshapeBlock(Block):
             E=zero(a, a, z),
         )
 
+    def oracle_bytes(
+        self, z_in: tuple[int, ...], z_out: tuple[int, ...], *, second_order: bool, itemsize: int
+    ) -> tuple[int, int]:
+        """Nothing (``F = I``, ``E = 0``: operators without tensors)."""
+        return 0, 0
+
 
 @register(nn.Flatten)
 class FlattenBlock(ReshapeBlock):

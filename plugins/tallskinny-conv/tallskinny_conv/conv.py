@@ -169,6 +169,24 @@ class ConvBlock(Block):
             )
         return Oracle(G=G, F=F, A=Zero(p, p, **zero), C=C_op, E=Zero(a_in, a_in, **zero))
 
+    def oracle_bytes(
+        self, z_in: tuple[int, ...], z_out: tuple[int, ...], *, second_order: bool, itemsize: int
+    ) -> tuple[int, int]:
+        """Kept: the patch matrix ``X̃`` (``R × q``, ``R = B·L`` rows), ``Γ`` (``m × R``), ``Ẽ``
+        (``q × q_w``), the int64 indices of the unfolding (``2R·q_w``, the cached patch
+        index ``2q_w·L``) and of the permutations (``m·(2R + q)``); scratch: the patches
+        before the bias column and ``Γ`` before its copy, the unfolding's rows
+        (:class:`~tallskinny.blocks.protocol.OracleMemory`)."""
+        module = self.module
+        dims = len(module.kernel_size)
+        B = z_in[0] if len(z_in) == dims + 2 else 1
+        q_w = module.in_channels * _prod(module.kernel_size)
+        L = _prod(z_out[-dims:])
+        m, R, q = module.out_channels, B * L, q_w + 1
+        kept = (R * q + m * R + (q * q_w if second_order else 0)) * itemsize
+        kept += 8 * (2 * R * q_w + 2 * q_w * L + _prod(z_in[-dims - 1:]) + m * (2 * R + q))
+        return kept, (R * q_w + m * R) * itemsize + 8 * R * q_w
+
     def _weight_bias(self, z, params, method: str) -> tuple[Tensor, Tensor | None]:
         where = self._where(method)
         check_input(z, where)

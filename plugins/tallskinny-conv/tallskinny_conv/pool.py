@@ -12,6 +12,8 @@
 
 from __future__ import annotations
 
+import math
+
 from typing import Sequence
 
 import torch
@@ -78,6 +80,15 @@ class AvgPoolBlock(PoolBlock):
         planes = z.numel() // n
         return Kronecker(Identity(planes, dtype=z.dtype, device=z.device), Dense(P))
 
+    def oracle_bytes(
+        self, z_in: tuple[int, ...], z_out: tuple[int, ...], *, second_order: bool, itemsize: int
+    ) -> tuple[int, int]:
+        """Kept: ``P`` (``L_out × n``, ``n`` the entries of one plane); scratch: the unit
+        vectors of one plane (``n × n``) and their image."""
+        n = math.prod(z_in[-self.dims:])
+        L_out = math.prod(z_out[-self.dims:])
+        return n * L_out * itemsize, (n * n + n * L_out) * itemsize
+
 
 class MaxPoolBlock(PoolBlock):
     """``F`` = the selection of the entries ``max_pool`` returns as indices."""
@@ -103,6 +114,13 @@ class MaxPoolBlock(PoolBlock):
                             return_indices=True)
         offsets = (torch.arange(planes.shape[0], device=z.device) * n).reshape(-1, *([1] * (index.dim() - 1)))
         return Gather((index + offsets).reshape(-1), z.numel(), dtype=z.dtype, check=False)
+
+    def oracle_bytes(
+        self, z_in: tuple[int, ...], z_out: tuple[int, ...], *, second_order: bool, itemsize: int
+    ) -> tuple[int, int]:
+        """The selected indices (int64): the gather's two kept, the pool's and their offsets."""
+        a = math.prod(z_out)
+        return 8 * 2 * a, 8 * 2 * a
 
 
 def _pool_class(base: type, dims: int, name: str) -> type:

@@ -36,6 +36,7 @@ total rank is below ``p`` (see :func:`_low_rank`).
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
@@ -101,6 +102,22 @@ class ResidualBlock(Block):
             g_i = (oracles[i].F.T @ g_i.reshape(-1)).reshape(us[i].shape)
         shortcut = self.shortcut_block.oracle(z, groups[-1], g, second_order=second_order)
         return compose(oracles + [shortcut], [sum(t.numel() for t in ps) for ps in groups], z, second_order)
+
+    def oracle_bytes(
+        self, z_in: tuple[int, ...], z_out: tuple[int, ...], *, second_order: bool, itemsize: int
+    ) -> tuple[int, int]:
+        """The unit's oracle is dense: ``G`` (``a_out × p``), ``F`` (``a_out × a_in``), ``C``
+        (``p × a_in``), ``E`` (``a_in²``) and ``A = U M Uᵀ`` with ``k`` up to one column per
+        inner activation (``p·k + k²``, or ``p²`` dense), kept; it is built from the tangent
+        maps ``Ξ`` (``a × p``) of its ``K`` inner blocks and the factors of ``A``, taken as
+        ``5·a·p + 2·p·k`` of scratch (:class:`~tallskinny.blocks.protocol.OracleMemory`)."""
+        p = sum(t.numel() for t in self.parameters())
+        a_in, a_out = math.prod(z_in), math.prod(z_out)
+        a = max(a_in, a_out)
+        k = len(self.inner_blocks) * a if second_order else 0
+        A = (p * k + k * k if k < p else p * p) if k else 0
+        kept = a_out * p + a_out * a_in + (p * a_in + a_in * a_in if second_order else 0) + A
+        return kept * itemsize, (5 * a * p + 2 * p * min(k, p) + 2 * a * a) * itemsize
 
     # -- helpers ----------------------------------------------------------------------------
     def _groups(self, z, params, method: str) -> list[list[Tensor]]:
