@@ -20,6 +20,7 @@ from .blocks.protocol import DeferredOracle
 from .curvature import Curvature, ParameterVersions, check_damping, check_kind, check_refine
 from .errors import NondeterministicModuleError
 from .resources import MemoryEstimate, check_memory_limit
+from .routes import check_method
 from .linalg import Zero
 from .vectors import ParameterLayout
 
@@ -120,7 +121,13 @@ class Chain:
     # -- curvature ---------------------------------------------------------------------
     @collector_paused
     def curvature(
-        self, inputs: Tensor, targets, kind: str = "hessian", *, memory_limit: float | None = None
+        self,
+        inputs: Tensor,
+        targets,
+        kind: str = "hessian",
+        *,
+        method: str = "auto",
+        memory_limit: float | None = None,
     ) -> Curvature:
         """Forward pass, one backward pass, and every block's oracle at ``(inputs, targets)``.
 
@@ -137,13 +144,26 @@ class Chain:
         the forward pass, and of the curvature's ``factorize``, ``solve`` and ``to_dense``,
         checked before each: a call whose estimate exceeds it raises
         :class:`~tallskinny.errors.ResourceError` before any work (:mod:`tallskinny.resources`).
+
+        ``method`` is the exact route the curvature's factorizations take: ``"riccati"``
+        (the stagewise elimination), ``"kernel"`` (Gauss–Newton only: the ``P × N·c``
+        factor of ``G``), ``"dense"`` (the ``P × P`` matrix, eigendecomposed) or
+        ``"auto"`` (the cheapest that fits, estimated from the shapes; ``curv.method``
+        says which, ``curv.explain()`` why). See ``docs/routes.md``.
         """
         kind = check_kind(kind)
+        method = check_method(method)
         memory_limit = check_memory_limit(memory_limit)
-        return self._curvature(inputs, targets, kind, self.layout(), memory_limit)
+        return self._curvature(inputs, targets, kind, self.layout(), memory_limit, method)
 
     def _curvature(
-        self, inputs: Tensor, targets, kind: str, layout: ParameterLayout, memory_limit: float | None
+        self,
+        inputs: Tensor,
+        targets,
+        kind: str,
+        layout: ParameterLayout,
+        memory_limit: float | None,
+        method: str = "auto",
     ) -> Curvature:
         self._check_inputs(inputs, layout)
         versions = ParameterVersions(self._watched_names, self._watched)
@@ -208,7 +228,7 @@ class Chain:
         _check_oracle(loss_oracle, n, self.loss, zs[-1], loss, 0)
         return Curvature(
             oracles, loss_oracle, adjoints, layout, kind, loss.detach(), versions,
-            memory_limit=memory_limit, samples=samples, names=self._block_names,
+            memory_limit=memory_limit, samples=samples, names=self._block_names, method=method,
         )
 
     def _check_memory(
@@ -274,17 +294,21 @@ class Chain:
         return out
 
     @collector_paused
-    def hvp(self, inputs: Tensor, targets, v, *, kind: str = "hessian", memory_limit: float | None = None):
+    def hvp(
+        self, inputs: Tensor, targets, v, *, kind: str = "hessian", method: str = "auto",
+        memory_limit: float | None = None,
+    ):
         """``H v`` at ``(inputs, targets)``, in the format of ``v`` (``(P, 0)``: empty, no
         pass; ``memory_limit``: as for :meth:`curvature`)."""
         kind = check_kind(kind)
+        method = check_method(method)  # (the product is the same on every route)
         memory_limit = check_memory_limit(memory_limit)
         layout = self.layout()
         x, fmt = layout.to_flat(v, "v")
         if x.shape[1] == 0:
             self._check_inputs(inputs, layout)
             return layout.from_flat(x.new_zeros(x.shape), fmt)
-        return self._curvature(inputs, targets, kind, layout, memory_limit).hvp(v)
+        return self._curvature(inputs, targets, kind, layout, memory_limit, "riccati").hvp(v)
 
     @collector_paused
     def inverse_hvp(
@@ -296,6 +320,7 @@ class Chain:
         *,
         kind: str = "hessian",
         refine: int | None = None,
+        method: str = "auto",
         memory_limit: float | None = None,
     ):
         """``(H + damping·I)^{-1} b`` at ``(inputs, targets)``, in the format of ``b``
@@ -305,13 +330,14 @@ class Chain:
         damping = check_damping(damping)
         kind = check_kind(kind)
         check_refine(refine)
+        method = check_method(method)
         memory_limit = check_memory_limit(memory_limit)
         layout = self.layout()
         x, fmt = layout.to_flat(b, "b")
         if x.shape[1] == 0:
             self._check_inputs(inputs, layout)
             return layout.from_flat(x.new_zeros(x.shape), fmt)
-        return self._curvature(inputs, targets, kind, layout, memory_limit).solve(b, damping, refine=refine)
+        return self._curvature(inputs, targets, kind, layout, memory_limit, method).solve(b, damping, refine=refine)
 
     def _check_finite(self, zs: Sequence[Tensor], adjoints: Sequence[Tensor]) -> None:
         """Every activation and adjoint of the pass is finite (one reduction for all)."""

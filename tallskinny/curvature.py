@@ -12,7 +12,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from . import _workspace, elimination, products, resources
+from . import routes, _workspace, elimination, products, resources
 from ._gc import collector_paused
 from .blocks.protocol import Oracle
 from .errors import AccuracyWarning, SingularSystemError, StaleCurvatureError
@@ -294,7 +294,7 @@ class Factorization:
         if self._spectral is not None:
             return self._spectral
         self._spectral = self._inner
-        if self._curvature.kind == "ggn" or self._inner is self._pivoted:
+        if self._curvature.kind == "ggn" or self._curvature.method != "riccati" or self._inner is self._pivoted:
             return self._spectral
         eta, cond = self._factorization_error(self._inner)
         tol = FACTORIZATION_TOLERANCE * torch.finfo(self._layout.dtype).eps
@@ -406,10 +406,24 @@ class Curvature:
         memory_limit: float | None = None,
         samples: int | None = None,
         names: Sequence[str] | None = None,
+        method: str = "riccati",
     ):
         self._versions = versions
         self._memory_limit = check_memory_limit(memory_limit)
         self._samples = samples  # the batch size where every activation leads with it
+        self._route_costs = routes.route_costs(
+            [o.sizes for o in oracles], loss_oracle.F.shape[1], samples, kind, layout.dtype.itemsize
+        )
+        routes.check_method(method)
+        if method == "auto":
+            method, self._why = routes.choose(self._route_costs, self._memory_limit)
+        else:
+            self._why = "asked for"
+            cost = next(c for c in self._route_costs if c.name == method)
+            if cost.why is not None:
+                raise ValueError(f"method={method!r}: {cost.why}")
+        self.method = method  # the route this curvature's factorizations take
+        self._route = None  # the kernel's SVD or the dense spectrum, made on first use
         self._block_names = tuple(names) if names is not None else tuple(f"block {i}" for i in range(len(oracles)))
         self._stage_shapes = None  # the stages' sizes for the memory estimates, made on first use
         self._estimates: dict = {}  # the factorization's memory estimates, by (prepared, KKT)
@@ -509,8 +523,36 @@ class Curvature:
         return self._factorize(damping)
 
     def _factorize(self, damping: float) -> Factorization:
-        inner = elimination.factorize(self.oracles, self.loss_oracle, damping, self._prepared_stages())
+        if self.method == "riccati":
+            inner = elimination.factorize(self.oracles, self.loss_oracle, damping, self._prepared_stages())
+        else:
+            inner = self._spectral_route().factorize(damping)
         return Factorization(inner, self, damping)
+
+    def _spectral_route(self):
+        """The ε-independent part of the kernel or dense route, made on first use."""
+        if self._route is None:
+            if self.method == "kernel":
+                self._route = routes.OutputKernel(
+                    self._compiled_oracles()[0], self.oracles, self.loss_oracle.E.to_dense(), self.layout.numel,
+                    self._samples,
+                )
+            elif self.kind == "ggn":
+                W = self._output_factor()
+                self._route = routes.DenseSpectrum(W @ W.mT)
+            else:
+                self._route = routes.DenseSpectrum(self._dense())
+        return self._route
+
+    def _output_factor(self) -> Tensor:
+        """``W = Jᵀ B`` with ``G = W Wᵀ`` (:func:`tallskinny.routes.output_factor`)."""
+        B = routes.loss_factor(self.loss_oracle.E.to_dense())
+        return routes.adjoint(self._compiled_oracles()[0], B, self.layout.numel)
+
+    def explain(self) -> str:
+        """The estimated cost of every route for this curvature and why :attr:`method` was
+        taken (:mod:`tallskinny.routes.planner`)."""
+        return routes.explain(self._route_costs, self.method, self._why)
 
     def _stage_plan(self) -> list:
         """The stages' :class:`~tallskinny.resources.StageShape` (made once)."""
@@ -541,7 +583,11 @@ class Curvature:
     def _check_factorization(self, damping: float, columns: int = 0) -> None:
         """Refuse ``factorize(damping)`` (and a solve of ``columns`` right-hand sides after it)
         where the estimate exceeds the limit."""
-        estimate = self._factorization_estimate(damping == 0.0)
+        if self.method == "riccati":
+            estimate = self._factorization_estimate(damping == 0.0)
+        else:
+            cost = next(c for c in self._route_costs if c.name == self.method)
+            estimate = resources.MemoryEstimate.of([(f"the {self.method} route's factors", int(cost.bytes))])
         what = f"factorize(damping={damping:g})"
         if columns:
             estimate += resources.solve_estimate(self.layout.numel, columns, self.layout.dtype.itemsize)
@@ -620,6 +666,10 @@ class Curvature:
                 "hvp, factorize and solve work without the dense matrix"
             ],
         )
+        return self._dense()
+
+    def _dense(self) -> Tensor:
+        P = self.layout.numel
         eye = torch.eye(P, dtype=self.layout.dtype, device=self.layout.device)
         H = self._apply(eye)
         if H.untyped_storage().data_ptr() == eye.untyped_storage().data_ptr():

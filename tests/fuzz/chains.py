@@ -3,7 +3,8 @@
 ``make_case(seed)`` draws one chain (depth 1–10, widths 1–12 that grow and shrink, ``bias``
 on and off, one-output heads, batch 1–6, convolutions and pooling, residual units,
 ``torch.func`` fallback modules, LayerNorm; cross-entropy with and without label
-smoothing, MSE, both reductions), a ``kind`` and a damping in ``1e-8 … 1e3``.
+smoothing, MSE, both reductions), a ``kind``, a damping in ``1e-8 … 1e3`` and a route
+(``method``: ``auto``, ``riccati``, ``dense`` and, for the Gauss–Newton matrix, ``kernel``).
 ``check_case(case)`` computes every quantity with tallskinny and with dense
 ``torch.func`` + ``torch.linalg`` references in float64 and returns a :class:`Report`
 of the errors measured against the documented accuracy (``docs/chain.md``, "Accuracy").
@@ -173,6 +174,7 @@ class Case:
     kind: str
     damping: float
     dtype: torch.dtype
+    method: str = "auto"
     description: str = ""
 
 
@@ -215,7 +217,9 @@ def make_case(seed: int, *, dtype: torch.dtype | None = None) -> Case:
     damping = 10 ** rng.uniform(-8, 3)
     if dtype is None:
         dtype = torch.float32 if rng.random() < 0.125 else torch.float64
-    case = Case(seed, modules, loss, X, y, kind, damping, dtype)
+    routes = ["auto", "riccati", "dense"] + (["kernel"] if kind == "ggn" else [])
+    method = routes[rng.randrange(len(routes))]  # (drawn last: earlier draws stay as they were)
+    case = Case(seed, modules, loss, X, y, kind, damping, dtype, method)
     case.description = describe(case)
     return case
 
@@ -223,7 +227,7 @@ def make_case(seed: int, *, dtype: torch.dtype | None = None) -> Case:
 def describe(case: Case) -> str:
     mods = ", ".join(_short(m) for m in case.modules)
     return (
-        f"seed={case.seed} {case.kind} ε={case.damping:.2e} {str(case.dtype).replace('torch.', '')} "
+        f"seed={case.seed} {case.kind} {case.method} ε={case.damping:.2e} {str(case.dtype).replace('torch.', '')} "
         f"X{tuple(case.X.shape)} [{mods}] {_short(case.loss)}"
     )
 
@@ -379,7 +383,7 @@ def check_case(case: Case, *, rhs: int = 2) -> Report:
     # larger than H where the output Jacobian falls in the loss Hessian's null space
     product_scale = max(H_norm, _gauss_newton_scale(chain64, X64, case.y))
 
-    curv = chain.curvature(X, y, kind=case.kind)
+    curv = chain.curvature(X, y, kind=case.kind, method=case.method)
     # products: normwise against ‖H‖‖v‖ (the result itself may be tiny by cancellation)
     low_V = V.to(case.dtype)
     mismatch = 0.0  # max ‖(H − H_ref)v‖/‖v‖ seen: the products' own disagreement with the reference
@@ -426,7 +430,7 @@ def check_case(case: Case, *, rhs: int = 2) -> Report:
     # the solve's backward error w.r.t. its own H, seen through the reference's H
     report.record("backward", _backward_error(M, x.double(), V, lam_max), 64 * eps + noise, warned=bool(solve_warned))
     ihvp_warned: list = []
-    x1 = _call(lambda: chain.inverse_hvp(X, y, low_V[:, 0], damping=case.damping, kind=case.kind), ihvp_warned)
+    x1 = _call(lambda: chain.inverse_hvp(X, y, low_V[:, 0], damping=case.damping, kind=case.kind, method=case.method), ihvp_warned)
     report.record("inverse_hvp", _relative(x1, x_ref[:, 0]), sol_tol, warned=bool(ihvp_warned) or factor_warned)
     # spectrum's signs and log-determinant
     inertia_warned: list = []

@@ -1,0 +1,245 @@
+"""The output-kernel route: the Gauss–Newton matrix through its ``N·c``-dimensional kernel.
+
+With ``Λ`` the loss's Hessian in the chain's outputs (positive semidefinite for a loss
+convex in its input), ``Λ = B Bᵀ`` (``B`` of ``r`` columns), the Gauss–Newton matrix is
+
+    G = Jᵀ Λ J = W Wᵀ,    W = Jᵀ B  (P × r),    K = Wᵀ W  (r × r, r ≤ N·c).
+
+``K = U diag(μ) Uᵀ`` is eigendecomposed once; its eigenvalues are those of ``G`` that can
+be nonzero, the other ``P − r`` are zero. For every damping (Woodbury, split into
+``range(W)`` and its complement, and the determinant lemma; sums over ``μ_j > 0``):
+
+    (G + εI)⁻¹ b = W U diag(1/(μ(μ + ε))) Uᵀ Wᵀ b + (b − W U diag(1/μ) Uᵀ Wᵀ b) / ε
+    log det(G + εI) = Σ_j log(μ_j + ε) + (P − r)·log ε.
+
+``Wᵀb = Bᵀ(J b)`` is one tangent sweep and ``W c = Jᵀ(B c)`` one adjoint sweep through the
+blocks' oracles (no ``torch.func`` over the model: plugin blocks work). ``K`` is made
+once per curvature, one of two ways:
+
+* **per sample** where every block acts on the samples separately and every block with
+  parameters is affine with one input row per sample (``nn.Linear`` on ``(N, n)``
+  inputs: ``G`` made of ``x̃_s = [x_s; 1]``, ``F = I_N ⊗ W``) and ``Λ`` is block diagonal
+  by sample: the adjoints ``μ_{l,s}`` (``m × c``) of each sample's output directions are
+  swept per sample, and block ``l`` adds ``K_l[(s,i),(t,j)] = (x̃_sᵀx̃_t)·(μ_{l,s,i}ᵀμ_{l,t,j})``
+  — ``2(N·c)²·m`` flops, never a ``P``-sized column;
+* **explicitly** otherwise: ``W`` by one adjoint sweep of ``B``'s ``r`` columns, ``K = WᵀW``.
+
+Rounding: ``K`` is exact to ``eps·‖G‖`` (a backward error of the size of ``G``'s own), so
+``μ`` and the answers carry ``eps·cond`` relative errors, as a backward-stable solver's;
+``Factorization.solve`` checks and refines as on every route.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from ..errors import SingularSystemError
+from ..linalg import Diagonal, Inertia, ScaledIdentity, pivot_tolerance
+from ..linalg.kronecker import identity_kronecker_factor
+
+
+def _symmetrized(M: Tensor) -> Tensor:
+    return 0.5 * (M + M.mT)
+
+
+def loss_factor_blocks(loss_hessian: Tensor, samples: int) -> Tensor | None:
+    """``B_s`` (``N × c × c``) with ``Λ = blockdiag_s(B_s B_sᵀ)`` where ``Λ`` is block
+    diagonal by sample (``c = a/N``), else ``None``. Negative eigenvalues beyond rounding
+    raise ``ValueError`` (the loss is not convex in its input: ``G`` is then not ``WWᵀ``)."""
+    a = loss_hessian.shape[0]
+    if samples < 1 or a % samples:
+        return None
+    c = a // samples
+    blocks4 = loss_hessian.reshape(samples, c, samples, c)
+    idx = torch.arange(samples, device=loss_hessian.device)
+    diag = blocks4[idx, :, idx, :]  # N × c × c
+    if samples > 1:
+        off = blocks4.clone()
+        off[idx, :, idx, :] = 0
+        if bool(off.any()):
+            return None  # samples interact in the loss
+    return _psd_factor(_symmetrized(diag))
+
+
+def _psd_factor(blocks: Tensor) -> Tensor:
+    """``Q diag(√λ₊)`` of every symmetric block (``… × c × c``), ``λ`` below rounding as 0."""
+    lam, Q = torch.linalg.eigh(blocks)
+    scale = float(lam.abs().max()) if lam.numel() else 0.0
+    tol = pivot_tolerance(blocks.shape[-1], lam.dtype, scale)
+    if lam.numel() and float(lam.min()) < -tol:
+        raise ValueError(
+            f"the loss's Hessian in the outputs has a negative eigenvalue ({float(lam.min()):.3g}): "
+            "the output-kernel route needs a loss convex in the chain's output"
+        )
+    return Q * torch.where(lam > tol, lam, torch.zeros_like(lam)).sqrt().unsqueeze(-2)
+
+
+def loss_factor(loss_hessian: Tensor) -> Tensor:
+    """``B`` (``a × a``) with ``Λ = B Bᵀ``, for any symmetric positive semidefinite ``Λ``."""
+    return _psd_factor(_symmetrized(loss_hessian))
+
+
+# -- sweeps through the compiled oracles ---------------------------------------------------------
+def tangent(blocks: Sequence, v: Tensor) -> Tensor | None:
+    """``J v``: the output's tangent for parameter directions ``v`` (``P × k``); ``None``
+    where it is zero."""
+    offsets = _offsets(blocks)
+    y = None
+    for i, b in enumerate(blocks):
+        if y is not None:
+            y = b.F(y) if b.F is not None else None
+        if b.p and b.G is not None:
+            gv = b.G(v[offsets[i] : offsets[i + 1]])
+            y = gv if y is None else y + gv
+    return y
+
+
+def adjoint(blocks: Sequence, u: Tensor, P: int) -> Tensor:
+    """``Jᵀ u`` for output directions ``u`` (``a_L × k``): ``P × k``."""
+    offsets = _offsets(blocks)
+    out = u.new_zeros(P, u.shape[1])
+    mu = u
+    for i in reversed(range(len(blocks))):
+        b = blocks[i]
+        if b.p and b.GT is not None:
+            out[offsets[i] : offsets[i + 1]] = b.GT(mu)
+        if b.FT is None:
+            break  # every adjoint upstream is zero
+        mu = b.FT(mu)
+    return out
+
+
+def _offsets(blocks: Sequence) -> list[int]:
+    out = [0]
+    for b in blocks:
+        out.append(out[-1] + b.p)
+    return out
+
+
+# -- the kernel K = WᵀW ---------------------------------------------------------------------------
+def per_sample_kernel(blocks: Sequence, oracles: Sequence, B_s: Tensor) -> Tensor | None:
+    """``K = WᵀW`` (``N·c × N·c``) by the per-sample sweep (module docstring), or ``None``
+    where a block does not allow it. ``B_s``: the loss factor's blocks (``N × c × c'``)."""
+    N = B_s.shape[0]
+    mu = B_s  # N × (a/N) × c': each sample's adjoints of its own output directions
+    K = None
+    for b, o in zip(reversed(blocks), reversed(oracles)):
+        a_in, a_out, p = o.sizes
+        if a_in % N or a_out % N:
+            return None
+        if p:
+            parts = b.parts
+            if parts is None or not b.sample_major or parts[1].shape[0] != N:
+                return None
+            X = parts[1]  # N × q: x̃_s, one row per sample
+            m = a_out // N
+            M = mu.transpose(1, 2).reshape(-1, m)  # (s, i) × m
+            Kl = (M @ M.mT).view(N, -1, N, M.shape[0] // N)
+            Kl.mul_((X @ X.mT).view(N, 1, N, 1))
+            K = Kl if K is None else K.add_(Kl)
+            W = identity_kronecker_factor(o.F)
+            if W is None or W.shape != (m, a_in // N):
+                return None
+            mu = W.mT @ mu  # batched over samples: (a_in/N) × c' each
+            continue
+        F = o.F
+        if isinstance(F, Diagonal):
+            mu = mu * F.diagonal.view(N, -1, 1)
+        elif isinstance(F, ScaledIdentity) and F.shape[0] == F.shape[1]:
+            if F.scale != 1.0:
+                mu = mu * F.scale
+        else:
+            return None
+    if K is None:
+        K = mu.new_zeros(N, B_s.shape[2], N, B_s.shape[2])
+    return K.reshape(N * B_s.shape[2], -1)
+
+
+class OutputKernel:
+    """``K = WᵀW`` and its eigendecomposition, made once per curvature; ``W`` applied by
+    sweeps (module docstring). ``samples``: ``N`` where known."""
+
+    def __init__(self, blocks: Sequence, oracles: Sequence, loss_hessian: Tensor, P: int, samples: int | None):
+        self.blocks, self.P = blocks, P
+        B_s = loss_factor_blocks(loss_hessian, samples or 1)  # (one "sample" where unknown)
+        K = per_sample_kernel(blocks, oracles, B_s) if B_s is not None else None
+        if B_s is not None:
+            N, c, r = B_s.shape
+            self.B = torch.block_diag(*B_s) if N > 1 else B_s[0]  # a × (N·c')
+        else:
+            self.B = loss_factor(loss_hessian)
+        self.W = None
+        if K is None:
+            self.W = adjoint(blocks, self.B, P)  # P × r
+            K = self.W.mT @ self.W
+        self.r = K.shape[0]
+        self.dtype = K.dtype
+        # a float32 chain's kernel is decomposed in float64, where it is exact
+        self.mu, self.U = torch.linalg.eigh(_symmetrized(K.double() if K.dtype == torch.float32 else K))
+        if self.r > P:  # rank(K) ≤ P: its r − P smallest eigenvalues are zero, not rounding
+            self.mu[: self.r - P] = 0.0
+        self.norm = float(self.mu.max()) if self.r else 0.0  # ‖G‖ exactly
+        # eigenvalues at the rounding level of ‖K‖ are zeros of G (a perturbation of G of its
+        # own rounding size): their directions lie in null(W) and stay out of the solves,
+        # where 1/ε would amplify the rounding of W u
+        tol = pivot_tolerance(self.r, self.mu.dtype, self.norm)
+        self.mu[self.mu <= tol] = 0.0
+        live = self.mu > 0
+        self.U_live, self.mu_live = self.U[:, live], self.mu[live]
+
+    def apply_transpose(self, b: Tensor) -> Tensor:
+        """``Wᵀ b`` (``r × k``)."""
+        if self.W is not None:
+            return self.W.mT @ b
+        y = tangent(self.blocks, b)
+        return self.B.new_zeros(self.r, b.shape[1]) if y is None else self.B.mT @ y
+
+    def apply(self, c: Tensor) -> Tensor:
+        """``W c`` (``P × k``)."""
+        if self.W is not None:
+            return self.W @ c
+        return adjoint(self.blocks, self.B @ c, self.P)
+
+    def factorize(self, damping: float) -> "KernelFactorization":
+        return KernelFactorization(self, damping)
+
+
+class KernelFactorization:
+    """``G + εI`` through :class:`OutputKernel`: solves, ``log|det|``, inertia."""
+
+    def __init__(self, kernel: OutputKernel, damping: float):
+        self.kernel, self.damping = kernel, damping
+        if damping == 0.0 and kernel.mu_live.shape[0] < kernel.P:
+            raise SingularSystemError(
+                f"the Gauss–Newton matrix has rank < P = {kernel.P}: G + εI is singular at damping=0",
+                damping=0.0,
+            )
+        self.shifted = kernel.mu + damping
+        self.norm_lower_bound = kernel.norm
+
+    def solve(self, b: Tensor) -> Tensor:
+        k = self.kernel
+        U, mu = k.U_live, k.mu_live
+        t = U.mT @ k.apply_transpose(b).to(U.dtype)
+        # on range(W) (orthonormal basis W U μ^{-1/2}): 1/(μ + ε); on its complement: 1/ε.
+        # Split so, a rounding error of b's projection is divided by ε only where the
+        # complement exists (Woodbury's single form cancels b against W(…) at every ε ≪ μ)
+        span = k.apply((U @ (t / (mu * (mu + self.damping)).unsqueeze(-1))).to(b.dtype))
+        if mu.shape[0] == k.P:  # range(W) is everything
+            return span
+        rest = b - k.apply((U @ (t / mu.unsqueeze(-1))).to(b.dtype))
+        return span + rest / self.damping
+
+    def logdet(self) -> Tensor:
+        rest = (self.kernel.P - self.kernel.r) * (math.log(self.damping) if self.damping > 0 else 0.0)
+        return (self.shifted.log().sum() + rest).to(self.kernel.dtype)
+
+    def sign(self) -> Tensor:
+        return self.logdet().new_tensor(1.0)
+
+    def inertia(self) -> Inertia:
+        return Inertia(self.kernel.P, 0, 0)
