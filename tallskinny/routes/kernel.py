@@ -160,15 +160,23 @@ def per_sample_kernel(blocks: Sequence, oracles: Sequence, B_s: Tensor) -> Tenso
 
 
 class OutputKernel:
-    """``K = WᵀW`` and its eigendecomposition, made once per curvature; ``W`` applied by
-    sweeps (module docstring). ``samples``: ``N`` where known."""
+    """``K = WᵀW``, made once per curvature; ``W`` applied by sweeps (module docstring).
+
+    A damping is factored by Cholesky of ``K + εI`` (``r³/3`` flops) while ``range(W)`` has
+    a complement (``r < P``, where Woodbury's single form is backward stable: its error
+    ``eps·μ_max/ε`` is within ``eps·cond``); from the third damping on, at ``ε = 0`` and
+    where ``r ≥ P``, from the eigendecomposition ``K = U diag(μ) Uᵀ`` (``≈ 4r³``, once),
+    which every later damping reuses at ``O(r)`` for ``log|det|``."""
+
+    CHOLESKY_DAMPINGS = 2
+    """Dampings factored by Cholesky before the eigendecomposition is made."""
 
     def __init__(self, blocks: Sequence, oracles: Sequence, loss_hessian: Tensor, P: int, samples: int | None):
         self.blocks, self.P = blocks, P
         B_s = loss_factor_blocks(loss_hessian, samples or 1)  # (one "sample" where unknown)
         K = per_sample_kernel(blocks, oracles, B_s) if B_s is not None else None
         if B_s is not None:
-            N, c, r = B_s.shape
+            N = B_s.shape[0]
             self.B = torch.block_diag(*B_s) if N > 1 else B_s[0]  # a × (N·c')
         else:
             self.B = loss_factor(loss_hessian)
@@ -178,18 +186,28 @@ class OutputKernel:
             K = self.W.mT @ self.W
         self.r = K.shape[0]
         self.dtype = K.dtype
-        # a float32 chain's kernel is decomposed in float64, where it is exact
-        self.mu, self.U = torch.linalg.eigh(_symmetrized(K.double() if K.dtype == torch.float32 else K))
-        if self.r > P:  # rank(K) ≤ P: its r − P smallest eigenvalues are zero, not rounding
-            self.mu[: self.r - P] = 0.0
-        self.norm = float(self.mu.max()) if self.r else 0.0  # ‖G‖ exactly
-        # eigenvalues at the rounding level of ‖K‖ are zeros of G (a perturbation of G of its
-        # own rounding size): their directions lie in null(W) and stay out of the solves,
-        # where 1/ε would amplify the rounding of W u
-        tol = pivot_tolerance(self.r, self.mu.dtype, self.norm)
-        self.mu[self.mu <= tol] = 0.0
-        live = self.mu > 0
-        self.U_live, self.mu_live = self.U[:, live], self.mu[live]
+        # a float32 chain's kernel is factored in float64, where it is exact
+        self.K = _symmetrized(K.double() if K.dtype == torch.float32 else K)
+        self.norm = 0.0  # ‖G‖, known once the eigendecomposition is made
+        self.factorizations = 0
+        self._spectrum = None
+
+    def spectrum(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """``(μ, U, μ_live, U_live)`` of ``K`` (made once). ``rank(K) ≤ P``: its ``r − P``
+        smallest eigenvalues are zero, not rounding; eigenvalues at the rounding level of
+        ``‖K‖`` count as zeros of ``G`` (a perturbation of ``G`` of its own rounding size):
+        their directions lie in ``null(W)`` and stay out of the solves, where ``1/ε`` would
+        amplify the rounding of ``W u``."""
+        if self._spectrum is None:
+            mu, U = torch.linalg.eigh(self.K)
+            if self.r > self.P:
+                mu[: self.r - self.P] = 0.0
+            top = float(mu.max()) if self.r else 0.0
+            mu[mu <= pivot_tolerance(self.r, mu.dtype, top)] = 0.0
+            live = mu > 0
+            self._spectrum = (mu, U, mu[live], U[:, live])
+            self.norm = top  # ‖G‖ exactly
+        return self._spectrum
 
     def apply_transpose(self, b: Tensor) -> Tensor:
         """``Wᵀ b`` (``r × k``)."""
@@ -204,26 +222,58 @@ class OutputKernel:
             return self.W @ c
         return adjoint(self.blocks, self.B @ c, self.P)
 
-    def factorize(self, damping: float) -> "KernelFactorization":
+    def factorize(self, damping: float):
+        self.factorizations += 1
+        if damping > 0 and self.r < self.P and self._spectrum is None and self.factorizations <= self.CHOLESKY_DAMPINGS:
+            A = self.K.clone()
+            A.diagonal().add_(damping)
+            L, info = torch.linalg.cholesky_ex(A)
+            if not bool(info):
+                return CholeskyKernelFactorization(self, damping, L)
         return KernelFactorization(self, damping)
 
 
+class CholeskyKernelFactorization:
+    """``G + εI`` by Woodbury with the Cholesky factor ``L`` of ``K + εI`` (``r < P``)."""
+
+    def __init__(self, kernel: OutputKernel, damping: float, L: Tensor):
+        self.kernel, self.damping, self.L = kernel, damping, L
+        self.norm_lower_bound = 0.0
+
+    def solve(self, b: Tensor) -> Tensor:
+        k = self.kernel
+        t = k.apply_transpose(b).to(self.L.dtype)
+        coef = torch.cholesky_solve(t, self.L)
+        return (b - k.apply(coef.to(b.dtype))) / self.damping
+
+    def logdet(self) -> Tensor:
+        rest = (self.kernel.P - self.kernel.r) * math.log(self.damping)
+        return (2.0 * self.L.diagonal().log().sum() + rest).to(self.kernel.dtype)
+
+    def sign(self) -> Tensor:
+        return self.logdet().new_tensor(1.0)
+
+    def inertia(self) -> Inertia:
+        return Inertia(self.kernel.P, 0, 0)
+
+
 class KernelFactorization:
-    """``G + εI`` through :class:`OutputKernel`: solves, ``log|det|``, inertia."""
+    """``G + εI`` through the eigendecomposition of ``K``: solves, ``log|det|``, inertia."""
 
     def __init__(self, kernel: OutputKernel, damping: float):
         self.kernel, self.damping = kernel, damping
-        if damping == 0.0 and kernel.mu_live.shape[0] < kernel.P:
+        mu, _, mu_live, _ = kernel.spectrum()
+        if damping == 0.0 and mu_live.shape[0] < kernel.P:
             raise SingularSystemError(
                 f"the Gauss–Newton matrix has rank < P = {kernel.P}: G + εI is singular at damping=0",
                 damping=0.0,
             )
-        self.shifted = kernel.mu + damping
+        self.shifted = mu + damping
         self.norm_lower_bound = kernel.norm
 
     def solve(self, b: Tensor) -> Tensor:
         k = self.kernel
-        U, mu = k.U_live, k.mu_live
+        _, _, mu, U = k.spectrum()
         t = U.mT @ k.apply_transpose(b).to(U.dtype)
         # on range(W) (orthonormal basis W U μ^{-1/2}): 1/(μ + ε); on its complement: 1/ε.
         # Split so, a rounding error of b's projection is divided by ε only where the

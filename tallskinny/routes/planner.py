@@ -8,8 +8,9 @@ the outputs (``≤ N·c``):
 * ``riccati`` — the stagewise elimination: ``≈ 7·Σ_l max(a_in, a_out)³`` flops for the
   blocks with parameters, ``a²`` for the others; memory ``Σ_l a_l²`` (the factors);
 * ``kernel`` (Gauss–Newton only) — the ``r × r`` kernel ``K`` by a per-sample sweep
-  (``2·r²·m_l`` per block with ``m_l`` outputs per sample) and its eigendecomposition
-  (``≈ 4·r³``); a solve is two sweeps of one column; memory ``2·r² + 2·P``;
+  (``2·r²·m_l`` per block with ``m_l`` outputs per sample) and the Cholesky factor of
+  ``K + εI`` (``r³/3``; its eigendecomposition, ``≈ 4r³``, where ``r ≥ P``); a solve is
+  two sweeps of one column; memory ``2·r² + 2·P``;
 * ``dense`` — the ``P × P`` matrix (``2·P²·r`` from the kernel's factor, or ``P`` HVPs for
   the Hessian) and its eigendecomposition (``9·P³``); memory ``3·P²``.
 
@@ -72,7 +73,8 @@ def route_costs(
     # a solve is two sweeps of one column (≈ 4 flops per parameter and activation pair)
     gram = sum(2.0 * r * r * a_out / N for _, a_out, p in sizes if p)
     sweeps = 4.0 * sum(p + a_in * a_out / N for a_in, a_out, p in sizes)
-    kernel = RouteCost("kernel", gram + 4.0 * r**3 + sweeps, 3 * len(sizes), itemsize * (2.0 * r * r + 2.0 * P))
+    factor = r**3 / 3.0 if r < P else 4.0 * r**3  # Cholesky of K + εI, or its eigendecomposition
+    kernel = RouteCost("kernel", gram + factor + sweeps, 3 * len(sizes), itemsize * (2.0 * r * r + 2.0 * P))
     if kind != "ggn":
         kernel = attrs.evolve(kernel, why="the Hessian is not a Gram matrix (Gauss–Newton only)")
     forming = 2.0 * P * P * r + r * sweeps if kind == "ggn" else P * 2.0 * sweeps
