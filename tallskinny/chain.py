@@ -16,6 +16,7 @@ from ._gc import collector_paused
 from . import resources
 from .blocks import LossBlock, Oracle, OracleMemory, block_for, checks, loss_for
 from .blocks.elementwise import batch_key, oracles_together
+from .batches import one_batch
 from .blocks.protocol import DeferredOracle
 from .curvature import Curvature, ParameterVersions, check_damping, check_kind, check_refine
 from .errors import NondeterministicModuleError
@@ -122,14 +123,18 @@ class Chain:
     @collector_paused
     def curvature(
         self,
-        inputs: Tensor,
-        targets,
+        inputs,
+        targets=None,
         kind: str = "hessian",
         *,
         method: str = "auto",
         memory_limit: float | None = None,
     ) -> Curvature:
         """Forward pass, one backward pass, and every block's oracle at ``(inputs, targets)``.
+
+        ``inputs`` may also be a re-iterable of ``(inputs, targets)`` batches (a
+        ``DataLoader``; ``targets`` then ``None``): the curvature of the loss over all their
+        samples as if they were one batch (:func:`tallskinny.batches.one_batch`).
 
         ``kind="hessian"`` gives the Hessian of the loss w.r.t. all parameters,
         ``kind="ggn"`` the generalised Gauss–Newton matrix ``Jᵀ ∇²loss J``.
@@ -154,6 +159,7 @@ class Chain:
         kind = check_kind(kind)
         method = check_method(method)
         memory_limit = check_memory_limit(memory_limit)
+        inputs, targets = one_batch(inputs, targets, what="Chain.curvature")
         return self._curvature(inputs, targets, kind, self.layout(), memory_limit, method)
 
     def _curvature(

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from ._per_example import per_example_gradients
+from .batches import one_batch
 from .chain import Chain
 from .curvature import check_damping, check_kind
 
@@ -40,6 +41,13 @@ def _check_pair(pair, what: str) -> tuple[Tensor, Tensor]:
     return inputs, targets
 
 
+def _pair(data, what: str):
+    """A pair as given, or the concatenated batches of a loader."""
+    if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, Tensor) for t in data):
+        return data
+    return one_batch(data, what=what)
+
+
 def _check_finite_rows(grads: Tensor, what: str) -> None:
     """Every per-example gradient is finite (else a ``ValueError`` naming the first example)."""
     finite = torch.isfinite(grads).all(dim=1)
@@ -55,10 +63,13 @@ def influence(
     *,
     damping: float,
     kind: str = "hessian",
+    method: str = "auto",
 ) -> Tensor:
     """``(n_test, n_train)`` influence scores ``−∇L(z_test)ᵀ (H + εI)⁻¹ ∇L(z_i)``.
 
-    ``train`` and ``test`` are ``(inputs, targets)`` pairs, examples along dimension 0.
+    ``train`` and ``test`` are ``(inputs, targets)`` pairs, examples along dimension 0, or
+    re-iterables of such batches (a ``DataLoader``; concatenated). ``method`` is the
+    curvature's route (:meth:`tallskinny.Chain.curvature`).
     ``H`` is the ``kind`` (``"hessian"`` or ``"ggn"``) curvature of the chain's loss on
     all of ``train`` (its cost grows like the cube of the number of training examples
     in one curvature: use a representative subset for large data). Raises
@@ -66,9 +77,9 @@ def influence(
     """
     damping = check_damping(damping)
     kind = check_kind(kind)
-    x_train, y_train = _check_pair(train, "train")
-    x_test, y_test = _check_pair(test, "test")
-    curv = chain.curvature(x_train, y_train, kind=kind)
+    x_train, y_train = _check_pair(_pair(train, "train"), "train")
+    x_test, y_test = _check_pair(_pair(test, "test"), "test")
+    curv = chain.curvature(x_train, y_train, kind=kind, method=method)
     test_grads = per_example_gradients(chain, x_test, y_test)  # (n_test, P)
     _check_finite_rows(test_grads, "test")
     solved = curv.factorize(damping).solve(test_grads.T.contiguous())  # (P, n_test)

@@ -28,7 +28,8 @@ import math
 import torch
 from torch import Tensor, nn
 
-from ._per_example import flat_parameters, output_jacobian
+from ._per_example import flat_parameters, output_at, output_jacobian
+from .batches import one_batch
 from .chain import Chain
 from .curvature import check_damping
 
@@ -63,14 +64,16 @@ class Laplace:
     def __init__(
         self,
         chain: Chain,
-        inputs: Tensor,
-        targets: Tensor,
+        inputs,
+        targets: Tensor | None = None,
         *,
         nll_scale: float | None = None,
         nll_offset: float | None = None,
+        method: str = "auto",
     ):
         if not isinstance(chain, Chain):
             raise TypeError(f"Laplace needs a tallskinny.Chain, got {type(chain).__name__}")
+        inputs, targets = one_batch(inputs, targets, what="Laplace")
         if nll_scale is None:
             scale, offset = _likelihood_scale(chain, targets)
         else:
@@ -81,7 +84,7 @@ class Laplace:
             offset = float(nll_offset)
         self.chain = chain
         self.nll_scale = scale
-        self.curvature = chain.curvature(inputs, targets, kind="ggn")
+        self.curvature = chain.curvature(inputs, targets, kind="ggn", method=method)
         self.nll = scale * float(self.curvature.loss) + offset
         theta = flat_parameters(chain)
         self.squared_norm = float(theta @ theta)
@@ -160,3 +163,37 @@ class Laplace:
     def predictive_variance(self, inputs: Tensor, prior_precision: float | None = None) -> Tensor:
         """``(n, d)``: the diagonal of :meth:`predictive_covariance`."""
         return torch.diagonal(self.predictive_covariance(inputs, prior_precision), dim1=-2, dim2=-1)
+
+    def predictive_probabilities(
+        self,
+        inputs: Tensor,
+        prior_precision: float | None = None,
+        *,
+        link: str = "probit",
+        samples: int = 100,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """``(n, C)`` class probabilities of a classifier (logits out, cross-entropy) under
+        the linearised Laplace posterior, with laplace-torch's conventions:
+
+        * ``link="probit"``: ``softmax(f / √(1 + π/8·diag Σ))``, the probit approximation
+          of ``E[softmax(f)]`` with ``f ~ N(f*, Σ)`` per class (MacKay);
+        * ``link="mc"``: the mean of ``softmax(f)`` over ``samples`` draws of ``f ~ N(f*, Σ)``.
+
+        ``f*`` is the network's output at ``inputs``, ``Σ`` :meth:`predictive_covariance`."""
+        if link not in ("probit", "mc"):
+            raise ValueError(f"link must be 'probit' or 'mc', got {link!r}")
+        if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
+            raise ValueError(f"samples must be an integer >= 1, got {samples!r}")
+        cov = self.predictive_covariance(inputs, prior_precision)
+        with torch.no_grad():
+            f = output_at(self.chain, flat_parameters(self.chain), inputs).reshape(cov.shape[:2])
+        if link == "probit":
+            kappa = torch.rsqrt(1.0 + math.pi / 8.0 * torch.diagonal(cov, dim1=-2, dim2=-1))
+            return torch.softmax(kappa * f, dim=-1)
+        # Σ may be singular (the softmax's invariance): a factor from its eigendecomposition
+        lam, Q = torch.linalg.eigh(cov)
+        root = Q * lam.clamp_min(0.0).sqrt().unsqueeze(-2)
+        noise = torch.randn((samples,) + tuple(f.shape), generator=generator, dtype=f.dtype).to(f.device)
+        draws = f + torch.einsum("nij,snj->sni", root, noise)
+        return torch.softmax(draws, dim=-1).mean(0)

@@ -182,3 +182,51 @@ def test_laplace_non_finite_inputs_are_named():
     Xte[0, 1] = math.inf
     with pytest.raises(ValueError, match="output Jacobian at inputs contains NaN or inf"):
         lap.predictive_covariance(Xte, 1.0)
+
+
+# -- data sets and routes -------------------------------------------------------------------
+def _loader(X, y, batch):
+    return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(X, y), batch_size=batch)
+
+
+@pytest.mark.parametrize("method", ["riccati", "kernel", "dense"])
+def test_laplace_from_a_loader_equals_the_whole_batch(method):
+    model = small_model(seed=11)
+    X, y = data(10)
+    chain = chain_of(model, nn.CrossEntropyLoss())
+    whole = Laplace(chain, X, y, method="riccati")
+    lap = Laplace(chain, _loader(X, y, 4), method=method)  # batches 4, 4, 2
+    assert lap.curvature.method == method
+    for alpha in (1e-3, 0.3, 5.0, 40.0):
+        a, b = lap.log_marginal_likelihood(alpha), whole.log_marginal_likelihood(alpha)
+        assert abs(a - b) <= 1e-10 * abs(b)
+
+
+def test_influence_from_loaders_equals_tensors():
+    model = small_model(seed=12)
+    chain = chain_of(model, nn.CrossEntropyLoss())
+    (Xtr, ytr), (Xte, yte) = data(7), data(3, seed=2)
+    a = influence(chain, (Xtr, ytr), (Xte, yte), damping=0.1, kind="ggn")
+    b = influence(chain, _loader(Xtr, ytr, 3), _loader(Xte, yte, 2), damping=0.1, kind="ggn")
+    torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-14)
+
+
+def test_predictive_probabilities_probit_and_monte_carlo():
+    model = small_model(seed=13)
+    X, y = data(8)
+    Xte, _ = data(4, seed=9)
+    chain, dense = chain_of(model, nn.CrossEntropyLoss()), DenseModel(model, nn.CrossEntropyLoss())
+    lap = Laplace(chain, X, y)
+    cov = lap.predictive_covariance(Xte, 0.5)
+    f = dense.output(dense.theta, Xte).detach()
+    probit = lap.predictive_probabilities(Xte, 0.5, link="probit")
+    expected = torch.softmax(f / torch.sqrt(1 + math.pi / 8 * torch.diagonal(cov, dim1=-2, dim2=-1)), dim=-1)
+    torch.testing.assert_close(probit, expected, rtol=1e-12, atol=1e-14)
+    mc = lap.predictive_probabilities(Xte, 0.5, link="mc", samples=20000, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(mc.sum(-1), torch.ones(4))
+    draws = torch.distributions.MultivariateNormal(f, cov + 1e-12 * torch.eye(cov.shape[-1])).sample(
+        (20000,)
+    )
+    assert float((mc - torch.softmax(draws, -1).mean(0)).abs().max()) < 0.01  # two Monte Carlo estimates
+    with pytest.raises(ValueError, match="link"):
+        lap.predictive_probabilities(Xte, 0.5, link="logit")

@@ -1,0 +1,50 @@
+"""Data given as one batch or as a re-iterable of ``(inputs, targets)`` batches.
+
+The curvature of a chain's loss over a data set is the curvature of the loss over all its
+samples as if they were one batch (the loss's own reduction: the mean over all samples
+for ``reduction="mean"``, the sum for ``"sum"``). :func:`one_batch` makes that batch: a
+loader's batches are concatenated along the first dimension (a partial last batch
+included). Every sample's activations are then held at once; the route planner and the
+memory check see the whole batch.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+from torch import Tensor
+
+
+def one_batch(data, targets=None, *, what: str = "data") -> tuple[Tensor, Tensor]:
+    """``(inputs, targets)``: ``data`` and ``targets`` themselves where ``data`` is a tensor,
+    else the batches of the re-iterable ``data`` (``(X, y)`` pairs; a ``DataLoader``)
+    concatenated (``targets`` must then be ``None``)."""
+    if isinstance(data, Tensor):
+        if targets is None:
+            raise TypeError(f"{what}: a tensor of inputs needs its targets (an (inputs, targets) pair)")
+        return data, targets
+    if targets is not None:
+        raise TypeError(f"{what}: targets are given with the batches of a loader, not beside it")
+    if not isinstance(data, Iterable):
+        raise TypeError(
+            f"{what} must be a tensor of inputs (with targets) or a re-iterable of (inputs, targets) "
+            f"batches such as a DataLoader, got {type(data).__name__}"
+        )
+    xs, ys = [], []
+    for i, batch in enumerate(data):
+        if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+            raise TypeError(f"{what}: batch {i} is not an (inputs, targets) pair ({type(batch).__name__})")
+        x, y = batch
+        if not isinstance(x, Tensor) or not isinstance(y, Tensor):
+            raise TypeError(f"{what}: batch {i} must hold tensors, got {type(x).__name__}, {type(y).__name__}")
+        if xs and (x.shape[1:] != xs[0].shape[1:] or y.shape[1:] != ys[0].shape[1:]):
+            raise ValueError(
+                f"{what}: batch {i} has inputs {tuple(x.shape)} and targets {tuple(y.shape)}, the first "
+                f"batch {tuple(xs[0].shape)} and {tuple(ys[0].shape)}: samples must have one shape"
+            )
+        xs.append(x)
+        ys.append(y)
+    if not xs:
+        raise ValueError(f"{what} holds no batches")
+    return (xs[0], ys[0]) if len(xs) == 1 else (torch.cat(xs), torch.cat(ys))
