@@ -546,8 +546,13 @@ class Curvature:
 
     def _output_factor(self) -> Tensor:
         """``W = Jᵀ B`` with ``G = W Wᵀ`` (:func:`tallskinny.routes.output_factor`)."""
-        B = routes.loss_factor(self.loss_oracle.E.to_dense())
-        return routes.adjoint(self._compiled_oracles()[0], B, self.layout.numel)
+        blocks, oracles = self._compiled_oracles()[0], self.oracles
+        E = self.loss_oracle.E.to_dense()
+        B_s = routes.loss_factor_blocks(E, self._samples or 1)
+        W = routes.per_sample_factor(blocks, oracles, B_s, self.layout.numel) if B_s is not None else None
+        if W is None:
+            W = routes.adjoint(blocks, routes.output_loss_factor(E, self._samples, B_s), self.layout.numel)
+        return W
 
     def explain(self) -> str:
         """The estimated cost of every route for this curvature and why :attr:`method` was

@@ -64,7 +64,7 @@ class CompiledOracle:
     """The products of one block's oracle: ``F, Fᵀ, G, Gᵀ, C, Cᵀ, A, E`` (``None`` = zero)."""
 
     __slots__ = (
-        "p", "F", "FT", "G", "GT", "C", "CT", "A", "E", "HV", "TAN", "ADJ", "parts", "sample_major", "linear",
+        "p", "F", "FT", "G", "GT", "GT_samples", "C", "CT", "A", "E", "HV", "TAN", "ADJ", "parts", "sample_major", "linear",
         "diagonal", "_oracle", "_source",
     )
 
@@ -114,6 +114,7 @@ class CompiledOracle:
         self.ADJ = None  # (μ, y_in, v) ↦ Fᵀμ + E y_in + Cᵀv
         self.F, self.FT = compile_operator(o.F), compile_operator(o.F.T)
         self.A, self.E = compile_operator(o.A), compile_operator(o.E)
+        self.GT_samples = None
         if self.diagonal is not None and self.diagonal[1] is not None:
             d, e = self.diagonal
             self.ADJ = lambda mu, y, v: torch.addcmul(d * mu, e, y)
@@ -139,7 +140,12 @@ class CompiledOracle:
             k = mu.shape[1]
             return (Xt @ mu.reshape(R, m * k)).reshape(q * m, k)[order_inv]
 
+        def GT_samples(mu: Tensor) -> Tensor:  # [Gᵀ(e_s ⊗ μ_s[:, j])]_(s, j) = [x̃_s ⊗ μ_s[:, j]]
+            N, _, k = mu.shape
+            return torch.einsum("sq,smk->qmsk", X, mu).reshape(q * m, N * k)[order_inv]
+
         self.G, self.GT = G, GT
+        self.GT_samples = GT_samples
         if C_general is not None:
             self.C, self.CT = compile_operator(o.C), compile_operator(o.C.T)
             return
@@ -244,7 +250,7 @@ class CompiledOracle:
         self.C, self.CT = C, CT
 
 
-_PRODUCTS = frozenset(("F", "FT", "G", "GT", "C", "CT", "A", "E", "HV", "TAN", "ADJ"))
+_PRODUCTS = frozenset(("F", "FT", "G", "GT", "GT_samples", "C", "CT", "A", "E", "HV", "TAN", "ADJ"))
 
 
 def _weight_layout(o: Oracle, parts) -> tuple[int, Tensor | None] | None:

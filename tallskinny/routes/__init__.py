@@ -5,7 +5,16 @@ matrix, eigendecomposed) and :mod:`.planner` (costs from the shapes; ``method="a
 """
 
 from .dense import DenseFactorization, DenseSpectrum
-from .kernel import KernelFactorization, OutputKernel, adjoint, loss_factor, tangent
+from .kernel import (
+    KernelFactorization,
+    OutputKernel,
+    adjoint,
+    loss_factor,
+    loss_factor_blocks,
+    output_loss_factor,
+    per_sample_factor,
+    tangent,
+)
 from .planner import METHODS, ROUTES, RouteCost, check_method, choose, explain, route_costs
 
 __all__ = [
@@ -21,6 +30,9 @@ __all__ = [
     "explain",
     "adjoint",
     "loss_factor",
+    "loss_factor_blocks",
+    "output_loss_factor",
+    "per_sample_factor",
     "tangent",
     "route_costs",
 ]

@@ -83,6 +83,18 @@ def loss_factor(loss_hessian: Tensor) -> Tensor:
     return _psd_factor(_symmetrized(loss_hessian))
 
 
+def output_loss_factor(loss_hessian: Tensor, samples: int | None, blocks: Tensor | None = None) -> Tensor:
+    """``B`` (``a × r``) with ``Λ = B Bᵀ``: block diagonal from the per-sample factors
+    ``blocks`` (:func:`loss_factor_blocks`, ``N`` eigendecompositions of ``c × c``) where
+    the samples do not interact in the loss, else from one eigendecomposition of ``Λ``
+    (``a³``)."""
+    if blocks is None:
+        blocks = loss_factor_blocks(loss_hessian, samples or 1)
+    if blocks is None:
+        return loss_factor(loss_hessian)
+    return torch.block_diag(*blocks) if blocks.shape[0] > 1 else blocks[0]
+
+
 # -- sweeps through the compiled oracles ---------------------------------------------------------
 def tangent(blocks: Sequence, v: Tensor) -> Tensor | None:
     """``J v``: the output's tangent for parameter directions ``v`` (``P × k``); ``None``
@@ -121,13 +133,15 @@ def _offsets(blocks: Sequence) -> list[int]:
 
 
 # -- the kernel K = WᵀW ---------------------------------------------------------------------------
-def per_sample_kernel(blocks: Sequence, oracles: Sequence, B_s: Tensor) -> Tensor | None:
-    """``K = WᵀW`` (``N·c × N·c``) by the per-sample sweep (module docstring), or ``None``
-    where a block does not allow it. ``B_s``: the loss factor's blocks (``N × c × c'``)."""
+def per_sample_adjoints(blocks: Sequence, oracles: Sequence, B_s: Tensor):
+    """The per-sample sweep (module docstring): ``(i, X̃, μ)`` for every block ``i`` with
+    parameters, ``X̃`` its ``N × q`` input rows and ``μ`` (``N × m × c'``) each sample's
+    adjoints of its own output directions; ``None`` where a block does not allow it."""
     N = B_s.shape[0]
-    mu = B_s  # N × (a/N) × c': each sample's adjoints of its own output directions
-    K = None
-    for b, o in zip(reversed(blocks), reversed(oracles)):
+    mu = B_s
+    out = []
+    for i in reversed(range(len(blocks))):
+        b, o = blocks[i], oracles[i]
         a_in, a_out, p = o.sizes
         if a_in % N or a_out % N:
             return None
@@ -135,12 +149,8 @@ def per_sample_kernel(blocks: Sequence, oracles: Sequence, B_s: Tensor) -> Tenso
             parts = b.parts
             if parts is None or not b.sample_major or parts[1].shape[0] != N:
                 return None
-            X = parts[1]  # N × q: x̃_s, one row per sample
             m = a_out // N
-            M = mu.transpose(1, 2).reshape(-1, m)  # (s, i) × m
-            Kl = (M @ M.mT).view(N, -1, N, M.shape[0] // N)
-            Kl.mul_((X @ X.mT).view(N, 1, N, 1))
-            K = Kl if K is None else K.add_(Kl)
+            out.append((i, parts[1], mu))
             W = identity_kronecker_factor(o.F)
             if W is None or W.shape != (m, a_in // N):
                 return None
@@ -154,9 +164,35 @@ def per_sample_kernel(blocks: Sequence, oracles: Sequence, B_s: Tensor) -> Tenso
                 mu = mu * F.scale
         else:
             return None
-    if K is None:
-        K = mu.new_zeros(N, B_s.shape[2], N, B_s.shape[2])
-    return K.reshape(N * B_s.shape[2], -1)
+    return out
+
+
+def per_sample_kernel(blocks: Sequence, oracles: Sequence, B_s: Tensor) -> Tensor | None:
+    """``K = WᵀW`` (``N·c × N·c``) by the per-sample sweep (module docstring), or ``None``
+    where a block does not allow it. ``B_s``: the loss factor's blocks (``N × c × c'``)."""
+    sweep = per_sample_adjoints(blocks, oracles, B_s)
+    if sweep is None:
+        return None
+    N, c = B_s.shape[0], B_s.shape[2]
+    K = B_s.new_zeros(N, c, N, c)
+    for _, X, mu in sweep:
+        M = mu.transpose(1, 2).reshape(-1, mu.shape[1])  # (s, i) × m
+        Kl = (M @ M.mT).view(N, c, N, c)
+        K.add_(Kl.mul_((X @ X.mT).view(N, 1, N, 1)))
+    return K.reshape(N * c, N * c)
+
+
+def per_sample_factor(blocks: Sequence, oracles: Sequence, B_s: Tensor, P: int) -> Tensor | None:
+    """``W = Jᵀ B`` (``P × N·c``) by the per-sample sweep: block ``i``'s rows are
+    ``x̃_s ⊗ μ_{i,s,j}`` (``2·N·c·p_i`` flops), or ``None`` where a block does not allow it."""
+    sweep = per_sample_adjoints(blocks, oracles, B_s)
+    if sweep is None:
+        return None
+    offsets = _offsets(blocks)
+    W = B_s.new_zeros(P, B_s.shape[0] * B_s.shape[2])
+    for i, _, mu in sweep:
+        W[offsets[i] : offsets[i + 1]] = blocks[i].GT_samples(mu)
+    return W
 
 
 class OutputKernel:
@@ -175,11 +211,7 @@ class OutputKernel:
         self.blocks, self.P = blocks, P
         B_s = loss_factor_blocks(loss_hessian, samples or 1)  # (one "sample" where unknown)
         K = per_sample_kernel(blocks, oracles, B_s) if B_s is not None else None
-        if B_s is not None:
-            N = B_s.shape[0]
-            self.B = torch.block_diag(*B_s) if N > 1 else B_s[0]  # a × (N·c')
-        else:
-            self.B = loss_factor(loss_hessian)
+        self.B = output_loss_factor(loss_hessian, samples, B_s)
         self.W = None
         if K is None:
             self.W = adjoint(blocks, self.B, P)  # P × r

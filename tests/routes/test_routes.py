@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import tallskinny as ts
-from tallskinny import routes
+from tallskinny import products, routes
 from tallskinny.routes import kernel as kernel_module
 from tallskinny.testing import dense_ggn, dense_hessian
 
@@ -142,3 +142,17 @@ def test_a_loader_is_the_curvature_of_all_its_samples():
         chain.curvature([], kind="ggn")
     with pytest.raises(TypeError, match="beside"):
         chain.curvature(loader, y)
+
+
+@pytest.mark.parametrize("case", ["tanh-ce", "relu-mse-sum"])
+def test_per_sample_factor_equals_the_adjoint_sweep(case):
+    # W = Jᵀ B by the per-sample sweep (no N·c-wide dense adjoints) against the explicit sweep
+    chain, X, y = CASES[case]()
+    curv = chain.curvature(X, y, kind="ggn", method="dense")
+    blocks = products.compile_oracles(curv.oracles)
+    E = curv.loss_oracle.E.to_dense()
+    B_s = routes.loss_factor_blocks(E, X.shape[0])
+    W = routes.per_sample_factor(blocks, curv.oracles, B_s, curv.num_parameters)
+    assert W is not None
+    reference = routes.adjoint(blocks, routes.output_loss_factor(E, X.shape[0]), curv.num_parameters)
+    assert rel(W, reference) < 1e-13
