@@ -1,7 +1,7 @@
 """One rank of ``tests/test_distributed.py`` (run as a script), and the computations that
 test compares: the same functions give the single-process reference there.
 
-``python distributed_worker.py OUT`` with ``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR`` and
+``python distributed_worker.py OUT`` (``{rank}`` in ``OUT`` replaced by the rank) with ``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR`` and
 ``MASTER_PORT`` in the environment (as torchrun sets them): joins the gloo group, computes
 everything of :func:`compute` on its shard and the error cases of :func:`errors`, and
 saves the results to ``OUT``.
@@ -125,7 +125,7 @@ def main(path: str) -> None:
         train, test = shard(rank)
         results = compute(train, test)
         results["errors"] = errors(rank)
-        torch.save(results, path)
+        torch.save(results, path.format(rank=rank))
     finally:
         torch.distributed.destroy_process_group()
 

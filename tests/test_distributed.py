@@ -36,24 +36,25 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _run_ranks(tmp_path: Path, world: int = 2) -> list[dict]:
+def _launch(script: Path, world: int, args: list[str], cwd: Path) -> list[str]:
+    """Run ``script`` on ``world`` processes as ``torchrun --nproc_per_node=world`` would
+    (the same environment: ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``,
+    ``MASTER_PORT``; without its agent, seconds faster); their outputs. Fails, never
+    hangs, where a process fails or they take over :data:`TIMEOUT` seconds; every
+    process is gone when it returns."""
     env = dict(os.environ)
-    env.update(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), WORLD_SIZE=str(world),
-        OMP_NUM_THREADS="1",
-    )
+    env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), WORLD_SIZE=str(world), OMP_NUM_THREADS="1")
     if sys.platform.startswith("linux"):  # loopback: no dependence on how the host name resolves
         env.setdefault("GLOO_SOCKET_IFNAME", "lo")
     # the children import this checkout's tallskinny, as the parent does
     paths = [str(ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
     env["PYTHONPATH"] = os.pathsep.join(paths)
-    outs = [tmp_path / f"rank{r}.pt" for r in range(world)]
     procs = []
     try:
         for r in range(world):
             procs.append(subprocess.Popen(
-                [sys.executable, str(WORKER), str(outs[r])], env=dict(env, RANK=str(r), LOCAL_RANK=str(r)),
-                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=str(tmp_path),
+                [sys.executable, str(script), *args], env=dict(env, RANK=str(r), LOCAL_RANK=str(r)),
+                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=str(cwd),
             ))
         deadline = time.monotonic() + TIMEOUT
         logs = []
@@ -61,15 +62,22 @@ def _run_ranks(tmp_path: Path, world: int = 2) -> list[dict]:
             try:
                 out, _ = p.communicate(timeout=max(1.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                pytest.fail(f"the ranks did not finish within {TIMEOUT} s (a collective hung?)")
+                pytest.fail(f"{script.name}: the ranks did not finish within {TIMEOUT} s (a collective hung?)")
             logs.append(out.decode(errors="replace"))
         for r, (p, log) in enumerate(zip(procs, logs)):
-            assert p.returncode == 0, f"rank {r} exited with {p.returncode}:\n{log[-4000:]}"
+            assert p.returncode == 0, f"{script.name}: rank {r} exited with {p.returncode}:\n{log[-4000:]}"
     finally:
         for p in procs:
             if p.poll() is None:
                 p.kill()
                 p.wait()
+    return logs
+
+
+def _run_ranks(tmp_path: Path, world: int = 2) -> list[dict]:
+    outs = [tmp_path / f"rank{r}.pt" for r in range(world)]
+    # each rank saves to the path of its RANK: give every process the list, it picks its own
+    _launch(WORKER, world, [str(tmp_path / "rank{rank}.pt")], tmp_path)
     return [torch.load(o, weights_only=False) for o in outs]
 
 
@@ -152,3 +160,26 @@ def test_without_torch_distributed():
     for distributed in (None, False):
         assert torch.equal(chain.curvature(loader, kind="ggn", distributed=distributed).hvp(v), whole)
     assert issubclass(ts.ShardMismatchError, ValueError)
+
+
+def test_the_doc_example_runs_on_two_processes(tmp_path):
+    """The script of docs/distributed.md on two ranks prints, on both, the numbers of one
+    process holding all the samples (in another order: to rounding)."""
+    import re
+
+    text = (ROOT / "docs" / "distributed.md").read_text(encoding="utf-8")
+    script = tmp_path / "script.py"
+    script.write_text(re.findall(r"```python\n(.*?)```", text, flags=re.S)[0], encoding="utf-8")
+    pattern = re.compile(r"rank (\d+): route (\w+) logdet (\S+) evidence (\S+)")
+
+    def printed(world: int) -> dict:
+        found = [pattern.search(log) for log in _launch(script, world, [], tmp_path)]
+        assert all(found), "the example printed no result line"
+        return {int(m.group(1)): (m.group(2), float(m.group(3)), float(m.group(4))) for m in found}
+
+    two, one = printed(2), printed(1)
+    assert two[0] == two[1]  # bitwise: the same printed repr
+    route, logdet, evidence = two[0]
+    assert route == one[0][0]
+    assert abs(logdet - one[0][1]) <= 1e-12 * abs(one[0][1])
+    assert abs(evidence - one[0][2]) <= 1e-12 * abs(one[0][2])
