@@ -1,10 +1,10 @@
 """One rank of ``tests/test_distributed.py`` (run as a script), and the computations that
 test compares: the same functions give the single-process reference there.
 
-``python distributed_worker.py OUT`` (``{rank}`` in ``OUT`` replaced by the rank) with ``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR`` and
+``python distributed_worker.py OUT`` with ``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR`` and
 ``MASTER_PORT`` in the environment (as torchrun sets them): joins the gloo group, computes
 everything of :func:`compute` on its shard and the error cases of :func:`errors`, and
-saves the results to ``OUT``.
+saves the results to ``OUT`` (``{rank}`` in it replaced by the rank).
 """
 
 from __future__ import annotations
