@@ -3,6 +3,7 @@
 from . import blocks, linalg, resources
 from .chain import Chain
 from .curvature import Curvature, Factorization
+from .distributed import ShardMismatchError
 from .errors import (
     AccuracyWarning,
     NondeterministicModuleError,
@@ -22,6 +23,7 @@ __all__ = [
     "Inertia",
     "NondeterministicModuleError",
     "ResourceError",
+    "ShardMismatchError",
     "SingularMatrixError",
     "SingularSystemError",
     "StaleCurvatureError",

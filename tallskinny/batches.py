@@ -4,8 +4,9 @@ The curvature of a chain's loss over a data set is the curvature of the loss ove
 samples as if they were one batch (the loss's own reduction: the mean over all samples
 for ``reduction="mean"``, the sum for ``"sum"``). :func:`one_batch` makes that batch: a
 loader's batches are concatenated along the first dimension (a partial last batch
-included). Every sample's activations are then held at once; the route planner and the
-memory check see the whole batch.
+included). Under ``torch.distributed``, each rank's loader is its shard and the shards
+are gathered (:mod:`tallskinny.distributed`). Every sample's activations are then held
+at once; the route planner and the memory check see the whole batch.
 """
 
 from __future__ import annotations
@@ -15,11 +16,33 @@ from typing import Iterable
 import torch
 from torch import Tensor
 
+from . import distributed as shards
 
-def one_batch(data, targets=None, *, what: str = "data") -> tuple[Tensor, Tensor]:
+
+def one_batch(
+    data, targets=None, *, what: str = "data", distributed: bool | None = None, parameters=None
+) -> tuple[Tensor, Tensor]:
     """``(inputs, targets)``: ``data`` and ``targets`` themselves where ``data`` is a tensor,
     else the batches of the re-iterable ``data`` (``(X, y)`` pairs; a ``DataLoader``)
-    concatenated (``targets`` must then be ``None``)."""
+    concatenated (``targets`` must then be ``None``).
+
+    Where the shards are gathered (:func:`tallskinny.distributed.resolve`: by default a
+    loader's batches when ``torch.distributed`` is initialized), the result is every
+    rank's batch concatenated in rank order, the same on every rank (a collective call;
+    ``parameters``, an iterable of tensors, are checked to be equal on every rank)."""
+    if distributed is not None or shards.is_active():
+        if shards.resolve(distributed, loader=not isinstance(data, Tensor), what=what):
+            params = None if parameters is None else list(parameters)
+            device = params[0].device if params else None
+            try:
+                local = _local(data, targets, what, empty_ok=True)
+            except Exception as err:  # noqa: BLE001 (raised on this rank once the others know)
+                return shards.gather(None, what=what, error=err, parameters=params, device=device)
+            return shards.gather(local, what=what, parameters=params, device=device)
+    return _local(data, targets, what)
+
+
+def _local(data, targets, what: str, empty_ok: bool = False) -> tuple[Tensor, Tensor] | None:
     if isinstance(data, Tensor):
         if targets is None:
             raise TypeError(f"{what}: a tensor of inputs needs its targets (an (inputs, targets) pair)")
@@ -46,5 +69,7 @@ def one_batch(data, targets=None, *, what: str = "data") -> tuple[Tensor, Tensor
         xs.append(x)
         ys.append(y)
     if not xs:
+        if empty_ok:
+            return None  # an empty shard: the other ranks may hold samples
         raise ValueError(f"{what} holds no batches")
     return (xs[0], ys[0]) if len(xs) == 1 else (torch.cat(xs), torch.cat(ys))

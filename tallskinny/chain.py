@@ -129,12 +129,17 @@ class Chain:
         *,
         method: str = "auto",
         memory_limit: float | None = None,
+        distributed: bool | None = None,
     ) -> Curvature:
         """Forward pass, one backward pass, and every block's oracle at ``(inputs, targets)``.
 
         ``inputs`` may also be a re-iterable of ``(inputs, targets)`` batches (a
         ``DataLoader``; ``targets`` then ``None``): the curvature of the loss over all their
-        samples as if they were one batch (:func:`tallskinny.batches.one_batch`).
+        samples as if they were one batch (:func:`tallskinny.batches.one_batch`). Where
+        ``torch.distributed`` is initialized, each rank's loader is its shard and every
+        rank gets the curvature over all ranks' samples (``distributed``: ``None``, the
+        default, gathers loaders there; ``True`` tensors too; ``False`` never;
+        :mod:`tallskinny.distributed`, ``docs/distributed.md``).
 
         ``kind="hessian"`` gives the Hessian of the loss w.r.t. all parameters,
         ``kind="ggn"`` the generalised Gauss–Newton matrix ``Jᵀ ∇²loss J``.
@@ -159,7 +164,9 @@ class Chain:
         kind = check_kind(kind)
         method = check_method(method)
         memory_limit = check_memory_limit(memory_limit)
-        inputs, targets = one_batch(inputs, targets, what="Chain.curvature")
+        inputs, targets = one_batch(
+            inputs, targets, what="Chain.curvature", distributed=distributed, parameters=self.parameters()
+        )
         return self._curvature(inputs, targets, kind, self.layout(), memory_limit, method)
 
     def _curvature(

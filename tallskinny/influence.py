@@ -41,11 +41,16 @@ def _check_pair(pair, what: str) -> tuple[Tensor, Tensor]:
     return inputs, targets
 
 
-def _pair(data, what: str):
-    """A pair as given, or the concatenated batches of a loader."""
+def _pair(data, what: str, distributed: bool | None, chain: Chain):
+    """A pair as given, or the concatenated batches of a loader (gathered over the ranks
+    where ``distributed`` asks, :func:`tallskinny.batches.one_batch`)."""
     if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, Tensor) for t in data):
-        return data
-    return one_batch(data, what=what)
+        if not distributed:
+            return data
+        data, targets = data
+    else:
+        targets = None
+    return one_batch(data, targets, what=what, distributed=distributed, parameters=chain.parameters())
 
 
 def _check_finite_rows(grads: Tensor, what: str) -> None:
@@ -64,12 +69,16 @@ def influence(
     damping: float,
     kind: str = "hessian",
     method: str = "auto",
+    distributed: bool | None = None,
 ) -> Tensor:
     """``(n_test, n_train)`` influence scores ``−∇L(z_test)ᵀ (H + εI)⁻¹ ∇L(z_i)``.
 
     ``train`` and ``test`` are ``(inputs, targets)`` pairs, examples along dimension 0, or
     re-iterables of such batches (a ``DataLoader``; concatenated). ``method`` is the
-    curvature's route (:meth:`tallskinny.Chain.curvature`).
+    curvature's route (:meth:`tallskinny.Chain.curvature`). ``distributed``: under
+    ``torch.distributed`` a loader (``True``: a pair too) is this rank's shard, and the
+    scores are those of all ranks' test and training examples, in rank order, on every
+    rank (:mod:`tallskinny.distributed`).
     ``H`` is the ``kind`` (``"hessian"`` or ``"ggn"``) curvature of the chain's loss on
     all of ``train`` (its cost grows like the cube of the number of training examples
     in one curvature: use a representative subset for large data). Raises
@@ -77,8 +86,8 @@ def influence(
     """
     damping = check_damping(damping)
     kind = check_kind(kind)
-    x_train, y_train = _check_pair(_pair(train, "train"), "train")
-    x_test, y_test = _check_pair(_pair(test, "test"), "test")
+    x_train, y_train = _check_pair(_pair(train, "train", distributed, chain), "train")
+    x_test, y_test = _check_pair(_pair(test, "test", distributed, chain), "test")
     curv = chain.curvature(x_train, y_train, kind=kind, method=method)
     test_grads = per_example_gradients(chain, x_test, y_test)  # (n_test, P)
     _check_finite_rows(test_grads, "test")

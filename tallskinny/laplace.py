@@ -58,7 +58,9 @@ class Laplace:
 
     The Gauss–Newton curvature is computed once here (its cost grows like the cube of the
     number of examples: use the whole data set only when it is small). See the module
-    docstring for ``nll_scale`` (``s``) and ``nll_offset`` (``c``).
+    docstring for ``nll_scale`` (``s``) and ``nll_offset`` (``c``). ``distributed``: a
+    loader under ``torch.distributed`` is this rank's shard (see
+    :meth:`tallskinny.Chain.curvature`).
     """
 
     def __init__(
@@ -70,10 +72,13 @@ class Laplace:
         nll_scale: float | None = None,
         nll_offset: float | None = None,
         method: str = "auto",
+        distributed: bool | None = None,
     ):
         if not isinstance(chain, Chain):
             raise TypeError(f"Laplace needs a tallskinny.Chain, got {type(chain).__name__}")
-        inputs, targets = one_batch(inputs, targets, what="Laplace")
+        inputs, targets = one_batch(
+            inputs, targets, what="Laplace", distributed=distributed, parameters=chain.parameters()
+        )
         if nll_scale is None:
             scale, offset = _likelihood_scale(chain, targets)
         else:
