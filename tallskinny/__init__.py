@@ -5,10 +5,12 @@ from .chain import Chain
 from .curvature import Curvature, Factorization
 from .errors import (
     AccuracyWarning,
+    ConvergenceWarning,
     NondeterministicModuleError,
     ResourceError,
     SingularSystemError,
     StaleCurvatureError,
+    UnsupportedOnRouteError,
 )
 from .linalg import Inertia, SingularMatrixError
 
@@ -17,6 +19,7 @@ __version__ = "0.1.0.dev0"
 __all__ = [
     "AccuracyWarning",
     "Chain",
+    "ConvergenceWarning",
     "Curvature",
     "Factorization",
     "Inertia",
@@ -25,6 +28,7 @@ __all__ = [
     "SingularMatrixError",
     "SingularSystemError",
     "StaleCurvatureError",
+    "UnsupportedOnRouteError",
     "blocks",
     "linalg",
     "resources",

@@ -6,12 +6,16 @@ matrix, eigendecomposed) and :mod:`.planner` (costs from the shapes; ``method="a
 
 from .dense import DenseFactorization, DenseSpectrum
 from .kernel import KernelFactorization, OutputKernel, adjoint, loss_factor, tangent
-from .planner import METHODS, ROUTES, RouteCost, check_method, choose, explain, route_costs
+from .krylov import Krylov, KrylovFactorization, KrylovInfo
+from .planner import METHODS, ROUTES, RouteCost, check_method, choose, explain, resolve, route_costs
 
 __all__ = [
     "DenseFactorization",
     "DenseSpectrum",
     "KernelFactorization",
+    "Krylov",
+    "KrylovFactorization",
+    "KrylovInfo",
     "METHODS",
     "OutputKernel",
     "ROUTES",
@@ -19,6 +23,7 @@ __all__ = [
     "check_method",
     "choose",
     "explain",
+    "resolve",
     "adjoint",
     "loss_factor",
     "tangent",
