@@ -50,8 +50,9 @@ class Krylov:
 
     ``rtol``: relative residual ``‖b − (M + εI)x‖₂ / ‖b‖₂`` to reach (``None``: ``1e-8``
     in float64, ``1000·eps`` in lower precisions: ``1.2e-4`` in float32).
-    ``maxiter``: products with ``M`` per solve, the residual checks included
-    (``None``: ``2·P``, at least 100).
+    ``maxiter``: iterations (one product with ``M`` each) per solve, over all restarts
+    (``None``: ``2·P``, at least 100); the true-residual check after each (re)start is
+    one more product, counted in :attr:`KrylovInfo.products`.
     ``preconditioner``: ``"batch"`` (the exact factorization of the sub-batch's curvature
     of the same kind; for the Hessian, whose MINRES needs a positive definite one, its
     Gauss–Newton matrix), ``"ggn"`` (the sub-batch's Gauss–Newton matrix for either kind)
@@ -92,13 +93,14 @@ class Krylov:
 
 @attrs.frozen
 class KrylovInfo:
-    """What a Krylov solve did: ``method`` (``"cg"`` or ``"minres"``), ``products`` with
-    ``M`` (the final residual check included), ``preconditioned`` (whether a preconditioner
+    """What a Krylov solve did: ``method`` (``"cg"`` or ``"minres"``), ``iterations``,
+    ``products`` with ``M`` (the iterations and the true-residual checks), ``preconditioned`` (whether a preconditioner
     was applied), ``residual`` (the largest true relative residual ``‖b − (M+εI)x‖₂/‖b‖₂``
     over the columns, computed after the solve), ``rtol``, ``converged`` (``residual ≤ rtol``)
     and ``note`` (a breakdown, or why the preconditioner was left out)."""
 
     method: str
+    iterations: int
     products: int
     preconditioned: bool
     residual: float
@@ -289,11 +291,12 @@ class KrylovFactorization:
         target = rtol * b_norm
         x = torch.zeros_like(b)
         residual = b
-        products, note = 0, None
+        products, iterations, note = 0, 0, None
         while True:
-            dx, used, why = run(self._product, residual, rtol=rtol, maxiter=max(1, budget - products - 1),
+            dx, used, why = run(self._product, residual, rtol=rtol, maxiter=budget - iterations,
                                 precondition=precondition, atol=target)
             products += used
+            iterations += used
             note = note or why
             x = x + dx
             residual = b - self._product(x)
@@ -301,13 +304,13 @@ class KrylovFactorization:
             r_norm = residual.norm(dim=0)
             ok = r_norm <= target
             # restart from the true residual where the recursive one drifted from it
-            if bool(ok.all()) or products >= budget or used == 0 or why is not None:
+            if bool(ok.all()) or iterations >= budget or used == 0 or why is not None:
                 break
         rel = torch.where(b_norm > 0, r_norm / torch.where(b_norm > 0, b_norm, torch.ones_like(b_norm)),
                           torch.zeros_like(b_norm))
         worst = float(rel.max()) if rel.numel() else 0.0
         converged = bool(ok.all())
-        self.info = KrylovInfo(method, products, precondition is not None, worst, rtol, converged,
+        self.info = KrylovInfo(method, iterations, products, precondition is not None, worst, rtol, converged,
                                note or self._note)
         if not math.isfinite(worst):
             raise SingularSystemError(
