@@ -270,3 +270,24 @@ def test_per_parameter_format():
     b = [torch.randn(p.shape, generator=gen(13)) for p in chain.parameters()]
     x = chain.curvature(X, y, kind="ggn", method="krylov").solve(b, 0.1)
     assert [t.shape for t in x] == [t.shape for t in b]
+
+
+def test_bench_runs_on_a_tiny_problem(capsys):
+    pytest.importorskip("sklearn")
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "bench" / "krylov.py"
+    spec = importlib.util.spec_from_file_location("bench_krylov", path)
+    module = importlib.util.module_from_spec(spec)
+    previous = torch.get_num_threads()
+    try:
+        spec.loader.exec_module(module)
+        assert module.main(["--samples", "40", "--width", "6", "--batch", "8", "--maxiter", "40",
+                            "--dampings", "0.1"]) == 0
+    finally:
+        torch.set_num_threads(previous)
+        sys.path[:] = [p for p in sys.path if not p.endswith("bench")]
+    out = capsys.readouterr().out
+    assert out.count("| trained |") == 2 and out.count("| init |") == 2
