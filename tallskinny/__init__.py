@@ -6,10 +6,12 @@ from .curvature import Curvature, Factorization
 from .distributed import ShardMismatchError
 from .errors import (
     AccuracyWarning,
+    ConvergenceWarning,
     NondeterministicModuleError,
     ResourceError,
     SingularSystemError,
     StaleCurvatureError,
+    UnsupportedOnRouteError,
 )
 from .linalg import Inertia, SingularMatrixError
 
@@ -18,6 +20,7 @@ __version__ = "0.1.0.dev0"
 __all__ = [
     "AccuracyWarning",
     "Chain",
+    "ConvergenceWarning",
     "Curvature",
     "Factorization",
     "Inertia",
@@ -27,6 +30,7 @@ __all__ = [
     "SingularMatrixError",
     "SingularSystemError",
     "StaleCurvatureError",
+    "UnsupportedOnRouteError",
     "blocks",
     "linalg",
     "resources",

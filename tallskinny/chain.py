@@ -21,6 +21,7 @@ from .blocks.protocol import DeferredOracle
 from .curvature import Curvature, ParameterVersions, check_damping, check_kind, check_refine
 from .errors import NondeterministicModuleError
 from .resources import MemoryEstimate, check_memory_limit
+from . import routes
 from .routes import check_method
 from .linalg import Zero
 from .vectors import ParameterLayout
@@ -159,7 +160,11 @@ class Chain:
         (the stagewise elimination), ``"kernel"`` (Gauss–Newton only: the ``P × N·c``
         factor of ``G``), ``"dense"`` (the ``P × P`` matrix, eigendecomposed) or
         ``"auto"`` (the cheapest that fits, estimated from the shapes; ``curv.method``
-        says which, ``curv.explain()`` why). See ``docs/routes.md``.
+        says which, ``curv.explain()`` why). ``"krylov"`` (or
+        ``tallskinny.routes.Krylov(rtol=..., maxiter=..., preconditioner_batch=...)``) is
+        the inexact, opt-in iterative route: CG (GGN) or MINRES (Hessian) over all samples,
+        preconditioned by the exact factorization of the first samples; never chosen by
+        ``auto``. See ``docs/routes.md``.
         """
         kind = check_kind(kind)
         method = check_method(method)
@@ -242,6 +247,7 @@ class Chain:
         return Curvature(
             oracles, loss_oracle, adjoints, layout, kind, loss.detach(), versions,
             memory_limit=memory_limit, samples=samples, names=self._block_names, method=method,
+            preconditioner=routes.krylov.preconditioner_curvature(self, inputs, targets, kind, method, memory_limit),
         )
 
     def _check_memory(

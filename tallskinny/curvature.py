@@ -138,6 +138,12 @@ class Factorization:
         self._pivoted = None  # the KKT factorization, made where the elimination lost accuracy
         self._spectral = None  # the checked factorization logdet/sign/inertia read
 
+    @property
+    def info(self):
+        """The krylov route: the :class:`~tallskinny.routes.KrylovInfo` of the last solve
+        (products, residual reached, converged); ``None`` on the exact routes."""
+        return getattr(self._inner, "info", None)
+
     @collector_paused
     def solve(self, b, *, refine: int | None = None):
         """``(H + εI)^{-1} b`` in the format of ``b`` (flat or per-parameter, one or k columns).
@@ -170,6 +176,8 @@ class Factorization:
         if rhs.shape[1] == 0:
             return self._layout.from_flat(rhs.new_zeros(rhs.shape), fmt)
         self._curvature._check_solve(rhs.shape[1])
+        if refine is None and getattr(self._inner, "inexact", False):
+            refine = 0  # an iterative solve checks its own residual (and warns)
         if refine is None:
             x, eta, steps = self._checked_solve(rhs)
             tol = BACKWARD_ERROR_TOLERANCE * torch.finfo(x.dtype).eps
@@ -406,7 +414,8 @@ class Curvature:
         memory_limit: float | None = None,
         samples: int | None = None,
         names: Sequence[str] | None = None,
-        method: str = "riccati",
+        method="riccati",
+        preconditioner=None,
     ):
         self._versions = versions
         self._memory_limit = check_memory_limit(memory_limit)
@@ -414,15 +423,9 @@ class Curvature:
         self._route_costs = routes.route_costs(
             [o.sizes for o in oracles], loss_oracle.F.shape[1], samples, kind, layout.dtype.itemsize
         )
-        routes.check_method(method)
-        if method == "auto":
-            method, self._why = routes.choose(self._route_costs, self._memory_limit)
-        else:
-            self._why = "asked for"
-            cost = next(c for c in self._route_costs if c.name == method)
-            if cost.why is not None:
-                raise ValueError(f"method={method!r}: {cost.why}")
+        method, self._why, self._krylov = routes.resolve(method, self._route_costs, self._memory_limit)
         self.method = method  # the route this curvature's factorizations take
+        self._preconditioner = preconditioner  # krylov: (sub-batch curvature, scale) or None
         self._route = None  # the kernel's SVD or the dense spectrum, made on first use
         self._block_names = tuple(names) if names is not None else tuple(f"block {i}" for i in range(len(oracles)))
         self._stage_shapes = None  # the stages' sizes for the memory estimates, made on first use
@@ -525,6 +528,11 @@ class Curvature:
     def _factorize(self, damping: float) -> Factorization:
         if self.method == "riccati":
             inner = elimination.factorize(self.oracles, self.loss_oracle, damping, self._prepared_stages())
+        elif self.method == "krylov":
+            inner = routes.krylov.make_factorization(
+                lambda x: self._apply(x, shift=damping), damping, self._krylov, self.kind, self.layout.numel,
+                self.layout.dtype, self._preconditioner,
+            )
         else:
             inner = self._spectral_route().factorize(damping)
         return Factorization(inner, self, damping)
@@ -590,6 +598,9 @@ class Curvature:
         where the estimate exceeds the limit."""
         if self.method == "riccati":
             estimate = self._factorization_estimate(damping == 0.0)
+        elif self.method == "krylov":
+            nbytes = routes.krylov.memory_bytes(self.layout.numel, columns, self.layout.dtype.itemsize)
+            estimate = resources.MemoryEstimate.of([("the krylov route's vectors", nbytes)])
         else:
             cost = next(c for c in self._route_costs if c.name == self.method)
             estimate = resources.MemoryEstimate.of([(f"the {self.method} route's factors", int(cost.bytes))])

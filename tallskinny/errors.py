@@ -67,3 +67,21 @@ class ResourceError(MemoryError):
         self.estimate = estimate
         self.limit = limit
         self.largest = largest
+
+
+class ConvergenceWarning(AccuracyWarning):
+    """An iterative solve (the ``krylov`` route) stopped at ``maxiter`` (or on a
+    breakdown) before its residual reached ``rtol``. The iterate is returned; the
+    factorization's ``info`` (:class:`tallskinny.routes.KrylovInfo`) says the residual it
+    reached. A subclass of :class:`AccuracyWarning`."""
+
+
+class UnsupportedOnRouteError(NotImplementedError):
+    """A quantity the route a curvature takes cannot give: ``logdet()``, ``sign()`` and
+    ``inertia()`` on the ``krylov`` route (an iterative solve has no factors). Carries
+    ``route`` and ``operation``. Take an exact route (``method="auto"``) for them."""
+
+    def __init__(self, message: str, *, route: str, operation: str):
+        super().__init__(message)
+        self.route = route
+        self.operation = operation

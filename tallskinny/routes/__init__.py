@@ -15,12 +15,16 @@ from .kernel import (
     per_sample_factor,
     tangent,
 )
-from .planner import METHODS, ROUTES, RouteCost, check_method, choose, explain, route_costs
+from .krylov import Krylov, KrylovFactorization, KrylovInfo
+from .planner import METHODS, ROUTES, RouteCost, check_method, choose, explain, resolve, route_costs
 
 __all__ = [
     "DenseFactorization",
     "DenseSpectrum",
     "KernelFactorization",
+    "Krylov",
+    "KrylovFactorization",
+    "KrylovInfo",
     "METHODS",
     "OutputKernel",
     "ROUTES",
@@ -28,6 +32,7 @@ __all__ = [
     "check_method",
     "choose",
     "explain",
+    "resolve",
     "adjoint",
     "loss_factor",
     "loss_factor_blocks",

@@ -25,8 +25,13 @@ from typing import Sequence
 
 import attrs
 
+from .krylov import Krylov
+
 ROUTES = ("riccati", "kernel", "dense")
-METHODS = ("auto",) + ROUTES
+"""The exact routes (the ones ``auto`` chooses among)."""
+METHODS = ("auto",) + ROUTES + ("krylov",)
+"""What ``method=`` accepts (or a :class:`~tallskinny.routes.Krylov` of options);
+``krylov`` is inexact and taken only where asked for."""
 
 FLOP_RATE = 2.0e10
 """Nominal float64 flops per second of one thread (dense products of moderate size)."""
@@ -51,10 +56,29 @@ class RouteCost:
         return self.flops / FLOP_RATE + self.steps * STEP_SECONDS
 
 
-def check_method(method) -> str:
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+def check_method(method):
+    """``method`` itself where it is one of :data:`METHODS` or a
+    :class:`~tallskinny.routes.Krylov` (else ``ValueError``)."""
+    if isinstance(method, Krylov):
+        return method
+    if not isinstance(method, str) or method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS} or a tallskinny.routes.Krylov, got {method!r}")
     return method
+
+
+def resolve(method, costs: Sequence[RouteCost], limit: float | None) -> tuple[str, str, Krylov | None]:
+    """The route's name, why it was taken, and the Krylov options (``None`` on an exact
+    route); ``ValueError`` where an exact route asked for does not apply."""
+    method = check_method(method)
+    if isinstance(method, Krylov) or method == "krylov":
+        options = method if isinstance(method, Krylov) else Krylov()
+        return "krylov", "asked for (iterative, inexact: its cost depends on the iterations, not estimated)", options
+    if method == "auto":
+        return (*choose(costs, limit), None)
+    cost = next(c for c in costs if c.name == method)
+    if cost.why is not None:
+        raise ValueError(f"method={method!r}: {cost.why}")
+    return method, "asked for", None
 
 
 def route_costs(
@@ -104,4 +128,6 @@ def explain(costs: Sequence[RouteCost], chosen: str, why: str) -> str:
         lines.append(
             f"{c.name:8s} {c.seconds * 1e3:8.2f}ms {c.flops / 1e9:9.3f} {c.bytes / 2**20:8.1f}MiB  {note}"
         )
+    if chosen not in {c.name for c in costs}:
+        lines.append(f"{chosen:8s} {'—':>10s} {'—':>9s} {'—':>10s}  chosen: {why}")
     return "\n".join(lines)
