@@ -213,7 +213,7 @@ def _shift_invert(curv, F, sigma: float, k: int, norm: float, exclude: Tensor | 
         if Q.shape[1] == 0:
             break
         V = torch.cat((V, Q), dim=1)
-        W = F.solve(Q, refine=None)
+        W = F.solve(Q, refine=0)  # (unchecked: the Rayleigh–Ritz with H below checks the pairs)
         AV = torch.cat((AV, W), dim=1)
         T = V.mT @ AV
         theta, S = torch.linalg.eigh(0.5 * (T + T.mT))
@@ -238,6 +238,78 @@ def _shift_invert(curv, F, sigma: float, k: int, norm: float, exclude: Tensor | 
                     return lam, Y, res
         X = W
     raise RuntimeError(f"eigvalsh: shift-invert Lanczos did not converge in {MAX_BLOCKS} block steps")
+
+
+LANCZOS_STEPS = 400
+"""Lanczos steps on ``H`` tried for the extreme eigenvalues before shift-invert takes over."""
+
+
+def _extreme_lanczos(curv, k: int, which: str, norm: float, tau: float):
+    """The ``k`` largest (smallest) eigenpairs by Lanczos on ``H`` with full
+    reorthogonalization (HVPs only), stopped where their residuals are
+    ``≤ RESIDUAL_TOLERANCE·‖H‖`` (checked by one HVP of the Ritz vectors), then certified by
+    one count: exactly ``k`` eigenvalues beyond the window's edge. ``None`` where that
+    fails (a repeated eigenvalue Lanczos cannot see, or no convergence): shift-invert then."""
+    P = curv.num_parameters
+    dtype, device = curv.layout.dtype, curv.layout.device
+    steps = min(P, LANCZOS_STEPS)
+    if k >= steps:
+        return None
+    tol = RESIDUAL_TOLERANCE * norm
+    gen = torch.Generator().manual_seed(3)
+    V = torch.empty((steps + 1, P), dtype=dtype, device=device)  # rows: contiguous vectors
+    v = torch.randn((P,), generator=gen, dtype=dtype).to(device)
+    V[0] = v / v.norm()
+    alpha, beta = [], []
+    check = k + 4
+    for j in range(steps):
+        w = curv.hvp(V[j])
+        a = float(V[j] @ w)
+        Vj = V[: j + 1]
+        w = w - Vj.mT @ (Vj @ w)
+        w = w - Vj.mT @ (Vj @ w)
+        alpha.append(a)
+        b = float(w.norm())
+        beta.append(b)
+        if b > 0:
+            V[j + 1] = w / b
+        m = j + 1
+        if m < check and b > 0:
+            continue
+        check = m + max(2, m // 8)
+        T = torch.diag(torch.tensor(alpha, dtype=torch.float64))
+        if m > 1:
+            off = torch.tensor(beta[: m - 1], dtype=torch.float64)
+            T = T + torch.diag(off, 1) + torch.diag(off, -1)
+        theta, S = torch.linalg.eigh(T)
+        pick = torch.arange(m - k, m) if which == "largest" else torch.arange(k)
+        if m <= k or bool((b * S[-1, pick].abs() > 0.5 * tol).any()):
+            if b == 0:
+                return None
+            continue
+        Y = Vj.mT @ S[:, pick].to(dtype)
+        Y = Y / Y.norm(dim=0)
+        HY = curv.hvp(Y)
+        lam = (Y * HY).sum(dim=0)
+        if bool(((HY - Y * lam).norm(dim=0) > tol).any()):
+            continue
+        # the count: no other eigenvalue beyond (a point between) the k-th and the next Ritz value
+        lam64 = lam.double().cpu()
+        if which == "largest":
+            edge_k = float(lam64.min())
+            nxt = float(theta[m - k - 1]) if m > k else edge_k - norm
+            edge = edge_k - max(min(0.5 * (edge_k - nxt), 1e-6 * norm), 4 * tau)
+            count = P - _below(curv, edge, tau)
+        else:
+            edge_k = float(lam64.max())
+            nxt = float(theta[k]) if m > k else edge_k + norm
+            edge = edge_k + max(min(0.5 * (nxt - edge_k), 1e-6 * norm), 4 * tau)
+            count = _below(curv, edge, tau)
+        if count != k:
+            return None
+        order = lam.argsort()
+        return lam[order], Y[:, order]
+    return None
 
 
 def eigvalsh(curv, k: int, which: str = "largest", *, near=None, eigenvectors: bool = False):
@@ -270,6 +342,10 @@ def eigvalsh(curv, k: int, which: str = "largest", *, near=None, eigenvectors: b
     if which == "nearest":
         sigma = near
     else:
+        found = _extreme_lanczos(curv, k, which, norm, tau)
+        if found is not None:
+            values, vectors = found
+            return (values, vectors) if eigenvectors else values
         lo, hi = spectral_bounds(curv)
         sigma = hi if which == "largest" else lo
     F, sigma = _factor_near(curv, sigma, tau)
