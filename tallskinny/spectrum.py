@@ -193,46 +193,56 @@ def _factor_near(curv, sigma: float, tau: float):
 
 def _shift_invert(curv, F, sigma: float, k: int, norm: float, exclude: Tensor | None, gen, block: int):
     """The ``k`` eigenpairs nearest ``σ`` by block Lanczos on ``(H − σI)⁻¹`` (full
-    reorthogonalization; Rayleigh–Ritz on the inverse; Rayleigh quotients and residuals
-    by HVPs). Returns eigenvalues, vectors (``P × k``) and residual norms."""
+    reorthogonalization; Rayleigh–Ritz on the inverse to find them, then with ``H`` itself
+    on the span of the best ``k + 2`` Ritz vectors, by one block HVP, for the digits the
+    inverse's rounding ``‖(H − σI)⁻¹‖·eps`` would cost). Returns eigenvalues, vectors
+    (``P × k``) and residual norms."""
     P = curv.num_parameters
     dtype, device = curv.layout.dtype, curv.layout.device
     tol = RESIDUAL_TOLERANCE * norm
     X = torch.randn((P, block), generator=gen, dtype=dtype).to(device)
-    V = X.new_zeros(P, 0)
-    AV = X.new_zeros(P, 0)
-    HV = X.new_zeros(P, 0)
+    cap = min(P, 8 * block)
+    V = X.new_empty(P, cap)
+    AV = X.new_empty(P, cap)
+    T = torch.zeros((cap, cap), dtype=dtype, device=device)
+    n = 0
     for _ in range(MAX_BLOCKS):
-        for basis in (exclude, V):
+        for basis in (exclude, V[:, :n]):
             if basis is not None and basis.shape[1]:
                 X = X - basis @ (basis.mT @ X)
                 X = X - basis @ (basis.mT @ X)
         Q, R = torch.linalg.qr(X)
         keep = R.diagonal().abs() > 1e-10 * max(1.0, float(R.diagonal().abs().max()) if R.numel() else 1.0)
         Q = Q[:, keep]
-        if Q.shape[1] == 0:
+        b = Q.shape[1]
+        if b == 0:
             break
-        V = torch.cat((V, Q), dim=1)
+        if n + b > cap:  # grow the buffers (doubling)
+            cap = min(P, max(2 * cap, n + b))
+            V2, AV2, T2 = X.new_empty(P, cap), X.new_empty(P, cap), torch.zeros((cap, cap), dtype=dtype, device=device)
+            V2[:, :n], AV2[:, :n], T2[:n, :n] = V[:, :n], AV[:, :n], T[:n, :n]
+            V, AV, T = V2, AV2, T2
         W = F.solve(Q, refine=0)  # (unchecked: the Rayleigh–Ritz with H below checks the pairs)
-        AV = torch.cat((AV, W), dim=1)
-        T = V.mT @ AV
-        theta, S = torch.linalg.eigh(0.5 * (T + T.mT))
-        order = theta.abs().argsort(descending=True)[: min(k, theta.shape[0])]
-        if order.shape[0] == k:
-            Y = V @ S[:, order]
+        V[:, n : n + b], AV[:, n : n + b] = Q, W
+        cross = V[:, : n + b].mT @ W  # the new columns of Vᵀ(H − σI)⁻¹V
+        T[: n + b, n : n + b] = cross
+        T[n : n + b, : n + b] = cross.mT
+        n += b
+        Tn = T[:n, :n]
+        theta, S = torch.linalg.eigh(0.5 * (Tn + Tn.mT))
+        order = theta.abs().argsort(descending=True)
+        if n >= k:
+            top = order[:k]
+            Y = V[:, :n] @ S[:, top]
             # the inverse's residual bounds the eigen-residual: ‖(H−σ)y − y/θ‖ ≤ ‖H−σ‖·‖r_inv‖/|θ|
-            r_inv = (AV @ S[:, order] - Y * theta[order]).norm(dim=0)
-            est = (norm + abs(sigma)) * r_inv / theta[order].abs()
-            if bool((est <= 1e-2 * norm).all()) or Q.shape[1] < X.shape[1]:
-                # Rayleigh–Ritz with H itself on the subspace (HVPs of its new columns):
-                # the digits the inverse's rounding (‖(H−σI)⁻¹‖·eps) would cost
-                HV = torch.cat((HV, curv.hvp(V[:, HV.shape[1]:])), dim=1)
-                T_H = V.mT @ HV
-                mu, S_H = torch.linalg.eigh(0.5 * (T_H + T_H.mT))
+            r_inv = (AV[:, :n] @ S[:, top] - Y * theta[top]).norm(dim=0)
+            est = (norm + abs(sigma)) * r_inv / theta[top].abs()
+            if bool((est <= 1e-6 * norm).all()) or b < X.shape[1]:
+                Z = V[:, :n] @ S[:, order[: min(n, k + 2)]]
+                HZ = curv.hvp(Z)
+                mu, S_H = torch.linalg.eigh(0.5 * ((Z.mT @ HZ) + (Z.mT @ HZ).mT))
                 pick = (mu - sigma).abs().argsort()[:k]
-                Y = V @ S_H[:, pick]
-                HY = HV @ S_H[:, pick]
-                lam = mu[pick]
+                Y, HY, lam = Z @ S_H[:, pick], HZ @ S_H[:, pick], mu[pick]
                 res = (HY - Y * lam).norm(dim=0)
                 if bool((res <= tol).all()):
                     return lam, Y, res
