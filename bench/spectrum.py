@@ -211,7 +211,8 @@ def run_model(spec: ModelSpec, repeats: int, histogram: Path | None, log):
 
     # negative count
     def negatives():
-        return chain.curvature(X, y).negative_count()
+        curv = chain.curvature(X, y)
+        return curv.negative_count(spectrum.edge_tolerance(curv))  # below −τ
 
     t_neg, n_neg = med(negatives, repeats)
     row.update(negative=n_neg, negative_s=t_neg, negative_hvps=t_neg / t_hvp)

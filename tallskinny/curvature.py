@@ -562,10 +562,10 @@ class Curvature:
         self._check_current()
         return spectrum.eigenvalue_count(self, lower, upper)
 
-    def negative_count(self) -> int:
-        """The number of eigenvalues below ``−τ`` (:func:`tallskinny.spectrum.negative_count`)."""
+    def negative_count(self, threshold: float | None = None) -> int:
+        """The number of eigenvalues below ``−threshold`` (:func:`tallskinny.spectrum.negative_count`)."""
         self._check_current()
-        return spectrum.negative_count(self)
+        return spectrum.negative_count(self, threshold)
 
     def eigvalsh(self, k: int, which: str = "largest", *, near: float | None = None, eigenvectors: bool = False):
         """``k`` eigenvalues (and vectors) to full precision (:func:`tallskinny.spectrum.eigvalsh`)."""

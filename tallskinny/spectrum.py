@@ -146,10 +146,23 @@ def eigenvalue_count(curv, lower, upper) -> int:
     return _below(curv, upper) - _below(curv, lower)
 
 
-def negative_count(curv) -> int:
-    """The number of negative eigenvalues: those below ``−edge_tolerance`` (module doc;
-    one factorization, at damping ``τ``)."""
-    return _below(curv, -edge_tolerance(curv))
+NEGATIVE_THRESHOLD = 1e-8
+"""``negative_count`` counts eigenvalues below ``−max(τ, NEGATIVE_THRESHOLD·‖H‖)``."""
+
+
+def negative_count(curv, threshold: float | None = None) -> int:
+    """The number of eigenvalues below ``−threshold`` (one factorization, at damping
+    ``threshold``). The default, ``max(edge_tolerance, 1e-8·‖H‖)`` (``‖H‖`` estimated),
+    leaves out the rounding noise around the zero bulk (module doc); at a damping that
+    small the elimination's check can send the inertia to the pivoted KKT fallback,
+    exact but dense per block (docs/chain.md)."""
+    if threshold is None:
+        threshold = max(edge_tolerance(curv), NEGATIVE_THRESHOLD * _norm_estimate(curv))
+    else:
+        threshold = _real(threshold, "threshold")
+        if threshold < 0:
+            raise ValueError(f"threshold must be >= 0, got {threshold:g}")
+    return _below(curv, -threshold)
 
 
 def spectral_bounds(curv) -> tuple[float, float]:
