@@ -194,3 +194,23 @@ def test_stale_curvature_refused():
         curv.eigvalsh(1)
     with pytest.raises(ts.StaleCurvatureError):
         curv.eigenvalue_count(0.0, 1.0)
+
+
+def test_deep_single_sample_chain():
+    """A deep uniform chain at batch 1 (the batched runs of identical layers): shifted
+    inertia and log-determinant against dense."""
+    chain = ts.Chain(mlp([5] + [5] * 12 + [3]), nn.CrossEntropyLoss())
+    g = torch.Generator().manual_seed(3)
+    X, y = torch.randn(1, 5, generator=g), torch.tensor([1])
+    M, ev = reference(chain, X, y, "hessian")
+    curv = chain.curvature(X, y, method="riccati")
+    top = float(ev.abs().max())
+    for sigma in (-0.3 * top, -0.01 * top, 0.02 * top, 0.5 * top):
+        F = curv.factorize(shift=sigma)
+        assert F.inertia().negative == int((ev < sigma).sum())
+        ref = float((ev - sigma).abs().log().sum())
+        assert abs(float(F.logdet()) - ref) <= 1e-9 * abs(ref)
+    near = 0.02 * top
+    values = curv.eigvalsh(3, "nearest", near=near)
+    ref = ev[(ev - near).abs().argsort()[:3]].sort().values
+    assert bool(((values - ref).abs() <= 1e-10 * ref.abs()).all())
