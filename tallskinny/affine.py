@@ -428,15 +428,16 @@ class AffineStage(_AffineCoordinates):
         return torch.addmm(base, Wt, SW)
 
 
-def _with_complement(span: Inertia | None, n_perp: int) -> Inertia:
-    """The span's inertia, and ``ε > 0`` on each of the ``n_⊥`` complement directions."""
+def _with_complement(span: Inertia | None, n_perp: int, damping: float = 1.0) -> Inertia:
+    """The span's inertia, and the pivot ``ε`` on each of the ``n_⊥`` complement directions
+    (negative for a shift ``ε < 0``)."""
     pos, neg = (span.positive, span.negative) if span is not None else (0, 0)
-    return Inertia(pos + n_perp, neg, 0)
+    return Inertia(pos + n_perp, neg, 0) if damping > 0 else Inertia(pos, neg + n_perp, 0)
 
 
 def _plus_complement_logdet(span: Tensor | None, n_perp: int, damping: float) -> Tensor:
     """``log|det Q_ζζ| + n_⊥·log ε``."""
-    extra = n_perp * math.log(damping) if n_perp else 0.0
+    extra = n_perp * math.log(abs(damping)) if n_perp else 0.0
     return (span if span is not None else torch.zeros((), dtype=torch.float64)) + extra
 
 
@@ -454,7 +455,7 @@ class _DirectAffineFactor:
 
     @property
     def inertia(self) -> Inertia:
-        return _with_complement(self.factor.inertia() if self.factor is not None else None, self.stage.n_perp)
+        return _with_complement(self.factor.inertia() if self.factor is not None else None, self.stage.n_perp, self.damping)
 
     @property
     def logdet(self) -> Tensor:
@@ -599,7 +600,7 @@ class _AffineStageFactor:
 
     @property
     def inertia(self) -> Inertia:
-        return _with_complement(self.inner.inertia if self.inner is not None else None, self.stage.n_perp)
+        return _with_complement(self.inner.inertia if self.inner is not None else None, self.stage.n_perp, self.damping)
 
     @property
     def logdet(self) -> Tensor:

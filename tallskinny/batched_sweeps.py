@@ -197,7 +197,7 @@ class BatchedRun:
         """``Σ_j log|det Q_ζζ,j| + J·n_⊥·log ε``."""
         L = self.layers
         span = self.lu.diagonal(dim1=-2, dim2=-1).abs().log().sum()
-        return span + L.J * L.n_perp * math.log(self.damping)
+        return span + L.J * L.n_perp * math.log(abs(self.damping))
 
     @property
     def inertia(self) -> Inertia:
@@ -210,7 +210,9 @@ class BatchedRun:
             L._riccati(self.S_in, self.damping, pivots=Qs)
             ld, piv, _ = torch.linalg.ldl_factor_ex(torch.stack(Qs[::-1]))
             positive = sum(int((ldl_d_eigenvalues(ld[j], piv[j]) > 0).sum()) for j in range(L.J))
-            self._inertia = Inertia(positive + L.J * L.n_perp, L.J * L.m - positive, 0)
+            rest = L.J * L.n_perp  # pivots ε: negative for a shift (ε < 0)
+            negative = L.J * L.m - positive
+            self._inertia = Inertia(positive + rest, negative, 0) if self.damping > 0 else Inertia(positive, negative + rest, 0)
         return self._inertia
 
     def _split(self, b: Tensor) -> tuple[Tensor, Tensor]:

@@ -12,7 +12,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from . import routes, _workspace, elimination, products, resources
+from . import routes, _workspace, elimination, products, resources, spectrum
 from ._gc import collector_paused
 from .blocks.protocol import Oracle
 from .errors import AccuracyWarning, SingularSystemError, StaleCurvatureError
@@ -50,6 +50,18 @@ def check_damping(damping) -> float:
     if damping < 0:
         raise ValueError(f"damping must be >= 0, got {damping}")
     return damping
+
+
+def check_shift(shift) -> float:
+    """A shift ``σ`` (of ``H − σI``) must be a finite real number, of any sign."""
+    if isinstance(shift, Tensor) and shift.dim() == 0 and shift.dtype.is_floating_point:
+        shift = float(shift)
+    if isinstance(shift, bool) or not isinstance(shift, numbers.Real):
+        raise TypeError(f"shift must be a real number, got {type(shift).__name__}")
+    shift = float(shift)
+    if math.isnan(shift) or math.isinf(shift):
+        raise ValueError(f"shift must be finite, got {shift}")
+    return shift
 
 
 def check_refine(refine) -> None:
@@ -273,7 +285,7 @@ class Factorization:
             curv._block_bound_done = True
             bound = products.last_blocks_norm_bound(curv._compiled_oracles()[0], curv.loss_oracle.E.to_dense())
             curv._norm_bound = max(curv._norm_bound, bound)
-            scale = max(scale, bound - self.damping)
+            scale = max(scale, bound - abs(self.damping))
             if not above(scale):
                 return None, residual, 0.0
         if not curv._gradient_bound_done:
@@ -283,7 +295,7 @@ class Factorization:
             curv._gradient_bound_done = True
             bound = curv._gradient_norm_bound()
             curv._norm_bound = max(curv._norm_bound, bound)
-            scale = max(scale, bound - self.damping)
+            scale = max(scale, bound - abs(self.damping))
             if not above(scale):
                 return None, residual, 0.0
         etas = [r_n[j] / (scale * x_n[j] + b_n[j]) for j in range(len(x_n)) if scale * x_n[j] + b_n[j] > 0]
@@ -348,7 +360,7 @@ class Factorization:
         tol = FACTORIZATION_TOLERANCE * torch.finfo(x.dtype).eps
         _, buffer, eta = self._checked_residual(b, x, tol)
         self._scratch = buffer
-        norm = self._curvature._norm_bound + self.damping
+        norm = self._curvature._norm_bound + abs(self.damping)
         cond = 10 * math.sqrt(layout.numel) * norm * float(x.norm()) / float(b.norm())
         return eta, cond
 
@@ -377,6 +389,11 @@ class Factorization:
     def inertia(self) -> Inertia:
         self._curvature._check_current()
         return self._spectral_factorization().inertia()
+
+    @property
+    def shift(self) -> float:
+        """``σ`` of ``H − σI``: ``−damping``."""
+        return -self.damping if self.damping != 0.0 else 0.0
 
     def is_positive_definite(self) -> bool:
         inertia = self.inertia()
@@ -516,12 +533,22 @@ class Curvature:
         return products.hvp(*self._compiled_oracles(), x, out, shift)
 
     @collector_paused
-    def factorize(self, damping: float = 0.0) -> Factorization:
+    def factorize(self, damping: float = 0.0, *, shift: float | None = None) -> Factorization:
         """Factor ``H + damping·I`` (raises ``SingularSystemError`` if it is singular, and
         :class:`~tallskinny.errors.ResourceError`, before any work, where its estimated
-        memory exceeds ``memory_limit``)."""
+        memory exceeds ``memory_limit``).
+
+        ``shift=σ`` (any finite real, instead of a damping) factors ``H − σI``: its inertia
+        counts the eigenvalues above and below ``σ`` (:mod:`tallskinny.spectrum`); the
+        factorization's ``damping`` is then ``−σ``."""
         self._check_current()
-        damping = check_damping(damping)
+        if shift is not None:
+            shift = check_shift(shift)
+            if damping != 0.0:
+                raise ValueError(f"give damping or shift, not both (damping={damping!r}, shift={shift!r})")
+            damping = -shift if shift != 0.0 else 0.0
+        else:
+            damping = check_damping(damping)
         self._check_factorization(damping)
         return self._factorize(damping)
 
@@ -536,6 +563,27 @@ class Curvature:
         else:
             inner = self._spectral_route().factorize(damping)
         return Factorization(inner, self, damping)
+
+    # -- spectral queries by inertia (tallskinny.spectrum) --------------------------------------
+    def eigenvalue_count(self, lower: float, upper: float) -> int:
+        """The exact number of eigenvalues in ``[lower, upper)`` (:func:`tallskinny.spectrum.eigenvalue_count`)."""
+        self._check_current()
+        return spectrum.eigenvalue_count(self, lower, upper)
+
+    def negative_count(self, threshold: float | None = None) -> int:
+        """The number of eigenvalues below ``−threshold`` (:func:`tallskinny.spectrum.negative_count`)."""
+        self._check_current()
+        return spectrum.negative_count(self, threshold)
+
+    def eigvalsh(self, k: int, which: str = "largest", *, near: float | None = None, eigenvectors: bool = False):
+        """``k`` eigenvalues (and vectors) to full precision (:func:`tallskinny.spectrum.eigvalsh`)."""
+        self._check_current()
+        return spectrum.eigvalsh(self, k, which, near=near, eigenvectors=eigenvectors)
+
+    def spectral_histogram(self, edges):
+        """Exact counts per bin (:func:`tallskinny.spectrum.spectral_histogram`)."""
+        self._check_current()
+        return spectrum.spectral_histogram(self, edges)
 
     def _spectral_route(self):
         """The ε-independent part of the kernel or dense route, made on first use."""

@@ -393,7 +393,9 @@ class DenseStage:
                 _raise_if_null_directions(self.CtC, index)
                 raise _StageSingular(index)
             S_new -= CtC / damping  # (S_new is always a fresh tensor here: updated in place)
-            pos, logdet = self.n_rest, self.n_rest * math.log(damping)
+            # (a negative ε — a shift — makes these pivots negative)
+            pos, neg = (self.n_rest, 0) if damping > 0 else (0, self.n_rest)
+            logdet = self.n_rest * math.log(abs(damping))
         if self.k:
             # α carries rounding errors of ‖A‖ times two sums of length p (ZᵀAZ, Z orthogonal
             # to range(V) to working precision, not exactly), ε none: Weyl bounds |α + ε| by

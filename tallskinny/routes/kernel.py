@@ -301,6 +301,13 @@ class KernelFactorization:
                 damping=0.0,
             )
         self.shifted = mu + damping
+        # a shift (ε < 0) makes G + εI indefinite: singular where it meets an eigenvalue
+        tol = pivot_tolerance(kernel.r, mu.dtype, kernel.norm + abs(damping))
+        if damping < 0 and bool((self.shifted.abs() <= tol).any()):
+            raise SingularSystemError(
+                f"G + εI is singular at damping={damping:g}: an eigenvalue of G within rounding ({tol:.2g}) of {-damping:g}",
+                damping=damping,
+            )
         self.norm_lower_bound = kernel.norm
 
     def solve(self, b: Tensor) -> Tensor:
@@ -317,11 +324,15 @@ class KernelFactorization:
         return span + rest / self.damping
 
     def logdet(self) -> Tensor:
-        rest = (self.kernel.P - self.kernel.r) * (math.log(self.damping) if self.damping > 0 else 0.0)
-        return (self.shifted.log().sum() + rest).to(self.kernel.dtype)
+        rest = (self.kernel.P - self.kernel.r) * (math.log(abs(self.damping)) if self.damping != 0 else 0.0)
+        return (self.shifted.abs().log().sum() + rest).to(self.kernel.dtype)
 
     def sign(self) -> Tensor:
-        return self.logdet().new_tensor(1.0)
+        return self.logdet().new_tensor(-1.0 if self.inertia().negative % 2 else 1.0)
 
     def inertia(self) -> Inertia:
-        return Inertia(self.kernel.P, 0, 0)
+        if self.damping >= 0:
+            return Inertia(self.kernel.P, 0, 0)
+        # a shift: μ + ε < 0 below it, and ε < 0 on the P − r directions outside K's
+        negative = int((self.shifted < 0).sum()) + self.kernel.P - self.kernel.r
+        return Inertia(self.kernel.P - negative, negative, 0)

@@ -1,0 +1,470 @@
+"""Exact spectral queries by Sylvester's law of inertia.
+
+The number of eigenvalues of ``H`` below ``σ`` is the negative count of the inertia of
+``H − σI``: one factorization (``Curvature.factorize(shift=σ)``), exact wherever the
+factorization's backward error is below the distance of ``σ`` to the spectrum (every
+route checks it, see docs/chain.md, Accuracy). On that:
+
+* :func:`eigenvalue_count` — the exact number of eigenvalues in ``[lower, upper)``;
+* :func:`eigvalsh` — ``k`` eigenvalues (largest, smallest or nearest a value), to full
+  precision, and their eigenvectors: a certified bound of the spectrum by counts, then
+  block shift-invert Lanczos with the factorization at the target, Rayleigh quotients by
+  HVPs for the digits, and a final count that proves none was missed (repeated
+  eigenvalues: the search goes on with fresh directions until the count is met);
+* :func:`spectral_histogram` — exact counts per bin, one factorization per edge, the
+  bulk of (numerically) zero eigenvalues reported apart.
+
+**Edges.** ``H − σI`` is singular where ``σ`` is an eigenvalue (to rounding). A count at
+such an edge is taken at ``σ − τ`` instead, with ``τ = edge_tolerance(curv)`` (about
+``1e3·c·P·eps·‖H‖``, ``‖H‖`` estimated by ``‖Hg‖/‖g‖``): an eigenvalue within ``τ`` of an edge counts as equal to it — in
+``[lower, upper)`` it is in where at ``lower``, out where at ``upper``. The parameter
+blocks' null space gives a Hessian many exact zeros (and a Gauss–Newton matrix ``P − r``),
+so ``σ = 0`` is always such an edge: "the number of negative eigenvalues" is the count
+below ``−τ`` (:func:`negative_count`), eigenvalues in ``[−τ, τ)`` are the zero bulk.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import NamedTuple, Sequence
+
+import torch
+from torch import Tensor
+
+from .errors import SingularSystemError
+from .linalg import pivot_tolerance
+
+__all__ = [
+    "Histogram",
+    "edge_tolerance",
+    "eigenvalue_count",
+    "eigvalsh",
+    "negative_count",
+    "plot_histogram",
+    "spectral_bounds",
+    "spectral_histogram",
+]
+
+WHICH = ("largest", "smallest", "nearest")
+RESIDUAL_TOLERANCE = 1e-11
+"""An eigenpair is accepted where ``‖Hy − λy‖ ≤ RESIDUAL_TOLERANCE·‖H‖`` (``‖y‖ = 1``):
+its eigenvalue is then exact to ``‖r‖²/gap`` and to the backward error ``‖r‖``."""
+MAX_BLOCKS = 60
+"""Block shift-invert Lanczos steps before :func:`eigvalsh` gives up (``RuntimeError``)."""
+EDGE_RETRIES = 6
+
+
+def _real(x, name: str) -> float:
+    if isinstance(x, Tensor) and x.dim() == 0 and x.dtype.is_floating_point:
+        x = float(x)
+    if isinstance(x, bool) or not isinstance(x, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(x).__name__}")
+    x = float(x)
+    if math.isnan(x) or math.isinf(x):
+        raise ValueError(f"{name} must be finite, got {x}")
+    return x
+
+
+# -- norms and counts ----------------------------------------------------------------------
+def _norm_estimate(curv) -> float:
+    """An estimate of ``‖H‖`` for the rounding tolerance of the edges: ``‖Hg‖/‖g‖`` for the
+    gradient ``g`` (one HVP; ~0.6·‖H‖ on tanh MLPs, where the Gauss–Newton part lives),
+    or 4 Lanczos steps where it fails (a stationary point); made once per curvature."""
+    cached = getattr(curv, "spectrum_cache", None)
+    if cached is None:
+        cached = curv.spectrum_cache = {}
+    if "norm" not in cached:
+        g = curv.gradient().reshape(-1, 1)
+        g_norm = float(g.norm())
+        est = float(curv.hvp(g).norm()) / g_norm if g_norm > 0 else 0.0
+        if not est > 0:
+            P = curv.num_parameters
+            gen = torch.Generator().manual_seed(0)
+            v = torch.randn((P, 1), generator=gen, dtype=curv.layout.dtype).to(curv.layout.device)
+            theta, _, _ = _lanczos_extremes(curv, v, min(4, P))
+            est = max(abs(theta[0]), abs(theta[-1]))
+        cached["norm"] = est
+    return cached["norm"]
+
+
+def _lanczos_extremes(curv, v: Tensor, steps: int):
+    """Ritz values (ascending), their residual norms and vectors after ``steps`` Lanczos
+    steps on ``H`` with full reorthogonalization."""
+    V = [v / v.norm()]
+    alphas, betas = [], []
+    for j in range(steps):
+        w = curv.hvp(V[-1])
+        a = float((V[-1].mT @ w).squeeze())
+        Vm = torch.cat(V, dim=1)
+        w = w - Vm @ (Vm.mT @ w)
+        w = w - Vm @ (Vm.mT @ w)
+        alphas.append(a)
+        b = float(w.norm())
+        if j == steps - 1 or b <= 1e-14 * max(1.0, abs(a)):
+            betas.append(b)
+            break
+        betas.append(b)
+        V.append(w / b)
+    m = len(alphas)
+    T = torch.diag(torch.tensor(alphas, dtype=torch.float64))
+    if m > 1:
+        off = torch.tensor(betas[: m - 1], dtype=torch.float64)
+        T = T + torch.diag(off, 1) + torch.diag(off, -1)
+    theta, S = torch.linalg.eigh(T)
+    res = (betas[m - 1] * S[-1].abs()).tolist()
+    return theta.tolist(), res, torch.cat(V[:m], dim=1) @ S.to(v.dtype)
+
+
+def edge_tolerance(curv) -> float:
+    """``τ``: eigenvalues within it of a count's edge count as at the edge (module doc)."""
+    return 1e3 * pivot_tolerance(curv.num_parameters, curv.layout.dtype, _norm_estimate(curv)) + 1e-300
+
+
+def _below(curv, sigma: float, tau: float | None = None) -> int:
+    """The number of eigenvalues below ``σ`` (at ``σ − τ, σ − 2τ, …`` where ``H − σI`` is singular)."""
+    step = None
+    for attempt in range(EDGE_RETRIES):
+        try:
+            return curv.factorize(shift=sigma).inertia().negative
+        except SingularSystemError:
+            if step is None:
+                step = tau if tau is not None else edge_tolerance(curv)
+            sigma -= step
+            step *= 2
+    raise SingularSystemError(f"H − σI stayed singular near σ = {sigma:g}", damping=-sigma)
+
+
+def eigenvalue_count(curv, lower, upper) -> int:
+    """The exact number of eigenvalues of the curvature in ``[lower, upper)`` (two
+    factorizations; an eigenvalue within ``edge_tolerance`` of an edge counts as at it)."""
+    lower, upper = _real(lower, "lower"), _real(upper, "upper")
+    if lower > upper:
+        raise ValueError(f"lower must be <= upper, got lower={lower:g} > upper={upper:g}")
+    if lower == upper:
+        return 0
+    return _below(curv, upper) - _below(curv, lower)
+
+
+NEGATIVE_THRESHOLD = 1e-8
+"""``negative_count`` counts eigenvalues below ``−max(τ, NEGATIVE_THRESHOLD·‖H‖)``."""
+
+
+def negative_count(curv, threshold: float | None = None) -> int:
+    """The number of eigenvalues below ``−threshold`` (one factorization, at damping
+    ``threshold``). The default, ``max(edge_tolerance, 1e-8·‖H‖)`` (``‖H‖`` estimated),
+    leaves out the rounding noise around the zero bulk (module doc); at a damping that
+    small the elimination's check can send the inertia to the pivoted KKT fallback,
+    exact but dense per block (docs/chain.md)."""
+    if threshold is None:
+        threshold = max(edge_tolerance(curv), NEGATIVE_THRESHOLD * _norm_estimate(curv))
+    else:
+        threshold = _real(threshold, "threshold")
+        if threshold < 0:
+            raise ValueError(f"threshold must be >= 0, got {threshold:g}")
+    return _below(curv, -threshold)
+
+
+def spectral_bounds(curv) -> tuple[float, float]:
+    """``(a, b)`` with every eigenvalue in ``(a, b)``, certified by two inertias: a
+    Lanczos estimate (8 HVPs), widened until the counts below ``a`` and ``b`` are ``0``
+    and ``P``. Kept on the curvature."""
+    cache = getattr(curv, "spectrum_cache", None)
+    if cache is not None and "bounds" in cache:
+        return cache["bounds"]
+    P = curv.num_parameters
+    gen = torch.Generator().manual_seed(1)
+    v = torch.randn((P, 1), generator=gen, dtype=curv.layout.dtype).to(curv.layout.device)
+    theta, res, _ = _lanczos_extremes(curv, v, min(12, P))
+    norm = max(abs(theta[0]), abs(theta[-1]), _norm_estimate(curv), 1e-300)
+    pad_hi = max(res[-1], 1e-3 * norm)
+    pad_lo = max(res[0], 1e-3 * norm)
+    hi, lo = theta[-1] + pad_hi, theta[0] - pad_lo
+    while _below(curv, hi) < P:
+        pad_hi *= 4
+        hi = theta[-1] + pad_hi
+    while _below(curv, lo) > 0:
+        pad_lo *= 4
+        lo = theta[0] - pad_lo
+    curv.spectrum_cache["bounds"] = (lo, hi)
+    return lo, hi
+
+
+# -- eigenvalues -----------------------------------------------------------------------------
+def _factor_near(curv, sigma: float, tau: float):
+    """``(factorization, σ')`` of ``H − σ'I`` for ``σ'`` at or next to ``σ`` (moved by
+    ``τ, 2τ, …`` where singular: an eigenvalue there)."""
+    step = tau
+    for _ in range(EDGE_RETRIES):
+        try:
+            return curv.factorize(shift=sigma), sigma
+        except SingularSystemError:
+            sigma += step
+            step *= 2
+    raise SingularSystemError(f"H − σI stayed singular near σ = {sigma:g}", damping=-sigma)
+
+
+def _shift_invert(curv, F, sigma: float, k: int, norm: float, exclude: Tensor | None, gen, block: int):
+    """The ``k`` eigenpairs nearest ``σ`` by block Lanczos on ``(H − σI)⁻¹`` (full
+    reorthogonalization; Rayleigh–Ritz on the inverse to find them, then with ``H`` itself
+    on the span of the best ``k + 2`` Ritz vectors, by one block HVP, for the digits the
+    inverse's rounding ``‖(H − σI)⁻¹‖·eps`` would cost). Returns eigenvalues, vectors
+    (``P × k``) and residual norms."""
+    P = curv.num_parameters
+    dtype, device = curv.layout.dtype, curv.layout.device
+    tol = RESIDUAL_TOLERANCE * norm
+    X = torch.randn((P, block), generator=gen, dtype=dtype).to(device)
+    cap = min(P, 8 * block)
+    V = X.new_empty(P, cap)
+    AV = X.new_empty(P, cap)
+    T = torch.zeros((cap, cap), dtype=dtype, device=device)
+    n = 0
+    for _ in range(MAX_BLOCKS):
+        for basis in (exclude, V[:, :n]):
+            if basis is not None and basis.shape[1]:
+                X = X - basis @ (basis.mT @ X)
+                X = X - basis @ (basis.mT @ X)
+        Q, R = torch.linalg.qr(X)
+        keep = R.diagonal().abs() > 1e-10 * max(1.0, float(R.diagonal().abs().max()) if R.numel() else 1.0)
+        Q = Q[:, keep]
+        b = Q.shape[1]
+        if b == 0:
+            break
+        if n + b > cap:  # grow the buffers (doubling)
+            cap = min(P, max(2 * cap, n + b))
+            V2, AV2, T2 = X.new_empty(P, cap), X.new_empty(P, cap), torch.zeros((cap, cap), dtype=dtype, device=device)
+            V2[:, :n], AV2[:, :n], T2[:n, :n] = V[:, :n], AV[:, :n], T[:n, :n]
+            V, AV, T = V2, AV2, T2
+        W = F.solve(Q, refine=0)  # (unchecked: the Rayleigh–Ritz with H below checks the pairs)
+        V[:, n : n + b], AV[:, n : n + b] = Q, W
+        cross = V[:, : n + b].mT @ W  # the new columns of Vᵀ(H − σI)⁻¹V
+        T[: n + b, n : n + b] = cross
+        T[n : n + b, : n + b] = cross.mT
+        n += b
+        Tn = T[:n, :n]
+        theta, S = torch.linalg.eigh(0.5 * (Tn + Tn.mT))
+        order = theta.abs().argsort(descending=True)
+        if n >= k:
+            top = order[:k]
+            Y = V[:, :n] @ S[:, top]
+            # the inverse's residual bounds the eigen-residual: ‖(H−σ)y − y/θ‖ ≤ ‖H−σ‖·‖r_inv‖/|θ|
+            r_inv = (AV[:, :n] @ S[:, top] - Y * theta[top]).norm(dim=0)
+            est = (norm + abs(sigma)) * r_inv / theta[top].abs()
+            if bool((est <= 1e-6 * norm).all()) or b < X.shape[1]:
+                Z = V[:, :n] @ S[:, order[: min(n, k + 2)]]
+                HZ = curv.hvp(Z)
+                mu, S_H = torch.linalg.eigh(0.5 * ((Z.mT @ HZ) + (Z.mT @ HZ).mT))
+                pick = (mu - sigma).abs().argsort()[:k]
+                Y, HY, lam = Z @ S_H[:, pick], HZ @ S_H[:, pick], mu[pick]
+                res = (HY - Y * lam).norm(dim=0)
+                if bool((res <= tol).all()):
+                    return lam, Y, res
+        X = W
+    raise RuntimeError(f"eigvalsh: shift-invert Lanczos did not converge in {MAX_BLOCKS} block steps")
+
+
+LANCZOS_STEPS = 400
+"""Lanczos steps on ``H`` tried for the extreme eigenvalues before shift-invert takes over."""
+
+
+def _extreme_lanczos(curv, k: int, which: str, norm: float, tau: float):
+    """The ``k`` largest (smallest) eigenpairs by Lanczos on ``H`` with full
+    reorthogonalization (HVPs only), stopped where their residuals are
+    ``≤ RESIDUAL_TOLERANCE·‖H‖`` (checked by one HVP of the Ritz vectors), then certified by
+    one count: exactly ``k`` eigenvalues beyond the window's edge. ``None`` where that
+    fails (a repeated eigenvalue Lanczos cannot see, or no convergence): shift-invert then."""
+    P = curv.num_parameters
+    dtype, device = curv.layout.dtype, curv.layout.device
+    steps = min(P, LANCZOS_STEPS)
+    if k >= steps:
+        return None
+    tol = RESIDUAL_TOLERANCE * norm
+    gen = torch.Generator().manual_seed(3)
+    V = torch.empty((steps + 1, P), dtype=dtype, device=device)  # rows: contiguous vectors
+    v = torch.randn((P,), generator=gen, dtype=dtype).to(device)
+    V[0] = v / v.norm()
+    alpha, beta = [], []
+    check = k + 4
+    for j in range(steps):
+        w = curv.hvp(V[j])
+        a = float(V[j] @ w)
+        Vj = V[: j + 1]
+        w = w - Vj.mT @ (Vj @ w)
+        w = w - Vj.mT @ (Vj @ w)
+        alpha.append(a)
+        b = float(w.norm())
+        beta.append(b)
+        if b > 0:
+            V[j + 1] = w / b
+        m = j + 1
+        if m < check and b > 0:
+            continue
+        check = m + max(2, m // 8)
+        T = torch.diag(torch.tensor(alpha, dtype=torch.float64))
+        if m > 1:
+            off = torch.tensor(beta[: m - 1], dtype=torch.float64)
+            T = T + torch.diag(off, 1) + torch.diag(off, -1)
+        theta, S = torch.linalg.eigh(T)
+        pick = torch.arange(m - k, m) if which == "largest" else torch.arange(k)
+        if m <= k or bool((b * S[-1, pick].abs() > 0.5 * tol).any()):
+            if b == 0:
+                return None
+            continue
+        Y = Vj.mT @ S[:, pick].to(dtype)
+        Y = Y / Y.norm(dim=0)
+        HY = curv.hvp(Y)
+        lam = (Y * HY).sum(dim=0)
+        if bool(((HY - Y * lam).norm(dim=0) > tol).any()):
+            continue
+        # the count: no other eigenvalue beyond (a point between) the k-th and the next Ritz value
+        lam64 = lam.double().cpu()
+        if which == "largest":
+            edge_k = float(lam64.min())
+            nxt = float(theta[m - k - 1]) if m > k else edge_k - norm
+            edge = edge_k - max(min(0.5 * (edge_k - nxt), 1e-6 * norm), 4 * tau)
+            count = P - _below(curv, edge, tau)
+        else:
+            edge_k = float(lam64.max())
+            nxt = float(theta[k]) if m > k else edge_k + norm
+            edge = edge_k + max(min(0.5 * (nxt - edge_k), 1e-6 * norm), 4 * tau)
+            count = _below(curv, edge, tau)
+        if count != k:
+            return None
+        order = lam.argsort()
+        return lam[order], Y[:, order]
+    return None
+
+
+def eigvalsh(curv, k: int, which: str = "largest", *, near=None, eigenvectors: bool = False):
+    """``k`` eigenvalues of the curvature (ascending), and with ``eigenvectors=True`` the
+    ``P × k`` orthonormal vectors, to full precision.
+
+    ``which``: ``"largest"``, ``"smallest"`` or ``"nearest"`` (to ``near``). The target
+    shift is ``near``, or a bound just beyond the spectrum certified by counts
+    (:func:`spectral_bounds`); the ``k`` eigenpairs nearest it come from block
+    shift-invert Lanczos with one factorization of ``H − σI``, refined to residuals
+    ``≤ RESIDUAL_TOLERANCE·‖H‖``; a count over the window they span then proves that no
+    eigenvalue was missed (else the search goes on, orthogonal to those found: repeated
+    eigenvalues)."""
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral):
+        raise TypeError(f"k must be an integer, got {type(k).__name__}")
+    k = int(k)
+    P = curv.num_parameters
+    if not 1 <= k <= P:
+        raise ValueError(f"k must be in [1, P = {P}], got {k}")
+    if which not in WHICH:
+        raise ValueError(f"which must be one of {WHICH}, got {which!r}")
+    if which == "nearest":
+        if near is None:
+            raise ValueError("which='nearest' needs near=σ")
+        near = _real(near, "near")
+    elif near is not None:
+        raise ValueError(f"near is only for which='nearest' (which={which!r})")
+    norm = _norm_estimate(curv)
+    tau = edge_tolerance(curv)
+    if which == "nearest":
+        sigma = near
+    else:
+        found = _extreme_lanczos(curv, k, which, norm, tau)
+        if found is not None:
+            values, vectors = found
+            return (values, vectors) if eigenvectors else values
+        lo, hi = spectral_bounds(curv)
+        sigma = hi if which == "largest" else lo
+    F, sigma = _factor_near(curv, sigma, tau)
+    gen = torch.Generator().manual_seed(2)
+    block = min(P, max(k + 2, 4))
+    found_l, found_v = [], None
+    want = k
+    while True:
+        need = want - (0 if found_v is None else found_v.shape[1])
+        lam, Y, _ = _shift_invert(curv, F, sigma, need, norm, found_v, gen, min(P, max(need + 2, block)))
+        found_l.extend(lam.tolist())
+        found_v = Y if found_v is None else torch.cat((found_v, Y), dim=1)
+        dist = sorted(abs(x - sigma) for x in found_l)
+        radius = dist[k - 1]
+        # the window of the k nearest, widened by a fraction of the distance: all found in it
+        # must be all there are
+        pad = max(4 * tau, 1e-8 * max(radius, norm * 1e-8))
+        lower, upper = sigma - radius - pad, sigma + radius + pad
+        if which == "largest":
+            upper = sigma
+        elif which == "smallest":
+            lower = sigma
+        inside = sum(lower <= x < upper for x in found_l)
+        count = _below(curv, upper, tau) - _below(curv, lower, tau)
+        if count <= inside or found_v.shape[1] >= P:
+            break
+        want = found_v.shape[1] + (count - inside)  # missed (repeated) eigenvalues: look again
+    lam = torch.tensor(found_l, dtype=torch.float64)
+    order = (lam - sigma).abs().argsort()[:k]
+    order = order[lam[order].argsort()]
+    values = lam[order].to(curv.layout.dtype)
+    if not eigenvectors:
+        return values
+    vectors = found_v[:, order]
+    return values, vectors
+
+
+# -- histogram -------------------------------------------------------------------------------
+class Histogram(NamedTuple):
+    """Exact counts: ``counts[i]`` eigenvalues in ``[edges[i], edges[i+1])``, not counting
+    the ``zeros`` (eigenvalues in ``[−tolerance, tolerance)``, the null space's bulk, where
+    that interval lies inside the edges); ``below``/``above``: outside the edges."""
+
+    edges: Tensor
+    counts: Tensor
+    zeros: int
+    below: int
+    above: int
+    tolerance: float
+
+
+def spectral_histogram(curv, edges) -> Histogram:
+    """Exact eigenvalue counts per bin of ``edges`` (increasing; one factorization per
+    edge, two more for the zero bulk)."""
+    edges = torch.as_tensor(edges, dtype=torch.float64).flatten() if not isinstance(edges, Tensor) else edges.detach().double().flatten().cpu()
+    if edges.numel() < 2:
+        raise ValueError(f"edges must have at least 2 values, got {edges.numel()}")
+    if not bool(torch.isfinite(edges).all()):
+        raise ValueError("edges must be finite")
+    if not bool((edges[1:] > edges[:-1]).all()):
+        raise ValueError("edges must be strictly increasing")
+    P = curv.num_parameters
+    tau = edge_tolerance(curv)
+    below = [_below(curv, float(e), tau) for e in edges]
+    counts = torch.tensor([b - a for a, b in zip(below, below[1:])], dtype=torch.int64)
+    zeros = 0
+    lo_e, hi_e = float(edges[0]), float(edges[-1])
+    if lo_e <= -tau and tau <= hi_e:
+        z_lo, z_hi = _below(curv, -tau, tau), _below(curv, tau, tau)
+        zeros = z_hi - z_lo
+        i = int(torch.searchsorted(edges, torch.tensor([0.0], dtype=torch.float64), right=True)) - 1
+        i = min(max(i, 0), counts.numel() - 1)
+        counts[i] -= zeros
+    return Histogram(edges, counts, zeros, below[0], P - below[-1], tau)
+
+
+def plot_histogram(hist: Histogram, ax=None, *, density=None, label: str = "exact counts"):
+    """Draw a :class:`Histogram` (matplotlib, imported here: optional) as bars, with the
+    zero bulk noted; ``density = (x, y)`` (e.g. an SLQ estimate, in eigenvalues per unit)
+    is drawn over it as counts per bin width. Returns the axes."""
+    try:
+        import matplotlib.pyplot as plt
+    except ImportError as e:  # pragma: no cover
+        raise ImportError("plot_histogram needs matplotlib (pip install matplotlib)") from e
+    if ax is None:
+        _, ax = plt.subplots(figsize=(7, 4))
+    e = hist.edges.numpy()
+    c = hist.counts.numpy()
+    ax.bar(e[:-1], c, width=e[1:] - e[:-1], align="edge", alpha=0.7, label=label)
+    if density is not None:
+        x, y = density
+        width = float(e[1] - e[0])
+        ax.plot(x, [v * width for v in y], color="C3", label="SLQ density (× bin width)")
+    ax.set_yscale("symlog", linthresh=1)
+    ax.set_xlabel("eigenvalue")
+    ax.set_ylabel("eigenvalues per bin")
+    ax.set_title(f"exact spectrum ({hist.zeros} eigenvalues in ±{hist.tolerance:.1e} not shown)")
+    ax.legend()
+    return ax

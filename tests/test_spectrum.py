@@ -1,0 +1,216 @@
+"""Spectral queries by inertia (issue 17) against dense ``torch.linalg.eigvalsh`` of the
+dense references, on every route, Hessian (indefinite) and Gauss–Newton."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import tallskinny as ts
+from tallskinny import spectrum
+from tallskinny.testing import dense_ggn, dense_hessian
+
+pytestmark = pytest.mark.usefixtures("float64")
+
+
+def mlp(widths, seed=0):
+    torch.manual_seed(seed)
+    layers = []
+    for i, (a, b) in enumerate(zip(widths, widths[1:])):
+        layers.append(nn.Linear(a, b))
+        if i < len(widths) - 2:
+            layers.append(nn.Tanh())
+    return layers
+
+
+def problem(batch=4, seed=0):
+    g = torch.Generator().manual_seed(seed + 1)
+    X, y = torch.randn(batch, 5, generator=g), torch.randint(0, 3, (batch,), generator=g)
+    return ts.Chain(mlp([5, 6, 6, 3], seed=seed), nn.CrossEntropyLoss()), X, y
+
+
+CASES = [("hessian", "riccati"), ("hessian", "dense"), ("ggn", "riccati"), ("ggn", "kernel"), ("ggn", "dense")]
+
+
+def reference(chain, X, y, kind):
+    M = dense_hessian(chain, X, y) if kind == "hessian" else dense_ggn(chain, X, y)
+    return M, torch.linalg.eigvalsh(M)
+
+
+@pytest.mark.parametrize("kind,method", CASES)
+@pytest.mark.parametrize("batch", [1, 4])
+def test_shifted_inertia_and_counts(kind, method, batch):
+    chain, X, y = problem(batch)
+    M, ev = reference(chain, X, y, kind)
+    curv = chain.curvature(X, y, kind=kind, method=method)
+    top = float(ev.abs().max())
+    for sigma in (-0.3 * top, -0.01 * top, 0.013 * top, 0.5 * top, 1.01 * top):
+        inertia = curv.factorize(shift=sigma).inertia()
+        assert inertia.negative == int((ev < sigma).sum()), sigma
+        assert inertia.positive == int((ev > sigma).sum()), sigma
+    lo, hi = -0.02 * top, 0.4 * top
+    assert curv.eigenvalue_count(lo, hi) == int(((ev >= lo) & (ev < hi)).sum())
+    tau = spectrum.edge_tolerance(curv)
+    assert curv.negative_count(tau) == int((ev < -tau).sum())
+    threshold = max(tau, spectrum.NEGATIVE_THRESHOLD * float(curv.hvp(curv.gradient()).norm() / curv.gradient().norm()))
+    assert curv.negative_count() == int((ev < -threshold).sum())
+
+
+def test_shifted_logdet_matches_dense():
+    chain, X, y = problem()
+    M, ev = reference(chain, X, y, "hessian")
+    curv = chain.curvature(X, y, method="riccati")
+    sigma = 0.2 * float(ev[-1])
+    F = curv.factorize(shift=sigma)
+    assert F.shift == sigma and F.damping == -sigma
+    ref = (ev - sigma).abs().log().sum()
+    assert abs(float(F.logdet()) - float(ref)) <= 1e-9 * abs(float(ref))
+    assert float(F.sign()) == (-1.0 if int((ev < sigma).sum()) % 2 else 1.0)
+    b = torch.randn(curv.num_parameters, 2, generator=torch.Generator().manual_seed(5))
+    x = F.solve(b)
+    assert torch.linalg.norm((M - sigma * torch.eye(M.shape[0])) @ x - b) <= 1e-9 * b.norm()
+
+
+@pytest.mark.parametrize("kind,method", CASES)
+@pytest.mark.parametrize("which", ["largest", "smallest", "nearest"])
+def test_eigvalsh_matches_dense(kind, method, which):
+    chain, X, y = problem()
+    M, ev = reference(chain, X, y, kind)
+    curv = chain.curvature(X, y, kind=kind, method=method)
+    norm = float(ev.abs().max())
+    k = 4
+    near = 0.05 * norm if which == "nearest" else None
+    values, vectors = curv.eigvalsh(k, which, near=near, eigenvectors=True)
+    if which == "largest":
+        ref = ev[-k:]
+    elif which == "smallest":
+        ref = ev[:k]
+    else:
+        ref = ev[(ev - near).abs().argsort()[:k]].sort().values
+    assert values.shape == (k,) and vectors.shape == (M.shape[0], k)
+    # 1e-10 relative (and 1e-10·‖H‖ for the exact zeros of a Gauss–Newton matrix)
+    assert bool(((values - ref).abs() <= 1e-10 * torch.maximum(ref.abs(), torch.tensor(norm * 1e-3))).all()), (values, ref)
+    assert float((M @ vectors - vectors * values).norm(dim=0).max()) <= 1e-10 * norm
+    assert float((vectors.mT @ vectors - torch.eye(k)).abs().max()) <= 1e-8
+    assert torch.equal(curv.eigvalsh(k, which, near=near), values) or bool(
+        ((curv.eigvalsh(k, which, near=near) - values).abs() <= 1e-12 * norm).all()
+    )
+
+
+def test_repeated_eigenvalues_are_all_found():
+    """The Gauss–Newton matrix's null space: an eigenvalue 0 of multiplicity P − r; the
+    final count makes the search find every copy asked for."""
+    chain, X, y = problem(batch=2)
+    M, ev = reference(chain, X, y, "ggn")
+    curv = chain.curvature(X, y, kind="ggn", method="riccati")
+    norm = float(ev.abs().max())
+    values, vectors = curv.eigvalsh(12, "nearest", near=1e-3 * norm, eigenvectors=True)
+    assert float(values.abs().max()) <= 1e-10 * norm
+    assert float((M @ vectors).norm(dim=0).max()) <= 1e-10 * norm
+    assert float((vectors.mT @ vectors - torch.eye(12)).abs().max()) <= 1e-8
+
+
+def test_histogram_counts_every_eigenvalue():
+    chain, X, y = problem()
+    M, ev = reference(chain, X, y, "hessian")
+    curv = chain.curvature(X, y)
+    norm = float(ev.abs().max())
+    edges = torch.linspace(-0.5 * norm, 0.9 * norm, 11)
+    hist = curv.spectral_histogram(edges)
+    tau = hist.tolerance
+    zero = (ev >= -tau) & (ev < tau)
+    assert hist.zeros == int(zero.sum()) > 0
+    ref = torch.histogram(ev[~zero], bins=edges.double()).hist.long()
+    ref[-1] -= int((ev[~zero] == edges[-1]).sum())  # torch closes the last bin; ours is [a, b)
+    assert torch.equal(hist.counts, ref)
+    assert hist.below == int((ev < edges[0]).sum()) and hist.above == int((ev >= edges[-1]).sum())
+    assert int(hist.counts.sum()) + hist.zeros + hist.below + hist.above == curv.num_parameters
+
+
+def test_singular_shift_raises():
+    chain, X, y = problem()
+    curv = chain.curvature(X, y, method="riccati")
+    with pytest.raises(ts.SingularSystemError):
+        curv.factorize(shift=0.0)  # the parameter blocks' null space
+    dense = chain.curvature(X, y, method="dense")
+    _, ev = reference(chain, X, y, "hessian")
+    with pytest.raises(ts.SingularSystemError):
+        dense.factorize(shift=float(ev[-1]))
+    ggn = chain.curvature(X, y, kind="ggn", method="kernel")
+    with pytest.raises(ts.SingularSystemError):
+        ggn.factorize(shift=0.0)
+
+
+def test_bad_arguments_raise_before_work():
+    chain, X, y = problem()
+    curv = chain.curvature(X, y)
+    with pytest.raises(ValueError, match="not both"):
+        curv.factorize(0.1, shift=0.2)
+    with pytest.raises(ValueError, match="finite"):
+        curv.factorize(shift=math.nan)
+    with pytest.raises(TypeError, match="shift"):
+        curv.factorize(shift="1")
+    with pytest.raises(ValueError, match="damping must be >= 0"):
+        curv.factorize(-0.1)  # a damping keeps its meaning: a shift is asked for by name
+    with pytest.raises(ValueError, match="lower must be <= upper"):
+        curv.eigenvalue_count(1.0, 0.0)
+    with pytest.raises(ValueError, match="k must be"):
+        curv.eigvalsh(0)
+    with pytest.raises(TypeError, match="k must be"):
+        curv.eigvalsh(1.5)
+    with pytest.raises(ValueError, match="which"):
+        curv.eigvalsh(2, "middle")
+    with pytest.raises(ValueError, match="near"):
+        curv.eigvalsh(2, "nearest")
+    with pytest.raises(ValueError, match="near"):
+        curv.eigvalsh(2, "largest", near=1.0)
+    with pytest.raises(ValueError, match="increasing"):
+        curv.spectral_histogram([0.0, 1.0, 0.5])
+    with pytest.raises(ValueError, match="at least 2"):
+        curv.spectral_histogram([0.0])
+    assert not hasattr(curv, "spectrum_cache")  # no work was done
+
+
+def test_parameters_untouched():
+    chain, X, y = problem()
+    before = [p.detach().clone() for p in chain.parameters()]
+    Xc = X.clone()
+    curv = chain.curvature(X, y)
+    curv.eigvalsh(2, "largest")
+    curv.spectral_histogram([-1.0, 0.0, 1.0])
+    assert all(torch.equal(a, b) for a, b in zip(before, chain.parameters()))
+    assert torch.equal(X, Xc)
+
+
+def test_stale_curvature_refused():
+    chain, X, y = problem()
+    curv = chain.curvature(X, y)
+    with torch.no_grad():
+        next(iter(chain.parameters())).add_(1.0)
+    with pytest.raises(ts.StaleCurvatureError):
+        curv.eigvalsh(1)
+    with pytest.raises(ts.StaleCurvatureError):
+        curv.eigenvalue_count(0.0, 1.0)
+
+
+def test_deep_single_sample_chain():
+    """A deep uniform chain at batch 1 (the batched runs of identical layers): shifted
+    inertia and log-determinant against dense."""
+    chain = ts.Chain(mlp([5] + [5] * 12 + [3]), nn.CrossEntropyLoss())
+    g = torch.Generator().manual_seed(3)
+    X, y = torch.randn(1, 5, generator=g), torch.tensor([1])
+    M, ev = reference(chain, X, y, "hessian")
+    curv = chain.curvature(X, y, method="riccati")
+    top = float(ev.abs().max())
+    for sigma in (-0.3 * top, -0.01 * top, 0.02 * top, 0.5 * top):
+        F = curv.factorize(shift=sigma)
+        assert F.inertia().negative == int((ev < sigma).sum())
+        ref = float((ev - sigma).abs().log().sum())
+        assert abs(float(F.logdet()) - ref) <= 1e-9 * abs(ref)
+    near = 0.02 * top
+    values = curv.eigvalsh(3, "nearest", near=near)
+    ref = ev[(ev - near).abs().argsort()[:3]].sort().values
+    assert bool(((values - ref).abs() <= 1e-10 * ref.abs()).all())
