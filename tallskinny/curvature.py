@@ -12,8 +12,9 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from . import routes, _workspace, elimination, products, resources
-from ._gc import collector_paused
+from . import elimination, resources, routes
+from .elimination import workspace
+from .collector import collector_paused
 from .blocks.protocol import Oracle
 from .errors import AccuracyWarning, SingularSystemError, StaleCurvatureError
 from .linalg import Inertia
@@ -240,8 +241,8 @@ class Factorization:
             scratch = None
         if scratch is None and not self._pooled_scratch:  # the first: from the workspace pool
             self._pooled_scratch = True
-            scratch = _workspace.empty(tuple(x.shape), x)
-            _workspace.recycle(self, scratch)
+            scratch = workspace.empty(tuple(x.shape), x)
+            workspace.recycle(self, scratch)
         Mx = self._curvature._apply(x, scratch, shift=self.damping)
         residual = torch.sub(rhs, Mx, out=Mx)  # b − (H+εI)x, in the buffer of (H+εI)x
         r_n, x_n, b_n = torch.stack((residual.norm(dim=0), x.norm(dim=0), rhs.norm(dim=0))).tolist()
@@ -263,7 +264,7 @@ class Factorization:
         if not curv._block_bound_done:
             # the diagonal blocks of the last Linear layers: a few small products, once
             curv._block_bound_done = True
-            bound = products.last_blocks_norm_bound(curv._compiled_oracles()[0], curv.loss_oracle.E.to_dense())
+            bound = elimination.last_blocks_norm_bound(curv._compiled_oracles()[0], curv.loss_oracle.E.to_dense())
             curv._norm_bound = max(curv._norm_bound, bound)
             scale = max(scale, bound - self.damping)
             if not above(scale):
@@ -466,7 +467,7 @@ class Curvature:
     def _compiled_oracles(self):
         """The oracles' products as tensor functions (shared by HVPs and the stages)."""
         if self._compiled is None:
-            self._compiled = (products.compile_oracles(self.oracles), products.CompiledOracle(self.loss_oracle))
+            self._compiled = (elimination.compile_oracles(self.oracles), elimination.CompiledOracle(self.loss_oracle))
         return self._compiled
 
     def _gradient_norm_bound(self) -> float:
@@ -492,7 +493,7 @@ class Curvature:
 
     def _flat_gradient(self) -> Tensor:
         if self._gradient is None:
-            self._gradient = products.gradient(self._compiled_oracles()[0], self._adjoints)
+            self._gradient = elimination.gradient(self._compiled_oracles()[0], self._adjoints)
         return self._gradient
 
     @collector_paused
@@ -510,7 +511,7 @@ class Curvature:
     def _apply(self, x: Tensor, out: Tensor | None = None, shift: float = 0.0) -> Tensor:
         """``H x + shift·x`` for a validated flat ``(P, k)`` tensor (written into ``out``,
         of ``x``'s shape, where the products allow)."""
-        return products.hvp(*self._compiled_oracles(), x, out, shift)
+        return elimination.hvp(*self._compiled_oracles(), x, out, shift)
 
     @collector_paused
     def factorize(self, damping: float = 0.0) -> Factorization:

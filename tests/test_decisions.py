@@ -28,11 +28,15 @@ import torch
 from torch import nn
 
 import tallskinny as ts
-from tallskinny import affine, elimination
+from tallskinny import elimination
 from tallskinny.blocks.protocol import Oracle
 from tallskinny.linalg import Dense, LowRank
 from tallskinny.linalg.testing import nudged, scaled_tolerances
 from tallskinny.testing import dense_hessian as chain_hessian
+from tallskinny.elimination.stages.reduced_affine import ReducedAffineStage
+from tallskinny.elimination.stages.dense import DenseStage
+from tallskinny.elimination.stages.affine import AffineStage
+from tallskinny.elimination.riccati import RiccatiFactorization
 
 from test_elimination import dense_hessian, random_problem
 
@@ -173,11 +177,11 @@ def _decisions(stages):
     out = []
     for st in stages:
         inner = getattr(st, "inner", None)
-        if isinstance(st, elimination.DenseStage):
+        if isinstance(st, DenseStage):
             out.append(("dense", st.r, st.k, st.n_rest))
-        elif isinstance(st, affine.ReducedAffineStage):
+        elif isinstance(st, ReducedAffineStage):
             out.append(("reduced", st.r, st.n_perp, getattr(inner, "r", None), getattr(inner, "n_rest", None)))
-        elif isinstance(st, affine.AffineStage):
+        elif isinstance(st, AffineStage):
             out.append(("affine", st.r, st.n_perp))
         else:
             out.append(type(st).__name__)
@@ -257,13 +261,13 @@ def test_low_rank_curvature_whichever_way_the_decisions_fall(sizes, rank, seed, 
     with scaled_tolerances(scale):
         stages = elimination.prepare_stages(oracles, loss)
         for st in stages:
-            if isinstance(st, elimination.DenseStage) and st.k:
+            if isinstance(st, DenseStage) and st.k:
                 assert st.n_rest >= 0
                 assert (st.Z.mT @ st.Z - torch.eye(st.k)).abs().max() <= 1e-13
                 if st.r:
                     assert (st.V.mT @ st.Z).abs().max() <= 1e-13
         for damping in [1e-3, 0.5]:
-            fact = elimination.RiccatiFactorization(stages, loss, damping)
+            fact = RiccatiFactorization(stages, loss, damping)
             M = H + damping * torch.eye(H.shape[0])
             eig = torch.linalg.eigvalsh(M)
             cond = (eig.abs().max() / eig.abs().min()).item()

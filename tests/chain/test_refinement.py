@@ -8,6 +8,7 @@ import torch
 import tallskinny as ts
 from models import make_case
 from tallskinny.testing import dense_hessian
+from tallskinny import elimination
 
 
 def _setup(name, seed):
@@ -111,13 +112,13 @@ def test_norm_bounds_spare_the_refinement_of_deep_tanh_nets(block_bound, monkeyp
     no warning, each bound at most once — not which one it was. ``block_bound`` scales
     the block bound: ``0.5`` makes it fall short as it did there, ``0`` drops it."""
     calls = {"blocks": 0, "gradient": 0}
-    blocks = ts.products.last_blocks_norm_bound
+    blocks = elimination.last_blocks_norm_bound
 
     def counted_blocks(*args, **kwargs):
         calls["blocks"] += 1
         return block_bound * blocks(*args, **kwargs)
 
-    monkeypatch.setattr(ts.products, "last_blocks_norm_bound", counted_blocks)
+    monkeypatch.setattr(elimination, "last_blocks_norm_bound", counted_blocks)
     chain, X, y = _deep_tanh()
     curv = chain.curvature(X, y)
     gradient_bound = curv._gradient_norm_bound
@@ -162,7 +163,7 @@ def test_last_blocks_bound_is_a_lower_bound_of_the_norm(act, kind, width):
     chain = ts.Chain(modules + [torch.nn.Linear(width, 3)], torch.nn.CrossEntropyLoss())
     X, y = 2 * torch.randn(1, width), torch.tensor([1])
     curv = chain.curvature(X, y, kind=kind)
-    bound = ts.products.last_blocks_norm_bound(curv._compiled_oracles()[0], curv.loss_oracle.E.to_dense())
+    bound = elimination.last_blocks_norm_bound(curv._compiled_oracles()[0], curv.loss_oracle.E.to_dense())
     H = curv.to_dense()
     # the dense diagonal blocks of the last four Linear layers (θ = [vec(W), b] each)
     sizes = [o.G.shape[1] for o in curv.oracles]
