@@ -10,7 +10,7 @@ operator is turned, once, into the few tensor operations its structure needs:
 * ``I_R ⊗ W`` (a Linear layer's ``F``) → one (batched) matmul;
 * the affine ``G = P_out (I_m ⊗ X̃) P_θ`` and ``C = P_θᵀ (Γ ⊗ Ẽ)`` → one gather and
   one or two matmuls on ``Θ̃ᵀ`` read as a ``q × (m·k)`` matrix;
-* anything else → the operator's own ``_matmat``.
+* anything else → the operator's own ``matmat``.
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ def compile_operator(op: LinearOperator) -> Apply | None:
             return (W @ x.reshape(R, n, -1)).reshape(R * m, -1)
 
         return apply
-    return op._matmat
+    return op.matmat
 
 
 class CompiledOracle:

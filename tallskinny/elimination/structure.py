@@ -56,14 +56,9 @@ def samples_first(o: Oracle, parts) -> bool:
 
 
 def transposed_order(p_theta: Permutation, m: int, q: int) -> tuple[Tensor, Tensor]:
-    """The gather indices of ``vec(Θ̃ᵀ)`` from θ and their inverse (kept on the permutation,
-    which blocks make once per shape)."""
-    cached = p_theta.__dict__.get("transposed_order")
-    if cached is None:
-        order = p_theta.index.reshape(m, q).T.reshape(-1)
-        cached = (order, torch.argsort(order))
-        p_theta.__dict__["transposed_order"] = cached
-    return cached
+    """The gather indices of ``vec(Θ̃ᵀ)`` from θ and their inverse (kept by the
+    permutation, which blocks make once per shape)."""
+    return p_theta.transposed_order(m, q)
 
 
 def padded_identity(Et: Tensor | None) -> bool:

@@ -4,12 +4,12 @@
 matrix, eigendecomposed) and :mod:`.planner` (costs from the shapes; ``method="auto"``).
 """
 
-from .dense import DenseFactorization, DenseSpectrum
+from .dense import DenseRouteFactorization, DenseSpectrum
 from .kernel import KernelFactorization, OutputKernel, adjoint, loss_factor, tangent
 from .planner import METHODS, ROUTES, RouteCost, check_method, choose, explain, route_costs
 
 __all__ = [
-    "DenseFactorization",
+    "DenseRouteFactorization",
     "DenseSpectrum",
     "KernelFactorization",
     "METHODS",

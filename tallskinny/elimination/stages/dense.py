@@ -34,7 +34,7 @@ def _is_zero(op: LinearOperator) -> bool:
 
 def _mm(A, x: Tensor) -> Tensor:
     """``A x`` for a dense tensor or an operator (unchecked: shapes are known to fit)."""
-    return A @ x if isinstance(A, Tensor) else A._matmat(x)
+    return A @ x if isinstance(A, Tensor) else A.matmat(x)
 
 
 def _gvt_product(GVt, S: Tensor) -> tuple[Tensor, bool]:
@@ -265,7 +265,7 @@ class DenseStage(Stage):
             Q_ry = GtSF + self.C_r if shared else GtSF.add_(self.C_r)  # r × a_in
             workspace.give(SF)
         else:
-            Q_ry = self.C_r + self.FT._matmat(SGV).mT  # r × a_in
+            Q_ry = self.C_r + self.FT.matmat(SGV).mT  # r × a_in
             S_new = plus(self.E, congruence(self.F, S))  # Q_yy, then its Schur complement
         Q_rr = self.GVt @ SGV
         if pooled:
@@ -425,7 +425,7 @@ class DenseStageFactor(StageFactor):
             if st.k:
                 rest = rest - st.Z @ (st.Z.mT @ b)
             u_rest = rest / -self.damping
-        t_new = None if t is None else st.FT._matmat(t)
+        t_new = None if t is None else st.FT.matmat(t)
         if u_r is not None:
             t_new = _sub(t_new, self.Q_ry.mT @ u_r)
         if u_z is not None:
@@ -455,7 +455,7 @@ class DenseStageFactor(StageFactor):
         if st.n_rest:
             theta_rest = -u_rest if y is None else -u_rest - (st.C_rest @ y) / self.damping
             theta = theta_rest if theta is None else theta + theta_rest
-        y_new = None if y is None else st.F._matmat(y)
+        y_new = None if y is None else st.F.matmat(y)
         if theta_r is not None:
             gy = _mm(st.GV, theta_r)
             y_new = gy if y_new is None else y_new + gy

@@ -105,7 +105,7 @@ class ReducedAffineFactor(StageFactor):
         if self.inner is not None:
             u, t_new = self.inner.backward(t, st._to_span(Zb, k))
         else:
-            u, t_new = None, None if t is None else st.F.T._matmat(t)
+            u, t_new = None, None if t is None else st.F.T.matmat(t)
         if b_perp is not None and st.coupled:
             extra = st._c_t(b_perp, k) / self.damping  # −C_⊥ᵀ u_⊥ with u_⊥ = −b_⊥/ε
             t_new = extra if t_new is None else t_new + extra
@@ -118,7 +118,7 @@ class ReducedAffineFactor(StageFactor):
             theta_z, y_new = self.inner.forward(y, u_inner)
             T = st.V @ st._from_span(theta_z)
         else:
-            T, y_new = None, None if y is None else st.F._matmat(y)
+            T, y_new = None, None if y is None else st.F.matmat(y)
         if b_perp is not None:
             perp = b_perp if y is None or not st.coupled else b_perp - st._c_perp(y)
             perp = perp / self.damping
