@@ -61,7 +61,7 @@ class KKTFactorization:
         try:
             self._factor = SymmetricBlockTridiagonal(diagonal, lower).factorize()
         except SingularMatrixError as err:
-            stage = getattr(err, "block", None)
+            stage = err.block
             raise SingularSystemError(
                 f"H + εI is singular at damping={damping:g}"
                 + (f" (the elimination broke down at block {stage} of the chain)" if stage is not None else ""),
