@@ -1,6 +1,7 @@
-"""Dense algebra shared by the elimination's stages (:mod:`tallskinny.elimination`,
-:mod:`tallskinny.elimination.stages.affine`): symmetric congruences with structured ``F``, the stage pivot
-factorization, and the signals a stage raises when it cannot be eliminated."""
+"""Dense algebra shared by the elimination's stages (:mod:`tallskinny.elimination.stages`):
+symmetric congruences ``FᵀSF`` with structured ``F``, the stage pivot factorization
+``SymmetricFactor`` of ``Q_θθ``, and ``StageSingular``, raised where a stage cannot be
+eliminated."""
 
 from __future__ import annotations
 

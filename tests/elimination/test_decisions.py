@@ -40,7 +40,7 @@ from tallskinny.elimination.riccati import RiccatiFactorization
 
 from test_elimination import dense_hessian, random_problem
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "chain"))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "chain"))
 from models import mlp  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("float64")
