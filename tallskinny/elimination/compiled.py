@@ -24,8 +24,8 @@ from ..blocks.linear import WeightBiasOrder
 from ..blocks.protocol import DeferredOracle, Oracle
 from ..linalg import Dense, Diagonal, LinearOperator, ScaledIdentity, Zero
 from ..linalg.kronecker import identity_kronecker_factor
-from .structure import affine_parts, padded_identity, samples_first, transposed_order
 from .runs import HVPRun, find_runs
+from .structure import affine_parts, padded_identity, samples_first, transposed_order
 
 
 Apply = Callable[[Tensor], Tensor]

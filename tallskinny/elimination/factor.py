@@ -13,8 +13,8 @@ from .riccati import RiccatiFactorization
 
 def factorize(oracles: Sequence[Oracle], loss: Oracle, damping: float, stages: Sequence | None = None):
     """Factor ``H + εI``: the Riccati recursion, or the pivoted KKT factorization when a
-    stage is singular. Raises :class:`SingularSystemError` when ``H + εI`` is singular.
-    ``stages`` are the prepared stages (:func:`prepare_stages`) if already at hand."""
+    stage is singular. Raises :class:`~tallskinny.SingularSystemError` when ``H + εI`` is singular.
+    ``stages`` are the prepared stages (:func:`~tallskinny.elimination.prepare.prepare_stages`) if already at hand."""
     try:
         return RiccatiFactorization(stages if stages is not None else prepare_stages(oracles, loss), loss, damping)
     except StageSingular:

@@ -9,10 +9,10 @@ from torch import Tensor
 
 from ..blocks.protocol import Oracle
 from ..linalg import Diagonal, Zero, pivot_tolerance
+from . import runs
 from .algebra import congruence, plus, symmetrize
 from .compiled import CompiledBlocks, CompiledOracle
-from . import runs
-from .stages.activation import ActivationStage, NoParameters
+from .stages.activation import ActivationStage
 from .stages.affine import AffineStage
 from .stages.covered import COVERED
 from .stages.dense import DenseStage
@@ -24,11 +24,12 @@ def prepare_stages(oracles: Sequence[Oracle], loss: Oracle, compiled: Sequence |
     """The ε-independent stage data of every block (computed once per curvature).
 
     Runs of one-sample ``nn.Linear`` + activation pairs (:mod:`tallskinny.elimination.stages.run`)
-    get one :class:`~tallskinny.LinearRunStage` at their first block (the
+    get one :class:`~tallskinny.elimination.stages.run.LinearRunStage` at their first block (the
     others hold :data:`~tallskinny.elimination.stages.covered.COVERED`). Blocks affine in their
     parameters (their oracle says so with Kronecker-structured operators) get an
     :class:`~tallskinny.elimination.stages.affine.AffineStage`; other blocks with
-    parameters a :class:`DenseStage`; blocks without an :class:`ActivationStage`.
+    parameters a :class:`~tallskinny.elimination.stages.dense.DenseStage`; blocks without an
+    :class:`~tallskinny.elimination.stages.activation.ActivationStage`.
     ``compiled`` are the oracles' :class:`~tallskinny.elimination.compiled.CompiledOracle` where at
     hand (the stages then share their products and their reading of the structure).
     """
@@ -64,7 +65,7 @@ def prepare_stages(oracles: Sequence[Oracle], loss: Oracle, compiled: Sequence |
         if parts is None:
             stages[i] = DenseStage(o, **kw)
         else:
-            stages[i] = ReducedAffineStage(o, parts, lambda reduced: _reduced_stage(reduced, kw))
+            stages[i] = ReducedAffineStage(o, parts, **kw)
     return stages
 
 
@@ -79,12 +80,6 @@ def _run_stages(compiled, last: int):
         if J >= runs.MIN_RUN:
             out.append((start, LinearRunStage(run, start, J)))
     return out
-
-
-def _reduced_stage(reduced: Oracle, kw: dict):
-    if not reduced.G.shape[1]:
-        return NoParameters(reduced)
-    return DenseStage(reduced, **kw, orthogonal_columns=True)
 
 
 def _value_hessian_range(activations: Sequence[Oracle], loss: Oracle) -> Tensor | None:

@@ -47,7 +47,7 @@ def affine_parts(o: Oracle):
 
 def samples_first(o: Oracle, parts) -> bool:
     """Whether the output is ordered sample-major, ``(s, i)``: ``P_out`` is the transpose
-    of the ``m × R`` product (as for ``nn.Linear``), which :class:`AffineStage` assumes."""
+    of the ``m × R`` product (as for ``nn.Linear``), which :class:`~tallskinny.elimination.stages.affine.AffineStage` assumes."""
     p_out, X = parts[0], parts[1]
     R = X.shape[0]
     m = o.G.shape[0] // R

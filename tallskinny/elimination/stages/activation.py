@@ -8,8 +8,8 @@ from torch import Tensor
 from ...blocks.protocol import Oracle
 from ...linalg import Diagonal, ScaledIdentity, Zero
 from ..algebra import congruence, plus, symmetrize, zero_map
-from . import Stage
 from ..compiled import CompiledOracle
+from . import Stage
 
 
 class ActivationStage(Stage):

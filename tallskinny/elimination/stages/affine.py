@@ -38,9 +38,9 @@ from ..algebra import (
     symmetrize,
     symmetrized,
 )
+from ..compiled import CompiledOracle
 from ..structure import padded_identity, transposed_order
 from . import Stage, StageFactor
-from ..compiled import CompiledOracle
 
 
 def _complement_basis(V: Tensor) -> Tensor:

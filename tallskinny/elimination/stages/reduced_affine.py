@@ -11,14 +11,16 @@ from ...linalg import Dense, Identity, Inertia, Zero
 from ...linalg.kronecker import Kronecker, Permutation, Product, kron, transpose_permutation
 from ..algebra import symmetrize
 from . import Stage, StageFactor
+from .activation import NoParameters
 from .affine import AffineCoordinates, plus_complement_logdet, with_complement
+from .dense import DenseStage
 
 
 class ReducedAffineStage(AffineCoordinates, Stage):
     """A block affine in its parameters: exact complement ⊕ a dense stage on the span
     (for the last block, where the span stage also drops the loss's null space)."""
 
-    def __init__(self, oracle: Oracle, parts, inner_stage):
+    def __init__(self, oracle: Oracle, parts, **dense_options):
         p_out, X, _, Gam, _, _ = parts
         XV = self._setup(oracle, parts)
         R, m, r = self.R, self.m, self.r
@@ -56,7 +58,11 @@ class ReducedAffineStage(AffineCoordinates, Stage):
             C=C_r,
             E=oracle.E,
         )
-        self.inner = inner_stage(reduced)
+        # the span stage: a dense stage with orthogonal columns (dense_options: what it may
+        # drop next to ReLUs or the loss), or none where no parameter is left
+        self.inner = (
+            DenseStage(reduced, **dense_options, orthogonal_columns=True) if reduced.G.shape[1] else NoParameters(reduced)
+        )
 
     def _to_span(self, Zb: Tensor, k: int) -> Tensor:
         """``r × (m·k)`` span parts (ordered ``(k, i)``) as the inner stage's ``ζ``."""
