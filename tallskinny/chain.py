@@ -12,7 +12,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
-from ._gc import collector_paused
+from .collector import collector_paused
 from . import resources
 from .blocks import LossBlock, Oracle, OracleMemory, block_for, checks, loss_for
 from .blocks.elementwise import batch_key, oracles_together

@@ -7,13 +7,14 @@ import math
 import numbers
 import operator
 import warnings
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
 
-from . import routes, _workspace, elimination, products, resources, spectrum
-from ._gc import collector_paused
+from . import elimination, resources, routes, spectrum
+from .elimination import workspace
+from .collector import collector_paused
 from .blocks.protocol import Oracle
 from .errors import AccuracyWarning, SingularSystemError, StaleCurvatureError
 from .linalg import Inertia
@@ -129,6 +130,42 @@ class ParameterVersions:
                 )
 
 
+class SolveChecks:
+    """What the backward-error test of one curvature's solves has learnt so far.
+
+    ``norm_bound`` is a lower bound of ``‖H‖``, raised by every bound seen: ``‖(H+εI)x‖/‖x‖``
+    of the solves, the last Linear blocks' ``‖H_ll‖`` (:meth:`blocks_bound`) and
+    ``‖Hg‖/‖g‖`` (:meth:`gradient_bound`), these two computed at most once. A low bound
+    only makes the test stricter. ``refinements`` counts the refinement steps taken."""
+
+    def __init__(self, blocks: Callable[[], float], gradient: Callable[[], float]):
+        self.norm_bound = 0.0
+        self.refinements = 0
+        self.blocks_done = self.gradient_done = False
+        self._blocks, self._gradient = blocks, gradient
+
+    def raise_bound(self, bound: float) -> None:
+        self.norm_bound = max(self.norm_bound, bound)
+
+    def blocks_bound(self) -> float | None:
+        """The last Linear blocks' bound, the first time only (``None`` after)."""
+        if self.blocks_done:
+            return None
+        self.blocks_done = True
+        bound = self._blocks()
+        self.raise_bound(bound)
+        return bound
+
+    def gradient_bound(self) -> float | None:
+        """``‖Hg‖/‖g‖``, the first time only (``None`` after)."""
+        if self.gradient_done:
+            return None
+        self.gradient_done = True
+        bound = self._gradient()
+        self.raise_bound(bound)
+        return bound
+
+
 class Factorization:
     """``H + εI`` factored once; solves any number of right-hand sides.
 
@@ -233,7 +270,7 @@ class Factorization:
             residual, buffer, eta = self._checked_residual(rhs, x, tol)
             go_on = residual is not None and step < MAX_REFINEMENTS and eta <= 0.5 * last
             if go_on:
-                self._curvature._refinements += 1
+                self._curvature.checks.refinements += 1
                 x = x + self._inner.solve(residual)
             self._scratch = buffer  # free again for the next check
             if not go_on:
@@ -260,18 +297,18 @@ class Factorization:
             scratch = None
         if scratch is None and not self._pooled_scratch:  # the first: from the workspace pool
             self._pooled_scratch = True
-            scratch = _workspace.empty(tuple(x.shape), x)
-            _workspace.recycle(self, scratch)
+            scratch = workspace.empty(tuple(x.shape), x)
+            workspace.recycle(self, scratch)
         Mx = self._curvature._apply(x, scratch, shift=self.damping)
         residual = torch.sub(rhs, Mx, out=Mx)  # b − (H+εI)x, in the buffer of (H+εI)x
         r_n, x_n, b_n = torch.stack((residual.norm(dim=0), x.norm(dim=0), rhs.norm(dim=0))).tolist()
-        curv = self._curvature
-        H_bound = max(curv._norm_bound, self._norm_hint)
+        checks = self._curvature.checks
+        H_bound = max(checks.norm_bound, self._norm_hint)
         scale = max(0.0, H_bound - self.damping)  # ‖H+εI‖ ≥ ‖H‖ − ε
         for j in range(len(x_n)):
             if x_n[j] > 0:  # ‖(H+εI)x‖ ≥ ‖b‖ − ‖r‖ (one norm fewer than ‖(H+εI)x‖ itself)
                 scale = max(scale, (b_n[j] - r_n[j]) / x_n[j])
-        curv._norm_bound = max(H_bound, scale - self.damping)
+        checks.raise_bound(max(H_bound, scale - self.damping))
 
         def above(scale: float) -> bool:
             return any(
@@ -280,21 +317,17 @@ class Factorization:
 
         if not above(scale):
             return None, residual, 0.0
-        if not curv._block_bound_done:
-            # the diagonal blocks of the last Linear layers: a few small products, once
-            curv._block_bound_done = True
-            bound = products.last_blocks_norm_bound(curv._compiled_oracles()[0], curv.loss_oracle.E.to_dense())
-            curv._norm_bound = max(curv._norm_bound, bound)
+        # the diagonal blocks of the last Linear layers: a few small products, once
+        bound = checks.blocks_bound()
+        if bound is not None:
             scale = max(scale, bound - abs(self.damping))
             if not above(scale):
                 return None, residual, 0.0
-        if not curv._gradient_bound_done:
-            # the cheap bounds can be far below ‖H‖ (20–40× on deep tanh MLPs): before the
-            # first refinement on this curvature, bound ‖H‖ by ‖Hg‖/‖g‖ (one HVP, once,
-            # cheaper than the refinement's two sweeps it spares this and later solves)
-            curv._gradient_bound_done = True
-            bound = curv._gradient_norm_bound()
-            curv._norm_bound = max(curv._norm_bound, bound)
+        # the cheap bounds can be far below ‖H‖ (on deep tanh MLPs): before the first
+        # refinement on this curvature, bound ‖H‖ by ‖Hg‖/‖g‖ (one HVP, once, cheaper than
+        # the refinement's two sweeps it spares this and later solves)
+        bound = checks.gradient_bound()
+        if bound is not None:
             scale = max(scale, bound - abs(self.damping))
             if not above(scale):
                 return None, residual, 0.0
@@ -360,7 +393,7 @@ class Factorization:
         tol = FACTORIZATION_TOLERANCE * torch.finfo(x.dtype).eps
         _, buffer, eta = self._checked_residual(b, x, tol)
         self._scratch = buffer
-        norm = self._curvature._norm_bound + abs(self.damping)
+        norm = self._curvature.checks.norm_bound + abs(self.damping)
         cond = 10 * math.sqrt(layout.numel) * norm * float(x.norm()) / float(b.norm())
         return eta, cond
 
@@ -457,10 +490,10 @@ class Curvature:
         self.loss = loss_value
         self._stages = None
         self._compiled = None
-        self._norm_bound = 0.0  # max ‖H v‖/‖v‖ over the vectors seen so far: a lower bound of ‖H‖
-        self._gradient_bound_done = False  # whether ‖Hg‖/‖g‖ is in _norm_bound
-        self._block_bound_done = False  # whether the last Linear blocks' ‖H_ll‖ is in it
-        self._refinements = 0  # solves the check refined
+        self.checks = SolveChecks(
+            blocks=lambda: elimination.last_blocks_norm_bound(self._compiled_oracles()[0], self.loss_oracle.E.to_dense()),
+            gradient=lambda: self._gradient_norm_bound(),
+        )
 
     def _check_current(self) -> None:
         """The parameters are as when the curvature was made (else ``StaleCurvatureError``)."""
@@ -486,7 +519,7 @@ class Curvature:
     def _compiled_oracles(self):
         """The oracles' products as tensor functions (shared by HVPs and the stages)."""
         if self._compiled is None:
-            self._compiled = (products.compile_oracles(self.oracles), products.CompiledOracle(self.loss_oracle))
+            self._compiled = (elimination.compile_oracles(self.oracles), elimination.CompiledOracle(self.loss_oracle))
         return self._compiled
 
     def _gradient_norm_bound(self) -> float:
@@ -494,9 +527,8 @@ class Curvature:
 
         A Rayleigh-type bound, good because ``g`` is not a random direction: ``g = Jᵀ∇ℓ``
         lies in the range of ``Jᵀ``, where the Gauss–Newton part, the largest curvature
-        of a network, lives (measured: 0.6·‖H‖ on the benchmark MLPs, against 0.05·‖H‖
-        from the factorization's pivots and ~0.1·‖H‖ from the last Linear layers'
-        diagonal blocks)."""
+        of a network, lives (so it is far above the bounds from the factorization's pivots
+        and from the last Linear layers' diagonal blocks)."""
         g = self._flat_gradient().reshape(-1, 1)
         g_norm = float(g.norm())
         return float(self._apply(g).norm()) / g_norm if g_norm > 0 else 0.0
@@ -512,7 +544,7 @@ class Curvature:
 
     def _flat_gradient(self) -> Tensor:
         if self._gradient is None:
-            self._gradient = products.gradient(self._compiled_oracles()[0], self._adjoints)
+            self._gradient = elimination.gradient(self._compiled_oracles()[0], self._adjoints)
         return self._gradient
 
     @collector_paused
@@ -530,7 +562,7 @@ class Curvature:
     def _apply(self, x: Tensor, out: Tensor | None = None, shift: float = 0.0) -> Tensor:
         """``H x + shift·x`` for a validated flat ``(P, k)`` tensor (written into ``out``,
         of ``x``'s shape, where the products allow)."""
-        return products.hvp(*self._compiled_oracles(), x, out, shift)
+        return elimination.hvp(*self._compiled_oracles(), x, out, shift)
 
     @collector_paused
     def factorize(self, damping: float = 0.0, *, shift: float | None = None) -> Factorization:

@@ -21,7 +21,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from ._per_example import per_example_gradients
+from .per_example import per_example_gradients
 from .batches import one_batch
 from .chain import Chain
 from .curvature import check_damping, check_kind

@@ -28,7 +28,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from ._per_example import flat_parameters, output_at, output_jacobian
+from .per_example import flat_parameters, output_at, output_jacobian
 from .batches import one_batch
 from .chain import Chain
 from .curvature import check_damping

@@ -38,7 +38,7 @@ import attrs
 import torch
 from torch import Tensor
 
-from ._per_example import flat_parameters, loss_at
+from .per_example import flat_parameters, loss_at
 from .chain import Chain
 from .curvature import Curvature, check_kind
 from .errors import SingularSystemError

@@ -56,7 +56,7 @@ from typing import Callable, Sequence
 import attrs
 import torch
 
-from .batched_sweeps import MIN_RUN
+from .elimination.runs import MIN_RUN
 from .blocks.protocol import DeferredOracle, Oracle
 from .errors import ResourceError
 from .linalg import Diagonal, LowRank, ScaledIdentity, Zero
@@ -67,7 +67,7 @@ UNCHECKED_BYTES = 64 * 2**20
 ``memory_limit=`` is always compared)."""
 
 POOL_BYTES = 64 * 2**20
-"""The capacity of the workspace pool (``LIMIT_BYTES`` of ``tallskinny/_workspace.py``): scratch
+"""The capacity of the workspace pool (``LIMIT_BYTES`` of ``tallskinny/elimination/workspace.py``): scratch
 buffers given back to it stay allocated, for reuse."""
 
 PYTHON_BYTES, PYTHON_BYTES_PER_BLOCK = 2**20, 16 * 2**10
@@ -432,7 +432,7 @@ def _kkt_blocks(stages: Sequence[StageShape]) -> list[StageShape]:
 
 def stage_shapes(oracles: Sequence[Oracle], compiled, names: Sequence[str]) -> list[StageShape]:
     """The :class:`StageShape` of every stage that ``elimination.prepare_stages`` makes of
-    these oracles (``compiled``: their :class:`~tallskinny.products.CompiledBlocks`; its
+    these oracles (``compiled``: their :class:`~tallskinny.elimination.compiled.CompiledBlocks`; its
     run plan and the blocks' affine structure are computed here once, as the stages need them)."""
     n = len(oracles)
     last = max((i for i, c in enumerate(compiled) if c.p), default=-1)

@@ -9,11 +9,31 @@ algebra on it. Both are meant for small models (``P`` up to a few thousand).
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import Tensor
 from torch.func import functional_call, grad, jacrev
 
-__all__ = ["check_chain", "dense_ggn", "dense_gradient", "dense_hessian", "relative_error"]
+from . import elimination
+from .elimination import prepare_stages
+from .elimination.stages.affine import AffineStage
+from .elimination.stages.dense import DenseStage
+from .elimination.stages.reduced_affine import ReducedAffineStage
+
+__all__ = [
+    "AffineStage",
+    "DenseStage",
+    "ReducedAffineStage",
+    "check_chain",
+    "dense_ggn",
+    "dense_gradient",
+    "dense_hessian",
+    "elimination_forbidden",
+    "plain_dense_stages",
+    "relative_error",
+    "stages",
+]
 
 
 def _flat(chain, inputs, targets):
@@ -91,3 +111,42 @@ def check_chain(chain, inputs, targets, damping: float, *, kind: str = "hessian"
     x = chain.inverse_hvp(inputs, targets, b, damping=damping, kind=kind)
     assert relative_error(x, torch.linalg.solve(M, b)) <= tol, "inverse_hvp"
     return H
+
+
+# ---------------------------------------------------------------------------------------
+# How the elimination treats a block: for tests of blocks and plugins. The stage classes
+# above are re-exported for ``isinstance`` checks; their attributes are not an API.
+
+
+def stages(curvature) -> list:
+    """The elimination's stages of ``curvature``, one per block (prepared afresh, so
+    inside :func:`plain_dense_stages` they take the plain path)."""
+    return prepare_stages(curvature.oracles, curvature.loss_oracle)
+
+
+@contextlib.contextmanager
+def plain_dense_stages():
+    """Within: dense stages made (and factored) ignore the structure they could exploit
+    (``G = I_m ⊗ B`` spans, dead ReLU units), for comparisons with the plain path."""
+    before = DenseStage.use_structure
+    DenseStage.use_structure = False
+    try:
+        yield
+    finally:
+        DenseStage.use_structure = before
+
+
+@contextlib.contextmanager
+def elimination_forbidden():
+    """Within: reaching the elimination (preparing stages or factoring) raises
+    ``AssertionError``, for tests that a call is refused before the work."""
+
+    def reached(*args, **kwargs):
+        raise AssertionError("the elimination was reached: the call was not refused before the work")
+
+    before = elimination.prepare_stages, elimination.factorize
+    elimination.prepare_stages = elimination.factorize = reached
+    try:
+        yield
+    finally:
+        elimination.prepare_stages, elimination.factorize = before

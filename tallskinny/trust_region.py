@@ -42,7 +42,9 @@ from .errors import AccuracyWarning
 from .linalg import Inertia, SingularMatrixError
 
 
-class _Factorization(Protocol):
+class ShiftedFactorization(Protocol):
+    """What the subproblem solver needs of a factorization of ``H + λI``."""
+
     def solve(self, b: Tensor) -> Tensor: ...
 
     def inertia(self) -> Inertia: ...
@@ -56,7 +58,7 @@ class FactorizableOperator(Protocol):
     when ``H + λI`` is singular.
     """
 
-    def factorize(self, damping: float) -> _Factorization: ...
+    def factorize(self, damping: float) -> ShiftedFactorization: ...
 
     def hvp(self, v: Tensor) -> Tensor: ...
 

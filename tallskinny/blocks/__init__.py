@@ -10,7 +10,8 @@ this package registers the built-in rules; plugins register theirs through the
 block against the fallback.
 """
 
-from .func import Block, FuncBlock, FuncLoss
+from .base import Block, FuncBlock
+from .func import FuncLoss
 from .protocol import DeferredOracle, DifferentiableBlock, LossBlock, Oracle, OracleMemory
 from .registry import UnsupportedModuleError, block_for, lookup, loss_for, register
 

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from ..errors import NondeterministicModuleError
 from ..linalg import Diagonal, Identity
 from .checks import check_adjoint, check_finite, check_input, check_params, plain, zero
-from .func import Block
+from .base import Block
 from .protocol import DeferredOracle, Oracle
 from .registry import register
 

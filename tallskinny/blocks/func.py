@@ -1,4 +1,5 @@
-"""The ``Block`` base class and the ``torch.func`` fallback for any module or loss.
+"""The ``torch.func`` fallback for any module or loss (the ``Block`` base class that uses it
+is in :mod:`tallskinny.blocks.base`).
 
 The fallback differentiates the flat map ``x = (θ, z_in) ↦ z_out`` with
 ``torch.func``: one Jacobian gives ``[G F]``, and the Hessian of the scalar
@@ -6,7 +7,7 @@ The fallback differentiates the flat map ``x = (θ, z_in) ↦ z_out`` with
 ``[[A C], [Cᵀ E]]``. It is exact (up to rounding) for any
 module that maps one tensor to one tensor, also when samples interact, but it forms
 dense matrices of size ``a_out × (p + a_in)`` and ``(p + a_in)²``: analytic blocks
-(:mod:`.linear`, :mod:`.elementwise`, …) override :meth:`Block.oracle`.
+(:mod:`.linear`, :mod:`.elementwise`, …) write the hooks of :meth:`Block.oracle`.
 """
 
 from __future__ import annotations
@@ -16,133 +17,13 @@ from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, grad, jacfwd, jacrev
+from torch.func import grad, jacfwd, jacrev
 
-from ..errors import NondeterministicModuleError
 from ..linalg import Dense
-from .checks import check_adjoint, check_finite, check_input, check_params, describe, zero
+from .checks import check_finite, check_input, describe, zero
 from .protocol import Oracle
 
-__all__ = ["Block", "FuncBlock", "FuncLoss", "func_oracle", "func_oracle_bytes", "second_derivatives"]
-
-
-class Block:
-    """A block that wraps an ``nn.Module`` mapping one tensor to one tensor.
-
-    ``parameters()`` are the module's parameters that require grad, in
-    ``module.named_parameters()`` order (the module's own tensors); parameters with
-    ``requires_grad=False`` are constants, taken from the module. ``forward`` evaluates
-    the module with :func:`torch.func.functional_call` at the given parameter values,
-    on clones of its buffers, so nothing of the module changes (a ``BatchNorm`` in
-    training mode updates the clones, not the model's running statistics).
-
-    ``forward`` hands the module a copy of its input, so a module that changes its input
-    in place (``x.tanh_()``, ``inplace=True``) leaves the caller's tensor as it was.
-
-    ``oracle`` is the generic ``torch.func`` fallback: it differentiates
-    :meth:`forward`. A subclass that overrides nothing is therefore correct for any
-    module; an analytic block overrides :meth:`oracle` (and :meth:`forward` where a
-    direct formula is simpler) and is registered with
-    :func:`tallskinny.blocks.register`. The fallback evaluates the module twice at the
-    point and raises :class:`~tallskinny.errors.NondeterministicModuleError` where the
-    two outputs differ by more than rounding (a random module, e.g. dropout in training
-    mode, has no derivatives).
-    """
-
-    def __init__(self, module: nn.Module):
-        if not isinstance(module, nn.Module):
-            raise TypeError(f"{type(self).__name__} wraps an nn.Module, got {describe(module)}")
-        self.module = module
-        # θ is fixed when the block is made (like an optimizer's parameter list)
-        named = list(module.named_parameters())
-        self._all_parameters = dict(named)
-        self._names = [name for name, p in named if p.requires_grad]
-        self._parameters = [p for _, p in named if p.requires_grad]
-
-    # -- parameters -------------------------------------------------------------------
-    def parameter_names(self) -> list[str]:
-        """Names (as in ``module.named_parameters()``) of the entries of θ, in order.
-
-        θ is the set of parameters that required grad when the block was made."""
-        return list(self._names)
-
-    def parameters(self) -> list[Tensor]:
-        """The module's parameters that require grad, in ``named_parameters()`` order."""
-        return list(self._parameters)
-
-    def parameter_values(self, params: Sequence[Tensor]) -> dict[str, Tensor]:
-        """Every parameter of the module by name: ``params`` for θ, the module's own
-        tensors for the frozen ones (``requires_grad=False``)."""
-        values = dict(self._all_parameters)
-        values.update(zip(self._names, params))
-        return values
-
-    # -- evaluation -------------------------------------------------------------------
-    def forward(self, z: Tensor, params: Sequence[Tensor]) -> Tensor:
-        """``z_out = f(z; θ)`` with θ = ``params``; differentiable w.r.t. ``z`` and ``params``."""
-        where = self._where("forward")
-        check_input(z, where)
-        params = check_params(self._parameters, params, z, where)
-        tensors = {name: buffer.clone() for name, buffer in self.module.named_buffers()}
-        tensors.update(zip(self._names, params))
-        # a module may change its input in place, declared (inplace=True) or not
-        out = functional_call(self.module, tensors, (z.clone(),))
-        if not isinstance(out, Tensor):
-            raise TypeError(
-                f"{where}: the module returned {describe(out)}; a block maps one tensor to one tensor"
-            )
-        return out
-
-    def oracle(
-        self, z: Tensor, params: Sequence[Tensor], g: Tensor, *, second_order: bool = True
-    ) -> Oracle:
-        """``G, F, A, C, E`` at ``(z, θ)`` contracted with ``g``, by ``torch.func`` on :meth:`forward`."""
-        where = self._where("oracle")
-        check_input(z, where)
-        params = [p.detach() for p in check_params(self._parameters, params, z, where)]
-        z = z.detach()
-        check_finite(z, "z", where)
-        with torch.no_grad():
-            out = self.forward(z, params)
-            # a random module draws a new function at every call: one more forward pass
-            # (cheap next to the Jacobians) tells it from a deterministic one
-            again = self.forward(z, params)
-        if _differ(out, again):
-            raise NondeterministicModuleError(
-                f"{where}: two evaluations of {self.module._get_name()} at the same input and "
-                "parameters differ; a random module (dropout in training mode, …) has no "
-                "derivatives: call .eval() on it"
-            )
-        g = check_adjoint(g, out.shape, z, where).detach()
-        return func_oracle(self.forward, z, params, g, second_order=second_order, where=where)
-
-    def oracle_bytes(
-        self, z_in: tuple[int, ...], z_out: tuple[int, ...], *, second_order: bool, itemsize: int
-    ) -> tuple[int, int]:
-        """Bytes :meth:`oracle` allocates at these shapes
-        (:class:`~tallskinny.blocks.protocol.OracleMemory`): the fallback's
-        (:func:`func_oracle_bytes`). A subclass that overrides :meth:`oracle` states its own;
-        one that does not override this counts as ``(0, 0)`` (not stated)."""
-        if type(self).oracle is not Block.oracle:
-            return 0, 0
-        p = sum(t.numel() for t in self._parameters)
-        return func_oracle_bytes(math.prod(z_in), math.prod(z_out), p, second_order=second_order, itemsize=itemsize)
-
-    # -- helpers ----------------------------------------------------------------------
-    def _where(self, method: str) -> str:
-        """``"Block(Module).method"`` for error messages (made once per method)."""
-        names = self.__dict__.setdefault("_where_names", {})
-        where = names.get(method)
-        if where is None:
-            where = names[method] = f"{type(self).__name__}({self.module._get_name()}).{method}"
-        return where
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.module!r})"
-
-
-class FuncBlock(Block):
-    """The block of an unregistered module: :class:`Block` with the ``torch.func`` fallback."""
+__all__ = ["FuncLoss", "differ", "func_oracle", "func_oracle_bytes", "second_derivatives"]
 
 
 def func_oracle(
@@ -326,7 +207,7 @@ def _callable_name(f) -> str:
     return getattr(f, "__qualname__", None) or type(f).__name__
 
 
-def _differ(a: Tensor, b: Tensor) -> bool:
+def differ(a: Tensor, b: Tensor) -> bool:
     """Whether two evaluations ``a``, ``b`` of one map at one point differ by more than
     rounding: ``max |a − b| > √eps · max |a|`` (a tolerance, not bitwise equality, so that
     kernels with a nondeterministic summation order are not mistaken for random ones)."""

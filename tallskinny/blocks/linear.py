@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from ..linalg import Dense, Identity, LinearOperator
 from ..linalg.kronecker import Kronecker, Permutation, Product, padded_identity_matrix, transpose_permutation
 from .checks import check_adjoint, check_finite, check_input, check_params, plain, zero
-from .func import Block
+from .base import Block
 from .protocol import DeferredOracle, Oracle
 from .registry import register
 

@@ -27,8 +27,8 @@ import torch
 from torch import Tensor, nn
 
 from ..linalg import BlockDiagonal, Dense, LinearOperator
-from .checks import check_adjoint, check_finite, check_input, check_params, zero
-from .func import Block
+from .checks import check_input, check_params, zero
+from .base import Block
 from .protocol import Oracle
 from .registry import register
 
@@ -46,14 +46,14 @@ class LayerNormBlock(Block):
         weight, bias = self._weight_bias(z, params, "forward")
         return nn.functional.layer_norm(z, self.module.normalized_shape, weight, bias, self.module.eps)
 
-    def oracle(
-        self, z: Tensor, params: Sequence[Tensor], g: Tensor, *, second_order: bool = True
-    ) -> Oracle:
-        where = self._where("oracle")
-        weight, _ = self._weight_bias(z, params, "oracle")
-        z = z.detach()
-        check_finite(z, "z", where)
-        g = check_adjoint(g, z.shape, z, where).detach()
+    def checked_parameters(self, z: Tensor, params: Sequence[Tensor], where: str):
+        return self._weight_bias(z, params, "oracle")
+
+    def output_shape(self, z: Tensor, values) -> tuple[int, ...]:
+        return tuple(z.shape)
+
+    def compute_oracle(self, z: Tensor, values, g: Tensor, *, second_order: bool = True) -> Oracle:
+        weight, _ = values
         D = math.prod(self.module.normalized_shape)
         x = z.reshape(-1, D)
         S = x.shape[0]

@@ -54,7 +54,7 @@ class DeferredOracle(Oracle):
     fast paths read of it given at once.
 
     Deep chains of small layers spend much of a curvature's time building operator objects
-    that batched runs never read (:mod:`tallskinny.batched_sweeps`). A block may return
+    that batched runs never read (:mod:`tallskinny.elimination.stages.run`). A block may return
     this instead (after all its input checks): ``build()`` returns the full
     :class:`Oracle` and runs on the first access to ``G, F, A, C`` or ``E``; ``sizes`` is
     ``(a_in, a_out, p)``; the hints are

@@ -23,7 +23,8 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .checks import describe
-from .func import FuncBlock, FuncLoss
+from .base import FuncBlock
+from .func import FuncLoss
 from .protocol import DifferentiableBlock, LossBlock
 
 __all__ = [

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from ..linalg import Identity
 from .checks import check_adjoint, check_finite, check_input, check_params, zero
-from .func import Block
+from .base import Block
 from .protocol import Oracle
 from .registry import register
 

@@ -27,7 +27,8 @@ import torch
 from torch import Tensor, nn
 
 from ..linalg import LinearOperator
-from .func import FuncBlock, FuncLoss
+from .base import FuncBlock
+from .func import FuncLoss
 from .protocol import DeferredOracle, DifferentiableBlock, LossBlock, Oracle
 from .registry import block_for, loss_for
 

@@ -21,9 +21,11 @@ from .factor import (
     DenseFactorization,
     DiagonalFactorization,
     Factorization,
+    MatrixFactorization,
     pivot_tolerance,
 )
-from .operators import Dense, Diagonal, Identity, Inertia, LinearOperator, LowRank, ScaledIdentity, Zero, as_operator
+from .inertia import Inertia
+from .operators import Dense, Diagonal, Identity, LinearOperator, LowRank, ScaledIdentity, Zero, as_operator
 
 __all__ = [
     "BlockBidiagonalFactorization",
@@ -44,6 +46,7 @@ __all__ = [
     "Inertia",
     "LinearOperator",
     "LowRank",
+    "MatrixFactorization",
     "ScaledIdentity",
     "SingularMatrixError",
     "SymmetricBlockTridiagonal",

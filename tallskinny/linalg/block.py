@@ -34,7 +34,7 @@ from .factor import (
     BlockDiagonalFactorization,
     BlockTridiagonalLDL,
     BlockTridiagonalLU,
-    Factorization,
+    MatrixFactorization,
 )
 from .operators import Dense, Diagonal, LinearOperator, ScaledIdentity, Zero
 
@@ -270,7 +270,7 @@ class BlockDiagonal(BlockOperator):
         obj.symmetric = all(b.symmetric for b in obj.diagonal)
         return obj
 
-    def factorize(self) -> Factorization:
+    def factorize(self) -> MatrixFactorization:
         if self.shape[0] != self.shape[1]:
             raise ValueError(f"cannot factorize a non-square {type(self).__name__} of shape {self.shape}")
         for i, b in enumerate(self.diagonal):
@@ -293,7 +293,7 @@ class BlockLowerBidiagonal(BlockOperator):
     def __init__(self, diagonal: Blocks, lower: Blocks):
         self._setup(diagonal, lower, None, square=True)
 
-    def factorize(self) -> Factorization:
+    def factorize(self) -> MatrixFactorization:
         factors = _factor_each(self.diagonal, type(self).__name__)
         return BlockBidiagonalFactorization(factors, self.lower, lower=True)
 
@@ -308,7 +308,7 @@ class BlockUpperBidiagonal(BlockOperator):
     def __init__(self, diagonal: Blocks, upper: Blocks):
         self._setup(diagonal, None, upper, square=True)
 
-    def factorize(self) -> Factorization:
+    def factorize(self) -> MatrixFactorization:
         factors = _factor_each(self.diagonal, type(self).__name__)
         return BlockBidiagonalFactorization(factors, self.upper, lower=False)
 
@@ -324,7 +324,7 @@ class BlockTridiagonal(BlockOperator):
     def __init__(self, diagonal: Blocks, lower: Blocks, upper: Blocks):
         self._setup(diagonal, lower, upper, square=True)
 
-    def factorize(self) -> Factorization:
+    def factorize(self) -> MatrixFactorization:
         diag, low, up = _dense(self.diagonal), _dense(self.lower), _dense(self.upper)
         return BlockTridiagonalLU(diag, low, up)
 
@@ -354,7 +354,7 @@ class SymmetricBlockTridiagonal(BlockTridiagonal):
         obj._assign(diagonal, lower, [b.T for b in lower], True)
         return obj
 
-    def factorize(self, *, alpha: float = DEFAULT_ALPHA) -> Factorization:
+    def factorize(self, *, alpha: float = DEFAULT_ALPHA) -> MatrixFactorization:
         return BlockTridiagonalLDL(_dense(self.diagonal), _dense(self.lower), alpha=alpha)
 
 
@@ -459,7 +459,7 @@ def _check_symmetric_blocks(blocks: Sequence[LinearOperator], name: str) -> None
             )
 
 
-def _factor_each(blocks: Sequence[LinearOperator], name: str) -> list[Factorization]:
+def _factor_each(blocks: Sequence[LinearOperator], name: str) -> list[MatrixFactorization]:
     factors = []
     for i, b in enumerate(blocks):
         try:

@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 
 from .errors import SingularMatrixError
-from .operators import Inertia
+from .inertia import Inertia
 
 PIVOT_TOLERANCE_FACTOR = 1.0
 """``c`` in the singularity test ``pivot ≤ c · N · eps · max|M_ij|``."""
@@ -59,8 +59,9 @@ def pivot_tolerance(n: int, dtype: torch.dtype, scale: float) -> float:
 
 
 # ---------------------------------------------------------------------------------------
-class Factorization:
-    """Base class of all factorizations of a square matrix.
+class MatrixFactorization:
+    """Base class of all factorizations of a square matrix (``tallskinny.linalg``'s; the
+    factorization of a curvature is :class:`tallskinny.Factorization`).
 
     Subclasses set ``shape``, ``dtype``, ``device``, ``symmetric``, implement
     :meth:`_solve` (for a validated ``(N, k)`` tensor) and set ``_logdet`` and
@@ -116,7 +117,7 @@ class Factorization:
 
 
 # ---------------------------------------------------------------------------------------
-class DenseFactorization(Factorization):
+class DenseFactorization(MatrixFactorization):
     """A dense square matrix, factored by LAPACK.
 
     * ``symmetric=False``: LU with partial pivoting, ``P M = L U``
@@ -216,7 +217,7 @@ def _d_eigenvalues(d: Tensor, e: Tensor, pivots: Tensor) -> Tensor:
 
 
 # ---------------------------------------------------------------------------------------
-class DiagonalFactorization(Factorization):
+class DiagonalFactorization(MatrixFactorization):
     """``diag(d)``: solves are divisions; ``log|det| = Σ log|d_k|``; inertia counts signs."""
 
     def __init__(self, diagonal: Tensor):
@@ -240,14 +241,14 @@ class DiagonalFactorization(Factorization):
 
 
 # ---------------------------------------------------------------------------------------
-class BlockDiagonalFactorization(Factorization):
+class BlockDiagonalFactorization(MatrixFactorization):
     """``diag(M_0, …, M_{n-1})`` from a factorization of each block.
 
     Each block is factored on its own (so the singularity test is relative to each
     block's own size and scale); ``log|det|``, sign and inertia are sums / products.
     """
 
-    def __init__(self, factorizations: Sequence[Factorization]):
+    def __init__(self, factorizations: Sequence[MatrixFactorization]):
         self.factors = tuple(factorizations)
         if not self.factors:
             raise ValueError("BlockDiagonalFactorization needs at least one block")
@@ -268,7 +269,7 @@ class BlockDiagonalFactorization(Factorization):
         return torch.cat([f._solve(r) for f, r in zip(self.factors, rhs.split(self._sizes))])
 
 
-class BlockBidiagonalFactorization(Factorization):
+class BlockBidiagonalFactorization(MatrixFactorization):
     """Block forward (lower) or backward (upper) substitution.
 
     ``x_i = M_ii⁻¹ (r_i − M_{i,i∓1} x_{i∓1})`` with each diagonal block factored on
@@ -277,7 +278,7 @@ class BlockBidiagonalFactorization(Factorization):
     block ``(i, i+1)`` otherwise.
     """
 
-    def __init__(self, diagonal: Sequence[Factorization], off: Sequence, *, lower: bool):
+    def __init__(self, diagonal: Sequence[MatrixFactorization], off: Sequence, *, lower: bool):
         self.factors = tuple(diagonal)
         self.off = tuple(off)
         self.lower = lower
@@ -310,7 +311,7 @@ class BlockBidiagonalFactorization(Factorization):
 
 
 # ---------------------------------------------------------------------------------------
-class BlockTridiagonalLU(Factorization):
+class BlockTridiagonalLU(MatrixFactorization):
     """Block LU with partial pivoting of a block-tridiagonal matrix (LAPACK ``gbtrf`` by blocks).
 
     This is Gaussian elimination with row partial pivoting, restricted to the band. At
@@ -425,7 +426,7 @@ class BlockTridiagonalLU(Factorization):
 
 
 # ---------------------------------------------------------------------------------------
-class BlockTridiagonalLDL(Factorization):
+class BlockTridiagonalLDL(MatrixFactorization):
     """Symmetric block LDLᵀ of a symmetric block-tridiagonal matrix, with delayed pivots.
 
     With diagonal blocks ``D_i`` and sub-diagonal blocks ``L_i`` (block ``(i+1, i)``),
@@ -689,7 +690,7 @@ def _raise_if_small(pivots: Tensor, tol: float, what: str) -> None:
         )
 
 
-def _check_solve_rhs(f: Factorization, rhs: Tensor) -> Tensor:
+def _check_solve_rhs(f: MatrixFactorization, rhs: Tensor) -> Tensor:
     name = type(f).__name__
     if not isinstance(rhs, Tensor):
         raise TypeError(f"{name}.solve needs a torch.Tensor, got {type(rhs).__name__}")
@@ -705,6 +706,11 @@ def _check_solve_rhs(f: Factorization, rhs: Tensor) -> Tensor:
     return rhs
 
 
+#: The name this class had before it was told apart from :class:`tallskinny.Factorization`
+#: (kept: ``tallskinny.linalg.Factorization`` is public).
+Factorization = MatrixFactorization
+
+
 __all__ = [
     "DEFAULT_ALPHA",
     "PIVOT_TOLERANCE_FACTOR",
@@ -715,6 +721,7 @@ __all__ = [
     "DenseFactorization",
     "DiagonalFactorization",
     "Factorization",
+    "MatrixFactorization",
     "ldl_d_eigenvalues",
     "pivot_tolerance",
 ]

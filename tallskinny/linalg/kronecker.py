@@ -13,7 +13,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from .operators import Dense, LinearOperator, ScaledIdentity, _check_compatible, as_operator
+from .operators import Dense, LinearOperator, ScaledIdentity, check_compatible, as_operator
 
 
 class Kronecker(LinearOperator):
@@ -25,7 +25,7 @@ class Kronecker(LinearOperator):
 
     def __init__(self, left, right):
         self.left, self.right = as_operator(left), as_operator(right)
-        _check_compatible(self.left, self.right, "form a Kronecker product of")
+        check_compatible(self.left, self.right, "form a Kronecker product of")
         (p, q), (r, s) = self.left.shape, self.right.shape
         self.shape = (p * r, q * s)
         self.dtype, self.device = self.left.dtype, self.left.device
@@ -66,6 +66,7 @@ class Permutation(LinearOperator):
             raise ValueError(f"the indices of a Permutation must be a permutation of 0..{n - 1}")
         self.index = index
         self._inverse: Permutation | None = None
+        self._transposed_orders: dict[tuple[int, int], tuple[Tensor, Tensor]] = {}
         self.shape = (n, n)
         self.dtype, self.device = dtype, index.device
 
@@ -74,6 +75,15 @@ class Permutation(LinearOperator):
 
     def _matmat(self, x: Tensor) -> Tensor:
         return x[self.index]
+
+    def transposed_order(self, m: int, q: int) -> tuple[Tensor, Tensor]:
+        """For ``x`` read as an ``m × q`` matrix ``X = reshape(P x)``: the indices ``o`` with
+        ``x[o] = vec(Xᵀ)`` and their inverse permutation (made once per shape)."""
+        cached = self._transposed_orders.get((m, q))
+        if cached is None:
+            order = self.index.reshape(m, q).T.reshape(-1)
+            cached = self._transposed_orders[(m, q)] = (order, torch.argsort(order))
+        return cached
 
     def _transpose(self) -> LinearOperator:
         if self._inverse is None:
@@ -90,7 +100,7 @@ class Product(LinearOperator):
             raise ValueError("Product needs at least one factor")
         self.factors = tuple(as_operator(f) for f in factors)
         for a, b in zip(self.factors, self.factors[1:]):
-            _check_compatible(a, b, "matmul")
+            check_compatible(a, b, "matmul")
         self.shape = (self.factors[0].shape[0], self.factors[-1].shape[1])
         self.dtype, self.device = self.factors[0].dtype, self.factors[0].device
 

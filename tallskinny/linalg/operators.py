@@ -9,18 +9,12 @@ from __future__ import annotations
 
 import functools
 import numbers
-from typing import NamedTuple
-
 import torch
 from torch import Tensor
 
-
-class Inertia(NamedTuple):
-    """Counts of positive, negative and zero eigenvalues of a symmetric matrix."""
-
-    positive: int
-    negative: int
-    zero: int
+from .errors import SingularMatrixError
+from .factor import DenseFactorization, DiagonalFactorization
+from .inertia import Inertia  # noqa: F401  (also importable from here, as before)
 
 
 class LinearOperator:
@@ -42,6 +36,12 @@ class LinearOperator:
     def _matmat(self, x: Tensor) -> Tensor:
         """``self @ x`` for a tensor ``x`` of shape ``(n, k)``, already validated."""
         raise NotImplementedError
+
+    # -- may be called ------------------------------------------------------------------
+    def matmat(self, x: Tensor) -> Tensor:
+        """``self @ x`` for an ``(n, k)`` tensor, without the checks of ``@`` (for hot
+        loops whose shapes are known to fit)."""
+        return self._matmat(x)
 
     def _transpose(self) -> "LinearOperator":
         return Dense(self.to_dense().mT)
@@ -65,7 +65,7 @@ class LinearOperator:
             out = self._matmat(x if x.dim() == 2 else x.unsqueeze(-1))
             return out if x.dim() == 2 else out.squeeze(-1)
         if isinstance(other, LinearOperator):
-            _check_compatible(self, other, "matmul")
+            check_compatible(self, other, "matmul")
             return self._compose(other)
         return NotImplemented
 
@@ -102,7 +102,7 @@ class LinearOperator:
     def __add__(self, other):
         if not isinstance(other, LinearOperator):
             return NotImplemented
-        _check_compatible(self, other, "add")
+        check_compatible(self, other, "add")
         return self._add(other)
 
     def __sub__(self, other):
@@ -126,7 +126,6 @@ class LinearOperator:
 
         The default factors :meth:`to_dense`; structured operators override it.
         """
-        from .factor import DenseFactorization
 
         return DenseFactorization(self.to_dense(), symmetric=self.symmetric)
 
@@ -203,7 +202,6 @@ class Zero(LinearOperator):
         return other
 
     def factorize(self):
-        from .errors import SingularMatrixError
 
         if self.shape[0] != self.shape[1]:
             raise ValueError(f"cannot factorize a non-square operator of shape {self.shape}")
@@ -247,7 +245,6 @@ class ScaledIdentity(LinearOperator):
         return other._add(self)
 
     def factorize(self):
-        from .factor import DiagonalFactorization
 
         n = self.shape[0]
         return DiagonalFactorization(torch.full((n,), self.scale, dtype=self.dtype, device=self.device))
@@ -308,7 +305,6 @@ class Diagonal(LinearOperator):
         return other._add(self)
 
     def factorize(self):
-        from .factor import DiagonalFactorization
 
         return DiagonalFactorization(self.diagonal)
 
@@ -364,7 +360,7 @@ def _check_float(t: Tensor, where: str) -> None:
         raise TypeError(f"{where} needs a floating-point tensor, got dtype {t.dtype}")
 
 
-def _check_compatible(a: LinearOperator, b: LinearOperator, op: str) -> None:
+def check_compatible(a: LinearOperator, b: LinearOperator, op: str) -> None:
     if a.dtype != b.dtype:
         raise TypeError(f"cannot {op} operators of dtypes {a.dtype} and {b.dtype}")
     if a.device != b.device:

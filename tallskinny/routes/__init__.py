@@ -4,7 +4,7 @@
 matrix, eigendecomposed) and :mod:`.planner` (costs from the shapes; ``method="auto"``).
 """
 
-from .dense import DenseFactorization, DenseSpectrum
+from .dense import DenseRouteFactorization, DenseSpectrum
 from .kernel import (
     KernelFactorization,
     OutputKernel,
@@ -19,7 +19,7 @@ from .krylov import Krylov, KrylovFactorization, KrylovInfo
 from .planner import METHODS, ROUTES, RouteCost, check_method, choose, explain, resolve, route_costs
 
 __all__ = [
-    "DenseFactorization",
+    "DenseRouteFactorization",
     "DenseSpectrum",
     "KernelFactorization",
     "Krylov",

@@ -29,11 +29,11 @@ class DenseSpectrum:
         self.P = M.shape[0]
         self.norm = float(self.eigenvalues.abs().max()) if self.P else 0.0
 
-    def factorize(self, damping: float) -> "DenseFactorization":
-        return DenseFactorization(self, damping)
+    def factorize(self, damping: float) -> "DenseRouteFactorization":
+        return DenseRouteFactorization(self, damping)
 
 
-class DenseFactorization:
+class DenseRouteFactorization:
     """``M + εI`` through :class:`DenseSpectrum`."""
 
     def __init__(self, spectrum: DenseSpectrum, damping: float):

@@ -12,8 +12,12 @@ import torch
 from torch import nn
 
 import tallskinny as ts
-from tallskinny import batched_sweeps, elimination
+from tallskinny import elimination
 from tallskinny.testing import dense_ggn, dense_hessian
+from tallskinny.elimination.stages import run as run_stage
+from tallskinny.elimination.riccati import RiccatiFactorization
+from tallskinny.elimination.algebra import StageSingular
+from tallskinny.elimination import runs
 
 from models import ACTIVATIONS, mlp
 
@@ -31,15 +35,15 @@ def _chain(act="tanh", depth=9, width=5, d_in=5, seed=0, bias=True):
 
 
 def _runs(fact):
-    return [(a, b) for a, b, f in fact._inner._sweep_plan()[0] if isinstance(f, batched_sweeps.BatchedRun)]
+    return [(a, b) for a, b, f in fact._inner._sweep_plan()[0] if isinstance(f, run_stage.BatchedRun)]
 
 
 def _stagewise_factor(curv, damping, monkeypatch):
     """The factorization of ``curv`` with every block its own stage (no runs)."""
     with monkeypatch.context() as m:
-        m.setattr(batched_sweeps, "MIN_RUN", 10**9)
+        m.setattr(runs, "MIN_RUN", 10**9)
         stages = elimination.prepare_stages(curv.oracles, curv.loss_oracle, curv._compiled_oracles()[0])
-    assert not any(isinstance(s, batched_sweeps.LinearRunStage) for s in stages)
+    assert not any(isinstance(s, run_stage.LinearRunStage) for s in stages)
     return elimination.factorize(curv.oracles, curv.loss_oracle, damping, stages)
 
 
@@ -135,10 +139,10 @@ def test_small_pivots_are_found_in_the_first_eliminated_layer():
     Q[1, 0, :] = Q[1, 1, :]
     lu = torch.linalg.lu_factor_ex(Q).LU
     scales = Q.abs().amax(dim=(1, 2))
-    assert batched_sweeps._first_small_pivot(lu, scales) == 1
+    assert run_stage._first_small_pivot(lu, scales) == 1
     lu[3, 2, 2] = float("nan")
-    assert batched_sweeps._first_small_pivot(lu, scales) == 3
-    assert batched_sweeps._first_small_pivot(lu[[0, 2, 4]], scales[[0, 2, 4]]) is None
+    assert run_stage._first_small_pivot(lu, scales) == 3
+    assert run_stage._first_small_pivot(lu[[0, 2, 4]], scales[[0, 2, 4]]) is None
 
 
 def test_singular_layer_inside_a_run_falls_back_to_the_pivoted_factorization(monkeypatch):
@@ -147,12 +151,12 @@ def test_singular_layer_inside_a_run_falls_back_to_the_pivoted_factorization(mon
     chain, X, y = _chain("tanh", depth=9, width=5, d_in=5, seed=0)
     curv = chain.curvature(X, y)
     stages = curv._prepared_stages()
-    assert isinstance(stages[0], batched_sweeps.LinearRunStage)
+    assert isinstance(stages[0], run_stage.LinearRunStage)
     damping = 1e-3
     with monkeypatch.context() as m:
-        m.setattr(batched_sweeps, "_first_small_pivot", lambda lu, scales: 5)
-        with pytest.raises(elimination._StageSingular) as err:
-            elimination.RiccatiFactorization(stages, curv.loss_oracle, damping)
+        m.setattr(run_stage, "_first_small_pivot", lambda lu, scales: 5)
+        with pytest.raises(StageSingular) as err:
+            RiccatiFactorization(stages, curv.loss_oracle, damping)
         assert err.value.stage == 10  # layer 5 of the run: block 2·5
         fact = curv.factorize(damping)
     assert isinstance(fact._inner, elimination.KKTFactorization)

@@ -8,6 +8,7 @@ import torch
 import tallskinny as ts
 from models import make_case
 from tallskinny.testing import dense_hessian
+from tallskinny import elimination
 
 
 def _setup(name, seed):
@@ -111,13 +112,13 @@ def test_norm_bounds_spare_the_refinement_of_deep_tanh_nets(block_bound, monkeyp
     no warning, each bound at most once — not which one it was. ``block_bound`` scales
     the block bound: ``0.5`` makes it fall short as it did there, ``0`` drops it."""
     calls = {"blocks": 0, "gradient": 0}
-    blocks = ts.products.last_blocks_norm_bound
+    blocks = elimination.last_blocks_norm_bound
 
     def counted_blocks(*args, **kwargs):
         calls["blocks"] += 1
         return block_bound * blocks(*args, **kwargs)
 
-    monkeypatch.setattr(ts.products, "last_blocks_norm_bound", counted_blocks)
+    monkeypatch.setattr(elimination, "last_blocks_norm_bound", counted_blocks)
     chain, X, y = _deep_tanh()
     curv = chain.curvature(X, y)
     gradient_bound = curv._gradient_norm_bound
@@ -141,12 +142,12 @@ def test_norm_bounds_spare_the_refinement_of_deep_tanh_nets(block_bound, monkeyp
     assert torch.equal(fact.solve(b), x0)  # checked, not refined, no AccuracyWarning
     for rhs in (b, torch.randn(b.shape[0]), torch.randn(b.shape[0], 3)):
         assert torch.equal(fact.solve(rhs), fact.solve(rhs, refine=0))  # not refined
-    assert curv._refinements == 0
+    assert curv.checks.refinements == 0
     assert calls["blocks"] == 1 and calls["gradient"] <= 1  # each bound once per curvature
     if block_bound < 1.0:
         assert calls["gradient"] == 1  # the only bound left that spares the refinement
     H_norm = float(torch.linalg.matrix_norm(M, 2)) - 0.1
-    assert curv._norm_bound <= H_norm * (1 + 1e-12)  # a lower bound of ‖H‖, whichever fired
+    assert curv.checks.norm_bound <= H_norm * (1 + 1e-12)  # a lower bound of ‖H‖, whichever fired
 
 
 @pytest.mark.parametrize("act", [torch.nn.Tanh, torch.nn.ReLU, torch.nn.Sigmoid])
@@ -162,7 +163,7 @@ def test_last_blocks_bound_is_a_lower_bound_of_the_norm(act, kind, width):
     chain = ts.Chain(modules + [torch.nn.Linear(width, 3)], torch.nn.CrossEntropyLoss())
     X, y = 2 * torch.randn(1, width), torch.tensor([1])
     curv = chain.curvature(X, y, kind=kind)
-    bound = ts.products.last_blocks_norm_bound(curv._compiled_oracles()[0], curv.loss_oracle.E.to_dense())
+    bound = elimination.last_blocks_norm_bound(curv._compiled_oracles()[0], curv.loss_oracle.E.to_dense())
     H = curv.to_dense()
     # the dense diagonal blocks of the last four Linear layers (θ = [vec(W), b] each)
     sizes = [o.G.shape[1] for o in curv.oracles]
@@ -189,8 +190,8 @@ def test_checks_reuse_one_buffer_without_changing_any_solution(damping):
     for b, x in zip(reversed(rhs), reversed(first)):
         assert torch.equal(fact.solve(b), x)
         fresh = chain.curvature(X, y)
-        fresh._norm_bound, fresh._block_bound_done = curv._norm_bound, curv._block_bound_done
-        fresh._gradient_bound_done, fresh._refinements = curv._gradient_bound_done, curv._refinements
+        fresh.checks.norm_bound, fresh.checks.blocks_done = curv.checks.norm_bound, curv.checks.blocks_done
+        fresh.checks.gradient_done, fresh.checks.refinements = curv.checks.gradient_done, curv.checks.refinements
         assert torch.equal(fresh.factorize(damping).solve(b), x)
 
 
@@ -208,9 +209,9 @@ def test_refinement_is_repeated_until_backward_stable(monkeypatch):
     b = torch.randn(P, generator=torch.Generator().manual_seed(0))
     tol = ts.curvature.BACKWARD_ERROR_TOLERANCE * torch.finfo(torch.float64).eps
     assert _backward_error(M, fact.solve(b, refine=1), b) > tol  # one step is not enough
-    before = curv._refinements
+    before = curv.checks.refinements
     x = fact.solve(b)
-    assert curv._refinements - before == 2
+    assert curv.checks.refinements - before == 2
     assert _backward_error(M, x, b) <= tol
 
 
@@ -247,10 +248,10 @@ def test_stagnating_refinement_stops_and_warns(monkeypatch):
 
     monkeypatch.setattr(curv, "_apply", inexact)
     b = torch.randn(curv.num_parameters, generator=torch.Generator().manual_seed(0))
-    before = curv._refinements
+    before = curv.checks.refinements
     with pytest.warns(ts.AccuracyWarning, match="backward error"):
         fact.solve(b)
-    assert 1 <= curv._refinements - before <= ts.curvature.MAX_REFINEMENTS
+    assert 1 <= curv.checks.refinements - before <= ts.curvature.MAX_REFINEMENTS
     # a solve that is backward stable does not warn (the test suite turns the warning
     # into an error everywhere else)
     monkeypatch.setattr(curv, "_apply", exact)

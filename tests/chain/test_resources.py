@@ -15,7 +15,8 @@ import torch
 from torch import nn
 
 import tallskinny as ts
-from tallskinny import elimination, products, resources
+from tallskinny import elimination, resources
+from tallskinny.testing import elimination_forbidden
 from tallskinny.blocks.func import func_oracle_bytes
 from tallskinny.blocks.linear import LinearBlock
 
@@ -35,14 +36,10 @@ def data(B, n, classes=10, seed=0):
 
 
 @pytest.fixture
-def no_elimination(monkeypatch):
+def no_elimination():
     """Reaching the elimination (its preparation or the factorization) fails the test."""
-
-    def reached(*args, **kwargs):
-        raise AssertionError("the elimination was reached: the call was not refused before the work")
-
-    monkeypatch.setattr(elimination, "prepare_stages", reached)
-    monkeypatch.setattr(elimination, "factorize", reached)
+    with elimination_forbidden():
+        yield
 
 
 # -- the cases of the issue ------------------------------------------------------------------
@@ -90,7 +87,7 @@ def test_to_dense_of_four_million_parameters_is_refused_with_the_default_limit(m
     def reached(*args, **kwargs):
         raise AssertionError("the HVP was reached: to_dense was not refused before the work")
 
-    monkeypatch.setattr(products, "hvp", reached)
+    monkeypatch.setattr(elimination, "hvp", reached)
     with pytest.raises(ts.ResourceError) as info:
         curv.to_dense()
     err = info.value

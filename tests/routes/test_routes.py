@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import tallskinny as ts
-from tallskinny import products, routes
+from tallskinny import elimination, routes
 from tallskinny.routes import kernel as kernel_module
 from tallskinny.testing import dense_ggn, dense_hessian
 
@@ -149,7 +149,7 @@ def test_per_sample_factor_equals_the_adjoint_sweep(case):
     # W = Jᵀ B by the per-sample sweep (no N·c-wide dense adjoints) against the explicit sweep
     chain, X, y = CASES[case]()
     curv = chain.curvature(X, y, kind="ggn", method="dense")
-    blocks = products.compile_oracles(curv.oracles)
+    blocks = elimination.compile_oracles(curv.oracles)
     E = curv.loss_oracle.E.to_dense()
     B_s = routes.loss_factor_blocks(E, X.shape[0])
     W = routes.per_sample_factor(blocks, curv.oracles, B_s, curv.num_parameters)

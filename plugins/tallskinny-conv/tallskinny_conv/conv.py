@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from torch.nn import functional as Fn
 
 from tallskinny.blocks import Block, Oracle, register
-from tallskinny.blocks.checks import check_adjoint, check_finite, check_input, check_params
+from tallskinny.blocks.checks import check_input, check_params
 from tallskinny.blocks.linear import weight_bias_order
 from tallskinny.linalg import Dense, Identity, LinearOperator, Zero
 from tallskinny.linalg.kronecker import Kronecker, Permutation
@@ -103,17 +103,16 @@ class ConvBlock(Block):
         weight, bias = self._weight_bias(z, params, "forward")
         return conv_forward(self.module, z, weight, bias)
 
-    def oracle(
-        self, z: Tensor, params: Sequence[Tensor], g: Tensor, *, second_order: bool = True
-    ) -> Oracle:
-        where = self._where("oracle")
-        weight, _ = self._weight_bias(z, params, "oracle")
-        z = z.detach()
-        check_finite(z, "z", where)
-        module = self.module
+    def checked_parameters(self, z: Tensor, params: Sequence[Tensor], where: str):
+        return self._weight_bias(z, params, "oracle")
+
+    def output_shape(self, z: Tensor, values) -> tuple[int, ...]:
         with torch.no_grad():
-            out_shape = conv_forward(module, z, weight.detach(), None).shape
-        g = check_adjoint(g, out_shape, z, where).detach()
+            return tuple(conv_forward(self.module, z, values[0].detach(), None).shape)
+
+    def compute_oracle(self, z: Tensor, values, g: Tensor, *, second_order: bool = True) -> Oracle:
+        weight, _ = values
+        module = self.module
 
         dims = len(module.kernel_size)
         batched = z.dim() == dims + 2
@@ -140,7 +139,7 @@ class ConvBlock(Block):
         trainable = set(self.parameter_names())
         with_weight = "weight" in trainable
         with_bias = module.bias is not None and "bias" in trainable
-        p = sum(t.numel() for t in params)
+        p = sum(t.numel() for t in self.parameters())  # the checked params have these shapes
         zero = dict(dtype=z.dtype, device=z.device)
         if p == 0:
             return Oracle(G=Zero(g.numel(), 0, **zero), F=F, A=Zero(0, 0, **zero),

@@ -119,8 +119,7 @@ def test_convolutions_are_eliminated_as_affine_stages(damping, batch):
     an affine stage (its C, which ends with the unfold of the input, read densely), not
     as a generic dense stage, and the solve stays exact at small damping. At one sample
     its output is channel-major, and its span stage needs no permutations."""
-    from tallskinny import elimination
-    from tallskinny.affine import AffineStage, ReducedAffineStage
+    from tallskinny.testing import AffineStage, ReducedAffineStage, stages as engine_stages
 
     torch.manual_seed(0)
     chain = ts.Chain([nn.Conv2d(2, 3, 3, padding=1), nn.Tanh(), nn.Conv2d(3, 2, 2), nn.Tanh(), nn.Flatten(),
@@ -129,7 +128,7 @@ def test_convolutions_are_eliminated_as_affine_stages(damping, batch):
     X = torch.randn(batch, 2, 5, 5, generator=gen)
     y = torch.randint(0, 3, (batch,), generator=gen)
     curv = chain.curvature(X, y)
-    stages = elimination.prepare_stages(curv.oracles, curv.loss_oracle)
+    stages = engine_stages(curv)
     conv_stages = [s for s, b in zip(stages, chain.blocks) if isinstance(b, ConvBlock)]
     assert conv_stages and all(isinstance(s, (AffineStage, ReducedAffineStage)) for s in conv_stages)
     assert all(s.C_span is not None for s in conv_stages)  # the general-C path
@@ -145,7 +144,7 @@ def test_dead_relu_units_split_the_span_channel_by_channel(damping, monkeypatch)
     (small SVDs instead of one of size m·R × m·q), and the products of a damping run on
     the live outputs and, after a ReLU, the live inputs only. Same rank, same solves as
     the dense SVD on all rows and columns, and exact against dense references."""
-    from tallskinny import elimination
+    from tallskinny.testing import ReducedAffineStage, plain_dense_stages, stages as engine_stages
 
     torch.manual_seed(2)
     chain = ts.Chain([nn.Conv2d(2, 3, 3, padding=1), nn.ReLU(), nn.Conv2d(3, 3, 3, padding=1), nn.ReLU(),
@@ -153,22 +152,18 @@ def test_dead_relu_units_split_the_span_channel_by_channel(damping, monkeypatch)
     gen = torch.Generator().manual_seed(3)
     X, y = torch.randn(1, 2, 5, 5, generator=gen), torch.tensor([1])
     curv = chain.curvature(X, y)
-    stages = curv._prepared_stages()
-    inner = [s.inner for s in stages if getattr(s, "channel_major", False)]
+    inner = [s.inner for s in engine_stages(curv) if isinstance(s, ReducedAffineStage) and s.channel_major]
     assert inner and all(st.V is not None and st.r < st.p for st in inner)  # dead units dropped
     for st in inner:  # each basis vector lies in one channel's block, exactly
         channels = (st.V.reshape(3, -1, st.r) != 0).any(dim=1)  # m = 3 output channels
         assert (channels.sum(dim=0) == 1).all()
-    lo, li = inner[1]._live[:2]  # the second convolution: dead units on both sides
+    lo, li = inner[1].live[:2]  # the second convolution: dead units on both sides
     assert lo.numel() < inner[1].GV.shape[0] and li.numel() < inner[1].F.shape[1]
     b = torch.randn(curv.num_parameters, generator=gen)
     x = curv.factorize(damping).solve(b)
-    with monkeypatch.context() as m:  # the dense SVD of the whole masked span, all rows and columns
-        m.setattr(elimination, "identity_kronecker_factor", lambda op: None)
-        m.setattr(elimination, "_zero_inputs", lambda prev: None)
-        m.setattr(elimination.DenseStage, "_live_products", lambda self, rows, li: None)
+    with plain_dense_stages():  # the dense SVD of the whole masked span, all rows and columns
         dense_curv = chain.curvature(X, y)
-        dense_inner = [s.inner for s in dense_curv._prepared_stages() if getattr(s, "channel_major", False)]
+        dense_inner = [s.inner for s in engine_stages(dense_curv) if isinstance(s, ReducedAffineStage) and s.channel_major]
         assert [st.r for st in dense_inner] == [st.r for st in inner]
         x_dense_svd = dense_curv.factorize(damping).solve(b)
     assert rel(x, x_dense_svd) <= 1e-10
@@ -185,8 +180,9 @@ def test_dead_channels_and_a_dead_convolution():
         c2.bias[:] = -100.0  # every unit of the second dead
     chain = ts.Chain([c1, nn.ReLU(), c2, nn.ReLU(), nn.Flatten(), nn.Linear(75, 3)], nn.CrossEntropyLoss())
     X, y = torch.randn(1, 2, 5, 5), torch.tensor([1])
-    stages = chain.curvature(X, y)._prepared_stages()
-    assert stages[2].inner.r == 0
+    from tallskinny.testing import stages
+
+    assert stages(chain.curvature(X, y))[2].inner.r == 0
     gen = torch.Generator().manual_seed(0)
     for damping in (1e-3, 1.0):
         check_against_dense(chain, X, y, damping, gen=gen)

@@ -178,7 +178,7 @@ def test_installing_is_enough():
 def _affine_unit_mlp(batch: int, seed: int):
     """``Linear(3, 4)``, three ``z + W tanh(z) + b`` units, ``Linear(4, 3)``, cross-entropy:
     the chain, data, a generator for the checks, and the prepared stages."""
-    from tallskinny import elimination
+    from tallskinny.testing import stages
 
     torch.manual_seed(seed)
     units = [Residual([nn.Tanh(), nn.Linear(4, 4)]) for _ in range(3)]
@@ -187,14 +187,14 @@ def _affine_unit_mlp(batch: int, seed: int):
     X = randn(batch, 3, seed=3 + 3 * seed)
     y = torch.randint(0, 3, (batch,), generator=gen)
     curv = chain.curvature(X, y)
-    return chain, X, y, gen, elimination.prepare_stages(curv.oracles, curv.loss_oracle)
+    return chain, X, y, gen, stages(curv)
 
 
 @pytest.mark.parametrize("damping", [1e-6, 1e-2])
 def test_units_with_a_last_linear_are_affine_stages(damping):
     """``z + W σ(z) + b``: only the last inner block has parameters, so the unit keeps the
     affine G of its Linear and the solver eliminates it as an affine stage (C densely)."""
-    from tallskinny.affine import AffineStage
+    from tallskinny.testing import AffineStage
 
     chain, X, y, gen, stages = _affine_unit_mlp(batch=2, seed=0)
     assert all(isinstance(stages[i], AffineStage) and stages[i].C_span is not None for i in (1, 2, 3))
@@ -206,7 +206,7 @@ def test_one_sample_affine_units_keep_a_structured_c(damping):
     """At one sample the unit's C = P(Γ ⊗ Ẽ)·D_σ is kept as P(Γ ⊗ ẼD_σ): the solver reads Γ
     and Ẽ (no dense p × a matrix), its dense F = I + W·D_σ takes the one-sample path of a
     Linear's (pivots tested after the sweep), and everything still equals the dense references."""
-    from tallskinny.affine import AffineStage
+    from tallskinny.testing import AffineStage
 
     chain, X, y, gen, stages = _affine_unit_mlp(batch=1, seed=1)
     for i in (1, 2, 3):

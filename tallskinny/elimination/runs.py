@@ -3,7 +3,7 @@
 A run is ``J ≥ MIN_RUN`` consecutive pairs (``nn.Linear`` at one sample with bias and a
 square ``W``, then an elementwise block ``F = diag(d)``, ``E = diag(e)``) of one shape.
 For one vector ``v = (W_v, b_v)`` per layer the tangent and adjoint sweeps of
-:func:`tallskinny.products.hvp` through such a pair are
+:func:`tallskinny.elimination.hessian.hvp` through such a pair are
 
     y^A_j = W_j y_{j−1} + W_v x_j + b_v          y_j = d_j ⊙ y^A_j
     μ^A_j = d_j ⊙ μ_j + e_j ⊙ y^A_j              μ_{j−1} = W_jᵀ μ^A_j + W_vᵀ g_j
@@ -22,9 +22,11 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from . import _workspace
+from . import workspace
 
-#: Runs shorter than this keep the per-block products (batching has a fixed cost).
+
+#: Runs shorter than this keep the per-block products and the per-stage elimination
+#: (batching has a fixed cost).
 MIN_RUN = 4
 
 
@@ -95,9 +97,9 @@ class HVPRun:
     def _scaled_weights(self) -> list[Tensor]:
         """``[W_j diag(d_{j−1})]`` for ``j = 1 … J−1`` (one batched product, once)."""
         if self._WD is None:
-            WD = _workspace.empty((self.J - 1, self.m, self.n), self.x)  # back to the pool with the run
+            WD = workspace.empty((self.J - 1, self.m, self.n), self.x)  # back to the pool with the run
             torch.stack(self.Ws[1:], out=WD).mul_(self.d[:-1].mT)
-            _workspace.recycle(self, WD)
+            workspace.recycle(self, WD)
             self._WD = WD.unbind(0)
         return self._WD
 

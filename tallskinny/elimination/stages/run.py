@@ -2,12 +2,12 @@
 
 A run is ``J ≥ MIN_RUN`` consecutive pairs (``nn.Linear`` at one sample, square ``W``, with
 bias; then an elementwise block ``F = diag(d)``, ``E = diag(e)``) of one shape
-(:mod:`tallskinny.batched_products` finds them; their data is stacked once per curvature
+(:mod:`tallskinny.elimination.runs` finds them; their data is stacked once per curvature
 and shared with the batched HVPs). :class:`LinearRunStage` eliminates the whole run:
 
 * its ε-independent data is computed for all layers at once: ``σ_j = ‖x̃_j‖`` (``x̃ = [x; 1]``),
   ``v_j = x̃_j/σ_j`` and ``‖g_j‖²`` (``C_⊥ᵀC_⊥ = ‖g‖²(I − v_in v_inᵀ)`` is applied, not formed);
-* the factorization is the Riccati step of :class:`~tallskinny.affine.AffineStage` at one
+* the factorization is the Riccati step of :class:`~tallskinny.elimination.stages.affine.AffineStage` at one
   sample (``G_V = σI``) after the activation's ``S ← S ⊙ ddᵀ + diag(e)``, in one loop of
   about a dozen tensor operations per layer and no ``J × m × m`` temporaries:
 
@@ -41,35 +41,22 @@ import math
 import torch
 from torch import Tensor
 
-from . import _workspace
-from .linalg import Inertia, pivot_tolerance
-from .linalg.factor import ldl_d_eigenvalues
-from .stage_algebra import _raise_if_null_directions, _StageSingular, scaled_identity
-
-#: Runs shorter than this keep the per-stage elimination (batching has a fixed cost).
-MIN_RUN = 4
+from ...linalg import Inertia, pivot_tolerance
+from ...linalg.factor import ldl_d_eigenvalues
+from .. import workspace
+from ..algebra import StageSingular, raise_if_null_directions, scaled_identity
+from . import Stage, StageFactor
 
 
-class CoveredStage:
-    """A block inside a run: the run's stage (at the run's first block) eliminates it."""
-
-    p = 0
-
-    def eliminate(self, S: Tensor, damping: float, index: int):
-        return S, None
-
-
-COVERED = CoveredStage()
-
-
-class LinearRunStage:
+class LinearRunStage(Stage):
     """The stage of blocks ``[start, end)``: ``J`` (Linear, activation) pairs.
 
-    ``run`` is the :class:`~tallskinny.batched_products.HVPRun` of (at least) these
+    ``run`` is the :class:`~tallskinny.elimination.runs.HVPRun` of (at least) these
     pairs; its first ``J`` layers are used."""
 
     def __init__(self, run, start: int, J: int):
         self.start, self.end, self.J = start, start + 2 * J, J
+        self.blocks = 2 * J
         W, x, d = run.Ws[:J], run.x[:J], run.d[:J]
         self.m, self.n = m, n = W[0].shape
         self.p = J * (m * n + m)
@@ -90,14 +77,14 @@ class LinearRunStage:
         J = self.J
         last = self.start + 2 * (J - 1)  # the run's last Linear, eliminated first
         if damping == 0.0:  # the complement's pivot is εI = 0 (AffineStage._check_complement)
-            _raise_if_null_directions(self._complement_curvature(J - 1), last)
-            raise _StageSingular(last)
+            raise_if_null_directions(self._complement_curvature(J - 1), last)
+            raise StageSingular(last)
         S_out, lus, pivs, Ks, A, scales = self._riccati(S, damping)
         bad = _first_small_pivot(lus, torch.stack(scales))
         if bad is not None:
-            raise _StageSingular(self.start + 2 * bad)
+            raise StageSingular(self.start + 2 * bad)
         factor = BatchedRun(self, damping, S, lus, pivs, Ks, A)
-        _workspace.recycle(factor, lus._base, Ks._base, A)
+        workspace.recycle(factor, lus._base, Ks._base, A)
         return S_out, factor
 
     def _complement_curvature(self, j: int) -> Tensor | None:
@@ -130,8 +117,8 @@ class LinearRunStage:
         # the LU factors and K are written into one buffer each, column-major as LAPACK
         # makes them (no copies into stacks afterwards)
         # (from the workspace pool: BatchedRun gives them back when it is collected)
-        lus, Ks = _workspace.empty((J, m, m), S).mT, _workspace.empty((J, self.n, m), S).mT
-        A = _workspace.empty((J, m, self.n), S)  # diag(d)(W − σK), for the sweeps
+        lus, Ks = workspace.empty((J, m, m), S).mT, workspace.empty((J, self.n, m), S).mT
+        A = workspace.empty((J, m, self.n), S)  # diag(d)(W − σK), for the sweeps
         pivs = torch.empty(J, m, dtype=torch.int32, device=S.device)
         info = torch.empty(J, dtype=torch.int32, device=S.device)
         scales = [None] * J
@@ -180,8 +167,11 @@ def _first_small_pivot(lu: Tensor, scales: Tensor) -> int | None:
     return int((~ok).nonzero().max())
 
 
-class BatchedRun:
+class BatchedRun(StageFactor):
     """The factors of a run at one damping: sweeps, inertia and ``log|det|``."""
+
+    keeps_input = True  # S_in, for the inertia
+    writes_in_place = True
 
     def __init__(self, stage: LinearRunStage, damping: float, S_in: Tensor, lu: Tensor, piv: Tensor, K: Tensor, A: Tensor):
         self.layers = stage

@@ -9,9 +9,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tallskinny import SingularSystemError, elimination, products
+from tallskinny import SingularSystemError, elimination
 from tallskinny.blocks.protocol import Oracle
 from tallskinny.linalg import Dense, LowRank, Zero
+from tallskinny.elimination.stages.dense import DenseStage
+from tallskinny.elimination.riccati import RiccatiFactorization
+from tallskinny.elimination.stages import Stage, StageFactor
+from tallskinny.elimination.algebra import StageSingular
+from tallskinny import elimination
 
 
 
@@ -19,7 +24,7 @@ pytestmark = pytest.mark.usefixtures("float64")
 
 
 def riccati(oracles, loss, damping):
-    return elimination.RiccatiFactorization(elimination.prepare_stages(oracles, loss), loss, damping)
+    return RiccatiFactorization(elimination.prepare_stages(oracles, loss), loss, damping)
 
 
 def _sym(n, gen, scale=1.0):
@@ -91,8 +96,8 @@ def test_hvp_matches_dense(sizes, seed):
     oracles, loss = random_problem(sizes, seed)
     H = dense_hessian(oracles, loss)
     V = torch.randn(H.shape[0], 4, generator=torch.Generator().manual_seed(seed))
-    compiled = products.compile_oracles(oracles), products.CompiledOracle(loss)
-    torch.testing.assert_close(products.hvp(*compiled, V), H @ V, rtol=1e-12, atol=1e-12)
+    compiled = elimination.compile_oracles(oracles), elimination.CompiledOracle(loss)
+    torch.testing.assert_close(elimination.hvp(*compiled, V), H @ V, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("sizes", SHAPES)
@@ -163,7 +168,7 @@ def test_low_rank_complement_lies_in_null_space_whatever_the_rounding(rank, seed
         problem = [Oracle(G=G, F=first.F, A=first.A, C=first.C, E=first.E), *oracles[1:]]
         stages = elimination.prepare_stages(problem, loss)
         for st in stages:
-            if not isinstance(st, elimination.DenseStage):
+            if not isinstance(st, DenseStage):
                 continue
             assert st.n_rest >= 0 and st.k <= st.p - st.r
             if st.k:
@@ -172,7 +177,7 @@ def test_low_rank_complement_lies_in_null_space_whatever_the_rounding(rank, seed
                     assert (st.V.mT @ st.Z).abs().max() <= 1e-13
         if trial % 20 == 0:
             M = dense_hessian(problem, loss) + 0.5 * torch.eye(12)
-            X = elimination.RiccatiFactorization(stages, loss, 0.5).solve(B)
+            X = RiccatiFactorization(stages, loss, 0.5).solve(B)
             ref = torch.linalg.solve(M, B)
             assert (X - ref).norm() / ref.norm() <= 1e-10
 
@@ -186,7 +191,7 @@ def test_singular_stage_falls_back_to_pivoted_kkt():
     q = torch.diag(torch.tensor([0.0, 1.0, 2.0]))
     A = -damping * torch.eye(3) - G.T @ loss.E.to_dense() @ G + q
     oracles[-1] = Oracle(G=last.G, F=last.F, A=Dense((A + A.T) / 2, symmetric=True), C=last.C, E=last.E)
-    with pytest.raises(elimination._StageSingular):
+    with pytest.raises(StageSingular):
         riccati(oracles, loss, damping)
     H = dense_hessian(oracles, loss) + damping * torch.eye(7)
     eig = torch.linalg.eigvalsh(H)
@@ -243,7 +248,7 @@ def test_singular_system_raises_with_damping():
 def test_first_singular_tests_pivots_of_all_sizes_at_once():
     """Deferred pivot tests: the first factor (in the order given) with a pivot at or
     below ``pivot_tolerance`` — or a non-finite one — is reported; ``None`` if all pass."""
-    from tallskinny.stage_algebra import SymmetricFactor, first_singular
+    from tallskinny.elimination.algebra import SymmetricFactor, first_singular
 
     gen = torch.Generator().manual_seed(0)
     good = [SymmetricFactor.unchecked(_sym(n, gen) + 5 * torch.eye(n)) for n in (2, 3, 3, 5)]
@@ -261,7 +266,7 @@ def test_first_singular_tests_pivots_of_all_sizes_at_once():
     assert first_singular([(0, SymmetricFactor.unchecked(1e-17 * torch.eye(2)))]) is None
 
 
-class _Stage:
+class _Stage(Stage):
     """A stand-in stage: returns a given factor record, or raises."""
 
     p = 1
@@ -275,7 +280,7 @@ class _Stage:
         return S, self.factor
 
 
-class _Record:
+class _Record(StageFactor):
     def __init__(self, factor):
         self.unchecked = factor
 
@@ -284,24 +289,24 @@ def test_riccati_reports_the_first_unnoticed_singular_stage():
     """A stage whose pivot is singular is only found after the sweep; if a later stage
     then fails on the infs/NaNs it produced, the singular stage is still the one named
     (and a failure with every pivot sound is passed on as it is)."""
-    from tallskinny.stage_algebra import SymmetricFactor
+    from tallskinny.elimination.algebra import SymmetricFactor
 
     loss = Oracle(G=Zero(2, 0), F=Dense(torch.eye(2)), A=Zero(0, 0), C=Zero(0, 2), E=Dense(torch.eye(2)))
     fine = _Record(SymmetricFactor.unchecked(torch.eye(2)))
     bad = _Record(SymmetricFactor.unchecked(torch.zeros(2, 2)))
-    with pytest.raises(elimination._StageSingular) as info:
-        elimination.RiccatiFactorization([_Stage(fine), _Stage(bad), _Stage(fine)], loss, 0.1)
+    with pytest.raises(StageSingular) as info:
+        RiccatiFactorization([_Stage(fine), _Stage(bad), _Stage(fine)], loss, 0.1)
     assert info.value.stage == 1
     failing = _Stage(error=RuntimeError("linalg.eigh: failed to converge"))
-    with pytest.raises(elimination._StageSingular) as info:
-        elimination.RiccatiFactorization([failing, _Stage(bad), _Stage(fine)], loss, 0.1)
+    with pytest.raises(StageSingular) as info:
+        RiccatiFactorization([failing, _Stage(bad), _Stage(fine)], loss, 0.1)
     assert info.value.stage == 1
     with pytest.raises(RuntimeError, match="converge"):
-        elimination.RiccatiFactorization([failing, _Stage(fine)], loss, 0.1)
+        RiccatiFactorization([failing, _Stage(fine)], loss, 0.1)
 
 
 def test_scaled_identity_is_cached_only_when_small():
-    from tallskinny.stage_algebra import scaled_identity
+    from tallskinny.elimination.algebra import scaled_identity
 
     small = scaled_identity(4, 0.5, torch.float64, torch.device("cpu"))
     assert torch.equal(small, 0.5 * torch.eye(4)) and small is scaled_identity(4, 0.5, torch.float64, torch.device("cpu"))
@@ -313,7 +318,7 @@ def test_scaled_identity_is_cached_only_when_small():
 def test_symmetric_schur_update(n):
     """``S − QᵀK`` for ``K = P⁻¹Q`` (``P`` symmetric), symmetrised (in a pooled buffer
     where large): exactly symmetric, equal to ``(M + Mᵀ)/2`` of the full product."""
-    from tallskinny.stage_algebra import subtract_symmetric_product
+    from tallskinny.elimination.algebra import subtract_symmetric_product
 
     gen = torch.Generator().manual_seed(n)
     S = torch.randn(n, n, generator=gen, dtype=torch.float64)

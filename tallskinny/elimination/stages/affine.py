@@ -24,83 +24,23 @@ import math
 import torch
 from torch import Tensor
 
-from . import _workspace
-from .blocks.protocol import Oracle
-from .linalg import Dense, Identity, Inertia, ScaledIdentity, Zero, pivot_tolerance
-from .linalg.kronecker import (
-    Kronecker,
-    Permutation,
-    Product,
-    identity_kronecker_factor,
-    kron,
-    padded_identity_matrix,
-    transpose_permutation,
-)
-from .stage_algebra import (
+from ...blocks.protocol import Oracle
+from ...linalg import Dense, Inertia, Zero, pivot_tolerance
+from ...linalg.kronecker import identity_kronecker_factor, kron, padded_identity_matrix
+from .. import workspace
+from ..algebra import (
+    StageSingular,
     SymmetricFactor,
+    congruence,
+    plus,
+    raise_if_null_directions,
     scaled_identity,
+    symmetrize,
     symmetrized,
-    _congruence,
-    _plus,
-    _raise_if_null_directions,
-    _StageSingular,
-    _symmetrize,
 )
-
-
-def affine_parts(o: Oracle):
-    """``(p_out, X̃, p_θ, Γ, Ẽ, C)`` if ``G`` has the affine structure and ``A = 0``, else
-    ``None``. ``Γ``, ``Ẽ`` describe ``C = P_θᵀ(Γ ⊗ Ẽ)`` where it has that form (``None``
-    otherwise); the last entry is ``C`` itself where it is neither zero nor of that form
-    (a convolution's ``C`` ends with the unfold of its input), used densely."""
-    G = o.G
-    if not isinstance(o.A, Zero) or not isinstance(G, Product) or len(G.factors) != 3:
-        return None
-    p_out, kron, p_theta = G.factors
-    if not (
-        isinstance(p_out, Permutation)
-        and isinstance(p_theta, Permutation)
-        and isinstance(kron, Kronecker)
-        and isinstance(kron.left, ScaledIdentity)
-        and kron.left.scale == 1.0
-        and isinstance(kron.right, Dense)
-    ):
-        return None
-    if isinstance(o.C, Zero):
-        return p_out.index, kron.right.matrix, p_theta, None, None, None
-    C = o.C
-    if not (
-        isinstance(C, Product)
-        and len(C.factors) == 2
-        and isinstance(C.factors[0], Permutation)
-        and (C.factors[0] is p_theta.T or torch.equal(C.factors[0].index, p_theta.T.index))
-        and isinstance(C.factors[1], Kronecker)
-        and isinstance(C.factors[1].left, Dense)
-        and isinstance(C.factors[1].right, Dense)
-    ):
-        return p_out.index, kron.right.matrix, p_theta, None, None, C
-    return p_out.index, kron.right.matrix, p_theta, C.factors[1].left.matrix, C.factors[1].right.matrix, None
-
-
-def samples_first(o: Oracle, parts) -> bool:
-    """Whether the output is ordered sample-major, ``(s, i)``: ``P_out`` is the transpose
-    of the ``m × R`` product (as for ``nn.Linear``), which :class:`AffineStage` assumes."""
-    p_out, X = parts[0], parts[1]
-    R = X.shape[0]
-    m = o.G.shape[0] // R
-    expected = transpose_permutation(m, R, device=p_out.device)
-    return p_out is expected or torch.equal(p_out, expected)
-
-
-def _transposed_order(p_theta: Permutation, m: int, q: int) -> tuple[Tensor, Tensor]:
-    """The gather indices of ``vec(Θ̃ᵀ)`` from θ and their inverse (kept on the permutation,
-    which blocks make once per shape)."""
-    cached = p_theta.__dict__.get("_transposed_order")
-    if cached is None:
-        order = p_theta.index.reshape(m, q).T.reshape(-1)
-        cached = (order, torch.argsort(order))
-        p_theta.__dict__["_transposed_order"] = cached
-    return cached
+from ..compiled import CompiledOracle
+from ..structure import padded_identity, transposed_order
+from . import Stage, StageFactor
 
 
 def _complement_basis(V: Tensor) -> Tensor:
@@ -109,15 +49,7 @@ def _complement_basis(V: Tensor) -> Tensor:
     return Q[:, V.shape[1]:]
 
 
-def padded_identity(Et: Tensor | None) -> bool:
-    """Whether ``Ẽ = [I; 0]`` (a Linear layer's input padded by the bias column)."""
-    if Et is None or Et.shape[0] < Et.shape[1]:
-        return False
-    expected = padded_identity_matrix(*Et.shape, Et.dtype, Et.device)
-    return Et is expected or torch.equal(Et, expected)
-
-
-class _AffineCoordinates:
+class AffineCoordinates:
     """What both affine stages share: the SVD of ``X̃``, the complement's curvature
     ``C_⊥ᵀC_⊥ = ΓᵀΓ ⊗ P̄`` and the ``Θ̃ᵀ`` coordinates of the parameters."""
 
@@ -126,11 +58,12 @@ class _AffineCoordinates:
         R, q = X.shape
         m = oracle.G.shape[0] // R
         self.p = oracle.G.shape[1]
+        self._CtC_factors: tuple[Tensor, Tensor] | None = None
         self.F, self.FT = oracle.F, oracle.F.T
         self.R, self.m, self.q = R, m, q
         # Θ̃ is handled transposed, as a q × (m·k) matrix, so that every product with V, Ẽ
         # is one 2-D matrix product: T = (P_θ' b).reshape(q, m·k) with P_θ' = P_θ transposed
-        self.order, self.order_inv = _transposed_order(p_theta, m, q)
+        self.order, self.order_inv = transposed_order(p_theta, m, q)
         g_sq = None
         self.sigma = None  # ‖x̃‖ at one sample
         if R == 1:  # the thin SVD of one row: V = x̃ᵀ/‖x̃‖, X̃V = ‖x̃‖
@@ -200,7 +133,7 @@ class _AffineCoordinates:
     def _complement_factors(self) -> tuple[Tensor, Tensor]:
         """``ΓᵀΓ`` and ``P̄ = ẼᵀẼ − (VᵀẼ)ᵀVᵀẼ``, the factors of ``C_⊥ᵀC_⊥ = ΓᵀΓ ⊗ P̄``
         (made on first use)."""
-        if getattr(self, "_CtC_factors", None) is None:
+        if self._CtC_factors is None:
             self._CtC_factors = (self.Gam.mT @ self.Gam, self.Et.mT @ self.Et - self.VtE.mT @ self.VtE)
         return self._CtC_factors
 
@@ -235,8 +168,8 @@ class _AffineCoordinates:
     def _check_complement(self, damping: float, index: int) -> None:
         """At ``ε = 0`` the complement's pivot ``Q_θθ = εI`` is zero: say why, or hand over."""
         if self.n_perp and damping == 0.0:
-            _raise_if_null_directions(self.CtC, index)
-            raise _StageSingular(index)
+            raise_if_null_directions(self.CtC, index)
+            raise StageSingular(index)
 
     def _complement(self, S_new: Tensor, damping: float, index: int) -> Tensor:
         """``S ← S − C_⊥ᵀC_⊥/ε`` (``Q_θθ = εI`` on the complement)."""
@@ -246,7 +179,7 @@ class _AffineCoordinates:
         return S_new
 
 
-class AffineStage(_AffineCoordinates):
+class AffineStage(AffineCoordinates, Stage):
     """A block affine in its parameters, eliminated directly in span coordinates.
 
     With ``Y_out = X̃V·Zᵀ`` (``R × m``, samples first) the span part of ``G`` is
@@ -259,8 +192,6 @@ class AffineStage(_AffineCoordinates):
     """
 
     def __init__(self, oracle: Oracle, parts, compiled=None):
-        from .products import CompiledOracle
-
         XV = self._setup(oracle, parts)
         self.XV, self.XVt = XV, XV.mT
         R, m, r = self.R, self.m, self.r
@@ -297,7 +228,7 @@ class AffineStage(_AffineCoordinates):
     @property
     def linear(self) -> tuple | None:
         """``(W, x, g)`` where the block is an ``nn.Linear`` at one sample (with a bias,
-        ``F = W``), else ``None`` (:attr:`tallskinny.products.CompiledOracle.linear`)."""
+        ``F = W``), else ``None`` (:attr:`tallskinny.elimination.compiled.CompiledOracle.linear`)."""
         return self._compiled.linear
 
     @property
@@ -352,11 +283,11 @@ class AffineStage(_AffineCoordinates):
             factor = SymmetricFactor.unchecked(Q_rr)
             K = factor.solve(Q_ry)
             # re-symmetrised at every stage: Q_ζyᵀQ_ζζ⁻¹Q_ζy of a slightly nonsymmetric S
-            # amplifies the antisymmetric part (measured: 1e-5 residuals at 32 layers without)
-            return _symmetrize(S_new.addmm_(Q_ry.mT, K, alpha=-1.0)), _DirectAffineFactor(self, damping, factor, Q_ry, K)
+            # amplifies the antisymmetric part
+            return symmetrize(S_new.addmm_(Q_ry.mT, K, alpha=-1.0)), DirectAffineFactor(self, damping, factor, Q_ry, K)
         if self.kron_W is not None:
             return self._eliminate_kronecker(S, damping, index)
-        S_new = _plus(self.E, _congruence(self.F, S))
+        S_new = plus(self.E, congruence(self.F, S))
         if self.r:
             SGV = self._s_gv(S)
             Q_rr = self._gvt(SGV)
@@ -366,11 +297,11 @@ class AffineStage(_AffineCoordinates):
                 Q_ry = Q_ry + self.C_r
             factor = SymmetricFactor.of(Q_rr)  # large pivots: Cholesky where it applies
             if factor is None:
-                raise _StageSingular(index)
+                raise StageSingular(index)
             K = factor.solve(Q_ry)
             S_new = S_new - Q_ry.mT @ K
         S_new = self._complement(S_new, damping, index)
-        return _symmetrize(S_new), _DirectAffineFactor(self, damping, factor, Q_ry, K)
+        return symmetrize(S_new), DirectAffineFactor(self, damping, factor, Q_ry, K)
 
     def _eliminate_kronecker(self, S: Tensor, damping: float, index: int):
         """The stage at ``F = I_R ⊗ W`` (``S`` is ``(R·m)²``, read as ``(R, m, R, m)``):
@@ -387,26 +318,25 @@ class AffineStage(_AffineCoordinates):
         n, a, rm = W.shape[1], S.shape[0], self.r * self.m
         self._check_complement(damping, index)
         # the scratch products G_VᵀS and S F, and the new S, in buffers of the workspace pool
-        GtS = _workspace.empty((rm, a), S)  # rows ζ = (k, i)
+        GtS = workspace.empty((rm, a), S)  # rows ζ = (k, i)
         torch.mm(XVt, S.reshape(R, m * a), out=GtS.view(r, m * a))
         Q_rr = torch.bmm(XVt.expand(rm, r, R), GtS.view(rm, R, m)).view(rm, rm)
         Q_rr.diagonal().add_(damping)
-        # Q_ζy is kept for the backward sweep (Q_ζyᵀν): applying Kᵀ instead, which would
-        # spare its memory, raised the unrefined residual of (16, 32, 32) 2.7× (K carries
-        # errors of eps·cond(Q_ζζ) that Q_ζyᵀ(Q_ζζ⁻¹ν) of one vector does not)
+        # Q_ζy is kept for the backward sweep (Q_ζyᵀν) rather than applying Kᵀ: K carries
+        # errors of eps·cond(Q_ζζ) that Q_ζyᵀ(Q_ζζ⁻¹ν) of one vector does not
         Q_ry = (GtS.view(rm * R, m) @ W).view(rm, R * n)
-        _workspace.give(GtS)
+        workspace.give(GtS)
         if self.C_r is not None:
             Q_ry.add_(self.C_r)
-        SF = _workspace.empty((a, R * n), S)  # S F
+        SF = workspace.empty((a, R * n), S)  # S F
         torch.mm(S.reshape(a * R, m), W, out=SF.view(a * R, n))
-        S_new = _workspace.empty((R * n, R * n), S)  # Fᵀ S F
+        S_new = workspace.empty((R * n, R * n), S)  # Fᵀ S F
         torch.bmm(W.mT.expand(R, n, m), SF.view(R, m, R * n), out=S_new.view(R, n, R * n))
-        _workspace.give(SF)
-        S_new = _plus(self.E, S_new)
+        workspace.give(SF)
+        S_new = plus(self.E, S_new)
         factor = SymmetricFactor.of(Q_rr)  # large pivots: Cholesky where it applies
         if factor is None:
-            raise _StageSingular(index)
+            raise StageSingular(index)
         K = factor.solve(Q_ry)
         S_new.addmm_(Q_ry.mT, K, alpha=-1.0)  # the Schur complement
         if self.n_perp and self.coupled:
@@ -416,7 +346,7 @@ class AffineStage(_AffineCoordinates):
                 S_new.view(R, n, R, n).addcmul_(GtG.view(R, 1, R, 1), Pbar.view(1, n, 1, n), value=-1.0 / damping)
             else:
                 S_new.add_(self.CtC, alpha=-1.0 / damping)
-        return symmetrized(S_new), _DirectAffineFactor(self, damping, factor, Q_ry, K)
+        return symmetrized(S_new), DirectAffineFactor(self, damping, factor, Q_ry, K)
 
     def _value_hessian_base(self, Wt: Tensor, SW: Tensor, damping: float, index: int) -> Tensor:
         """``E + WᵀSW − C_⊥ᵀC_⊥/ε`` as a fresh tensor (one ``addmm`` for a Linear layer)."""
@@ -428,20 +358,20 @@ class AffineStage(_AffineCoordinates):
         return torch.addmm(base, Wt, SW)
 
 
-def _with_complement(span: Inertia | None, n_perp: int, damping: float = 1.0) -> Inertia:
+def with_complement(span: Inertia | None, n_perp: int, damping: float) -> Inertia:
     """The span's inertia, and the pivot ``ε`` on each of the ``n_⊥`` complement directions
     (negative for a shift ``ε < 0``)."""
     pos, neg = (span.positive, span.negative) if span is not None else (0, 0)
     return Inertia(pos + n_perp, neg, 0) if damping > 0 else Inertia(pos, neg + n_perp, 0)
 
 
-def _plus_complement_logdet(span: Tensor | None, n_perp: int, damping: float) -> Tensor:
+def plus_complement_logdet(span: Tensor | None, n_perp: int, damping: float) -> Tensor:
     """``log|det Q_ζζ| + n_⊥·log ε``."""
     extra = n_perp * math.log(abs(damping)) if n_perp else 0.0
     return (span if span is not None else torch.zeros((), dtype=torch.float64)) + extra
 
 
-class _DirectAffineFactor:
+class DirectAffineFactor(StageFactor):
     __slots__ = ("stage", "damping", "factor", "Q_ry", "K")
 
     def __init__(self, stage, damping, factor, Q_ry, K):
@@ -455,12 +385,17 @@ class _DirectAffineFactor:
 
     @property
     def inertia(self) -> Inertia:
-        return _with_complement(self.factor.inertia() if self.factor is not None else None, self.stage.n_perp, self.damping)
+        return with_complement(
+            self.factor.inertia() if self.factor is not None else None, self.stage.n_perp, self.damping
+        )
 
     @property
     def logdet(self) -> Tensor:
         span = self.factor.logdet() if self.factor is not None else None
-        return _plus_complement_logdet(span, self.stage.n_perp, self.damping)
+        return plus_complement_logdet(span, self.stage.n_perp, self.damping)
+
+    def span_pivot(self):
+        return self.factor if isinstance(self.factor, SymmetricFactor) else None
 
     def backward(self, t: Tensor | None, b: Tensor):
         """``u = Q_ζζ⁻¹(G_Vᵀt − b_ζ)`` and ``t ← Fᵀt − Q_ζyᵀu + C_⊥ᵀb_⊥/ε`` (``−u`` is kept)."""
@@ -525,113 +460,4 @@ class _DirectAffineFactor:
                     T = torch.add(T, st._c_perp(y), alpha=-inv)
         elif T is not None:
             T = st.V @ T
-        return st._untilde(T, k), y_new
-
-
-class ReducedAffineStage(_AffineCoordinates):
-    """A block affine in its parameters: exact complement ⊕ a dense stage on the span
-    (for the last block, where the span stage also drops the loss's null space)."""
-
-    def __init__(self, oracle: Oracle, parts, inner_stage):
-        p_out, X, _, Gam, _, _ = parts
-        XV = self._setup(oracle, parts)
-        R, m, r = self.R, self.m, self.r
-        # the span coordinates ζ of Θ̃ = Z Vᵀ: vec(Zᵀ), ordered (k, i), or, where the
-        # output is ordered channel-major (P_out = I, a convolution at one sample), vec(Z)
-        # ordered (i, k), so that G_V = I_m ⊗ X̃V is applied without any permutation
-        self.channel_major = R > 1 and torch.equal(p_out, torch.arange(p_out.shape[0], device=p_out.device))
-        span_order = transpose_permutation(m, r, device=X.device)  # (i, k) → (k, i)
-        if R == 1:  # tiny: one dense matrix is cheapest
-            GV = Dense(kron(torch.eye(m, dtype=X.dtype, device=X.device), XV)[p_out][:, span_order])
-        elif self.channel_major:
-            GV = Kronecker(Identity(m, dtype=X.dtype, device=X.device), Dense(XV))
-        else:  # G V = P_out (I_m ⊗ X̃V) Π: products cost O(a·R·r) instead of O(a²·m·r)
-            GV = Product(
-                Permutation(p_out, dtype=X.dtype),
-                Kronecker(Identity(m, dtype=X.dtype, device=X.device), Dense(XV)),
-                Permutation(transpose_permutation(r, m, device=X.device), dtype=X.dtype),  # ζ(i,k) → (k,i)
-            )
-        a_in = oracle.F.shape[1]
-        order = (lambda M: M) if self.channel_major else (lambda M: M[span_order])
-        if self.n_perp and self.coupled:
-            # symmetric bit for bit (formed once), so that subtracting C_⊥ᵀC_⊥/ε keeps the
-            # inner stage's symmetric S symmetric without a pass over S per damping
-            self._CtC = _symmetrize(self.CtC)
-        if self.C_span is not None:
-            C_r = Dense(self._to_span(self.C_span, a_in))
-        elif Gam is None:
-            C_r = Zero(m * r, a_in, dtype=X.dtype, device=X.device)
-        else:
-            C_r = Dense(order(kron(Gam, self.VtE)))  # m·r × a_in
-        reduced = Oracle(
-            G=GV,
-            F=oracle.F,
-            A=Zero(m * r, m * r, dtype=X.dtype, device=X.device),
-            C=C_r,
-            E=oracle.E,
-        )
-        self.inner = inner_stage(reduced)
-
-    def _to_span(self, Zb: Tensor, k: int) -> Tensor:
-        """``r × (m·k)`` span parts (ordered ``(k, i)``) as the inner stage's ``ζ``."""
-        if self.channel_major:
-            return Zb.reshape(self.r, self.m, k).transpose(0, 1).reshape(-1, k)
-        return Zb.reshape(-1, k)
-
-    def _from_span(self, zeta: Tensor) -> Tensor:
-        """The inner stage's ``ζ`` (``m·r × k``) as an ``r × (m·k)`` matrix."""
-        if self.channel_major:
-            k = zeta.shape[1]
-            return zeta.reshape(self.m, self.r, k).transpose(0, 1).reshape(self.r, -1)
-        return zeta.reshape(self.r, -1)
-
-    # -- elimination ------------------------------------------------------------------------
-    def eliminate(self, S: Tensor, damping: float, index: int):
-        # the inner stage's S is symmetric, and so is C_⊥ᵀC_⊥: so is their difference
-        S_new, inner = self.inner.eliminate(S, damping, index)
-        return self._complement(S_new, damping, index), _AffineStageFactor(self, inner, damping)
-
-
-class _AffineStageFactor:
-    __slots__ = ("stage", "inner", "damping")
-
-    def __init__(self, stage, inner, damping):
-        self.stage, self.inner, self.damping = stage, inner, damping
-
-    @property
-    def inertia(self) -> Inertia:
-        return _with_complement(self.inner.inertia if self.inner is not None else None, self.stage.n_perp, self.damping)
-
-    @property
-    def logdet(self) -> Tensor:
-        span = self.inner.logdet if self.inner is not None else None
-        return _plus_complement_logdet(span, self.stage.n_perp, self.damping)
-
-    def backward(self, t: Tensor | None, b: Tensor):
-        st = self.stage
-        k = b.shape[1]
-        T = st._tilde(b)  # q × (m·k)
-        Zb = st.Vt @ T  # r × (m·k): the span part, ordered (i, k)
-        b_perp = T - st.V @ Zb if st.n_perp else None
-        if self.inner is not None:
-            u, t_new = self.inner.backward(t, st._to_span(Zb, k))
-        else:
-            u, t_new = None, None if t is None else st.F.T._matmat(t)
-        if b_perp is not None and st.coupled:
-            extra = st._c_t(b_perp, k) / self.damping  # −C_⊥ᵀ u_⊥ with u_⊥ = −b_⊥/ε
-            t_new = extra if t_new is None else t_new + extra
-        return (u, b_perp, k), t_new
-
-    def forward(self, y: Tensor | None, u):
-        st = self.stage
-        u_inner, b_perp, k = u
-        if self.inner is not None:
-            theta_z, y_new = self.inner.forward(y, u_inner)
-            T = st.V @ st._from_span(theta_z)
-        else:
-            T, y_new = None, None if y is None else st.F._matmat(y)
-        if b_perp is not None:
-            perp = b_perp if y is None or not st.coupled else b_perp - st._c_perp(y)
-            perp = perp / self.damping
-            T = perp if T is None else T + perp
         return st._untilde(T, k), y_new

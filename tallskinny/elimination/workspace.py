@@ -2,9 +2,8 @@
 
 glibc gives a freed block of more than about 128 KiB (up to 32 MiB as its threshold
 adapts) back to the kernel, and the next allocation of that size pays a page fault per
-4 KiB page when it is first written: measured 0.5–1 ms per MiB on the benchmark machine,
-about a third of an ``inverse_hvp`` at ``(L, h, B) = (64, 64, 1)``, whose factors, check
-buffer and batched-HVP weights are fresh multi-MiB tensors at every call.
+4 KiB page when it is first written; an ``inverse_hvp`` makes its factors, check buffer
+and batched-HVP weights as fresh multi-MiB tensors at every call.
 
 ``empty(shape, like)`` returns a buffer of that shape from a small pool, or a new one;
 ``recycle(owner, *tensors)`` hands the tensors to the pool once ``owner`` (a library
