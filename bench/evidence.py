@@ -96,6 +96,7 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--influence", type=int, default=1000, help="training points of the influence run (0: skip)")
     parser.add_argument("--no-peer", action="store_true", help="skip laplace-torch")
+    parser.add_argument("--configs", nargs="+", default=None, help="depth,width,samples triples")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     torch.set_default_dtype(torch.float64)
@@ -105,7 +106,8 @@ def main(argv=None) -> int:
         "| depth, width, N | P | tallskinny (route) | laplace-torch full | ratio | max |Δ evidence| (relative) |",
         "|---|---|---|---|---|---|",
     ]
-    for depth, width, n in CONFIGS:
+    configs = [tuple(int(v) for v in c.split(",")) for c in args.configs] if args.configs else CONFIGS
+    for depth, width, n in configs:
         X, y = digits(n)
         model = trained_mlp(depth, width, X, y)
         P = sum(p.numel() for p in model.parameters())

@@ -32,13 +32,14 @@ the curvature's cost grows like the cube of its batch, a gradient's only linearl
 from __future__ import annotations
 
 import math
-from typing import Callable, Union
+from typing import Callable, Iterable, Union
 
 import attrs
 import torch
 from torch import Tensor
 
 from .per_example import flat_parameters, loss_at
+from .batches import one_batch
 from .chain import Chain
 from .curvature import Curvature, check_kind
 from .errors import SingularSystemError
@@ -95,9 +96,12 @@ class _ExactStepOptimizer(torch.optim.Optimizer):
         self.last_step: StepReport | None = None
 
     # -- helpers -------------------------------------------------------------------------
-    @staticmethod
-    def _batch(batch_or_closure: BatchOrClosure) -> Batch:
+    def _batch(self, batch_or_closure: BatchOrClosure) -> Batch:
+        """The step's ``(inputs, targets)``: a pair, a closure returning one, or a loader (a
+        re-iterable of pairs, concatenated as by ``chain.curvature(loader)``)."""
         batch = batch_or_closure() if callable(batch_or_closure) else batch_or_closure
+        if not isinstance(batch, (tuple, list, Tensor)) and isinstance(batch, Iterable):
+            return one_batch(batch, what="the step's batches", parameters=self._params())
         if not isinstance(batch, (tuple, list)) or len(batch) != 2:
             raise TypeError(
                 "step needs the mini-batch: (inputs, targets) or a closure returning (inputs, targets), "

@@ -162,3 +162,20 @@ def test_non_finite_gradient_batch_is_refused():
     with pytest.raises(ValueError, match="gradient on gradient_batch contains NaN or inf"):
         DampedNewton(chain).step((X, y), (Xg, y))
     assert all(torch.equal(p, b) for p, b in zip(chain.parameters(), before))
+
+
+@pytest.mark.parametrize("make", [
+    lambda chain: DampedNewton(chain, kind="ggn", damping=1.0, adaptive=False),
+    lambda chain: TrustRegion(chain, kind="hessian", radius=0.05, rtol=1e-10, max_retries=0, damping=0.0),
+])
+def test_a_loader_gives_the_step_of_its_concatenated_batch(make):
+    # a step over a loader (a partial last batch included) is the step over all its samples
+    steps = []
+    for as_loader in (False, True):
+        model, chain, dense, X, y = setup(seed=3, n=7)
+        before = flat(model)
+        batch = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(X, y), batch_size=3) if as_loader else (X, y)
+        make(chain).step(batch)
+        steps.append(flat(model) - before)
+    assert float(steps[0].norm()) > 0
+    torch.testing.assert_close(steps[1], steps[0], rtol=1e-12, atol=1e-15)
