@@ -4,7 +4,6 @@ the list of per-block oracles, with products, solves, log-determinants and inert
 from __future__ import annotations
 
 import math
-import numbers
 import operator
 import warnings
 from typing import Callable, Sequence
@@ -16,7 +15,7 @@ from . import elimination, resources, routes, spectrum
 from .elimination import workspace
 from .collector import collector_paused
 from .blocks.protocol import Oracle
-from .errors import AccuracyWarning, SingularSystemError, StaleCurvatureError
+from .errors import AccuracyWarning, SingularSystemError, StaleCurvatureError, real_number
 from .linalg import Inertia
 from .resources import MemoryEstimate, check_memory_limit, format_bytes
 from .vectors import ParameterLayout
@@ -40,14 +39,7 @@ far from rounding level, not the last digits of a nearly singular system."""
 
 def check_damping(damping) -> float:
     """A damping ``ε`` must be a finite real number ``≥ 0``."""
-    if isinstance(damping, bool) or not isinstance(damping, numbers.Real):
-        if isinstance(damping, Tensor) and damping.dim() == 0 and damping.dtype.is_floating_point:
-            damping = float(damping)
-        else:
-            raise TypeError(f"damping must be a real number, got {type(damping).__name__}")
-    damping = float(damping)
-    if math.isnan(damping) or math.isinf(damping):
-        raise ValueError(f"damping must be finite, got {damping}")
+    damping = real_number(damping, "damping")
     if damping < 0:
         raise ValueError(f"damping must be >= 0, got {damping}")
     return damping
@@ -55,14 +47,7 @@ def check_damping(damping) -> float:
 
 def check_shift(shift) -> float:
     """A shift ``σ`` (of ``H − σI``) must be a finite real number, of any sign."""
-    if isinstance(shift, Tensor) and shift.dim() == 0 and shift.dtype.is_floating_point:
-        shift = float(shift)
-    if isinstance(shift, bool) or not isinstance(shift, numbers.Real):
-        raise TypeError(f"shift must be a real number, got {type(shift).__name__}")
-    shift = float(shift)
-    if math.isnan(shift) or math.isinf(shift):
-        raise ValueError(f"shift must be finite, got {shift}")
-    return shift
+    return real_number(shift, "shift")
 
 
 def check_refine(refine) -> None:

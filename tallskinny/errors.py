@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import math
+import numbers
+
+import torch
+
 from .linalg.errors import SingularMatrixError
 
 
@@ -85,3 +90,16 @@ class UnsupportedOnRouteError(NotImplementedError):
         super().__init__(message)
         self.route = route
         self.operation = operation
+
+
+def real_number(value, name: str) -> float:
+    """``value`` as a finite ``float`` (a Python real or a 0-d floating tensor), else a
+    ``TypeError`` / ``ValueError`` naming ``name``: the check of every scalar argument."""
+    if isinstance(value, torch.Tensor) and value.dim() == 0 and value.dtype.is_floating_point:
+        value = float(value)
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    value = float(value)
+    if math.isnan(value) or math.isinf(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    return value

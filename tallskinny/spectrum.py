@@ -32,7 +32,7 @@ from typing import NamedTuple, Sequence
 import torch
 from torch import Tensor
 
-from .errors import SingularSystemError
+from .errors import SingularSystemError, real_number
 from .linalg import pivot_tolerance
 
 __all__ = [
@@ -53,17 +53,6 @@ its eigenvalue is then exact to ``‖r‖²/gap`` and to the backward error ``�
 MAX_BLOCKS = 60
 """Block shift-invert Lanczos steps before :func:`eigvalsh` gives up (``RuntimeError``)."""
 EDGE_RETRIES = 6
-
-
-def _real(x, name: str) -> float:
-    if isinstance(x, Tensor) and x.dim() == 0 and x.dtype.is_floating_point:
-        x = float(x)
-    if isinstance(x, bool) or not isinstance(x, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {type(x).__name__}")
-    x = float(x)
-    if math.isnan(x) or math.isinf(x):
-        raise ValueError(f"{name} must be finite, got {x}")
-    return x
 
 
 # -- norms and counts ----------------------------------------------------------------------
@@ -138,7 +127,7 @@ def _below(curv, sigma: float, tau: float | None = None) -> int:
 def eigenvalue_count(curv, lower, upper) -> int:
     """The exact number of eigenvalues of the curvature in ``[lower, upper)`` (two
     factorizations; an eigenvalue within ``edge_tolerance`` of an edge counts as at it)."""
-    lower, upper = _real(lower, "lower"), _real(upper, "upper")
+    lower, upper = real_number(lower, "lower"), real_number(upper, "upper")
     if lower > upper:
         raise ValueError(f"lower must be <= upper, got lower={lower:g} > upper={upper:g}")
     if lower == upper:
@@ -159,7 +148,7 @@ def negative_count(curv, threshold: float | None = None) -> int:
     if threshold is None:
         threshold = max(edge_tolerance(curv), NEGATIVE_THRESHOLD * _norm_estimate(curv))
     else:
-        threshold = _real(threshold, "threshold")
+        threshold = real_number(threshold, "threshold")
         if threshold < 0:
             raise ValueError(f"threshold must be >= 0, got {threshold:g}")
     return _below(curv, -threshold)
@@ -357,7 +346,7 @@ def eigvalsh(curv, k: int, which: str = "largest", *, near=None, eigenvectors: b
     if which == "nearest":
         if near is None:
             raise ValueError("which='nearest' needs near=σ")
-        near = _real(near, "near")
+        near = real_number(near, "near")
     elif near is not None:
         raise ValueError(f"near is only for which='nearest' (which={which!r})")
     norm = _norm_estimate(curv)
