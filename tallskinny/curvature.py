@@ -76,6 +76,12 @@ PIVOTED_FALLBACK_BYTES = 2 * 2**30
 """The pivoted KKT fallback forms dense blocks of size ``p_l + 2a_l`` per block: it is
 tried only where they need at most this many bytes (else the warning says so)."""
 
+DENSE_VERDICT_PARAMETERS = 2048
+"""Where the elimination and its pivoted fallback find ``H + εI`` singular and ``P`` is at
+most this, the verdict is taken from the eigenvalues of the dense matrix (``P`` HVPs and an
+eigendecomposition): the block-tridiagonal KKT factorization pivots only inside its
+blocks and can break down on a regular system."""
+
 _VERSION = operator.attrgetter("_version")
 
 
@@ -462,6 +468,7 @@ class Curvature:
         self.method = method  # the route this curvature's factorizations take
         self._preconditioner = preconditioner  # krylov: (sub-batch curvature, scale) or None
         self._route = None  # the kernel's SVD or the dense spectrum, made on first use
+        self._dense_eigen = None  # the dense H's eigendecomposition, for singular verdicts
         self._block_names = tuple(names) if names is not None else tuple(f"block {i}" for i in range(len(oracles)))
         self._stage_shapes = None  # the stages' sizes for the memory estimates, made on first use
         self._estimates: dict = {}  # the factorization's memory estimates, by (prepared, KKT)
@@ -571,7 +578,15 @@ class Curvature:
 
     def _factorize(self, damping: float) -> Factorization:
         if self.method == "riccati":
-            inner = elimination.factorize(self.oracles, self.loss_oracle, damping, self._prepared_stages())
+            try:
+                inner = elimination.factorize(self.oracles, self.loss_oracle, damping, self._prepared_stages())
+            except SingularSystemError as verdict:
+                if not self._dense_verdict_fits():
+                    raise
+                try:  # the dense eigenvalues overturn a breakdown on a regular system
+                    inner = self._dense_spectrum().factorize(damping)
+                except SingularSystemError:
+                    raise verdict from None
         elif self.method == "krylov":
             inner = routes.krylov.make_factorization(
                 lambda x: self._apply(x, shift=damping), damping, self._krylov, self.kind, self.layout.numel,
@@ -580,6 +595,17 @@ class Curvature:
         else:
             inner = self._spectral_route().factorize(damping)
         return Factorization(inner, self, damping)
+
+    def _dense_verdict_fits(self) -> bool:
+        P = self.layout.numel
+        limit = self.memory_limit
+        return P <= DENSE_VERDICT_PARAMETERS and (limit is None or 3 * P * P * self.layout.dtype.itemsize <= limit)
+
+    def _dense_spectrum(self):
+        """The eigendecomposition of the dense ``H`` (:class:`~tallskinny.routes.DenseSpectrum`), made once."""
+        if self._dense_eigen is None:
+            self._dense_eigen = routes.DenseSpectrum(self._dense())
+        return self._dense_eigen
 
     # -- spectral queries by inertia (tallskinny.spectrum) --------------------------------------
     def eigenvalue_count(self, lower: float, upper: float) -> int:

@@ -28,6 +28,7 @@ FIXED = {
     527: "float32, cond 6e5: SingularSystemError",
     1147: "float32, cond 2e5: SingularSystemError",
     1327: "float32, cond 3e5: SingularSystemError",
+    61232: "LayerNorm + residual units at ε = 1.5e-8, cond 1e11: the KKT fallback broke down (SingularSystemError)",
 }
 
 
