@@ -182,7 +182,7 @@ class Factorization:
     def info(self):
         """The krylov route: the :class:`~tallskinny.routes.KrylovInfo` of the last solve
         (products, residual reached, converged); ``None`` on the exact routes."""
-        return getattr(self._inner, "info", None)
+        return self._inner.info if isinstance(self._inner, routes.KrylovFactorization) else None
 
     @collector_paused
     def solve(self, b, *, refine: int | None = None):
@@ -216,7 +216,7 @@ class Factorization:
         if rhs.shape[1] == 0:
             return self._layout.from_flat(rhs.new_zeros(rhs.shape), fmt)
         self._curvature._check_solve(rhs.shape[1])
-        if refine is None and getattr(self._inner, "inexact", False):
+        if refine is None and isinstance(self._inner, routes.KrylovFactorization):
             refine = 0  # an iterative solve checks its own residual (and warns)
         if refine is None:
             x, eta, steps = self._checked_solve(rhs)
@@ -299,7 +299,7 @@ class Factorization:
         for j in range(len(x_n)):
             if x_n[j] > 0:  # ‖(H+εI)x‖ ≥ ‖b‖ − ‖r‖ (one norm fewer than ‖(H+εI)x‖ itself)
                 scale = max(scale, (b_n[j] - r_n[j]) / x_n[j])
-        checks.raise_bound(max(H_bound, scale - self.damping))
+        checks.raise_bound(max(H_bound, scale - abs(self.damping)))  # ‖(H+εI)x‖/‖x‖ ≤ ‖H‖ + |ε|
 
         def above(scale: float) -> bool:
             return any(
@@ -469,6 +469,7 @@ class Curvature:
         self._preconditioner = preconditioner  # krylov: (sub-batch curvature, scale) or None
         self._route = None  # the kernel's SVD or the dense spectrum, made on first use
         self._dense_eigen = None  # the dense H's eigendecomposition, for singular verdicts
+        self.spectrum_cache: dict = {}  # what tallskinny.spectrum learnt of H (‖H‖, bounds)
         self._block_names = tuple(names) if names is not None else tuple(f"block {i}" for i in range(len(oracles)))
         self._stage_shapes = None  # the stages' sizes for the memory estimates, made on first use
         self._estimates: dict = {}  # the factorization's memory estimates, by (prepared, KKT)

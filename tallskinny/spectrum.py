@@ -60,9 +60,7 @@ def _norm_estimate(curv) -> float:
     """An estimate of ``‖H‖`` for the rounding tolerance of the edges: ``‖Hg‖/‖g‖`` for the
     gradient ``g`` (one HVP; ~0.6·‖H‖ on tanh MLPs, where the Gauss–Newton part lives),
     or 4 Lanczos steps where it fails (a stationary point); made once per curvature."""
-    cached = getattr(curv, "spectrum_cache", None)
-    if cached is None:
-        cached = curv.spectrum_cache = {}
+    cached = curv.spectrum_cache
     if "norm" not in cached:
         g = curv.gradient().reshape(-1, 1)
         g_norm = float(g.norm())
@@ -158,9 +156,8 @@ def spectral_bounds(curv) -> tuple[float, float]:
     """``(a, b)`` with every eigenvalue in ``(a, b)``, certified by two inertias: a
     Lanczos estimate (8 HVPs), widened until the counts below ``a`` and ``b`` are ``0``
     and ``P``. Kept on the curvature."""
-    cache = getattr(curv, "spectrum_cache", None)
-    if cache is not None and "bounds" in cache:
-        return cache["bounds"]
+    if "bounds" in curv.spectrum_cache:
+        return curv.spectrum_cache["bounds"]
     P = curv.num_parameters
     gen = torch.Generator().manual_seed(1)
     v = torch.randn((P, 1), generator=gen, dtype=curv.layout.dtype).to(curv.layout.device)

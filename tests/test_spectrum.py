@@ -171,7 +171,7 @@ def test_bad_arguments_raise_before_work():
         curv.spectral_histogram([0.0, 1.0, 0.5])
     with pytest.raises(ValueError, match="at least 2"):
         curv.spectral_histogram([0.0])
-    assert not hasattr(curv, "spectrum_cache")  # no work was done
+    assert curv.spectrum_cache == {}  # no work was done
 
 
 def test_parameters_untouched():

@@ -259,8 +259,6 @@ class KrylovFactorization:
     factorization (with ``solve(b, refine=0)``) of the sub-batch curvature plus ``εI`` or
     ``None``. ``info`` is the :class:`KrylovInfo` of the last solve."""
 
-    inexact = True
-
     def __init__(self, apply, damping: float, options: Krylov, kind: str, numel: int, dtype: torch.dtype,
                  preconditioner=None, note: str | None = None):
         self._apply = apply
