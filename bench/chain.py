@@ -58,6 +58,8 @@ from _timing import median_ratio, median_time, paired_times, synchronizer, timed
 NUM_CLASSES = 10
 DTYPE = torch.float64
 REFERENCE_MODELS = ((16, 32, 1), (64, 32, 1), (256, 32, 1), (64, 64, 1), (16, 32, 8), (16, 32, 32), (64, 16, 4))
+# the batch-1 models again with bias-free layers (nn.Linear(..., bias=False))
+BIAS_FREE_MODELS = ((64, 32, 1, False), (256, 32, 1, False), (64, 64, 1, False))
 # Every reference model has P > 16 000 (the smallest, L=16 h=32, has 16 170): these smaller
 # ones (not part of the reference set) are where a dense reference runs.
 SMALL_MODELS = ((8, 32, 1), (8, 32, 8), (32, 16, 4))
@@ -77,37 +79,44 @@ KRYLOV_MAXITER = 2000
 # -- models ------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class ModelSpec:
-    """A tanh MLP of ``L`` Linear layers, width ``h`` (input width ``h``), 10 classes, batch ``B``."""
+    """A tanh MLP of ``L`` Linear layers, width ``h`` (input width ``h``), 10 classes, batch
+    ``B``; every layer with a bias or (``bias=False``) none."""
 
     L: int
     h: int
     B: int
+    bias: bool = True
 
     def __post_init__(self) -> None:
         for name in ("L", "h", "B"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"ModelSpec.{name} must be a positive integer, got {value!r}")
+        if not isinstance(self.bias, bool):
+            raise ValueError(f"ModelSpec.bias must be a bool, got {self.bias!r}")
 
     @property
     def num_parameters(self) -> int:
-        return (self.L - 1) * (self.h * self.h + self.h) + self.h * NUM_CLASSES + NUM_CLASSES
+        b = int(self.bias)
+        return (self.L - 1) * (self.h * self.h + b * self.h) + self.h * NUM_CLASSES + b * NUM_CLASSES
 
     @property
     def label(self) -> str:
-        return f"L={self.L} h={self.h} B={self.B}"
+        return f"L={self.L} h={self.h} B={self.B}" + ("" if self.bias else " no bias")
 
 
 def parse_model(text: str) -> ModelSpec:
-    """``"L,h,B"`` → :class:`ModelSpec` (for ``--models``)."""
+    """``"L,h,B"`` or ``"L,h,B,nobias"`` → :class:`ModelSpec` (for ``--models``)."""
     parts = text.split(",")
     try:
-        if len(parts) != 3:
+        bias = len(parts) == 3
+        if not (bias or (len(parts) == 4 and parts[3] == "nobias")):
             raise ValueError
-        return ModelSpec(*(int(p) for p in parts))
+        return ModelSpec(*(int(p) for p in parts[:3]), bias=bias)
     except ValueError:
         raise argparse.ArgumentTypeError(
-            f"a model is 'L,h,B' with three positive integers (layers, width, batch), got {text!r}"
+            f"a model is 'L,h,B' with three positive integers (layers, width, batch), or 'L,h,B,nobias' "
+            f"for bias-free layers, got {text!r}"
         ) from None
 
 
@@ -140,10 +149,11 @@ def build_problem(spec: ModelSpec, device: str | torch.device = "cpu", seed: int
     with torch.random.fork_rng(devices=[]):  # nn.Linear's own init draws from the global generator
         for i in range(spec.L):
             out = NUM_CLASSES if i == spec.L - 1 else spec.h
-            linear = nn.Linear(spec.h, out, dtype=DTYPE)
+            linear = nn.Linear(spec.h, out, bias=spec.bias, dtype=DTYPE)
             with torch.no_grad():
                 nn.init.orthogonal_(linear.weight, generator=gen)
-                linear.bias.copy_(0.1 * torch.randn(out, generator=gen, dtype=DTYPE))
+                if spec.bias:
+                    linear.bias.copy_(0.1 * torch.randn(out, generator=gen, dtype=DTYPE))
             layers.append(linear)
             if i < spec.L - 1:
                 layers.append(nn.Tanh())
@@ -686,7 +696,7 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict:
     if args.models:
         models = list(args.models)
     else:
-        models = [ModelSpec(*m) for m in (QUICK_MODELS if args.quick else REFERENCE_MODELS + SMALL_MODELS)]
+        models = [ModelSpec(*m) for m in (QUICK_MODELS if args.quick else REFERENCE_MODELS + BIAS_FREE_MODELS + SMALL_MODELS)]
     dampings = tuple(args.dampings) if args.dampings else DAMPINGS
     if any(not (d >= 0 and math.isfinite(d)) for d in dampings):
         parser.error(f"--dampings must be finite and >= 0, got {dampings}")

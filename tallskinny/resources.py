@@ -438,17 +438,17 @@ def stage_shapes(oracles: Sequence[Oracle], compiled, names: Sequence[str]) -> l
     last = max((i for i, c in enumerate(compiled) if c.p), default=-1)
     runs = {}
     # a run is cut before the last block with parameters (as elimination.prepare_stages does)
-    for start, (end, _) in compiled.run_plan()[0].items():
+    for start, (end, run) in compiled.run_plan()[0].items():
         J = (min(end, last) - start) // 2
         if J >= MIN_RUN:
-            runs[start] = J
+            runs[start] = J, run.p
     out: list[StageShape] = []
     i = 0
     while i < n:
         if i in runs:
-            J = runs[i]
+            J, p_layer = runs[i]
             m = compiled[i].linear[0].shape[0]
-            out.append(StageShape(i, names[i], RUN, m, m, J * (m * m + m), m=m, layers=J))
+            out.append(StageShape(i, names[i], RUN, m, m, J * p_layer, m=m, layers=J))
             i += 2 * J
             continue
         o, c = oracles[i], compiled[i]

@@ -49,13 +49,15 @@ class LinearBlock(Block):
         z2 = z.reshape(-1, in_features)
         trainable = self._names
         with_weight, with_bias = "weight" in trainable, bias is not None and "bias" in trainable
-        if z2.shape[0] == 1 and with_weight and with_bias:
-            # one sample, θ = [vec(W), b]: the operators are made on first use; the batched
-            # runs read (W, x, g) only
+        if z2.shape[0] == 1 and with_weight:
+            # one sample, θ = [vec(W), b] or vec(W): the operators are made on first use;
+            # the batched runs read (W, x, g) only (and the bias from p)
             W, g2 = plain(weight), g.reshape(1, out_features)
-            sizes = (in_features, out_features, out_features * (in_features + 1))
+            sizes = (in_features, out_features, out_features * (in_features + with_bias))
             return DeferredOracle(
-                lambda: self._oracle(z2, W, g2, second_order), sizes, linear=(W, z2.mT, g2.mT if second_order else None)
+                lambda: self._oracle(z2, W, g2, second_order, with_weight, with_bias),
+                sizes,
+                linear=(W, z2.mT, g2.mT if second_order else None),
             )
         return self._oracle(z2, plain(weight), g.reshape(-1, out_features), second_order, with_weight, with_bias)
 

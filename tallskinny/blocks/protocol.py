@@ -59,8 +59,9 @@ class DeferredOracle(Oracle):
     :class:`Oracle` and runs on the first access to ``G, F, A, C`` or ``E``; ``sizes`` is
     ``(a_in, a_out, p)``; the hints are
 
-    * ``linear = (W, x, g)``: the block is ``nn.Linear`` at one sample with a bias,
-      θ = ``[vec(W), b]``, input ``x`` (``n × 1``), adjoint ``g`` (``m × 1``; ``None``
+    * ``linear = (W, x, g)``: the block is ``nn.Linear`` at one sample, θ = ``[vec(W), b]``
+      (``p = m·(n + 1)``) or, without a bias, θ = ``vec(W)`` (``p = m·n``; the two told
+      apart by ``sizes``), input ``x`` (``n × 1``), adjoint ``g`` (``m × 1``; ``None``
       where ``C = 0``), ``F = W``, ``A = 0``, ``E = 0``;
     * ``diagonal = (d, e)``: no parameters, ``F = diag(d)``, ``E = diag(e)`` (``a × 1``
       columns; ``e = None`` where ``E = 0``).

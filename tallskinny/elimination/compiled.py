@@ -71,7 +71,7 @@ class CompiledOracle:
 
     def __init__(self, o: Oracle):
         # what the batched runs read, made at once: ``(W, x, g)`` of an nn.Linear at one
-        # sample (θ = [vec(W), b]; g None where C = 0) and ``(d, e)`` of F = diag(d),
+        # sample (θ = [vec(W), b] or vec(W), told apart by p; g None where C = 0) and ``(d, e)`` of F = diag(d),
         # E = diag(e) (e None: E = 0) of a parameter-free elementwise block
         # (tallskinny.elimination.runs); from a DeferredOracle's hints where it has them
         # (its operators stay unmade), else read off the operators
@@ -272,12 +272,12 @@ def _weight_layout(o: Oracle, parts) -> tuple[int, Tensor | None] | None:
 
 
 def _one_sample_linear(o: Oracle, parts) -> tuple | None:
-    """``(W, x, g)`` where the oracle is an ``nn.Linear``'s at one sample with a bias and
-    ``F = W`` (:func:`_weight_layout`; ``g = None`` where ``C = 0``); else ``None``: the
-    conditions under which the products fuse and batched runs apply."""
+    """``(W, x, g)`` where the oracle is an ``nn.Linear``'s at one sample (θ = ``[vec(W), b]``
+    or ``vec(W)``) and ``F = W`` (:func:`_weight_layout`; ``g = None`` where ``C = 0``);
+    else ``None``: the conditions under which the products fuse and batched runs apply."""
     layout = _weight_layout(o, parts)
     X, Gam = parts[1], parts[3]
-    if layout is None or layout[1] is None or X.shape[0] != 1 or X.shape[1] == layout[0]:
+    if layout is None or layout[1] is None or X.shape[0] != 1:
         return None
     nw, W = layout
     return W, X[:, :nw].mT, Gam

@@ -10,12 +10,13 @@ from torch import Tensor
 
 from .algebra import symmetrize
 from .compiled import CompiledBlocks, CompiledOracle
+from .runs import has_bias
 
 
 def gradient(blocks: "CompiledBlocks", adjoints: Sequence[Tensor]) -> Tensor:
     """The flat gradient ``(∂loss/∂θ_l = G_lᵀ g_l)_l`` from the adjoints ``g_l`` of the
-    blocks' outputs: ``[vec(g xᵀ), g]`` for a one-sample ``nn.Linear`` (its hint, no
-    operators made), the compiled ``Gᵀ`` otherwise."""
+    blocks' outputs: ``[vec(g xᵀ), g]`` (``vec(g xᵀ)`` without a bias) for a one-sample
+    ``nn.Linear`` (its hint, no operators made), the compiled ``Gᵀ`` otherwise."""
     runs, offsets = blocks.run_plan()
     out = adjoints[0].new_empty(offsets[-1])  # written in place, block by block
     i = 0
@@ -24,7 +25,8 @@ def gradient(blocks: "CompiledBlocks", adjoints: Sequence[Tensor]) -> Tensor:
         if i in runs:  # [vec(g xᵀ), g] of every Linear of the run at once
             end, run = runs[i]
             o = out[offsets[i] : offsets[end]].view(run.J, -1)
-            gs = o[:, run.m * run.n :].unsqueeze(-1)  # J × m × 1 (views of out)
+            # J × m × 1 (views of out; a buffer without a bias)
+            gs = o[:, run.m * run.n :].unsqueeze(-1) if run.bias else o.new_empty(run.J, run.m, 1)
             torch.stack([adjoints[k].reshape(-1, 1) for k in range(i, end, 2)], out=gs)
             torch.bmm(gs, run.x.mT, out=o[:, : run.m * run.n].view(run.J, run.m, run.n))
             i = end
@@ -37,7 +39,8 @@ def gradient(blocks: "CompiledBlocks", adjoints: Sequence[Tensor]) -> Tensor:
             x, g = b.linear[1], g.reshape(-1, 1)
             m, n = g.shape[0], x.shape[0]
             torch.mm(g, x.mT, out=part[: m * n].view(m, n))
-            part[m * n :] = g.reshape(-1)
+            if has_bias(b):
+                part[m * n :] = g.reshape(-1)
         else:
             part[:] = b.GT(g.reshape(-1, 1)).reshape(-1)
     return out
@@ -58,7 +61,7 @@ def last_blocks_norm_bound(blocks: Sequence[CompiledOracle], loss_hessian: Tenso
             W, x, _ = b.linear
             if T.shape[0] != W.shape[0]:
                 break
-            sigma_sq = float((x * x).sum()) + 1.0
+            sigma_sq = float((x * x).sum()) + float(has_bias(b))  # ‖x̃‖², x̃ = [x; 1] or x
             best = max(best, float(torch.linalg.eigvalsh(symmetrize(T)).abs().max()) * sigma_sq)
             seen += 1
             if seen >= depth:

@@ -17,7 +17,7 @@ from .stages.affine import AffineStage
 from .stages.covered import COVERED
 from .stages.dense import DenseStage
 from .stages.reduced_affine import ReducedAffineStage
-from .stages.run import LinearRunStage
+from .stages.run import LinearRunStage, admissible
 
 
 def prepare_stages(oracles: Sequence[Oracle], loss: Oracle, compiled: Sequence | None = None) -> list:
@@ -73,11 +73,11 @@ def _run_stages(compiled, last: int):
     """``(start, LinearRunStage)`` of the batched HVP runs of ``compiled`` (a
     :class:`~tallskinny.elimination.compiled.CompiledBlocks`), each cut before the last block with
     parameters (whose stage also drops the loss's null space) and kept if it still has
-    ``runs.MIN_RUN`` pairs."""
+    ``runs.MIN_RUN`` pairs and every layer has ``x̃ ≠ 0`` (:func:`~.stages.run.admissible`)."""
     out = []
     for start, (end, run) in compiled.run_plan()[0].items():
         J = (min(end, last) - start) // 2
-        if J >= runs.MIN_RUN:
+        if J >= runs.MIN_RUN and admissible(run, J):
             out.append((start, LinearRunStage(run, start, J)))
     return out
 

@@ -1,8 +1,8 @@
 """Hessian-vector products batched over runs of identical layers.
 
-A run is ``J ≥ MIN_RUN`` consecutive pairs (``nn.Linear`` at one sample with bias and a
-square ``W``, then an elementwise block ``F = diag(d)``, ``E = diag(e)``) of one shape.
-For one vector ``v = (W_v, b_v)`` per layer the tangent and adjoint sweeps of
+A run is ``J ≥ MIN_RUN`` consecutive pairs (``nn.Linear`` at one sample with a square
+``W``, with or without a bias, then an elementwise block ``F = diag(d)``, ``E = diag(e)``)
+of one shape. For one vector ``v = (W_v, b_v)`` per layer the tangent and adjoint sweeps of
 :func:`tallskinny.elimination.hessian.hvp` through such a pair are
 
     y^A_j = W_j y_{j−1} + W_v x_j + b_v          y_j = d_j ⊙ y^A_j
@@ -10,7 +10,7 @@ For one vector ``v = (W_v, b_v)`` per layer the tangent and adjoint sweeps of
     (Hv)_j = (μ^A_j x_jᵀ + g_j y_{j−1}ᵀ,  μ^A_j)
 
 (``x_j`` the layer's input, ``g_j`` the adjoint at its output; ``g = 0``, ``e = 0`` for the
-Gauss–Newton matrix). The recurrences take one matrix-vector product with the layer's own ``W`` per layer and
+Gauss–Newton matrix; ``b_v = 0`` and no bias part of ``Hv`` for bias-free layers). The recurrences take one matrix-vector product with the layer's own ``W`` per layer and
 sweep (and one elementwise product); every other term is one batched operation for the
 whole run, on the parameters' own layout.
 """
@@ -37,10 +37,17 @@ def _pair_fits(blocks: Sequence, i: int) -> bool:
     return lin is not None and act is not None and lin[0].shape[0] == lin[0].shape[1]
 
 
+def has_bias(block) -> bool:
+    """Whether a block with a ``linear`` hint has a bias among its parameters
+    (``p = m·(n + 1)``, not ``m·n``)."""
+    return block.p > block.linear[0].numel()
+
+
 def _kind(blocks: Sequence, i: int) -> tuple:
-    """What the pairs of one run share: the shape of ``W``, and whether ``C``, ``E`` are zero."""
+    """What the pairs of one run share: the shape of ``W``, whether it has a bias, and
+    whether ``C``, ``E`` are zero."""
     W, _, g = blocks[i].linear
-    return W.shape, g is None, blocks[i + 1].diagonal[1] is None
+    return W.shape, has_bias(blocks[i]), g is None, blocks[i + 1].diagonal[1] is None
 
 
 def pair_runs(n: int, fits, key, min_run: int) -> list[tuple[int, int]]:
@@ -91,7 +98,8 @@ class HVPRun:
         self.d = torch.stack([b.diagonal[0] for b in act])  # J × m × 1
         es = [b.diagonal[1] for b in act]
         self.e = None if es[0] is None else torch.stack(es)
-        self.p = self.m * self.n + self.m
+        self.bias = has_bias(lin[0])
+        self.p = self.m * self.n + self.m * self.bias
         self._WD = None
 
     def _scaled_weights(self) -> list[Tensor]:
@@ -107,8 +115,12 @@ class HVPRun:
         """The tangent at the run's output; what the adjoint sweep needs of this one."""
         J, m, n = self.J, self.m, self.n
         vv = v.reshape(J, self.p)
-        vW, vb = vv[:, : m * n].reshape(J, m, n), vv[:, m * n :].unsqueeze(-1)
-        gv = torch.baddbmm(vb, vW, self.x).unbind(0)  # W_v x + b_v
+        vW = vv[:, : m * n].reshape(J, m, n)
+        if self.bias:
+            vb = vv[:, m * n :].unsqueeze(-1)
+            gv = torch.baddbmm(vb, vW, self.x).unbind(0)  # W_v x + b_v
+        else:
+            vb, gv = None, torch.bmm(vW, self.x).unbind(0)  # W_v x
         WD = self._scaled_weights()
         yA = gv[0] if y is None else torch.addmm(gv[0], self.Ws[0], y)
         yAs = [yA] * J
@@ -133,7 +145,8 @@ class HVPRun:
             out = mu.new_empty(J * self.p, 1)
         # views of out (.view: never a silent copy), written in place
         o = out.view(J, -1)
-        HW, MA = o[:, : m * n].view(J, m, n), o[:, m * n :].unsqueeze(-1)
+        HW = o[:, : m * n].view(J, m, n)
+        MA = o[:, m * n :].unsqueeze(-1) if self.bias else mu.new_empty(J, m, 1)  # the bias part: μ^A
         muA = self.d[-1] * mu if self.e is None else torch.addcmul(self.d[-1] * mu, self.e[-1], YA[-1])
         muAs = [muA] * J
         for j in range(J - 1, 0, -1):
@@ -150,7 +163,8 @@ class HVPRun:
             left, right = torch.cat((MA, self.g), dim=2), torch.cat((self.x, Y), dim=2).mT  # μ^A xᵀ + g yᵀ
         if shift:  # + shift·v, in the same pass
             torch.baddbmm(vW, left, right, beta=shift, out=HW)
-            MA.add_(vb, alpha=shift)  # after the product above, which reads μ^A
+            if self.bias:
+                MA.add_(vb, alpha=shift)  # after the product above, which reads μ^A
         else:
             torch.bmm(left, right, out=HW)
         return out, mu_in

@@ -54,8 +54,9 @@ def _stagewise(curv, damping, b, monkeypatch):
 @pytest.mark.parametrize("act", ["tanh", "relu", "sigmoid", "gelu", "identity"])
 @pytest.mark.parametrize("damping", [1e-6, 1e-3, 0.1])
 @pytest.mark.parametrize("kind", ["hessian", "ggn"])
-def test_batched_solve_matches_stagewise_and_dense(act, damping, kind, monkeypatch):
-    chain, X, y = _chain(act)
+@pytest.mark.parametrize("bias", [True, False])
+def test_batched_solve_matches_stagewise_and_dense(act, damping, kind, bias, monkeypatch):
+    chain, X, y = _chain(act, bias=bias)
     curv = chain.curvature(X, y, kind=kind)
     P = curv.num_parameters
     b = torch.randn(P, dtype=torch.float64)
@@ -73,8 +74,10 @@ def test_batched_solve_matches_stagewise_and_dense(act, damping, kind, monkeypat
     assert rel(x, torch.linalg.solve(M, b)) <= max(1e-9, tol)
 
 
-def test_dead_relu_units_and_an_indefinite_system(monkeypatch):
-    chain, X, y = _chain("relu", depth=10, width=6, d_in=6, seed=3)
+@pytest.mark.parametrize("bias", [True, False])
+def test_dead_relu_units_and_an_indefinite_system(bias, monkeypatch):
+    # (seeds where some units are dead and H + εI is indefinite)
+    chain, X, y = _chain("relu", depth=10, width=6, d_in=6, seed=3 if bias else 6, bias=bias)
     curv = chain.curvature(X, y)
     H = dense_hessian(chain, X, y)
     dead = sum(int((o.F.diagonal == 0).sum()) for o in curv.oracles if o.G.shape[1] == 0)
@@ -94,8 +97,9 @@ def test_dead_relu_units_and_an_indefinite_system(monkeypatch):
     assert rel(x, _stagewise(curv, damping, b, monkeypatch)) <= tol
 
 
-def test_block_of_right_hand_sides_equals_columns(monkeypatch):
-    chain, X, y = _chain("tanh")
+@pytest.mark.parametrize("bias", [True, False])
+def test_block_of_right_hand_sides_equals_columns(bias, monkeypatch):
+    chain, X, y = _chain("tanh", bias=bias)
     curv = chain.curvature(X, y)
     fact = curv.factorize(1e-2)
     assert _runs(fact) == [(0, 16)]
@@ -109,10 +113,11 @@ def test_block_of_right_hand_sides_equals_columns(monkeypatch):
 @pytest.mark.parametrize("act", ["tanh", "relu"])
 @pytest.mark.parametrize("damping", [1e-6, 1e-3, 0.1])
 @pytest.mark.parametrize("kind", ["hessian", "ggn"])
-def test_run_logdet_and_inertia_match_stagewise_and_dense(act, damping, kind, monkeypatch):
+@pytest.mark.parametrize("bias", [True, False])
+def test_run_logdet_and_inertia_match_stagewise_and_dense(act, damping, kind, bias, monkeypatch):
     """A run stage's ``log|det|`` and inertia: those of the per-stage elimination and of
     the dense matrix (indefinite at this initialisation for the Hessian)."""
-    chain, X, y = _chain(act, depth=10, width=5, d_in=5, seed=1)
+    chain, X, y = _chain(act, depth=10, width=5, d_in=5, seed=1, bias=bias)
     curv = chain.curvature(X, y, kind=kind)
     fact = curv.factorize(damping)
     assert _runs(fact) == [(0, 18)]
@@ -121,7 +126,7 @@ def test_run_logdet_and_inertia_match_stagewise_and_dense(act, damping, kind, mo
     eig = torch.linalg.eigvalsh(M)
     inertia = fact.inertia()
     assert (inertia.positive, inertia.negative, inertia.zero) == (int((eig > 0).sum()), int((eig < 0).sum()), 0)
-    if kind == "hessian":
+    if kind == "hessian" and (bias or damping < 0.1):
         assert inertia.negative > 0
     assert abs(float(fact.logdet()) - float(eig.abs().log().sum())) <= 1e-9 * abs(float(eig.abs().log().sum()))
     stagewise = _stagewise_factor(curv, damping, monkeypatch)
@@ -192,9 +197,10 @@ def test_zero_damping_through_a_run_is_the_per_stage_answer(monkeypatch):
 
 @pytest.mark.parametrize("act", ["tanh", "relu", "sigmoid"])
 @pytest.mark.parametrize("kind", ["hessian", "ggn"])
-def test_batched_hvp_of_a_run_entered_by_a_tangent(act, kind):
+@pytest.mark.parametrize("bias", [True, False])
+def test_batched_hvp_of_a_run_entered_by_a_tangent(act, kind, bias):
     """A run after a non-square Linear: the tangent entering it is not zero."""
-    chain, X, y = _chain(act, d_in=3)
+    chain, X, y = _chain(act, d_in=3, bias=bias)
     curv = chain.curvature(X, y, kind=kind)
     runs, _ = curv._compiled_oracles()[0].run_plan()
     assert sorted((start, end) for start, (end, _) in runs.items()) == [(2, 16)]
@@ -209,3 +215,55 @@ def test_batched_hvp_of_a_run_entered_by_a_tangent(act, kind):
     # the solve's check uses the same products: a solve is exact too
     x = curv.factorize(1e-3).solve(v)
     assert rel(x, torch.linalg.solve(H + 1e-3 * torch.eye(P, dtype=torch.float64), v)) <= 1e-9
+
+
+@pytest.mark.parametrize("kind", ["hessian", "ggn"])
+def test_bias_free_runs_take_the_batched_path_with_the_biased_layout(kind):
+    """Bias-free layers form runs (θ = vec(W) per layer, found from ``p``), and a chain
+    mixing biased and bias-free layers splits its runs where the layout changes."""
+    torch.manual_seed(4)
+    modules = mlp(11, 5, 5, 3, act="tanh", bias=False)
+    for i in range(10, 20, 2):  # the last five Linear layers of the run get a bias
+        modules[i] = nn.Linear(5, 5)
+    modules[-1] = nn.Linear(5, 3)
+    chain, X, y = ts.Chain(modules, nn.CrossEntropyLoss()), torch.randn(1, 5), torch.tensor([2])
+    curv = chain.curvature(X, y, kind=kind)
+    runs_found, _ = curv._compiled_oracles()[0].run_plan()
+    assert sorted((start, end, run.bias) for start, (end, run) in runs_found.items()) == [(0, 10, False), (10, 20, True)]
+    H = dense_hessian(chain, X, y) if kind == "hessian" else dense_ggn(chain, X, y)
+    P = H.shape[0]
+    v = torch.randn(P, dtype=torch.float64)
+    assert rel(curv.hvp(v), H @ v) <= 1e-12
+    fact = curv.factorize(1e-3)
+    assert _runs(fact) == [(0, 10), (10, 20)]
+    M = H + 1e-3 * torch.eye(P, dtype=torch.float64)
+    assert rel(fact.solve(v, refine=0), torch.linalg.solve(M, v)) <= 1e-9
+    eig = torch.linalg.eigvalsh(M)
+    assert abs(float(fact.logdet()) - float(eig.abs().log().sum())) <= 1e-9 * abs(float(eig.abs().log().sum()))
+    assert fact.inertia().negative == int((eig < 0).sum())
+
+
+@pytest.mark.parametrize("kind", ["hessian", "ggn"])
+def test_a_bias_free_layer_with_zero_input_leaves_the_run_to_the_per_stage_path(kind):
+    """Without a bias, ``x = 0`` (here after a zero weight: tanh(0) = 0) makes ``G_V`` rank
+    zero: the run stage would divide by ``σ = 0``; the layers go through the per-stage
+    elimination, which handles ``r = 0``, and the answers stay exact (``H ≠ 0`` through
+    the second-order cross terms of the zero layer)."""
+    torch.manual_seed(5)
+    modules = mlp(9, 5, 5, 3, act="tanh", bias=False)
+    with torch.no_grad():
+        modules[4].weight.zero_()  # the inputs of every later Linear are 0
+    X = torch.randn(1, 5)
+    chain, y = ts.Chain(modules, nn.CrossEntropyLoss()), torch.tensor([0])
+    curv = chain.curvature(X, y, kind=kind)
+    runs_found, _ = curv._compiled_oracles()[0].run_plan()
+    assert [(start, end) for start, (end, _) in runs_found.items()] == [(0, 16)]  # the HVP run is fine with x = 0 …
+    fact = curv.factorize(1e-2)
+    assert _runs(fact) == []  # … the elimination's run stage is not
+    H = dense_hessian(chain, X, y) if kind == "hessian" else dense_ggn(chain, X, y)
+    P = H.shape[0]
+    b = torch.randn(P, dtype=torch.float64)
+    M = H + 1e-2 * torch.eye(P, dtype=torch.float64)
+    assert H.abs().max() > 1e-5
+    assert rel(fact.solve(b, refine=0), torch.linalg.solve(M, b)) <= 1e-9
+    assert rel(curv.hvp(b), H @ b) <= 1e-12

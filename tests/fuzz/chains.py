@@ -5,6 +5,8 @@ on and off, one-output heads, batch 1–6, convolutions and pooling, residual un
 ``torch.func`` fallback modules, LayerNorm; cross-entropy with and without label
 smoothing, MSE, both reductions), a ``kind``, a damping in ``1e-8 … 1e3`` and a route
 (``method``: ``auto``, ``riccati``, ``dense`` and, for the Gauss–Newton matrix, ``kernel``).
+``make_run_case(seed)`` draws chains with runs of square layers at batch 1 (the batched
+elimination of :mod:`tallskinny.elimination.runs`), biases on, off and mixed.
 ``check_case(case)`` computes every quantity with tallskinny and with dense
 ``torch.func`` + ``torch.linalg`` references in float64 and returns a :class:`Report`
 of the errors measured against the documented accuracy (``docs/chain.md``, "Accuracy").
@@ -195,6 +197,38 @@ def make_case(seed: int, *, dtype: torch.dtype | None = None) -> Case:
             d_in = rng.randint(1, 12)
             shape = (batch, d_in)
             body, w = _dense_body(rng, gen, d_in, depth - 1)
+        return _finish_case(rng, gen, seed, body, w, shape, batch, dtype)
+
+
+def make_run_case(seed: int, *, dtype: torch.dtype | None = None) -> Case:
+    """A chain with a run of 4–7 square (``nn.Linear`` + elementwise) pairs of one width,
+    mostly at batch 1: where the elimination batches whole runs
+    (:mod:`tallskinny.elimination.runs`). Biases on, off or mixed (a change of layout cuts
+    a run), one activation or several, sometimes a zero weight (``x = 0`` after it: a
+    bias-free layer then has ``G_V`` of rank zero); the head, loss, kind, damping, dtype
+    and route are drawn as :func:`make_case` draws them."""
+    rng = random.Random(10**9 + seed)
+    gen = torch.Generator().manual_seed(10**9 + seed)
+    with _default_dtype(torch.float64):
+        batch = 1 if rng.random() < 0.8 else rng.randint(2, 3)
+        w, d_in = rng.randint(1, 8), rng.randint(1, 8)
+        biases = rng.choice(["on", "off", "mixed"])
+        one_activation = _activation(rng) if rng.random() < 0.6 else None
+        body = [nn.Linear(d_in, w, bias=rng.random() < 0.5), _activation(rng)]
+        for _ in range(rng.randint(4, 7)):
+            bias = {"on": True, "off": False}.get(biases, rng.random() < 0.5)
+            body += [nn.Linear(w, w, bias=bias), copy.deepcopy(one_activation) if one_activation else _activation(rng)]
+        case = _finish_case(rng, gen, seed, body, w, (batch, d_in), batch, dtype)
+        if rng.random() < 0.15:  # a zero weight inside the run
+            with torch.no_grad():
+                case.modules[2 * rng.randint(1, len(body) // 2 - 1)].weight.zero_()
+        case.description = "make_run_case: " + case.description
+        return case
+
+
+def _finish_case(rng, gen, seed: int, body: list, w: int, shape: tuple, batch: int, dtype) -> Case:
+    """The head, the weights, the data, the loss, ``kind``, damping, dtype and route."""
+    with _default_dtype(torch.float64):
         # the head: one output often, bias off sometimes
         classification = rng.random() < 0.5
         c = rng.choice([1, 1, 2, 3, 5]) if not classification else rng.choice([1, 2, 3, 5])

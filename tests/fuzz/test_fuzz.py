@@ -13,9 +13,10 @@ import os
 import pytest
 import torch
 
-from chains import check_case, make_case
+from chains import check_case, make_case, make_run_case
 
 CASES = int(os.environ.get("TALLSKINNY_FUZZ_CASES", "300"))
+RUN_CASES = max(1, CASES // 5)
 
 FIXED = {
     87: "one-output head without bias, GGN: the weight layout was guessed (hvp 0.03, gradient 0.73)",
@@ -45,6 +46,29 @@ def test_random_chain(seed):
     torch.set_num_threads(1)
     report = check_case(make_case(seed))
     assert not report.failures, f"{report.case}: {report.failures}"
+
+
+@pytest.mark.parametrize("seed", range(RUN_CASES))
+def test_random_chain_with_a_run(seed):
+    torch.set_num_threads(1)
+    report = check_case(make_run_case(seed))
+    assert not report.failures, f"{report.case}: {report.failures}"
+
+
+def test_run_cases_form_runs():
+    """The run family is what it says: many of its cases batch a run in the elimination,
+    bias-free and biased ones both, so the fuzzer covers that path."""
+    import tallskinny as ts
+    from tallskinny.elimination.stages.run import LinearRunStage
+
+    found = {True: 0, False: 0}
+    for seed in range(60):
+        case = make_run_case(seed, dtype=torch.float64)
+        curv = ts.Chain(case.modules, case.loss).curvature(case.X, case.y, kind=case.kind)
+        for stage in curv._prepared_stages():
+            if isinstance(stage, LinearRunStage):
+                found[stage.bias] += 1
+    assert found[True] >= 5 and found[False] >= 5, found
 
 
 def test_the_fuzzer_catches_a_wrong_answer(monkeypatch):

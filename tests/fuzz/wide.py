@@ -1,4 +1,5 @@
-"""Run the differential fuzzer wide: ``python tests/fuzz/wide.py --cases 5000 --jobs 2``.
+"""Run the differential fuzzer wide: ``python tests/fuzz/wide.py --cases 5000 --jobs 2``
+(``--family runs``: the chains of ``make_run_case``, runs of square layers at batch 1).
 
 Prints the number of cases run (by kind, dtype and verdict), the worst error/tolerance
 ratio of every quantity with its case, the cases that came with an ``AccuracyWarning``,
@@ -19,14 +20,15 @@ import traceback
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 
-def _run(seed: int):
+def _run(job: tuple[str, int]):
     import torch
 
-    from chains import check_case, make_case
+    from chains import check_case, make_case, make_run_case
 
+    family, seed = job
     torch.set_num_threads(1)
     try:
-        case = make_case(seed)
+        case = (make_run_case if family == "runs" else make_case)(seed)
         t = time.perf_counter()
         report = check_case(case)
         return seed, case.kind, str(case.dtype), report, time.perf_counter() - t, None
@@ -40,11 +42,12 @@ def main(argv=None) -> int:
     parser.add_argument("--start", type=int, default=0, help="first seed")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--show", type=int, default=40, help="failures printed at most")
+    parser.add_argument("--family", choices=["chains", "runs"], default="chains", help="make_case or make_run_case")
     args = parser.parse_args(argv)
     seeds = range(args.start, args.start + args.cases)
     t0 = time.perf_counter()
     with multiprocessing.get_context("spawn").Pool(args.jobs) as pool:
-        results = pool.map(_run, seeds, chunksize=4)
+        results = pool.map(_run, [(args.family, seed) for seed in seeds], chunksize=4)
     counts = collections.Counter()
     worst: dict = {}
     warned, failures, crashes = [], [], []

@@ -86,8 +86,9 @@ class AffineCoordinates:
         self.Vt = Vh  # r × q
         self.V = Vh.mT
         self.Gam, self.Et = Gam, Et
-        # Ẽ = [I; 0] (a Linear layer's input padded by the bias column): slicing suffices
-        self.pad = padded_identity(Et) and Et.shape[0] > Et.shape[1]
+        # Ẽ = [I; 0] (a Linear layer's input padded by the bias column) or Ẽ = I (no bias):
+        # slicing suffices
+        self.pad = padded_identity(Et)  # also Ẽ = I (bias-free): the slices below are then whole
         self.coupled = Gam is not None or C_general is not None  # C ≠ 0
         self.C_perp_coef = self.V_perp = self.C_span = self.g_sq = None
         if C_general is not None:

@@ -1,11 +1,12 @@
 """A run of identical one-sample Linear + activation layers as one stage of the elimination.
 
 A run is ``J ≥ MIN_RUN`` consecutive pairs (``nn.Linear`` at one sample, square ``W``, with
-bias; then an elementwise block ``F = diag(d)``, ``E = diag(e)``) of one shape
+or without a bias; then an elementwise block ``F = diag(d)``, ``E = diag(e)``) of one shape
 (:mod:`tallskinny.elimination.runs` finds them; their data is stacked once per curvature
 and shared with the batched HVPs). :class:`LinearRunStage` eliminates the whole run:
 
-* its ε-independent data is computed for all layers at once: ``σ_j = ‖x̃_j‖`` (``x̃ = [x; 1]``),
+* its ε-independent data is computed for all layers at once: ``σ_j = ‖x̃_j‖`` (``x̃ = [x; 1]``,
+  or ``x̃ = x`` without a bias: then every ``x_j ≠ 0`` is required, :func:`admissible`),
   ``v_j = x̃_j/σ_j`` and ``‖g_j‖²`` (``C_⊥ᵀC_⊥ = ‖g‖²(I − v_in v_inᵀ)`` is applied, not formed);
 * the factorization is the Riccati step of :class:`~tallskinny.elimination.stages.affine.AffineStage` at one
   sample (``G_V = σI``) after the activation's ``S ← S ⊙ ddᵀ + diag(e)``, in one loop of
@@ -27,7 +28,7 @@ and shared with the batched HVPs). :class:`LinearRunStage` eliminates the whole 
   ``Θ̃ᵀ = b_⊥/ε + v ζᵀ − C_⊥ y/ε``. With ``A = diag(d) N`` the recurrences are
   ``y_j = A_j y_{j−1} + σ d ⊙ ν_j`` and ``τ_{j−1} = A_jᵀ τ_j + h_j``: one matrix-vector
   product per layer and sweep; everything else is one batched operation for the run, on
-  the parameters' own layout (``[W | bias]``, no gathers). ``k`` right-hand sides are swept
+  the parameters' own layout (``[W | bias]`` or ``W``, no gathers). ``k`` right-hand sides are swept
   one column at a time.
 
 The sums are those of the per-stage elimination (the results agree to rounding); one run
@@ -48,6 +49,14 @@ from ..algebra import StageSingular, raise_if_null_directions, scaled_identity
 from . import Stage, StageFactor
 
 
+def admissible(run, J: int) -> bool:
+    """Whether the first ``J`` layers of ``run`` can be one stage: ``x̃_j ≠ 0`` for every
+    layer (``G_V = σ_j I`` of rank one; always so with a bias, ``x̃ = [x; 1]``). A
+    bias-free layer with ``x = 0`` has ``r = 0`` and is left to the per-stage
+    elimination."""
+    return run.bias or bool((run.x[:J] != 0).any(1).all())
+
+
 class LinearRunStage(Stage):
     """The stage of blocks ``[start, end)``: ``J`` (Linear, activation) pairs.
 
@@ -59,12 +68,14 @@ class LinearRunStage(Stage):
         self.blocks = 2 * J
         W, x, d = run.Ws[:J], run.x[:J], run.d[:J]
         self.m, self.n = m, n = W[0].shape
-        self.p = J * (m * n + m)
-        self.n_perp = m * n  # per layer: m·(q − r) with q = n + 1, r = 1
+        self.bias = bias = run.bias
+        self.p = J * (m * n + m * bias)
+        self.n_perp = m * (n + bias - 1)  # per layer: m·(q − r) with q = n + 1 (n without bias), r = 1
         self.W = W
-        sigma = ((x * x).sum(1, keepdim=True) + 1.0).sqrt()  # J × 1 × 1, ‖[x; 1]‖ ≥ 1
+        sigma = ((x * x).sum(1, keepdim=True) + float(bias)).sqrt()  # J × 1 × 1, ‖x̃‖ (> 0: admissible)
         self.sigmas = sigma.reshape(-1).tolist()
-        self.v_in, self.v_bias = x / sigma, sigma.reciprocal()  # J × n × 1, J × 1 × 1
+        self.v_in = x / sigma  # J × n × 1
+        self.v_bias = sigma.reciprocal() if bias else None  # J × 1 × 1
         self.sigma_d = sigma * d  # J × m × 1
         self.d = d.squeeze(-1)  # J × m
         self.e = None if run.e is None else run.e[:J].squeeze(-1)  # J × m: E = diag(e)
@@ -206,11 +217,12 @@ class BatchedRun(StageFactor):
         return self._inertia
 
     def _split(self, b: Tensor) -> tuple[Tensor, Tensor]:
-        """``b`` of the run as ``W``-shaped (``J × m × n``) and bias (``J × m × 1``) views."""
+        """``b`` of the run as ``W``-shaped (``J × m × n``) and bias (``J × m × 1``; ``None``
+        without a bias) views."""
         L = self.layers
         b = b.reshape(L.J, L.p // L.J)
         mn = L.m * L.n
-        return b[:, :mn].reshape(L.J, L.m, L.n), b[:, mn:].unsqueeze(-1)
+        return b[:, :mn].reshape(L.J, L.m, L.n), (b[:, mn:].unsqueeze(-1) if L.bias else None)
 
     def backward(self, t: Tensor | None, b: Tensor):
         """What the forward sweep needs, and the adjoint ``t`` at the run's input."""
@@ -243,7 +255,7 @@ class BatchedRun(StageFactor):
         Wb, bb = self._split(b)
         # b_ζ = Θ̃_b v (J × m × 1) and h = Kᵀ b_ζ + C_⊥ᵀ b_⊥ / ε, where for
         # b_⊥ = Θ̃_b − b_ζ vᵀ: C_⊥ᵀ b_⊥ = Wbᵀ g − v_in (gᵀ b_ζ)
-        Zb = torch.baddbmm(bb * L.v_bias, Wb, L.v_in)
+        Zb = Wb @ L.v_in if bb is None else torch.baddbmm(bb * L.v_bias, Wb, L.v_in)
         c = torch.baddbmm(Wb.mT @ L.g, L.v_in, L.g.mT @ Zb, alpha=-1.0)
         h = torch.baddbmm(c, self.K.mT, Zb, beta=1.0 / eps).unbind(0)
         # τ_{j−1} = A_jᵀ τ_j + h_j (fresh results: cheaper than out= into a buffer)
@@ -276,7 +288,8 @@ class BatchedRun(StageFactor):
         s = L.v_in.mT @ Y  # J × 1 × 1
         u = torch.addcmul(torch.add(zeta, Zb, alpha=-1.0 / eps), L.g, s, value=1.0 / eps)
         o = out.view(J, -1)  # views of out (.view: never a silent copy), written in place
-        theta_W, theta_b = o[:, : L.m * L.n].view(J, L.m, L.n), o[:, L.m * L.n :].unsqueeze(-1)
+        theta_W = o[:, : L.m * L.n].view(J, L.m, L.n)
         torch.baddbmm(Wb, torch.cat((u, L.g), dim=2), torch.cat((L.v_in, Y * (-1.0 / eps)), dim=2).mT, beta=1.0 / eps, out=theta_W)
-        torch.addcmul(bb * (1.0 / eps), L.v_bias, u, out=theta_b)
+        if bb is not None:
+            torch.addcmul(bb * (1.0 / eps), L.v_bias, u, out=o[:, L.m * L.n :].unsqueeze(-1))
         return y_out
