@@ -80,11 +80,11 @@ class DirectProduct(Product):
     computed directly by ``dense()`` (e.g. in ``O(nonzeros)`` by a scatter instead of
     multiplying the factors into an identity) and kept.
 
-    Products with a few vectors go through the factors; with many (``k ≥ 16``) or once
-    the dense matrix exists, through the dense matrix (one BLAS call beats a gather
-    and a scatter of ``k`` columns). The transpose shares the dense matrix."""
-
-    _MANY = 16
+    Products go through the factors, whatever the number of vectors: a gather, one
+    small GEMM per factor and a scatter cost ``O(nonzeros·k)``, while the dense matrix
+    costs ``a_out·a_in·k`` (``B·L/9`` times more for a 3×3 convolution) and is slower at
+    every ``k`` measured (CHANGELOG). The dense matrix is made only where it is asked for
+    (the dense stages of the elimination); the transpose shares it."""
 
     def __init__(self, *factors, dense: Callable[[], Tensor]):
         super().__init__(*factors)
@@ -96,11 +96,6 @@ class DirectProduct(Product):
             self._dense = self._dense_fn()
             self._dense_fn = None
         return self._dense
-
-    def _matmat(self, x: Tensor) -> Tensor:
-        if self._dense is not None or x.shape[1] >= self._MANY:
-            return self.to_dense() @ x
-        return super()._matmat(x)
 
     def _transpose(self) -> LinearOperator:
         return DirectProduct(*(f.T for f in reversed(self.factors)), dense=lambda: self.to_dense().mT)
