@@ -290,7 +290,10 @@ class Factorization:
             self._pooled_scratch = True
             scratch = workspace.empty(tuple(x.shape), x)
             workspace.recycle(self, scratch)
-        Mx = self._curvature._apply(x, scratch, shift=self.damping)
+        # (the output-kernel route with its factor W kept: (WWᵀ + εI)x, two GEMMs)
+        Mx = self._inner.apply(x, scratch) if isinstance(self._inner, routes.KernelRouteFactorization) else None
+        if Mx is None:
+            Mx = self._curvature._apply(x, scratch, shift=self.damping)
         residual = torch.sub(rhs, Mx, out=Mx)  # b − (H+εI)x, in the buffer of (H+εI)x
         r_n, x_n, b_n = torch.stack((residual.norm(dim=0), x.norm(dim=0), rhs.norm(dim=0))).tolist()
         checks = self._curvature.checks

@@ -7,6 +7,7 @@ matrix, eigendecomposed) and :mod:`.planner` (costs from the shapes; ``method="a
 from .dense import DenseRouteFactorization, DenseSpectrum
 from .kernel import (
     KernelFactorization,
+    KernelRouteFactorization,
     OutputKernel,
     adjoint,
     loss_factor,
@@ -22,6 +23,7 @@ __all__ = [
     "DenseRouteFactorization",
     "DenseSpectrum",
     "KernelFactorization",
+    "KernelRouteFactorization",
     "Krylov",
     "KrylovFactorization",
     "KrylovInfo",

@@ -254,6 +254,25 @@ class OutputKernel:
             return self.W @ c
         return adjoint(self.blocks, self.B @ c, self.P)
 
+    def gram_apply(self, x: Tensor, shift: float, out: Tensor | None = None) -> Tensor | None:
+        """``(W Wᵀ + shift·I) x`` by two products with the kept ``W`` (``4·P·r·k`` flops
+        instead of a sweep through the blocks), or ``None`` where ``W`` is not kept (the
+        per-sample kernel). ``W Wᵀ`` is ``G`` to its rounding (``eps·‖G‖``)."""
+        if self.W is None:
+            return None
+        out = torch.mul(x, shift, out=out) if out is not None else x * shift
+        return out.addmm_(self.W, self.W.mT @ x)
+
+    def norm_lower_bound(self) -> float:
+        """A lower bound of ``‖G‖ = ‖K‖₂`` before ``K`` is eigendecomposed: the largest of
+        ``max_i K_ii`` and ``‖K‖_F/√r`` (both ≤ ``λ_max`` of a positive semidefinite ``K``)."""
+        if self._spectrum is not None:
+            return self.norm
+        if not self.r:
+            return 0.0
+        diag, frob = torch.stack((self.K.diagonal().max(), torch.linalg.matrix_norm(self.K) / math.sqrt(self.r))).tolist()
+        return max(diag, frob)
+
     def factorize(self, damping: float):
         self.factorizations += 1
         if damping > 0 and self.r < self.P and self._spectrum is None and self.factorizations <= self.CHOLESKY_DAMPINGS:
@@ -265,12 +284,25 @@ class OutputKernel:
         return KernelFactorization(self, damping)
 
 
-class CholeskyKernelFactorization:
+class KernelRouteFactorization:
+    """What the output-kernel route's factorizations share: the kernel, the damping, and
+    ``(G + εI) x`` from the kept factor where there is one
+    (:meth:`OutputKernel.gram_apply`; the solve's backward-error check uses it)."""
+
+    kernel: OutputKernel
+    damping: float
+
+    def apply(self, x: Tensor, out: Tensor | None = None) -> Tensor | None:
+        """``(W Wᵀ + εI) x``, or ``None`` where ``W`` is not kept."""
+        return self.kernel.gram_apply(x, self.damping, out)
+
+
+class CholeskyKernelFactorization(KernelRouteFactorization):
     """``G + εI`` by Woodbury with the Cholesky factor ``L`` of ``K + εI`` (``r < P``)."""
 
     def __init__(self, kernel: OutputKernel, damping: float, L: Tensor):
         self.kernel, self.damping, self.L = kernel, damping, L
-        self.norm_lower_bound = 0.0
+        self.norm_lower_bound = kernel.norm_lower_bound()
 
     def solve(self, b: Tensor) -> Tensor:
         k = self.kernel
@@ -289,7 +321,7 @@ class CholeskyKernelFactorization:
         return Inertia(self.kernel.P, 0, 0)
 
 
-class KernelFactorization:
+class KernelFactorization(KernelRouteFactorization):
     """``G + εI`` through the eigendecomposition of ``K``: solves, ``log|det|``, inertia."""
 
     def __init__(self, kernel: OutputKernel, damping: float):

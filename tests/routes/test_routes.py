@@ -156,3 +156,34 @@ def test_per_sample_factor_equals_the_adjoint_sweep(case):
     assert W is not None
     reference = routes.adjoint(blocks, routes.output_loss_factor(E, X.shape[0]), curv.num_parameters)
     assert rel(W, reference) < 1e-13
+
+
+def test_kernel_checks_its_solves_with_its_kept_factor(monkeypatch):
+    """Where ``W`` is kept, the solve's backward-error check applies ``W Wᵀ + εI`` (two
+    GEMMs) instead of a sweep through the blocks; the product is ``G`` to rounding, the
+    lower bound of ``‖G‖`` from ``K`` is one, and the solves stay exact."""
+    monkeypatch.setattr(kernel_module, "per_sample_kernel", lambda *a, **k: None)  # W kept
+    chain, X, y = CASES["layernorm"]()
+    G = dense_ggn(chain, X, y)
+    P = G.shape[0]
+    curv = chain.curvature(X, y, kind="ggn", method="kernel")
+    kernel = curv._spectral_route()
+    V = torch.randn(P, 2, generator=torch.Generator().manual_seed(7))
+    assert rel(kernel.gram_apply(V, 0.3), G @ V + 0.3 * V) <= 1e-13
+    assert 0.0 < kernel.norm_lower_bound() <= float(torch.linalg.matrix_norm(G, 2)) * (1 + 1e-12)
+    monkeypatch.setattr(type(curv), "_apply", lambda *a, **k: pytest.fail("a sweep where W is kept"))
+    for damping in (1e-6, 1e-2):  # the Cholesky factorizations
+        fact = curv.factorize(damping)
+        assert fact._inner.apply(V) is not None
+        x = fact.solve(V[:, 0])
+        assert rel(x, torch.linalg.solve(G + damping * torch.eye(P), V[:, 0])) <= 1e-9
+
+
+def test_the_per_sample_kernel_keeps_no_factor_and_checks_by_sweeps():
+    chain, X, y = CASES["tanh-ce"]()
+    curv = chain.curvature(X, y, kind="ggn", method="kernel")
+    fact = curv.factorize(1e-3)
+    assert curv._spectral_route().W is None and fact._inner.apply(torch.ones(curv.num_parameters, 1)) is None
+    b = torch.ones(curv.num_parameters)
+    G = dense_ggn(chain, X, y)
+    assert rel(fact.solve(b), torch.linalg.solve(G + 1e-3 * torch.eye(G.shape[0]), b)) <= 1e-9
