@@ -15,6 +15,10 @@ width ``h``, 10 classes, cross-entropy, orthogonal weights, small biases) on a b
 * conjugate gradients and MINRES on exact autograd HVPs to relative residual 1e-8
   (at most 2000 products), where ``P`` is small enough;
 * peak memory of one ``inverse_hvp``;
+* the flops of the elimination (one factorization and one solve,
+  ``Curvature.elimination_flops``), their floor at the float64 GEMM rate of this machine
+  on matrices of the largest stage size (measured in the same run) and ``inverse_hvp``
+  time / floor;
 
 then the accuracy at ``ε = 1e-6``, and depth sweeps (time against ``L``, with a PNG plot).
 Tables are printed as Markdown and written, with the plot and the raw numbers (JSON), to
@@ -52,6 +56,7 @@ if str(BENCH_DIR) not in sys.path:
     sys.path.append(str(BENCH_DIR))  # the helpers _krylov, _timing
 
 import tallskinny as ts  # noqa: E402
+from _flops import flop_floor  # noqa: E402
 from _krylov import KrylovResult, conjugate_gradient, minres  # noqa: E402
 from _timing import median_ratio, median_time, paired_times, synchronizer, timed  # noqa: E402
 
@@ -296,6 +301,9 @@ def benchmark_model(
     result: dict = {"L": spec.L, "h": spec.h, "B": spec.B, "P": P, "rows": []}
 
     result["hvp_seconds"] = median_time(lambda: autograd_hvp(problem, b), repeats, sync=sync)
+    curvature = chain.curvature(X, y)
+    result["floor"] = dict(flop_floor(curvature, repeats, device, sync), route=curvature.method)
+    del curvature
 
     H = None
     if P <= dense_limit:
@@ -342,6 +350,8 @@ def benchmark_model(
             "solve_refine0_seconds": median(4),
             "negative": factorization.inertia().negative,
         }
+        row["time_over_floor"] = row["inverse_hvp_seconds"] / result["floor"]["floor_seconds"]
+        row["time_over_lower_floor"] = row["inverse_hvp_seconds"] / result["floor"]["lower_floor_seconds"]
         operator = autograd_operator(problem, damping)
         row["rel_residual"] = relative(operator(x), b)
         x_dense = None
@@ -595,6 +605,10 @@ TINY_DAMPING_TABLE = Table([
     ("residual", 8), ("dense residual", 14), ("err vs refined", 14), ("refined residual", 16),
     ("dense err vs refined", 20),
 ])  # fmt: skip
+FLOP_TABLE = Table([
+    ("L", 4), ("h", 3), ("B", 3), ("P", 7), ("ε", 5), ("route", 7), ("GFLOP", 9), ("lower GFLOP", 11), ("n", 4),
+    ("GEMM GFLOP/s", 12), ("floor ms", 8), ("inverse_hvp", 11), ("time/floor", 10), ("time/lower", 10),
+])  # fmt: skip
 DEPTH_TABLE = Table([("L", 5), ("P", 8), ("inverse_hvp ms", 14), ("HVP ms", 8), ("ihvp/HVP", 8)])
 
 
@@ -605,6 +619,15 @@ def timing_row(model: dict, row: dict) -> str:
         ms(row["second_solve_seconds"]), ms(row["solve_refine0_seconds"]), ms(row.get("hvp_seconds", model["hvp_seconds"])),
         f"{row.get('ihvp_over_hvp', row['inverse_hvp_seconds'] / model['hvp_seconds']):.1f}",
         f"{row.get('second_over_ihvp', row['second_solve_seconds'] / row['inverse_hvp_seconds']):.3f}",
+    ])  # fmt: skip
+
+
+def flop_row(model: dict, row: dict) -> str:
+    f = model["floor"]
+    return FLOP_TABLE.row([
+        model["L"], model["h"], model["B"], model["P"], f"{row['damping']:g}", f["route"], f"{f['flops'] / 1e9:.4g}",
+        f"{f['lower_flops'] / 1e9:.4g}", f["size"], f"{f['gemm_rate'] / 1e9:.2f}", ms(f["floor_seconds"]),
+        ms(row["inverse_hvp_seconds"]), f"{row['time_over_floor']:.1f}", f"{row['time_over_lower_floor']:.1f}",
     ])  # fmt: skip
 
 
@@ -757,6 +780,19 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict:
            "inverse_hvp, HVP and the pipeline curvature → factorize → solve → 2nd solve → refine=0 are timed in "
            "interleaved rounds (one of each per round); ihvp/HVP and 2nd/ihvp are medians of the per-round ratios, "
            "so both sides see the same load.")
+    report()
+
+    report("## Flop floor")
+    report()
+    report.table(FLOP_TABLE, [flop_row(m, r) for m in results["models"] for r in m["rows"]])
+    report("GFLOP = the elimination's flops, one factorization and one solve (Curvature.elimination_flops: the "
+           "products, pivot factorizations and triangular solves the stages run, as counted from the sizes they "
+           "use); lower = the same without redundancy (symmetric products at half price, Cholesky/LDLᵀ, one "
+           "triangular solve). n = the largest stage size; GEMM GFLOP/s = float64 torch.mm on n × n matrices, "
+           "this thread, measured in this run (median); floor = GFLOP / GEMM rate; time/floor = inverse_hvp / "
+           "floor (inverse_hvp also makes the curvature, prepares the stages and checks the solve with one HVP, "
+           "none of which the floor counts). route = the route inverse_hvp takes (the count is the riccati "
+           "elimination's).")
     report()
 
     report("## Accuracy and Krylov baselines")

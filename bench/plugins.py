@@ -16,6 +16,12 @@ Networks (float64, batch 1, one thread, ``damping = 1e-3``):
   ``Residual([Linear, Tanh, Linear])`` (width 32), whose parameters interact inside
   the unit (``A ≠ 0`` of size ``2112 × 2112``, of rank ≤ 96: a ``LowRank``).
 
+``GFLOP`` is the analytic chain's elimination (one factorization and one solve,
+``Curvature.elimination_flops``), ``floor`` those flops at the float64 GEMM rate of
+``n × n`` matrices (``n`` the largest stage size) measured in the same run, ``an/floor``
+the analytic ``inverse_hvp`` time over it and ``an/lower`` over the floor of the lower
+bound of the flops.
+
 "fallback" wraps the plugin modules (convolutions, residual units) in
 ``tallskinny.blocks.FuncBlock``; everything else is the same chain. Each solve is
 checked against the fallback's (relative difference printed).
@@ -32,6 +38,7 @@ from torch import nn
 
 import tallskinny as ts
 from tallskinny.blocks import FuncBlock
+from _flops import flop_floor
 
 try:
     import tallskinny_conv  # noqa: F401  (the conv blocks come through its entry point)
@@ -92,8 +99,10 @@ def run(name: str, modules, X, plugin_types, reps: int, damping: float) -> dict:
     t_oracles, _ = timed(lambda: analytic.curvature(X, y), reps)
     t_oracles_fb, _ = timed(lambda: fallback.curvature(X, y), reps)
     diff = float((x - x_fb).norm() / x_fb.norm())
+    curvature = analytic.curvature(X, y)
+    floor = dict(flop_floor(curvature, max(reps, 3)), route=curvature.method)
     return dict(name=name, P=P, analytic=t_analytic, fallback=t_fallback, hvp=t_hvp, diff=diff, reps=reps,
-                oracles=t_oracles, oracles_fb=t_oracles_fb)
+                oracles=t_oracles, oracles_fb=t_oracles_fb, floor=floor)
 
 
 def main(argv=None) -> None:
@@ -117,15 +126,26 @@ def main(argv=None) -> None:
     print("inverse_hvp: analytic rules (an) vs torch.func fallback (fb) vs one autograd HVP; "
           "oracles: chain.curvature() alone (forward, backward, every block's oracle)")
     header = (f"{'network':36} {'P':>6} {'an':>8} {'fb':>8} {'HVP':>7} {'fb/an':>6} {'an/HVP':>7} "
-              f"{'oracles an':>10} {'oracles fb':>10} {'fb/an':>6} {'|Δx|/|x|':>9} reps")
+              f"{'oracles an':>10} {'oracles fb':>10} {'fb/an':>6} {'|Δx|/|x|':>9} reps "
+              f"{'GFLOP':>7} {'floor':>7} {'an/floor':>8} {'an/lower':>8}")
     print(header)
     print("-" * len(header))
     for r in rows:
         print(
             f"{r['name']:36} {r['P']:6d} {r['analytic'] * 1e3:8.1f} {r['fallback'] * 1e3:8.1f} {r['hvp'] * 1e3:7.2f} "
             f"{r['fallback'] / r['analytic']:6.1f} {r['analytic'] / r['hvp']:7.1f} {r['oracles'] * 1e3:10.1f} "
-            f"{r['oracles_fb'] * 1e3:10.1f} {r['oracles_fb'] / r['oracles']:6.1f} {r['diff']:9.1e} {r['reps']}"
+            f"{r['oracles_fb'] * 1e3:10.1f} {r['oracles_fb'] / r['oracles']:6.1f} {r['diff']:9.1e} {r['reps']:4d} "
+            f"{r['floor']['flops'] / 1e9:7.3f} {r['floor']['floor_seconds'] * 1e3:7.1f} "
+            f"{r['analytic'] / r['floor']['floor_seconds']:8.1f} {r['analytic'] / r['floor']['lower_floor_seconds']:8.1f}"
         )
+    print()
+    print("flop floor: GFLOP = one factorization + one solve (lower: without redundancy, "
+          "GFLOP given as count / lower); GEMM = float64 (float32) torch.mm on n × n, 1 thread, this run")
+    for r in rows:
+        f = r["floor"]
+        print(f"  {r['name']:36} route {f['route']:8} GFLOP {f['flops'] / 1e9:.3f} / {f['lower_flops'] / 1e9:.3f}  "
+              f"n = {f['size']:4d}  GEMM {f['gemm_rate'] / 1e9:6.2f} ({f['gemm_rate_float32'] / 1e9:6.2f}) GFLOP/s  "
+              f"floor {f['floor_seconds'] * 1e3:.1f} ms (lower {f['lower_floor_seconds'] * 1e3:.1f} ms)")
 
 
 if __name__ == "__main__":

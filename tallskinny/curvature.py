@@ -668,6 +668,13 @@ class Curvature:
             self._stage_shapes = resources.stage_shapes(self.oracles, self._compiled_oracles()[0], self._block_names)
         return self._stage_shapes
 
+    def elimination_flops(self, columns: int = 1) -> elimination.EliminationFlops:
+        """The floating-point operations of the Riccati elimination: one factorization
+        at a damping ``ε ≠ 0`` (the stages prepared) and a solve of ``columns``
+        right-hand sides, stage by stage, as the engine runs them and as a lower bound
+        (:mod:`tallskinny.elimination.flops`). Prepares the stages where not done yet."""
+        return elimination.stage_flops(self._prepared_stages(), columns=columns, cholesky=self.kind == "ggn")
+
     def factorization_memory(self, damping: float = 0.0) -> MemoryEstimate:
         """The estimated peak of the new allocations of :meth:`factorize` at this damping
         (:mod:`tallskinny.resources`; at ``damping = 0`` it includes the pivoted KKT system

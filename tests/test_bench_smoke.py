@@ -193,7 +193,7 @@ def test_command_end_to_end(tmp_path, capsys):
     assert torch.get_num_threads() == threads  # restored
     out = capsys.readouterr().out
     assert "torch.set_num_threads(1): torch uses 1 thread" in out
-    for title in ("## Time of", "## Accuracy and Krylov", "## Peak memory", "## Accuracy at ε = 1e-06", "## Depth sweep: width 32", "time(L="):
+    for title in ("## Time of", "## Flop floor", "## Accuracy and Krylov", "## Peak memory", "## Accuracy at ε = 1e-06", "## Depth sweep: width 32", "time(L="):
         assert title in out, title
     markdown = (tmp_path / "chain.md").read_text()
     assert "| inverse_hvp |" in markdown and "## Depth sweep: width 16" in markdown
@@ -202,6 +202,11 @@ def test_command_end_to_end(tmp_path, capsys):
     memory = saved["models"][0]["memory"]["inverse_hvp"]
     assert memory["peak_kib"] >= memory["before_kib"] > 0 and memory["extra_kib"] >= 0
     assert [r["L"] for r in saved["sweeps"]["h32"]] == [2, 4]
+    floor = saved["models"][0]["floor"]
+    assert floor["flops"] > floor["lower_flops"] > 0 and floor["gemm_rate"] > 0 and floor["size"] == 10
+    assert floor["floor_seconds"] == pytest.approx(floor["flops"] / floor["gemm_rate"])
+    row = saved["models"][0]["rows"][0]
+    assert row["time_over_floor"] == pytest.approx(row["inverse_hvp_seconds"] / floor["floor_seconds"])
     assert all(math.isfinite(r["inverse_hvp_seconds"]) for r in saved["sweeps"]["h16"])
     try:
         import matplotlib  # noqa: F401
@@ -229,6 +234,16 @@ def test_generic_bench_on_a_tiny_model(capsys):
     for c in rows:
         assert float(c[4]) <= 1e-12  # the two eliminations agree
         assert float(c[5]) <= 1e-10 and float(c[6]) <= 1e-10  # and both solve the system
+
+
+def test_gemm_rate_and_flop_floor():
+    flops = sys.modules["_flops"]
+    rate = flops.gemm_rate(16, repeats=2)
+    assert 1e6 < rate < 1e13  # flop/s of one thread, whatever the machine
+    problem = bench.build_problem(bench.ModelSpec(3, 4, 2))
+    floor = flops.flop_floor(problem.chain.curvature(problem.X, problem.y), repeats=1)
+    count = problem.chain.curvature(problem.X, problem.y).elimination_flops()
+    assert floor["flops"] == count.total and floor["lower_flops"] == count.lower and floor["size"] == count.size
 
 
 def test_paired_times_interleave_and_ratio():

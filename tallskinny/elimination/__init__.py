@@ -9,6 +9,7 @@ Layers inside, each importing only from those before it::
     stages/                         (one file per stage kind, the Stage protocol)
     prepare, riccati, kkt, factor   (oracles → stages → the Riccati recursion, or the
                                      pivoted KKT fallback)
+    flops                           (the operations of a factorization and a solve)
 
 Notation (the oracles of block ``l``: ``z_l = f_l(z_{l-1}; θ_l)``, linearised as
 ``y_l = F y_{l-1} + G θ_l``, second-order terms ``½θᵀAθ + θᵀCy + ½yᵀEy``):
@@ -31,13 +32,16 @@ The names below are exactly those :mod:`tallskinny.curvature` uses.
 from . import workspace
 from .compiled import CompiledOracle, compile_oracles
 from .factor import factorize
+from .flops import EliminationFlops, StageFlops, stage_flops
 from .hessian import gradient, hvp, last_blocks_norm_bound
 from .kkt import KKTFactorization, kkt_bytes
 from .prepare import prepare_stages
 
 __all__ = [
     "CompiledOracle",
+    "EliminationFlops",
     "KKTFactorization",
+    "StageFlops",
     "compile_oracles",
     "factorize",
     "gradient",
@@ -45,5 +49,6 @@ __all__ = [
     "kkt_bytes",
     "last_blocks_norm_bound",
     "prepare_stages",
+    "stage_flops",
     "workspace",
 ]
