@@ -46,8 +46,8 @@ from typing import Sequence
 import attrs
 import torch
 
-from ..linalg import Dense, Diagonal, LinearOperator, ScaledIdentity, Zero
-from ..linalg.kronecker import Permutation, Product, identity_kronecker_factor
+from ..linalg import Diagonal, LinearOperator, ScaledIdentity, Zero
+from ..linalg.kronecker import identity_kronecker_factor
 from .algebra import congruence_is_dense
 from .stages.activation import ActivationStage
 from .stages.affine import AffineStage
@@ -142,20 +142,11 @@ class _Count:
 
 
 def apply_flops(op: LinearOperator | torch.Tensor) -> int:
-    """Flops of ``op x`` for one column, as the engine applies ``op``: ``0`` for a zero,
-    diagonal or permutation, ``2·R·|W|`` for ``I_R ⊗ W``, ``2·rows·cols`` for a dense or
-    an unstructured operator."""
+    """Flops of ``op x`` for one column, as the engine applies ``op``
+    (:meth:`~tallskinny.linalg.LinearOperator.apply_flops`; ``2·rows·cols`` for a tensor)."""
     if isinstance(op, torch.Tensor):
         return 2 * op.numel()
-    if isinstance(op, (Zero, Diagonal, ScaledIdentity, Permutation)):
-        return 0
-    if type(op) is Product:  # (a subclass applies itself its own way: counted as dense)
-        return sum(apply_flops(f) for f in op.factors)
-    W = identity_kronecker_factor(op)
-    if W is not None:
-        return 2 * (op.shape[0] // W.shape[0]) * W.numel()
-    rows, cols = op.shape
-    return 2 * rows * cols
+    return op.apply_flops()
 
 
 def congruence_flops(F: LinearOperator) -> tuple[int, int]:

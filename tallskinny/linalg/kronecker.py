@@ -34,6 +34,11 @@ class Kronecker(LinearOperator):
     def to_dense(self) -> Tensor:
         return kron(self.left.to_dense(), self.right.to_dense())
 
+    def apply_flops(self) -> int:
+        """``A ⊗ B`` on ``X`` (``q × s``): ``B`` on ``q`` columns, then ``A`` on ``r``."""
+        (p, q), (r, s) = self.left.shape, self.right.shape
+        return q * self.right.apply_flops() + r * self.left.apply_flops()
+
     def _matmat(self, x: Tensor) -> Tensor:
         (p, q), (r, s) = self.left.shape, self.right.shape
         k = x.shape[1]
@@ -73,6 +78,9 @@ class Permutation(LinearOperator):
     def to_dense(self) -> Tensor:
         return torch.eye(self.shape[0], dtype=self.dtype, device=self.device)[self.index]
 
+    def apply_flops(self) -> int:
+        return 0  # a gather
+
     def _matmat(self, x: Tensor) -> Tensor:
         return x[self.index]
 
@@ -109,6 +117,9 @@ class Product(LinearOperator):
         for f in reversed(self.factors[:-1]):
             out = f @ out
         return out
+
+    def apply_flops(self) -> int:
+        return sum(f.apply_flops() for f in self.factors)
 
     def _matmat(self, x: Tensor) -> Tensor:
         for f in reversed(self.factors):  # shapes were checked when the product was made

@@ -46,6 +46,14 @@ class LinearOperator:
     def _transpose(self) -> "LinearOperator":
         return Dense(self.to_dense().mT)
 
+    def apply_flops(self) -> int:
+        """Floating-point operations of ``self @ x`` for one column, as :meth:`_matmat`
+        does it (multiply-adds counted as two; gathers, permutations and elementwise
+        scalings as none). Generic: ``2·m·n``, a dense product; structured operators
+        say less."""
+        rows, cols = self.shape
+        return 2 * rows * cols
+
     # -- generic algebra ----------------------------------------------------------------
     @property
     def T(self) -> "LinearOperator":
@@ -183,6 +191,9 @@ class Zero(LinearOperator):
     def to_dense(self) -> Tensor:
         return torch.zeros(self.shape, dtype=self.dtype, device=self.device)
 
+    def apply_flops(self) -> int:
+        return 0  # (elementwise: not counted)
+
     def _matmat(self, x: Tensor) -> Tensor:
         return x.new_zeros((self.shape[0], x.shape[1]))
 
@@ -222,6 +233,9 @@ class ScaledIdentity(LinearOperator):
 
     def to_dense(self) -> Tensor:
         return self.scale * torch.eye(self.shape[0], dtype=self.dtype, device=self.device)
+
+    def apply_flops(self) -> int:
+        return 0  # (elementwise: not counted)
 
     def _matmat(self, x: Tensor) -> Tensor:
         return x.clone() if self.scale == 1.0 else self.scale * x
@@ -281,6 +295,9 @@ class Diagonal(LinearOperator):
     def to_dense(self) -> Tensor:
         return torch.diag(self.diagonal)
 
+    def apply_flops(self) -> int:
+        return 0  # (elementwise: not counted)
+
     def _matmat(self, x: Tensor) -> Tensor:
         return self.diagonal.unsqueeze(-1) * x
 
@@ -331,6 +348,10 @@ class LowRank(LinearOperator):
 
     def to_dense(self) -> Tensor:
         return self.U @ self.M @ self.U.mT
+
+    def apply_flops(self) -> int:
+        n, k = self.U.shape
+        return 4 * n * k + 2 * k * k
 
     def _matmat(self, x: Tensor) -> Tensor:
         return self.U @ (self.M @ (self.U.mT @ x))

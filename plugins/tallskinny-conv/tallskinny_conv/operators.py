@@ -47,6 +47,9 @@ class Gather(LinearOperator):
         out[torch.arange(m, device=self.device), self._padded] = 1.0
         return out[:, :n]
 
+    def apply_flops(self) -> int:
+        return 0  # a gather / scatter-add: no multiplications
+
     def _matmat(self, x: Tensor) -> Tensor:
         return torch.cat([x, x.new_zeros(1, x.shape[1])])[self._padded]
 
@@ -64,6 +67,9 @@ class Scatter(LinearOperator):
 
     def to_dense(self) -> Tensor:
         return self.gather.to_dense().mT
+
+    def apply_flops(self) -> int:
+        return 0  # a gather / scatter-add: no multiplications
 
     def _matmat(self, y: Tensor) -> Tensor:
         n = self.shape[0]
