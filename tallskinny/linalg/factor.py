@@ -186,9 +186,14 @@ def ldl_d_eigenvalues(ld: Tensor, pivots: Tensor) -> Tensor:
     off-diagonal entry is ``ld[k+1, k]``. Consecutive 2×2 blocks form a run of negative
     pivots that is read pairwise from its start (the values themselves may repeat, so
     they cannot be used for pairing). Returns the ``N`` eigenvalues in block order.
+
+    Batched (``ld``: ``… × N × N``, ``pivots``: ``… × N``): the factorizations are read as
+    one block diagonal ``D`` (each ends with a complete block, so the pairing of a run
+    of negative pivots never crosses two of them): ``… × N`` eigenvalues in one pass.
     """
-    e = torch.cat((ld.diagonal(-1), ld.new_zeros(1)))
-    return _d_eigenvalues(ld.diagonal(), e, pivots)
+    d = ld.diagonal(dim1=-2, dim2=-1)
+    e = torch.cat((ld.diagonal(-1, dim1=-2, dim2=-1), ld.new_zeros(ld.shape[:-2] + (1,))), dim=-1)
+    return _d_eigenvalues(d.reshape(-1), e.reshape(-1), pivots.reshape(-1)).reshape(d.shape)
 
 
 def _d_eigenvalues(d: Tensor, e: Tensor, pivots: Tensor) -> Tensor:

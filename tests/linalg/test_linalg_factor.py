@@ -644,6 +644,26 @@ def test_ldl_d_eigenvalues_reconstructs_the_determinant_and_blocks():
     assert torch.allclose(x, torch.tensor([2.0, 1.0, 2.0, 1.0], dtype=F64), atol=1e-15)
 
 
+def test_batched_ldl_d_eigenvalues_are_those_of_each_factorization():
+    """A stack of Bunch–Kaufman factorizations, some ending and the next starting with 2×2
+    blocks (runs of negative pivots that meet at a boundary): the batched call gives
+    each one's eigenvalues of ``D``, whose signs are each matrix's inertia."""
+    g = gen(11)
+    mats = []
+    for j in range(12):
+        A = torch.randn(6, 6, generator=g, dtype=F64)
+        A = A + A.T
+        A.diagonal().mul_(1e-3 if j % 2 else 1.0)  # small diagonals: 2×2 pivots
+        mats.append(A)
+    A = torch.stack(mats)
+    ld, piv = torch.linalg.ldl_factor(A)
+    assert bool((piv[:, -1] < 0).any() and (piv[:, 0] < 0).any()), "no 2×2 block at a boundary"
+    batched = ldl_d_eigenvalues(ld, piv)
+    for j in range(A.shape[0]):
+        assert torch.equal(batched[j], ldl_d_eigenvalues(ld[j], piv[j]))
+        assert int((batched[j] > 0).sum()) == int((torch.linalg.eigvalsh(A[j]) > 0).sum())
+
+
 @pytest.mark.parametrize("symmetric", [False, True])
 @pytest.mark.parametrize("n", [2, 10, 50])
 def test_dense_rank_deficient_raises(symmetric, n):

@@ -210,7 +210,7 @@ class BatchedRun(StageFactor):
             Qs: list = []
             L._riccati(self.S_in, self.damping, pivots=Qs)
             ld, piv, _ = torch.linalg.ldl_factor_ex(torch.stack(Qs[::-1]))
-            positive = sum(int((ldl_d_eigenvalues(ld[j], piv[j]) > 0).sum()) for j in range(L.J))
+            positive = int((ldl_d_eigenvalues(ld, piv) > 0).sum())  # all J at once
             rest = L.J * L.n_perp  # pivots ε: negative for a shift (ε < 0)
             negative = L.J * L.m - positive
             self._inertia = Inertia(positive + rest, negative, 0) if self.damping > 0 else Inertia(positive, negative + rest, 0)
