@@ -31,14 +31,19 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 from torch import nn
 
 import tallskinny as ts
 from tallskinny.blocks import FuncBlock
-from _flops import flop_floor
+
+if str(Path(__file__).resolve().parent) not in sys.path:  # the helper _flops, also when loaded by path
+    sys.path.append(str(Path(__file__).resolve().parent))
+from _flops import flop_floor  # noqa: E402
 
 try:
     import tallskinny_conv  # noqa: F401  (the conv blocks come through its entry point)

@@ -90,6 +90,15 @@ def congruence_is_dense(F: LinearOperator) -> bool:
     return not isinstance(F, (Diagonal, ScaledIdentity)) and identity_kronecker_factor(F) is None
 
 
+def products_through_factors(F: LinearOperator) -> bool:
+    """Whether products with ``F`` cost at most a quarter of a dense product
+    (:meth:`~tallskinny.linalg.LinearOperator.apply_flops`), as for a convolution's
+    ``F = P (I_R ⊗ W̄) U`` (``2·R·m·q_w`` per column against ``2·a_out·a_in``): then ``SF``
+    and ``Fᵀ(SF)`` are made through ``F``'s factors rather than a dense ``F``."""
+    a_out, a_in = F.shape
+    return 4 * F.apply_flops() <= 2 * a_out * a_in
+
+
 def plus(E: LinearOperator, X: Tensor) -> Tensor:
     """``E + X`` as a dense tensor (``X`` may be overwritten)."""
     if isinstance(E, Zero):

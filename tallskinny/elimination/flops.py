@@ -14,7 +14,8 @@ A stage turns the value Hessian ``S`` (``a_out × a_out``) into the one at its i
     Q_ζζ = G_VᵀSG_V + εI     Q_ζy = C_V + G_VᵀSF     S ← E + FᵀSF − Q_ζyᵀ Q_ζζ⁻¹ Q_ζy
 
 * ``products`` — the matrix products as the code forms them: ``SF`` (``2a_out²a_in`` for a
-  dense ``F``), ``Fᵀ(SF)`` (``2a_in²a_out``), ``G_VᵀS`` and ``(G_VᵀS)G_V`` (``g``
+  dense ``F``, ``a_out·f`` through the factors of an ``F`` whose product costs ``f`` per
+  column, a convolution's), ``Fᵀ(SF)`` (``2a_in²a_out``, or ``a_in·f``), ``G_VᵀS`` and ``(G_VᵀS)G_V`` (``g``
   flops a column each, ``g = 2·a_out·n`` dense, ``2·R·r·m`` for ``G_V = I_m ⊗ X̃V``),
   the Schur update ``Q_ζyᵀK`` (``2a_in²n``), and what the stage adds to them (a ReLU's
   live rows ``ℓ_out`` and columns ``ℓ_in`` replace ``a_out``, ``a_in``);
@@ -27,7 +28,7 @@ A stage turns the value Hessian ``S`` (``a_out × a_out``) into the one at its i
 * ``lower`` — the same elimination done with no redundancy: products whose result is
   symmetric (``FᵀSF``, ``Q_ζζ``, ``Q_ζyᵀK``) at half their price, ``LDLᵀ`` or Cholesky
   ``n³/3`` and one triangular solve ``n²a_in`` (``Q_ζyᵀQ⁻¹Q_ζy = MᵀDM`` with
-  ``M = L⁻¹Q_ζy``). A dense ``F`` stays dense here (a convolution's sparsity is not used);
+  ``M = L⁻¹Q_ζy``). ``F``'s products are counted as the code does them;
 * ``solve`` — one right-hand side: the two sweeps' products with the stage's matrices
   (``Q_ζy``, ``K``, ``F``, ``V``, ``G_V``, the pivot's two triangular solves ``2n²``),
   counted as if ``y`` and ``t`` were nonzero at every stage (the first and last stages
@@ -48,7 +49,7 @@ import torch
 
 from ..linalg import Diagonal, LinearOperator, ScaledIdentity, Zero
 from ..linalg.kronecker import identity_kronecker_factor
-from .algebra import congruence_is_dense
+from .algebra import congruence_is_dense, products_through_factors
 from .stages.activation import ActivationStage
 from .stages.affine import AffineStage
 from .stages.covered import CoveredStage
@@ -238,7 +239,12 @@ def _dense(stage: DenseStage, c: _Count) -> None:
     else:
         g = apply_flops(stage.GVt)  # G_Vᵀ on one column
         c.mm(g * a_out)  # G_VᵀS
-        if congruence_is_dense(stage.F):
+        if congruence_is_dense(stage.F) and products_through_factors(stage.F):
+            f = apply_flops(stage.F)  # a convolution: through F's factors
+            c.mm(f * a_out)  # SF = (FᵀS)ᵀ
+            c.mm(f * a_in)  # Fᵀ(SF)
+            c.mm(g * a_in)  # G_Vᵀ(SF)
+        elif congruence_is_dense(stage.F):
             c.mm(2 * a_out * a_out * a_in)  # SF
             c.mm(2 * a_in * a_in * a_out, symmetric=True)  # Fᵀ(SF)
             c.mm(g * a_in)  # G_Vᵀ(SF)

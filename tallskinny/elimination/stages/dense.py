@@ -17,6 +17,7 @@ from ..algebra import (
     congruence,
     congruence_is_dense,
     plus,
+    products_through_factors,
     raise_if_null_directions,
     subtract_symmetric_product,
     symmetrize,
@@ -253,17 +254,24 @@ class DenseStage(Stage):
         GtS, pooled = _gvt_product(self.GVt, S)  # G_VᵀS
         SGV = GtS.mT  # S G_V = (G_VᵀS)ᵀ: S is symmetric
         if congruence_is_dense(self.F):
-            # F used densely anyway (a convolution, a fallback block): SF once gives both
-            # FᵀSF and Q_ζy = C + G_VᵀSF, instead of a second product with Fᵀ (SF and the
-            # new S in buffers of the workspace pool)
-            Fd = self.F.to_dense()
-            SF = torch.mm(S, Fd, out=workspace.empty((S.shape[0], Fd.shape[1]), S))
-            S_new = plus(self.E, torch.mm(Fd.mT, SF, out=workspace.empty((Fd.shape[1],) * 2, S)))
+            # no Kronecker or diagonal structure: SF once gives both FᵀSF and
+            # Q_ζy = C + G_VᵀSF, instead of a second product with Fᵀ. Through F's own
+            # factors where they are cheap (a convolution: SF = (FᵀS)ᵀ, S symmetric), else
+            # with F dense (a fallback block; SF and the new S in buffers of the pool)
+            pooled_SF = not products_through_factors(self.F)
+            if pooled_SF:
+                Fd = self.F.to_dense()
+                SF = torch.mm(S, Fd, out=workspace.empty((S.shape[0], Fd.shape[1]), S))
+                S_new = plus(self.E, torch.mm(Fd.mT, SF, out=workspace.empty((Fd.shape[1],) * 2, S)))
+            else:
+                SF = self.FT.matmat(S).mT
+                S_new = plus(self.E, self.FT.matmat(SF))
             GtSF = _mm(self.GVt, SF)
             # Q_ζy = C + G_VᵀSF, in place where the product is a new tensor
             shared = GtSF.untyped_storage().data_ptr() == SF.untyped_storage().data_ptr()
             Q_ry = GtSF + self.C_r if shared else GtSF.add_(self.C_r)  # r × a_in
-            workspace.give(SF)
+            if pooled_SF:
+                workspace.give(SF)
         else:
             Q_ry = self.C_r + self.FT.matmat(SGV).mT  # r × a_in
             S_new = plus(self.E, congruence(self.F, S))  # Q_yy, then its Schur complement
