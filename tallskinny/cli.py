@@ -86,20 +86,18 @@ class Progress:
             print(f"  [{self.name:>5}] {elapsed:6.1f}/{self.budget:.0f} s  step {steps:6d}  train loss {loss:.4f}", flush=True)
 
 
-def train(name, model, step_fn, train_data, budget: float, record_every: float, progress_every: float,
-          first_step: int = 0, quiet: bool = False):
+def train(name, model, step_fn, train_data, budget: float, record_every: float, progress_every: float):
     """Run ``step_fn(step_index)`` until ``budget`` seconds of training time are used;
     the training loss on the whole training set is recorded every ``record_every``
-    seconds (evaluation time is not counted). Steps are numbered from ``first_step``;
-    ``quiet``: no progress lines."""
+    seconds (evaluation time is not counted)."""
     X, y = train_data
     history = [(0.0, evaluate(model, X, y)[0])]
-    progress = Progress(name, budget, progress_every) if not quiet else (lambda *a, **k: None)
+    progress = Progress(name, budget, progress_every)
     progress(0.0, 0, history[0][1])
     elapsed, steps, next_record = 0.0, 0, record_every
     while elapsed < budget:
         start = time.perf_counter()
-        step_fn(first_step + steps)
+        step_fn(steps)
         elapsed += time.perf_counter() - start
         steps += 1
         if elapsed >= next_record or elapsed >= budget:
@@ -391,20 +389,19 @@ def _write_histogram(picture: dict, path: Path, title: str) -> bool:
     return True
 
 
-def _write_training_plot(checkpoints: list[dict], path: Path, title: str) -> bool:
+def _write_training_plot(checkpoints: list[dict], path: Path, title: str, zero: float) -> bool:
     plt = _pyplot()
     if plt is None:
         return False
-    t = [c["time"] for c in checkpoints]
+    t = [c["step"] for c in checkpoints]
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.5))
     a1.plot(t, [c["negative"] for c in checkpoints], "o-")
-    a1.set_xlabel("training time (s)")
-    a1.set_ylabel("negative eigenvalues (exact)")
+    a1.set_xlabel("optimizer step")
+    a1.set_ylabel(f"eigenvalues below -{zero:g}·max|λ| (exact)")
     a2.plot(t, [c["top"] for c in checkpoints], "o-", label="largest")
     a2.plot(t, [c["bottom"] for c in checkpoints], "o-", label="smallest")
-    a2.set_xlabel("training time (s)")
+    a2.set_xlabel("optimizer step")
     a2.set_ylabel("eigenvalue")
-    a2.set_yscale("symlog", linthresh=max(1e-12, min(max(abs(c["top"]), abs(c["bottom"])) for c in checkpoints)))
     a2.legend()
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
@@ -414,8 +411,9 @@ def _write_training_plot(checkpoints: list[dict], path: Path, title: str) -> boo
 
 
 def run_spectrum(args) -> dict:
-    """``tallskinny spectrum``: train, follow the exact spectrum at checkpoints, then the
-    histogram of the trained model next to SLQ (module doc)."""
+    """``tallskinny spectrum``: train ``args.steps`` steps, the exact spectrum every
+    ``args.every`` (checkpoints stop once ``args.budget`` training seconds are used), then
+    the histogram of the trained model next to SLQ (module doc)."""
     start = time.perf_counter()
     dtype = torch.float64
     torch.set_num_threads(max(1, args.threads))
@@ -424,25 +422,32 @@ def run_spectrum(args) -> dict:
     Xs, ys = X_train[: args.batch], y_train[: args.batch]
     gen = torch.Generator().manual_seed(args.seed + 1)
     step = (exact_stepper if args.optimizer == "exact" else adam_stepper)(model, (X_train, y_train), args, gen)
-    n = max(1, math.ceil(args.budget / args.every - 1e-9))
+    n = math.ceil(args.steps / args.every)
     print(
         f"digits MLP of {args.depth} layers of width {args.width}, {sum(p.numel() for p in model.parameters())} "
-        f"parameters; {args.optimizer} training for {args.budget:g} s; exact Hessian spectrum on {args.batch} "
-        f"training images at {n + 1} checkpoints",
+        f"parameters; {args.steps} {args.optimizer} steps (at most {args.budget:g} s); exact Hessian spectrum on "
+        f"{args.batch} training images every {args.every} steps",
         file=sys.stderr, flush=True,
     )
     checkpoints, elapsed, steps, spectrum_s = [], 0.0, 0, 0.0
+    loss = evaluate(model, X_train, y_train)[0]
     bar = ProgressBar("spectrum", n + 1)
     for k in range(n + 1):
         if k:
-            history, done = train(args.optimizer, model, step, (X_train, y_train), min(args.every, args.budget - elapsed),
-                                  math.inf, math.inf, first_step=steps, quiet=True)
-            elapsed += history[-1][0]
-            steps += done
+            if elapsed >= args.budget:
+                break
+            t0 = time.perf_counter()
+            for _ in range(min(args.every, args.steps - steps)):
+                step(steps)
+                steps += 1
+            elapsed += time.perf_counter() - t0
+            loss = evaluate(model, X_train, y_train)[0]
+            if not math.isfinite(loss):
+                raise FloatingPointError(f"{args.optimizer}: the training loss became {loss}")
         t0 = time.perf_counter()
         point = checkpoint_spectrum(model, Xs, ys, args.zero)
         spectrum_s += time.perf_counter() - t0
-        point.update(step=steps, time=elapsed, train_loss=evaluate(model, X_train, y_train)[0])
+        point.update(step=steps, time=elapsed, train_loss=loss)
         checkpoints.append(point)
         bar.update(k + 1, f"step {steps}: {point['negative']} negative, λ in [{point['bottom']:.3g}, {point['top']:.3g}]")
     bar.close()
@@ -465,7 +470,8 @@ def run_spectrum(args) -> dict:
     (out / "spectrum.json").write_text(json.dumps(results, indent=1))
     print(f"results: {out / 'spectrum.json'}")
     title = f"digits, {args.depth}-layer tanh MLP of width {args.width}"
-    if _write_training_plot(checkpoints, out / "spectrum_training.png", f"{title}: exact Hessian on {args.batch} images along {args.optimizer} training"):
+    if _write_training_plot(checkpoints, out / "spectrum_training.png",
+                            f"{title}: exact Hessian on {args.batch} images along {args.optimizer} training", args.zero):
         print(f"plots: {out / 'spectrum_training.png'}, ", end="")
         _write_histogram(picture, out / "spectrum_histogram.png", f"{title}, trained")
         print(out / "spectrum_histogram.png")
@@ -537,8 +543,10 @@ def _parser() -> argparse.ArgumentParser:
                       help="skip the final exact-spectrum picture (about 20 s)")
     _spectrum_arguments(demo)
     spec = sub.add_parser("spectrum", help="the exact Hessian spectrum of the digits model along training, and vs SLQ")
-    spec.add_argument("--budget", type=float, default=20.0, help="training seconds (default 20)")
-    spec.add_argument("--every", type=float, default=4.0, help="training seconds between checkpoints (default 4)")
+    spec.add_argument("--steps", type=int, default=150, help="optimizer steps (default 150)")
+    spec.add_argument("--every", type=int, default=15, help="steps between spectrum checkpoints (default 15)")
+    spec.add_argument("--budget", type=float, default=120.0,
+                      help="training seconds after which no more checkpoints are made (default 120)")
     spec.add_argument("--out", default="tallskinny-spectrum", help="folder for the JSON and PNGs (default ./tallskinny-spectrum)")
     spec.add_argument("--optimizer", choices=("exact", "adam"), default="exact",
                       help="exact: the demo's exact GGN trust region (default); adam: Adam")
@@ -564,12 +572,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv[:1] == ["bench"]:  # everything after "bench" (--help included) goes to bench/chain.py
         return run_bench(argv[1:])
     args = _parser().parse_args(argv)
-    positive = ["budget", "radius", "adam_lr", "zero"] + (["every"] if args.command == "spectrum" else [])
+    positive = ["budget", "radius", "adam_lr", "zero"]
     for name in positive:
         if not getattr(args, name) > 0:
             raise SystemExit(f"error: --{name.replace('_', '-')} must be > 0")
     at_least_one = ["depth", "width", "exact_batch", "gradient_batch", "adam_batch", "slq_probes", "slq_steps"]
-    at_least_one += ["check_batch", "spectrum_batch"] if args.command == "demo" else ["batch"]
+    at_least_one += ["check_batch", "spectrum_batch"] if args.command == "demo" else ["batch", "steps", "every"]
     for name in at_least_one:
         if getattr(args, name) < 1:
             raise SystemExit(f"error: --{name.replace('_', '-').replace('spectrum-', '')} must be >= 1")
