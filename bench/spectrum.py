@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import statistics
 import sys
@@ -115,38 +114,6 @@ def power_topk(op, P, k, gen, tol=1e-3, max_iter=100, dtype=torch.float64):
     return sorted(values), hvps
 
 
-def slq(op, P, probes, steps, gen, dtype=torch.float64):
-    """Stochastic Lanczos quadrature: nodes and weights (each probe's weights sum to 1)."""
-    nodes, weights = [], []
-    for _ in range(probes):
-        v = torch.randn(P, generator=gen, dtype=dtype)
-        V = [v / v.norm()]
-        alpha, beta = [], []
-        for j in range(steps):
-            w = op(V[j])
-            a = float(w @ V[j])
-            Vm = torch.stack(V)
-            w = w - Vm.T @ (Vm @ w)
-            alpha.append(a)
-            b = float(w.norm())
-            if j == steps - 1 or b < 1e-12:
-                break
-            beta.append(b)
-            V.append(w / b)
-        m = len(alpha)
-        T = torch.diag(torch.tensor(alpha)) + torch.diag(torch.tensor(beta[: m - 1]), 1) + torch.diag(torch.tensor(beta[: m - 1]), -1)
-        theta, S = torch.linalg.eigh(T)
-        nodes.append(theta)
-        weights.append(S[0] ** 2 / probes)
-    return torch.cat(nodes), torch.cat(weights)
-
-
-def slq_density(nodes, weights, grid, width, P):
-    """Eigenvalues per unit (Gaussian broadening of width ``width``), scaled to ``P``."""
-    d = torch.exp(-0.5 * ((grid[:, None] - nodes[None]) / width) ** 2) / (width * math.sqrt(2 * math.pi))
-    return P * (d @ weights)
-
-
 # -- one model -------------------------------------------------------------------------------
 def run_model(spec: ModelSpec, repeats: int, histogram: Path | None, log):
     problem = build_problem(spec)
@@ -227,12 +194,12 @@ def run_model(spec: ModelSpec, repeats: int, histogram: Path | None, log):
         t_hist = time.perf_counter() - t0
         probes, steps = 1, 100  # PyHessian's defaults
         t0 = time.perf_counter()
-        nodes, weights = slq(op, P, probes, steps, torch.Generator().manual_seed(3))
+        est = spectrum.slq(op, P, probes=probes, steps=steps, seed=3)  # on the autograd HVPs
         t_slq = time.perf_counter() - t0
         width = 0.01 * (hi - lo)
         grid = torch.linspace(lo, hi, 1000)
-        dens = slq_density(nodes, weights, grid, width, P)
-        slq_neg = float(P * weights[nodes < -1e-8].sum())
+        dens = est.density(grid, width)
+        slq_neg = float(est.weights[est.nodes < -1e-8].sum())
         row.update(histogram=hist.counts.tolist(), zeros=hist.zeros, histogram_s=t_hist, slq_s=t_slq, slq_negative=slq_neg)
         log(f"  50-bin exact histogram in {t_hist:.2f} s ({hist.zeros} zeros apart); SLQ ({probes} probe, {steps} steps) {t_slq:.2f} s, estimates {slq_neg:.0f} negative (exact: {n_neg})")
         try:

@@ -177,6 +177,7 @@ class Factorization:
         self._norm_hint = inner.norm_lower_bound  # a lower bound of ‖H‖ the elimination knows
         self._pivoted = None  # the KKT factorization, made where the elimination lost accuracy
         self._spectral = None  # the checked factorization logdet/sign/inertia read
+        self._error = None  # (η, cond) of the elimination, estimated once
 
     @property
     def info(self):
@@ -330,26 +331,34 @@ class Factorization:
         return residual, residual, eta
 
     # -- the spectrum's signs and log-determinant -----------------------------------------
-    def _spectral_factorization(self):
+    def _spectral_factorization(self, inertia_only: bool = False):
         """The factorization ``logdet``, ``sign`` and ``inertia`` read: the elimination's
         where its backward error passes :data:`FACTORIZATION_TOLERANCE`, else the pivoted
         KKT factorization (an :class:`~tallskinny.errors.AccuracyWarning` where that is too
         large to make or finds ``H + εI`` singular). Decided once. The Gauss–Newton matrix
         is not checked: its elimination is a block Cholesky of a positive semidefinite
         problem (every value Hessian ``S ⪰ 0`` and no larger than ``FᵀSF``), which has no
-        element growth."""
+        element growth. ``inertia_only``: the inertia alone, exact where ``η·cond ≪ 1``,
+        keeps the elimination without the log-determinant's stricter test (counts at
+        shifts near the zero bulk, where ``cond`` is large, would otherwise all take the
+        pivoted factorization: minutes on the digits demo's MLP)."""
         if self._spectral is not None:
             return self._spectral
-        self._spectral = self._inner
         if self._curvature.kind == "ggn" or self._curvature.method != "riccati" or self._inner is self._pivoted:
+            self._spectral = self._inner
             return self._spectral
-        eta, cond = self._factorization_error(self._inner)
+        if self._error is None:
+            self._error = self._factorization_error(self._inner)
+        eta, cond = self._error
         tol = FACTORIZATION_TOLERANCE * torch.finfo(self._layout.dtype).eps
         P = self._layout.numel
         # the elimination stays where even a pessimistic condition number keeps the
-        # perturbation of log|det| (≲ P·η·cond) inside the documented accuracy and the
-        # inertia exact (η·cond ≪ 1)
-        if eta <= tol or (P * eta * cond <= 1e-9 * max(1.0, abs(float(self._inner.logdet()))) and eta * cond <= 1e-3):
+        # inertia exact (η·cond ≪ 1) and, for logdet, the perturbation of log|det|
+        # (≲ P·η·cond) inside the documented accuracy
+        if inertia_only and eta > tol and eta * cond <= 1e-3:
+            return self._inner  # (logdet may still take the pivoted factorization)
+        self._spectral = self._inner
+        if eta <= tol or P * eta * cond <= 1e-9 * max(1.0, abs(float(self._inner.logdet()))) and eta * cond <= 1e-3:
             return self._spectral
         why = None
         if not self._pivoted_fits():
@@ -415,7 +424,7 @@ class Factorization:
     @collector_paused
     def inertia(self) -> Inertia:
         self._curvature._check_current()
-        return self._spectral_factorization().inertia()
+        return self._spectral_factorization(inertia_only=True).inertia()
 
     @property
     def shift(self) -> float:
@@ -627,10 +636,10 @@ class Curvature:
         self._check_current()
         return spectrum.eigvalsh(self, k, which, near=near, eigenvectors=eigenvectors)
 
-    def spectral_histogram(self, edges):
+    def spectral_histogram(self, edges, *, zero: float | None = None, progress=None):
         """Exact counts per bin (:func:`tallskinny.spectrum.spectral_histogram`)."""
         self._check_current()
-        return spectrum.spectral_histogram(self, edges)
+        return spectrum.spectral_histogram(self, edges, zero=zero, progress=progress)
 
     def _spectral_route(self):
         """The ε-independent part of the kernel or dense route, made on first use."""

@@ -12,7 +12,9 @@ route checks it, see docs/chain.md, Accuracy). On that:
   HVPs for the digits, and a final count that proves none was missed (repeated
   eigenvalues: the search goes on with fresh directions until the count is met);
 * :func:`spectral_histogram` — exact counts per bin, one factorization per edge, the
-  bulk of (numerically) zero eigenvalues reported apart.
+  bulk of (numerically) zero eigenvalues reported apart; :func:`symlog_edges` gives bins
+  whose edges stay clear of that bulk;
+* :func:`slq` — stochastic Lanczos quadrature, the approximate density it is compared with.
 
 **Edges.** ``H − σI`` is singular where ``σ`` is an eigenvalue (to rounding). A count at
 such an edge is taken at ``σ − τ`` instead, with ``τ = edge_tolerance(curv)`` (about
@@ -27,7 +29,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import NamedTuple, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import torch
 from torch import Tensor
@@ -36,14 +38,17 @@ from .errors import SingularSystemError, real_number
 from .linalg import pivot_tolerance
 
 __all__ = [
+    "SLQ",
     "Histogram",
     "edge_tolerance",
     "eigenvalue_count",
     "eigvalsh",
     "negative_count",
     "plot_histogram",
+    "slq",
     "spectral_bounds",
     "spectral_histogram",
+    "symlog_edges",
 ]
 
 WHICH = ("largest", "smallest", "nearest")
@@ -406,9 +411,15 @@ class Histogram(NamedTuple):
     tolerance: float
 
 
-def spectral_histogram(curv, edges) -> Histogram:
+def spectral_histogram(curv, edges, *, zero: float | None = None, progress: Callable[[int, int], None] | None = None) -> Histogram:
     """Exact eigenvalue counts per bin of ``edges`` (increasing; one factorization per
-    edge, two more for the zero bulk)."""
+    edge, two more for the zero bulk, none where ``±zero`` are edges).
+
+    ``zero``: the half-width of the zero bulk, ``[−zero, zero)`` (default
+    ``edge_tolerance``). Counts at shifts that deep in the bulk have a large condition
+    number and can take the pivoted fallback; edges from :func:`symlog_edges` with
+    ``zero`` well above rounding (``1e-4·‖H‖``) avoid that. ``progress(done, total)`` is
+    called after each edge's count."""
     edges = torch.as_tensor(edges, dtype=torch.float64).flatten() if not isinstance(edges, Tensor) else edges.detach().double().flatten().cpu()
     if edges.numel() < 2:
         raise ValueError(f"edges must have at least 2 values, got {edges.numel()}")
@@ -418,23 +429,114 @@ def spectral_histogram(curv, edges) -> Histogram:
         raise ValueError("edges must be strictly increasing")
     P = curv.num_parameters
     tau = edge_tolerance(curv)
-    below = [_below(curv, float(e), tau) for e in edges]
+    if zero is not None:
+        zero = real_number(zero, "zero")
+        if not zero > 0:
+            raise ValueError(f"zero must be > 0, got {zero:g}")
+    else:
+        zero = tau
+    counted = {}
+    for e in edges.tolist():
+        counted[e] = _below(curv, e, tau)
+        if progress is not None:
+            progress(len(counted), edges.numel())
+    below = [counted[float(e)] for e in edges]
     counts = torch.tensor([b - a for a, b in zip(below, below[1:])], dtype=torch.int64)
     zeros = 0
     lo_e, hi_e = float(edges[0]), float(edges[-1])
-    if lo_e <= -tau and tau <= hi_e:
-        z_lo, z_hi = _below(curv, -tau, tau), _below(curv, tau, tau)
+    if lo_e <= -zero and zero <= hi_e:
+        z_lo = counted[-zero] if -zero in counted else _below(curv, -zero, tau)
+        z_hi = counted[zero] if zero in counted else _below(curv, zero, tau)
         zeros = z_hi - z_lo
         i = int(torch.searchsorted(edges, torch.tensor([0.0], dtype=torch.float64), right=True)) - 1
         i = min(max(i, 0), counts.numel() - 1)
+        if zero != tau and not float(edges[i]) <= -zero < zero <= float(edges[i + 1]):
+            raise ValueError(f"the zero bulk [-{zero:g}, {zero:g}) must lie inside the bin of 0, [{float(edges[i]):g}, {float(edges[i + 1]):g})")
         counts[i] -= zeros
-    return Histogram(edges, counts, zeros, below[0], P - below[-1], tau)
+    return Histogram(edges, counts, zeros, below[0], P - below[-1], zero)
 
 
-def plot_histogram(hist: Histogram, ax=None, *, density=None, label: str = "exact counts"):
-    """Draw a :class:`Histogram` (matplotlib, imported here: optional) as bars, with the
-    zero bulk noted; ``density = (x, y)`` (e.g. an SLQ estimate, in eigenvalues per unit)
-    is drawn over it as counts per bin width. Returns the axes."""
+def symlog_edges(lower: float, upper: float, bins: int, zero: float) -> Tensor:
+    """``bins + 1`` increasing edges from ``lower < −zero`` to ``upper > zero``: one bin
+    ``[−zero, zero)`` for the zero bulk, the others log-spaced in ``|λ|`` on each side
+    (shared out by the decades each side spans, at least one a side)."""
+    lower, upper, zero = real_number(lower, "lower"), real_number(upper, "upper"), real_number(zero, "zero")
+    if isinstance(bins, bool) or not isinstance(bins, numbers.Integral) or bins < 3:
+        raise ValueError(f"bins must be an integer >= 3, got {bins!r}")
+    if not (zero > 0 and lower < -zero and upper > zero):
+        raise ValueError(f"need lower < -zero < 0 < zero < upper, got {lower:g}, {zero:g}, {upper:g}")
+    left, right = math.log(-lower / zero), math.log(upper / zero)
+    n_left = min(max(1, round((bins - 1) * left / (left + right))), bins - 2)
+    n_right = bins - 1 - n_left
+    neg = -torch.logspace(math.log10(-lower), math.log10(zero), n_left + 1, dtype=torch.float64)
+    pos = torch.logspace(math.log10(zero), math.log10(upper), n_right + 1, dtype=torch.float64)
+    neg[0], neg[-1], pos[0], pos[-1] = lower, -zero, zero, upper  # exact ends
+    return torch.cat((neg, pos))
+
+
+# -- stochastic Lanczos quadrature -----------------------------------------------------------
+class SLQ(NamedTuple):
+    """Stochastic Lanczos quadrature: Ritz values ``nodes`` and ``weights`` summing to
+    ``P`` (each probe's squared first components, averaged and scaled)."""
+
+    nodes: Tensor
+    weights: Tensor
+
+    def density(self, x, width: float) -> Tensor:
+        """Eigenvalues per unit at ``x``, each node broadened by a Gaussian of ``width``."""
+        x = torch.as_tensor(x, dtype=torch.float64).reshape(-1, 1)
+        z = (x - self.nodes.reshape(1, -1)) / width
+        return torch.exp(-0.5 * z * z) @ self.weights / (width * math.sqrt(2 * math.pi))
+
+    def counts(self, edges, width: float) -> Tensor:
+        """The estimated number of eigenvalues per bin ``[edges[i], edges[i+1])``: the
+        broadened density integrated over each bin (compare with :func:`spectral_histogram`)."""
+        e = torch.as_tensor(edges, dtype=torch.float64).reshape(-1, 1)
+        cdf = 0.5 * (1 + torch.erf((e - self.nodes.reshape(1, -1)) / (width * math.sqrt(2)))) @ self.weights
+        return cdf[1:] - cdf[:-1]
+
+
+def slq(hvp: Callable[[Tensor], Tensor], size: int, *, probes: int = 1, steps: int = 100, seed: int = 0,
+        dtype: torch.dtype = torch.float64) -> SLQ:
+    """Stochastic Lanczos quadrature of the symmetric operator ``hvp`` (flat ``(size,)``
+    vectors; e.g. ``curv.hvp``): ``probes`` Gaussian probes, ``steps`` Lanczos steps each
+    with full reorthogonalization (PyHessian's density, whose defaults are 1 and 100)."""
+    gen = torch.Generator().manual_seed(seed)
+    nodes, weights = [], []
+    for _ in range(probes):
+        v = torch.randn(size, generator=gen, dtype=dtype)
+        V = torch.empty((min(steps, size), size), dtype=dtype)
+        V[0] = v / v.norm()
+        alpha, beta = [], []
+        for j in range(V.shape[0]):
+            w = hvp(V[j]).to(dtype).cpu()
+            alpha.append(float(w @ V[j]))
+            Vj = V[: j + 1]
+            w = w - Vj.mT @ (Vj @ w)
+            w = w - Vj.mT @ (Vj @ w)
+            b = float(w.norm())
+            if j == V.shape[0] - 1 or b <= 1e-12 * max(1.0, abs(alpha[-1])):
+                break
+            beta.append(b)
+            V[j + 1] = w / b
+        m = len(alpha)
+        T = torch.diag(torch.tensor(alpha, dtype=torch.float64))
+        if m > 1:
+            off = torch.tensor(beta[: m - 1], dtype=torch.float64)
+            T = T + torch.diag(off, 1) + torch.diag(off, -1)
+        theta, S = torch.linalg.eigh(T)
+        nodes.append(theta)
+        weights.append(S[0] ** 2 * (size / probes))
+    return SLQ(torch.cat(nodes), torch.cat(weights))
+
+
+def plot_histogram(hist: Histogram, ax=None, *, density=None, slq: SLQ | None = None, width: float | None = None,
+                   label: str = "exact counts"):
+    """Draw a :class:`Histogram` (matplotlib, imported here: optional) as bars, the zero
+    bulk as a grey bar where ``[−tolerance, tolerance)`` is a bin (the x axis then
+    symmetric-log); ``density = (x, y)`` (eigenvalues per unit) is drawn as counts per bin
+    width of the first bin, ``slq`` (with its broadening ``width``) as its estimated
+    count per bin. Returns the axes."""
     try:
         import matplotlib.pyplot as plt
     except ImportError as e:  # pragma: no cover
@@ -444,13 +546,25 @@ def plot_histogram(hist: Histogram, ax=None, *, density=None, label: str = "exac
     e = hist.edges.numpy()
     c = hist.counts.numpy()
     ax.bar(e[:-1], c, width=e[1:] - e[:-1], align="edge", alpha=0.7, label=label)
+    tol = hist.tolerance
+    zero_bin = bool(((hist.edges == -tol).any() & (hist.edges == tol).any()).item())
+    if zero_bin and hist.zeros:
+        ax.bar([-tol], [hist.zeros], width=[2 * tol], align="edge", color="0.6",
+               label=f"|λ| < {tol:.1e}: {hist.zeros} (near-)zeros")
+        ax.set_xscale("symlog", linthresh=tol)
     if density is not None:
         x, y = density
-        width = float(e[1] - e[0])
-        ax.plot(x, [v * width for v in y], color="C3", label="SLQ density (× bin width)")
+        bin_width = float(e[1] - e[0])
+        ax.plot(x, [v * bin_width for v in y], color="C3", label="SLQ density (× bin width)")
+    if slq is not None:
+        if width is None:
+            raise ValueError("slq needs its broadening width")
+        est = slq.counts(hist.edges, width).numpy()
+        ax.stairs(est, e, color="C3", linewidth=1.5, label="SLQ estimate per bin")
     ax.set_yscale("symlog", linthresh=1)
     ax.set_xlabel("eigenvalue")
     ax.set_ylabel("eigenvalues per bin")
-    ax.set_title(f"exact spectrum ({hist.zeros} eigenvalues in ±{hist.tolerance:.1e} not shown)")
+    if not zero_bin:
+        ax.set_title(f"exact spectrum ({hist.zeros} eigenvalues in ±{tol:.1e} not shown)")
     ax.legend()
     return ax

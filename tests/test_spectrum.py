@@ -214,3 +214,64 @@ def test_deep_single_sample_chain():
     values = curv.eigvalsh(3, "nearest", near=near)
     ref = ev[(ev - near).abs().argsort()[:3]].sort().values
     assert bool(((values - ref).abs() <= 1e-10 * ref.abs()).all())
+
+
+# -- symmetric-log bins, the zero bin, SLQ -------------------------------------------------------
+def test_symlog_edges():
+    edges = spectrum.symlog_edges(-2.0, 30.0, 50, 1e-4)
+    assert edges.shape == (51,) and bool((edges[1:] > edges[:-1]).all())
+    assert float(edges[0]) == -2.0 and float(edges[-1]) == 30.0
+    i = int((edges == -1e-4).nonzero())
+    assert float(edges[i + 1]) == 1e-4  # the zero bin [-1e-4, 1e-4) is one bin
+    assert i < 50 - i  # more decades on the positive side, more bins there
+    for bad in [(-1.0, 1.0, 2, 1e-3), (-1.0, 1.0, 10, 0.0), (1e-5, 1.0, 10, 1e-3), (-1.0, 1.0, 10.0, 1e-3)]:
+        with pytest.raises(ValueError):
+            spectrum.symlog_edges(*bad)
+
+
+def test_histogram_with_a_zero_bin_sums_to_P(monkeypatch):
+    """The zero bin's counts are the edges' own (no factorization at ±τ, deep in the bulk)."""
+    chain, X, y = problem(batch=2)
+    M, ev = reference(chain, X, y, "hessian")
+    curv = chain.curvature(X, y, method="riccati")
+    rho = float(ev.abs().max())
+    delta = 1e-4 * rho
+    edges = spectrum.symlog_edges(float(ev[0]) - 1e-3 * rho, float(ev[-1]) + 1e-3 * rho, 12, delta)
+    shifts = []
+    factorize = curv.factorize
+    monkeypatch.setattr(curv, "factorize", lambda *a, **k: shifts.append(k["shift"]) or factorize(*a, **k))
+    seen = []
+    hist = curv.spectral_histogram(edges, zero=delta, progress=lambda d, t: seen.append((d, t)))
+    assert sorted(shifts) == sorted(edges.tolist()) and seen[-1] == (13, 13)
+    zero = (ev >= -delta) & (ev < delta)
+    assert hist.zeros == int(zero.sum()) > 0 and hist.tolerance == delta
+    ref = torch.histogram(ev[~zero], bins=edges).hist.long()
+    assert torch.equal(hist.counts, ref)
+    assert hist.below == hist.above == 0
+    assert int(hist.counts.sum()) + hist.zeros == curv.num_parameters
+    with pytest.raises(ValueError, match="zero bulk"):
+        curv.spectral_histogram(torch.linspace(-rho, rho, 4), zero=0.5 * rho)  # spans three bins
+
+
+def test_slq_against_dense():
+    """The quadrature's moments are the probe's: Σ w θᵏ = P·vᵀHᵏv/vᵀv for k < 2·steps;
+    with steps = P the nodes are the eigenvalues."""
+    chain, X, y = problem()
+    M, ev = reference(chain, X, y, "hessian")
+    curv = chain.curvature(X, y)
+    P = curv.num_parameters
+    est = spectrum.slq(curv.hvp, P, probes=2, steps=6, seed=4)
+    gen = torch.Generator().manual_seed(4)
+    probes = [torch.randn(P, generator=gen) for _ in range(2)]
+    assert abs(float(est.weights.sum()) - P) <= 1e-10 * P
+    norm = float(ev.abs().max())
+    for k in (1, 2, 5):
+        ref = sum(P / 2 * float(v @ torch.linalg.matrix_power(M, k) @ v / (v @ v)) for v in probes)
+        assert abs(float((est.weights * est.nodes**k).sum()) - ref) <= 1e-9 * P * norm**k, k
+    full = spectrum.slq(curv.hvp, P, steps=P, seed=1)
+    big = full.weights > 1e-8  # the nodes carrying weight are eigenvalues
+    assert float((full.nodes[big, None] - ev[None]).abs().min(dim=1).values.max()) <= 1e-8 * norm
+    edges = torch.tensor([-2 * norm, 0.0, 2 * norm])
+    assert abs(float(est.counts(edges, 1e-3 * norm).sum()) - P) <= 1e-6 * P
+    x = torch.linspace(-3 * norm, 3 * norm, 20001)
+    assert abs(float(torch.trapezoid(est.density(x, 0.05 * norm), x)) - P) <= 1e-6 * P

@@ -97,3 +97,27 @@ def test_a_stalled_refinement_solves_with_the_pivoted_factorization():
     x = fact.solve(B)  # AccuracyWarning is an error in this suite
     eta = (B - M @ x).norm(dim=0) / (torch.linalg.matrix_norm(M, 2) * x.norm(dim=0) + B.norm(dim=0))
     assert float(eta.max()) <= 64 * torch.finfo(torch.float64).eps
+
+
+def test_the_inertia_alone_keeps_the_elimination_where_eta_cond_is_small():
+    """A deep tanh MLP at a shift 1e-5·‖H‖ next to the Hessian's zero bulk: the elimination's
+    backward error (~1e-12) fails the log-determinant's test (P·η·cond) but proves the
+    inertia exact (η·cond ≪ 1), so the count needs no pivoted KKT factorization; logdet
+    keeps its own test."""
+    torch.manual_seed(1)
+    widths = [5] + [6] * 6 + [3]
+    layers = []
+    for i, (a, b) in enumerate(zip(widths, widths[1:])):
+        layers += [nn.Linear(a, b)] + ([nn.Tanh()] if i < len(widths) - 2 else [])
+    chain = ts.Chain(layers, nn.CrossEntropyLoss())
+    g = torch.Generator().manual_seed(1)
+    X, y = torch.randn(2, 5, generator=g), torch.randint(0, 3, (2,), generator=g)
+    ev = torch.linalg.eigvalsh(dense_hessian(chain, X, y))
+    sigma = -1e-5 * float(ev.abs().max())
+    fact = chain.curvature(X, y, method="riccati").factorize(shift=sigma)
+    assert fact.inertia().negative == int((ev < sigma).sum())
+    eta, cond = fact._error
+    assert eta > curvature_module.FACTORIZATION_TOLERANCE * torch.finfo(torch.float64).eps and eta * cond <= 1e-3
+    assert fact._pivoted is None  # the elimination's inertia was kept
+    logdet = float((ev - sigma).abs().log().sum())
+    assert abs(float(fact.logdet()) - logdet) <= 1e-9 * abs(logdet)

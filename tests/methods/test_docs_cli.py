@@ -75,7 +75,7 @@ def test_demo_runs_and_writes_the_plot(tmp_path, capsys):
     pytest.importorskip("sklearn")
     pytest.importorskip("matplotlib")
     argv = ["demo", "--budget", "1.5", "--depth", "4", "--width", "8", "--exact-batch", "4",
-            "--gradient-batch", "32", "--out", str(tmp_path), "--check-batch", "2"]
+            "--gradient-batch", "32", "--out", str(tmp_path), "--check-batch", "2", "--batch", "4"]
     assert cli.main(argv) == 0
     out = capsys.readouterr().out
     assert "Adam" in out and "exact GGN trust region" in out
@@ -89,6 +89,65 @@ def test_demo_runs_and_writes_the_plot(tmp_path, capsys):
     assert results["exactness"]["relative_error"] < 1e-9
     error = float(re.search(r"to a dense solve = ([0-9.e+-]+)", out).group(1))
     assert error < 1e-9
+    spec = results["spectrum"]  # the demo ends with the exact histogram next to SLQ
+    assert sum(spec["counts"]) + spec["zeros"] + spec["below"] + spec["above"] == spec["parameters"]
+    assert (tmp_path / "demo_spectrum.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _small_trained_model():
+    torch.manual_seed(0)
+    model = cli.deep_mlp(4, 6, 64, 10, 0, torch.float64)
+    with torch.no_grad():  # away from the orthogonal initialisation
+        for p in model.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    (X, y), _ = cli.load_digits_data(0, torch.float64)
+    return model, X[:3], y[:3]
+
+
+def test_spectrum_checkpoint_and_picture_match_dense():
+    pytest.importorskip("sklearn")
+    import tallskinny as ts
+    from tallskinny.testing import dense_hessian
+
+    model, X, y = _small_trained_model()
+    ev = torch.linalg.eigvalsh(dense_hessian(ts.Chain.from_sequential(model, torch.nn.CrossEntropyLoss()), X, y))
+    rho = float(ev.abs().max())
+    point = cli.checkpoint_spectrum(model, X, y, 1e-4)
+    assert abs(point["top"] - float(ev[-1])) <= 1e-10 * rho and abs(point["bottom"] - float(ev[0])) <= 1e-10 * rho
+    assert point["zero"] == pytest.approx(1e-4 * rho, rel=1e-9)
+    assert point["negative"] == int((ev < -point["zero"]).sum()) > 0
+    args = cli._parser().parse_args(["spectrum", "--bins", "20", "--slq-steps", "30"])
+    pic = cli.spectrum_picture(model, X, y, args, progress=False)
+    delta = pic["zero"]
+    edges = torch.tensor(pic["edges"], dtype=torch.float64)
+    zero = (ev >= -delta) & (ev < delta)
+    assert pic["zeros"] == int(zero.sum()) > 0 and len(pic["counts"]) == 20
+    assert pic["counts"] == torch.histogram(ev[~zero], bins=edges).hist.long().tolist()
+    assert sum(pic["counts"]) + pic["zeros"] == pic["parameters"] == len(ev) and pic["below"] == pic["above"] == 0
+    assert pic["negative"] == point["negative"]
+    assert 0.99 * len(ev) <= sum(pic["slq"]["counts"]) <= len(ev)  # (its broadening leaks past the ends)
+
+
+def test_spectrum_command_writes_json_and_pngs(tmp_path, capsys):
+    pytest.importorskip("sklearn")
+    pytest.importorskip("matplotlib")
+    argv = ["spectrum", "--steps", "5", "--every", "3", "--depth", "3", "--width", "6", "--batch", "2",
+            "--exact-batch", "4", "--gradient-batch", "16", "--bins", "12", "--slq-steps", "20", "--out", str(tmp_path)]
+    assert cli.main(argv) == 0
+    captured = capsys.readouterr()
+    assert "spectrum [" in captured.err and "histogram [" in captured.err  # the progress bars
+    results = json.loads((tmp_path / "spectrum.json").read_text())
+    assert set(results) == {"model", "checkpoints", "histogram", "seconds"}
+    points = results["checkpoints"]
+    assert [c["step"] for c in points] == [0, 3, 5]
+    for c in points:
+        assert set(c) >= {"step", "time", "train_loss", "negative", "top", "bottom", "zero"}
+        assert c["bottom"] < 0 < c["top"] and 0 <= c["negative"] < results["model"]["parameters"]
+    hist = results["histogram"]
+    assert sum(hist["counts"]) + hist["zeros"] + hist["below"] + hist["above"] == results["model"]["parameters"]
+    assert hist["negative"] == points[-1]["negative"]  # same model, same batch, same cut
+    for name in ("spectrum_training.png", "spectrum_histogram.png"):
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_demo_rejects_bad_arguments():
@@ -96,6 +155,14 @@ def test_demo_rejects_bad_arguments():
         cli.main(["demo", "--budget", "-1"])
     with pytest.raises(SystemExit, match="depth"):
         cli.main(["demo", "--depth", "2"])
+    with pytest.raises(SystemExit, match="every"):
+        cli.main(["spectrum", "--every", "0"])
+    with pytest.raises(SystemExit, match="steps"):
+        cli.main(["spectrum", "--steps", "0"])
+    with pytest.raises(SystemExit, match="bins"):
+        cli.main(["spectrum", "--bins", "2"])
+    with pytest.raises(SystemExit, match="zero"):
+        cli.main(["spectrum", "--zero", "0.7"])
 
 
 def test_bench_runs_the_script_or_says_where_it_looked(tmp_path, capsys):
