@@ -316,7 +316,7 @@ class StageShape:
             return {
                 "keep": [("the data of {} layers", (J,), 4 * J * m)],
                 "prep": [],
-                "factor": [("the factors of {} layers of width {}", (J, m), 3 * J * m * m + m * m)],
+                "factor": [("the factors and pivots of {} layers of width {}", (J, m), 4 * J * m * m)],
                 "scratch": [(value, (m, m), 12 * m * m)],
             }
         perp = max(p - n, 0)

@@ -22,7 +22,8 @@ The contract checked (``Report.failures``):
 * ``SingularSystemError`` only where ``min|λ| ≤ SINGULAR_RATIO·eps·max|λ|``.
 
 float32 chains are compared with the float64 references of the same model; their
-tolerances scale with float32's ``eps``.
+tolerances scale with float32's ``eps``, and a product may be as far from the reference as
+``torch.func``'s Hessian of the same float32 model is (times 10).
 """
 
 from __future__ import annotations
@@ -432,6 +433,12 @@ def check_case(case: Case, *, rhs: int = 2) -> Report:
         # are exact only to their condition number: so is the reference, and its change
         # under a perturbation of the point by a few ulps measures that
         H_noise, g_noise = _reference_noise(case, ref)
+        if case.dtype != torch.float64:
+            # a float32 chain: no worse than torch.func's own Hessian of the same float32
+            # model (terms that cancel, as LayerNorm(1)'s, leave float32 rounding of their
+            # size, which ‖H‖ does not show)
+            H_low = ref(chain, X, y).double()
+            H_noise = max(H_noise, float(torch.linalg.matrix_norm(H_low - H, 2)))
     for (name, got), err, tol in zip(products, errors, strict):
         v_norm = float(V[:, : got.shape[1]].norm())
         mismatch = max(mismatch, err / v_norm)

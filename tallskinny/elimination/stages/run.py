@@ -90,11 +90,12 @@ class LinearRunStage(Stage):
         if damping == 0.0:  # the complement's pivot is εI = 0 (AffineStage._check_complement)
             raise_if_null_directions(self._complement_curvature(J - 1), last)
             raise StageSingular(last)
-        S_out, lus, pivs, Ks, A, scales = self._riccati(S, damping)
+        pivots: list = []  # the Q_j, last layer first: kept for the inertia
+        S_out, lus, pivs, Ks, A, scales = self._riccati(S, damping, pivots)
         bad = _first_small_pivot(lus, torch.stack(scales))
         if bad is not None:
             raise StageSingular(self.start + 2 * bad)
-        factor = BatchedRun(self, damping, S, lus, pivs, Ks, A)
+        factor = BatchedRun(self, damping, pivots, lus, pivs, Ks, A)
         workspace.recycle(factor, lus._base, Ks._base, A)
         return S_out, factor
 
@@ -108,8 +109,7 @@ class LinearRunStage(Stage):
     def _riccati(self, S: Tensor, damping: float, pivots: list | None = None):
         """The loop over the layers (last first): ``S`` at the run's input, the LU factors
         of the pivots, ``K``, ``A = diag(d)(W − σK)`` and ``‖Q_j‖_F``; the pivots ``Q_j``
-        themselves appended to ``pivots`` if given (the inertia replays the loop rather
-        than keep them)."""
+        themselves appended to ``pivots`` if given (for the inertia)."""
         J, m = self.J, self.m
         eye_eps = scaled_identity(m, damping, S.dtype, S.device)
         W, d, sigmas, g_sq = self.W, self.d.unbind(0), self.sigmas, self.g_sq
@@ -181,13 +181,12 @@ def _first_small_pivot(lu: Tensor, scales: Tensor) -> int | None:
 class BatchedRun(StageFactor):
     """The factors of a run at one damping: sweeps, inertia and ``log|det|``."""
 
-    keeps_input = True  # S_in, for the inertia
     writes_in_place = True
 
-    def __init__(self, stage: LinearRunStage, damping: float, S_in: Tensor, lu: Tensor, piv: Tensor, K: Tensor, A: Tensor):
+    def __init__(self, stage: LinearRunStage, damping: float, pivots: list, lu: Tensor, piv: Tensor, K: Tensor, A: Tensor):
         self.layers = stage
         self.damping = damping
-        self.S_in = S_in  # the value Hessian entering the run (m × m), for the inertia
+        self.pivots = pivots  # the Q_j (m × m), last layer first, for the inertia
         self.lu, self.piv, self.K = lu, piv, K
         # A = diag(d)(W − σK) (made by the Riccati loop); the backward recurrence uses Aᵀ
         self.A = A.unbind(0)
@@ -202,14 +201,11 @@ class BatchedRun(StageFactor):
 
     @property
     def inertia(self) -> Inertia:
-        """``Σ_j inertia(Q_ζζ,j)`` (Bunch–Kaufman ``LDLᵀ``) and ``ε > 0`` on the complements.
-        The factorization does not keep the pivots ``Q_j``: on first request the Riccati
-        loop runs again (the same operations on the same data give the same ``Q_j``)."""
+        """``Σ_j inertia(Q_ζζ,j)`` (Bunch–Kaufman ``LDLᵀ`` of the kept pivots, all at once)
+        and ``ε > 0`` on the complements."""
         if self._inertia is None:
             L = self.layers
-            Qs: list = []
-            L._riccati(self.S_in, self.damping, pivots=Qs)
-            ld, piv, _ = torch.linalg.ldl_factor_ex(torch.stack(Qs[::-1]))
+            ld, piv, _ = torch.linalg.ldl_factor_ex(torch.stack(self.pivots))
             positive = int((ldl_d_eigenvalues(ld, piv) > 0).sum())  # all J at once
             rest = L.J * L.n_perp  # pivots ε: negative for a shift (ε < 0)
             negative = L.J * L.m - positive
