@@ -200,49 +200,39 @@ def _shift_invert(curv, F, sigma: float, k: int, norm: float, exclude: Tensor | 
     reorthogonalization; Rayleigh–Ritz on the inverse to find them, then with ``H`` itself
     on the span of the best ``k + 2`` Ritz vectors, by one block HVP, for the digits the
     inverse's rounding ``‖(H − σI)⁻¹‖·eps`` would cost). Returns eigenvalues, vectors
-    (``P × k``) and residual norms."""
+    (``P × k``) and residual norms.
+
+    The basis ``V`` is kept as rows (``n × P``: projections read contiguous rows). Each
+    block step passes over it four times: ``Vᵀ W`` (the new columns of ``T``, also the
+    first Gram–Schmidt projection of the next block), the update, and the second
+    Gram–Schmidt pass. The inverse's residual of a Ritz pair ``(θ, V s)`` is the
+    orthogonalized next block's part ``‖R s_last‖`` (``X − V Vᵀ X = Q R``): no vectors
+    are formed until the pairs have converged."""
     P = curv.num_parameters
     dtype, device = curv.layout.dtype, curv.layout.device
     tol = RESIDUAL_TOLERANCE * norm
     X = torch.randn((P, block), generator=gen, dtype=dtype).to(device)
+    excluded = None if exclude is None or not exclude.shape[1] else exclude.mT.contiguous()
     cap = min(P, 8 * block)
-    V = X.new_empty(P, cap)
-    AV = X.new_empty(P, cap)
+    V = X.new_empty(cap, P)  # the basis, a vector a row
     T = torch.zeros((cap, cap), dtype=dtype, device=device)
-    n = 0
-    for _ in range(MAX_BLOCKS):
-        for basis in (exclude, V[:, :n]):
-            if basis is not None and basis.shape[1]:
-                X = X - basis @ (basis.mT @ X)
-                X = X - basis @ (basis.mT @ X)
+    n, cross, ritz = 0, None, None
+    for _ in range(MAX_BLOCKS + 1):
+        # X ⟂ (excluded, V), twice (Kahan: twice is enough); VᵀX of the first pass is known
+        for rep in range(2):
+            if excluded is not None:
+                X = torch.addmm(X, excluded.mT, excluded @ X, alpha=-1.0)
+            if n:
+                proj = cross[:n] if rep == 0 and cross is not None else V[:n] @ X
+                X = torch.addmm(X, V[:n].mT, proj, alpha=-1.0)
         Q, R = torch.linalg.qr(X)
-        keep = R.diagonal().abs() > 1e-10 * max(1.0, float(R.diagonal().abs().max()) if R.numel() else 1.0)
-        Q = Q[:, keep]
-        b = Q.shape[1]
-        if b == 0:
-            break
-        if n + b > cap:  # grow the buffers (doubling)
-            cap = min(P, max(2 * cap, n + b))
-            V2, AV2, T2 = X.new_empty(P, cap), X.new_empty(P, cap), torch.zeros((cap, cap), dtype=dtype, device=device)
-            V2[:, :n], AV2[:, :n], T2[:n, :n] = V[:, :n], AV[:, :n], T[:n, :n]
-            V, AV, T = V2, AV2, T2
-        W = F.solve(Q, refine=0)  # (unchecked: the Rayleigh–Ritz with H below checks the pairs)
-        V[:, n : n + b], AV[:, n : n + b] = Q, W
-        cross = V[:, : n + b].mT @ W  # the new columns of Vᵀ(H − σI)⁻¹V
-        T[: n + b, n : n + b] = cross
-        T[n : n + b, : n + b] = cross.mT
-        n += b
-        Tn = T[:n, :n]
-        theta, S = torch.linalg.eigh(0.5 * (Tn + Tn.mT))
-        order = theta.abs().argsort(descending=True)
-        if n >= k:
-            top = order[:k]
-            Y = V[:, :n] @ S[:, top]
-            # the inverse's residual bounds the eigen-residual: ‖(H−σ)y − y/θ‖ ≤ ‖H−σ‖·‖r_inv‖/|θ|
-            r_inv = (AV[:, :n] @ S[:, top] - Y * theta[top]).norm(dim=0)
+        if ritz is not None:  # the Ritz pairs of the basis so far, and their residuals
+            theta, S, top, b_last = ritz
+            r_inv = (R @ S[n - b_last : n, top]).norm(dim=0)
             est = (norm + abs(sigma)) * r_inv / theta[top].abs()
-            if bool((est <= 1e-6 * norm).all()) or b < X.shape[1]:
-                Z = V[:, :n] @ S[:, order[: min(n, k + 2)]]
+            if bool((est <= 1e-6 * norm).all()) or b_last < block:
+                order = theta.abs().argsort(descending=True)
+                Z = V[:n].mT @ S[:, order[: min(n, k + 2)]]
                 HZ = curv.hvp(Z)
                 mu, S_H = torch.linalg.eigh(0.5 * ((Z.mT @ HZ) + (Z.mT @ HZ).mT))
                 pick = (mu - sigma).abs().argsort()[:k]
@@ -250,6 +240,25 @@ def _shift_invert(curv, F, sigma: float, k: int, norm: float, exclude: Tensor | 
                 res = (HY - Y * lam).norm(dim=0)
                 if bool((res <= tol).all()):
                     return lam, Y, res
+        keep = R.diagonal().abs() > 1e-10 * max(1.0, float(R.diagonal().abs().max()) if R.numel() else 1.0)
+        Q = Q[:, keep]
+        b = Q.shape[1]
+        if b == 0:
+            break
+        if n + b > cap:  # grow the buffers (doubling)
+            cap = min(P, max(2 * cap, n + b))
+            V2, T2 = X.new_empty(cap, P), torch.zeros((cap, cap), dtype=dtype, device=device)
+            V2[:n], T2[:n, :n] = V[:n], T[:n, :n]
+            V, T = V2, T2
+        W = F.solve(Q, refine=0)  # (unchecked: the Rayleigh–Ritz with H checks the pairs)
+        V[n : n + b] = Q.mT
+        cross = V[: n + b] @ W  # the new columns of Vᵀ(H − σI)⁻¹V
+        T[: n + b, n : n + b] = cross
+        T[n : n + b, : n + b] = cross.mT
+        n += b
+        Tn = T[:n, :n]
+        theta, S = torch.linalg.eigh(0.5 * (Tn + Tn.mT))
+        ritz = (theta, S, theta.abs().argsort(descending=True)[:k], b) if n >= k else None
         X = W
     raise RuntimeError(f"eigvalsh: shift-invert Lanczos did not converge in {MAX_BLOCKS} block steps")
 
