@@ -255,3 +255,38 @@ def test_paired_times_interleave_and_ratio():
     assert timing.median_ratio([2.0, 9.0, 4.0], [1.0, 3.0, 1.0]) == 3.0
     with pytest.raises(ValueError):
         timing.paired_times([lambda: None], 0)
+
+
+def _spectrum_bench():
+    return sys.modules.get("bench_spectrum") or _load("bench_spectrum", "spectrum.py")
+
+
+def test_spectrum_bench_on_a_tiny_model_without_peers():
+    """bench/spectrum.py runs without the peers (their rows skipped, said so); the exact
+    top-5 and the emulated Lanczos agree."""
+    spectrum_bench = _spectrum_bench()
+    lines = []
+    row = spectrum_bench.run_model(spectrum_bench.ModelSpec(3, 8, 2), 1, None, lines.append, {})
+    assert row["P"] == 234 and row["top5_residual"] < 1e-10
+    assert row["lanczos_steps_1e6"] is not None and row["lanczos_best_error"] < 1e-10
+    assert row["negative"] >= 0 and "slq_negative" in row and "eigenthings_la_s" not in row
+    assert any("PyHessian: not installed" in line for line in lines)
+    assert "hessian-eigenthings `lanczos`" in spectrum_bench.summary([row])
+    exact = torch.tensor([1.0, 2.0, -3.0, 4.0, 5.0])
+    assert spectrum_bench.relative_error([5.0, 4.0, 2.0, 1.0, -3.0, 0.5], exact, by_magnitude=True) == 0.0
+    assert spectrum_bench.relative_error([5.0, 4.0, 2.0, 1.0, 0.5], torch.tensor([0.5, 1.0, 2.0, 4.0, 5.0])) == 0.0
+
+
+def test_spectrum_bench_real_peers_on_a_tiny_model():
+    """Where PyHessian and hessian-eigenthings import (the bench-only extra), their rows:
+    eigenthings' Lanczos reaches 1e-6, PyHessian's power iteration stops at its ~2e-6 floor."""
+    pytest.importorskip("pyhessian")
+    pytest.importorskip("hessian_eigenthings")
+    spectrum_bench = _spectrum_bench()
+    dtype = torch.get_default_dtype()
+    row = spectrum_bench.run_model(spectrum_bench.ModelSpec(3, 8, 2), 1, None, lambda _: None, spectrum_bench.import_peers())
+    assert torch.get_default_dtype() == dtype  # the peers' float64 is put back
+    assert row["eigenthings_la_error"] <= 1e-6 and row["eigenthings_la_steps_1e6"] <= row["P"]
+    assert 1e-6 < row["pyhessian_best_error"] < 1e-5
+    for key in ("pyhessian_slq", "eigenthings_slq"):
+        assert 0 <= row[key + "_negative"] <= row["P"]
