@@ -516,7 +516,7 @@ def run_model(spec: ModelSpec, repeats: int, histogram: Path | None, log, peers:
 
 def _fmt_steps(r, key_steps, key_s, key_ratio, key_best):
     if r.get(key_steps) is None:
-        return f"not in 300 steps (best {r[key_best]:.1e})" if key_best in r else "n/a"
+        return f"not in 300 steps (best {r[key_best]:.1e})" if key_best in r else "—"
     return f"{r[key_steps]} steps, {r[key_s]:.3f} s; ours / it {r[key_ratio]:.2f}"
 
 
