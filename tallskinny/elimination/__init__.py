@@ -9,6 +9,8 @@ Layers inside, each importing only from those before it::
     stages/                         (one file per stage kind, the Stage protocol)
     prepare, riccati, kkt, factor   (oracles → stages → the Riccati recursion, or the
                                      pivoted KKT fallback)
+    mixed                           (the recursion in float32 on float32 copies of the
+                                     oracles, for mixed-precision solves)
 
 Notation (the oracles of block ``l``: ``z_l = f_l(z_{l-1}; θ_l)``, linearised as
 ``y_l = F y_{l-1} + G θ_l``, second-order terms ``½θᵀAθ + θᵀCy + ½yᵀEy``):
@@ -28,7 +30,7 @@ Notation (the oracles of block ``l``: ``z_l = f_l(z_{l-1}; θ_l)``, linearised a
 The names below are exactly those :mod:`tallskinny.curvature` uses.
 """
 
-from . import workspace
+from . import mixed, workspace
 from .compiled import CompiledOracle, compile_oracles
 from .factor import factorize
 from .hessian import gradient, hvp, last_blocks_norm_bound
@@ -44,6 +46,7 @@ __all__ = [
     "hvp",
     "kkt_bytes",
     "last_blocks_norm_bound",
+    "mixed",
     "prepare_stages",
     "workspace",
 ]
