@@ -18,7 +18,7 @@ from .blocks import LossBlock, Oracle, OracleMemory, block_for, checks, loss_for
 from .blocks.elementwise import batch_key, oracles_together
 from .batches import one_batch
 from .blocks.protocol import DeferredOracle
-from .curvature import Curvature, ParameterVersions, check_damping, check_kind, check_refine
+from .curvature import Curvature, ParameterVersions, check_damping, check_kind, check_precision, check_refine
 from .errors import NondeterministicModuleError
 from .resources import MemoryEstimate, check_memory_limit
 from . import routes
@@ -341,14 +341,18 @@ class Chain:
         refine: int | None = None,
         method: str = "auto",
         memory_limit: float | None = None,
+        precision: str = "full",
     ):
         """``(H + damping·I)^{-1} b`` at ``(inputs, targets)``, in the format of ``b``
         (``(P, 0)``: empty, no pass and no factorization; ``memory_limit``: as for
         :meth:`curvature`; the factorization is checked once the oracles are made, before
-        the elimination)."""
+        the elimination; ``precision``: as for :meth:`Curvature.factorize
+        <tallskinny.curvature.Curvature.factorize>`: ``"mixed"`` factors in float32 and
+        refines in float64)."""
         damping = check_damping(damping)
         kind = check_kind(kind)
         check_refine(refine)
+        check_precision(precision)
         method = check_method(method)
         memory_limit = check_memory_limit(memory_limit)
         layout = self.layout()
@@ -356,7 +360,9 @@ class Chain:
         if x.shape[1] == 0:
             self._check_inputs(inputs, layout)
             return layout.from_flat(x.new_zeros(x.shape), fmt)
-        return self._curvature(inputs, targets, kind, layout, memory_limit, method).solve(b, damping, refine=refine)
+        return self._curvature(inputs, targets, kind, layout, memory_limit, method).solve(
+            b, damping, refine=refine, precision=precision
+        )
 
     def _check_finite(self, zs: Sequence[Tensor], adjoints: Sequence[Tensor]) -> None:
         """Every activation and adjoint of the pass is finite (one reduction for all)."""

@@ -22,6 +22,19 @@ from .vectors import ParameterLayout
 
 KINDS = ("hessian", "ggn")
 
+PRECISIONS = ("auto", "full", "mixed")
+"""``precision`` of :meth:`Curvature.factorize` and the solves: ``"full"`` factors in the
+curvature's dtype; ``"mixed"`` factors a float64 curvature in float32 and refines in
+float64 (:data:`MIXED_MAX_REFINEMENTS`); ``"auto"`` takes ``"mixed"`` where it pays (a
+float64 curvature on the ``riccati`` route whose largest activation has at least
+``elimination.mixed.MIN_STAGE`` entries), else ``"full"``."""
+
+MIXED_MAX_REFINEMENTS = 30
+"""A mixed-precision solve refines at most this many times (LAPACK dsgesv's ``ITERMAX``);
+where the backward error is still above ``BACKWARD_ERROR_TOLERANCE·eps`` of float64, or a
+step did not halve it (stall or divergence: the float32 factors are too inaccurate for
+this ``H + εI``), the factorization is made again in float64 and solves from there on."""
+
 BACKWARD_ERROR_TOLERANCE = 64
 """``solve(refine=None)`` refines when the estimated normwise backward error
 ``‖b − (H+εI)x‖ / (‖H+εI‖·‖x‖ + ‖b‖)`` of the solution exceeds this many units of
@@ -54,6 +67,12 @@ def check_refine(refine) -> None:
     """``refine`` must be ``None`` or an integer ``≥ 0``."""
     if refine is not None and (isinstance(refine, bool) or not isinstance(refine, int) or refine < 0):
         raise ValueError(f"refine must be None or an integer >= 0, got {refine!r}")
+
+
+def check_precision(precision) -> str:
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    return precision
 
 
 def check_kind(kind) -> str:
@@ -165,13 +184,21 @@ class Factorization:
     Solves use the stagewise elimination (refined and checked); the three spectral
     quantities come from a factorization whose backward error was checked
     (:data:`FACTORIZATION_TOLERANCE`).
+
+    ``precision`` is ``"full"`` (factors in the curvature's dtype) or ``"mixed"`` (float32
+    factors of a float64 curvature, solves refined in float64 to the same backward error).
+    A mixed factorization becomes ``"full"`` (one float64 factorization, made then) where
+    its refinement stalls, or on the first ``logdet``, ``sign`` or ``inertia``, which are
+    never read from float32 factors; ``fallback`` then says why (``None`` otherwise).
     """
 
-    def __init__(self, inner, curvature: "Curvature", damping: float):
+    def __init__(self, inner, curvature: "Curvature", damping: float, precision: str = "full", fallback=None):
         self._inner = inner
         self._curvature = curvature
         self._layout = curvature.layout
         self.damping = damping
+        self.precision = precision
+        self.fallback = fallback
         self._scratch = None  # the buffer of the last check's (H+εI)x, reused by the next
         self._pooled_scratch = False  # whether a check buffer came from the workspace pool
         self._norm_hint = inner.norm_lower_bound  # a lower bound of ‖H‖ the elimination knows
@@ -204,6 +231,11 @@ class Factorization:
         tolerance (``WARNING_FACTOR`` times).
         ``0`` never refines (no HVP), ``k`` always refines ``k`` times.
 
+        A mixed-precision factorization (``precision == "mixed"``) solves in float32 and,
+        with ``refine=None``, refines in float64 until the same backward-error test passes
+        (:data:`MIXED_MAX_REFINEMENTS`; where the refinement stalls, it factors in float64
+        and solves as above); ``refine=k`` refines the float32 solution ``k`` times.
+
         ``b`` must be finite; its autograd history is ignored (the solution carries no
         graph). Zero right-hand sides (``(P, 0)``) give an empty result.
         """
@@ -219,7 +251,12 @@ class Factorization:
         self._curvature._check_solve(rhs.shape[1])
         if refine is None and isinstance(self._inner, routes.KrylovFactorization):
             refine = 0  # an iterative solve checks its own residual (and warns)
-        if refine is None:
+        x = None
+        if refine is None and self.precision == "mixed":
+            x, why = self._mixed_solve(rhs)
+            if x is None:
+                self._to_full(why)
+        if x is None and refine is None:
             x, eta, steps = self._checked_solve(rhs)
             tol = BACKWARD_ERROR_TOLERANCE * torch.finfo(x.dtype).eps
             if eta > tol and self._pivoted is None and self._pivoted_fits():
@@ -237,7 +274,7 @@ class Factorization:
                     AccuracyWarning,
                     stacklevel=2,
                 )
-        else:
+        elif x is None:
             x = self._inner.solve(rhs)
             for _ in range(refine):
                 residual = rhs - self._curvature._apply(x, shift=self.damping)
@@ -249,6 +286,40 @@ class Factorization:
                 damping=self.damping,
             )
         return self._layout.from_flat(x, fmt)
+
+    def _mixed_solve(self, rhs: Tensor) -> tuple[Tensor | None, str | None]:
+        """The float32 solve refined in float64 until the estimated backward error is at
+        most ``BACKWARD_ERROR_TOLERANCE·eps`` of float64 (the test of :meth:`solve`); each
+        step one float64 HVP and one float32 solve. ``(None, why)`` where a step did not
+        halve the error or :data:`MIXED_MAX_REFINEMENTS` steps did not reach it."""
+        x = self._inner.solve(rhs)
+        tol = BACKWARD_ERROR_TOLERANCE * torch.finfo(x.dtype).eps
+        last = math.inf
+        for step in range(MIXED_MAX_REFINEMENTS + 1):
+            residual, buffer, eta = self._checked_residual(rhs, x, tol)
+            if residual is None:
+                self._scratch = buffer
+                return x, None
+            if not eta <= 0.5 * last or step == MIXED_MAX_REFINEMENTS:  # (NaN: not <=)
+                self._scratch = buffer
+                what = "did not halve" if step < MIXED_MAX_REFINEMENTS else "stayed above tolerance after"
+                return None, (
+                    f"the float64 refinement of the float32 solve {what} the backward error "
+                    f"({eta:.1e} after {step} steps)"
+                )
+            self._curvature.checks.refinements += 1
+            x = x + self._inner.solve(residual)
+            self._scratch = buffer  # free again for the next check
+            last = eta
+        raise AssertionError("unreachable")
+
+    def _to_full(self, why: str) -> None:
+        """Leave mixed precision: factor ``H + εI`` in float64 (solves and the spectral
+        quantities use it from here on)."""
+        self._inner = None  # the float32 factors are freed before the float64 ones are made
+        self._inner = self._curvature._factorize_inner(self.damping)
+        self._norm_hint = self._inner.norm_lower_bound
+        self.precision, self.fallback = "full", why
 
     def _checked_solve(self, rhs: Tensor) -> tuple[Tensor, float, int]:
         """A solve refined by LAPACK's rule (xGERFS): while the backward error is above
@@ -344,6 +415,8 @@ class Factorization:
         pivoted factorization: minutes on the digits demo's MLP)."""
         if self._spectral is not None:
             return self._spectral
+        if self.precision == "mixed":
+            self._to_full("logdet, sign and inertia are read from float64 factors")
         if self._curvature.kind == "ggn" or self._curvature.method != "riccati" or self._inner is self._pivoted:
             self._spectral = self._inner
             return self._spectral
@@ -495,6 +568,7 @@ class Curvature:
         self.loss = loss_value
         self._stages = None
         self._compiled = None
+        self._low = None  # the float32 oracles and stages of mixed precision, made on first use
         self.checks = SolveChecks(
             blocks=lambda: elimination.last_blocks_norm_bound(self._compiled_oracles()[0], self.loss_oracle.E.to_dense()),
             gradient=lambda: self._gradient_norm_bound(),
@@ -570,15 +644,22 @@ class Curvature:
         return elimination.hvp(*self._compiled_oracles(), x, out, shift)
 
     @collector_paused
-    def factorize(self, damping: float = 0.0, *, shift: float | None = None) -> Factorization:
+    def factorize(self, damping: float = 0.0, *, shift: float | None = None, precision: str = "full") -> Factorization:
         """Factor ``H + damping·I`` (raises ``SingularSystemError`` if it is singular, and
         :class:`~tallskinny.errors.ResourceError`, before any work, where its estimated
         memory exceeds ``memory_limit``).
 
         ``shift=σ`` (any finite real, instead of a damping) factors ``H − σI``: its inertia
         counts the eigenvalues above and below ``σ`` (:mod:`tallskinny.spectrum`); the
-        factorization's ``damping`` is then ``−σ``."""
+        factorization's ``damping`` is then ``−σ``.
+
+        ``precision`` (:data:`PRECISIONS`): ``"full"`` (the default), ``"mixed"`` (float32
+        factors, float64 refinement; a float64 curvature on the ``riccati`` route only) or
+        ``"auto"`` (mixed where it pays). The factorization's ``precision`` says which was
+        taken; ``logdet``, ``sign`` and ``inertia`` of a mixed one first make the float64
+        factorization (see :class:`Factorization`)."""
         self._check_current()
+        precision = check_precision(precision)
         if shift is not None:
             shift = check_shift(shift)
             if damping != 0.0:
@@ -587,9 +668,37 @@ class Curvature:
         else:
             damping = check_damping(damping)
         self._check_factorization(damping)
-        return self._factorize(damping)
+        return self._factorize(damping, precision)
 
-    def _factorize(self, damping: float) -> Factorization:
+    def _factorize(self, damping: float, precision: str = "full") -> Factorization:
+        if self._mixed(precision):
+            low = self._low_precision().factorize(damping)
+            if low is not None:
+                return Factorization(low, self, damping, "mixed")
+            why = "a stage of the float32 elimination is singular to float32's working precision"
+            return Factorization(self._factorize_inner(damping), self, damping, fallback=why)
+        return Factorization(self._factorize_inner(damping), self, damping)
+
+    def _mixed(self, precision: str) -> bool:
+        """Whether ``precision`` factors in float32 here (``"mixed"`` where impossible raises)."""
+        if precision == "full":
+            return False
+        possible = self.layout.dtype == torch.float64 and self.method == "riccati"
+        if precision == "mixed" and not possible:
+            raise ValueError(
+                "precision='mixed' needs a float64 curvature on the riccati route, this one is "
+                f"{self.layout.dtype} on the {self.method} route"
+            )
+        return possible and (precision == "mixed" or elimination.mixed.pays(self.oracles))
+
+    def _low_precision(self):
+        """The float32 copies of the oracles and their stages, made on first use."""
+        if self._low is None:
+            self._low = elimination.mixed.LowPrecisionStages(self.oracles, self.loss_oracle)
+        return self._low
+
+    def _factorize_inner(self, damping: float):
+        """The factorization of ``H + εI`` in the curvature's dtype, on its route."""
         if self.method == "riccati":
             try:
                 inner = elimination.factorize(self.oracles, self.loss_oracle, damping, self._prepared_stages())
@@ -607,7 +716,7 @@ class Curvature:
             )
         else:
             inner = self._spectral_route().factorize(damping)
-        return Factorization(inner, self, damping)
+        return inner
 
     def _dense_verdict_fits(self) -> bool:
         P = self.layout.numel
@@ -764,17 +873,23 @@ class Curvature:
         return out
 
     @collector_paused
-    def solve(self, b, damping: float = 0.0, *, refine: int | None = None):
+    def solve(self, b, damping: float = 0.0, *, refine: int | None = None, precision: str = "full"):
         """``(H + damping·I)^{-1} b`` in the format of ``b`` (see :meth:`Factorization.solve`;
-        zero right-hand sides return an empty result without a factorization)."""
+        zero right-hand sides return an empty result without a factorization).
+
+        ``precision`` as for :meth:`factorize`; ``"auto"`` takes ``"full"`` where ``refine``
+        is given (a fixed number of refinements asks for the full-precision factors)."""
         self._check_current()
         damping = check_damping(damping)
         check_refine(refine)
+        precision = check_precision(precision)
+        if precision == "auto" and refine is not None:
+            precision = "full"
         rhs, fmt = self.layout.to_flat(b, "b")  # validate before any work
         if rhs.shape[1] == 0:
             return self.layout.from_flat(rhs.new_zeros(rhs.shape), fmt)
         self._check_factorization(damping, columns=rhs.shape[1])  # the factorization and the solve
-        return self._factorize(damping)._solve(rhs, fmt, refine)
+        return self._factorize(damping, precision)._solve(rhs, fmt, refine)
 
     @collector_paused
     def to_dense(self) -> Tensor:

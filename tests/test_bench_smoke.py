@@ -290,3 +290,14 @@ def test_spectrum_bench_real_peers_on_a_tiny_model():
     assert 1e-6 < row["pyhessian_best_error"] < 1e-5
     for key in ("pyhessian_slq", "eigenthings_slq"):
         assert 0 <= row[key + "_negative"] <= row["P"]
+
+def test_mixed_precision_bench_on_a_tiny_model(capsys):
+    """``bench/mixed.py``: the paired float64/mixed measurement runs and reports float64
+    backward errors for both paths."""
+    mixed = _load("bench_mixed", "mixed.py")
+    row = mixed.measure(bench.ModelSpec(3, 4, 2), 1e-1, 1)
+    assert row["path"] == "mixed" and row["steps"] > 0
+    assert max(row["bwd_full"], row["bwd_mixed"]) <= 64 * torch.finfo(torch.float64).eps
+    assert row["diff"] <= 1e-10 and row["ratio"] > 0
+    mixed.main(["--models", "2,3,1", "--dampings", "1e-1", "--repeats", "1"])
+    assert "| L=2 h=3 B=1 | 0.1 |" in capsys.readouterr().out

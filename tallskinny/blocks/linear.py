@@ -155,6 +155,12 @@ class WeightBiasOrder(Permutation):
         super().__init__(index, dtype=dtype)
         self.out_features, self.weight_columns, self.bias = out_features, weight_columns, bias
 
+    def astype(self, dtype: torch.dtype) -> "WeightBiasOrder":
+        if dtype == self.dtype:
+            return self
+        columns = self.weight_columns
+        return weight_bias_order(self.out_features, columns, columns > 0, self.bias, dtype, self.device)
+
 
 @functools.lru_cache(maxsize=256)
 def weight_bias_order(out_features, in_features, with_weight, with_bias, dtype, device) -> WeightBiasOrder:

@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Protocol, Sequence, runtime_checkable
 
 import attrs
+import torch
 from torch import Tensor
 
 from ..linalg import LinearOperator
@@ -47,6 +48,13 @@ class Oracle:
     def sizes(self) -> tuple[int, int, int]:
         """``(a_in, a_out, p)``."""
         return self.F.shape[1], self.F.shape[0], self.G.shape[1]
+
+    def astype(self, dtype: torch.dtype) -> "Oracle":
+        """The same oracle with every operator in ``dtype`` (structure kept)."""
+        return Oracle(
+            G=self.G.astype(dtype), F=self.F.astype(dtype), A=self.A.astype(dtype), C=self.C.astype(dtype),
+            E=self.E.astype(dtype),
+        )
 
 
 class DeferredOracle(Oracle):
@@ -91,6 +99,16 @@ class DeferredOracle(Oracle):
     def built(self) -> bool:
         """Whether the operators have been made."""
         return "_build" not in self.__dict__
+
+    def astype(self, dtype: torch.dtype) -> Oracle:
+        """A deferred oracle in ``dtype``: its hints cast now, its operators when first read."""
+
+        def cast(hint):
+            return None if hint is None else tuple(None if t is None else t.to(dtype) for t in hint)
+
+        return DeferredOracle(
+            lambda: Oracle.astype(self, dtype), self.sizes, linear=cast(self.linear), diagonal=cast(self.diagonal)
+        )
 
 
 _FIELDS = ("G", "F", "A", "C", "E")

@@ -10,6 +10,8 @@ Layers inside, each importing only from those before it::
     prepare, riccati, kkt, factor   (oracles → stages → the Riccati recursion, or the
                                      pivoted KKT fallback)
     flops                           (the operations of a factorization and a solve)
+    mixed                           (the recursion in float32 on float32 copies of the
+                                     oracles, for mixed-precision solves)
 
 Notation (the oracles of block ``l``: ``z_l = f_l(z_{l-1}; θ_l)``, linearised as
 ``y_l = F y_{l-1} + G θ_l``, second-order terms ``½θᵀAθ + θᵀCy + ½yᵀEy``):
@@ -29,7 +31,7 @@ Notation (the oracles of block ``l``: ``z_l = f_l(z_{l-1}; θ_l)``, linearised a
 The names below are exactly those :mod:`tallskinny.curvature` uses.
 """
 
-from . import workspace
+from . import mixed, workspace
 from .compiled import CompiledOracle, compile_oracles
 from .factor import factorize
 from .flops import EliminationFlops, StageFlops, stage_flops
@@ -48,6 +50,7 @@ __all__ = [
     "hvp",
     "kkt_bytes",
     "last_blocks_norm_bound",
+    "mixed",
     "prepare_stages",
     "stage_flops",
     "workspace",

@@ -244,6 +244,16 @@ class BlockOperator(LinearOperator):
         obj._assign(diagonal, lower, upper, symmetric)
         return obj
 
+    def astype(self, dtype: torch.dtype) -> LinearOperator:
+        """The same block structure, each block in ``dtype``."""
+        if dtype == self.dtype:
+            return self
+
+        def cast(blocks):
+            return None if blocks is None else [b.astype(dtype) for b in blocks]
+
+        return type(self)._unchecked(cast(self.diagonal), cast(self.lower), cast(self.upper), self.symmetric)
+
     def __repr__(self) -> str:
         sizes = _summarize(self.row_sizes)
         if self.col_sizes != self.row_sizes:

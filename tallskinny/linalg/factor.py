@@ -29,7 +29,9 @@ each diagonal block on its own, so for them the test applies block by block.)
 
 from __future__ import annotations
 
+import contextlib
 import math
+import threading
 from typing import Sequence
 
 import torch
@@ -54,8 +56,31 @@ def pivot_tolerance(n: int, dtype: torch.dtype, scale: float) -> float:
     The one tolerance of every rank and pivot decision in :mod:`tallskinny` too: singular
     values or eigenvalues at or below ``pivot_tolerance(n, dtype, σ_max)`` count as zero.
     ``c = PIVOT_TOLERANCE_FACTOR`` is read at each call, so tests can move every decision
-    at once (:func:`tallskinny.linalg.testing.scaled_tolerances`)."""
-    return PIVOT_TOLERANCE_FACTOR * n * torch.finfo(dtype).eps * scale
+    at once (:func:`tallskinny.linalg.testing.scaled_tolerances`). ``eps`` is that of
+    ``dtype``, or of the dtype :func:`pivot_precision` sets in this thread."""
+    return PIVOT_TOLERANCE_FACTOR * n * torch.finfo(_pivot_precision.dtype or dtype).eps * scale
+
+
+class _PivotPrecision(threading.local):
+    dtype: torch.dtype | None = None
+
+
+_pivot_precision = _PivotPrecision()
+
+
+@contextlib.contextmanager
+def pivot_precision(dtype: torch.dtype):
+    """Within it (in this thread), :func:`pivot_tolerance` uses the ``eps`` of ``dtype``
+    whatever the matrix's dtype. A float32 factorization that stands in for a float64 one
+    (mixed precision, refined in float64) then counts a pivot as zero only where it is
+    zero to float64's working precision: a small float32 pivot only slows the refinement,
+    whose stall sends the solve to float64."""
+    old = _pivot_precision.dtype
+    _pivot_precision.dtype = dtype
+    try:
+        yield
+    finally:
+        _pivot_precision.dtype = old
 
 
 # ---------------------------------------------------------------------------------------

@@ -31,6 +31,9 @@ class Kronecker(LinearOperator):
         self.dtype, self.device = self.left.dtype, self.left.device
         self.symmetric = self.left.symmetric and self.right.symmetric
 
+    def astype(self, dtype: torch.dtype) -> LinearOperator:
+        return self if dtype == self.dtype else Kronecker(self.left.astype(dtype), self.right.astype(dtype))
+
     def to_dense(self) -> Tensor:
         return kron(self.left.to_dense(), self.right.to_dense())
 
@@ -75,6 +78,9 @@ class Permutation(LinearOperator):
         self.shape = (n, n)
         self.dtype, self.device = dtype, index.device
 
+    def astype(self, dtype: torch.dtype) -> LinearOperator:
+        return self if dtype == self.dtype else Permutation(self.index, dtype=dtype)
+
     def to_dense(self) -> Tensor:
         return torch.eye(self.shape[0], dtype=self.dtype, device=self.device)[self.index]
 
@@ -111,6 +117,9 @@ class Product(LinearOperator):
             check_compatible(a, b, "matmul")
         self.shape = (self.factors[0].shape[0], self.factors[-1].shape[1])
         self.dtype, self.device = self.factors[0].dtype, self.factors[0].device
+
+    def astype(self, dtype: torch.dtype) -> LinearOperator:
+        return self if dtype == self.dtype else Product(*(f.astype(dtype) for f in self.factors))
 
     def to_dense(self) -> Tensor:
         out = self.factors[-1].to_dense()

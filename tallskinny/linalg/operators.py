@@ -54,6 +54,13 @@ class LinearOperator:
         rows, cols = self.shape
         return 2 * rows * cols
 
+    def astype(self, dtype: torch.dtype) -> "LinearOperator":
+        """The same operator in ``dtype`` (itself where it already is). Structured
+        operators keep their structure; this default makes a :class:`Dense` copy."""
+        if dtype == self.dtype:
+            return self
+        return Dense(self.to_dense().to(dtype), symmetric=self.symmetric)
+
     # -- generic algebra ----------------------------------------------------------------
     @property
     def T(self) -> "LinearOperator":
@@ -161,6 +168,9 @@ class Dense(LinearOperator):
         self.device = matrix.device
         self.symmetric = symmetric
 
+    def astype(self, dtype: torch.dtype) -> LinearOperator:
+        return self if dtype == self.dtype else Dense(self.matrix.to(dtype), symmetric=self.symmetric)
+
     def to_dense(self) -> Tensor:
         return self.matrix
 
@@ -187,6 +197,9 @@ class Zero(LinearOperator):
         self.dtype = dtype
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.symmetric = self.shape[0] == self.shape[1]
+
+    def astype(self, dtype: torch.dtype) -> LinearOperator:
+        return self if dtype == self.dtype else Zero(*self.shape, dtype=dtype, device=self.device)
 
     def to_dense(self) -> Tensor:
         return torch.zeros(self.shape, dtype=self.dtype, device=self.device)
@@ -230,6 +243,9 @@ class ScaledIdentity(LinearOperator):
         self.dtype = dtype
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.symmetric = True
+
+    def astype(self, dtype: torch.dtype) -> LinearOperator:
+        return self if dtype == self.dtype else ScaledIdentity(self.shape[0], self.scale, dtype=dtype, device=self.device)
 
     def to_dense(self) -> Tensor:
         return self.scale * torch.eye(self.shape[0], dtype=self.dtype, device=self.device)
@@ -292,6 +308,9 @@ class Diagonal(LinearOperator):
         self.device = diagonal.device
         self.symmetric = True
 
+    def astype(self, dtype: torch.dtype) -> LinearOperator:
+        return self if dtype == self.dtype else Diagonal(self.diagonal.to(dtype))
+
     def to_dense(self) -> Tensor:
         return torch.diag(self.diagonal)
 
@@ -345,6 +364,9 @@ class LowRank(LinearOperator):
         self.shape = (n, n)
         self.dtype, self.device = U.dtype, U.device
         self.symmetric = True
+
+    def astype(self, dtype: torch.dtype) -> LinearOperator:
+        return self if dtype == self.dtype else LowRank(self.U.to(dtype), self.M.to(dtype))
 
     def to_dense(self) -> Tensor:
         return self.U @ self.M @ self.U.mT

@@ -473,6 +473,13 @@ def check_case(case: Case, *, rhs: int = 2) -> Report:
     ihvp_warned: list = []
     x1 = _call(lambda: chain.inverse_hvp(X, y, low_V[:, 0], damping=case.damping, kind=case.kind, method=case.method), ihvp_warned)
     report.record("inverse_hvp", _relative(x1, x_ref[:, 0]), sol_tol, warned=bool(ihvp_warned) or factor_warned)
+    if case.dtype == torch.float64 and curv.method == "riccati":
+        # mixed precision: float32 factors refined in float64 to the same promises (or the
+        # float64 fallback, which must keep them too)
+        mixed_warned: list = []
+        xm = _call(lambda: curv.factorize(case.damping, precision="mixed").solve(V), mixed_warned)
+        report.record("mixed solve", _relative(xm, x_ref), sol_tol, warned=bool(mixed_warned) or factor_warned)
+        report.record("mixed backward", _backward_error(M, xm, V, lam_max), 64 * eps + noise, warned=bool(mixed_warned))
     # spectrum's signs and log-determinant
     inertia_warned: list = []
     inertia = _call(fact.inertia, inertia_warned)

@@ -41,6 +41,9 @@ class Gather(LinearOperator):
         # −1 → n: a zero row appended to the operand
         self._padded = torch.where(index < 0, torch.full_like(index, int(n)), index)
 
+    def astype(self, dtype: torch.dtype) -> LinearOperator:
+        return self if dtype == self.dtype else Gather(self.index, self.shape[1], dtype=dtype, check=False)
+
     def to_dense(self) -> Tensor:
         m, n = self.shape
         out = torch.zeros(m, n + 1, dtype=self.dtype, device=self.device)
@@ -64,6 +67,9 @@ class Scatter(LinearOperator):
         self.gather = gather
         self.shape = (gather.shape[1], gather.shape[0])
         self.dtype, self.device = gather.dtype, gather.device
+
+    def astype(self, dtype: torch.dtype) -> LinearOperator:
+        return self if dtype == self.dtype else Scatter(self.gather.astype(dtype))
 
     def to_dense(self) -> Tensor:
         return self.gather.to_dense().mT
@@ -96,6 +102,11 @@ class DirectProduct(Product):
         super().__init__(*factors)
         self._dense_fn: Callable[[], Tensor] | None = dense
         self._dense: Tensor | None = None
+
+    def astype(self, dtype: torch.dtype) -> LinearOperator:
+        if dtype == self.dtype:
+            return self
+        return DirectProduct(*(f.astype(dtype) for f in self.factors), dense=lambda: self.to_dense().to(dtype))
 
     def to_dense(self) -> Tensor:
         if self._dense is None:
