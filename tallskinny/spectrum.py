@@ -99,13 +99,20 @@ def _lanczos_extremes(curv, v: Tensor, steps: int):
         betas.append(b)
         V.append(w / b)
     m = len(alphas)
+    T = _tridiagonal(alphas, betas)
+    theta, S = torch.linalg.eigh(T)
+    res = (betas[m - 1] * S[-1].abs()).tolist()
+    return theta.tolist(), res, torch.cat(V[:m], dim=1) @ S.to(v.dtype)
+
+
+def _tridiagonal(alphas: list, betas: list) -> Tensor:
+    """The Lanczos matrix: ``alphas`` on the diagonal, ``betas[:m − 1]`` beside it (float64)."""
+    m = len(alphas)
     T = torch.diag(torch.tensor(alphas, dtype=torch.float64))
     if m > 1:
         off = torch.tensor(betas[: m - 1], dtype=torch.float64)
         T = T + torch.diag(off, 1) + torch.diag(off, -1)
-    theta, S = torch.linalg.eigh(T)
-    res = (betas[m - 1] * S[-1].abs()).tolist()
-    return theta.tolist(), res, torch.cat(V[:m], dim=1) @ S.to(v.dtype)
+    return T
 
 
 def edge_tolerance(curv) -> float:
@@ -300,10 +307,7 @@ def _extreme_lanczos(curv, k: int, which: str, norm: float, tau: float):
         if m < check and b > 0:
             continue
         check = m + max(2, m // 8)
-        T = torch.diag(torch.tensor(alpha, dtype=torch.float64))
-        if m > 1:
-            off = torch.tensor(beta[: m - 1], dtype=torch.float64)
-            T = T + torch.diag(off, 1) + torch.diag(off, -1)
+        T = _tridiagonal(alpha, beta)
         theta, S = torch.linalg.eigh(T)
         pick = torch.arange(m - k, m) if which == "largest" else torch.arange(k)
         if m <= k or bool((b * S[-1, pick].abs() > 0.5 * tol).any()):
@@ -529,10 +533,7 @@ def slq(hvp: Callable[[Tensor], Tensor], size: int, *, probes: int = 1, steps: i
             beta.append(b)
             V[j + 1] = w / b
         m = len(alpha)
-        T = torch.diag(torch.tensor(alpha, dtype=torch.float64))
-        if m > 1:
-            off = torch.tensor(beta[: m - 1], dtype=torch.float64)
-            T = T + torch.diag(off, 1) + torch.diag(off, -1)
+        T = _tridiagonal(alpha, beta)
         theta, S = torch.linalg.eigh(T)
         nodes.append(theta)
         weights.append(S[0] ** 2 * (size / probes))
