@@ -94,15 +94,20 @@ _GELU_KAPPA = 0.044715
 
 def gelu_tanh_derivatives(z: Tensor) -> Derivatives:
     """``gelu ≈ ½ z (1 + tanh u)``, ``u = √(2/π)(z + κz³)``:
-    ``σ' = ½(1 + t) + ½ z (1 − t²) u'``, ``σ'' = (1 − t²)(u' − z t u'² + ½ z u'')``."""
+    ``σ' = ½(1 + t) + ½ z (1 − t²) u'``, ``σ'' = (1 − t²)(u' − z t u'² + ½ z u'')``.
+
+    ``½(1 ± t) = s(±2u)`` (the logistic ``s``) and ``1 − t² = 4 s(2u) s(−2u)``: exact to
+    rounding where ``t`` rounds to ``±1`` (``1 − t·t`` would give 0 for ``|u| ≳ 19``).
+    """
     c = math.sqrt(2 / math.pi)
     z2 = z * z
-    t = torch.tanh(c * (z + _GELU_KAPPA * z2 * z))
+    u2 = (2 * c) * (z + _GELU_KAPPA * z2 * z)
+    s_plus, s_minus = torch.sigmoid(u2), torch.sigmoid(-u2)
     du = c * (1 + 3 * _GELU_KAPPA * z2)
     ddu = c * 6 * _GELU_KAPPA * z
-    sech2 = 1 - t * t
-    d1 = 0.5 * (1 + t) + 0.5 * z * sech2 * du
-    d2 = sech2 * (du - z * t * du * du + 0.5 * z * ddu)
+    sech2 = 4 * s_plus * s_minus
+    d1 = s_plus + 0.5 * z * sech2 * du
+    d2 = sech2 * (du - z * (s_plus - s_minus) * du * du + 0.5 * z * ddu)
     return d1, d2
 
 
