@@ -205,19 +205,19 @@ def _factor_near(curv, sigma: float, tau: float):
 def _shift_invert(curv, F, sigma: float, k: int, norm: float, exclude: Tensor | None, gen, block: int):
     """The ``k`` eigenpairs nearest ``σ`` by block Lanczos on ``(H − σI)⁻¹`` (full
     reorthogonalization; Rayleigh–Ritz on the inverse to find them, then with ``H`` itself
-    on the span of the best ``k + 2`` Ritz vectors, by one block HVP, for the digits the
-    inverse's rounding ``‖(H − σI)⁻¹‖·eps`` would cost). Returns eigenvalues, vectors
-    (``P × k``) and residual norms.
+    (:func:`_ritz_pairs`) for the digits the inverse's rounding ``‖(H − σI)⁻¹‖·eps``
+    would cost). Returns eigenvalues, vectors (``P × k``) and residual norms.
 
     The basis ``V`` is kept as rows (``n × P``: projections read contiguous rows). Each
     block step passes over it four times: ``Vᵀ W`` (the new columns of ``T``, also the
     first Gram–Schmidt projection of the next block), the update, and the second
     Gram–Schmidt pass. The inverse's residual of a Ritz pair ``(θ, V s)`` is the
     orthogonalized next block's part ``‖R s_last‖`` (``X − V Vᵀ X = Q R``): no vectors
-    are formed until the pairs have converged."""
+    are formed until the pairs have converged. Columns of the next block below
+    ``1e-10`` of their size before the projection are dropped (deflation); where none is
+    left (the Krylov space is invariant, or spans everything) the Ritz pairs are final."""
     P = curv.num_parameters
     dtype, device = curv.layout.dtype, curv.layout.device
-    tol = RESIDUAL_TOLERANCE * norm
     X = torch.randn((P, block), generator=gen, dtype=dtype).to(device)
     excluded = None if exclude is None or not exclude.shape[1] else exclude.mT.contiguous()
     cap = min(P, 8 * block)
@@ -225,6 +225,7 @@ def _shift_invert(curv, F, sigma: float, k: int, norm: float, exclude: Tensor | 
     T = torch.zeros((cap, cap), dtype=dtype, device=device)
     n, cross, ritz = 0, None, None
     for _ in range(MAX_BLOCKS + 1):
+        size = X.norm(dim=0)
         # X ⟂ (excluded, V), twice (Kahan: twice is enough); VᵀX of the first pass is known
         for rep in range(2):
             if excluded is not None:
@@ -233,23 +234,21 @@ def _shift_invert(curv, F, sigma: float, k: int, norm: float, exclude: Tensor | 
                 proj = cross[:n] if rep == 0 and cross is not None else V[:n] @ X
                 X = torch.addmm(X, V[:n].mT, proj, alpha=-1.0)
         Q, R = torch.linalg.qr(X)
+        keep = R.diagonal().abs() > 1e-10 * float(size.max()) if R.numel() else R.diagonal() > 0
+        Q = Q[:, keep][:, : P - n]
+        b = Q.shape[1]
         if ritz is not None:  # the Ritz pairs of the basis so far, and their residuals
             theta, S, top, b_last = ritz
             r_inv = (R @ S[n - b_last : n, top]).norm(dim=0)
             est = (norm + abs(sigma)) * r_inv / theta[top].abs()
-            if bool((est <= 1e-6 * norm).all()) or b_last < block:
+            if bool((est <= 1e-6 * norm).all()) or b_last < block or b < block:
+                # the Ritz vectors of every θ within 4× of the k-th (inverse iteration
+                # takes out the rest at ≤ 1/4 a step), k + 2 … k + 18 of them
                 order = theta.abs().argsort(descending=True)
-                Z = V[:n].mT @ S[:, order[: min(n, k + 2)]]
-                HZ = curv.hvp(Z)
-                mu, S_H = torch.linalg.eigh(0.5 * ((Z.mT @ HZ) + (Z.mT @ HZ).mT))
-                pick = (mu - sigma).abs().argsort()[:k]
-                Y, HY, lam = Z @ S_H[:, pick], HZ @ S_H[:, pick], mu[pick]
-                res = (HY - Y * lam).norm(dim=0)
-                if bool((res <= tol).all()):
-                    return lam, Y, res
-        keep = R.diagonal().abs() > 1e-10 * max(1.0, float(R.diagonal().abs().max()) if R.numel() else 1.0)
-        Q = Q[:, keep]
-        b = Q.shape[1]
+                near = int((theta.abs() >= 0.25 * theta[order[k - 1]].abs()).sum())
+                found = _ritz_pairs(curv, F, V[:n].mT @ S[:, order[: min(n, max(k + 2, min(near, k + 18)))]], sigma, k, norm, excluded)
+                if found is not None:
+                    return found
         if b == 0:
             break
         if n + b > cap:  # grow the buffers (doubling)
@@ -268,6 +267,41 @@ def _shift_invert(curv, F, sigma: float, k: int, norm: float, exclude: Tensor | 
         ritz = (theta, S, theta.abs().argsort(descending=True)[:k], b) if n >= k else None
         X = W
     raise RuntimeError(f"eigvalsh: shift-invert Lanczos did not converge in {MAX_BLOCKS} block steps")
+
+
+INVERSE_ITERATIONS = 12
+"""Block inverse-iteration steps :func:`_ritz_pairs` may add to Ritz vectors of the inverse
+(while every three halve the largest residual)."""
+
+
+def _ritz_pairs(curv, F, Z: Tensor, sigma: float, k: int, norm: float, excluded: Tensor | None):
+    """The ``k`` Ritz pairs nearest ``σ`` of ``H`` on the span of ``Z`` (one block HVP),
+    ``None`` unless each residual is ``≤ RESIDUAL_TOLERANCE·‖H‖``. Ritz vectors of the
+    inverse carry the rest of the spectrum at the inverse's residual; within a cluster
+    (a null space: ``(H − σI)⁻¹`` has ``−1/σ`` many times) the Rayleigh–Ritz with ``H``
+    picks the most polluted mixture, whose Rayleigh quotient the pollution moved towards
+    ``σ``. Steps ``Z ← (H − σI)⁻¹Z`` (a solve and an HVP each) take the pollution out by
+    ``|λ − σ|/|μ − σ|`` a step, ``μ`` the eigenvalues beyond the span."""
+    tol = RESIDUAL_TOLERANCE * norm
+    worst: list[float] = []
+    for step in range(INVERSE_ITERATIONS + 1):
+        if step:
+            Z = F.solve(Z, refine=0)
+            if excluded is not None:
+                Z = torch.addmm(Z, excluded.mT, excluded @ Z, alpha=-1.0)
+        Z = torch.linalg.qr(Z).Q
+        HZ = curv.hvp(Z)
+        G = Z.mT @ HZ
+        mu, S_H = torch.linalg.eigh(0.5 * (G + G.mT))
+        pick = (mu - sigma).abs().argsort()[:k]
+        Y, HY, lam = Z @ S_H[:, pick], HZ @ S_H[:, pick], mu[pick]
+        res = (HY - Y * lam).norm(dim=0)
+        if bool((res <= tol).all()):
+            return lam, Y, res
+        worst.append(float(res.max()))
+        if not worst[-1] <= 0.5 * (worst[-4] if len(worst) > 3 else math.inf):
+            return None
+    return None
 
 
 LANCZOS_STEPS = 400
