@@ -305,3 +305,30 @@ def test_nearest_next_to_the_null_space(widths, seed, batch, k, fraction):
     assert torch.allclose((values - near).abs().sort().values, ref, rtol=0, atol=1e-10 * norm)
     assert float((M @ vectors - vectors * values).norm(dim=0).max()) <= 1e-10 * norm
     assert float((vectors.mT @ vectors - torch.eye(k)).abs().max()) <= 1e-8
+
+
+def test_kato_temple_bounds_hold_and_refuse_what_they_cannot_separate():
+    """Rayleigh quotients of perturbed eigenvectors of a known diagonal matrix: each is
+    within its bound of its eigenvalue; intervals that overlap, or cross the edge, give
+    no bound (inf)."""
+    gen = torch.Generator().manual_seed(7)
+    ev = torch.tensor([-3.0, -1.0, 0.5, 2.0, 2.3, 4.0])
+    A = torch.diag(ev)
+    top = torch.tensor([3, 4, 5])
+    Y = torch.eye(6)[:, top] + 1e-3 * torch.randn(6, 3, generator=gen)
+    Y = Y / Y.norm(dim=0)
+    lam = (Y * (A @ Y)).sum(dim=0)
+    res = (A @ Y - Y * lam).norm(dim=0)
+    bound = spectrum.kato_temple_bounds(lam, res, 1.0, "largest")
+    assert bool(torch.isfinite(bound).all())
+    assert bool(((lam - ev[top]).abs() <= bound).all())
+    assert bool((bound < res).all())  # quadratic in the residual
+    assert bool(torch.isinf(spectrum.kato_temple_bounds(lam, res, 2.1, "largest")).all())  # edge inside
+    wide = torch.full((3,), 0.2)
+    assert bool(torch.isinf(spectrum.kato_temple_bounds(lam, wide, 1.0, "largest")).all())  # 2.0, 2.3 overlap
+    low = torch.tensor([0, 1])
+    Z = torch.eye(6)[:, low] + 1e-3 * torch.randn(6, 2, generator=gen)
+    Z = Z / Z.norm(dim=0)
+    mu = (Z * (A @ Z)).sum(dim=0)
+    bound = spectrum.kato_temple_bounds(mu, (A @ Z - Z * mu).norm(dim=0), 0.0, "smallest")
+    assert bool(((mu - ev[low]).abs() <= bound).all())
