@@ -436,7 +436,9 @@ def eigvalsh(curv, k: int, which: str = "largest", *, near=None, eigenvectors: b
     shift-invert Lanczos with one factorization of ``H − σI``, refined to residuals
     ``≤ RESIDUAL_TOLERANCE·‖H‖``; a count over the window they span then proves that no
     eigenvalue was missed (else the search goes on, orthogonal to those found: repeated
-    eigenvalues)."""
+    eigenvalues). The extreme values come first from Lanczos on ``H``
+    (:func:`_extreme_lanczos`); without eigenvectors they are accepted at a
+    count-certified Kato–Temple bound ``≤ VALUE_TOLERANCE·‖H‖``."""
     if isinstance(k, bool) or not isinstance(k, numbers.Integral):
         raise TypeError(f"k must be an integer, got {type(k).__name__}")
     k = int(k)
