@@ -15,6 +15,7 @@ from ..errors import SingularSystemError
 from ..linalg import Diagonal, Inertia, LinearOperator, ScaledIdentity, Zero, pivot_tolerance
 from ..linalg.factor import ldl_d_eigenvalues
 from ..linalg.kronecker import identity_kronecker_factor
+from ..linalg.lu import LUFactors
 from . import workspace
 
 
@@ -119,7 +120,7 @@ class SymmetricFactor:
     only when asked for.
     """
 
-    __slots__ = ("matrix", "_chol", "_lu", "_piv", "_inertia", "_logdet")
+    __slots__ = ("matrix", "_chol", "_lu", "_piv", "_factors", "_inertia", "_logdet")
 
     @classmethod
     def of(cls, Q: Tensor, terms: Sequence | None = None, inner: int = 0) -> "SymmetricFactor | None":
@@ -135,6 +136,7 @@ class SymmetricFactor:
         rank-revealing, can exceed it several times (issue 14). Costs one ``eigvalsh``."""
         self = cls.__new__(cls)
         self.matrix, self._chol, self._lu, self._piv, self._inertia, self._logdet = Q, None, None, None, None, None
+        self._factors = None
         n = Q.shape[0]
         parts = [torch.linalg.vector_norm(Q, ord=float("inf")), Q.diagonal().min()]
         if terms is not None:
@@ -166,13 +168,16 @@ class SymmetricFactor:
         tests all such factors at once with :func:`first_singular` before using them."""
         self = cls.__new__(cls)
         self.matrix, self._chol, self._inertia, self._logdet = Q, None, None, None
+        self._factors = None
         self._lu, self._piv, _ = torch.linalg.lu_factor_ex(Q)
         return self
 
     def solve(self, B: Tensor) -> Tensor:
         if self._chol is not None:
             return torch.cholesky_solve(B, self._chol)
-        return torch.linalg.lu_solve(self._lu, self._piv, B)
+        if self._factors is None:  # (made on the first solve: no synchronisation before)
+            self._factors = LUFactors(self._lu, self._piv)
+        return self._factors.solve(B)
 
     def logdet(self) -> Tensor:
         """``log|det|`` from the diagonal of the factor (computed on first request)."""

@@ -39,6 +39,7 @@ from torch import Tensor
 
 from .errors import SingularMatrixError
 from .inertia import Inertia
+from .lu import LUFactors
 
 PIVOT_TOLERANCE_FACTOR = 1.0
 """``c`` in the singularity test ``pivot ≤ c · N · eps · max|M_ij|``."""
@@ -182,6 +183,7 @@ class DenseFactorization(MatrixFactorization):
         u = lu.diagonal()
         _raise_if_small(u.abs(), tol, "LU pivot")
         self._lu, self._piv = lu, piv
+        self._factors = LUFactors(lu, piv)
         swaps = _count_swaps(piv, [piv.shape[0]])
         self._logdet = u.abs().log().sum()
         self._sign = (-1.0) ** swaps * torch.sign(u).prod()
@@ -200,7 +202,7 @@ class DenseFactorization(MatrixFactorization):
     def _solve(self, rhs: Tensor) -> Tensor:
         if self.symmetric:
             return torch.linalg.ldl_solve(self._ld, self._piv, rhs)
-        return torch.linalg.lu_solve(self._lu, self._piv, rhs)
+        return self._factors.solve(rhs)
 
 
 def ldl_d_eigenvalues(ld: Tensor, pivots: Tensor) -> Tensor:

@@ -1,0 +1,50 @@
+"""``linalg.lu``: solves through the row-major LU factor equal ``lu_solve`` and dense
+solves to rounding, on both sides of ``ROW_MAJOR_MIN``, for matrices and vectors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tallskinny.linalg.lu import ROW_MAJOR_MIN, LUFactors, pivots_to_permutation
+
+
+def matrix(n, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, n, generator=g, dtype=dtype) + n**0.5 * torch.eye(n, dtype=dtype)
+
+
+@pytest.mark.parametrize("n", [1, 5, ROW_MAJOR_MIN - 1, ROW_MAJOR_MIN, 200])
+@pytest.mark.parametrize("dtype,rtol", [(torch.float64, 1e-12), (torch.float32, 1e-4)])
+def test_solve_matches_dense(n, dtype, rtol):
+    A = matrix(n, dtype)
+    lu, piv = torch.linalg.lu_factor(A)
+    factors = LUFactors(lu, piv)
+    B = torch.randn(n, 3, generator=torch.Generator().manual_seed(1), dtype=dtype)
+    X = factors.solve(B)
+    ref = torch.linalg.solve(A.double(), B.double())
+    assert X.shape == B.shape and X.dtype == dtype
+    assert float((X.double() - ref).norm() / ref.norm()) <= rtol
+    x = factors.solve(B[:, 0])
+    assert x.shape == (n,)
+    assert float((x.double() - ref[:, 0]).norm() / ref[:, 0].norm()) <= rtol
+
+
+def test_permutation_is_the_row_order_of_the_pivots():
+    A = matrix(150, torch.float64, seed=3)
+    lu, piv = torch.linalg.lu_factor(A)
+    P, L, U = torch.lu_unpack(lu, piv)  # A = P L U
+    order = pivots_to_permutation(piv)
+    assert torch.equal(torch.sort(order).values, torch.arange(150))
+    assert torch.allclose(A[order], L @ U, rtol=0, atol=1e-12 * float(A.abs().max()))
+    assert torch.equal(P.mT @ A, A[order])
+
+
+def test_small_and_batched_factors_use_lu_solve():
+    lu, piv = torch.linalg.lu_factor(torch.stack([matrix(130, torch.float64, s) for s in range(2)]))
+    factors = LUFactors(lu, piv)  # batched: lu_solve as is
+    B = torch.randn(2, 130, 2, dtype=torch.float64)
+    assert torch.equal(factors.solve(B), torch.linalg.lu_solve(lu, piv, B))
+    small = LUFactors(*torch.linalg.lu_factor(matrix(ROW_MAJOR_MIN - 1, torch.float64)))
+    B = torch.randn(ROW_MAJOR_MIN - 1, 2, dtype=torch.float64)
+    assert torch.equal(small.solve(B), torch.linalg.lu_solve(small.lu, small.pivots, B))
