@@ -332,3 +332,33 @@ def test_symmetric_schur_update(n):
     result = subtract_symmetric_product(S.clone(), Q, K)
     assert torch.equal(result, result.mT)
     assert ((result - expected).norm() / expected.norm()).item() <= 1e-13
+
+
+def test_large_indefinite_stages_solve_through_row_major_lu(monkeypatch):
+    """Stages of B·h = 128 ≥ ``linalg.lu.ROW_MAJOR_MIN``, indefinite pivots (shift inside
+    the spectrum): the elimination's LU solves take the row-major path, and the solve,
+    the inertia and the log-determinant equal dense ones."""
+    from torch import nn
+
+    import tallskinny as ts
+    import tallskinny.linalg.lu as lu
+    from tallskinny.testing import dense_hessian
+
+    used = []
+    solve = lu.LUFactors.solve
+    monkeypatch.setattr(lu.LUFactors, "solve", lambda self, B: used.append(self._rows is not None) or solve(self, B))
+    torch.manual_seed(0)
+    modules = [nn.Linear(8, 32).double(), nn.Tanh(), nn.Linear(32, 32).double(), nn.Tanh(), nn.Linear(32, 3).double()]
+    chain = ts.Chain(modules, nn.CrossEntropyLoss())
+    X, y = torch.randn(4, 8, dtype=torch.float64), torch.tensor([0, 1, 2, 1])
+    H = dense_hessian(chain, X, y)
+    sigma = 0.05 * float(torch.linalg.eigvalsh(H).abs().max())
+    F = chain.curvature(X, y).factorize(shift=sigma)
+    b = torch.randn(H.shape[0], 2, dtype=torch.float64)
+    M = H - sigma * torch.eye(H.shape[0], dtype=torch.float64)
+    x = F.solve(b)
+    assert any(used)
+    assert float((M @ x - b).norm() / (torch.linalg.matrix_norm(M, 2) * x.norm())) <= 64 * torch.finfo(torch.float64).eps
+    ev = torch.linalg.eigvalsh(M)
+    assert F.inertia().negative == int((ev < 0).sum())
+    assert abs(float(F.logdet()) - float(ev.abs().log().sum())) <= 1e-9 * abs(float(ev.abs().log().sum()))
