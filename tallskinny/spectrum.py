@@ -436,7 +436,9 @@ def eigvalsh(curv, k: int, which: str = "largest", *, near=None, eigenvectors: b
     shift-invert Lanczos with one factorization of ``H − σI``, refined to residuals
     ``≤ RESIDUAL_TOLERANCE·‖H‖``; a count over the window they span then proves that no
     eigenvalue was missed (else the search goes on, orthogonal to those found: repeated
-    eigenvalues). The extreme values come first from Lanczos on ``H``
+    eigenvalues). Where that does not converge, models of at most
+    ``DENSE_FALLBACK_MAX_P`` parameters take a dense ``eigh`` (else ``RuntimeError``).
+    The extreme values come first from Lanczos on ``H``
     (:func:`_extreme_lanczos`); without eigenvectors they are accepted at a
     count-certified Kato–Temple bound ``≤ VALUE_TOLERANCE·‖H‖``."""
     if isinstance(k, bool) or not isinstance(k, numbers.Integral):
@@ -471,7 +473,12 @@ def eigvalsh(curv, k: int, which: str = "largest", *, near=None, eigenvectors: b
     want = k
     while True:
         need = want - (0 if found_v is None else found_v.shape[1])
-        lam, Y, _ = _shift_invert(curv, F, sigma, need, norm, found_v, gen, min(P, max(need + 2, block)))
+        try:
+            lam, Y, _ = _shift_invert(curv, F, sigma, need, norm, found_v, gen, min(P, max(need + 2, block)))
+        except RuntimeError:
+            if P > DENSE_FALLBACK_MAX_P:
+                raise
+            return _dense_eigenpairs(curv, k, sigma, which, eigenvectors)
         found_l.extend(lam.tolist())
         found_v = Y if found_v is None else torch.cat((found_v, Y), dim=1)
         dist = sorted(abs(x - sigma) for x in found_l)
@@ -497,6 +504,27 @@ def eigvalsh(curv, k: int, which: str = "largest", *, near=None, eigenvectors: b
         return values
     vectors = found_v[:, order]
     return values, vectors
+
+
+DENSE_FALLBACK_MAX_P = 4096
+"""Where shift-invert Lanczos does not converge (a cluster it cannot resolve), models with
+at most this many parameters take a dense symmetric eigendecomposition instead."""
+
+
+def _dense_eigenpairs(curv, k: int, sigma: float, which: str, eigenvectors: bool):
+    """The ``k`` eigenpairs nearest ``σ`` (beyond it for largest/smallest) from
+    ``torch.linalg.eigh`` of the dense curvature (``to_dense`` refuses what does not fit)."""
+    M = curv.to_dense()
+    lam, U = torch.linalg.eigh(0.5 * (M + M.mT))
+    if which == "largest":
+        order = torch.arange(lam.shape[0] - k, lam.shape[0], device=lam.device)
+    elif which == "smallest":
+        order = torch.arange(k, device=lam.device)
+    else:
+        order = (lam - sigma).abs().argsort()[:k]
+        order = order[lam[order].argsort()]
+    values = lam[order]
+    return (values, U[:, order]) if eigenvectors else values
 
 
 # -- histogram -------------------------------------------------------------------------------

@@ -332,3 +332,21 @@ def test_kato_temple_bounds_hold_and_refuse_what_they_cannot_separate():
     mu = (Z * (A @ Z)).sum(dim=0)
     bound = spectrum.kato_temple_bounds(mu, (A @ Z - Z * mu).norm(dim=0), 0.0, "smallest")
     assert bool(((mu - ev[low]).abs() <= bound).all())
+
+
+def test_shift_invert_without_convergence_takes_the_dense_path_on_small_models(monkeypatch):
+    """No block step allowed: the search cannot converge; a small model gets the dense
+    eigendecomposition (equal to the reference), a large one the RuntimeError."""
+    chain, X, y = problem()
+    M, ev = reference(chain, X, y, "hessian")
+    norm = float(ev.abs().max())
+    monkeypatch.setattr(spectrum, "MAX_BLOCKS", 0)
+    curv = chain.curvature(X, y)
+    near = 0.05 * norm
+    values, vectors = curv.eigvalsh(3, "nearest", near=near, eigenvectors=True)
+    ref = ev[(ev - near).abs().argsort()[:3]].sort().values
+    assert bool(((values - ref).abs() <= 1e-10 * norm).all())
+    assert float((M @ vectors - vectors * values).norm(dim=0).max()) <= 1e-10 * norm
+    monkeypatch.setattr(spectrum, "DENSE_FALLBACK_MAX_P", 10)
+    with pytest.raises(RuntimeError, match="did not converge"):
+        chain.curvature(X, y).eigvalsh(3, "nearest", near=near)
