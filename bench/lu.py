@@ -2,7 +2,8 @@
 against ``torch.linalg.lu_solve`` on the same factors.
 
 Run as ``python bench/lu.py``. One thread; for each order ``n``, right-hand-side count
-``k`` and dtype, the median of 21 timed solves after a warm-up, the ratio, and the
+``k`` and dtype, the medians of 21 interleaved rounds after a warm-up, the median of the
+per-round ratios, and the
 difference between the two answers relative to ``lu_solve``'s (rounding only:
 the same substitutions, in another kernel order).
 """
@@ -11,24 +12,14 @@ from __future__ import annotations
 
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from _timing import median_ratio, paired_times  # noqa: E402
 from tallskinny.linalg.lu import LUFactors  # noqa: E402
-
-
-def median_time(fn, repeats: int = 21) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -37,7 +28,7 @@ def main() -> None:
     print("|    n |    k | dtype   | lu_solve | LUFactors | speed-up | rel. difference |")
     print("|-----:|-----:|---------|---------:|----------:|---------:|----------------:|")
     for n in (64, 128, 256, 512, 1024):
-        for k in sorted({64, n}):
+        for k in sorted({1, 8, 64, n}):
             for dtype in (torch.float64, torch.float32):
                 A = torch.randn(n, n, generator=gen, dtype=dtype)
                 B = torch.randn(n, k, generator=gen, dtype=dtype)
@@ -45,10 +36,10 @@ def main() -> None:
                 factors = LUFactors(lu, piv)
                 ref = torch.linalg.lu_solve(lu, piv, B)
                 diff = float((factors.solve(B) - ref).norm() / ref.norm())
-                t_ref = median_time(lambda: torch.linalg.lu_solve(lu, piv, B))
-                t_new = median_time(lambda: factors.solve(B))
+                ref_times, new_times = paired_times([lambda: torch.linalg.lu_solve(lu, piv, B), lambda: factors.solve(B)], 21)
+                t_ref, t_new = statistics.median(ref_times), statistics.median(new_times)
                 print(f"| {n:4d} | {k:4d} | {str(dtype)[6:]:7s} | {t_ref * 1e3:6.2f} ms | {t_new * 1e3:6.2f} ms "
-                      f"| {t_ref / t_new:7.2f}× | {diff:15.1e} |")
+                      f"| {median_ratio(ref_times, new_times):7.2f}× | {diff:15.1e} |")
 
 
 if __name__ == "__main__":

@@ -3,11 +3,12 @@
 LAPACK's ``getrf`` (``torch.linalg.lu_factor``) leaves ``L`` and ``U`` column-major,
 and ``getrs`` (``lu_solve``) runs its two triangular solves on them. The same two
 ``trsm`` calls on a row-major copy of the factor (one ``n²`` copy per factorization) take
-the transposed kernels, which MKL runs faster, and in place on the one buffer of
-``P B``: 1.4–2.5× in float32 and 1.1–1.3× in float64 from ``n = 128`` on
-(``python bench/lu.py``, one thread). Below
-:data:`ROW_MAJOR_MIN`, for batched factors and off the CPU, ``lu_solve`` is used as is
-(no host synchronisation for the permutation).
+the transposed kernels, which MKL runs faster on wide right-hand sides, in place on the
+one buffer of ``P B``: 1.7–2.8× in float32 from 32 columns, 1.1–1.3× in float64 from
+``max(64, n/8)`` (``python bench/lu.py``, one thread), slower on thin ones (1–8 columns:
+0.5–0.9×). Thin right-hand sides, orders below :data:`ROW_MAJOR_MIN`, batched factors
+and factors off the CPU go to ``lu_solve`` as they are (no host synchronisation for
+the permutation).
 The arithmetic is that of ``getrs`` (the same row interchanges and substitutions) in
 another kernel order: the answers differ by rounding.
 """
@@ -42,19 +43,27 @@ class LUFactors:
     def __init__(self, lu: Tensor, pivots: Tensor):
         self.lu, self.pivots = lu, pivots
         self._rows = self._order = None
-        if lu.dim() == 2 and lu.shape[0] >= ROW_MAJOR_MIN and lu.device.type == "cpu":
-            self._rows = lu.contiguous()
-            self._order = pivots_to_permutation(pivots)
+
+    def row_major_pays(self, columns: int) -> bool:
+        """Whether ``columns`` right-hand sides go through the row-major factor: a 2-D
+        factor of order ``≥ ROW_MAJOR_MIN`` on the CPU, and enough columns (the
+        transposed kernels lose on thin blocks: 0.5–0.9× ``lu_solve`` at 1–8 columns)."""
+        n = self.lu.shape[-1]
+        if self.lu.dim() != 2 or n < ROW_MAJOR_MIN or self.lu.device.type != "cpu":
+            return False
+        wide = 32 if self.lu.dtype == torch.float32 else max(64, n // 8)
+        return columns >= wide
 
     def solve(self, B: Tensor) -> Tensor:
         """``A⁻¹ B`` (``B``: ``n`` or ``n × k``; batched factors: as ``lu_solve``)."""
-        if self._rows is None:
+        if not self.row_major_pays(B.shape[-1] if B.dim() > 1 else 1):
             if B.dim() == 1 and self.lu.dim() == 2:
                 return torch.linalg.lu_solve(self.lu, self.pivots, B.unsqueeze(-1)).squeeze(-1)
             return torch.linalg.lu_solve(self.lu, self.pivots, B)
+        if self._rows is None:  # (made on the first wide solve)
+            self._rows = self.lu.contiguous()
+            self._order = pivots_to_permutation(self.pivots)
         Y = B.index_select(0, self._order)  # P B: the one new buffer; the solves overwrite it
-        if Y.dim() == 1:
-            Y = Y.unsqueeze(-1)
         torch.linalg.solve_triangular(self._rows, Y, upper=False, unitriangular=True, out=Y)
         torch.linalg.solve_triangular(self._rows, Y, upper=True, out=Y)
-        return Y.reshape(B.shape)
+        return Y

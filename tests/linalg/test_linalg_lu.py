@@ -16,11 +16,13 @@ def matrix(n, dtype, seed=0):
 
 @pytest.mark.parametrize("n", [1, 5, ROW_MAJOR_MIN - 1, ROW_MAJOR_MIN, 200])
 @pytest.mark.parametrize("dtype,rtol", [(torch.float64, 1e-12), (torch.float32, 1e-4)])
-def test_solve_matches_dense(n, dtype, rtol):
+@pytest.mark.parametrize("columns", [3, 256])
+def test_solve_matches_dense(n, dtype, rtol, columns):
     A = matrix(n, dtype)
     lu, piv = torch.linalg.lu_factor(A)
     factors = LUFactors(lu, piv)
-    B = torch.randn(n, 3, generator=torch.Generator().manual_seed(1), dtype=dtype)
+    assert factors.row_major_pays(columns) == (n >= ROW_MAJOR_MIN and columns == 256)
+    B = torch.randn(n, columns, generator=torch.Generator().manual_seed(1), dtype=dtype)
     X = factors.solve(B)
     ref = torch.linalg.solve(A.double(), B.double())
     assert X.shape == B.shape and X.dtype == dtype
