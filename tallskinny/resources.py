@@ -20,7 +20,8 @@ block affine in its parameters (``m`` outputs per row of its ``R × q`` input ma
 * *prepared* once per curvature and kept: the coupling ``C`` on the span (``n × a_in``), the
   complement's curvature ``C_⊥ᵀC_⊥`` (``a_in²``), for a dense block its row space
   (``n·(p + a_out)``) and its complement (``p·a_in``, or ``p·(p − n)`` where ``A ≠ 0``);
-* the *factor*, kept by the factorization: the span pivot and its Cholesky/LU (``2n²``),
+* the *factor*, kept by the factorization: the span pivot and its Cholesky/LU (``2n²``;
+  ``3n²`` from ``n = 128``, where an LU's wide solves keep a row-major copy, ``linalg.lu``),
   ``Q_ζy`` and ``K`` (``2n·a_in``);
 * *scratch* while the stage is eliminated: the value Hessian it receives (``a_out²``), the
   new one and its symmetrised copy (``2a_in²``; more where ``F`` is used densely), the
@@ -61,6 +62,7 @@ from .blocks.protocol import DeferredOracle, Oracle
 from .errors import ResourceError
 from .linalg import Diagonal, LowRank, ScaledIdentity, Zero
 from .linalg.kronecker import identity_kronecker_factor
+from .linalg.lu import ROW_MAJOR_MIN
 
 UNCHECKED_BYTES = 64 * 2**20
 """Estimates below this many bytes are not compared with the available memory (an explicit
@@ -321,7 +323,7 @@ class StageShape:
             }
         perp = max(p - n, 0)
         factor = [
-            ("the span pivot and its factor ({}²)", (n,), 2 * n * n),
+            ("the span pivot, its factor and (n ≥ 128, LU) the factor's row-major copy ({}²)", (n,), (3 if n >= ROW_MAJOR_MIN else 2) * n * n),
             ("Q_ζy and K ({} × {})", (n, ai), 2 * n * ai),
         ]
         keep: list[tuple[str, tuple, int]] = []

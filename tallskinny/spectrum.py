@@ -53,6 +53,10 @@ __all__ = [
 ]
 
 WHICH = ("largest", "smallest", "nearest")
+class _NotConverged(RuntimeError):
+    """Shift-invert Lanczos ended without ``k`` accepted pairs (``eigvalsh`` may go dense)."""
+
+
 RESIDUAL_TOLERANCE = 1e-11
 """An eigenpair is accepted where ``‖Hy − λy‖ ≤ RESIDUAL_TOLERANCE·‖H‖`` (``‖y‖ = 1``):
 its eigenvalue is then exact to ``‖r‖²/gap`` and to the backward error ``‖r‖``."""
@@ -126,10 +130,15 @@ def edge_tolerance(curv) -> float:
 
 def _below(curv, sigma: float, tau: float | None = None) -> int:
     """The number of eigenvalues below ``σ`` (at ``σ − τ, σ − 2τ, …`` where ``H − σI`` is singular)."""
+    return _below_at(curv, sigma, tau)[0]
+
+
+def _below_at(curv, sigma: float, tau: float | None = None) -> tuple[int, float]:
+    """:func:`_below` and the shift it counted at."""
     step = None
     for attempt in range(EDGE_RETRIES):
         try:
-            return curv.factorize(shift=sigma).inertia().negative
+            return curv.factorize(shift=sigma).inertia().negative, sigma
         except SingularSystemError:
             if step is None:
                 step = tau if tau is not None else edge_tolerance(curv)
@@ -217,9 +226,10 @@ def _shift_invert(curv, F, sigma: float, k: int, norm: float, exclude: Tensor | 
     first Gram–Schmidt projection of the next block), the update, and the second
     Gram–Schmidt pass. The inverse's residual of a Ritz pair ``(θ, V s)`` is the
     orthogonalized next block's part ``‖R s_last‖`` (``X − V Vᵀ X = Q R``): no vectors
-    are formed until the pairs have converged. Columns of the next block below
-    ``1e-10`` of their size before the projection are dropped (deflation); where none is
-    left (the Krylov space is invariant, or spans everything) the Ritz pairs are final."""
+    are formed until the pairs have converged. Columns of the next block below ``1e-10``
+    of the block's largest column before the projection are dropped (deflation); where
+    none is left (the Krylov space is invariant, or spans everything) the Ritz pairs are
+    read a last time, and ``_NotConverged`` raised if they do not pass."""
     P = curv.num_parameters
     dtype, device = curv.layout.dtype, curv.layout.device
     X = torch.randn((P, block), generator=gen, dtype=dtype).to(device)
@@ -254,7 +264,7 @@ def _shift_invert(curv, F, sigma: float, k: int, norm: float, exclude: Tensor | 
                 if found is not None:
                     return found
         if b == 0:
-            break
+            raise _NotConverged(f"eigvalsh: the shift-invert Krylov space stopped growing at {n} vectors before the {k} pairs converged")
         if n + b > cap:  # grow the buffers (doubling)
             cap = min(P, max(2 * cap, n + b))
             V2, T2 = X.new_empty(cap, P), torch.zeros((cap, cap), dtype=dtype, device=device)
@@ -270,7 +280,7 @@ def _shift_invert(curv, F, sigma: float, k: int, norm: float, exclude: Tensor | 
         theta, S = torch.linalg.eigh(0.5 * (Tn + Tn.mT))
         ritz = (theta, S, theta.abs().argsort(descending=True)[:k], b) if n >= k else None
         X = W
-    raise RuntimeError(f"eigvalsh: shift-invert Lanczos did not converge in {MAX_BLOCKS} block steps")
+    raise _NotConverged(f"eigvalsh: shift-invert Lanczos did not converge in {MAX_BLOCKS} block steps")
 
 
 INVERSE_ITERATIONS = 12
@@ -380,15 +390,19 @@ def _extreme_lanczos(curv, k: int, which: str, norm: float, tau: float, vectors:
         if which == "largest":
             edge_k = float(lam64.min())
             nxt = float(theta[m - k - 1]) if m > k else edge_k - norm
-            edge = edge_k - max(min(0.5 * (edge_k - nxt), reach), 4 * tau)
-            count = P - _below(curv, edge, tau)
+            below, edge = _below_at(curv, edge_k - max(min(0.5 * (edge_k - nxt), reach), 4 * tau), tau)
+            count = P - below
         else:
             edge_k = float(lam64.max())
             nxt = float(theta[k]) if m > k else edge_k + norm
-            edge = edge_k + max(min(0.5 * (nxt - edge_k), reach), 4 * tau)
-            count = _below(curv, edge, tau)
+            count, edge = _below_at(curv, edge_k + max(min(0.5 * (nxt - edge_k), reach), 4 * tau), tau)
         if count != k:
-            return None
+            if vectors:
+                return None
+            # an unconverged (k+1)-th eigenvalue inside the wide window: go on as with
+            # vectors (residuals to RESIDUAL_TOLERANCE, the edge at 1e-6·‖H‖)
+            vectors = True
+            continue
         if not vectors and not bool((kato_temple_bounds(lam64, res.double().cpu(), edge, which) <= value_tol).all()):
             continue
         order = lam.argsort()
@@ -475,7 +489,7 @@ def eigvalsh(curv, k: int, which: str = "largest", *, near=None, eigenvectors: b
         need = want - (0 if found_v is None else found_v.shape[1])
         try:
             lam, Y, _ = _shift_invert(curv, F, sigma, need, norm, found_v, gen, min(P, max(need + 2, block)))
-        except RuntimeError:
+        except _NotConverged:
             if P > DENSE_FALLBACK_MAX_P:
                 raise
             return _dense_eigenpairs(curv, k, sigma, which, eigenvectors)

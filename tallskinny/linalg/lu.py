@@ -55,8 +55,10 @@ class LUFactors:
         return columns >= wide
 
     def solve(self, B: Tensor) -> Tensor:
-        """``A⁻¹ B`` (``B``: ``n`` or ``n × k``; batched factors: as ``lu_solve``)."""
-        if not self.row_major_pays(B.shape[-1] if B.dim() > 1 else 1):
+        """``A⁻¹ B`` (``B``: ``n`` or ``n × k``; batched ``B`` or factors, and anything
+        autograd records (``out=`` solves are not differentiable): as ``lu_solve``)."""
+        recorded = torch.is_grad_enabled() and (B.requires_grad or self.lu.requires_grad)
+        if B.dim() > 2 or recorded or not self.row_major_pays(B.shape[-1] if B.dim() > 1 else 1):
             if B.dim() == 1 and self.lu.dim() == 2:
                 return torch.linalg.lu_solve(self.lu, self.pivots, B.unsqueeze(-1)).squeeze(-1)
             return torch.linalg.lu_solve(self.lu, self.pivots, B)

@@ -227,8 +227,9 @@ def test_analytic_and_fallback_forward_agree_with_module_call():
 
 @pytest.mark.parametrize("dtype, lo, rtol", [(torch.float64, -12.0, 1e-12), (torch.float32, -6.0, 1e-5)])
 def test_gelu_tanh_derivatives_exact_where_tanh_saturates(dtype, lo, rtol):
-    """Where ``tanh u`` rounds to ``−1``, ``σ'`` and ``σ''`` are tiny but not 0: the rule keeps
-    their relative accuracy (``1 − t·t`` would give 0; so does autograd for ``σ'``)."""
+    """Where ``tanh u`` rounds to ``∓1``, ``σ'`` (left) and ``σ''`` (both tails) are tiny but
+    not 0: the rule keeps their relative accuracy (``1 − t·t`` would give 0; so does
+    autograd for ``σ'``)."""
     mp = pytest.importorskip("mpmath")
     from tallskinny.blocks.elementwise import gelu_tanh_derivatives
 
@@ -242,7 +243,7 @@ def test_gelu_tanh_derivatives_exact_where_tanh_saturates(dtype, lo, rtol):
         du, ddu = c * (1 + 3 * kappa * x * x), c * 6 * kappa * x
         return 0.5 * (1 + t) + 0.5 * x * sech2 * du, sech2 * (du - x * t * du * du + 0.5 * x * ddu)
 
-    z = torch.linspace(lo, -2.0, 41, dtype=dtype)
+    z = torch.cat([torch.linspace(lo, -2.0, 41, dtype=dtype), torch.linspace(2.0, -lo, 41, dtype=dtype)])
     d1, d2 = gelu_tanh_derivatives(z)
     for got, k in ((d1, 0), (d2, 1)):
         ref = torch.tensor([float(exact(float(v))[k]) for v in z], dtype=torch.float64)

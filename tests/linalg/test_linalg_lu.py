@@ -50,3 +50,19 @@ def test_small_and_batched_factors_use_lu_solve():
     small = LUFactors(*torch.linalg.lu_factor(matrix(ROW_MAJOR_MIN - 1, torch.float64)))
     B = torch.randn(ROW_MAJOR_MIN - 1, 2, dtype=torch.float64)
     assert torch.equal(small.solve(B), torch.linalg.lu_solve(small.lu, small.pivots, B))
+
+
+def test_gradients_and_batched_right_hand_sides_go_through_lu_solve():
+    """``out=`` triangular solves are not differentiable and index the first dimension:
+    a factor that autograd records, and a batched ``B`` on a 2-D factor, take ``lu_solve``."""
+    n = ROW_MAJOR_MIN
+    A = matrix(n, torch.float64).requires_grad_()
+    lu, piv = torch.linalg.lu_factor(A)
+    B = torch.randn(n, n, dtype=torch.float64)
+    X = LUFactors(lu, piv).solve(B)
+    X.sum().backward()
+    ref = torch.linalg.solve(A.detach(), B)
+    assert torch.allclose(X.detach(), ref, rtol=1e-10, atol=0) and A.grad is not None
+    lu, piv = lu.detach(), piv
+    batched = torch.randn(3, n, n, dtype=torch.float64)
+    assert torch.allclose(LUFactors(lu, piv).solve(batched), torch.linalg.lu_solve(lu, piv, batched), rtol=1e-12, atol=0)
