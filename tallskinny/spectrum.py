@@ -255,12 +255,17 @@ def _shift_invert(curv, F, sigma: float, k: int, norm: float, exclude: Tensor | 
             theta, S, top, b_last = ritz
             r_inv = (R @ S[n - b_last : n, top]).norm(dim=0)
             est = (norm + abs(sigma)) * r_inv / theta[top].abs()
-            if bool((est <= 1e-6 * norm).all()) or b_last < block or b < block:
+            converged = bool((est <= 1e-6 * norm).all())
+            if converged or b_last < block or b < block:
                 # the Ritz vectors of every θ within 4× of the k-th (inverse iteration
                 # takes out the rest at ≤ 1/4 a step), k + 2 … k + 18 of them
                 order = theta.abs().argsort(descending=True)
                 near = int((theta.abs() >= 0.25 * theta[order[k - 1]].abs()).sum())
-                found = _ritz_pairs(curv, F, V[:n].mT @ S[:, order[: min(n, max(k + 2, min(near, k + 18)))]], sigma, k, norm, excluded)
+                # (a deflated block alone, the inverse unconverged: one Rayleigh–Ritz, no
+                # inverse iteration, which is for the last digits)
+                steps = INVERSE_ITERATIONS if converged or b == 0 else 0
+                Z = V[:n].mT @ S[:, order[: min(n, max(k + 2, min(near, k + 18)))]]
+                found = _ritz_pairs(curv, F, Z, sigma, k, norm, excluded, steps)
                 if found is not None:
                     return found
         if b == 0:
@@ -288,17 +293,17 @@ INVERSE_ITERATIONS = 12
 (while every three halve the largest residual)."""
 
 
-def _ritz_pairs(curv, F, Z: Tensor, sigma: float, k: int, norm: float, excluded: Tensor | None):
+def _ritz_pairs(curv, F, Z: Tensor, sigma: float, k: int, norm: float, excluded: Tensor | None, steps: int = INVERSE_ITERATIONS):
     """The ``k`` Ritz pairs nearest ``σ`` of ``H`` on the span of ``Z`` (one block HVP),
     ``None`` unless each residual is ``≤ RESIDUAL_TOLERANCE·‖H‖``. Ritz vectors of the
     inverse carry the rest of the spectrum at the inverse's residual; within a cluster
     (a null space: ``(H − σI)⁻¹`` has ``−1/σ`` many times) the Rayleigh–Ritz with ``H``
     picks the most polluted mixture, whose Rayleigh quotient the pollution moved towards
-    ``σ``. Steps ``Z ← (H − σI)⁻¹Z`` (a solve and an HVP each) take the pollution out by
-    ``|λ − σ|/|μ − σ|`` a step, ``μ`` the eigenvalues beyond the span."""
+    ``σ``. Up to ``steps`` steps ``Z ← (H − σI)⁻¹Z`` (a solve and an HVP each) take the
+    pollution out by ``|λ − σ|/|μ − σ|`` a step, ``μ`` the eigenvalues beyond the span."""
     tol = RESIDUAL_TOLERANCE * norm
     worst: list[float] = []
-    for step in range(INVERSE_ITERATIONS + 1):
+    for step in range(steps + 1):
         if step:
             Z = F.solve(Z, refine=0)
             if excluded is not None:
