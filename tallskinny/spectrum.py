@@ -373,9 +373,10 @@ def _extreme_lanczos(curv, k: int, which: str, norm: float, tau: float, vectors:
         r_est = b * S[-1, pick].abs()
         if vectors:
             unconverged = bool((r_est > 0.5 * tol).any())
-        else:  # the estimated Kato–Temple bounds, gaps from the Ritz values
-            others = theta.clone()
-            gaps = torch.stack([(others[torch.arange(m) != i] - theta[i]).abs().min() for i in pick.tolist()])
+        else:  # the estimated Kato–Temple bounds, gaps to the neighbouring Ritz values
+            inf = theta.new_full((1,), math.inf)
+            steps = theta.diff()
+            gaps = torch.minimum(torch.cat((inf, steps)), torch.cat((steps, inf)))[pick]
             unconverged = bool((r_est * r_est > 0.5 * value_tol * gaps).any())
         if unconverged:
             if b == 0:
