@@ -18,7 +18,8 @@ The contract checked (``Report.failures``):
   ≤ 64·eps`` (plus the products' own disagreement with the reference, ``‖ΔH‖/‖H+εI‖``)
   and relative error ``≤ max(1e-9, 64·eps·cond)``, or an ``AccuracyWarning``;
 * ``logdet``: error ``≤ 1e-9·max(1, |logdet|) + 1e-13·P·cond`` or an ``AccuracyWarning``;
-* ``sign`` and ``inertia``: exact whenever ``min|λ| > 1e-8·max|λ|`` of ``H + εI``;
+* ``sign`` and ``inertia``: exact whenever ``min|λ| > 1e-8·max|λ|`` of ``H + εI`` (float32:
+  ``min|λ| > (1e4·eps + η)·max|λ|``, ``η`` its model's distance from the float64 Hessian);
 * ``SingularSystemError`` only where ``min|λ| ≤ SINGULAR_RATIO·eps·max|λ|``.
 
 float32 chains are compared with the float64 references of the same model; their
@@ -54,6 +55,10 @@ except ImportError:  # pragma: no cover
 
 INERTIA_RATIO = 1e-8
 """Inertia (and sign) must be exact where ``min|λ| > INERTIA_RATIO·max|λ|`` (float64)."""
+
+INERTIA_RATIO_LOW = 1e4
+"""float32: where ``min|λ| > (INERTIA_RATIO_LOW·eps + η)·max|λ|``, with ``η`` the float32
+model's own distance from the float64 Hessian (its eigenvalues move by up to that)."""
 
 SINGULAR_RATIO = 10.0
 """A ``SingularSystemError`` is a right verdict only where ``H + εI`` is singular to working
@@ -428,6 +433,12 @@ def check_case(case: Case, *, rhs: int = 2) -> Report:
     errors = [float((got.double() - H @ V[:, : got.shape[1]]).norm()) for _, got in products]
     g_err, g_tol = float((g - g_ref).norm()), 1e-10 * scale * float(g_ref.norm()) + 1e-14 * scale
     H_noise = g_noise = 0.0
+    # a float32 chain's own Hessian (torch.func on the float32 model) is as far from the
+    # float64 reference as rounding of its inputs and of terms that cancel makes it
+    # (LayerNorm over two features: 1.7e-5·‖H‖ at seed 500409); its solves answer it
+    model_gap = 0.0
+    if case.dtype != torch.float64:
+        model_gap = float(torch.linalg.matrix_norm(ref(chain, X, y).double() - H, 2))
     if any(e > t for e, t in zip(errors, strict)) or g_err > g_tol:
         # functions evaluated where they are ill-conditioned (a saturated GELU's 1 + tanh u)
         # are exact only to their condition number: so is the reference, and its change
@@ -437,8 +448,7 @@ def check_case(case: Case, *, rhs: int = 2) -> Report:
             # a float32 chain: no worse than torch.func's own Hessian of the same float32
             # model (terms that cancel, as LayerNorm(1)'s, leave float32 rounding of their
             # size, which ‖H‖ does not show)
-            H_low = ref(chain, X, y).double()
-            H_noise = max(H_noise, float(torch.linalg.matrix_norm(H_low - H, 2)))
+            H_noise = max(H_noise, model_gap)
     for (name, got), err, tol in zip(products, errors, strict):
         v_norm = float(V[:, : got.shape[1]].norm())
         mismatch = max(mismatch, err / v_norm)
@@ -461,10 +471,12 @@ def check_case(case: Case, *, rhs: int = 2) -> Report:
     factor_warned = bool(warned)
     # the rounding of H itself (seen as the products' disagreement with the reference) moves
     # the exact answers by up to cond·‖ΔH‖/‖H+εI‖ (solves) and P·cond·‖ΔH‖/‖H+εI‖ (log|det|)
-    noise = 10 * mismatch / lam_max
-    # solves
+    noise = max(10 * mismatch, model_gap) / lam_max
+    # solves: a relative perturbation η of M moves the answer by up to cond·η/(1 − cond·η),
+    # no bound at all from cond·η ≥ 1/2 (the backward error below still binds there)
     x_ref = torch.linalg.solve(M, V)
-    sol_tol = max(1e-9 * scale, 64 * eps * report.cond) + report.cond * noise
+    moved = report.cond * noise
+    sol_tol = (max(1e-9 * scale, 64 * eps * report.cond) + moved) / (1 - moved) if moved < 0.5 else math.inf
     solve_warned: list = []
     x = _call(lambda: fact.solve(low_V), solve_warned)
     report.record("solve", _relative(x, x_ref), sol_tol, warned=bool(solve_warned) or factor_warned)
@@ -484,7 +496,10 @@ def check_case(case: Case, *, rhs: int = 2) -> Report:
     inertia_warned: list = []
     inertia = _call(fact.inertia, inertia_warned)
     want = (int((eig > 0).sum()), int((eig < 0).sum()), 0)
-    exact_required = report.min_ratio > INERTIA_RATIO * scale
+    if case.dtype == torch.float64:
+        exact_required = report.min_ratio > INERTIA_RATIO
+    else:
+        exact_required = report.min_ratio > INERTIA_RATIO_LOW * eps + model_gap / lam_max
     if tuple(inertia) != want:
         report.scores["inertia"] = math.inf
         if exact_required:

@@ -32,6 +32,7 @@ FIXED = {
     61232: "LayerNorm + residual units at ε = 1.5e-8, cond 1e11: the KKT fallback broke down (SingularSystemError)",
     71528: "float32 conv/max-pool chain: HVP 3.6e-5 against a 1e-5 tolerance, as far as torch.func's float32 Hessian",
     74185: "float32 LayerNorm(1): H = 0 by cancellation of O(1) terms; HVP 1.7e-7 of float32 rounding vs 3.8e-14",
+    500409: "float32 LayerNorm(2): the float32 model's H is 1.7e-5·‖H‖ from float64's, cond 1.8e5: solve 16.5 vs 6.6 (the forward check read no such perturbation)",
     301394: "saturated tanh-GELU (u ≈ −22): σ'' = −6e-17 read as 0 from 1 − t·t; HVP 1.7× its tolerance",
 }
 
