@@ -128,8 +128,7 @@ class DenseStage(Stage):
             self.GV = G
             self.C_r = C
         elif B is not None:
-            V_blocks, self.GV = _masked_kronecker_svd(B, ignored_rows)
-            self.g_norm = float(torch.linalg.matrix_norm(self.GV, 2)) if self.GV.numel() else 0.0
+            V_blocks, self.GV, self.g_norm = _masked_kronecker_svd(B, ignored_rows)
             self.V = torch.block_diag(*V_blocks)
             r = self.V.shape[1]
             # V is block diagonal: C_r = VᵀC and V C_r one channel at a time
@@ -369,11 +368,12 @@ def _embed_square(M: Tensor, index: Tensor, n: int) -> Tensor:
     return out
 
 
-def _masked_kronecker_svd(B: Tensor, ignored_rows: Tensor) -> tuple[list[Tensor], Tensor]:
-    """``(V's diagonal blocks, G V)`` for ``G = I_m ⊗ B`` (``B``: ``R × q``) with the rows ``ignored_rows``
-    set to zero: ``G`` is block diagonal, so its thin SVD is that of its ``m`` blocks, each
-    on its live rows only (``m`` SVDs of ``n_live × q`` instead of one of ``m·R × m·q``),
-    with the rank tolerance of the whole matrix, ``max(a, p)·eps·σ_max``."""
+def _masked_kronecker_svd(B: Tensor, ignored_rows: Tensor) -> tuple[list[Tensor], Tensor, float]:
+    """``(V's diagonal blocks, G V, ‖G‖₂)`` for ``G = I_m ⊗ B`` (``B``: ``R × q``) with the
+    rows ``ignored_rows`` set to zero: ``G`` is block diagonal, so its thin SVD is that of
+    its ``m`` blocks, each on its live rows only (``m`` SVDs of ``n_live × q`` instead of
+    one of ``m·R × m·q``), with the rank tolerance of the whole matrix,
+    ``max(a, p)·eps·σ_max``; ``‖G‖₂ = σ_max``, the largest of the blocks'."""
     R, q = B.shape
     m = ignored_rows.numel() // R
     live = [torch.nonzero(~dead).squeeze(1) for dead in ignored_rows.reshape(m, R)]
@@ -387,7 +387,7 @@ def _masked_kronecker_svd(B: Tensor, ignored_rows: Tensor) -> tuple[list[Tensor]
         block = B.new_zeros(R, k)  # G V on this channel: U σ on its live rows, zero on the dead
         block[rows] = U[:, :k] * sigma[:k]
         GV_blocks.append(block)
-    return V_blocks, torch.block_diag(*GV_blocks)
+    return V_blocks, torch.block_diag(*GV_blocks), sigma_max
 
 
 class DenseStageFactor(StageFactor):
