@@ -17,6 +17,7 @@ from .collector import collector_paused
 from .blocks.protocol import Oracle
 from .errors import AccuracyWarning, SingularSystemError, StaleCurvatureError, real_number
 from .linalg import Inertia
+from .linalg.gmres import gmres
 from .resources import MemoryEstimate, check_memory_limit, format_bytes
 from .vectors import ParameterLayout
 
@@ -30,10 +31,24 @@ float64 curvature on the ``riccati`` route whose largest activation has at least
 ``elimination.mixed.MIN_STAGE`` entries), else ``"full"``."""
 
 MIXED_MAX_REFINEMENTS = 30
-"""A mixed-precision solve refines at most this many times (LAPACK dsgesv's ``ITERMAX``);
-where the backward error is still above ``BACKWARD_ERROR_TOLERANCE·eps`` of float64, or a
-step did not halve it (stall or divergence: the float32 factors are too inaccurate for
-this ``H + εI``), the factorization is made again in float64 and solves from there on."""
+"""A mixed-precision solve takes at most this many refinement steps (GMRES steps, one HVP
+and one float32 solve each; LAPACK dsgesv's ``ITERMAX``); where the backward error is
+still above ``BACKWARD_ERROR_TOLERANCE·eps`` of float64, or a correction did not halve it
+(the float32 factors too inaccurate for this ``H + εI`` even as a preconditioner), the
+factorization is made again in float64 and solves from there on."""
+
+MIXED_INNER_RTOL = 1e-4
+"""A correction ``(H+εI)d = r`` of a mixed-precision solve is solved by GMRES
+(:func:`~tallskinny.linalg.gmres.gmres`, preconditioned by the float32 solve) to the
+relative residual ``0.1·tol/η`` that would bring the backward error ``η`` to ``tol`` in
+one correction, at most this and at least :data:`MIXED_INNER_FLOOR`."""
+
+MIXED_INNER_FLOOR = 1e-12
+"""The smallest relative residual asked of one GMRES correction (float64's recurrence)."""
+
+MIXED_INNER_STEPS = 10
+"""GMRES steps of one correction at most (then the backward error is checked again); it
+stops early where 3 steps did not halve its residual (a preconditioner too poor to pay)."""
 
 BACKWARD_ERROR_TOLERANCE = 64
 """``solve(refine=None)`` refines when the estimated normwise backward error
@@ -232,9 +247,11 @@ class Factorization:
         ``0`` never refines (no HVP), ``k`` always refines ``k`` times.
 
         A mixed-precision factorization (``precision == "mixed"``) solves in float32 and,
-        with ``refine=None``, refines in float64 until the same backward-error test passes
-        (:data:`MIXED_MAX_REFINEMENTS`; where the refinement stalls, it factors in float64
-        and solves as above); ``refine=k`` refines the float32 solution ``k`` times.
+        with ``refine=None``, refines in float64 until the same backward-error test passes:
+        each correction by GMRES preconditioned with the float32 factors
+        (:data:`MIXED_MAX_REFINEMENTS` steps in all; where a correction does not halve the
+        backward error, it factors in float64 and solves as above); ``refine=k`` refines
+        the float32 solution ``k`` times by plain (stationary) refinement.
 
         ``b`` must be finite; its autograd history is ignored (the solution carries no
         graph). Zero right-hand sides (``(P, 0)``) give an empty result.
@@ -289,29 +306,40 @@ class Factorization:
 
     def _mixed_solve(self, rhs: Tensor) -> tuple[Tensor | None, str | None]:
         """The float32 solve refined in float64 until the estimated backward error is at
-        most ``BACKWARD_ERROR_TOLERANCE·eps`` of float64 (the test of :meth:`solve`); each
-        step one float64 HVP and one float32 solve. ``(None, why)`` where a step did not
-        halve the error or :data:`MIXED_MAX_REFINEMENTS` steps did not reach it."""
+        most ``BACKWARD_ERROR_TOLERANCE·eps`` of float64 (the test of :meth:`solve`):
+        GMRES-based refinement (Carson–Higham), each correction ``(H+εI)d = b − (H+εI)x``
+        by GMRES preconditioned with the float32 solve to ``MIXED_INNER_RTOL``, a step
+        one float64 HVP and one float32 solve. ``(None, why)`` where a correction did
+        not halve the backward error or :data:`MIXED_MAX_REFINEMENTS` steps did not
+        reach it."""
         x = self._inner.solve(rhs)
         tol = BACKWARD_ERROR_TOLERANCE * torch.finfo(x.dtype).eps
-        last = math.inf
-        for step in range(MIXED_MAX_REFINEMENTS + 1):
+        last, steps = math.inf, 0
+        while True:
             residual, buffer, eta = self._checked_residual(rhs, x, tol)
             if residual is None:
                 self._scratch = buffer
                 return x, None
-            if not eta <= 0.5 * last or step == MIXED_MAX_REFINEMENTS:  # (NaN: not <=)
+            if not eta <= 0.5 * last or steps >= MIXED_MAX_REFINEMENTS:  # (NaN: not <=)
                 self._scratch = buffer
-                what = "did not halve" if step < MIXED_MAX_REFINEMENTS else "stayed above tolerance after"
+                what = "did not halve" if steps < MIXED_MAX_REFINEMENTS else "stayed above tolerance after"
                 return None, (
                     f"the float64 refinement of the float32 solve {what} the backward error "
-                    f"({eta:.1e} after {step} steps)"
+                    f"({eta:.1e} after {steps} steps)"
                 )
-            self._curvature.checks.refinements += 1
-            x = x + self._inner.solve(residual)
+            correction, taken = gmres(
+                lambda v: self._curvature._apply(v, shift=self.damping),
+                self._inner.solve,
+                residual,
+                rtol=min(MIXED_INNER_RTOL, max(0.1 * tol / eta, MIXED_INNER_FLOOR)),
+                maxiter=min(MIXED_INNER_STEPS, MIXED_MAX_REFINEMENTS - steps),
+                stagnation=3,
+            )
+            steps += taken
+            self._curvature.checks.refinements += taken
+            x = x + correction
             self._scratch = buffer  # free again for the next check
             last = eta
-        raise AssertionError("unreachable")
 
     def _to_full(self, why: str) -> None:
         """Leave mixed precision: factor ``H + εI`` in float64 (solves and the spectral

@@ -4,9 +4,10 @@ LAPACK's ``dsgesv`` idea: factor ``H + εI`` in float32 and refine in float64. T
 are cast to float32 once per curvature (:meth:`~tallskinny.blocks.protocol.Oracle.astype`,
 structure kept), prepared as float32 stages and eliminated by the Riccati recursion in
 float32. Its solve maps a float64 right-hand side to float32 and back: an approximate
-inverse ``M⁻¹`` with ``‖I − M⁻¹(H+εI)‖ ≲ cond(H+εI)·eps₃₂``, which the caller's float64
-refinement ``x ← x + M⁻¹(b − (H+εI)x)`` (exact float64 HVPs) drives to float64's backward
-error while that contraction is below one (:class:`tallskinny.curvature.Factorization`).
+inverse ``M⁻¹`` with ``‖I − M⁻¹(H+εI)‖ ≲ cond(H+εI)·eps₃₂``, the preconditioner of the
+caller's float64 refinement (GMRES on ``(H+εI)M⁻¹`` with exact float64 HVPs,
+:class:`tallskinny.curvature.Factorization`), which drives the solution to float64's
+backward error where that contraction is below one and often where it is not.
 
 It gives no ``log|det|`` or inertia: those are read from a float64 factorization.
 """

@@ -92,6 +92,27 @@ def test_user_tensors_unchanged():
     assert all(p.dtype == torch.float64 for p in chain.parameters())
 
 
+@pytest.mark.parametrize("act, seed", [("tanh", 2), ("relu", 1), ("relu", 5)])
+def test_gmres_refinement_converges_where_stationary_refinement_stalls(act, seed):
+    """ε = 1e-4, cond ~1e4–1e6: ``x ← x + F₃₂⁻¹r`` (``refine=k``) does not reach float64's
+    backward error in 8 steps, GMRES preconditioned by the same float32 factors does,
+    without a float64 factorization."""
+    chain, X, y = _chain(act, seed)
+    curv = chain.curvature(X, y)
+    H = dense_hessian(chain, X, y)
+    damping = 1e-4
+    M = H + damping * torch.eye(H.shape[0])
+    b = _rhs(H.shape[0])
+    fact = curv.factorize(damping, precision="mixed")
+    assert _backward_error(M, fact.solve(b, refine=8), b) > TOL  # stationary: stalls
+    x = fact.solve(b)
+    assert fact.precision == "mixed" and fact.fallback is None
+    assert _backward_error(M, x, b) <= TOL
+    ref = torch.linalg.solve(M, b)
+    cond = torch.linalg.cond(M).item()
+    assert ((x - ref).norm() / ref.norm()).item() <= max(1e-9, 10 * EPS * cond)
+
+
 @pytest.mark.parametrize("seed", [1, 2, 3])
 def test_stall_falls_back_to_float64(seed):
     """ReLU nets at ε = 1e-8: cond(H + εI)·eps₃₂ ≫ 1, the float32 factors cannot be
