@@ -37,6 +37,10 @@ still above ``BACKWARD_ERROR_TOLERANCE·eps`` of float64, or a correction did no
 (the float32 factors too inaccurate for this ``H + εI`` even as a preconditioner), the
 factorization is made again in float64 and solves from there on."""
 
+RESCUE_STEPS = 20
+"""Where stationary refinement of a full-precision solve stalls above tolerance, GMRES
+steps (preconditioned with the same factors) tried before the pivoted fallback."""
+
 MIXED_INNER_RTOL = 1e-4
 """A correction ``(H+εI)d = r`` of a mixed-precision solve is solved by GMRES
 (:func:`~tallskinny.linalg.gmres.gmres`, preconditioned by the float32 solve) to the
@@ -240,7 +244,9 @@ class Factorization:
         residual and checks again, at most ``MAX_REFINEMENTS`` times. The
         elimination does not pivot across blocks, so at small damping its backward error
         can reach 1e-10 on some right-hand sides; one step usually brings it back to
-        rounding level. Where refinement stalls above tolerance, the solve is done again
+        rounding level. Where refinement stalls above tolerance, GMRES preconditioned with
+        the same factors takes over (:data:`RESCUE_STEPS`, each one HVP and one solve),
+        and where that stalls too, the solve is done again
         with the pivoted KKT factorization (kept for later solves), and an
         :class:`~tallskinny.errors.AccuracyWarning` is given where ``η`` ends far above
         tolerance (``WARNING_FACTOR`` times).
@@ -265,7 +271,7 @@ class Factorization:
         """:meth:`solve` for a validated flat ``(P, k)`` right-hand side."""
         if rhs.shape[1] == 0:
             return self._layout.from_flat(rhs.new_zeros(rhs.shape), fmt)
-        self._curvature._check_solve(rhs.shape[1])
+        self._curvature._check_solve(rhs.shape[1], mixed=refine is None and self.precision == "mixed")
         if refine is None and isinstance(self._inner, routes.KrylovFactorization):
             refine = 0  # an iterative solve checks its own residual (and warns)
         x = None
@@ -276,6 +282,13 @@ class Factorization:
         if x is None and refine is None:
             x, eta, steps = self._checked_solve(rhs)
             tol = BACKWARD_ERROR_TOLERANCE * torch.finfo(x.dtype).eps
+            if eta > tol and self._curvature._gmres_fits(rhs.shape[1]):
+                # stationary refinement stalled (element growth in the stages): GMRES
+                # preconditioned with the same factors, before any pivoted factorization
+                x2, eta2, steps2, _ = self._gmres_refinement(rhs, x, RESCUE_STEPS)
+                steps += steps2
+                if eta2 < eta:
+                    x, eta = x2, eta2
             if eta > tol and self._pivoted is None and self._pivoted_fits():
                 # refinement stalled above tolerance: element growth in the stages; the
                 # pivoted KKT factorization solves from here on
@@ -306,33 +319,46 @@ class Factorization:
 
     def _mixed_solve(self, rhs: Tensor) -> tuple[Tensor | None, str | None]:
         """The float32 solve refined in float64 until the estimated backward error is at
-        most ``BACKWARD_ERROR_TOLERANCE·eps`` of float64 (the test of :meth:`solve`):
-        GMRES-based refinement (Carson–Higham), each correction ``(H+εI)d = b − (H+εI)x``
-        by GMRES preconditioned with the float32 solve to ``MIXED_INNER_RTOL``, a step
-        one float64 HVP and one float32 solve. ``(None, why)`` where a correction did
-        not halve the backward error or :data:`MIXED_MAX_REFINEMENTS` steps did not
-        reach it."""
-        x = self._inner.solve(rhs)
+        most ``BACKWARD_ERROR_TOLERANCE·eps`` of float64 (the test of :meth:`solve`), by
+        :meth:`_gmres_refinement` with the float32 factors. ``(None, why)`` where a
+        correction did not halve the backward error or :data:`MIXED_MAX_REFINEMENTS`
+        steps did not reach it."""
+        x, _, _, why = self._gmres_refinement(rhs, self._inner.solve(rhs), MIXED_MAX_REFINEMENTS)
+        return (x, None) if why is None else (None, f"the float64 refinement of the float32 solve {why}")
+
+    def _gmres_refinement(self, rhs: Tensor, x: Tensor, budget: int) -> tuple[Tensor, float, int, str | None]:
+        """GMRES-based iterative refinement (Carson–Higham) of ``x`` in the curvature's
+        dtype: while the backward error is above ``BACKWARD_ERROR_TOLERANCE·eps``, the
+        correction ``(H+εI)d = b − (H+εI)x`` by GMRES preconditioned with this
+        factorization's solve, to the relative residual that one correction needs
+        (:data:`MIXED_INNER_RTOL`), a step one HVP and one solve; ``budget`` steps in all.
+        Returns the best ``x``, its backward error (``0`` below tolerance), the steps and,
+        where it stopped above tolerance, why (a correction did not halve the backward
+        error, or the budget)."""
         tol = BACKWARD_ERROR_TOLERANCE * torch.finfo(x.dtype).eps
-        last, steps = math.inf, 0
+        best, best_eta, last, steps = x, math.inf, math.inf, 0
         while True:
             residual, buffer, eta = self._checked_residual(rhs, x, tol)
             if residual is None:
                 self._scratch = buffer
-                return x, None
-            if not eta <= 0.5 * last or steps >= MIXED_MAX_REFINEMENTS:  # (NaN: not <=)
+                return x, 0.0, steps, None
+            if eta < best_eta:  # (NaN: not <)
+                best, best_eta = x, eta
+            if not math.isfinite(eta) or not eta <= 0.5 * last or steps >= budget:
                 self._scratch = buffer
-                what = "did not halve" if steps < MIXED_MAX_REFINEMENTS else "stayed above tolerance after"
-                return None, (
-                    f"the float64 refinement of the float32 solve {what} the backward error "
-                    f"({eta:.1e} after {steps} steps)"
-                )
+                if not math.isfinite(eta):
+                    why = f"gave a non-finite residual after {steps} steps"
+                elif steps < budget:
+                    why = f"did not halve the backward error ({eta:.1e} after {steps} steps)"
+                else:
+                    why = f"left the backward error at {eta:.1e} after {steps} steps"
+                return best, best_eta, steps, why
             correction, taken = gmres(
                 lambda v: self._curvature._apply(v, shift=self.damping),
                 self._inner.solve,
                 residual,
                 rtol=min(MIXED_INNER_RTOL, max(0.1 * tol / eta, MIXED_INNER_FLOOR)),
-                maxiter=min(MIXED_INNER_STEPS, MIXED_MAX_REFINEMENTS - steps),
+                maxiter=min(MIXED_INNER_STEPS, budget - steps),
                 stagnation=3,
             )
             steps += taken
@@ -426,7 +452,8 @@ class Factorization:
             if not above(scale):
                 return None, residual, 0.0
         etas = [r_n[j] / (scale * x_n[j] + b_n[j]) for j in range(len(x_n)) if scale * x_n[j] + b_n[j] > 0]
-        eta = math.inf if any(math.isnan(e) for e in etas) else max(etas, default=math.inf)
+        finite = all(math.isfinite(v) for v in r_n + x_n)
+        eta = max(etas, default=math.inf) if finite else math.inf
         return residual, residual, eta
 
     # -- the spectrum's signs and log-determinant -----------------------------------------
@@ -861,16 +888,24 @@ class Curvature:
             advice=lambda limit: self._factorization_advice(damping, limit, columns),
         )
 
-    def _check_solve(self, columns: int) -> None:
-        """Refuse a solve of ``columns`` right-hand sides that would not fit."""
+    def _check_solve(self, columns: int, mixed: bool = False) -> None:
+        """Refuse a solve of ``columns`` right-hand sides that would not fit (``mixed``:
+        with the GMRES refinement's vectors, :func:`resources.gmres_bytes`)."""
         P, itemsize = self.layout.numel, self.layout.dtype.itemsize
-        if resources.fits(resources.solve_bytes(P, columns, itemsize), self._memory_limit):
+        steps = MIXED_INNER_STEPS if mixed else 0
+        if resources.fits(resources.solve_bytes(P, columns, itemsize, steps), self._memory_limit):
             return  # (every solve: no estimate made)
-        one = resources.solve_bytes(P, 1, itemsize)
+        one = resources.solve_bytes(P, 1, itemsize, steps)
         resources.require(
-            resources.solve_estimate(P, columns, itemsize), self.memory_limit, self.layout.device, what="solve",
+            resources.solve_estimate(P, columns, itemsize, steps), self.memory_limit, self.layout.device, what="solve",
             advice=lambda limit: [f"at most {int(limit // one)} right-hand sides at a time fit"],
         )
+
+    def _gmres_fits(self, columns: int) -> bool:
+        """Whether a full-precision solve's GMRES rescue (:data:`RESCUE_STEPS`) fits the
+        memory limit (else a stalled refinement goes on as without it)."""
+        P, itemsize = self.layout.numel, self.layout.dtype.itemsize
+        return resources.fits(resources.solve_bytes(P, columns, itemsize, MIXED_INNER_STEPS), self._memory_limit)
 
     def _factorization_advice(self, damping: float, limit: float, columns: int = 0) -> list[str]:
         """What would fit: a smaller batch, the Gauss–Newton matrix, a damping > 0, fewer

@@ -510,17 +510,21 @@ def dense_estimate(P: int, activations: Sequence[int], parameters: Sequence[int]
     return MemoryEstimate.of(terms)
 
 
-def solve_bytes(P: int, columns: int, itemsize: int) -> int:
+def solve_bytes(P: int, columns: int, itemsize: int, gmres_steps: int = 0) -> int:
     """``Factorization.solve`` of ``k`` right-hand sides: ``8P·k`` (the solution, the sweeps'
     parts, the check's product and residual, the refinements' corrections; measured
-    4.7–7.2 ``P·k`` elements)."""
-    return 8 * P * columns * itemsize
+    4.7–7.2 ``P·k`` elements), and with ``gmres_steps = s`` a GMRES refinement's
+    ``2s + 3`` more (its basis, the preconditioned basis, the best iterate, the correction)."""
+    return (8 + (2 * gmres_steps + 3 if gmres_steps else 0)) * P * columns * itemsize
 
 
-def solve_estimate(P: int, columns: int, itemsize: int) -> MemoryEstimate:
+def solve_estimate(P: int, columns: int, itemsize: int, gmres_steps: int = 0) -> MemoryEstimate:
     """:func:`solve_bytes` with its description."""
-    total = solve_bytes(P, columns, itemsize)
-    return MemoryEstimate(total, f"the solve's {format_count(columns)} vectors of {format_count(P)}", total)
+    total = solve_bytes(P, columns, itemsize, gmres_steps)
+    what = f"the solve's {format_count(columns)} vectors of {format_count(P)}"
+    if gmres_steps:
+        what += f", with the GMRES refinement's ({gmres_steps} steps)"
+    return MemoryEstimate(total, what, total)
 
 
 def batch_advice(estimate_at: Callable[[int], int], samples: int, limit: float) -> str:

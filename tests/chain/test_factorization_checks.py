@@ -84,10 +84,15 @@ def test_gauss_newton_factorizations_are_not_checked(monkeypatch):
     fact.logdet(), fact.inertia()
 
 
-def test_a_stalled_refinement_solves_with_the_pivoted_factorization():
-    """On the LayerNorm chain at ε = 1e-8 the elimination's refinement stalls above
-    tolerance for some right-hand sides: the solve is done with the pivoted factorization
-    and meets the backward-error tolerance without a warning."""
+@pytest.mark.parametrize("rescue", [True, False])
+def test_a_stalled_refinement_is_rescued_by_gmres_or_the_pivoted_factorization(rescue, monkeypatch):
+    """On the LayerNorm chain at ε = 1e-8 the elimination's stationary refinement stalls
+    above tolerance for some right-hand sides: GMRES preconditioned with the same factors
+    meets the backward-error tolerance without a pivoted factorization; without it
+    (``RESCUE_STEPS = 0``) the solve is done with the pivoted factorization. Either way
+    without a warning."""
+    if not rescue:
+        monkeypatch.setattr(ts.curvature, "RESCUE_STEPS", 0)
     chain, X, y = _layer_norm_chain(0)
     H = dense_hessian(chain, X, y)
     damping = 1e-8
@@ -97,6 +102,7 @@ def test_a_stalled_refinement_solves_with_the_pivoted_factorization():
     x = fact.solve(B)  # AccuracyWarning is an error in this suite
     eta = (B - M @ x).norm(dim=0) / (torch.linalg.matrix_norm(M, 2) * x.norm(dim=0) + B.norm(dim=0))
     assert float(eta.max()) <= 64 * torch.finfo(torch.float64).eps
+    assert (fact._pivoted is None) == rescue
 
 
 def test_the_inertia_alone_keeps_the_elimination_where_eta_cond_is_small():

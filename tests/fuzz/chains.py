@@ -58,7 +58,8 @@ INERTIA_RATIO = 1e-8
 
 INERTIA_RATIO_LOW = 1e4
 """float32: where ``min|λ| > (INERTIA_RATIO_LOW·eps + η)·max|λ|``, with ``η`` the float32
-model's own distance from the float64 Hessian (its eigenvalues move by up to that)."""
+model's own distance from the float64 Hessian or its products' (its eigenvalues move by up
+to that)."""
 
 SINGULAR_RATIO = 10.0
 """A ``SingularSystemError`` is a right verdict only where ``H + εI`` is singular to working
@@ -499,7 +500,7 @@ def check_case(case: Case, *, rhs: int = 2) -> Report:
     if case.dtype == torch.float64:
         exact_required = report.min_ratio > INERTIA_RATIO
     else:
-        exact_required = report.min_ratio > INERTIA_RATIO_LOW * eps + model_gap / lam_max
+        exact_required = report.min_ratio > INERTIA_RATIO_LOW * eps + noise
     if tuple(inertia) != want:
         report.scores["inertia"] = math.inf
         if exact_required:
