@@ -52,6 +52,41 @@ def test_random_chain(seed):
     assert not report.failures, f"{report.case}: {report.failures}"
 
 
+def test_run_case_whose_reference_lost_digits():
+    """Runs-family seed 950683 (saturated tanh-GELU at x = −5.34 before the last layer):
+    torch's GELU backward made the reference's HVP 7× the tolerance off."""
+    report = check_case(make_run_case(950683))
+    assert not report.failures, f"{report.case}: {report.failures}"
+
+
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_accurate_references_are_gelu_with_exact_tails(approximate):
+    """The references' GELU (``chains.accurate_references``) is torch's GELU to rounding
+    where that is accurate, and it and its first two derivatives are exact to 1e-13
+    (mpmath; relative in the negative tail, where torch's lose digits)."""
+    mpmath = pytest.importorskip("mpmath")
+    from chains import accurate_references
+
+    x = torch.tensor([-9.0, -5.34047217, -2.0, 0.3, 4.0], dtype=torch.float64)
+    f = lambda t: torch.nn.functional.gelu(t, approximate=approximate)  # noqa: E731
+    with accurate_references():
+        y = f(x)
+        d1 = torch.func.vmap(torch.func.grad(f))(x)
+        d2 = torch.func.vmap(torch.func.grad(torch.func.grad(f)))(x)
+    assert torch.allclose(y[2:], f(x)[2:], rtol=1e-14, atol=0)
+    mpmath.mp.dps = 50
+    if approximate == "tanh":
+        c = mpmath.sqrt(2 / mpmath.pi)
+        exact = lambda t: t * (1 + mpmath.tanh(c * (t + mpmath.mpf("0.044715") * t**3))) / 2  # noqa: E731
+    else:
+        exact = lambda t: t * mpmath.erfc(-t / mpmath.sqrt(2)) / 2  # noqa: E731
+    for i, t in enumerate(x.tolist()):
+        for order, got in ((0, y[i]), (1, d1[i]), (2, d2[i])):
+            want = float(mpmath.diff(exact, mpmath.mpf(t), order))
+            scale = abs(want) if t < 0 else 1.0  # (positive side: the terms are O(1))
+            assert abs(float(got) - want) <= 1e-13 * scale, (t, order, float(got), want)
+
+
 @pytest.mark.parametrize("seed", range(RUN_CASES))
 def test_random_chain_with_a_run(seed):
     torch.set_num_threads(1)
