@@ -56,35 +56,38 @@ def relu_derivatives(z: Tensor) -> Derivatives:
 
 
 def sigmoid_derivatives(z: Tensor) -> Derivatives:
-    """``s' = s(1 − s)``, ``s'' = s(1 − s)(1 − 2s)``."""
-    s = torch.sigmoid(z)
-    d1 = s * torch.rsub(s, 1)
-    return d1, d1 * torch.rsub(2 * s, 1)
+    """``s' = s(1 − s)``, ``s'' = s(1 − s)(1 − 2s)``, with ``1 − s = s(−z)`` (exact where
+    ``s`` rounds to 1)."""
+    s, s_minus = torch.sigmoid(z), torch.sigmoid(-z)
+    d1 = s * s_minus
+    return d1, d1 * (s_minus - s)
 
 
 def softplus_derivatives(z: Tensor, beta: float = 1.0, threshold: float = 20.0) -> Derivatives:
     """``softplus_β(z) = log(1 + e^{βz})/β``, linear (``= z``) where ``βz > threshold``.
 
-    ``σ' = s(βz)``, ``σ'' = β s(1 − s)`` on the smooth part; ``1`` and ``0`` on the linear part.
+    ``σ' = s(βz)``, ``σ'' = β s(βz) s(−βz)`` on the smooth part; ``1`` and ``0`` on the linear part.
     At ``βz = threshold`` exactly, autograd takes ``σ'`` from the smooth formula but
     ``σ'' = 0``; so do we.
     """
     bz = z * beta
     s = torch.sigmoid(bz)
     d1 = torch.where(bz > threshold, torch.ones_like(z), s)
-    d2 = torch.where(bz >= threshold, torch.zeros_like(z), beta * s * (1 - s))
+    d2 = torch.where(bz >= threshold, torch.zeros_like(z), beta * s * torch.sigmoid(-bz))
     return d1, d2
 
 
 def silu_derivatives(z: Tensor) -> Derivatives:
-    """``silu = z s(z)``: ``σ' = s(1 + z(1 − s))``, ``σ'' = s(1 − s)(2 + z(1 − 2s))``."""
-    s = torch.sigmoid(z)
-    return s * (1 + z * (1 - s)), s * (1 - s) * (2 + z * (1 - 2 * s))
+    """``silu = z s(z)``: ``σ' = s(1 + z(1 − s))``, ``σ'' = s(1 − s)(2 + z(1 − 2s))``, with
+    ``1 − s = s(−z)``."""
+    s, s_minus = torch.sigmoid(z), torch.sigmoid(-z)
+    return s * (1 + z * s_minus), s * s_minus * (2 + z * (s_minus - s))
 
 
 def gelu_derivatives(z: Tensor) -> Derivatives:
-    """``gelu = z Φ(z)``: ``σ' = Φ + zφ``, ``σ'' = φ(2 − z²)``."""
-    Phi = 0.5 * (1 + torch.erf(z * (1 / math.sqrt(2))))
+    """``gelu = z Φ(z)``: ``σ' = Φ + zφ``, ``σ'' = φ(2 − z²)``, with ``Φ = erfc(−z/√2)/2``
+    (``(1 + erf)/2`` loses the digits of the left tail: 4e-6 relative at z = −7.4)."""
+    Phi = 0.5 * torch.erfc(z * (-1 / math.sqrt(2)))
     phi = torch.exp(-0.5 * z * z) * (1 / math.sqrt(2 * math.pi))
     return Phi + z * phi, phi * (2 - z * z)
 

@@ -325,27 +325,43 @@ class Report:
             self.failures.append(f"{name}: error {error:.2e} > tolerance {tol:.2e}")
 
 
+def _accurate_sigmoid(input: torch.Tensor) -> torch.Tensor:
+    """``1/(1 + e^{−x})`` for ``x ≥ 0``, ``e^x/(1 + e^x)`` below: autograd differentiates
+    both into sums of positive terms (torch's backward ``s(1 − s)`` cancels where ``s → 1``)."""
+    pos, neg = torch.where(input >= 0, input, 0.0), torch.where(input < 0, input, 0.0)
+    e = torch.exp(neg)
+    return torch.where(input >= 0, 1 / (1 + torch.exp(-pos)), e / (1 + e))
+
+
+def _accurate_silu(input: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+    return input * _accurate_sigmoid(input)
+
+
 def _accurate_gelu(input: torch.Tensor, approximate: str = "none") -> torch.Tensor:
     """GELU in forms whose autograd derivatives keep their digits in the negative tail:
-    ``x·σ(2w)`` (tanh form, ``w = √(2/π)(x + 0.044715x³)``) and ``x·erfc(−x/√2)/2``."""
+    ``x·s(2w)`` (tanh form, ``w = √(2/π)(x + 0.044715x³)``) and ``x·erfc(−x/√2)/2``."""
     if approximate == "tanh":
-        return input * torch.sigmoid(2 * math.sqrt(2 / math.pi) * (input + 0.044715 * input**3))
+        return input * _accurate_sigmoid(2 * math.sqrt(2 / math.pi) * (input + 0.044715 * input**3))
     return 0.5 * input * torch.erfc(-input / math.sqrt(2))
 
 
 @contextlib.contextmanager
 def accurate_references():
-    """The dense references with :func:`_accurate_gelu` for ``torch.nn.functional.gelu``:
-    torch's own GELU backward forms ``1 + tanh w`` and ``1 + erf(x/√2)``, which cancel in
-    the negative tail (GELU' at x = −5.34 off by 1.1e-9 relative, where tallskinny's is
-    exact to an ulp; runs-family seed 950683: an HVP "7× its tolerance" that was the
-    reference's error). The same function, so the references differ by rounding only."""
-    original = torch.nn.functional.gelu
-    torch.nn.functional.gelu = _accurate_gelu
+    """The dense references with the logistic sigmoid, SiLU and GELU in forms whose
+    autograd derivatives keep their digits where the unit saturates: torch's backward
+    formulas ``s(1 − s)``, ``1 + tanh w`` and ``1 + erf(x/√2)`` cancel there
+    (GELU'(−5.34) off by 1.1e-9 relative, GELU'(−9) = 0), where tallskinny's rules are
+    exact to rounding (runs-family seed 950683: an HVP "7× its tolerance" that was the
+    reference's error). The same functions, so the references differ from torch's by
+    rounding only where torch's are accurate. (tanh keeps ``1 − t²``, as tallskinny's
+    rule does.)"""
+    F = torch.nn.functional
+    saved = (torch.sigmoid, F.gelu, F.silu)
+    torch.sigmoid, F.gelu, F.silu = _accurate_sigmoid, _accurate_gelu, _accurate_silu
     try:
         yield
     finally:
-        torch.nn.functional.gelu = original
+        torch.sigmoid, F.gelu, F.silu = saved
 
 
 def _relative(a: torch.Tensor, b: torch.Tensor) -> float:

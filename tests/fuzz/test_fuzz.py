@@ -59,32 +59,54 @@ def test_run_case_whose_reference_lost_digits():
     assert not report.failures, f"{report.case}: {report.failures}"
 
 
-@pytest.mark.parametrize("approximate", ["none", "tanh"])
-def test_accurate_references_are_gelu_with_exact_tails(approximate):
-    """The references' GELU (``chains.accurate_references``) is torch's GELU to rounding
-    where that is accurate, and it and its first two derivatives are exact to 1e-13
-    (mpmath; relative in the negative tail, where torch's lose digits)."""
-    mpmath = pytest.importorskip("mpmath")
+@pytest.mark.xfail(strict=True, reason="open: the adjoints (autograd through the modules) and the dense route take torch's GELU backward, 1 + erf / 1 + tanh, which lose the digits of a saturated unit")
+@pytest.mark.parametrize("seed", [2001173, 2003627])
+def test_saturated_gelu_through_torch_autograd(seed):
+    """GELU at u ≈ −7 before the loss (‖H‖ ~1e-10): the references and the analytic rules
+    are exact, but the chain's adjoints come from torch's backward (seed 2003627, riccati:
+    HVP 7e-5·‖H‖ off) and the dense route is torch.func's Hessian (seed 2001173: 1.4e-6)."""
+    report = check_case(make_case(seed))
+    assert not report.failures, f"{report.case}: {report.failures}"
+
+
+@pytest.mark.parametrize("name", ["gelu", "gelu-tanh", "sigmoid", "silu"])
+def test_accurate_references_are_the_functions_with_exact_tails(name):
+    """The references' activations (``chains.accurate_references``) are torch's to rounding
+    where those are accurate, and they and their first two derivatives (by ``torch.func``,
+    as the references take them) are exact to 1e-12 against mpmath (relative in the
+    saturated tails, where torch's lose digits; absolute where the terms are O(1))."""
+    mp = pytest.importorskip("mpmath")
     from chains import accurate_references
 
-    x = torch.tensor([-9.0, -5.34047217, -2.0, 0.3, 4.0], dtype=torch.float64)
-    f = lambda t: torch.nn.functional.gelu(t, approximate=approximate)  # noqa: E731
+    F = torch.nn.functional
+    torch_fn = {
+        "gelu": lambda t: F.gelu(t),
+        "gelu-tanh": lambda t: F.gelu(t, approximate="tanh"),
+        "sigmoid": lambda t: torch.sigmoid(t),
+        "silu": lambda t: F.silu(t),
+    }[name]
+    mp.mp.dps = 250
+    c = mp.sqrt(2 / mp.pi)
+    exact = {
+        "gelu": lambda t: t * mp.erfc(-t / mp.sqrt(2)) / 2,
+        "gelu-tanh": lambda t: t * (1 + mp.tanh(c * (t + mp.mpf("0.044715") * t**3))) / 2,
+        "sigmoid": lambda t: 1 / (1 + mp.exp(-t)),
+        "silu": lambda t: t / (1 + mp.exp(-t)),
+    }[name]
+    x = torch.tensor([-30.0, -9.0, -5.34047217, -2.0, -1e-9, 0.0, 0.3, 4.0, 30.0], dtype=torch.float64)
+    accurate = (x.abs() <= 2).nonzero().flatten()
     with accurate_references():
-        y = f(x)
-        d1 = torch.func.vmap(torch.func.grad(f))(x)
-        d2 = torch.func.vmap(torch.func.grad(torch.func.grad(f)))(x)
-    assert torch.allclose(y[2:], f(x)[2:], rtol=1e-14, atol=0)
-    mpmath.mp.dps = 50
-    if approximate == "tanh":
-        c = mpmath.sqrt(2 / mpmath.pi)
-        exact = lambda t: t * (1 + mpmath.tanh(c * (t + mpmath.mpf("0.044715") * t**3))) / 2  # noqa: E731
-    else:
-        exact = lambda t: t * mpmath.erfc(-t / mpmath.sqrt(2)) / 2  # noqa: E731
+        y = torch_fn(x)
+        d1 = torch.func.vmap(torch.func.grad(torch_fn))(x)
+        d2 = torch.func.vmap(torch.func.grad(torch.func.grad(torch_fn)))(x)
+    assert torch.allclose(y[accurate], torch_fn(x)[accurate], rtol=1e-14, atol=0)
     for i, t in enumerate(x.tolist()):
         for order, got in ((0, y[i]), (1, d1[i]), (2, d2[i])):
-            want = float(mpmath.diff(exact, mpmath.mpf(t), order))
-            scale = abs(want) if t < 0 else 1.0  # (positive side: the terms are O(1))
-            assert abs(float(got) - want) <= 1e-13 * scale, (t, order, float(got), want)
+            want = float(mp.diff(exact, mp.mpf(t), order))
+            # saturated: the left tail, and the right one of the sigmoid
+            tail = abs(t) >= 2 and (t < 0 or name == "sigmoid")
+            scale = abs(want) if tail and want != 0 else 1.0
+            assert abs(float(got) - want) <= 1e-12 * scale, (t, order, float(got), want)
 
 
 @pytest.mark.parametrize("seed", range(RUN_CASES))
