@@ -92,20 +92,23 @@ def test_user_tensors_unchanged():
     assert all(p.dtype == torch.float64 for p in chain.parameters())
 
 
+def _mixed_solve(act: str, seed: int, damping: float):
+    """``((chain, X, y), H + εI, b, the mixed factorization, its solve of b)``."""
+    chain, X, y = _chain(act, seed)
+    H = dense_hessian(chain, X, y)
+    M = H + damping * torch.eye(H.shape[0])
+    b = _rhs(H.shape[0])
+    fact = chain.curvature(X, y).factorize(damping, precision="mixed")
+    return (chain, X, y), M, b, fact, fact.solve(b)
+
+
 @pytest.mark.parametrize("act, seed", [("tanh", 2), ("relu", 1), ("relu", 5)])
 def test_gmres_refinement_converges_where_stationary_refinement_stalls(act, seed):
     """ε = 1e-4, cond ~1e4–1e6: ``x ← x + F₃₂⁻¹r`` (``refine=k``) did not reach float64's
     backward error in 8 steps when measured (3e-11 to 4e-9; not asserted, it depends on
     float32 rounding), GMRES preconditioned by the same float32 factors reaches it with
     a wide margin (~1e-16), without a float64 factorization."""
-    chain, X, y = _chain(act, seed)
-    curv = chain.curvature(X, y)
-    H = dense_hessian(chain, X, y)
-    damping = 1e-4
-    M = H + damping * torch.eye(H.shape[0])
-    b = _rhs(H.shape[0])
-    fact = curv.factorize(damping, precision="mixed")
-    x = fact.solve(b)
+    _, M, b, fact, x = _mixed_solve(act, seed, 1e-4)
     assert fact.precision == "mixed" and fact.fallback is None
     assert _backward_error(M, x, b) <= TOL
     ref = torch.linalg.solve(M, b)
@@ -117,17 +120,10 @@ def test_gmres_refinement_converges_where_stationary_refinement_stalls(act, seed
 def test_stall_falls_back_to_float64(seed):
     """ReLU nets at ε = 1e-8: cond(H + εI)·eps₃₂ ≫ 1, the float32 factors cannot be
     refined; the solve factors in float64 and is as accurate as the full path."""
-    chain, X, y = _chain("relu", seed)
-    curv = chain.curvature(X, y)
-    H = dense_hessian(chain, X, y)
-    damping = 1e-8
-    M = H + damping * torch.eye(H.shape[0])
-    b = _rhs(H.shape[0])
-    fact = curv.factorize(damping, precision="mixed")
-    x = fact.solve(b)
+    (chain, X, y), M, b, fact, x = _mixed_solve("relu", seed, 1e-8)
     assert fact.precision == "full"
     assert fact.fallback is not None and "float32" in fact.fallback
-    full = chain.curvature(X, y).factorize(damping).solve(b)
+    full = chain.curvature(X, y).factorize(1e-8).solve(b)
     assert _backward_error(M, x, b) <= max(TOL, 2 * _backward_error(M, full, b))
     assert ((x - full).norm() / full.norm()).item() <= 1e-9 * max(1.0, torch.linalg.cond(M).item() * EPS * 1e9)
 
