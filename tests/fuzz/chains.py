@@ -333,6 +333,20 @@ def _accurate_sigmoid(input: torch.Tensor) -> torch.Tensor:
     return torch.where(input >= 0, 1 / (1 + torch.exp(-pos)), e / (1 + e))
 
 
+_TORCH_TANH = torch.tanh
+
+
+def _accurate_tanh(input: torch.Tensor) -> torch.Tensor:
+    """``tanh x = (1 − e)/(1 + e)``, ``e = e^{−2|x|}``, odd, from ``|x| ≥ 1/2``: autograd
+    gives ``4e/(1 + e)²`` as two positive terms (torch's backward ``1 − t²`` cancels where
+    ``|t| → 1``, and so does ``expm1``'s ``result + 1``); torch's own tanh below, where
+    ``1 − t²`` is accurate."""
+    big = input.abs() >= 0.5
+    e = torch.exp(-2 * torch.where(big, input.abs(), 1.0))
+    outer = torch.sign(input) * (1 - e) / (1 + e)
+    return torch.where(big, outer, _TORCH_TANH(torch.where(big, 0.0, input)))
+
+
 def _accurate_silu(input: torch.Tensor, inplace: bool = False) -> torch.Tensor:
     return input * _accurate_sigmoid(input)
 
@@ -347,21 +361,20 @@ def _accurate_gelu(input: torch.Tensor, approximate: str = "none") -> torch.Tens
 
 @contextlib.contextmanager
 def accurate_references():
-    """The dense references with the logistic sigmoid, SiLU and GELU in forms whose
+    """The dense references with tanh, the logistic sigmoid, SiLU and GELU in forms whose
     autograd derivatives keep their digits where the unit saturates: torch's backward
-    formulas ``s(1 − s)``, ``1 + tanh w`` and ``1 + erf(x/√2)`` cancel there
-    (GELU'(−5.34) off by 1.1e-9 relative, GELU'(−9) = 0), where tallskinny's rules are
-    exact to rounding (runs-family seed 950683: an HVP "7× its tolerance" that was the
-    reference's error). The same functions, so the references differ from torch's by
-    rounding only where torch's are accurate. (tanh keeps ``1 − t²``, as tallskinny's
-    rule does.)"""
+    formulas ``1 − t²``, ``s(1 − s)``, ``1 + tanh w`` and ``1 + erf(x/√2)`` cancel there
+    (GELU'(−5.34) off by 1.1e-9 relative, GELU'(−9) = 0, tanh'(±30) = 0), where
+    tallskinny's rules are exact to rounding (runs-family seed 950683: an HVP "7× its
+    tolerance" that was the reference's error). The same functions, so the references
+    differ from torch's by rounding only where torch's are accurate."""
     F = torch.nn.functional
-    saved = (torch.sigmoid, F.gelu, F.silu)
-    torch.sigmoid, F.gelu, F.silu = _accurate_sigmoid, _accurate_gelu, _accurate_silu
+    saved = (torch.tanh, torch.sigmoid, F.gelu, F.silu)
+    torch.tanh, torch.sigmoid, F.gelu, F.silu = _accurate_tanh, _accurate_sigmoid, _accurate_gelu, _accurate_silu
     try:
         yield
     finally:
-        torch.sigmoid, F.gelu, F.silu = saved
+        torch.tanh, torch.sigmoid, F.gelu, F.silu = saved
 
 
 def _relative(a: torch.Tensor, b: torch.Tensor) -> float:

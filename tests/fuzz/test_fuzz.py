@@ -69,7 +69,7 @@ def test_saturated_gelu_through_torch_autograd(seed):
     assert not report.failures, f"{report.case}: {report.failures}"
 
 
-@pytest.mark.parametrize("name", ["gelu", "gelu-tanh", "sigmoid", "silu"])
+@pytest.mark.parametrize("name", ["gelu", "gelu-tanh", "tanh", "sigmoid", "silu"])
 def test_accurate_references_are_the_functions_with_exact_tails(name):
     """The references' activations (``chains.accurate_references``) are torch's to rounding
     where those are accurate, and they and their first two derivatives (by ``torch.func``,
@@ -82,6 +82,7 @@ def test_accurate_references_are_the_functions_with_exact_tails(name):
     torch_fn = {
         "gelu": lambda t: F.gelu(t),
         "gelu-tanh": lambda t: F.gelu(t, approximate="tanh"),
+        "tanh": lambda t: torch.tanh(t),
         "sigmoid": lambda t: torch.sigmoid(t),
         "silu": lambda t: F.silu(t),
     }[name]
@@ -90,6 +91,7 @@ def test_accurate_references_are_the_functions_with_exact_tails(name):
     exact = {
         "gelu": lambda t: t * mp.erfc(-t / mp.sqrt(2)) / 2,
         "gelu-tanh": lambda t: t * (1 + mp.tanh(c * (t + mp.mpf("0.044715") * t**3))) / 2,
+        "tanh": mp.tanh,
         "sigmoid": lambda t: 1 / (1 + mp.exp(-t)),
         "silu": lambda t: t / (1 + mp.exp(-t)),
     }[name]
@@ -103,8 +105,8 @@ def test_accurate_references_are_the_functions_with_exact_tails(name):
     for i, t in enumerate(x.tolist()):
         for order, got in ((0, y[i]), (1, d1[i]), (2, d2[i])):
             want = float(mp.diff(exact, mp.mpf(t), order))
-            # saturated: the left tail, and the right one of the sigmoid
-            tail = abs(t) >= 2 and (t < 0 or name == "sigmoid")
+            # saturated: the left tail, and the right one of tanh and the sigmoid
+            tail = abs(t) >= 2 and (t < 0 or name in ("tanh", "sigmoid"))
             scale = abs(want) if tail and want != 0 else 1.0
             assert abs(float(got) - want) <= 1e-12 * scale, (t, order, float(got), want)
 
