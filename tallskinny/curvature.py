@@ -41,18 +41,22 @@ RESCUE_STEPS = 20
 """Where stationary refinement of a full-precision solve stalls above tolerance, GMRES
 steps (preconditioned with the same factors) tried before the pivoted fallback."""
 
-MIXED_INNER_RTOL = 1e-4
-"""A correction ``(H+εI)d = r`` of a mixed-precision solve is solved by GMRES
-(:func:`~tallskinny.linalg.gmres.gmres`, preconditioned by the float32 solve) to the
-relative residual ``0.1·tol/η`` that would bring the backward error ``η`` to ``tol`` in
-one correction, at most this and at least :data:`MIXED_INNER_FLOOR`."""
+GMRES_RTOL = 1e-4
+"""A correction ``(H+εI)d = r`` of GMRES-based refinement (a mixed-precision solve, or the
+rescue of a stalled one) is solved by GMRES (:func:`~tallskinny.linalg.gmres.gmres`,
+preconditioned by the factorization's solve) to the relative residual ``0.1·tol/η`` that
+would bring the backward error ``η`` to ``tol`` in one correction, at most this and at
+least :data:`GMRES_RTOL_FLOOR`."""
 
-MIXED_INNER_FLOOR = 1e-12
+GMRES_RTOL_FLOOR = 1e-12
 """The smallest relative residual asked of one GMRES correction (float64's recurrence)."""
 
-MIXED_INNER_STEPS = 10
-"""GMRES steps of one correction at most (then the backward error is checked again); it
-stops early where 3 steps did not halve its residual (a preconditioner too poor to pay)."""
+GMRES_STEPS = 10
+"""GMRES steps of one correction at most (then the backward error is checked again)."""
+
+GMRES_STAGNATION = 3
+"""A correction stops early where this many GMRES steps did not halve its residual (a
+preconditioner too poor to pay)."""
 
 BACKWARD_ERROR_TOLERANCE = 64
 """``solve(refine=None)`` refines when the estimated normwise backward error
@@ -331,7 +335,7 @@ class Factorization:
         dtype: while the backward error is above ``BACKWARD_ERROR_TOLERANCE·eps``, the
         correction ``(H+εI)d = b − (H+εI)x`` by GMRES preconditioned with this
         factorization's solve, to the relative residual that one correction needs
-        (:data:`MIXED_INNER_RTOL`), a step one HVP and one solve; ``budget`` steps in all.
+        (:data:`GMRES_RTOL`), a step one HVP and one solve; ``budget`` steps in all.
         Returns the best ``x``, its backward error (``0`` below tolerance), the steps and,
         where it stopped above tolerance, why (a correction did not halve the backward
         error, or the budget)."""
@@ -357,9 +361,9 @@ class Factorization:
                 lambda v: self._curvature._apply(v, shift=self.damping),
                 self._inner.solve,
                 residual,
-                rtol=min(MIXED_INNER_RTOL, max(0.1 * tol / eta, MIXED_INNER_FLOOR)),
-                maxiter=min(MIXED_INNER_STEPS, budget - steps),
-                stagnation=3,
+                rtol=min(GMRES_RTOL, max(0.1 * tol / eta, GMRES_RTOL_FLOOR)),
+                maxiter=min(GMRES_STEPS, budget - steps),
+                stagnation=GMRES_STAGNATION,
             )
             steps += taken
             self._curvature.checks.refinements += taken
@@ -890,22 +894,25 @@ class Curvature:
 
     def _check_solve(self, columns: int, mixed: bool = False) -> None:
         """Refuse a solve of ``columns`` right-hand sides that would not fit (``mixed``:
-        with the GMRES refinement's vectors, :func:`resources.gmres_bytes`)."""
-        P, itemsize = self.layout.numel, self.layout.dtype.itemsize
-        steps = MIXED_INNER_STEPS if mixed else 0
-        if resources.fits(resources.solve_bytes(P, columns, itemsize, steps), self._memory_limit):
+        with the GMRES refinement's vectors)."""
+        steps = GMRES_STEPS if mixed else 0
+        if resources.fits(self._solve_bytes(columns, steps), self._memory_limit):
             return  # (every solve: no estimate made)
-        one = resources.solve_bytes(P, 1, itemsize, steps)
+        one = self._solve_bytes(1, steps)
         resources.require(
-            resources.solve_estimate(P, columns, itemsize, steps), self.memory_limit, self.layout.device, what="solve",
+            resources.solve_estimate(self.layout.numel, columns, self.layout.dtype.itemsize, steps),
+            self.memory_limit, self.layout.device, what="solve",
             advice=lambda limit: [f"at most {int(limit // one)} right-hand sides at a time fit"],
         )
 
     def _gmres_fits(self, columns: int) -> bool:
         """Whether a full-precision solve's GMRES rescue (:data:`RESCUE_STEPS`) fits the
         memory limit (else a stalled refinement goes on as without it)."""
-        P, itemsize = self.layout.numel, self.layout.dtype.itemsize
-        return resources.fits(resources.solve_bytes(P, columns, itemsize, MIXED_INNER_STEPS), self._memory_limit)
+        return resources.fits(self._solve_bytes(columns, GMRES_STEPS), self._memory_limit)
+
+    def _solve_bytes(self, columns: int, gmres_steps: int = 0) -> int:
+        """:func:`resources.solve_bytes` of this curvature's parameters and dtype."""
+        return resources.solve_bytes(self.layout.numel, columns, self.layout.dtype.itemsize, gmres_steps)
 
     def _factorization_advice(self, damping: float, limit: float, columns: int = 0) -> list[str]:
         """What would fit: a smaller batch, the Gauss–Newton matrix, a damping > 0, fewer

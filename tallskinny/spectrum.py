@@ -322,9 +322,7 @@ def _ritz_pairs(curv, F, Z: Tensor, sigma: float, k: int, norm: float, excluded:
         if bool((res <= tol).all()):
             return lam, Y, res
         worst.append(float(res.max()))
-        # stagnation: the best of the last STAGNATION_WINDOW steps not half the best before
-        # (the worst residual is not monotone: within a cluster the Rayleigh–Ritz picks
-        # differently polluted mixtures from step to step)
+        # (not monotone: in a cluster the Rayleigh–Ritz picks differently polluted mixtures)
         if len(worst) > STAGNATION_WINDOW and not min(worst[-STAGNATION_WINDOW:]) <= 0.5 * min(worst[:-STAGNATION_WINDOW]):
             return None
     return None
