@@ -1,8 +1,9 @@
 """``Chain``: a sequence of modules (or blocks) ending in a scalar loss.
 
-The chain turns each module into a block through the registry, runs the forward pass
-and one backward pass for the adjoints ``g_l = ∂loss/∂z_l``, asks each block for its
-oracle, and hands the oracles to :class:`~tallskinny.curvature.Curvature`.
+The chain turns each module into a block through the registry, runs the forward pass,
+asks each block for its oracle from the loss back (the adjoints ``g_l = ∂loss/∂z_l``
+passed down through the oracles' ``F``), and hands the oracles to
+:class:`~tallskinny.curvature.Curvature`.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from torch import Tensor, nn
 from .collector import collector_paused
 from . import resources
 from .blocks import LossBlock, Oracle, OracleMemory, block_for, checks, loss_for
-from .blocks.elementwise import batch_key, oracles_together
+from .blocks.elementwise import SharedDerivatives, batch_key
 from .batches import one_batch
 from .blocks.protocol import DeferredOracle
 from .curvature import Curvature, ParameterVersions, check_damping, check_kind, check_precision, check_refine
@@ -185,9 +186,9 @@ class Chain:
     ) -> Curvature:
         self._check_inputs(inputs, layout)
         versions = ParameterVersions(self._watched_names, self._watched)
-        # our own leaves: they require grad for the backward pass, and once it is done
-        # the same tensors (flag cleared) are the parameter values the oracles see
-        thetas = [[p.detach().requires_grad_(True) for p in ps] for ps in self._params]
+        # detached copies: the oracles see these values, and no autograd graph is built
+        # (the adjoints come from the blocks' own derivatives, :meth:`_oracles`)
+        thetas = [[p.detach() for p in ps] for ps in self._params]
         with torch.enable_grad(), checks.trusted():
             # a copy: the first oracle may keep its input, and the user may change theirs
             zs = [inputs.detach().clone()]
@@ -203,49 +204,24 @@ class Chain:
                     ) from err
                 if not isinstance(z, Tensor):
                     raise TypeError(f"block {i} ({_name(self.modules[i])}) returned {type(z).__name__}, not a tensor")
-                zs.append(z)
-            self.loss_block.check_target(zs[-1].detach(), targets)
+                zs.append(z.detach())
+            self.loss_block.check_target(zs[-1], targets)
             loss = self.loss_block.forward(zs[-1], targets)
             if not isinstance(loss, Tensor) or loss.numel() != 1 or loss.dim() != 0:
                 shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
                 raise ValueError(f"the loss must be a scalar (0-dim tensor), got {shape}")
-            # the forward pass gave the shapes: refuse before the backward pass and the oracles
-            samples = self._check_memory(zs, kind, layout, memory_limit)
-            # an output that does not depend on any parameter has no part in H: its
-            # adjoint is not needed (every tangent upstream of it is zero). The gradient
-            # w.r.t. θ is not asked of autograd (which then skips the parameters' branches
-            # of the backward pass): it is Σ_l G_lᵀ g_l, made from the oracles on request
-            wrt = [z for z in zs[1:] if z.requires_grad]
-            grads = iter(torch.autograd.grad(loss, wrt, allow_unused=True) if wrt else ())
+            loss = loss.detach()
+        # the forward pass gave the shapes: refuse before the oracles
+        samples = self._check_memory(zs, kind, layout, memory_limit)
+        self._check_finite(zs, "z")
         n = len(self.blocks)
-        # (the gradients of a first-order grad call carry no graph: no detach needed)
-        adjoints = [_zeros_if_none(next(grads) if z.requires_grad else None, z) for z in zs[1:]]
-        for ts in thetas:
-            for t in ts:
-                t.requires_grad_(False)
-        zs = [z.detach() for z in zs]
-
-        self._check_finite(zs, adjoints)
-        second_order = kind == "hessian"
-        oracles = []
         with checks.trusted():
-            together = self._activation_oracles(zs, thetas, adjoints, second_order)
-            for i, block in enumerate(self.blocks):
-                values = thetas[i]
-                o = together.get(i)
-                if o is None:
-                    try:
-                        o = block.oracle(zs[i], values, adjoints[i], second_order=second_order)
-                    except NondeterministicModuleError as err:
-                        raise NondeterministicModuleError(f"block {i} ({_name(self.modules[i])}): {err}") from None
-                if not second_order:
-                    o = _gauss_newton(o)
-                _check_oracle(o, i, self.modules[i], zs[i], zs[i + 1], sum(t.numel() for t in values))
-                oracles.append(o)
-        loss_oracle = self.loss_block.oracle(zs[-1], targets)
-        _check_oracle(loss_oracle, n, self.loss, zs[-1], loss, 0)
+            loss_oracle = self.loss_block.oracle(zs[-1], targets)
+            _check_oracle(loss_oracle, n, self.loss, zs[-1], loss, 0)
+            oracles, adjoints = self._oracles(zs, thetas, loss_oracle, kind == "hessian")
+        self._check_finite(adjoints, "g")
         return Curvature(
-            oracles, loss_oracle, adjoints, layout, kind, loss.detach(), versions,
+            oracles, loss_oracle, adjoints, layout, kind, loss, versions,
             memory_limit=memory_limit, samples=samples, names=self._block_names, method=method,
             preconditioner=routes.krylov.preconditioner_curvature(self, inputs, targets, kind, method, memory_limit),
         )
@@ -293,24 +269,64 @@ class Chain:
             out.append(f"kind='ggn' needs about {resources.format_bytes(ggn)}")
         return out
 
-    def _activation_oracles(self, zs, thetas, adjoints, second_order: bool) -> dict:
-        """The oracles of built-in activation blocks that share a derivative rule, computed
-        together (:func:`tallskinny.blocks.elementwise.oracles_together`), by block index."""
-        groups: dict = {}
+    def _oracles(self, zs, thetas, loss_oracle, second_order: bool) -> tuple[list[Oracle], list[Tensor]]:
+        """The blocks' oracles and the adjoints ``g_i = ∂loss/∂z_{i+1}`` of their outputs, in
+        one sweep from the loss back: ``g_n = ∇ℓ`` (the loss oracle's ``F``), block ``i``'s
+        oracle at ``g_i``, then ``g_{i−1} = F_iᵀ g_i``. These are the blocks' own first
+        derivatives, not autograd's backward formulas (which lose the digits of saturated
+        units: ``1 − t²`` of tanh, ``1 + erf`` of GELU). An output upstream of every
+        parameter has no part in ``H`` (every tangent there is zero): its adjoint is zero."""
+        n = len(self.blocks)
+        groups = self._shared_derivatives(zs, thetas)
+        shared = {i: (group, k) for group, index in groups for k, i in enumerate(index)}
+        below_a_parameter = [False] * (n + 1)  # [i]: some block before i has parameters
+        for i in range(n):
+            below_a_parameter[i + 1] = below_a_parameter[i] or bool(thetas[i])
+        g = loss_oracle.F.T.matmat(torch.ones(1, 1, dtype=zs[-1].dtype, device=zs[-1].device))
+        g = g.reshape(zs[-1].shape) if below_a_parameter[n] else torch.zeros_like(zs[-1])
+        oracles: list = [None] * n
+        adjoints: list = [None] * n
+        for i in range(n - 1, -1, -1):
+            adjoints[i] = g
+            found = shared.get(i)
+            if found is None:
+                block = self.blocks[i]
+                try:
+                    o = block.oracle(zs[i], thetas[i], g, second_order=second_order)
+                except NondeterministicModuleError as err:
+                    raise NondeterministicModuleError(f"block {i} ({_name(self.modules[i])}): {err}") from None
+                _check_oracle(o, i, self.modules[i], zs[i], zs[i + 1], sum(t.numel() for t in thetas[i]))
+                oracles[i] = o
+            if not below_a_parameter[i]:
+                g = torch.zeros_like(zs[i])
+            elif found is not None:
+                group, k = found
+                g = group.slopes[k].reshape(zs[i].shape) * g
+            else:
+                g = _input_adjoint(oracles[i], g, zs[i])
+        for group, index in groups:
+            made = group.oracles([adjoints[i] for i in index], second_order=second_order)
+            for i, o in zip(index, made):
+                _check_oracle(o, i, self.modules[i], zs[i], zs[i + 1], 0)
+                oracles[i] = o
+        if not second_order:
+            oracles = [_gauss_newton(o) for o in oracles]
+        return oracles, adjoints
+
+    def _shared_derivatives(self, zs, thetas) -> list[tuple[SharedDerivatives, list[int]]]:
+        """Built-in activation blocks that share a derivative rule, their derivatives computed
+        together (:class:`~tallskinny.blocks.elementwise.SharedDerivatives`), with their
+        block indices."""
+        index: dict = {}
         for i, block in enumerate(self.blocks):
             key = batch_key(block)
             if key is not None:
-                groups.setdefault(key, []).append(i)
-        out = {}
-        for idx in groups.values():
-            if len(idx) > 1:
-                blocks = [self.blocks[i] for i in idx]
-                found = oracles_together(
-                    blocks, [zs[i] for i in idx], [thetas[i] for i in idx], [adjoints[i] for i in idx],
-                    second_order=second_order,
-                )
-                out.update(zip(idx, found))
-        return out
+                index.setdefault(key, []).append(i)
+        return [
+            (SharedDerivatives([self.blocks[i] for i in idx], [zs[i] for i in idx], [thetas[i] for i in idx]), idx)
+            for idx in index.values()
+            if len(idx) > 1
+        ]
 
     @collector_paused
     def hvp(
@@ -364,18 +380,17 @@ class Chain:
             b, damping, refine=refine, precision=precision
         )
 
-    def _check_finite(self, zs: Sequence[Tensor], adjoints: Sequence[Tensor]) -> None:
-        """Every activation and adjoint of the pass is finite (one reduction for all)."""
-        flat = [z.reshape(-1) for z in zs] + [g.reshape(-1) for g in adjoints]
-        if bool(torch.isfinite(torch.cat(flat)).all()):
+    def _check_finite(self, tensors: Sequence[Tensor], name: str) -> None:
+        """Every activation (``name = "z"``: the blocks' inputs and the loss's) or every
+        adjoint (``"g"``: of the blocks' outputs) is finite (one reduction for all)."""
+        if bool(torch.isfinite(torch.cat([t.reshape(-1) for t in tensors])).all()):
             return
-        for i in range(len(self.blocks)):
-            for name, t in (("z", zs[i]), ("g", adjoints[i])):
-                if not bool(torch.isfinite(t).all()):
-                    raise ValueError(
-                        f"block {i} ({_name(self.modules[i])}): {name} contains NaN or inf; "
-                        "derivatives at a non-finite point are undefined"
-                    )
+        for i, t in enumerate(tensors[: len(self.blocks)]):
+            if not bool(torch.isfinite(t).all()):
+                raise ValueError(
+                    f"block {i} ({_name(self.modules[i])}): {name} contains NaN or inf; "
+                    "derivatives at a non-finite point are undefined"
+                )
         raise ValueError(
             f"the loss input (output of block {len(self.blocks) - 1}) contains NaN or inf; "
             "derivatives at a non-finite point are undefined"
@@ -406,8 +421,15 @@ def _param_names(module, params: Sequence[Tensor]) -> list[str]:
     return [str(j) for j in range(len(params))]
 
 
-def _zeros_if_none(g, like: Tensor) -> Tensor:
-    return torch.zeros_like(like) if g is None else g
+def _input_adjoint(o: Oracle, g: Tensor, z_in: Tensor) -> Tensor:
+    """``Fᵀg`` in the shape of ``z_in``; from a deferred oracle's hints where it has them
+    (its operators stay unmade)."""
+    if isinstance(o, DeferredOracle) and not o.built:
+        if o.linear is not None:  # F = W, one sample
+            return (g.reshape(1, -1) @ o.linear[0]).reshape(z_in.shape)
+        if o.diagonal is not None:  # F = diag(d)
+            return o.diagonal[0].reshape(z_in.shape) * g
+    return o.F.T.matmat(g.reshape(-1, 1)).reshape(z_in.shape)
 
 
 def _gauss_newton(o: Oracle) -> Oracle:

@@ -47,7 +47,10 @@ class Kronecker(LinearOperator):
         k = x.shape[1]
         X = x.reshape(q, s, k)
         if _is_identity(self.left) and isinstance(self.right, Dense):
-            # I ⊗ B: B acts on each of the q blocks, one broadcast product, no transposes
+            # I ⊗ B: B acts on each of the q blocks, one broadcast product, no transposes;
+            # one column: the blocks are the rows of one GEMM, X Bᵀ (not q matrix-vector products)
+            if k == 1:
+                return (X.reshape(q, s) @ self.right.matrix.mT).reshape(p * r, 1)
             return (self.right.matrix @ X).reshape(p * r, k)
         if not _is_identity(self.right):
             Xb = X.transpose(0, 1).reshape(s, q * k)  # B acts on the column index

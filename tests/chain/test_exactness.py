@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 
 import tallskinny as ts
 from models import CASES, make_case
@@ -195,3 +196,54 @@ def test_single_vector_products_match_dense(bias, batch, kind):
     V = torch.randn(H.shape[0], 2, generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(curv.hvp(V[:, 0]), H @ V[:, 0], rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(curv.hvp(V), H @ V, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "name, z0",
+    [("tanh", 20.0), ("sigmoid", 40.0), ("gelu", -7.4), ("gelu-tanh", -9.0), ("gelu", -30.0)],
+)
+def test_saturated_unit_gradient_and_hessian_exact(name, z0):
+    """``Linear(1, 1) → σ → Linear(1, 1)``, squared error, the unit saturated at ``z0``:
+    every entry of the gradient and the Hessian (4 parameters) to 1e-12 relative
+    against mpmath. The
+    adjoints are the blocks' own (torch's backward formulas ``1 − t²``, ``s(1 − s)``,
+    ``1 + erf`` give ``σ' = 0`` or lose the digits there) and so is GELU's value (torch's
+    ``z(1 + erf)/2`` is 3e-4 relative off at −7.4 and 0 at −30, which the second Linear's
+    ``G`` would inherit)."""
+    mp = pytest.importorskip("mpmath")
+    mp.mp.dps = 250  # (the entries at −30 are 1e-194: numerical differentiation needs the digits)
+    c = mp.sqrt(2 / mp.pi)
+    exact = {
+        "tanh": mp.tanh,
+        "sigmoid": lambda t: 1 / (1 + mp.exp(-t)),
+        "gelu": lambda t: t * mp.erfc(-t / mp.sqrt(2)) / 2,
+        "gelu-tanh": lambda t: t * (1 + mp.tanh(c * (t + mp.mpf("0.044715") * t**3))) / 2,
+    }[name]
+    module = {
+        "tanh": nn.Tanh(), "sigmoid": nn.Sigmoid(), "gelu": nn.GELU(), "gelu-tanh": nn.GELU(approximate="tanh"),
+    }[name]
+    theta = [0.5, z0 - 0.5, 3.0, 0.1]  # w1, b1, w2, b2; x = 1, target 1
+    lin1, lin2 = nn.Linear(1, 1).double(), nn.Linear(1, 1).double()
+    with torch.no_grad():
+        for p, v in zip([lin1.weight, lin1.bias, lin2.weight, lin2.bias], theta):
+            p.fill_(v)
+    chain = ts.Chain([lin1, module, lin2], nn.MSELoss())
+    X, y = torch.ones(1, 1, dtype=torch.float64), torch.ones(1, 1, dtype=torch.float64)
+
+    def loss(w1, b1, w2, b2):
+        return (w2 * exact(w1 + b1) + b2 - 1) ** 2
+
+    point = [mp.mpf(v) for v in theta]
+    unit = [tuple(int(i == j) for i in range(4)) for j in range(4)]
+    grad = torch.tensor([float(mp.diff(loss, point, u)) for u in unit], dtype=torch.float64)
+    hess = torch.tensor(
+        [[float(mp.diff(loss, point, tuple(a + b for a, b in zip(u, v)))) for v in unit] for u in unit],
+        dtype=torch.float64,
+    )
+    curv = chain.curvature(X, y)
+    # entrywise: the first layer's entries carry σ'(z0) ~ 1e-17 and would vanish in a norm
+    # (1e-250 absolute: at −30, ∂²/∂w2² = 2·gelu(−30)² underflows, and mpmath's numerical
+    # derivative of it is 1e-264 of noise)
+    assert bool(((curv.gradient() - grad).abs() <= 1e-12 * grad.abs()).all())
+    H = curv.hvp(torch.eye(4, dtype=torch.float64))
+    assert bool(((H - hess).abs() <= 1e-12 * hess.abs() + 1e-250).all())
