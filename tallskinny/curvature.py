@@ -19,7 +19,7 @@ from .errors import AccuracyWarning, SingularSystemError, StaleCurvatureError, r
 from .linalg import Inertia
 from .linalg.gmres import gmres
 from .resources import MemoryEstimate, check_memory_limit, format_bytes
-from .vectors import ParameterLayout
+from .vectors import ParameterLayout, gaussian
 
 KINDS = ("hessian", "ggn")
 
@@ -520,8 +520,7 @@ class Factorization:
         ``10·√P·‖H+εI‖·‖x‖/‖b‖`` (``‖x‖/‖b‖ ≥ |vᵀb|/(|λ_min|·‖b‖)``, about
         ``1/(√P·|λ_min|)`` for a random ``b``; ``‖H+εI‖`` bounded from below by the check)."""
         layout = self._layout
-        gen = torch.Generator().manual_seed(0)
-        b = torch.randn((layout.numel, 1), generator=gen, dtype=layout.dtype).to(layout.device)
+        b = gaussian((layout.numel, 1), 0, layout.dtype, layout.device)
         x = factorization.solve(b)
         if not bool(torch.isfinite(x).all()):
             return math.inf, math.inf
