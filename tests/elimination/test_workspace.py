@@ -26,7 +26,8 @@ def _deep_chain(depth=12, width=48):
 def _run_buffers(fact):
     runs = [f for _, _, f in fact._inner._sweep_plan()[0] if isinstance(f, run_stage.BatchedRun)]
     assert len(runs) == 1
-    return {runs[0].lu._base.data_ptr(), runs[0].K._base.data_ptr(), runs[0].A[0].data_ptr()}
+    run = runs[0]  # (the pivots and their LU factors have one shape: the pool may swap them)
+    return {run.pivots.data_ptr(), run.lu._base.data_ptr(), run.K._base.data_ptr(), run.A[0].data_ptr()}
 
 
 def test_buffers_are_reused_after_their_owner_is_gone_and_never_before():

@@ -10,13 +10,15 @@ and shared with the batched HVPs). :class:`LinearRunStage` eliminates the whole 
   ``v_j = x̃_j/σ_j`` and ``‖g_j‖²`` (``C_⊥ᵀC_⊥ = ‖g‖²(I − v_in v_inᵀ)`` is applied, not formed);
 * the factorization is the Riccati step of :class:`~tallskinny.elimination.stages.affine.AffineStage` at one
   sample (``G_V = σI``) after the activation's ``S ← S ⊙ ddᵀ + diag(e)``, in one loop of
-  about a dozen tensor operations per layer and no ``J × m × m`` temporaries:
+  about a dozen tensor operations per layer (``ddᵀ`` of all layers made before it, ``A``
+  below after it):
 
       Q_ζζ = σ²S + εI     Q_ζy = σ S W + g vᵀ     K = Q_ζζ⁻¹ Q_ζy
       S ← Wᵀ S W − C_⊥ᵀC_⊥/ε − Q_ζyᵀ K
 
-  (LU factors and ``K`` written into one buffer each; the pivots of all LU factors are
-  tested after the loop, in one synchronisation; the pivots ``Q_j`` are not kept);
+  (``Q_j``, their LU factors and ``K`` written into one buffer each; the pivots of all LU
+  factors are tested after the loop, in one synchronisation; the ``Q_j`` are kept for the
+  inertia);
 * the sweeps of one right-hand side (:class:`BatchedRun`) are linear recurrences. With
   ``N = W − σK`` the backward sweep through layer ``j`` is
 
@@ -74,10 +76,12 @@ class LinearRunStage(Stage):
         self.W = W
         sigma = ((x * x).sum(1, keepdim=True) + float(bias)).sqrt()  # J × 1 × 1, ‖x̃‖ (> 0: admissible)
         self.sigmas = sigma.reshape(-1).tolist()
+        self.neg_sigmas = -sigma  # J × 1 × 1
         self.v_in = x / sigma  # J × n × 1
         self.v_bias = sigma.reciprocal() if bias else None  # J × 1 × 1
         self.sigma_d = sigma * d  # J × m × 1
         self.d = d.squeeze(-1)  # J × m
+        self.d_column = d  # J × m × 1
         self.e = None if run.e is None else run.e[:J].squeeze(-1)  # J × m: E = diag(e)
         g = None if run.g is None else run.g[:J]  # None: C = 0 (the Gauss–Newton matrix)
         self.g = g if g is not None else x.new_zeros(J, m, 1)
@@ -90,13 +94,13 @@ class LinearRunStage(Stage):
         if damping == 0.0:  # the complement's pivot is εI = 0 (AffineStage._check_complement)
             raise_if_null_directions(self._complement_curvature(J - 1), last)
             raise StageSingular(last)
-        pivots: list = []  # the Q_j, last layer first: kept for the inertia
-        S_out, lus, pivs, Ks, A, scales = self._riccati(S, damping, pivots)
-        bad = _first_small_pivot(lus, torch.stack(scales))
+        S_out, Q, lus, pivs, Ks, A = self._riccati(S, damping)
+        scales = torch.linalg.vector_norm(Q, dim=(-2, -1))  # ‖Q_j‖_F ≥ max|Q_j|, for the pivot test
+        bad = _first_small_pivot(lus, scales)
         if bad is not None:
             raise StageSingular(self.start + 2 * bad)
-        factor = BatchedRun(self, damping, pivots, lus, pivs, Ks, A)
-        workspace.recycle(factor, lus._base, Ks._base, A)
+        factor = BatchedRun(self, damping, Q, lus, pivs, Ks, A)
+        workspace.recycle(factor, Q, lus._base, Ks._base, A)
         return S_out, factor
 
     def _complement_curvature(self, j: int) -> Tensor | None:
@@ -106,15 +110,17 @@ class LinearRunStage(Stage):
         v = self.v_in[j]
         return torch.addmm(torch.eye(self.n, dtype=v.dtype, device=v.device), v, v.mT, alpha=-1.0) * self.g_sq[j]
 
-    def _riccati(self, S: Tensor, damping: float, pivots: list | None = None):
-        """The loop over the layers (last first): ``S`` at the run's input, the LU factors
-        of the pivots, ``K``, ``A = diag(d)(W − σK)`` and ``‖Q_j‖_F``; the pivots ``Q_j``
-        themselves appended to ``pivots`` if given (for the inertia)."""
+    def _riccati(self, S: Tensor, damping: float):
+        """The loop over the layers (last first): ``S`` at the run's input, the pivots
+        ``Q_j`` (kept for the inertia and the pivot test), their LU factors, ``K`` and
+        ``A = diag(d)(W − σK)``."""
         J, m = self.J, self.m
         eye_eps = scaled_identity(m, damping, S.dtype, S.device)
-        W, d, sigmas, g_sq = self.W, self.d.unbind(0), self.sigmas, self.g_sq
-        d_col = self.d.unsqueeze(-1).unbind(0)
-        d_half = (0.5 * self.d).unbind(0)
+        W, sigmas, g_sq = self.W, self.sigmas, self.g_sq
+        # ddᵀ of every activation at once; after the first layer S holds twice the
+        # (symmetrised) value Hessian, and ½ is folded into ddᵀ (exact: d_i·(½d_j))
+        dd = (self.d.unsqueeze(-1) * (0.5 * self.d).unsqueeze(-2)).unbind(0)
+        dd_last = torch.outer(self.d[J - 1], self.d[J - 1])
         # the diagonal added after the activation j: diag(e_j), and −‖g‖²I/ε of the Linear
         # j + 1 (its part of −C_⊥ᵀC_⊥/ε, carried through ⊙ ddᵀ as −‖g‖² d²/ε)
         diag = self.e
@@ -125,18 +131,16 @@ class LinearRunStage(Stage):
         diag = None if diag is None else diag.unbind(0)
         g, v = self.g.unbind(0), self.v_in.unbind(0)
         vt = self.v_in.mT.unbind(0)
-        # the LU factors and K are written into one buffer each, column-major as LAPACK
-        # makes them (no copies into stacks afterwards)
+        # the pivots, their LU factors and K are written into one buffer each (LU and K
+        # column-major as LAPACK makes them: no copies into stacks afterwards)
         # (from the workspace pool: BatchedRun gives them back when it is collected)
+        Q = workspace.empty((J, m, m), S)
         lus, Ks = workspace.empty((J, m, m), S).mT, workspace.empty((J, self.n, m), S).mT
-        A = workspace.empty((J, m, self.n), S)  # diag(d)(W − σK), for the sweeps
         pivs = torch.empty(J, m, dtype=torch.int32, device=S.device)
         info = torch.empty(J, dtype=torch.int32, device=S.device)
-        scales = [None] * J
         for j in range(J - 1, -1, -1):
-            # the activation: S ← S ⊙ ddᵀ + diag(e); after the first layer S holds twice
-            # the (symmetrised) value Hessian, and ½ is folded into ddᵀ (exact: d_i·(½d_j))
-            S = S * torch.outer(d[j], d[j] if j == J - 1 else d_half[j])  # symmetric exactly
+            # the activation: S ← S ⊙ ddᵀ + diag(e)
+            S = S * (dd_last if j == J - 1 else dd[j])  # symmetric exactly
             if diag is not None:
                 S.diagonal().add_(diag[j])
             # the Linear at one sample (G_V = σI): S_new = WᵀSW − ‖g‖²(I − v vᵀ)/ε − …
@@ -146,14 +150,10 @@ class LinearRunStage(Stage):
             S_new = Wj.mT @ SW
             if c is not None:
                 S_new.addmm_(v[j], vt[j], alpha=c[j])
-            Q = torch.add(eye_eps, S, alpha=s * s)
-            scales[j] = torch.linalg.vector_norm(Q)  # ‖Q‖_F ≥ max|Q|, for the pivot test
-            if pivots is not None:
-                pivots.append(Q)
+            torch.add(eye_eps, S, alpha=s * s, out=Q[j])
             Q_ry = SW * s if g_sq is None else torch.addmm(SW, g[j], vt[j], beta=s)
-            lu, piv, _ = torch.linalg.lu_factor_ex(Q, out=(lus[j], pivs[j], info[j]))
+            lu, piv, _ = torch.linalg.lu_factor_ex(Q[j], out=(lus[j], pivs[j], info[j]))
             K = torch.linalg.lu_solve(lu, piv, Q_ry, out=Ks[j])
-            torch.add(Wj, K, alpha=-s, out=A[j]).mul_(d_col[j])
             # re-symmetrised at every layer (Q_ζyᵀQ_ζζ⁻¹Q_ζy of a slightly nonsymmetric S
             # amplifies the antisymmetric part): S + Sᵀ, halved by the next layer's ddᵀ
             S_new.addmm_(Q_ry.mT, K, alpha=-1.0)
@@ -161,7 +161,9 @@ class LinearRunStage(Stage):
         S = S * 0.5
         if c is not None:
             S.diagonal().sub_(c[0])
-        return S, lus, pivs, Ks, A, scales
+        A = workspace.empty((J, m, self.n), S)  # diag(d)(W − σK), for the sweeps
+        torch.stack(W, out=A).addcmul_(Ks, self.neg_sigmas).mul_(self.d_column)
+        return S, Q, lus, pivs, Ks, A
 
 
 def _first_small_pivot(lu: Tensor, scales: Tensor) -> int | None:
@@ -183,10 +185,10 @@ class BatchedRun(StageFactor):
 
     writes_in_place = True
 
-    def __init__(self, stage: LinearRunStage, damping: float, pivots: list, lu: Tensor, piv: Tensor, K: Tensor, A: Tensor):
+    def __init__(self, stage: LinearRunStage, damping: float, pivots: Tensor, lu: Tensor, piv: Tensor, K: Tensor, A: Tensor):
         self.layers = stage
         self.damping = damping
-        self.pivots = pivots  # the Q_j (m × m), last layer first, for the inertia
+        self.pivots = pivots  # the Q_j (J × m × m), for the inertia
         self.lu, self.piv, self.K = lu, piv, K
         # A = diag(d)(W − σK) (made by the Riccati loop); the backward recurrence uses Aᵀ
         self.A = A.unbind(0)
@@ -205,7 +207,7 @@ class BatchedRun(StageFactor):
         and ``ε > 0`` on the complements."""
         if self._inertia is None:
             L = self.layers
-            ld, piv, _ = torch.linalg.ldl_factor_ex(torch.stack(self.pivots))
+            ld, piv, _ = torch.linalg.ldl_factor_ex(self.pivots)
             positive = int((ldl_d_eigenvalues(ld, piv) > 0).sum())  # all J at once
             rest = L.J * L.n_perp  # pivots ε: negative for a shift (ε < 0)
             negative = L.J * L.m - positive
