@@ -92,8 +92,8 @@ def hvp(
     ys: list[Tensor | None] = [None] * n
     y = None  # the tangent; None while it is zero (before the first parameter)
     one = v.shape[1] == 1
-    # runs of identical Linear + elementwise pairs, batched (one vector only)
-    runs, offsets = blocks.run_plan() if one and isinstance(blocks, CompiledBlocks) else ({}, None)
+    # runs of identical Linear + elementwise pairs, batched (every column at once)
+    runs, offsets = blocks.run_plan() if isinstance(blocks, CompiledBlocks) else ({}, None)
     ends = {end - 1: start for start, (end, _) in runs.items()}
     saved: dict = {}
     i = 0
@@ -127,7 +127,7 @@ def hvp(
         start = ends.get(i)
         if start is not None:
             run = runs[start][1]
-            mu = y.new_zeros(run.m, 1) if mu is None else mu
+            mu = y.new_zeros(run.m, y.shape[1]) if mu is None else mu
             out[start], mu = run.adjoints(mu, saved[start], out=result[offsets[start] : offsets[i + 1]], shift=shift)
             for k in range(start + 1, i + 1):
                 out[k] = None

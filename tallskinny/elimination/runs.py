@@ -113,6 +113,8 @@ class HVPRun:
 
     def tangents(self, y: Tensor | None, v: Tensor):
         """The tangent at the run's output; what the adjoint sweep needs of this one."""
+        if v.shape[1] > 1:
+            return self._tangents_columns(y, v)
         J, m, n = self.J, self.m, self.n
         vv = v.reshape(J, self.p)
         vW = vv[:, : m * n].reshape(J, m, n)
@@ -131,7 +133,9 @@ class HVPRun:
 
     def adjoints(self, mu: Tensor, saved, out: Tensor | None = None, shift: float = 0.0) -> tuple[Tensor, Tensor]:
         """``(Hv + shift·v)`` of the run's parameters (written into the contiguous
-        ``(p_run, 1)`` tensor ``out`` if given) and the adjoint at its input."""
+        ``(p_run, k)`` tensor ``out`` if given) and the adjoint at its input."""
+        if mu.shape[1] > 1:
+            return self._adjoints_columns(mu, saved, out, shift)
         J, m, n = self.J, self.m, self.n
         vW, vb, y_in, YA = saved
         h = None if self.g is None else vW.mT @ self.g  # W_vᵀ g, J × n × 1
@@ -167,4 +171,62 @@ class HVPRun:
                 MA.add_(vb, alpha=shift)  # after the product above, which reads μ^A
         else:
             torch.bmm(left, right, out=HW)
+        return out, mu_in
+
+    def _tangents_columns(self, y: Tensor | None, v: Tensor):
+        """:meth:`tangents` for ``k > 1`` columns: one ``m × k`` product per layer, the
+        columns last (``v`` read as ``J × p × k``)."""
+        J, m, n, k = self.J, self.m, self.n, v.shape[1]
+        vv = v.reshape(J, self.p, k)
+        vW = vv[:, : m * n].reshape(J, m, n, k)
+        vb = vv[:, m * n :] if self.bias else None  # J × m × k
+        gv = (vW * self.x.reshape(J, 1, n, 1)).sum(2)  # W_v x (3× J·m tiny matmuls)
+        if vb is not None:
+            gv = gv + vb
+        gv = gv.unbind(0)
+        WD = self._scaled_weights()
+        yA = gv[0] if y is None else torch.addmm(gv[0], self.Ws[0], y)
+        yAs = [yA] * J
+        for j in range(1, J):
+            yA = yAs[j] = torch.addmm(gv[j], WD[j - 1], yA)
+        YA = torch.stack(yAs)  # J × m × k
+        return self.d[-1] * yA, (vW, vb, y, YA)
+
+    def _adjoints_columns(self, mu: Tensor, saved, out: Tensor | None, shift: float) -> tuple[Tensor, Tensor]:
+        """:meth:`adjoints` for ``k > 1`` columns."""
+        J, m, n, k = self.J, self.m, self.n, mu.shape[1]
+        vW, vb, y_in, YA = saved
+        h = None if self.g is None else (vW * self.g.reshape(J, m, 1, 1)).sum(1)  # W_vᵀ g, J × n × k
+        c = None if h is None else self.d[:-1] * h[1:]
+        if self.e is not None:
+            c = self.e[:-1] * YA[:-1] if c is None else c.addcmul_(self.e[:-1], YA[:-1])
+        c = None if c is None else c.unbind(0)
+        WD = self._scaled_weights()
+        if out is None or not out.is_contiguous():
+            result = mu.new_empty(J * self.p, k)
+            _, mu_in = self._adjoints_columns(mu, saved, result, shift)
+            if out is None:
+                return result, mu_in
+            out.copy_(result)
+            return out, mu_in
+        o = out.view(J, self.p, k)
+        HW = o[:, : m * n].view(J, m, n, k)
+        MA = o[:, m * n :] if self.bias else mu.new_empty(J, m, k)  # μ^A, the bias part
+        muA = self.d[-1] * mu if self.e is None else torch.addcmul(self.d[-1] * mu, self.e[-1], YA[-1])
+        muAs = [muA] * J
+        for j in range(J - 1, 0, -1):
+            muA = muAs[j - 1] = WD[j - 1].mT @ muA if c is None else torch.addmm(c[j - 1], WD[j - 1].mT, muA)
+        torch.stack(muAs, out=MA)
+        mu_in = self.Ws[0].mT @ muA if h is None else torch.addmm(h[0], self.Ws[0].mT, muA)
+        torch.mul(MA.unsqueeze(2), self.x.reshape(J, 1, n, 1), out=HW)  # μ^A xᵀ, column by column
+        if self.g is not None:
+            # + g yᵀ with y_{j−1} = d_{j−1} ⊙ y^A_{j−1} (y_in at the first)
+            Y = torch.empty_like(YA)  # square W: n = m
+            Y[0] = 0.0 if y_in is None else y_in
+            torch.mul(self.d[:-1], YA[:-1], out=Y[1:])
+            HW.addcmul_(self.g.reshape(J, m, 1, 1), Y.unsqueeze(1))
+        if shift:
+            HW.add_(vW, alpha=shift)
+            if self.bias:
+                MA.add_(vb, alpha=shift)
         return out, mu_in

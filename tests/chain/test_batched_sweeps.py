@@ -98,16 +98,23 @@ def test_dead_relu_units_and_an_indefinite_system(bias, monkeypatch):
 
 
 @pytest.mark.parametrize("bias", [True, False])
-def test_block_of_right_hand_sides_equals_columns(bias, monkeypatch):
-    chain, X, y = _chain("tanh", bias=bias)
-    curv = chain.curvature(X, y)
+@pytest.mark.parametrize("kind", ["hessian", "ggn"])
+@pytest.mark.parametrize("d_in", [5, 3])
+def test_block_of_right_hand_sides_equals_columns(bias, kind, d_in, monkeypatch):
+    """``k = 3`` columns swept at once (one ``m × k`` product per layer) equal the
+    one-column sweeps; ``d_in = 3``: the run starts after a non-square Linear, so a
+    tangent enters it and an adjoint leaves it."""
+    chain, X, y = _chain("tanh", bias=bias, d_in=d_in)
+    curv = chain.curvature(X, y, kind=kind)
     fact = curv.factorize(1e-2)
-    assert _runs(fact) == [(0, 16)]
+    assert _runs(fact) == ([(0, 16)] if d_in == 5 else [(2, 16)])
     B = torch.randn(curv.num_parameters, 3, dtype=torch.float64)
-    XB = fact.solve(B, refine=0)  # k = 3: the run swept column by column
+    XB = fact.solve(B, refine=0)
     cols = torch.stack([fact.solve(B[:, i], refine=0) for i in range(3)], dim=1)  # k = 1
     assert rel(XB, cols) <= 1e-12
     assert rel(XB, _stagewise(curv, 1e-2, B, monkeypatch)) <= 1e-10  # k = 3 per stage
+    HB = curv._apply(B, shift=0.3)  # the runs' k-column products, as the solve's check makes them
+    assert rel(HB, torch.stack([curv._apply(B[:, i : i + 1], shift=0.3)[:, 0] for i in range(3)], dim=1)) <= 1e-13
 
 
 @pytest.mark.parametrize("act", ["tanh", "relu"])

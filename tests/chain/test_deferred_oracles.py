@@ -36,7 +36,7 @@ def test_the_chain_checks_a_deferred_oracles_sizes():
 
 
 @pytest.mark.parametrize("kind", ["hessian", "ggn"])
-def test_a_solve_through_runs_builds_no_run_oracle_and_reading_them_is_exact(kind):
+def test_solves_and_products_through_runs_build_no_run_oracle(kind):
     chain, X, y = _chain()
     curv = chain.curvature(X, y, kind=kind)
     run = curv.oracles[:-1]  # the (Linear, Tanh) pairs; the last Linear is alone
@@ -49,9 +49,11 @@ def test_a_solve_through_runs_builds_no_run_oracle_and_reading_them_is_exact(kin
     H = dense_hessian(chain, X, y) if kind == "hessian" else dense_ggn(chain, X, y)
     M = H + 1e-2 * torch.eye(H.shape[0], dtype=torch.float64)
     assert ((x - torch.linalg.solve(M, b)).norm() / x.norm()).item() <= 1e-10
-    # the operators, once read, are the exact ones
+    # P columns at once go through the runs too (one m × P product per layer and sweep)
     assert ((curv.to_dense() - H).abs().max() / H.abs().max()).item() <= 1e-12
-    assert all(o.built for o in run)
+    assert not any(o.built for o in run)
+    # the operators, once read, are made (their exactness: tests/blocks, check_block)
+    assert all(o.G.shape[0] == o.sizes[1] for o in run) and all(o.built for o in run)
 
 
 @pytest.mark.parametrize("kind", ["hessian", "ggn"])

@@ -215,8 +215,8 @@ class BatchedRun(StageFactor):
         return self._inertia
 
     def _split(self, b: Tensor) -> tuple[Tensor, Tensor]:
-        """``b`` of the run as ``W``-shaped (``J × m × n``) and bias (``J × m × 1``; ``None``
-        without a bias) views."""
+        """``b`` of the run (one column) as ``W``-shaped (``J × m × n``) and bias
+        (``J × m × 1``; ``None`` without a bias) views."""
         L = self.layers
         b = b.reshape(L.J, L.p // L.J)
         mn = L.m * L.n
@@ -226,26 +226,21 @@ class BatchedRun(StageFactor):
         """What the forward sweep needs, and the adjoint ``t`` at the run's input."""
         if b.shape[1] == 1:
             return self._backward(t, b)
-        saved, ts = [], []
-        for c in range(b.shape[1]):
-            u, t_c = self._backward(None if t is None else t[:, c : c + 1], b[:, c : c + 1])
-            saved.append(u)
-            ts.append(t_c)
-        return saved, torch.cat(ts, dim=1)
+        return self._backward_columns(t, b)
 
     def forward(self, y: Tensor | None, u, out: Tensor | None = None):
         """The parameters of every layer of the run (written into ``out``, ``(p, k)``, if
         given), and ``y`` at its output."""
         L = self.layers
-        if out is None:
-            out = (y if y is not None else self.K).new_empty(L.p, len(u) if isinstance(u, list) else 1)
-        if not isinstance(u, list):
-            return out, self._forward(y, u, out)
-        ys, theta = [], out.new_empty(L.p, 1)  # a column of out is not contiguous: copied
-        for c, u_c in enumerate(u):
-            ys.append(self._forward(None if y is None else y[:, c : c + 1], u_c, theta))
-            out[:, c : c + 1] = theta
-        return out, torch.cat(ys, dim=1)
+        k = u[0].shape[-1]  # ν: J × m × k
+        if out is None or not out.is_contiguous():
+            theta = (y if y is not None else self.K).new_empty(L.p, k)
+            y_out = self._forward(y, u, theta) if k == 1 else self._forward_columns(y, u, theta)
+            if out is None:
+                return theta, y_out
+            out.copy_(theta)
+            return out, y_out
+        return out, (self._forward(y, u, out) if k == 1 else self._forward_columns(y, u, out))
 
     def _backward(self, t: Tensor | None, b: Tensor):
         """``ν`` of every layer, and the adjoint ``t`` at the run's input (one column)."""
@@ -290,4 +285,53 @@ class BatchedRun(StageFactor):
         torch.baddbmm(Wb, torch.cat((u, L.g), dim=2), torch.cat((L.v_in, Y * (-1.0 / eps)), dim=2).mT, beta=1.0 / eps, out=theta_W)
         if bb is not None:
             torch.addcmul(bb * (1.0 / eps), L.v_bias, u, out=o[:, L.m * L.n :].unsqueeze(-1))
+        return y_out
+
+    def _backward_columns(self, t: Tensor | None, b: Tensor):
+        """:meth:`_backward` for ``k > 1`` columns at once: the recurrence is one
+        ``m × k`` product per layer (not ``k`` matrix-vector products), the rest batched
+        over layers with the columns last (``b`` read as ``J × (m·n + m) × k``)."""
+        L, eps = self.layers, self.damping
+        J, m, n, k = L.J, L.m, L.n, b.shape[1]
+        bv = b.reshape(J, L.p // J, k)
+        Wb = bv[:, : m * n].reshape(J, m, n, k)
+        bb = bv[:, m * n :] if L.bias else None  # J × m × k
+        Zb = (Wb * L.v_in.reshape(J, 1, n, 1)).sum(2)  # Θ̃_b v, column by column (3× J·m tiny matmuls)
+        if bb is not None:
+            Zb = torch.addcmul(Zb, bb, L.v_bias)
+        WbTg = (Wb * L.g.reshape(J, m, 1, 1)).sum(1)  # Wbᵀ g, J × n × k
+        c = torch.baddbmm(WbTg, L.v_in, L.g.mT @ Zb, alpha=-1.0)
+        h = torch.baddbmm(c, self.K.mT, Zb, beta=1.0 / eps).unbind(0)
+        A = self.A
+        tau = b.new_zeros(m, k) if t is None else t
+        taus = [tau] * J
+        for j in range(J - 1, 0, -1):
+            tau = taus[j - 1] = torch.addmm(h[j], A[j].mT, tau)
+        t_in = torch.addmm(h[0], A[0].mT, tau)
+        nu = torch.linalg.lu_solve(self.lu, self.piv, torch.addcmul(Zb, L.sigma_d, torch.stack(taus), value=-1.0))
+        return (nu, Wb, bb, Zb), t_in
+
+    def _forward_columns(self, y: Tensor | None, u, out: Tensor) -> Tensor:
+        """:meth:`_forward` for ``k > 1`` columns into the contiguous ``(p, k)`` ``out``."""
+        L, eps = self.layers, self.damping
+        nu, Wb, bb, Zb = u
+        J, m, n, k = L.J, L.m, L.n, nu.shape[-1]
+        y = nu.new_zeros(n, k) if y is None else y
+        e = (L.sigma_d * nu).unbind(0)
+        A, ys = self.A, [y] * J
+        for j in range(J - 1):
+            y = ys[j + 1] = torch.addmm(e[j], A[j], y)
+        y_out = torch.addmm(e[J - 1], A[J - 1], y)
+        Y = torch.stack(ys)  # J × n × k
+        zeta = torch.baddbmm(nu, self.K, Y, alpha=-1.0)
+        s = L.v_in.mT @ Y  # J × 1 × k
+        u = torch.addcmul(torch.add(zeta, Zb, alpha=-1.0 / eps), L.g, s, value=1.0 / eps)
+        o = out.view(J, L.p // J, k)
+        # W = Wb/ε + u v_inᵀ − g yᵀ/ε for every column (J × m × n × k)
+        theta_W = o[:, : m * n].view(J, m, n, k)
+        torch.mul(u.unsqueeze(2), L.v_in.reshape(J, 1, n, 1), out=theta_W)
+        theta_W.addcmul_(L.g.reshape(J, m, 1, 1), Y.unsqueeze(1), value=-1.0 / eps)
+        theta_W.add_(Wb, alpha=1.0 / eps)
+        if bb is not None:
+            torch.addcmul(bb * (1.0 / eps), L.v_bias, u, out=o[:, m * n :])
         return y_out
