@@ -36,7 +36,6 @@ from torch import Tensor
 
 from .errors import SingularSystemError, real_number
 from .linalg import pivot_tolerance
-from .vectors import gaussian
 
 __all__ = [
     "SLQ",
@@ -81,7 +80,8 @@ def _norm_estimate(curv) -> float:
         est = float(curv.hvp(g).norm()) / g_norm if g_norm > 0 else 0.0
         if not est > 0:
             P = curv.num_parameters
-            v = gaussian((P, 1), 0, curv.layout.dtype, curv.layout.device)
+            gen = torch.Generator().manual_seed(0)
+            v = torch.randn((P, 1), generator=gen, dtype=curv.layout.dtype).to(curv.layout.device)
             theta, _, _ = _lanczos_extremes(curv, v, min(4, P))
             est = max(abs(theta[0]), abs(theta[-1]))
         cached["norm"] = est
@@ -184,7 +184,8 @@ def spectral_bounds(curv) -> tuple[float, float]:
     if "bounds" in curv.spectrum_cache:
         return curv.spectrum_cache["bounds"]
     P = curv.num_parameters
-    v = gaussian((P, 1), 1, curv.layout.dtype, curv.layout.device)
+    gen = torch.Generator().manual_seed(1)
+    v = torch.randn((P, 1), generator=gen, dtype=curv.layout.dtype).to(curv.layout.device)
     theta, res, _ = _lanczos_extremes(curv, v, min(12, P))
     norm = max(abs(theta[0]), abs(theta[-1]), _norm_estimate(curv), 1e-300)
     pad_hi = max(res[-1], 1e-3 * norm)
@@ -348,8 +349,9 @@ def _extreme_lanczos(curv, k: int, which: str, norm: float, tau: float, vectors:
         return None
     tol = RESIDUAL_TOLERANCE * norm
     value_tol = VALUE_TOLERANCE * norm
+    gen = torch.Generator().manual_seed(3)
     V = torch.empty((steps + 1, P), dtype=dtype, device=device)  # rows: contiguous vectors
-    v = gaussian((P,), 3, dtype, device)
+    v = torch.randn((P,), generator=gen, dtype=dtype).to(device)
     V[0] = v / v.norm()
     alpha, beta = [], []
     check = k + 4
