@@ -279,11 +279,11 @@ class Chain:
         n = len(self.blocks)
         groups = self._shared_derivatives(zs, thetas)
         shared = {i: (group, k) for group, index in groups for k, i in enumerate(index)}
-        below_a_parameter = [False] * (n + 1)  # [i]: some block before i has parameters
+        follows_a_parameter = [False] * (n + 1)  # [i]: z_i depends on a parameter (of a block before i)
         for i in range(n):
-            below_a_parameter[i + 1] = below_a_parameter[i] or bool(thetas[i])
+            follows_a_parameter[i + 1] = follows_a_parameter[i] or bool(thetas[i])
         g = loss_oracle.F.T.matmat(torch.ones(1, 1, dtype=zs[-1].dtype, device=zs[-1].device))
-        g = g.reshape(zs[-1].shape) if below_a_parameter[n] else torch.zeros_like(zs[-1])
+        g = g.reshape(zs[-1].shape) if follows_a_parameter[n] else torch.zeros_like(zs[-1])
         oracles: list = [None] * n
         adjoints: list = [None] * n
         for i in range(n - 1, -1, -1):
@@ -297,7 +297,7 @@ class Chain:
                     raise NondeterministicModuleError(f"block {i} ({_name(self.modules[i])}): {err}") from None
                 _check_oracle(o, i, self.modules[i], zs[i], zs[i + 1], sum(t.numel() for t in thetas[i]))
                 oracles[i] = o
-            if not below_a_parameter[i]:
+            if not follows_a_parameter[i]:
                 g = torch.zeros_like(zs[i])
             elif found is not None:
                 group, k = found
