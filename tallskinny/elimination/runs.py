@@ -113,7 +113,7 @@ class HVPRun:
 
     def tangents(self, y: Tensor | None, v: Tensor):
         """The tangent at the run's output; what the adjoint sweep needs of this one."""
-        if v.shape[1] > 1:
+        if v.shape[1] != 1:
             return self._tangents_columns(y, v)
         J, m, n = self.J, self.m, self.n
         vv = v.reshape(J, self.p)
@@ -134,7 +134,7 @@ class HVPRun:
     def adjoints(self, mu: Tensor, saved, out: Tensor | None = None, shift: float = 0.0) -> tuple[Tensor, Tensor]:
         """``(Hv + shift·v)`` of the run's parameters (written into the contiguous
         ``(p_run, k)`` tensor ``out`` if given) and the adjoint at its input."""
-        if mu.shape[1] > 1:
+        if mu.shape[1] != 1:
             return self._adjoints_columns(mu, saved, out, shift)
         J, m, n = self.J, self.m, self.n
         vW, vb, y_in, YA = saved
@@ -174,7 +174,7 @@ class HVPRun:
         return out, mu_in
 
     def _tangents_columns(self, y: Tensor | None, v: Tensor):
-        """:meth:`tangents` for ``k > 1`` columns: one ``m × k`` product per layer, the
+        """:meth:`tangents` for ``k ≠ 1`` columns: one ``m × k`` product per layer, the
         columns last (``v`` read as ``J × p × k``)."""
         J, m, n, k = self.J, self.m, self.n, v.shape[1]
         vv = v.reshape(J, self.p, k)
@@ -193,7 +193,7 @@ class HVPRun:
         return self.d[-1] * yA, (vW, vb, y, YA)
 
     def _adjoints_columns(self, mu: Tensor, saved, out: Tensor | None, shift: float) -> tuple[Tensor, Tensor]:
-        """:meth:`adjoints` for ``k > 1`` columns."""
+        """:meth:`adjoints` for ``k ≠ 1`` columns."""
         J, m, n, k = self.J, self.m, self.n, mu.shape[1]
         vW, vb, y_in, YA = saved
         h = None if self.g is None else (vW * self.g.reshape(J, m, 1, 1)).sum(1)  # W_vᵀ g, J × n × k

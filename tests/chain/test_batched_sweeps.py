@@ -102,7 +102,7 @@ def test_dead_relu_units_and_an_indefinite_system(bias, monkeypatch):
 @pytest.mark.parametrize("d_in", [5, 3])
 def test_block_of_right_hand_sides_equals_columns(bias, kind, d_in, monkeypatch):
     """``k = 3`` columns swept at once (one ``m × k`` product per layer) equal the
-    one-column sweeps; ``d_in = 3``: the run starts after a non-square Linear, so a
+    one-column sweeps, and ``k = 0`` columns give an empty answer; ``d_in = 3``: the run starts after a non-square Linear, so a
     tangent enters it and an adjoint leaves it."""
     chain, X, y = _chain("tanh", bias=bias, d_in=d_in)
     curv = chain.curvature(X, y, kind=kind)
@@ -115,6 +115,7 @@ def test_block_of_right_hand_sides_equals_columns(bias, kind, d_in, monkeypatch)
     assert rel(XB, _stagewise(curv, 1e-2, B, monkeypatch)) <= 1e-10  # k = 3 per stage
     HB = curv._apply(B, shift=0.3)  # the runs' k-column products, as the solve's check makes them
     assert rel(HB, torch.stack([curv._apply(B[:, i : i + 1], shift=0.3)[:, 0] for i in range(3)], dim=1)) <= 1e-13
+    assert curv._apply(B[:, :0]).shape == fact.solve(B[:, :0]).shape == (curv.num_parameters, 0)  # k = 0
 
 
 @pytest.mark.parametrize("act", ["tanh", "relu"])

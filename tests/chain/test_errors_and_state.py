@@ -212,6 +212,16 @@ def test_non_finite_activations_are_named(where):
     assert block in str(info.value)
 
 
+@pytest.mark.parametrize("kind", ["hessian", "ggn"])
+def test_a_callable_loss_with_a_non_finite_hessian_is_named(kind):
+    """|z − t|^1.5 has an infinite second derivative where z = t (a ReLU's zeros meet
+    zero targets): the curvature refuses, naming the loss, instead of giving NaN products."""
+    chain = ts.Chain([nn.Linear(4, 4).double(), nn.ReLU()], lambda z, t: ((z - t).abs() ** 1.5).mean())
+    X, y = torch.randn(8, 4, dtype=torch.float64), torch.zeros(8, 4, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"FuncLoss.*the Hessian of the loss contains NaN or inf"):
+        chain.curvature(X, y, kind=kind)
+
+
 def test_blocks_check_outside_the_chain():
     """Called directly (not from a chain), a block still checks its inputs for NaN/inf."""
     block = ts.blocks.block_for(nn.Linear(3, 2).double())
