@@ -4,6 +4,7 @@ modules, and one autograd Hessian-vector product of the plain model.
 
     python bench/plugins.py                 # the two networks of issue 5, medians of 5
     python bench/plugins.py --reps 3 --mlp-units 2   # quicker
+    python bench/plugins.py --cnn-batch 4   # and the tanh CNN at batch 4 (Hessian, no fallback)
 
 Networks (float64, batch 1, one thread, ``damping = 1e-3``):
 
@@ -52,11 +53,11 @@ except ImportError as err:  # pragma: no cover
     raise SystemExit(f"install the plugins first: pip install -e plugins/tallskinny-conv -e plugins/tallskinny-residual ({err})")
 
 
-def cnn(activation=nn.Tanh) -> tuple[list[nn.Module], torch.Tensor]:
+def cnn(activation=nn.Tanh, batch: int = 1) -> tuple[list[nn.Module], torch.Tensor]:
     layers: list[nn.Module] = []
     for _ in range(8):
         layers += [nn.Conv2d(8, 8, 3, padding=1), activation()]
-    return layers + [nn.Flatten(), nn.Linear(8 * 8 * 8, 10)], torch.randn(1, 8, 8, 8)
+    return layers + [nn.Flatten(), nn.Linear(8 * 8 * 8, 10)], torch.randn(batch, 8, 8, 8)
 
 
 def residual_mlp(units: int, two_layer: bool) -> tuple[list[nn.Module], torch.Tensor]:
@@ -90,20 +91,23 @@ def timed(fn, reps: int) -> tuple[float, object]:
     return statistics.median(times), out
 
 
-def run(name: str, modules, X, plugin_types, reps: int, damping: float) -> dict:
+def run(name: str, modules, X, plugin_types, reps: int, damping: float, with_fallback: bool = True) -> dict:
     loss = nn.CrossEntropyLoss()
-    y = torch.tensor([3])
+    y = torch.tensor([3, 1, 4, 1, 5, 9, 2, 6])[: X.shape[0]]
     analytic = ts.Chain(modules, loss)
     fallback = ts.Chain([FuncBlock(m) if isinstance(m, plugin_types) else m for m in modules], loss)
     P = sum(p.numel() for p in analytic.parameters())
     b = torch.randn(P)
     t_analytic, x = timed(lambda: analytic.inverse_hvp(X, y, b, damping=damping), reps)
-    t_fallback, x_fb = timed(lambda: fallback.inverse_hvp(X, y, b, damping=damping), reps)
     t_hvp, _ = timed(lambda: one_hvp(modules, loss, X, y, b), reps)
-    # the part the block rules decide: forward, backward and every oracle (no elimination)
+    # the part the block rules decide: forward and every oracle (no elimination)
     t_oracles, _ = timed(lambda: analytic.curvature(X, y), reps)
-    t_oracles_fb, _ = timed(lambda: fallback.curvature(X, y), reps)
-    diff = float((x - x_fb).norm() / x_fb.norm())
+    if with_fallback:
+        t_fallback, x_fb = timed(lambda: fallback.inverse_hvp(X, y, b, damping=damping), reps)
+        t_oracles_fb, _ = timed(lambda: fallback.curvature(X, y), reps)
+        diff = float((x - x_fb).norm() / x_fb.norm())
+    else:  # (minutes: torch.func's Jacobians of every block at this size)
+        t_fallback = t_oracles_fb = diff = float("nan")
     curvature = analytic.curvature(X, y)
     floor = dict(flop_floor(curvature, max(reps, 3)), route=curvature.method)
     return dict(name=name, P=P, analytic=t_analytic, fallback=t_fallback, hvp=t_hvp, diff=diff, reps=reps,
@@ -115,6 +119,7 @@ def main(argv=None) -> None:
     parser.add_argument("--reps", type=int, default=5, help="timed repetitions (median), default 5")
     parser.add_argument("--mlp-units", type=int, default=8, help="units of the Linear–Tanh–Linear residual MLP (0: skip; its fallback takes ~2 s per unit)")
     parser.add_argument("--damping", type=float, default=1e-3)
+    parser.add_argument("--cnn-batch", type=int, default=0, help="also the tanh CNN at this batch size (one repetition, no fallback; 4: ~15 s)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     torch.set_default_dtype(torch.float64)
@@ -122,14 +127,17 @@ def main(argv=None) -> None:
 
     rows = [run("cnn (8 conv, 8 ch, 8×8)", *cnn(), (nn.Conv2d,), args.reps, args.damping)]
     rows.append(run("cnn-relu (the same with ReLU)", *cnn(nn.ReLU), (nn.Conv2d,), args.reps, args.damping))
+    if args.cnn_batch:
+        rows.append(run(f"cnn batch {args.cnn_batch} (no fallback)", *cnn(batch=args.cnn_batch), (nn.Conv2d,), 1,
+                        args.damping, with_fallback=False))
     rows.append(run("resmlp (32 × [Tanh, Linear])", *residual_mlp(32, False), (Residual,), args.reps, args.damping))
     if args.mlp_units:
         rows.append(run(f"resmlp2 ({args.mlp_units} × [Linear, Tanh, Linear])", *residual_mlp(args.mlp_units, True),
                         (Residual,), 1, args.damping))
 
-    print(f"torch {torch.__version__}, float64, 1 thread, batch 1, damping {args.damping:g}; medians, ms")
+    print(f"torch {torch.__version__}, float64, 1 thread, batch 1 (unless named), damping {args.damping:g}; medians, ms")
     print("inverse_hvp: analytic rules (an) vs torch.func fallback (fb) vs one autograd HVP; "
-          "oracles: chain.curvature() alone (forward, backward, every block's oracle)")
+          "oracles: chain.curvature() alone (forward pass, every block's oracle)")
     header = (f"{'network':36} {'P':>6} {'an':>8} {'fb':>8} {'HVP':>7} {'fb/an':>6} {'an/HVP':>7} "
               f"{'oracles an':>10} {'oracles fb':>10} {'fb/an':>6} {'|Δx|/|x|':>9} reps "
               f"{'GFLOP':>7} {'floor':>7} {'an/floor':>8} {'an/lower':>8}")
