@@ -68,9 +68,10 @@ MAX_BLOCKS = 60
 REORTHOGONALIZE_BELOW = 2**-0.5
 """Shift-invert Lanczos orthogonalizes a block against the basis a second time only where
 a column kept less than this fraction of its norm in the first pass (Daniel, Gragg, Kaufman
-and Stewart's criterion: above it one classical Gram–Schmidt pass keeps orthogonality to
-rounding; a looser fraction lets the loss build up until a nearly invariant block
-destroys the basis)."""
+and Stewart's criterion, which bounds the loss of orthogonality of one classical
+Gram–Schmidt pass; a looser fraction lets the loss build up until a nearly invariant
+block destroys the basis). The basis stays orthogonal to ~1e-11, not to rounding: the
+Ritz vectors read from it are orthonormalized again (:func:`_ritz_pairs`)."""
 EDGE_RETRIES = 6
 
 
@@ -230,8 +231,9 @@ def _shift_invert(curv, F, sigma: float, k: int, norm: float, exclude: Tensor | 
     The basis ``V`` and the next block ``Xᵀ`` are kept as rows (``n × P``, ``b × P``):
     projections and updates are wide products over contiguous rows (a tall ``P × n``
     product with ``b`` columns runs at half the speed here). Each block step passes over
-    ``V`` four times: ``Vᵀ W`` (the new columns of ``T``, also the first Gram–Schmidt
-    projection of the next block), the update, and the second Gram–Schmidt pass. The
+    ``V`` two to four times: ``Vᵀ W`` (the new columns of ``T``, also the first
+    Gram–Schmidt projection of the next block), the update, and where
+    :data:`REORTHOGONALIZE_BELOW` asks for it a second projection and update. The
     inverse's residual of a Ritz pair ``(θ, V s)`` is the orthogonalized next block's part
     ``‖R s_last‖`` (``X − V Vᵀ X = Q R``): no vectors are formed until the pairs have
     converged. Columns of the next block below ``1e-10`` of the block's largest column
@@ -324,7 +326,8 @@ def _ritz_pairs(curv, F, Z: Tensor, sigma: float, k: int, norm: float, excluded:
     picks the most polluted mixture, whose Rayleigh quotient the pollution moved towards
     ``σ``. Up to ``steps`` steps ``Z ← (H − σI)⁻¹Z`` (a solve and an HVP each) take the
     pollution out by ``|λ − σ|/|μ − σ|`` a step, ``μ`` the eigenvalues beyond the span.
-    ``Z``'s columns are orthonormal (Ritz vectors of the inverse)."""
+    ``Z`` is orthonormalized at every step, the first included: the Lanczos basis is
+    orthogonal to ~1e-11 only, and the vectors found become the next search's exclusions."""
     tol = RESIDUAL_TOLERANCE * norm
     worst: list[float] = []
     for step in range(steps + 1):
@@ -332,7 +335,7 @@ def _ritz_pairs(curv, F, Z: Tensor, sigma: float, k: int, norm: float, excluded:
             Z = F.solve(Z, refine=0)
             if excluded is not None:
                 Z = torch.addmm(Z, excluded.mT, excluded @ Z, alpha=-1.0)
-            Z = torch.linalg.qr(Z).Q
+        Z = torch.linalg.qr(Z).Q
         HZ = curv.hvp(Z)
         G = Z.mT @ HZ
         mu, S_H = torch.linalg.eigh(0.5 * (G + G.mT))

@@ -371,3 +371,21 @@ def test_shift_invert_without_convergence_takes_the_dense_path_on_small_models(m
     monkeypatch.setattr(spectrum, "DENSE_FALLBACK_MAX_P", 10)
     with pytest.raises(RuntimeError, match="shift-invert"):
         chain.curvature(X, y).eigvalsh(3, "nearest", near=near)
+
+
+def test_gauss_newton_largest_beyond_its_rank_vectors_orthonormal():
+    """k above the Gauss–Newton matrix's rank: the search reaches its null space, finds
+    vectors there, and looks again with them excluded. The Ritz vectors of the Lanczos basis
+    (orthogonal to ~1e-11 only) are orthonormalized before they are returned and excluded:
+    without that, a junk column along an excluded vector survived and the search ended
+    unconverged (widths [8, 4, 4, 4, 2]), and the returned vectors were orthogonal to 2e-11."""
+    for widths, seed, data_seed, k in (([8, 4, 4, 4, 2], 5, 6, 5), ([4, 5, 5, 3], 1, 2, 12)):
+        g = torch.Generator().manual_seed(data_seed)
+        X, y = torch.randn(4, widths[0], generator=g), torch.randint(0, widths[-1], (4,), generator=g)
+        chain = ts.Chain(mlp(widths, seed=seed), nn.CrossEntropyLoss())
+        M, ev = reference(chain, X, y, "ggn")
+        values, vectors = chain.curvature(X, y, kind="ggn").eigvalsh(k, "largest", eigenvectors=True)
+        norm = float(ev.abs().max())
+        assert (values - ev[-k:]).abs().max() <= 1e-10 * norm
+        assert (M @ vectors - vectors * values).norm(dim=0).max() <= 1e-10 * norm
+        assert (vectors.mT @ vectors - torch.eye(k, dtype=vectors.dtype)).abs().max() <= 1e-13

@@ -119,8 +119,9 @@ def hvp(
     mu = loss.E(y) if loss.E is not None else None
     out: list[Tensor] = list(vs)
     # runs write their part in place (into ``into`` where given, a buffer of v's shape
-    # that the caller reuses; without runs the result is a new tensor, row-major whatever
-    # v's layout: the runs write contiguous rows, a column-major one would be a copy)
+    # that the caller reuses; else a new row-major one whatever v's layout: the runs write
+    # contiguous rows, and a column-major buffer would be a copy. Without runs the result
+    # is a new tensor)
     result = (into if into is not None else v.new_empty(v.shape)) if runs else None
     i = n
     while i > 0:
