@@ -111,6 +111,23 @@ class HVPRun:
             self._WD = WD.unbind(0)
         return self._WD
 
+    def _adjoint_recurrence(self, mu: Tensor, YA: Tensor, h: Tensor | None, MA: Tensor) -> Tensor:
+        """``μ^A_{j−1} = (W_j diag(d_{j−1}))ᵀ μ^A_j + c_{j−1}`` from
+        ``μ^A_J = d_J ⊙ μ (+ e_J ⊙ y^A_J)``, stacked into ``MA`` (``J × m × k``), with
+        ``c_{j−1} = d_{j−1} ⊙ h_j + e_{j−1} ⊙ y^A_{j−1}`` (``h_j = W_{v,j}ᵀ g``); returns the
+        adjoint at the run's input, ``W_1ᵀ μ^A_1 (+ h_1)``."""
+        J, WD = self.J, self._scaled_weights()
+        c = None if h is None else self.d[:-1] * h[1:]
+        if self.e is not None:
+            c = self.e[:-1] * YA[:-1] if c is None else c.addcmul_(self.e[:-1], YA[:-1])
+        c = None if c is None else c.unbind(0)
+        muA = self.d[-1] * mu if self.e is None else torch.addcmul(self.d[-1] * mu, self.e[-1], YA[-1])
+        muAs = [muA] * J
+        for j in range(J - 1, 0, -1):
+            muA = muAs[j - 1] = WD[j - 1].mT @ muA if c is None else torch.addmm(c[j - 1], WD[j - 1].mT, muA)
+        torch.stack(muAs, out=MA)
+        return self.Ws[0].mT @ muA if h is None else torch.addmm(h[0], self.Ws[0].mT, muA)
+
     def tangents(self, y: Tensor | None, v: Tensor):
         """The tangent at the run's output; what the adjoint sweep needs of this one."""
         if v.shape[1] != 1:
@@ -139,24 +156,13 @@ class HVPRun:
         J, m, n = self.J, self.m, self.n
         vW, vb, y_in, YA = saved
         h = None if self.g is None else vW.mT @ self.g  # W_vᵀ g, J × n × 1
-        # c_{j−1} = d_{j−1} ⊙ h_j + e_{j−1} ⊙ y^A_{j−1}, the inhomogeneous term of μ^A
-        c = None if h is None else self.d[:-1] * h[1:]
-        if self.e is not None:
-            c = self.e[:-1] * YA[:-1] if c is None else c.addcmul_(self.e[:-1], YA[:-1])
-        c = None if c is None else c.unbind(0)
-        WD = self._scaled_weights()
         if out is None:
             out = mu.new_empty(J * self.p, 1)
         # views of out (.view: never a silent copy), written in place
         o = out.view(J, -1)
         HW = o[:, : m * n].view(J, m, n)
         MA = o[:, m * n :].unsqueeze(-1) if self.bias else mu.new_empty(J, m, 1)  # the bias part: μ^A
-        muA = self.d[-1] * mu if self.e is None else torch.addcmul(self.d[-1] * mu, self.e[-1], YA[-1])
-        muAs = [muA] * J
-        for j in range(J - 1, 0, -1):
-            muA = muAs[j - 1] = WD[j - 1].mT @ muA if c is None else torch.addmm(c[j - 1], WD[j - 1].mT, muA)
-        torch.stack(muAs, out=MA)
-        mu_in = self.Ws[0].mT @ muA if h is None else torch.addmm(h[0], self.Ws[0].mT, muA)
+        mu_in = self._adjoint_recurrence(mu, YA, h, MA)
         if self.g is None:
             left, right = MA, self.x.mT  # μ^A xᵀ
         else:
@@ -197,11 +203,6 @@ class HVPRun:
         J, m, n, k = self.J, self.m, self.n, mu.shape[1]
         vW, vb, y_in, YA = saved
         h = None if self.g is None else (vW * self.g.reshape(J, m, 1, 1)).sum(1)  # W_vᵀ g, J × n × k
-        c = None if h is None else self.d[:-1] * h[1:]
-        if self.e is not None:
-            c = self.e[:-1] * YA[:-1] if c is None else c.addcmul_(self.e[:-1], YA[:-1])
-        c = None if c is None else c.unbind(0)
-        WD = self._scaled_weights()
         if out is None or not out.is_contiguous():
             result = mu.new_empty(J * self.p, k)
             _, mu_in = self._adjoints_columns(mu, saved, result, shift)
@@ -212,12 +213,7 @@ class HVPRun:
         o = out.view(J, self.p, k)
         HW = o[:, : m * n].view(J, m, n, k)
         MA = o[:, m * n :] if self.bias else mu.new_empty(J, m, k)  # μ^A, the bias part
-        muA = self.d[-1] * mu if self.e is None else torch.addcmul(self.d[-1] * mu, self.e[-1], YA[-1])
-        muAs = [muA] * J
-        for j in range(J - 1, 0, -1):
-            muA = muAs[j - 1] = WD[j - 1].mT @ muA if c is None else torch.addmm(c[j - 1], WD[j - 1].mT, muA)
-        torch.stack(muAs, out=MA)
-        mu_in = self.Ws[0].mT @ muA if h is None else torch.addmm(h[0], self.Ws[0].mT, muA)
+        mu_in = self._adjoint_recurrence(mu, YA, h, MA)
         torch.mul(MA.unsqueeze(2), self.x.reshape(J, 1, n, 1), out=HW)  # μ^A xᵀ, column by column
         if self.g is not None:
             # + g yᵀ with y_{j−1} = d_{j−1} ⊙ y^A_{j−1} (y_in at the first)

@@ -242,6 +242,25 @@ class BatchedRun(StageFactor):
             return out, y_out
         return out, (self._forward(y, u, out) if k == 1 else self._forward_columns(y, u, out))
 
+    def _adjoint_recurrence(self, h, tau: Tensor) -> tuple[Tensor, Tensor]:
+        """``τ_{j−1} = A_jᵀ τ_j + h_j`` from ``τ_J = tau`` (``m × k``): the stacked
+        ``τ_1 … τ_J`` and ``τ_0``, the adjoint at the run's input (fresh results: cheaper
+        than ``out=`` into a buffer)."""
+        A, J = self.A, len(h)
+        taus = [tau] * J
+        for j in range(J - 1, 0, -1):
+            tau = taus[j - 1] = torch.addmm(h[j], A[j].mT, tau)
+        return torch.stack(taus), torch.addmm(h[0], A[0].mT, tau)
+
+    def _tangent_recurrence(self, e, y: Tensor) -> tuple[Tensor, Tensor]:
+        """``y_{j+1} = A_j y_j + e_j`` from ``y_0 = y`` (``n × k``): the stacked inputs
+        ``y_0 … y_{J−1}`` of the layers and the run's output ``y_J``."""
+        A, J = self.A, len(e)
+        ys = [y] * J
+        for j in range(J - 1):
+            y = ys[j + 1] = torch.addmm(e[j], A[j], y)
+        return torch.stack(ys), torch.addmm(e[J - 1], A[J - 1], y)
+
     def _backward(self, t: Tensor | None, b: Tensor):
         """``ν`` of every layer, and the adjoint ``t`` at the run's input (one column)."""
         L, eps = self.layers, self.damping
@@ -251,15 +270,9 @@ class BatchedRun(StageFactor):
         Zb = Wb @ L.v_in if bb is None else torch.baddbmm(bb * L.v_bias, Wb, L.v_in)
         c = torch.baddbmm(Wb.mT @ L.g, L.v_in, L.g.mT @ Zb, alpha=-1.0)
         h = torch.baddbmm(c, self.K.mT, Zb, beta=1.0 / eps).unbind(0)
-        # τ_{j−1} = A_jᵀ τ_j + h_j (fresh results: cheaper than out= into a buffer)
-        J, A = L.J, self.A
-        tau = b.new_zeros(L.m, 1) if t is None else t
-        taus = [tau] * J
-        for j in range(J - 1, 0, -1):
-            tau = taus[j - 1] = torch.addmm(h[j], A[j].mT, tau)
-        t_in = torch.addmm(h[0], A[0].mT, tau)
+        taus, t_in = self._adjoint_recurrence(h, b.new_zeros(L.m, 1) if t is None else t)
         # ν = Q_ζζ⁻¹(b_ζ − σ d ⊙ τ)
-        nu = torch.linalg.lu_solve(self.lu, self.piv, torch.addcmul(Zb, L.sigma_d, torch.stack(taus), value=-1.0))
+        nu = torch.linalg.lu_solve(self.lu, self.piv, torch.addcmul(Zb, L.sigma_d, taus, value=-1.0))
         return (nu, Wb, bb, Zb), t_in
 
     def _forward(self, y: Tensor | None, u, out: Tensor) -> Tensor:
@@ -268,13 +281,7 @@ class BatchedRun(StageFactor):
         L, eps = self.layers, self.damping
         nu, Wb, bb, Zb = u
         J = L.J
-        y = nu.new_zeros(L.n, 1) if y is None else y
-        e = (L.sigma_d * nu).unbind(0)
-        A, ys = self.A, [y] * J
-        for j in range(J - 1):
-            y = ys[j + 1] = torch.addmm(e[j], A[j], y)
-        y_out = torch.addmm(e[J - 1], A[J - 1], y)
-        Y = torch.stack(ys)  # J × n × 1, each layer's input
+        Y, y_out = self._tangent_recurrence((L.sigma_d * nu).unbind(0), nu.new_zeros(L.n, 1) if y is None else y)
         # ζ = ν − K y; with s = v_inᵀy and u = ζ − b_ζ/ε + g s/ε the parameters are
         # Θ̃ᵀ = b_⊥/ε + v ζᵀ − C_⊥y/ε, i.e. W = Wb/ε + u v_inᵀ − g yᵀ/ε, bias = bb/ε + v_b u
         zeta = torch.baddbmm(nu, self.K, Y, alpha=-1.0)
@@ -302,13 +309,8 @@ class BatchedRun(StageFactor):
         WbTg = (Wb * L.g.reshape(J, m, 1, 1)).sum(1)  # Wbᵀ g, J × n × k
         c = torch.baddbmm(WbTg, L.v_in, L.g.mT @ Zb, alpha=-1.0)
         h = torch.baddbmm(c, self.K.mT, Zb, beta=1.0 / eps).unbind(0)
-        A = self.A
-        tau = b.new_zeros(m, k) if t is None else t
-        taus = [tau] * J
-        for j in range(J - 1, 0, -1):
-            tau = taus[j - 1] = torch.addmm(h[j], A[j].mT, tau)
-        t_in = torch.addmm(h[0], A[0].mT, tau)
-        nu = torch.linalg.lu_solve(self.lu, self.piv, torch.addcmul(Zb, L.sigma_d, torch.stack(taus), value=-1.0))
+        taus, t_in = self._adjoint_recurrence(h, b.new_zeros(m, k) if t is None else t)
+        nu = torch.linalg.lu_solve(self.lu, self.piv, torch.addcmul(Zb, L.sigma_d, taus, value=-1.0))
         return (nu, Wb, bb, Zb), t_in
 
     def _forward_columns(self, y: Tensor | None, u, out: Tensor) -> Tensor:
@@ -316,13 +318,7 @@ class BatchedRun(StageFactor):
         L, eps = self.layers, self.damping
         nu, Wb, bb, Zb = u
         J, m, n, k = L.J, L.m, L.n, nu.shape[-1]
-        y = nu.new_zeros(n, k) if y is None else y
-        e = (L.sigma_d * nu).unbind(0)
-        A, ys = self.A, [y] * J
-        for j in range(J - 1):
-            y = ys[j + 1] = torch.addmm(e[j], A[j], y)
-        y_out = torch.addmm(e[J - 1], A[J - 1], y)
-        Y = torch.stack(ys)  # J × n × k
+        Y, y_out = self._tangent_recurrence((L.sigma_d * nu).unbind(0), nu.new_zeros(n, k) if y is None else y)
         zeta = torch.baddbmm(nu, self.K, Y, alpha=-1.0)
         s = L.v_in.mT @ Y  # J × 1 × k
         u = torch.addcmul(torch.add(zeta, Zb, alpha=-1.0 / eps), L.g, s, value=1.0 / eps)
