@@ -53,6 +53,14 @@ def check_finite(t: Tensor, name: str, where: str) -> None:
         raise ValueError(f"{where}: {name} contains NaN or inf; derivatives at a non-finite point are undefined")
 
 
+def check_derivatives_finite(t: Tensor, name: str, where: str) -> None:
+    """No NaN or inf in derivatives a block computed itself (the ``torch.func`` fallback's
+    Jacobians and Hessians): checked even within :func:`trusted`, which vouches for a
+    block's inputs, not for what the block's own differentiation makes of them."""
+    if not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{where}: {name} contains NaN or inf; the function is not twice differentiable at this point")
+
+
 def check_params(expected: Sequence[Tensor], params, z: Tensor, where: str) -> list[Tensor]:
     """``params`` must be a sequence of tensors shaped like ``expected``, with ``z``'s dtype and device."""
     if _TRUSTED.get():

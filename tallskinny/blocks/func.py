@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from torch.func import grad, jacfwd, jacrev
 
 from ..linalg import Dense
-from .checks import check_finite, check_input, describe, zero
+from .checks import check_derivatives_finite, check_finite, check_input, describe, zero
 from .protocol import Oracle
 
 __all__ = ["FuncLoss", "differ", "func_oracle", "func_oracle_bytes", "second_derivatives"]
@@ -67,12 +67,12 @@ def func_oracle(
             "(call .eval() for dropout); otherwise register an analytic block with "
             "tallskinny.blocks.register"
         ) from err
-    check_finite(jacobian, "∂z_out/∂(θ, z_in)", where)
+    check_derivatives_finite(jacobian, "∂z_out/∂(θ, z_in)", where)
     G = Dense(jacobian[:, :p].contiguous()) if p else zero(a_out, 0, z)
     F = Dense(jacobian[:, p:].contiguous())
     if not second_order:
         return Oracle(G=G, F=F, A=zero(p, p, z), C=zero(p, a_in, z), E=zero(a_in, a_in, z))
-    check_finite(hess, "∂²⟨g, z_out⟩/∂(θ, z_in)²", where)
+    check_derivatives_finite(hess, "∂²⟨g, z_out⟩/∂(θ, z_in)²", where)
     hess = 0.5 * (hess + hess.mT)
     A = Dense(hess[:p, :p].contiguous(), symmetric=True) if p else zero(0, 0, z)
     C = Dense(hess[:p, p:].contiguous()) if p else zero(0, a_in, z)
@@ -167,8 +167,8 @@ class FuncLoss:
             hess = second_derivatives(flat_loss, x0)
         except RuntimeError as err:
             raise RuntimeError(f"{where}: the torch.func fallback could not differentiate the loss ({err})") from err
-        check_finite(gradient, "the gradient of the loss", where)
-        check_finite(hess, "the Hessian of the loss", where)
+        check_derivatives_finite(gradient, "the gradient of the loss", where)
+        check_derivatives_finite(hess, "the Hessian of the loss", where)
         a_in = z.numel()
         return Oracle(
             G=zero(1, 0, z),

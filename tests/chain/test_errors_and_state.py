@@ -222,6 +222,25 @@ def test_a_callable_loss_with_a_non_finite_hessian_is_named(kind):
         chain.curvature(X, y, kind=kind)
 
 
+def test_a_fallback_block_with_a_non_finite_hessian_is_named():
+    """|x|^1.5 after a ReLU (x = 0 at the dead units): torch.func's second derivatives of the
+    fallback block are infinite there. The Hessian refuses, naming the block (its
+    derivatives are checked even where the chain vouches for its inputs); the
+    Gauss–Newton matrix needs no second derivatives of the block, and is finite."""
+
+    class Power(nn.Module):
+        def forward(self, x):
+            return x.abs() ** 1.5
+
+    torch.manual_seed(0)
+    X, y = torch.randn(8, 4, dtype=torch.float64), torch.zeros(8, 2, dtype=torch.float64)
+    chain = ts.Chain([nn.Linear(4, 4).double(), nn.ReLU(), Power(), nn.Linear(4, 2).double()], nn.MSELoss())
+    with pytest.raises(ValueError, match=r"FuncBlock\(Power\).*NaN or inf"):
+        chain.curvature(X, y, kind="hessian")
+    curv = chain.curvature(X, y, kind="ggn")
+    assert bool(torch.isfinite(curv.hvp(torch.ones(curv.num_parameters, dtype=torch.float64))).all())
+
+
 def test_blocks_check_outside_the_chain():
     """Called directly (not from a chain), a block still checks its inputs for NaN/inf."""
     block = ts.blocks.block_for(nn.Linear(3, 2).double())
