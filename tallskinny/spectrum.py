@@ -378,7 +378,11 @@ def _extreme_lanczos(curv, k: int, which: str, norm: float, tau: float, vectors:
     V[0] = v / v.norm()
     alpha, beta = [], []
     check = k + 4
+    # below this the next vector is rounding noise: the Krylov space is invariant
+    breakdown = 64 * torch.finfo(dtype).eps * norm
     for j in range(steps):
+        if j and beta[-1] == 0.0:
+            return None  # (shift-invert takes over)
         w = curv.hvp(V[j])
         a = float(V[j] @ w)
         Vj = V[: j + 1]
@@ -386,6 +390,7 @@ def _extreme_lanczos(curv, k: int, which: str, norm: float, tau: float, vectors:
         w = w - Vj.mT @ (Vj @ w)
         alpha.append(a)
         b = float(w.norm())
+        b = b if b > breakdown else 0.0
         beta.append(b)
         if b > 0:
             V[j + 1] = w / b

@@ -3,6 +3,7 @@ dense references, on every route, Hessian (indefinite) and Gauss–Newton."""
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -389,3 +390,24 @@ def test_gauss_newton_largest_beyond_its_rank_vectors_orthonormal():
         assert (values - ev[-k:]).abs().max() <= 1e-10 * norm
         assert (M @ vectors - vectors * values).norm(dim=0).max() <= 1e-10 * norm
         assert (vectors.mT @ vectors - torch.eye(k, dtype=vectors.dtype)).abs().max() <= 1e-13
+
+
+@pytest.mark.parametrize("which", ["largest", "smallest"])
+def test_float32_krylov_space_exhausted_by_a_rank_one_matrix(which, monkeypatch):
+    """A float32 Gauss–Newton matrix of rank 1 (P = 17): the extreme Lanczos's second
+    vector is rounding noise (‖w‖ ~ eps·‖H‖, not 0). Dividing by it made NaN vectors
+    (a ValueError from the next product, before any fallback); a norm below 64·eps·‖H‖ is
+    a breakdown now, and the search goes on past Lanczos (here to the dense fallback:
+    shift-invert's residual tolerance is float64's). Values to float32's accuracy."""
+    monkeypatch.setattr(spectrum, "DENSE_FALLBACK_MAX_P", 4096)
+    torch.manual_seed(2)
+    layers = [nn.Linear(2, 3, dtype=torch.float32), nn.Tanh(), nn.Linear(3, 2, dtype=torch.float32)]
+    g = torch.Generator().manual_seed(3)
+    X, y = torch.randn(1, 2, generator=g, dtype=torch.float32), torch.randint(0, 2, (1,), generator=g)
+    chain = ts.Chain([m.float() for m in layers], nn.CrossEntropyLoss())
+    M = dense_ggn(ts.Chain([m.double() for m in copy.deepcopy(layers)], nn.CrossEntropyLoss()), X.double(), y)
+    ev = torch.linalg.eigvalsh(M)
+    values = chain.curvature(X, y, kind="ggn").eigvalsh(4, which)
+    assert values.dtype == torch.float32
+    exact = ev[-4:] if which == "largest" else ev[:4]
+    assert (values.double() - exact).abs().max() <= 1e-5 * float(ev.abs().max())
