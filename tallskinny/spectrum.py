@@ -70,8 +70,9 @@ REORTHOGONALIZE_BELOW = 2**-0.5
 a column kept less than this fraction of its norm in the first pass (Daniel, Gragg, Kaufman
 and Stewart's criterion, which bounds the loss of orthogonality of one classical
 Gram–Schmidt pass; a looser fraction lets the loss build up until a nearly invariant
-block destroys the basis). The basis stays orthogonal to ~1e-11, not to rounding: the
-Ritz vectors read from it are orthonormalized again (:func:`_ritz_pairs`)."""
+block destroys the basis). The basis stays orthogonal to ~1e-13 (~1e-11 at worst near a
+null space), not to rounding: the Ritz vectors read from it are orthonormalized again
+(:func:`_ritz_pairs`)."""
 EDGE_RETRIES = 6
 
 
@@ -252,7 +253,7 @@ def _shift_invert(curv, F, sigma: float, k: int, norm: float, exclude: Tensor | 
     for _ in range(MAX_BLOCKS + 1):
         size = XT.norm(dim=1)
         # X ⟂ (excluded, V); VᵀX of the first pass is known. A second pass where a column
-        # lost more than REORTHOGONALIZE_BELOW of its norm in the first (twice is enough)
+        # kept less than REORTHOGONALIZE_BELOW of its norm in the first (twice is enough)
         for rep in range(2):
             if excluded is not None:
                 XT = torch.addmm(XT, XT @ excluded.mT, excluded, alpha=-1.0)
