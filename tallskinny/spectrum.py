@@ -383,7 +383,7 @@ def _extreme_lanczos(curv, k: int, which: str, norm: float, tau: float, vectors:
     breakdown = 64 * torch.finfo(dtype).eps * norm
     for j in range(steps):
         if j and beta[-1] == 0.0:
-            return None  # (shift-invert takes over)
+            return None  # invariant, unconverged: shift-invert takes over
         w = curv.hvp(V[j])
         a = float(V[j] @ w)
         Vj = V[: j + 1]
@@ -413,8 +413,6 @@ def _extreme_lanczos(curv, k: int, which: str, norm: float, tau: float, vectors:
             gaps = torch.minimum(torch.cat((inf, steps)), torch.cat((steps, inf)))[pick]
             unconverged = bool((r_est * r_est > 0.5 * value_tol * gaps).any())
         if unconverged:
-            if b == 0:
-                return None
             continue
         Y = Vj.mT @ S[:, pick].to(dtype)
         Y = Y / Y.norm(dim=0)
