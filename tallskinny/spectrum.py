@@ -227,7 +227,8 @@ def _shift_invert(curv, F, sigma: float, k: int, norm: float, exclude: Tensor | 
     """The ``k`` eigenpairs nearest ``σ`` by block Lanczos on ``(H − σI)⁻¹`` (full
     reorthogonalization; Rayleigh–Ritz on the inverse to find them, then with ``H`` itself
     (:func:`_ritz_pairs`) for the digits the inverse's rounding ``‖(H − σI)⁻¹‖·eps``
-    would cost). Returns eigenvalues, vectors (``P × k``) and residual norms.
+    would cost). Returns eigenvalues, vectors (``P × k``), residual norms and the other
+    Ritz values of the last Rayleigh–Ritz.
 
     The basis ``V`` and the next block ``Xᵀ`` are kept as rows (``n × P``, ``b × P``):
     projections and updates are wide products over contiguous rows (a tall ``P × n``
@@ -320,20 +321,24 @@ def _combine(Z: Tensor, S: Tensor) -> Tensor:
 
 
 def _ritz_pairs(curv, F, Z: Tensor, sigma: float, k: int, norm: float, excluded: Tensor | None, steps: int = INVERSE_ITERATIONS):
-    """The ``k`` Ritz pairs nearest ``σ`` of ``H`` on the span of ``Z`` (one block HVP),
-    ``None`` unless each residual is ``≤ RESIDUAL_TOLERANCE·‖H‖``. Ritz vectors of the
-    inverse carry the rest of the spectrum at the inverse's residual; within a cluster
+    """The ``k`` Ritz pairs nearest ``σ`` of ``H`` on the span of ``Z`` (one block HVP):
+    values, vectors, residual norms and the span's other Ritz values (estimates of the
+    eigenvalues next beyond them); ``None`` unless each residual is
+    ``≤ RESIDUAL_TOLERANCE·‖H‖``. Ritz vectors of the inverse carry the rest of the spectrum at the inverse's residual; within a cluster
     (a null space: ``(H − σI)⁻¹`` has ``−1/σ`` many times) the Rayleigh–Ritz with ``H``
     picks the most polluted mixture, whose Rayleigh quotient the pollution moved towards
     ``σ``. Up to ``steps`` steps ``Z ← (H − σI)⁻¹Z`` (a solve and an HVP each) take the
     pollution out by ``|λ − σ|/|μ − σ|`` a step, ``μ`` the eigenvalues beyond the span.
     ``Z`` is orthonormalized at every step, the first included: the Lanczos basis is
-    orthogonal to ~1e-11 only, and the vectors found become the next search's exclusions."""
+    orthogonal to ~1e-11 only, and the vectors found become the next search's exclusions.
+    An inverse-iteration solve is unrefined until a step fails to halve the largest residual,
+    then refined once: the residual's floor is the solve's backward error times ``‖H‖``."""
     tol = RESIDUAL_TOLERANCE * norm
     worst: list[float] = []
+    refine = 0
     for step in range(steps + 1):
         if step:
-            Z = F.solve(Z, refine=0)
+            Z = F.solve(Z, refine=refine)
             if excluded is not None:
                 Z = torch.addmm(Z, excluded.mT, excluded @ Z, alpha=-1.0)
         Z = torch.linalg.qr(Z).Q
@@ -344,8 +349,15 @@ def _ritz_pairs(curv, F, Z: Tensor, sigma: float, k: int, norm: float, excluded:
         Y, HY, lam = _combine(Z, S_H[:, pick]), _combine(HZ, S_H[:, pick]), mu[pick]
         res = (HY - Y * lam).norm(dim=0)
         if bool((res <= tol).all()):
-            return lam, Y, res
+            others = torch.ones_like(mu, dtype=torch.bool)
+            others[pick] = False
+            return lam, Y, res, mu[others]
         worst.append(float(res.max()))
+        if len(worst) > 1 and not worst[-1] <= 0.5 * min(worst[:-1]):
+            # a step that did not halve the residual: from here on each solve is refined
+            # once (the unrefined solve's backward error, up to ~1e-10 near a singular
+            # shift, is a floor of the residuals it leaves)
+            refine = 1
         # (not monotone: in a cluster the Rayleigh–Ritz picks differently polluted mixtures)
         if len(worst) > STAGNATION_WINDOW and not min(worst[-STAGNATION_WINDOW:]) <= 0.5 * min(worst[:-STAGNATION_WINDOW]):
             return None
@@ -521,24 +533,31 @@ def eigvalsh(curv, k: int, which: str = "largest", *, near=None, eigenvectors: b
     F, sigma = _factor_near(curv, sigma, tau)
     gen = torch.Generator().manual_seed(2)
     block = min(P, max(k + 2, 4))
-    found_l, found_v = [], None
+    found_l, found_v, beyond = [], None, []
     want = k
     while True:
         need = want - (0 if found_v is None else found_v.shape[1])
         try:
-            lam, Y, _ = _shift_invert(curv, F, sigma, need, norm, found_v, gen, min(P, max(need + 2, block)))
+            lam, Y, _, others = _shift_invert(curv, F, sigma, need, norm, found_v, gen, min(P, max(need + 2, block)))
         except _NotConverged:
             if P > DENSE_FALLBACK_MAX_P:
                 raise
             return _dense_eigenpairs(curv, k, sigma, which, eigenvectors)
         found_l.extend(lam.tolist())
+        beyond.extend(others.tolist())
         found_v = Y if found_v is None else torch.cat((found_v, Y), dim=1)
         dist = sorted(abs(x - sigma) for x in found_l)
         radius = dist[k - 1]
         # the window of the k nearest, widened by a fraction of the distance: all found in it
-        # must be all there are
+        # must be all there are. Its edges go halfway to the nearest Ritz value beyond it
+        # (the next eigenvalue's estimate): a count next to an eigenvalue is nearly singular,
+        # and its inertia check would take the pivoted factorization
         pad = max(4 * tau, 1e-8 * max(radius, norm * 1e-8))
-        lower, upper = sigma - radius - pad, sigma + radius + pad
+        reach = radius + pad
+        nearest_beyond = min((d for d in (abs(x - sigma) for x in found_l + beyond) if d > reach), default=None)
+        if nearest_beyond is not None:
+            reach = max(reach, 0.5 * (radius + nearest_beyond))
+        lower, upper = sigma - reach, sigma + reach
         if which == "largest":
             upper = sigma
         elif which == "smallest":
