@@ -6,6 +6,7 @@ from .curvature import Curvature, Factorization
 from .distributed import ShardMismatchError
 from .errors import (
     AccuracyWarning,
+    ConvergenceError,
     ConvergenceWarning,
     NondeterministicModuleError,
     ResourceError,
@@ -20,6 +21,7 @@ __version__ = "0.1.0.dev0"
 __all__ = [
     "AccuracyWarning",
     "Chain",
+    "ConvergenceError",
     "ConvergenceWarning",
     "Curvature",
     "Factorization",

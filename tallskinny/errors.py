@@ -81,6 +81,13 @@ class ConvergenceWarning(AccuracyWarning):
     reached. A subclass of :class:`AccuracyWarning`."""
 
 
+class ConvergenceError(RuntimeError):
+    """An iterative search ended without the accuracy it promises and had no exact
+    fallback: ``Curvature.eigvalsh`` where block shift-invert Lanczos did not converge
+    on a model above ``spectrum.DENSE_FALLBACK_MAX_P`` parameters (smaller ones take a
+    dense ``eigh``). A subclass of :class:`RuntimeError`."""
+
+
 class UnsupportedOnRouteError(NotImplementedError):
     """A quantity the route a curvature takes cannot give: ``logdet()``, ``sign()`` and
     ``inertia()`` on the ``krylov`` route (an iterative solve has no factors). Carries

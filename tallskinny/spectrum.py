@@ -34,7 +34,7 @@ from typing import Callable, NamedTuple, Sequence
 import torch
 from torch import Tensor
 
-from .errors import SingularSystemError, real_number
+from .errors import ConvergenceError, SingularSystemError, real_number
 from .linalg import pivot_tolerance
 
 __all__ = [
@@ -53,8 +53,6 @@ __all__ = [
 ]
 
 WHICH = ("largest", "smallest", "nearest")
-class _NotConverged(RuntimeError):
-    """Shift-invert Lanczos ended without ``k`` accepted pairs (``eigvalsh`` may go dense)."""
 
 
 RESIDUAL_TOLERANCE = 1e-11
@@ -64,7 +62,7 @@ VALUE_TOLERANCE = 1e-13
 """Without eigenvectors, the extreme eigenvalues are accepted where their Kato–Temple
 bound ``‖r‖²/gap`` (``gap`` certified by a count) is ``≤ VALUE_TOLERANCE·‖H‖``."""
 MAX_BLOCKS = 60
-"""Block shift-invert Lanczos steps before :func:`eigvalsh` gives up (``RuntimeError``)."""
+"""Block shift-invert Lanczos steps before :func:`eigvalsh` gives up (:class:`~tallskinny.errors.ConvergenceError`)."""
 REORTHOGONALIZE_BELOW = 2**-0.5
 """Shift-invert Lanczos orthogonalizes a block against the basis a second time only where
 a column kept less than this fraction of its norm in the first pass (Daniel, Gragg, Kaufman
@@ -240,8 +238,8 @@ def _shift_invert(curv, F, sigma: float, k: int, norm: float, exclude: Tensor | 
     ``‖R s_last‖`` (``X − V Vᵀ X = Q R``): no vectors are formed until the pairs have
     converged. Columns of the next block below ``1e-10`` of the block's largest column
     before the projection are dropped (deflation); where none is left (the Krylov space is
-    invariant, or spans everything) the Ritz pairs are read a last time, and
-    ``_NotConverged`` raised if they do not pass."""
+    invariant, or spans everything) the Ritz pairs are read a last time, then those of
+    ``H`` on the whole basis, and ``ConvergenceError`` raised if neither passes."""
     P = curv.num_parameters
     dtype, device = curv.layout.dtype, curv.layout.device
     # the start block, as rows (drawn in float32: a float64 draw costs 4–5× as much)
@@ -286,7 +284,13 @@ def _shift_invert(curv, F, sigma: float, k: int, norm: float, exclude: Tensor | 
                 if found is not None:
                     return found
         if b == 0:
-            raise _NotConverged(f"eigvalsh: the shift-invert Krylov space stopped growing at {n} vectors before the {k} pairs converged")
+            # the basis is invariant (to the deflation's 1e-10): the Rayleigh–Ritz with H
+            # on all of it has the pairs the inverse's Ritz vectors picked out inaccurately
+            # (a cluster, or a shift next to an eigenvalue)
+            found = _ritz_pairs(curv, F, V[:n].mT, sigma, k, norm, excluded, INVERSE_ITERATIONS) if n >= k else None
+            if found is not None:
+                return found
+            raise ConvergenceError(f"eigvalsh: the shift-invert Krylov space stopped growing at {n} vectors before the {k} pairs converged")
         if n + b > cap:  # grow the buffers (doubling)
             cap = min(P, max(2 * cap, n + b))
             V2, T2 = XT.new_empty(cap, P), torch.zeros((cap, cap), dtype=dtype, device=device)
@@ -302,7 +306,7 @@ def _shift_invert(curv, F, sigma: float, k: int, norm: float, exclude: Tensor | 
         theta, S = torch.linalg.eigh(0.5 * (Tn + Tn.mT))
         ritz = (theta, S, theta.abs().argsort(descending=True)[:k], b) if n >= k else None
         XT = W.mT
-    raise _NotConverged(f"eigvalsh: shift-invert Lanczos did not converge in {MAX_BLOCKS} block steps")
+    raise ConvergenceError(f"eigvalsh: shift-invert Lanczos did not converge in {MAX_BLOCKS} block steps")
 
 
 INVERSE_ITERATIONS = 12
@@ -501,7 +505,7 @@ def eigvalsh(curv, k: int, which: str = "largest", *, near=None, eigenvectors: b
     ``≤ RESIDUAL_TOLERANCE·‖H‖``; a count over the window they span then proves that no
     eigenvalue was missed (else the search goes on, orthogonal to those found: repeated
     eigenvalues). Where that does not converge, models of at most
-    ``DENSE_FALLBACK_MAX_P`` parameters take a dense ``eigh`` (else ``RuntimeError``).
+    ``DENSE_FALLBACK_MAX_P`` parameters take a dense ``eigh`` (else :class:`~tallskinny.errors.ConvergenceError`, a ``RuntimeError``).
     The extreme values come first from Lanczos on ``H``
     (:func:`_extreme_lanczos`); without eigenvectors they are accepted at a
     count-certified Kato–Temple bound ``≤ VALUE_TOLERANCE·‖H‖``."""
@@ -530,7 +534,10 @@ def eigvalsh(curv, k: int, which: str = "largest", *, near=None, eigenvectors: b
             return (values, vectors) if eigenvectors else values
         lo, hi = spectral_bounds(curv)
         sigma = hi if which == "largest" else lo
-    F, sigma = _factor_near(curv, sigma, tau)
+    # σ: the shift factored, moved off an eigenvalue where H − σI is singular; the k
+    # nearest the target are chosen and certified
+    target = sigma
+    F, sigma = _factor_near(curv, target, tau)
     gen = torch.Generator().manual_seed(2)
     block = min(P, max(k + 2, 4))
     found_l, found_v, beyond = [], None, []
@@ -539,14 +546,14 @@ def eigvalsh(curv, k: int, which: str = "largest", *, near=None, eigenvectors: b
         need = want - (0 if found_v is None else found_v.shape[1])
         try:
             lam, Y, _, others = _shift_invert(curv, F, sigma, need, norm, found_v, gen, min(P, max(need + 2, block)))
-        except _NotConverged:
+        except ConvergenceError:
             if P > DENSE_FALLBACK_MAX_P:
                 raise
-            return _dense_eigenpairs(curv, k, sigma, which, eigenvectors)
+            return _dense_eigenpairs(curv, k, target, which, eigenvectors)
         found_l.extend(lam.tolist())
         beyond.extend(others.tolist())
         found_v = Y if found_v is None else torch.cat((found_v, Y), dim=1)
-        dist = sorted(abs(x - sigma) for x in found_l)
+        dist = sorted(abs(x - target) for x in found_l)
         radius = dist[k - 1]
         # the window of the k nearest, widened by a fraction of the distance: all found in it
         # must be all there are. Its edges go halfway to the nearest Ritz value beyond it
@@ -554,27 +561,52 @@ def eigvalsh(curv, k: int, which: str = "largest", *, near=None, eigenvectors: b
         # and its inertia check would take the pivoted factorization
         pad = max(4 * tau, 1e-8 * max(radius, norm * 1e-8))
         reach = radius + pad
-        nearest_beyond = min((d for d in (abs(x - sigma) for x in found_l + beyond) if d > reach), default=None)
+        nearest_beyond = min((d for d in (abs(x - target) for x in found_l + beyond) if d > reach), default=None)
         if nearest_beyond is not None:
             reach = max(reach, 0.5 * (radius + nearest_beyond))
-        lower, upper = sigma - reach, sigma + reach
+        lower, upper = target - reach, target + reach
         if which == "largest":
-            upper = sigma
+            upper = target
         elif which == "smallest":
-            lower = sigma
+            lower = target
         inside = sum(lower <= x < upper for x in found_l)
         count = _below(curv, upper, tau) - _below(curv, lower, tau)
         if count <= inside or found_v.shape[1] >= P:
             break
+        if _tie_certified(curv, target, which, dist, radius, norm, tau):
+            break  # the rest of the window is more of the k-th value's cluster
         want = found_v.shape[1] + (count - inside)  # missed (repeated) eigenvalues: look again
     lam = torch.tensor(found_l, dtype=torch.float64)
-    order = (lam - sigma).abs().argsort()[:k]
+    order = (lam - target).abs().argsort()[:k]
     order = order[lam[order].argsort()]
     values = lam[order].to(curv.layout.dtype)
     if not eigenvectors:
         return values
     vectors = found_v[:, order]
     return values, vectors
+
+
+def _tie_certified(curv, target: float, which: str, dist: list, radius: float, norm: float, tau: float) -> bool:
+    """Whether a window holding more eigenvalues than were found (``count ≥ k``) holds
+    them at the k-th distance ``radius`` from the target: a cluster there (a null space,
+    a repeated eigenvalue) of which any members are as near as those found. The cluster
+    is the found values within ``4·RESIDUAL_TOLERANCE·‖H‖`` of that distance (each is exact
+    to its residual). True where a count strictly inside the cluster, halfway from its
+    nearest member found to the nearest found value before it, holds exactly the found
+    values there (nothing nearer was missed; none to count where the cluster is at the
+    target)."""
+    tie = 4 * RESIDUAL_TOLERANCE * norm
+    tie_from = min(d for d in dist if d >= radius - tie)
+    if tie_from <= tie:
+        return True
+    closer = [d for d in dist if d < tie_from]
+    inner = 0.5 * (max(closer, default=0.0) + tie_from)
+    lower, upper = target - inner, target + inner
+    if which == "largest":
+        upper = target
+    elif which == "smallest":
+        lower = target
+    return _below(curv, upper, tau) - _below(curv, lower, tau) == len(closer)
 
 
 DENSE_FALLBACK_MAX_P = 4096

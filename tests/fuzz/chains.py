@@ -315,6 +315,7 @@ class Report:
     warned: set = field(default_factory=set)  # quantities that came with an AccuracyWarning
     failures: list = field(default_factory=list)
     singular: bool = False
+    unconverged: list = field(default_factory=list)  # searches that raised ConvergenceError
 
     def record(self, name: str, error: float, tol: float, *, warned: bool = False) -> None:
         score = error / tol if tol > 0 else (0.0 if error == 0 else math.inf)
@@ -440,7 +441,7 @@ def _backward_error(M: torch.Tensor, x: torch.Tensor, b: torch.Tensor, norm: flo
     return float((r / (norm * x.norm(dim=0) + b.norm(dim=0))).max())
 
 
-def _call(fn, warned: list):
+def call_recording_warnings(fn, warned: list):
     """``fn()`` with ``AccuracyWarning`` recorded (``warned`` gets ``True``) instead of raised."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ts.AccuracyWarning)
@@ -520,7 +521,7 @@ def check_case(case: Case, *, rhs: int = 2) -> Report:
     report.cond = lam_max / lam_min if lam_min > 0 else math.inf
     warned: list = []
     try:
-        fact = _call(lambda: curv.factorize(case.damping), warned)
+        fact = call_recording_warnings(lambda: curv.factorize(case.damping), warned)
     except ts.SingularSystemError:
         report.singular = True
         if report.min_ratio > SINGULAR_RATIO * eps:
@@ -536,23 +537,23 @@ def check_case(case: Case, *, rhs: int = 2) -> Report:
     moved = report.cond * noise
     sol_tol = (max(1e-9 * scale, 64 * eps * report.cond) + moved) / (1 - moved) if moved < 0.5 else math.inf
     solve_warned: list = []
-    x = _call(lambda: fact.solve(low_V), solve_warned)
+    x = call_recording_warnings(lambda: fact.solve(low_V), solve_warned)
     report.record("solve", _relative(x, x_ref), sol_tol, warned=bool(solve_warned) or factor_warned)
     # the solve's backward error w.r.t. its own H, seen through the reference's H
     report.record("backward", _backward_error(M, x.double(), V, lam_max), 64 * eps + noise, warned=bool(solve_warned))
     ihvp_warned: list = []
-    x1 = _call(lambda: chain.inverse_hvp(X, y, low_V[:, 0], damping=case.damping, kind=case.kind, method=case.method), ihvp_warned)
+    x1 = call_recording_warnings(lambda: chain.inverse_hvp(X, y, low_V[:, 0], damping=case.damping, kind=case.kind, method=case.method), ihvp_warned)
     report.record("inverse_hvp", _relative(x1, x_ref[:, 0]), sol_tol, warned=bool(ihvp_warned) or factor_warned)
     if case.dtype == torch.float64 and curv.method == "riccati":
         # mixed precision: float32 factors refined in float64 to the same promises (or the
         # float64 fallback, which must keep them too)
         mixed_warned: list = []
-        xm = _call(lambda: curv.factorize(case.damping, precision="mixed").solve(V), mixed_warned)
+        xm = call_recording_warnings(lambda: curv.factorize(case.damping, precision="mixed").solve(V), mixed_warned)
         report.record("mixed solve", _relative(xm, x_ref), sol_tol, warned=bool(mixed_warned) or factor_warned)
         report.record("mixed backward", _backward_error(M, xm, V, lam_max), 64 * eps + noise, warned=bool(mixed_warned))
     # spectrum's signs and log-determinant
     inertia_warned: list = []
-    inertia = _call(fact.inertia, inertia_warned)
+    inertia = call_recording_warnings(fact.inertia, inertia_warned)
     want = (int((eig > 0).sum()), int((eig < 0).sum()), 0)
     if case.dtype == torch.float64:
         exact_required = report.min_ratio > INERTIA_RATIO
@@ -570,7 +571,7 @@ def check_case(case: Case, *, rhs: int = 2) -> Report:
     if sign != (-1.0) ** want[1] and exact_required:
         report.failures.append(f"sign {sign} != {(-1.0) ** want[1]}")
     logdet_warned: list = []
-    logdet = float(_call(fact.logdet, logdet_warned))
+    logdet = float(call_recording_warnings(fact.logdet, logdet_warned))
     logdet_ref = float(eig.abs().log().sum())
     tol = 1e-9 * scale * max(1.0, abs(logdet_ref)) + (1e-13 * scale + noise) * P * report.cond
     report.record("logdet", abs(logdet - logdet_ref), tol, warned=bool(logdet_warned) or factor_warned)

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from chains import check_case, make_case, make_run_case
+from spectra import check_spectrum
 
 CASES = int(os.environ.get("TALLSKINNY_FUZZ_CASES", "300"))
 RUN_CASES = max(1, CASES // 5)
@@ -147,3 +148,29 @@ def test_the_fuzzer_catches_a_wrong_answer(monkeypatch):
             assert any(f.startswith("solve") for f in report.failures)
             return
     pytest.fail("no well-conditioned case among the first 20 seeds")
+
+
+SPECTRUM_CASES = max(1, CASES // 3)
+
+SPECTRUM_FIXED = {
+    174: "nearest σ = 0 on a null space: σ moved by τ, and the 6 nearest the moved σ returned (error 7.8e-10 > 6.2e-10)",
+    236: "nearest σ = 0 (P = 79): the Krylov space stopped growing; the inverse's Ritz vectors picked the wrong mixtures",
+    392: "Gauss–Newton largest k = 6 beyond its rank: every vector of the null space looked for (ConvergenceError)",
+    979: "nearest σ = 0 (P = 9): the Krylov space spanned everything and its Ritz pairs were still refused",
+}
+
+
+@pytest.mark.parametrize("seed", sorted(SPECTRUM_FIXED))
+def test_spectra_that_failed(seed):
+    report = check_spectrum(make_case(seed, dtype=torch.float64))
+    assert not report.failures and not report.unconverged, f"{report.case}: {report.failures + report.unconverged}"
+
+
+@pytest.mark.parametrize("seed", range(2000, 2000 + SPECTRUM_CASES))
+def test_random_spectrum(seed):
+    """Wrong values, residuals or counts fail; a search that does not converge (at the ends
+    of a spectrum whose k-th value sits just above a large null space: 5 of 1 200 seeds)
+    raises ConvergenceError, as documented, and is counted by ``wide.py --family spectra``."""
+    torch.set_num_threads(1)
+    report = check_spectrum(make_case(seed, dtype=torch.float64))
+    assert not report.failures, f"{report.case}: {report.failures}"

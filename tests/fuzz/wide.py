@@ -1,5 +1,7 @@
 """Run the differential fuzzer wide: ``python tests/fuzz/wide.py --cases 5000 --jobs 2``
-(``--family runs``: the chains of ``make_run_case``, runs of square layers at batch 1).
+(``--family runs``: the chains of ``make_run_case``, runs of square layers at batch 1;
+``--family spectra``: ``make_case``'s chains in float64 through the spectral queries,
+``tests/fuzz/spectra.py``).
 
 Prints the number of cases run (by kind, dtype and verdict), the worst error/tolerance
 ratio of every quantity with its case, the cases that came with an ``AccuracyWarning``,
@@ -24,13 +26,17 @@ def _run(job: tuple[str, int]):
     import torch
 
     from chains import check_case, make_case, make_run_case
+    from spectra import check_spectrum
 
     family, seed = job
     torch.set_num_threads(1)
     try:
-        case = (make_run_case if family == "runs" else make_case)(seed)
+        if family == "spectra":
+            case, check = make_case(seed, dtype=torch.float64), check_spectrum
+        else:
+            case, check = (make_run_case if family == "runs" else make_case)(seed), check_case
         t = time.perf_counter()
-        report = check_case(case)
+        report = check(case)
         return seed, case.kind, str(case.dtype), report, time.perf_counter() - t, None
     except Exception:  # a crash is a failure of its own
         return seed, "?", "?", None, 0.0, traceback.format_exc(limit=8)
@@ -42,7 +48,12 @@ def main(argv=None) -> int:
     parser.add_argument("--start", type=int, default=0, help="first seed")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--show", type=int, default=40, help="failures printed at most")
-    parser.add_argument("--family", choices=["chains", "runs"], default="chains", help="make_case or make_run_case")
+    parser.add_argument(
+        "--family",
+        choices=["chains", "runs", "spectra"],
+        default="chains",
+        help="make_case, make_run_case, or make_case's chains (float64) through the spectral queries",
+    )
     args = parser.parse_args(argv)
     seeds = range(args.start, args.start + args.cases)
     t0 = time.perf_counter()
@@ -50,7 +61,7 @@ def main(argv=None) -> int:
         results = pool.map(_run, [(args.family, seed) for seed in seeds], chunksize=4)
     counts = collections.Counter()
     worst: dict = {}
-    warned, failures, crashes = [], [], []
+    warned, failures, crashes, unconverged = [], [], [], []
     slowest = 0.0
     for seed, kind, dtype, report, dt, crash in results:
         slowest = max(slowest, dt)
@@ -67,6 +78,8 @@ def main(argv=None) -> int:
             warned.append(report)
         if report.failures:
             failures.append(report)
+        if report.unconverged:
+            unconverged.append(report)
     print(f"{len(results)} cases in {time.perf_counter() - t0:.0f} s ({args.jobs} jobs; slowest case {slowest:.1f} s)")
     for key, n in sorted(counts.items()):
         print(f"  {' '.join(key):32s} {n}")
@@ -77,6 +90,10 @@ def main(argv=None) -> int:
     print(": " + ", ".join(sorted({q for r in warned for q in r.warned})) if warned else "")
     for r in warned[: args.show // 2]:
         print(f"  warned {sorted(r.warned)} cond {r.cond:.1e}: {r.case}")
+    if unconverged:
+        print(f"{len(unconverged)} cases with a search that did not converge (ConvergenceError, no dense fallback)")
+        for r in unconverged[: args.show // 2]:
+            print(f"  unconverged P={r.P}: {r.case}\n      " + "; ".join(r.unconverged))
     print(f"{len(failures)} failures, {len(crashes)} crashes")
     for r in failures[: args.show]:
         print(f"  FAIL P={r.P} cond={r.cond:.1e} min|λ|/max|λ|={r.min_ratio:.1e}: {r.case}\n      " + "; ".join(r.failures))

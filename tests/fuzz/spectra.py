@@ -1,0 +1,103 @@
+"""The spectral queries of random chains (issue 17) against ``eigvalsh`` of their dense
+curvature: ``Curvature.eigvalsh`` (largest, smallest, nearest; with and without vectors)
+and ``Curvature.eigenvalue_count`` on the float64 chains of :func:`chains.make_case`
+(every block, both kinds, every route). The dense fallback of ``eigvalsh`` is off: a
+search that does not converge raises ``ts.ConvergenceError`` as on a model too large for
+it, recorded as ``Report.unconverged`` (a wrong answer or any other error is a failure).
+
+The reference is ``torch.linalg.eigvalsh`` of ``Curvature.to_dense()`` (the curvature the
+queries answer for; its agreement with ``torch.func`` is :func:`chains.check_case`'s).
+Values are compared to ``1e-10·‖H‖`` (the nearest as distances to ``σ``: ties in a cluster
+may be either), residuals ``‖Hy − λy‖`` to ``1e-10·‖H‖``, the vectors' orthonormality to
+``1e-8``; a count must lie between the counts of the interval shrunk and grown by the
+edge tolerance ``τ`` (an eigenvalue within ``τ`` of an edge may count as at it).
+"""
+
+from __future__ import annotations
+
+import random
+
+import torch
+
+import tallskinny as ts
+from chains import Case, Report, call_recording_warnings
+from tallskinny import spectrum
+
+VALUE_TOLERANCE = 1e-10
+RESIDUAL_TOLERANCE = 1e-10
+ORTHONORMALITY_TOLERANCE = 1e-8
+
+
+def _targets(rng: random.Random, ev: torch.Tensor, norm: float) -> list:
+    """``(which, k, near, eigenvectors)`` of the queries of one case: the two ends and an
+    interior ``σ`` (anywhere, at the null space's 0, or next to an eigenvalue)."""
+    P = ev.shape[0]
+    near = rng.choice(
+        [rng.uniform(-1.0, 1.0) * norm, 0.0, float(ev[rng.randrange(P)]) + rng.uniform(-1.0, 1.0) * 1e-3 * norm]
+    )
+    return [
+        (which, rng.randint(1, min(P, 6)), near if which == "nearest" else None, rng.random() < 0.5)
+        for which in spectrum.WHICH
+    ]
+
+
+def _intervals(rng: random.Random, ev: torch.Tensor, norm: float) -> list[tuple[float, float]]:
+    """Two random intervals over the spectrum and one with an edge next to an eigenvalue."""
+    out = [tuple(sorted(rng.uniform(-1.1, 1.1) * norm for _ in range(2))) for _ in range(2)]
+    edge = float(ev[rng.randrange(ev.shape[0])]) + rng.choice([-1.0, 1.0]) * 1e-6 * norm
+    out.append((edge, edge + rng.uniform(0.0, 1.0) * norm) if rng.random() < 0.5 else (edge - rng.uniform(0.0, 1.0) * norm, edge))
+    return out
+
+
+def check_spectrum(case: Case) -> Report:
+    """Every spectral query of ``case`` (float64) against its dense eigenvalues."""
+    report = Report("spectrum: " + case.description)
+    chain = ts.Chain(case.modules, case.loss)
+    curv = chain.curvature(case.X, case.y, kind=case.kind, method=case.method)
+    M = curv.to_dense()
+    M = 0.5 * (M + M.mT)
+    ev = torch.linalg.eigvalsh(M)
+    P = report.P = ev.shape[0]
+    norm = float(ev.abs().max()) if P else 0.0
+    if norm == 0.0:
+        return report
+    rng = random.Random(case.seed)
+    saved = spectrum.DENSE_FALLBACK_MAX_P
+    spectrum.DENSE_FALLBACK_MAX_P = 0
+    try:
+        for which, k, near, vectors in _targets(rng, ev, norm):
+            warned: list = []
+            try:
+                out = call_recording_warnings(lambda: curv.eigvalsh(k, which, near=near, eigenvectors=vectors), warned)
+            except ts.ConvergenceError as error:  # (no dense fallback here)
+                report.unconverged.append(f"{which} k={k} near={near}: {error}")
+                continue
+            values, Y = out if vectors else (out, None)
+            if which == "nearest":
+                got = (values - near).abs().sort().values
+                want = (ev - near).abs().sort().values[:k]
+            else:
+                got, want = values, (ev[-k:] if which == "largest" else ev[:k])
+            report.record(f"{which} values", float((got - want).abs().max()), VALUE_TOLERANCE * norm, warned=bool(warned))
+            if Y is not None:
+                residual = float((M @ Y - Y * values).norm(dim=0).max())
+                report.record(f"{which} residual", residual, RESIDUAL_TOLERANCE * norm, warned=bool(warned))
+                gram = Y.mT @ Y - torch.eye(k, dtype=Y.dtype)
+                report.record(f"{which} orthonormal", float(gram.abs().max()), ORTHONORMALITY_TOLERANCE, warned=bool(warned))
+        tau = spectrum.edge_tolerance(curv)
+        worst = 0.0
+        for lower, upper in _intervals(rng, ev, norm):
+            warned = []
+            count = call_recording_warnings(lambda: curv.eigenvalue_count(lower, upper), warned)
+            fewest = int(((ev >= lower + tau) & (ev < upper - tau)).sum())
+            most = int(((ev >= lower - tau) & (ev < upper + tau)).sum())
+            if not fewest <= count <= most:
+                if warned:
+                    report.warned.add("count")
+                else:
+                    report.failures.append(f"count [{lower:.6g}, {upper:.6g}) = {count}, dense {fewest}…{most}")
+                worst = float("inf")
+        report.scores["count"] = worst
+    finally:
+        spectrum.DENSE_FALLBACK_MAX_P = saved
+    return report
