@@ -287,9 +287,13 @@ def _shift_invert(curv, F, sigma: float, k: int, norm: float, exclude: Tensor | 
             # the basis is invariant (to the deflation's 1e-10): the Rayleigh–Ritz with H
             # on all of it has the pairs the inverse's Ritz vectors picked out inaccurately
             # (a cluster, or a shift next to an eigenvalue)
-            found = _ritz_pairs(curv, F, V[:n].mT, sigma, k, norm, excluded, INVERSE_ITERATIONS) if n >= k else None
-            if found is not None:
-                return found
+            # (first without inverse iteration: the space is already invariant, and next to
+            # an excluded eigenvalue at a shift moved off it the solves' growth along it
+            # leaves only rounding once it is projected out)
+            for steps in (0, INVERSE_ITERATIONS) if n >= k else ():
+                found = _ritz_pairs(curv, F, V[:n].mT, sigma, k, norm, excluded, steps)
+                if found is not None:
+                    return found
             raise ConvergenceError(f"eigvalsh: the shift-invert Krylov space stopped growing at {n} vectors before the {k} pairs converged")
         if n + b > cap:  # grow the buffers (doubling)
             cap = min(P, max(2 * cap, n + b))
@@ -534,22 +538,51 @@ def eigvalsh(curv, k: int, which: str = "largest", *, near=None, eigenvectors: b
             return (values, vectors) if eigenvectors else values
         lo, hi = spectral_bounds(curv)
         sigma = hi if which == "largest" else lo
-    # σ: the shift factored, moved off an eigenvalue where H − σI is singular; the k
-    # nearest the target are chosen and certified
     target = sigma
     F, sigma = _factor_near(curv, target, tau)
+    try:
+        found_l, found_v = _certified_nearest(curv, F, sigma, target, which, k, norm, tau)
+    except ConvergenceError:
+        found_l = None
+        if which == "nearest":
+            # a target on an eigenvalue (H − σI singular, and moved off it by a few τ, or
+            # nearly): the inverse grows ~1/τ or more along that eigenvector, the Krylov
+            # blocks become that vector and rounding, and the space stops growing. Once
+            # more from √(τ‖H‖) away (a growth of ~1e5 instead of ~1e10)
+            F, sigma = _factor_near(curv, target + math.sqrt(tau * norm), tau)
+            try:
+                found_l, found_v = _certified_nearest(curv, F, sigma, target, which, k, norm, tau)
+            except ConvergenceError:
+                pass
+        if found_l is None:
+            if P > DENSE_FALLBACK_MAX_P:
+                raise
+            return _dense_eigenpairs(curv, k, target, which, eigenvectors)
+    lam = torch.tensor(found_l, dtype=torch.float64)
+    order = (lam - target).abs().argsort()[:k]
+    order = order[lam[order].argsort()]
+    values = lam[order].to(curv.layout.dtype)
+    if not eigenvectors:
+        return values
+    vectors = found_v[:, order]
+    return values, vectors
+
+
+def _certified_nearest(curv, F, sigma: float, target: float, which: str, k: int, norm: float, tau: float):
+    """The eigenvalues found (a list, at least the ``k`` nearest ``target``) and their
+    vectors, by shift-invert Lanczos with the factorization ``F`` of ``H − σI`` (``σ`` at
+    or next to the target), looked for again orthogonal to those found until a count over
+    the window of the ``k`` nearest the target holds no more than were found in it
+    (:func:`_tie_certified` for a cluster at the k-th distance). ``ConvergenceError``
+    where a search does not converge."""
+    P = curv.num_parameters
     gen = torch.Generator().manual_seed(2)
     block = min(P, max(k + 2, 4))
     found_l, found_v, beyond = [], None, []
     want = k
     while True:
         need = want - (0 if found_v is None else found_v.shape[1])
-        try:
-            lam, Y, _, others = _shift_invert(curv, F, sigma, need, norm, found_v, gen, min(P, max(need + 2, block)))
-        except ConvergenceError:
-            if P > DENSE_FALLBACK_MAX_P:
-                raise
-            return _dense_eigenpairs(curv, k, target, which, eigenvectors)
+        lam, Y, _, others = _shift_invert(curv, F, sigma, need, norm, found_v, gen, min(P, max(need + 2, block)))
         found_l.extend(lam.tolist())
         beyond.extend(others.tolist())
         found_v = Y if found_v is None else torch.cat((found_v, Y), dim=1)
@@ -572,35 +605,28 @@ def eigvalsh(curv, k: int, which: str = "largest", *, near=None, eigenvectors: b
         inside = sum(lower <= x < upper for x in found_l)
         count = _below(curv, upper, tau) - _below(curv, lower, tau)
         if count <= inside or found_v.shape[1] >= P:
-            break
+            return found_l, found_v
         if _tie_certified(curv, target, which, dist, radius, norm, tau):
-            break  # the rest of the window is more of the k-th value's cluster
+            return found_l, found_v  # the rest of the window is more of the k-th value's cluster
         want = found_v.shape[1] + (count - inside)  # missed (repeated) eigenvalues: look again
-    lam = torch.tensor(found_l, dtype=torch.float64)
-    order = (lam - target).abs().argsort()[:k]
-    order = order[lam[order].argsort()]
-    values = lam[order].to(curv.layout.dtype)
-    if not eigenvectors:
-        return values
-    vectors = found_v[:, order]
-    return values, vectors
 
 
 def _tie_certified(curv, target: float, which: str, dist: list, radius: float, norm: float, tau: float) -> bool:
     """Whether a window holding more eigenvalues than were found (``count ≥ k``) holds
     them at the k-th distance ``radius`` from the target: a cluster there (a null space,
     a repeated eigenvalue) of which any members are as near as those found. The cluster
-    is the found values within ``4·RESIDUAL_TOLERANCE·‖H‖`` of that distance (each is exact
-    to its residual). True where a count strictly inside the cluster, halfway from its
-    nearest member found to the nearest found value before it, holds exactly the found
-    values there (nothing nearer was missed; none to count where the cluster is at the
-    target)."""
+    is the found values within ``tie = 4·RESIDUAL_TOLERANCE·‖H‖`` of that distance (each is
+    exact to its residual). True where a count of the distances below the cluster's
+    (its nearest member found, less ``tie``) holds exactly the found values there: nothing
+    nearer was missed (none to count where the cluster is at the target). A count where
+    the cluster members fall inside (an edge closer to them than the counts resolve) is
+    not True: the search goes on."""
     tie = 4 * RESIDUAL_TOLERANCE * norm
     tie_from = min(d for d in dist if d >= radius - tie)
     if tie_from <= tie:
         return True
-    closer = [d for d in dist if d < tie_from]
-    inner = 0.5 * (max(closer, default=0.0) + tie_from)
+    inner = tie_from - tie
+    closer = [d for d in dist if d < inner]
     lower, upper = target - inner, target + inner
     if which == "largest":
         upper = target

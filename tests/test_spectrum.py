@@ -458,3 +458,30 @@ def test_certifying_counts_keep_off_the_eigenvalues(widths, seed, k, monkeypatch
         values = chain.curvature(X, y).eigvalsh(k, "nearest", near=near)
     ref = ev[(ev - near).abs().argsort()[:k]].sort().values
     assert (values - ref).abs().max() <= 1e-10 * norm
+
+
+def test_nearest_certified_against_a_missed_nearer_eigenvalue():
+    """A Gauss–Newton matrix (a zero-weight linear model) with eigenvalues 1, 2, 3 + 4e-10,
+    40 in [0.05, 0.6] and zeros (P = 1 000); the 2 nearest σ = 2 are 1 and 2. σ is an
+    eigenvalue: the shift factored moves off it and the search finds {2, 3 + 4e-10}; the
+    window's count reveals the missed 1. The cluster check counted only up to halfway to
+    the k-th distance and accepted the wrong pair (found by review); it counts up to the
+    cluster now, and the search goes on to find the 1."""
+    import random
+
+    rng = random.Random(0)
+    eigs = [1.0, 2.0, 3.0 + 4e-10] + [rng.uniform(0.05, 0.6) for _ in range(40)]
+    X = torch.zeros(len(eigs), 500)
+    for i, e in enumerate(eigs):
+        X[i, i] = math.sqrt(2 * e * len(eigs))
+    linear = nn.Linear(500, 2, bias=False)
+    nn.init.zeros_(linear.weight)
+    y = torch.arange(len(eigs)) % 2
+    chain = ts.Chain([linear], nn.CrossEntropyLoss())
+    M, ev = reference(chain, X, y, "hessian")
+    norm = float(ev.abs().max())
+    for kind in ("hessian", "ggn"):
+        values, vectors = chain.curvature(X, y, kind=kind).eigvalsh(2, "nearest", near=2.0, eigenvectors=True)
+        ref = ev[(ev - 2.0).abs().argsort()[:2]].sort().values
+        assert (values - ref).abs().max() <= 1e-10 * norm, kind
+        assert (M @ vectors - vectors * values).norm(dim=0).max() <= 1e-10 * norm

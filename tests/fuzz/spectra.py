@@ -1,5 +1,5 @@
 """The spectral queries of random chains (issue 17) against ``eigvalsh`` of their dense
-curvature: ``Curvature.eigvalsh`` (largest, smallest, nearest; with and without vectors)
+curvature: ``Curvature.eigvalsh`` (largest, smallest, nearest, nearest a dense eigenvalue exactly; with and without vectors)
 and ``Curvature.eigenvalue_count`` on the float64 chains of :func:`chains.make_case`
 (every block, both kinds, every route). The dense fallback of ``eigvalsh`` is off: a
 search that does not converge raises ``ts.ConvergenceError`` as on a model too large for
@@ -49,6 +49,13 @@ def _intervals(rng: random.Random, ev: torch.Tensor, norm: float) -> list[tuple[
     return out
 
 
+def _on_an_eigenvalue(rng: random.Random, ev: torch.Tensor) -> tuple:
+    """A nearest query whose target is one of the dense eigenvalues exactly (``H − σI``
+    singular, or nearly: the shift factored moves off it). Drawn after the others, so
+    that their draws stay as they were."""
+    return "nearest", rng.randint(1, min(ev.shape[0], 4)), float(ev[rng.randrange(ev.shape[0])]), rng.random() < 0.5
+
+
 def check_spectrum(case: Case) -> Report:
     """Every spectral query of ``case`` (float64) against its dense eigenvalues."""
     report = Report("spectrum: " + case.description)
@@ -65,7 +72,10 @@ def check_spectrum(case: Case) -> Report:
     saved = spectrum.DENSE_FALLBACK_MAX_P
     spectrum.DENSE_FALLBACK_MAX_P = 0
     try:
-        for which, k, near, vectors in _targets(rng, ev, norm):
+        queries = _targets(rng, ev, norm)
+        intervals = _intervals(rng, ev, norm)
+        queries.append(_on_an_eigenvalue(rng, ev))
+        for which, k, near, vectors in queries:
             warned: list = []
             try:
                 out = call_recording_warnings(lambda: curv.eigvalsh(k, which, near=near, eigenvectors=vectors), warned)
@@ -86,7 +96,7 @@ def check_spectrum(case: Case) -> Report:
                 report.record(f"{which} orthonormal", float(gram.abs().max()), ORTHONORMALITY_TOLERANCE, warned=bool(warned))
         tau = spectrum.edge_tolerance(curv)
         worst = 0.0
-        for lower, upper in _intervals(rng, ev, norm):
+        for lower, upper in intervals:
             warned = []
             count = call_recording_warnings(lambda: curv.eigenvalue_count(lower, upper), warned)
             fewest = int(((ev >= lower + tau) & (ev < upper - tau)).sum())
