@@ -372,6 +372,11 @@ def _ritz_pairs(curv, F, Z: Tensor, sigma: float, k: int, norm: float, excluded:
     return None
 
 
+FAR_TARGET = 10.0
+"""``eigvalsh(k, "nearest", near=σ)`` with ``|σ|`` above this many times the estimate of
+``‖H‖`` first checks ``σ`` against the certified bounds of the spectrum: beyond them it
+answers as ``"largest"`` (``"smallest"``)."""
+
 LANCZOS_STEPS = 400
 """Lanczos steps on ``H`` tried for the extreme eigenvalues before shift-invert takes over."""
 
@@ -529,6 +534,12 @@ def eigvalsh(curv, k: int, which: str = "largest", *, near=None, eigenvectors: b
         raise ValueError(f"near is only for which='nearest' (which={which!r})")
     norm = _norm_estimate(curv)
     tau = edge_tolerance(curv)
+    if which == "nearest" and abs(near) > FAR_TARGET * norm:
+        # a target far beyond the spectrum (certified bounds): its nearest are the largest
+        # (smallest), and ``|λ − σ|`` would round to one value for all of them
+        lo, hi = spectral_bounds(curv)
+        if not lo < near < hi:
+            which, near = ("largest" if near >= hi else "smallest"), None
     if which == "nearest":
         sigma = near
     else:
@@ -604,35 +615,43 @@ def _certified_nearest(curv, F, sigma: float, target: float, which: str, k: int,
             lower = target
         inside = sum(lower <= x < upper for x in found_l)
         count = _below(curv, upper, tau) - _below(curv, lower, tau)
-        if count <= inside or found_v.shape[1] >= P:
+        if count < inside:
+            # fewer eigenvalues in the window than were found in it: a found value
+            # counted beyond an edge it is within τ of; a missed one could hide behind it
+            raise ConvergenceError(f"eigvalsh: a count of {count} eigenvalues in [{lower:.6g}, {upper:.6g}) where {inside} were found")
+        if count == inside or found_v.shape[1] >= P:
             return found_l, found_v
-        if _tie_certified(curv, target, which, dist, radius, norm, tau):
+        if _tie_certified(curv, target, which, found_l, radius, reach, norm, tau):
             return found_l, found_v  # the rest of the window is more of the k-th value's cluster
         want = found_v.shape[1] + (count - inside)  # missed (repeated) eigenvalues: look again
 
 
-def _tie_certified(curv, target: float, which: str, dist: list, radius: float, norm: float, tau: float) -> bool:
+def _tie_certified(curv, target: float, which: str, found: list, radius: float, reach: float, norm: float, tau: float) -> bool:
     """Whether a window holding more eigenvalues than were found (``count ≥ k``) holds
     them at the k-th distance ``radius`` from the target: a cluster there (a null space,
     a repeated eigenvalue) of which any members are as near as those found. The cluster
     is the found values within ``tie = 4·RESIDUAL_TOLERANCE·‖H‖`` of that distance (each is
-    exact to its residual). True where a count of the distances below the cluster's
-    (its nearest member found, less ``tie``) holds exactly the found values there: nothing
-    nearer was missed (none to count where the cluster is at the target). A count where
-    the cluster members fall inside (an edge closer to them than the counts resolve) is
-    not True: the search goes on."""
+    exact to its residual), on the side of its nearest member. True where a count holds
+    exactly the found values in it, over the distances below the cluster's (its nearest
+    member's, less ``tie``) on that side and the whole first window (``reach``) on the
+    other: nothing nearer was missed, and on the other side nothing at all (a near-tie
+    across the target is not a cluster). None to count where the cluster is at the
+    target. A count where the cluster members fall inside (an edge closer to them than
+    the counts resolve) is not True: the search goes on."""
     tie = 4 * RESIDUAL_TOLERANCE * norm
-    tie_from = min(d for d in dist if d >= radius - tie)
+    nearest = min((x for x in found if abs(x - target) >= radius - tie), key=lambda x: abs(x - target))
+    tie_from = abs(nearest - target)
     if tie_from <= tie:
         return True
     inner = tie_from - tie
-    closer = [d for d in dist if d < inner]
-    lower, upper = target - inner, target + inner
+    above = nearest > target
+    lower, upper = target - (reach if above else inner), target + (inner if above else reach)
     if which == "largest":
         upper = target
     elif which == "smallest":
         lower = target
-    return _below(curv, upper, tau) - _below(curv, lower, tau) == len(closer)
+    inside = sum(lower <= x < upper for x in found)
+    return _below(curv, upper, tau) - _below(curv, lower, tau) == inside
 
 
 DENSE_FALLBACK_MAX_P = 4096

@@ -460,6 +460,21 @@ def test_certifying_counts_keep_off_the_eigenvalues(widths, seed, k, monkeypatch
     assert (values - ref).abs().max() <= 1e-10 * norm
 
 
+def linear_spectrum(eigs, d=500, extra=40):
+    """A zero-weight ``Linear(d, 2)`` under cross-entropy, whose Hessian (= Gauss–Newton
+    matrix) has the eigenvalues ``eigs``, ``extra`` more in [0.05, 0.6] and zeros."""
+    import random
+
+    rng = random.Random(0)
+    eigs = list(eigs) + [rng.uniform(0.05, 0.6) for _ in range(extra)]
+    X = torch.zeros(len(eigs), d)
+    for i, e in enumerate(eigs):
+        X[i, i] = math.sqrt(2 * e * len(eigs))
+    linear = nn.Linear(d, 2, bias=False)
+    nn.init.zeros_(linear.weight)
+    return ts.Chain([linear], nn.CrossEntropyLoss()), X, torch.arange(len(eigs)) % 2
+
+
 def test_nearest_certified_against_a_missed_nearer_eigenvalue():
     """A Gauss–Newton matrix (a zero-weight linear model) with eigenvalues 1, 2, 3 + 4e-10,
     40 in [0.05, 0.6] and zeros (P = 1 000); the 2 nearest σ = 2 are 1 and 2. σ is an
@@ -467,17 +482,7 @@ def test_nearest_certified_against_a_missed_nearer_eigenvalue():
     window's count reveals the missed 1. The cluster check counted only up to halfway to
     the k-th distance and accepted the wrong pair (found by review); it counts up to the
     cluster now, and the search goes on to find the 1."""
-    import random
-
-    rng = random.Random(0)
-    eigs = [1.0, 2.0, 3.0 + 4e-10] + [rng.uniform(0.05, 0.6) for _ in range(40)]
-    X = torch.zeros(len(eigs), 500)
-    for i, e in enumerate(eigs):
-        X[i, i] = math.sqrt(2 * e * len(eigs))
-    linear = nn.Linear(500, 2, bias=False)
-    nn.init.zeros_(linear.weight)
-    y = torch.arange(len(eigs)) % 2
-    chain = ts.Chain([linear], nn.CrossEntropyLoss())
+    chain, X, y = linear_spectrum([1.0, 2.0, 3.0 + 4e-10])
     M, ev = reference(chain, X, y, "hessian")
     norm = float(ev.abs().max())
     for kind in ("hessian", "ggn"):
@@ -485,3 +490,28 @@ def test_nearest_certified_against_a_missed_nearer_eigenvalue():
         ref = ev[(ev - 2.0).abs().argsort()[:2]].sort().values
         assert (values - ref).abs().max() <= 1e-10 * norm, kind
         assert (M @ vectors - vectors * values).norm(dim=0).max() <= 1e-10 * norm
+
+
+def test_a_near_tie_across_the_target_is_not_a_cluster():
+    """σ = 2 with 1 and 3 + 5e-11 on either side (P = 1 000): the shift moved off 2 finds
+    3 + 5e-11 first, and the cluster check took it as a tie with the missed 1 (within
+    4e-11·‖H‖ of the same distance) and returned [2, 3] (found by review). A cluster is on
+    one side now; the other side is counted whole, and the search finds the 1."""
+    chain, X, y = linear_spectrum([1.0, 2.0, 3.0 + 5e-11])
+    M, ev = reference(chain, X, y, "hessian")
+    norm = float(ev.abs().max())
+    for kind in ("hessian", "ggn"):
+        values = chain.curvature(X, y, kind=kind).eigvalsh(2, "nearest", near=2.0)
+        assert (values - torch.tensor([1.0, 2.0])).abs().max() <= 1e-10 * norm, kind
+
+
+@pytest.mark.parametrize("near", [1e300, 1e8, -1e8, -1e300])
+def test_a_target_far_beyond_the_spectrum(near):
+    """Every ``|λ − σ|`` rounds to one value for ``|σ| ≫ ‖H‖``: 1e300 returned two zeros
+    instead of the largest (found by review), 1e5…1e30 raised. Beyond the certified bounds
+    the nearest are the largest (smallest)."""
+    chain, X, y = problem()
+    M, ev = reference(chain, X, y, "hessian")
+    values = chain.curvature(X, y).eigvalsh(3, "nearest", near=near)
+    want = ev[-3:] if near > 0 else ev[:3]
+    assert (values - want).abs().max() <= 1e-10 * float(ev.abs().max())
