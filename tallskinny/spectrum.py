@@ -62,7 +62,8 @@ VALUE_TOLERANCE = 1e-13
 """Without eigenvectors, the extreme eigenvalues are accepted where their Kato–Temple
 bound ``‖r‖²/gap`` (``gap`` certified by a count) is ``≤ VALUE_TOLERANCE·‖H‖``."""
 MAX_BLOCKS = 60
-"""Block shift-invert Lanczos steps before :func:`eigvalsh` gives up (:class:`~tallskinny.errors.ConvergenceError`)."""
+"""Block shift-invert Lanczos steps before :func:`eigvalsh` gives up
+(:class:`~tallskinny.errors.ConvergenceError`)."""
 REORTHOGONALIZE_BELOW = 2**-0.5
 """Shift-invert Lanczos orthogonalizes a block against the basis a second time only where
 a column kept less than this fraction of its norm in the first pass (Daniel, Gragg, Kaufman
@@ -286,10 +287,9 @@ def _shift_invert(curv, F, sigma: float, k: int, norm: float, exclude: Tensor | 
         if b == 0:
             # the basis is invariant (to the deflation's 1e-10): the Rayleigh–Ritz with H
             # on all of it has the pairs the inverse's Ritz vectors picked out inaccurately
-            # (a cluster, or a shift next to an eigenvalue)
-            # (first without inverse iteration: the space is already invariant, and next to
-            # an excluded eigenvalue at a shift moved off it the solves' growth along it
-            # leaves only rounding once it is projected out)
+            # (a cluster, or a shift next to an eigenvalue). First without inverse
+            # iteration, which next to an excluded eigenvalue grows along it and leaves
+            # only rounding once that is projected out
             for steps in (0, INVERSE_ITERATIONS) if n >= k else ():
                 found = _ritz_pairs(curv, F, V[:n].mT, sigma, k, norm, excluded, steps)
                 if found is not None:
@@ -332,7 +332,8 @@ def _ritz_pairs(curv, F, Z: Tensor, sigma: float, k: int, norm: float, excluded:
     """The ``k`` Ritz pairs nearest ``σ`` of ``H`` on the span of ``Z`` (one block HVP):
     values, vectors, residual norms and the span's other Ritz values (estimates of the
     eigenvalues next beyond them); ``None`` unless each residual is
-    ``≤ RESIDUAL_TOLERANCE·‖H‖``. Ritz vectors of the inverse carry the rest of the spectrum at the inverse's residual; within a cluster
+    ``≤ RESIDUAL_TOLERANCE·‖H‖``. Ritz vectors of the inverse carry the rest of the
+    spectrum at the inverse's residual; within a cluster
     (a null space: ``(H − σI)⁻¹`` has ``−1/σ`` many times) the Rayleigh–Ritz with ``H``
     picks the most polluted mixture, whose Rayleigh quotient the pollution moved towards
     ``σ``. Up to ``steps`` steps ``Z ← (H − σI)⁻¹Z`` (a solve and an HVP each) take the
@@ -513,8 +514,13 @@ def eigvalsh(curv, k: int, which: str = "largest", *, near=None, eigenvectors: b
     shift-invert Lanczos with one factorization of ``H − σI``, refined to residuals
     ``≤ RESIDUAL_TOLERANCE·‖H‖``; a count over the window they span then proves that no
     eigenvalue was missed (else the search goes on, orthogonal to those found: repeated
-    eigenvalues). Where that does not converge, models of at most
-    ``DENSE_FALLBACK_MAX_P`` parameters take a dense ``eigh`` (else :class:`~tallskinny.errors.ConvergenceError`, a ``RuntimeError``).
+    eigenvalues; or a count below the cluster at the k-th distance proves the rest are
+    its members, :func:`_tie_certified`). A target on an eigenvalue is factored next to
+    it, and once more from ``√(τ‖H‖)`` away where that does not converge; a target
+    beyond the spectrum answers as largest/smallest (:data:`FAR_TARGET`). Where that
+    does not converge, models of at most
+    ``DENSE_FALLBACK_MAX_P`` parameters take a dense ``eigh`` (else
+    :class:`~tallskinny.errors.ConvergenceError`, a ``RuntimeError``).
     The extreme values come first from Lanczos on ``H``
     (:func:`_extreme_lanczos`); without eigenvectors they are accepted at a
     count-certified Kato–Temple bound ``≤ VALUE_TOLERANCE·‖H‖``."""

@@ -171,8 +171,8 @@ def test_spectra_that_failed(seed):
 def test_random_spectrum(seed):
     """Wrong values, residuals or counts fail; a search that does not converge (at the ends
     of a spectrum whose k-th value sits just above a large null space, or a target on an
-    eigenvalue next to one: 20 of 3 000 seeds)
-    raises ConvergenceError, as documented, and is counted by ``wide.py --family spectra``."""
+    eigenvalue next to one: 20 of 3 000 seeds) raises ConvergenceError, as documented,
+    and is counted by ``wide.py --family spectra``."""
     torch.set_num_threads(1)
     report = check_spectrum(make_case(seed, dtype=torch.float64))
     assert not report.failures, f"{report.case}: {report.failures}"
