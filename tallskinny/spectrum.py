@@ -333,10 +333,9 @@ def _ritz_pairs(curv, F, Z: Tensor, sigma: float, k: int, norm: float, excluded:
     values, vectors, residual norms and the span's other Ritz values (estimates of the
     eigenvalues next beyond them); ``None`` unless each residual is
     ``≤ RESIDUAL_TOLERANCE·‖H‖``. Ritz vectors of the inverse carry the rest of the
-    spectrum at the inverse's residual; within a cluster
-    (a null space: ``(H − σI)⁻¹`` has ``−1/σ`` many times) the Rayleigh–Ritz with ``H``
-    picks the most polluted mixture, whose Rayleigh quotient the pollution moved towards
-    ``σ``. Up to ``steps`` steps ``Z ← (H − σI)⁻¹Z`` (a solve and an HVP each) take the
+    spectrum at the inverse's residual; within a cluster (a null space: ``(H − σI)⁻¹``
+    has ``−1/σ`` many times) the Rayleigh–Ritz with ``H`` picks the most polluted
+    mixture, whose Rayleigh quotient the pollution moved towards ``σ``. Up to ``steps`` steps ``Z ← (H − σI)⁻¹Z`` (a solve and an HVP each) take the
     pollution out by ``|λ − σ|/|μ − σ|`` a step, ``μ`` the eigenvalues beyond the span.
     ``Z`` is orthonormalized at every step, the first included: the Lanczos basis is
     orthogonal to ~1e-11 only, and the vectors found become the next search's exclusions.
@@ -614,13 +613,8 @@ def _certified_nearest(curv, F, sigma: float, target: float, which: str, k: int,
         nearest_beyond = min((d for d in (abs(x - target) for x in found_l + beyond) if d > reach), default=None)
         if nearest_beyond is not None:
             reach = max(reach, 0.5 * (radius + nearest_beyond))
-        lower, upper = target - reach, target + reach
-        if which == "largest":
-            upper = target
-        elif which == "smallest":
-            lower = target
+        lower, upper, count = _window_count(curv, target, which, reach, reach, tau)
         inside = sum(lower <= x < upper for x in found_l)
-        count = _below(curv, upper, tau) - _below(curv, lower, tau)
         if count < inside:
             # fewer eigenvalues in the window than were found in it: a found value
             # counted beyond an edge it is within τ of; a missed one could hide behind it
@@ -651,13 +645,22 @@ def _tie_certified(curv, target: float, which: str, found: list, radius: float, 
         return True
     inner = tie_from - tie
     above = nearest > target
-    lower, upper = target - (reach if above else inner), target + (inner if above else reach)
+    lower, upper, count = _window_count(curv, target, which, reach if above else inner, inner if above else reach, tau)
+    return count == sum(lower <= x < upper for x in found)
+
+
+def _window_count(curv, target: float, which: str, down: float, up: float, tau: float) -> tuple[float, float, int]:
+    """The window ``[target − down, target + up)`` and the number of eigenvalues in it. For
+    largest (smallest) it ends at the target, a bound of the spectrum certified by
+    :func:`spectral_bounds`: all ``P`` eigenvalues are below it (none), one count less."""
     if which == "largest":
-        upper = target
-    elif which == "smallest":
-        lower = target
-    inside = sum(lower <= x < upper for x in found)
-    return _below(curv, upper, tau) - _below(curv, lower, tau) == inside
+        lower = target - down
+        return lower, target, curv.num_parameters - _below(curv, lower, tau)
+    if which == "smallest":
+        upper = target + up
+        return target, upper, _below(curv, upper, tau)
+    lower, upper = target - down, target + up
+    return lower, upper, _below(curv, upper, tau) - _below(curv, lower, tau)
 
 
 DENSE_FALLBACK_MAX_P = 4096
