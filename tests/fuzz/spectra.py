@@ -1,6 +1,7 @@
 """The spectral queries of random chains (issue 17) against ``eigvalsh`` of their dense
-curvature: ``Curvature.eigvalsh`` (largest, smallest, nearest, nearest a dense eigenvalue exactly; with and without vectors)
-and ``Curvature.eigenvalue_count`` on the float64 chains of :func:`chains.make_case`
+curvature: ``Curvature.eigvalsh`` (largest, smallest, nearest, nearest a dense eigenvalue
+exactly; with and without vectors) and ``Curvature.eigenvalue_count`` on the float64
+chains of :func:`chains.make_case`
 (every block, both kinds, every route). The dense fallback of ``eigvalsh`` is off: a
 search that does not converge raises ``ts.ConvergenceError`` as on a model too large for
 it, recorded as ``Report.unconverged`` (a wrong answer or any other error is a failure).
