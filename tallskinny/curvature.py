@@ -8,6 +8,7 @@ import operator
 import warnings
 from typing import Callable, Sequence
 
+import attrs
 import torch
 from torch import Tensor
 
@@ -16,7 +17,7 @@ from .elimination import workspace
 from .collector import collector_paused
 from .blocks.protocol import Oracle
 from .errors import AccuracyWarning, SingularSystemError, StaleCurvatureError, real_number
-from .linalg import Inertia
+from .linalg import Dense, Inertia
 from .linalg.gmres import gmres
 from .resources import MemoryEstimate, check_memory_limit, format_bytes
 from .vectors import ParameterLayout, gaussian
@@ -627,6 +628,7 @@ class Curvature:
         self._stages = None
         self._compiled = None
         self._low = None  # the float32 oracles and stages of mixed precision, made on first use
+        self._float64 = None  # a float32 curvature's float64 copy, for the spectral queries
         self.checks = SolveChecks(
             blocks=lambda: elimination.last_blocks_norm_bound(self._compiled_oracles()[0], self.loss_oracle.E.to_dense()),
             gradient=lambda: self._gradient_norm_bound(),
@@ -788,25 +790,66 @@ class Curvature:
         return self._dense_eigen
 
     # -- spectral queries by inertia (tallskinny.spectrum) --------------------------------------
+    def spectral_curvature(self) -> "Curvature":
+        """The curvature the spectral queries below run on: this one where it is float64,
+        else a float64 copy of its oracles (made once; twice their memory): the same
+        matrix, whose counts and eigenpairs are then exact to float64's precision. In
+        float32 the counts' edge tolerance ``τ ≈ 1e3·P·eps·‖H‖`` is a tenth of ``‖H‖`` at
+        ``P ≈ 1 000``, too coarse to certify an eigenvalue. (The Krylov route, inexact
+        anyway, stays in its dtype.)"""
+        if self.layout.dtype == torch.float64 or self.method == "krylov":
+            return self
+        if self._float64 is None:
+            f64 = torch.float64
+            self._float64 = Curvature(
+                [o.astype(f64) for o in self.oracles], self._float64_loss_oracle(),
+                [g.to(f64) for g in self._adjoints], attrs.evolve(self.layout, dtype=f64), self.kind,
+                self.loss.to(f64), self._versions, samples=self._samples, names=self._block_names, method=self.method,
+            )
+        self._float64.memory_limit = self.memory_limit
+        return self._float64
+
+    def _float64_loss_oracle(self) -> Oracle:
+        """The loss oracle in float64; for the Gauss–Newton kind with the loss Hessian
+        ``Λ = BBᵀ`` from this curvature's own positive semidefinite factor ``B``
+        (:func:`tallskinny.routes.loss_factor_blocks`, eigenvalues below its dtype's rounding
+        as zero): a float32 ``Λ`` is semidefinite to float32's rounding only, and its
+        eigenvalues of ``−1e-9·‖Λ‖`` would make the float64 copy refuse the output-kernel route."""
+        oracle = self.loss_oracle.astype(torch.float64)
+        if self.kind != "ggn":
+            return oracle
+        E = self.loss_oracle.E.to_dense()
+        blocks = routes.loss_factor_blocks(E, self._samples or 1)  # per sample where they do not interact
+        if blocks is None:
+            B = routes.loss_factor(E).to(torch.float64)
+            E = B @ B.mT
+        else:
+            B = blocks.to(torch.float64)
+            E = torch.block_diag(*(B @ B.mT))
+        return Oracle(G=oracle.G, F=oracle.F, A=oracle.A, C=oracle.C, E=Dense(E))
+
     def eigenvalue_count(self, lower: float, upper: float) -> int:
         """The exact number of eigenvalues in ``[lower, upper)`` (:func:`tallskinny.spectrum.eigenvalue_count`)."""
         self._check_current()
-        return spectrum.eigenvalue_count(self, lower, upper)
+        return spectrum.eigenvalue_count(self.spectral_curvature(), lower, upper)
 
     def negative_count(self, threshold: float | None = None) -> int:
         """The number of eigenvalues below ``−threshold`` (:func:`tallskinny.spectrum.negative_count`)."""
         self._check_current()
-        return spectrum.negative_count(self, threshold)
+        return spectrum.negative_count(self.spectral_curvature(), threshold)
 
     def eigvalsh(self, k: int, which: str = "largest", *, near: float | None = None, eigenvectors: bool = False):
-        """``k`` eigenvalues (and vectors) to full precision (:func:`tallskinny.spectrum.eigvalsh`)."""
+        """``k`` eigenvalues (and vectors) to full precision (:func:`tallskinny.spectrum.eigvalsh`),
+        in the curvature's dtype (computed in float64: :meth:`spectral_curvature`)."""
         self._check_current()
-        return spectrum.eigvalsh(self, k, which, near=near, eigenvectors=eigenvectors)
+        out = spectrum.eigvalsh(self.spectral_curvature(), k, which, near=near, eigenvectors=eigenvectors)
+        dtype = self.layout.dtype
+        return tuple(t.to(dtype) for t in out) if eigenvectors else out.to(dtype)
 
     def spectral_histogram(self, edges, *, zero: float | None = None, progress=None):
         """Exact counts per bin (:func:`tallskinny.spectrum.spectral_histogram`)."""
         self._check_current()
-        return spectrum.spectral_histogram(self, edges, zero=zero, progress=progress)
+        return spectrum.spectral_histogram(self.spectral_curvature(), edges, zero=zero, progress=progress)
 
     def _spectral_route(self):
         """The ε-independent part of the kernel or dense route, made on first use."""

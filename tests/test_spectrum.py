@@ -398,8 +398,8 @@ def test_float32_krylov_space_exhausted_by_a_rank_one_matrix(which, monkeypatch)
     """A float32 Gauss–Newton matrix of rank 1 (P = 17): the extreme Lanczos's second
     vector is rounding noise (‖w‖ ~ eps·‖H‖, not 0). Dividing by it made NaN vectors
     (a ValueError from the next product, before any fallback); a norm below 64·eps·‖H‖ is
-    a breakdown now, and the search goes on past Lanczos (here to the dense fallback:
-    shift-invert's residual tolerance is float64's). Values to float32's accuracy."""
+    a breakdown now, and the search goes on past Lanczos (to shift-invert, or the dense
+    fallback). Values to float32's accuracy."""
     monkeypatch.setattr(spectrum, "DENSE_FALLBACK_MAX_P", 4096)
     torch.manual_seed(2)
     layers = [nn.Linear(2, 3, dtype=torch.float32), nn.Tanh(), nn.Linear(3, 2, dtype=torch.float32)]
@@ -412,6 +412,48 @@ def test_float32_krylov_space_exhausted_by_a_rank_one_matrix(which, monkeypatch)
     assert values.dtype == torch.float32
     exact = ev[-4:] if which == "largest" else ev[:4]
     assert (values.double() - exact).abs().max() <= 1e-5 * float(ev.abs().max())
+
+
+@pytest.mark.parametrize("kind", ["hessian", "ggn"])
+def test_float32_queries_run_on_a_float64_copy(kind):
+    """A float32 curvature (P = 1 476): the queries run on its float64 copy
+    (``spectral_curvature``) and come back in float32, each converged by itself (the dense
+    fallback is off). In float32 the counts' edge tolerance is 0.14·‖H‖ and float32 HVPs
+    never reach the residual tolerance: every shift-invert search ended in a
+    ConvergenceError (or, where allowed, the dense fallback after 60 block steps), and
+    with a float32 residual tolerance the coarse counts certified a duplicated eigenvalue
+    in place of a missed one. Values and residuals to 1e-10·‖H‖ of the copy's dense
+    matrix, to 1e-5·‖H‖ of the float32 one's; counts those of the copy."""
+    torch.manual_seed(0)
+    layers = [m.float() for m in mlp([8, 32, 32, 4], seed=0)]
+    g = torch.Generator().manual_seed(1)
+    X, y = torch.randn(8, 8, generator=g).float(), torch.randint(0, 4, (8,), generator=g)
+    curv = ts.Chain(layers, nn.CrossEntropyLoss()).curvature(X, y, kind=kind)
+    twin = curv.spectral_curvature()
+    assert twin.layout.dtype == torch.float64 and curv.spectral_curvature() is twin
+    M = twin.to_dense()
+    ev = torch.linalg.eigvalsh(M)
+    ev32 = torch.linalg.eigvalsh(curv.to_dense().double())
+    norm = float(ev.abs().max())
+    for which, kw in (("largest", {}), ("smallest", {}), ("nearest", dict(near=0.011 * norm))):
+        values = curv.eigvalsh(5, which, **kw)
+        assert values.dtype == torch.float32
+        values, vectors = curv.eigvalsh(5, which, eigenvectors=True, **kw)
+        assert values.dtype == vectors.dtype == torch.float32
+        exact, vec = spectrum.eigvalsh(twin, 5, which, eigenvectors=True, **kw)
+        if which == "nearest":
+            want = ev[(ev - kw["near"]).abs().argsort()[:5]].sort().values
+            want32 = ev32[(ev32 - kw["near"]).abs().argsort()[:5]].sort().values
+        else:
+            want, want32 = (ev[-5:], ev32[-5:]) if which == "largest" else (ev[:5], ev32[:5])
+        assert float((exact - want).abs().max()) <= 1e-10 * norm, which
+        assert float((M @ vec - vec * exact).norm(dim=0).max()) <= 1e-10 * norm, which
+        assert torch.equal(values, exact.float()) and torch.equal(vectors, vec.float()), which
+        assert float((values.double() - want32).abs().max()) <= 1e-5 * norm, which
+    for lower, upper in ((-1.01 * norm, -0.013 * norm), (0.011 * norm, 0.5 * norm), (0.5 * norm, 2 * norm)):
+        assert float((ev - lower).abs().min()) > 1e-6 * norm and float((ev - upper).abs().min()) > 1e-6 * norm
+        count = int(((ev >= lower) & (ev < upper)).sum())
+        assert curv.eigenvalue_count(lower, upper) == count, (lower, upper)
 
 
 def batch_problem(widths, seed, batch=16):
