@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from chains import check_case, make_case, make_run_case
-from spectra import check_spectrum
+from spectra import check_spectrum, spectrum_dtype
 
 CASES = int(os.environ.get("TALLSKINNY_FUZZ_CASES", "300"))
 RUN_CASES = max(1, CASES // 5)
@@ -163,7 +163,7 @@ SPECTRUM_FIXED = {
 
 @pytest.mark.parametrize("seed", sorted(SPECTRUM_FIXED))
 def test_spectra_that_failed(seed):
-    report = check_spectrum(make_case(seed, dtype=torch.float64))
+    report = check_spectrum(make_case(seed, dtype=spectrum_dtype(seed)))
     assert not report.failures and not report.unconverged, f"{report.case}: {report.failures + report.unconverged}"
 
 
@@ -174,5 +174,5 @@ def test_random_spectrum(seed):
     eigenvalue next to one: 20 of 3 000 seeds) raises ConvergenceError, as documented,
     and is counted by ``wide.py --family spectra``."""
     torch.set_num_threads(1)
-    report = check_spectrum(make_case(seed, dtype=torch.float64))
+    report = check_spectrum(make_case(seed, dtype=spectrum_dtype(seed)))
     assert not report.failures, f"{report.case}: {report.failures}"
