@@ -65,8 +65,9 @@ MAX_BLOCKS = 60
 """Block shift-invert Lanczos steps before :func:`eigvalsh` gives up
 (:class:`~tallskinny.errors.ConvergenceError`)."""
 REORTHOGONALIZE_BELOW = 2**-0.5
-"""Shift-invert Lanczos orthogonalizes a block against the basis a second time only where
-a column kept less than this fraction of its norm in the first pass (Daniel, Gragg, Kaufman
+"""Both Lanczos iterations (on ``H`` after its three-term step, and shift-invert)
+orthogonalize a vector or block against the basis a second time only where a column
+kept less than this fraction of its norm in the first pass (Daniel, Gragg, Kaufman
 and Stewart's criterion, which bounds the loss of orthogonality of one classical
 Gram–Schmidt pass; a looser fraction lets the loss build up until a nearly invariant
 block destroys the basis). The basis stays orthogonal to ~1e-13 (~1e-11 at worst near a
@@ -412,10 +413,17 @@ def _extreme_lanczos(curv, k: int, which: str, norm: float, tau: float, vectors:
         w = curv.hvp(V[j])
         a = float(V[j] @ w)
         Vj = V[: j + 1]
+        # the three-term step, then one pass against the whole basis (a second where the
+        # pass took more than REORTHOGONALIZE_BELOW of the norm: the loss it repairs grows
+        # as β shrinks)
+        w = w - a * V[j] if not j else w - a * V[j] - beta[-1] * V[j - 1]
+        size = float(w.norm())
         w = w - Vj.mT @ (Vj @ w)
-        w = w - Vj.mT @ (Vj @ w)
-        alpha.append(a)
         b = float(w.norm())
+        if b < REORTHOGONALIZE_BELOW * size:
+            w = w - Vj.mT @ (Vj @ w)
+            b = float(w.norm())
+        alpha.append(a)
         b = b if b > breakdown else 0.0
         beta.append(b)
         if b > 0:
