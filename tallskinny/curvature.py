@@ -629,6 +629,9 @@ class Curvature:
         self._compiled = None
         self._low = None  # the float32 oracles and stages of mixed precision, made on first use
         self._float64 = None  # a float32 curvature's float64 copy, for the spectral queries
+        #: the dtype the oracles were computed in (a float32 curvature's float64 copy: float32),
+        #: whose rounding sets the width of the spectrum's zero bulk (tallskinny.spectrum)
+        self.source_dtype = layout.dtype
         self.checks = SolveChecks(
             blocks=lambda: elimination.last_blocks_norm_bound(self._compiled_oracles()[0], self.loss_oracle.E.to_dense()),
             gradient=lambda: self._gradient_norm_bound(),
@@ -806,26 +809,23 @@ class Curvature:
                 [g.to(f64) for g in self._adjoints], attrs.evolve(self.layout, dtype=f64), self.kind,
                 self.loss.to(f64), self._versions, samples=self._samples, names=self._block_names, method=self.method,
             )
+            self._float64.source_dtype = self.layout.dtype
         self._float64.memory_limit = self.memory_limit
         return self._float64
 
     def _float64_loss_oracle(self) -> Oracle:
-        """The loss oracle in float64; for the Gauss–Newton kind with the loss Hessian
-        ``Λ = BBᵀ`` from this curvature's own positive semidefinite factor ``B``
-        (:func:`tallskinny.routes.loss_factor_blocks`, eigenvalues below its dtype's rounding
-        as zero): a float32 ``Λ`` is semidefinite to float32's rounding only, and its
-        eigenvalues of ``−1e-9·‖Λ‖`` would make the float64 copy refuse the output-kernel route."""
+        """The loss oracle in float64. For a Gauss–Newton matrix on the kernel or dense
+        route (both factor ``Λ = BBᵀ``) with the negative eigenvalues of the loss Hessian
+        ``Λ`` that are within float32's rounding set to zero
+        (:func:`tallskinny.routes.without_rounding_negatives`): a float32 ``Λ`` is
+        semidefinite to float32's rounding only, and the float64 copy's route would refuse
+        it. Everything else is the float32 matrix exactly."""
         oracle = self.loss_oracle.astype(torch.float64)
-        if self.kind != "ggn":
+        if self.kind != "ggn" or self.method not in ("kernel", "dense") or not isinstance(oracle.E, Dense):
+            return oracle  # (a diagonal Λ of a float32 loss, MSE's, has no rounding negatives)
+        E = routes.without_rounding_negatives(oracle.E.to_dense(), self._samples or 1, self.layout.dtype)
+        if E is None:  # (a loss not convex in the output: the route says so)
             return oracle
-        E = self.loss_oracle.E.to_dense()
-        blocks = routes.loss_factor_blocks(E, self._samples or 1)  # per sample where they do not interact
-        if blocks is None:
-            B = routes.loss_factor(E).to(torch.float64)
-            E = B @ B.mT
-        else:
-            B = blocks.to(torch.float64)
-            E = torch.block_diag(*(B @ B.mT))
         return Oracle(G=oracle.G, F=oracle.F, A=oracle.A, C=oracle.C, E=Dense(E))
 
     def eigenvalue_count(self, lower: float, upper: float) -> int:

@@ -50,6 +50,7 @@ __all__ = [
     "spectral_bounds",
     "spectral_histogram",
     "symlog_edges",
+    "zero_tolerance",
 ]
 
 WHICH = ("largest", "smallest", "nearest")
@@ -136,6 +137,19 @@ def edge_tolerance(curv) -> float:
     return 1e3 * pivot_tolerance(curv.num_parameters, curv.layout.dtype, _norm_estimate(curv)) + 1e-300
 
 
+ZERO_ROUNDINGS = 8.0
+"""The zero bulk is at least ``ZERO_ROUNDINGS·eps·‖H‖`` wide, ``eps`` that of the dtype
+the curvature's oracles were computed in (``Curvature.source_dtype``): a float32
+Hessian's null space, answered in float64, carries float32's rounding (a few
+``1e-9·‖H‖``)."""
+
+
+def zero_tolerance(curv) -> float:
+    """The half-width of the zero bulk: ``max(τ, ZERO_ROUNDINGS·eps·‖H‖)`` (for a float64
+    curvature ``τ``, :func:`edge_tolerance`)."""
+    return max(edge_tolerance(curv), ZERO_ROUNDINGS * torch.finfo(curv.source_dtype).eps * _norm_estimate(curv))
+
+
 def _below(curv, sigma: float, tau: float | None = None) -> int:
     """The number of eigenvalues below ``σ`` (at ``σ − τ, σ − 2τ, …`` where ``H − σI`` is singular)."""
     return _below_at(curv, sigma, tau)[0]
@@ -167,17 +181,17 @@ def eigenvalue_count(curv, lower, upper) -> int:
 
 
 NEGATIVE_THRESHOLD = 1e-8
-"""``negative_count`` counts eigenvalues below ``−max(τ, NEGATIVE_THRESHOLD·‖H‖)``."""
+"""``negative_count`` counts eigenvalues below ``−max(zero_tolerance, NEGATIVE_THRESHOLD·‖H‖)``."""
 
 
 def negative_count(curv, threshold: float | None = None) -> int:
     """The number of eigenvalues below ``−threshold`` (one factorization, at damping
-    ``threshold``). The default, ``max(edge_tolerance, 1e-8·‖H‖)`` (``‖H‖`` estimated),
+    ``threshold``). The default, ``max(zero_tolerance, 1e-8·‖H‖)`` (``‖H‖`` estimated),
     leaves out the rounding noise around the zero bulk (module doc); at a damping that
     small the elimination's check can send the inertia to the pivoted KKT fallback,
     exact but dense per block (docs/chain.md)."""
     if threshold is None:
-        threshold = max(edge_tolerance(curv), NEGATIVE_THRESHOLD * _norm_estimate(curv))
+        threshold = max(zero_tolerance(curv), NEGATIVE_THRESHOLD * _norm_estimate(curv))
     else:
         threshold = real_number(threshold, "threshold")
         if threshold < 0:
@@ -711,7 +725,7 @@ def spectral_histogram(curv, edges, *, zero: float | None = None, progress: Call
     edge, two more for the zero bulk, none where ``±zero`` are edges).
 
     ``zero``: the half-width of the zero bulk, ``[−zero, zero)`` (default
-    ``edge_tolerance``). Counts at shifts that deep in the bulk have a large condition
+    :func:`zero_tolerance`). Counts at shifts that deep in the bulk have a large condition
     number and can take the pivoted fallback; edges from :func:`symlog_edges` with
     ``zero`` well above rounding (``1e-4·‖H‖``) avoid that. ``progress(done, total)`` is
     called after each edge's count."""
@@ -724,12 +738,13 @@ def spectral_histogram(curv, edges, *, zero: float | None = None, progress: Call
         raise ValueError("edges must be strictly increasing")
     P = curv.num_parameters
     tau = edge_tolerance(curv)
-    if zero is not None:
+    given = zero is not None
+    if given:
         zero = real_number(zero, "zero")
         if not zero > 0:
             raise ValueError(f"zero must be > 0, got {zero:g}")
     else:
-        zero = tau
+        zero = zero_tolerance(curv)
     counted = {}
     for e in edges.tolist():
         counted[e] = _below(curv, e, tau)
@@ -745,7 +760,7 @@ def spectral_histogram(curv, edges, *, zero: float | None = None, progress: Call
         zeros = z_hi - z_lo
         i = int(torch.searchsorted(edges, torch.tensor([0.0], dtype=torch.float64), right=True)) - 1
         i = min(max(i, 0), counts.numel() - 1)
-        if zero != tau and not float(edges[i]) <= -zero < zero <= float(edges[i + 1]):
+        if given and not float(edges[i]) <= -zero < zero <= float(edges[i + 1]):
             raise ValueError(f"the zero bulk [-{zero:g}, {zero:g}) must lie inside the bin of 0, [{float(edges[i]):g}, {float(edges[i + 1]):g})")
         counts[i] -= zeros
     return Histogram(edges, counts, zeros, below[0], P - below[-1], zero)

@@ -456,6 +456,66 @@ def test_float32_queries_run_on_a_float64_copy(kind):
         assert curv.eigenvalue_count(lower, upper) == count, (lower, upper)
 
 
+def test_float32_gauss_newton_copy_keeps_the_small_eigenvalues():
+    """Cross-entropy over 200 classes, Gauss–Newton on the dense route (which factors
+    ``Λ = BBᵀ``): the float64 copy sets only the rounding negatives of the float32 ``Λ`` to
+    zero. It was rebuilt from the float32 factor ``B``, which drops every eigenvalue below
+    ``c·eps₃₂·‖Λ‖`` (307 of 800 here): 17 eigenvalues counted in ``[1e-6, 1e-5)·‖H‖``
+    where the float32 matrix has 68, 0 in ``[1e-7, 1e-6)`` for 42."""
+    torch.manual_seed(0)
+    C, N = 200, 4
+    layer = nn.Linear(3, C)
+    with torch.no_grad():
+        layer.weight.mul_(8.0)
+    X, y = torch.randn(N, 3), torch.randint(0, C, (N,))
+    curv = ts.Chain([layer.float()], nn.CrossEntropyLoss()).curvature(X.float(), y, kind="ggn", method="dense")
+    low = curv.to_dense().double()
+    ev = torch.linalg.eigvalsh(0.5 * (low + low.mT))
+    norm = float(ev.abs().max())
+    copy64 = curv.spectral_curvature().to_dense()
+    assert float(torch.linalg.matrix_norm(copy64 - low, 2)) <= 1e-6 * norm
+    for lo, hi in ((1e-7, 1e-6), (1e-6, 1e-5), (1e-5, 1e-4)):
+        count = int(((ev >= lo * norm) & (ev < hi * norm)).sum())
+        assert count > 10 and curv.eigenvalue_count(lo * norm, hi * norm) == count, (lo, hi)
+
+
+def test_float32_negative_count_and_zero_bulk_at_float32s_rounding():
+    """Softmax regression (a convex loss: ``H`` semidefinite) in float32: no negative
+    eigenvalue, and the zero bulk of the histogram is the float64 curvature's. The float32
+    null space, answered in float64, carries float32's rounding (−6e-9·‖H‖), which the
+    float64 edge tolerance (~1e-11·‖H‖) counted as 1–3 negative eigenvalues."""
+    for seed in range(4):
+        torch.manual_seed(seed)
+        layer = nn.Linear(20, 10)
+        X, y = torch.randn(64, 20) * 3, torch.randint(0, 10, (64,))
+        c64 = ts.Chain([copy.deepcopy(layer).double()], nn.CrossEntropyLoss()).curvature(X.double(), y)
+        c32 = ts.Chain([layer.float()], nn.CrossEntropyLoss()).curvature(X.float(), y)
+        assert c64.negative_count() == c32.negative_count() == 0
+        ev = torch.linalg.eigvalsh(c32.spectral_curvature().to_dense())
+        norm = float(ev.abs().max())
+        edges = [-1.5 * norm, -1e-3 * norm, 1e-3 * norm, 1.5 * norm]
+        h64, h32 = c64.spectral_histogram(edges), c32.spectral_histogram(edges)
+        assert float(ev.min()) < -spectrum.edge_tolerance(c32.spectral_curvature())  # the noise the bulk must hold
+        assert h32.zeros == h64.zeros > 0 and h32.counts.tolist() == h64.counts.tolist(), (h32, h64)
+
+
+def test_float32_gauss_newton_of_a_nonconvex_loss():
+    """A loss not convex in the output (``Σ cos(z − t)``), Gauss–Newton on the riccati
+    route, float32: the spectral queries answer as in float64 (the copy took the loss
+    Hessian's semidefinite factor, and raised the kernel route's ValueError)."""
+    torch.manual_seed(0)
+    layers = [nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)]
+    X, y = torch.randn(6, 4), torch.randn(6, 3)
+
+    def loss(z, t):
+        return torch.cos(z - t).sum()
+
+    c64 = ts.Chain([copy.deepcopy(m).double() for m in layers], loss).curvature(X.double(), y.double(), kind="ggn", method="riccati")
+    c32 = ts.Chain([m.float() for m in layers], loss).curvature(X.float(), y.float(), kind="ggn", method="riccati")
+    assert c32.negative_count() == c64.negative_count() > 0
+    assert torch.allclose(c32.eigvalsh(2).double(), c64.eigvalsh(2), rtol=0, atol=1e-5)
+
+
 def batch_problem(widths, seed, batch=16):
     """A tanh MLP of ``widths`` on a batch of ``batch`` samples (default initialization)."""
     g = torch.Generator().manual_seed(seed + 1)

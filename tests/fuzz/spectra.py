@@ -10,7 +10,8 @@ The reference is ``torch.linalg.eigvalsh`` of ``Curvature.spectral_curvature().t
 (the curvature the queries answer for, a float32 one's float64 copy; its agreement with
 ``torch.func`` is :func:`chains.check_case`'s). Float32 results are that copy's rounded
 to float32: the tolerances grow by ``4·eps₃₂·‖H‖`` (values, residuals) and ``8·eps₃₂``
-(orthonormality).
+(orthonormality); the copy itself must be the float32 curvature's dense matrix to
+``COPY_ROUNDINGS·eps₃₂·‖H‖``.
 Values are compared to ``1e-10·‖H‖`` (the nearest as distances to ``σ``: ties in a cluster
 may be either), residuals ``‖Hy − λy‖`` to ``1e-10·‖H‖``, the vectors' orthonormality to
 ``1e-8``; a count must lie between the counts of the interval shrunk and grown by the
@@ -19,6 +20,7 @@ edge tolerance ``τ`` (an eigenvalue within ``τ`` of an edge may count as at it
 
 from __future__ import annotations
 
+import copy
 import random
 
 import torch
@@ -27,6 +29,9 @@ import tallskinny as ts
 from chains import Case, Report, call_recording_warnings
 from tallskinny import spectrum
 
+COPY_ROUNDINGS = 16
+"""A float32 case's float64 copy may differ from the float32 matrix by this many
+``eps₃₂·‖H‖`` (the float32 ``to_dense``'s own rounding)."""
 VALUE_TOLERANCE = 1e-10
 RESIDUAL_TOLERANCE = 1e-10
 ORTHONORMALITY_TOLERANCE = 1e-8
@@ -68,8 +73,11 @@ def _on_an_eigenvalue(rng: random.Random, ev: torch.Tensor) -> tuple:
 def check_spectrum(case: Case) -> Report:
     """Every spectral query of ``case`` against its dense eigenvalues."""
     report = Report("spectrum: " + case.description)
-    chain = ts.Chain(case.modules, case.loss)
-    curv = chain.curvature(case.X, case.y, kind=case.kind, method=case.method)
+    modules, X, y = case.modules, case.X, case.y
+    if case.dtype != torch.float64:
+        modules = [copy.deepcopy(m).to(case.dtype) for m in modules]
+        X, y = X.to(case.dtype), y.to(case.dtype) if y.dtype.is_floating_point else y
+    curv = ts.Chain(modules, case.loss).curvature(X, y, kind=case.kind, method=case.method)
     exact = curv.spectral_curvature()
     M = exact.to_dense()
     M = 0.5 * (M + M.mT)
@@ -79,6 +87,11 @@ def check_spectrum(case: Case) -> Report:
     if norm == 0.0:
         return report
     rounding = 0.0 if curv.layout.dtype == torch.float64 else torch.finfo(curv.layout.dtype).eps
+    if rounding:  # the float64 copy is the float32 curvature's matrix (to its rounding)
+        if exact.layout.dtype != torch.float64:
+            report.failures.append(f"spectral_curvature() is {exact.layout.dtype}")
+        low = curv.to_dense().double()
+        report.record("float64 copy", float((M - 0.5 * (low + low.mT)).abs().max()), COPY_ROUNDINGS * rounding * norm)
     value_tol = VALUE_TOLERANCE * norm + 4 * rounding * norm
     residual_tol = RESIDUAL_TOLERANCE * norm + 4 * rounding * norm
     orthonormality_tol = max(ORTHONORMALITY_TOLERANCE, 8 * rounding)
