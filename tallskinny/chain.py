@@ -212,7 +212,7 @@ class Chain:
                 raise ValueError(f"the loss must be a scalar (0-dim tensor), got {shape}")
             loss = loss.detach()
         # the forward pass gave the shapes: refuse before the oracles
-        samples = self._check_memory(zs, kind, layout, memory_limit)
+        samples, estimate = self._check_memory(zs, kind, layout, memory_limit)
         self._check_finite(zs, "z")
         n = len(self.blocks)
         with checks.trusted():
@@ -222,15 +222,15 @@ class Chain:
         self._check_finite(adjoints, "g")
         return Curvature(
             oracles, loss_oracle, adjoints, layout, kind, loss, versions,
-            memory_limit=memory_limit, samples=samples, names=self._block_names, method=method,
+            memory_limit=memory_limit, samples=samples, names=self._block_names, method=method, pass_bytes=estimate.total,
             preconditioner=routes.krylov.preconditioner_curvature(self, inputs, targets, kind, method, memory_limit),
         )
 
     def _check_memory(
         self, zs: Sequence[Tensor], kind: str, layout: ParameterLayout, limit: float | None
-    ) -> int | None:
+    ) -> tuple[int | None, MemoryEstimate]:
         """Refuse the curvature pass where its estimate exceeds ``limit``; the batch size
-        where every activation leads with it. The estimate is made once per input and
+        where every activation leads with it, and the estimate. The estimate is made once per input and
         output shape (a block's output shape is a function of its input's): reading all
         the shapes of a deep chain would cost more than the check itself."""
         itemsize = layout.dtype.itemsize
@@ -247,7 +247,7 @@ class Chain:
             estimate, limit, layout.device, what="Chain.curvature",
             advice=lambda limit: self._memory_advice(shapes, kind, itemsize, limit),
         )
-        return samples
+        return samples, estimate
 
     def _memory_estimate(self, shapes, second_order: bool, itemsize: int) -> MemoryEstimate:
         return resources.curvature_estimate(

@@ -601,6 +601,7 @@ class Curvature:
         names: Sequence[str] | None = None,
         method="riccati",
         preconditioner=None,
+        pass_bytes: int | None = None,
     ):
         self._versions = versions
         self._memory_limit = check_memory_limit(memory_limit)
@@ -629,6 +630,7 @@ class Curvature:
         self._compiled = None
         self._low = None  # the float32 oracles and stages of mixed precision, made on first use
         self._float64 = None  # a float32 curvature's float64 copy, for the spectral queries
+        self._pass_bytes = pass_bytes  # the curvature pass's memory estimate (the copy's bound)
         #: the dtype the oracles were computed in (a float32 curvature's float64 copy: float32),
         #: whose rounding sets the width of the spectrum's zero bulk (tallskinny.spectrum)
         self.source_dtype = layout.dtype
@@ -795,14 +797,20 @@ class Curvature:
     # -- spectral queries by inertia (tallskinny.spectrum) --------------------------------------
     def spectral_curvature(self) -> "Curvature":
         """The curvature the spectral queries below run on: this one where it is float64,
-        else a float64 copy of its oracles (made once; twice their memory): the same
-        matrix, whose counts and eigenpairs are then exact to float64's precision. In
-        float32 the counts' edge tolerance ``τ ≈ 1e3·P·eps·‖H‖`` is a tenth of ``‖H‖`` at
-        ``P ≈ 1 000``, too coarse to certify an eigenvalue. (The Krylov route, inexact
-        anyway, stays in its dtype.)"""
+        else a float64 copy of its oracles (made once; twice their memory, checked against
+        ``memory_limit`` as twice the curvature pass's estimate): the same matrix, whose
+        counts and eigenpairs are then exact to float64's precision. In float32 the counts'
+        edge tolerance ``τ ≈ 1e3·P·eps·‖H‖`` is a tenth of ``‖H‖`` at ``P ≈ 1 000``, too
+        coarse to certify an eigenvalue. (The Krylov route, inexact anyway, stays in its
+        dtype.)"""
         if self.layout.dtype == torch.float64 or self.method == "krylov":
             return self
         if self._float64 is None:
+            if self._pass_bytes is not None:  # the copy: at most the pass's bytes, doubled
+                resources.require(
+                    MemoryEstimate(2 * self._pass_bytes, "the oracles in float64", 2 * self._pass_bytes),
+                    self.memory_limit, self.layout.device, what="the float64 copy of a float32 curvature (spectral queries)",
+                )
             f64 = torch.float64
             self._float64 = Curvature(
                 [o.astype(f64) for o in self.oracles], self._float64_loss_oracle(),

@@ -516,6 +516,20 @@ def test_float32_gauss_newton_of_a_nonconvex_loss():
     assert torch.allclose(c32.eigvalsh(2).double(), c64.eigvalsh(2), rtol=0, atol=1e-5)
 
 
+def test_float32_copy_refused_up_front_by_the_memory_limit():
+    """The float64 copy is checked against ``memory_limit`` before it is made (it was made,
+    and kept, before the first factorization's own check refused)."""
+    torch.manual_seed(0)
+    layers = [m.float() for m in mlp([8, 32, 32, 4], seed=0)]
+    X, y = torch.randn(8, 8).float(), torch.randint(0, 4, (8,))
+    curv = ts.Chain(layers, nn.CrossEntropyLoss()).curvature(X, y)
+    curv.memory_limit = 1e5  # below the copy, above nothing else asked so far
+    with pytest.raises(ts.ResourceError, match="float64 copy"):
+        curv.negative_count()
+    curv.memory_limit = None
+    assert curv.negative_count() == curv.spectral_curvature().negative_count()
+
+
 def batch_problem(widths, seed, batch=16):
     """A tanh MLP of ``widths`` on a batch of ``batch`` samples (default initialization)."""
     g = torch.Generator().manual_seed(seed + 1)
