@@ -631,6 +631,7 @@ class Curvature:
         self._low = None  # the float32 oracles and stages of mixed precision, made on first use
         self._float64 = None  # a float32 curvature's float64 copy, for the spectral queries
         self._pass_bytes = pass_bytes  # the curvature pass's memory estimate (the copy's bound)
+        self._clip_verdict = None  # whether the copy's Λ is its semidefinite part, decided once
         #: the dtype the oracles were computed in (a float32 curvature's float64 copy: float32),
         #: whose rounding sets the width of the spectrum's zero bulk (tallskinny.spectrum)
         self.source_dtype = layout.dtype
@@ -807,9 +808,13 @@ class Curvature:
             return self
         if self._float64 is None:
             if self._pass_bytes is not None:  # the copy: at most the pass's bytes, doubled
+                a = self.loss_oracle.E.shape[0]
+                terms = [("the oracles in float64", 2 * self._pass_bytes)]
+                if self._clips_loss_hessian():  # Λ, its eigenvectors and their product in float64
+                    terms.append(("the loss Hessian's semidefinite part", 4 * a * a * 8))
                 resources.require(
-                    MemoryEstimate(2 * self._pass_bytes, "the oracles in float64", 2 * self._pass_bytes),
-                    self.memory_limit, self.layout.device, what="the float64 copy of a float32 curvature (spectral queries)",
+                    MemoryEstimate.of(terms), self.memory_limit, self.layout.device,
+                    what="the float64 copy of a float32 curvature (spectral queries)",
                 )
             f64 = torch.float64
             self._float64 = Curvature(
@@ -821,20 +826,33 @@ class Curvature:
         self._float64.memory_limit = self.memory_limit
         return self._float64
 
+    def _clips_loss_hessian(self) -> bool:
+        """Whether the float64 copy's loss Hessian is ``Λ``'s semidefinite part: a
+        Gauss–Newton matrix on the kernel or dense route (both factor ``Λ = BBᵀ``) with a
+        dense ``Λ`` that this curvature's own check takes as semidefinite."""
+        if self.kind != "ggn" or self.method not in ("kernel", "dense") or not isinstance(self.loss_oracle.E, Dense):
+            return False  # (a diagonal Λ of a float32 loss, MSE's, has no rounding negatives)
+        if self._clip_verdict is None:
+            E = self.loss_oracle.E.to_dense()
+            try:
+                if routes.loss_factor_blocks(E, self._samples or 1) is None:
+                    routes.loss_factor(E)  # (samples that interact: the whole Λ)
+                self._clip_verdict = True
+            except ValueError:
+                self._clip_verdict = False  # a loss not convex in the output: Λ as it is (the route says so)
+        return self._clip_verdict
+
     def _float64_loss_oracle(self) -> Oracle:
-        """The loss oracle in float64. For a Gauss–Newton matrix on the kernel or dense
-        route (both factor ``Λ = BBᵀ``) with the negative eigenvalues of the loss Hessian
-        ``Λ`` that are within float32's rounding set to zero
-        (:func:`tallskinny.routes.without_rounding_negatives`): a float32 ``Λ`` is
-        semidefinite to float32's rounding only, and the float64 copy's route would refuse
-        it. Everything else is the float32 matrix exactly."""
-        oracle = self.loss_oracle.astype(torch.float64)
-        if self.kind != "ggn" or self.method not in ("kernel", "dense") or not isinstance(oracle.E, Dense):
-            return oracle  # (a diagonal Λ of a float32 loss, MSE's, has no rounding negatives)
-        E = routes.without_rounding_negatives(oracle.E.to_dense(), self._samples or 1, self.layout.dtype)
-        if E is None:  # (a loss not convex in the output: the route says so)
-            return oracle
-        return Oracle(G=oracle.G, F=oracle.F, A=oracle.A, C=oracle.C, E=Dense(E))
+        """The loss oracle in float64: ``Λ`` exactly, but where :meth:`_clips_loss_hessian`,
+        whose negative eigenvalues (rounding, by this curvature's own check) are set to zero
+        (:func:`tallskinny.routes.semidefinite_part`): a float32 ``Λ`` is semidefinite to
+        float32's rounding only, and the float64 copy's route would refuse it."""
+        o = self.loss_oracle
+        f64 = torch.float64
+        if not self._clips_loss_hessian():
+            return o.astype(f64)
+        E = routes.semidefinite_part(o.E.to_dense(), self._samples or 1, f64)
+        return Oracle(G=o.G.astype(f64), F=o.F.astype(f64), A=o.A.astype(f64), C=o.C.astype(f64), E=Dense(E))
 
     def eigenvalue_count(self, lower: float, upper: float) -> int:
         """The exact number of eigenvalues in ``[lower, upper)`` (:func:`tallskinny.spectrum.eigenvalue_count`)."""

@@ -146,8 +146,20 @@ Hessian's null space, answered in float64, carries float32's rounding (a few
 
 def zero_tolerance(curv) -> float:
     """The half-width of the zero bulk: ``max(τ, ZERO_ROUNDINGS·eps·‖H‖)`` (for a float64
-    curvature ``τ``, :func:`edge_tolerance`)."""
-    return max(edge_tolerance(curv), ZERO_ROUNDINGS * torch.finfo(curv.source_dtype).eps * _norm_estimate(curv))
+    curvature ``τ``, :func:`edge_tolerance`). ``‖H‖`` here is the largest ``|θ|`` of 8
+    Lanczos steps where that exceeds the estimate ``‖Hg‖/‖g‖`` (near a minimum the
+    gradient lies in directions of low curvature, and the estimate can be far below
+    ``‖H‖``); made once per curvature, and not for a float64 one."""
+    if curv.source_dtype == torch.float64:
+        return edge_tolerance(curv)
+    if "zero_scale" not in curv.spectrum_cache:
+        P = curv.num_parameters
+        gen = torch.Generator().manual_seed(4)
+        v = torch.randn((P, 1), generator=gen, dtype=curv.layout.dtype).to(curv.layout.device)
+        theta, _, _ = _lanczos_extremes(curv, v, min(8, P))
+        curv.spectrum_cache["zero_scale"] = max(abs(theta[0]), abs(theta[-1]), _norm_estimate(curv))
+    eps = torch.finfo(curv.source_dtype).eps
+    return max(edge_tolerance(curv), ZERO_ROUNDINGS * eps * curv.spectrum_cache["zero_scale"])
 
 
 def _below(curv, sigma: float, tau: float | None = None) -> int:
@@ -745,6 +757,9 @@ def spectral_histogram(curv, edges, *, zero: float | None = None, progress: Call
             raise ValueError(f"zero must be > 0, got {zero:g}")
     else:
         zero = zero_tolerance(curv)
+        i = int(torch.searchsorted(edges, torch.tensor([0.0], dtype=torch.float64), right=True)) - 1
+        if 0 <= i < edges.numel() - 1:  # inside the bin of 0 (but not below τ)
+            zero = max(tau, min(zero, -float(edges[i]), float(edges[i + 1])))
     counted = {}
     for e in edges.tolist():
         counted[e] = _below(curv, e, tau)

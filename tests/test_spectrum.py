@@ -499,6 +499,87 @@ def test_float32_negative_count_and_zero_bulk_at_float32s_rounding():
         assert h32.zeros == h64.zeros > 0 and h32.counts.tolist() == h64.counts.tolist(), (h32, h64)
 
 
+def test_float32_zero_bulk_near_a_minimum():
+    """Softmax regression trained near its minimum, float32: no negative eigenvalue. There
+    the gradient lies in directions of low curvature and ``‖Hg‖/‖g‖`` is 500× below
+    ``‖H‖``; a zero bulk scaled by that estimate counted the float32 null space's rounding
+    (−2.6e-9·‖H‖) as a negative eigenvalue."""
+    torch.manual_seed(0)
+    layer = nn.Linear(20, 10)
+    X = torch.randn(64, 20) * torch.logspace(0, -2, 20)
+    y = torch.randint(0, 10, (64,))
+    opt = torch.optim.SGD(layer.parameters(), lr=0.5)
+    for _ in range(3000):
+        opt.zero_grad()
+        nn.functional.cross_entropy(layer(X), y).backward()
+        opt.step()
+    c32 = ts.Chain([copy.deepcopy(layer).float()], nn.CrossEntropyLoss()).curvature(X.float(), y)
+    ev = torch.linalg.eigvalsh(c32.spectral_curvature().to_dense())
+    norm = float(ev.abs().max())
+    assert spectrum._norm_estimate(c32.spectral_curvature()) < 0.01 * norm  # the case this is about
+    assert float(ev.min()) < -spectrum.edge_tolerance(c32.spectral_curvature())
+    assert c32.negative_count() == 0
+
+
+def test_float32_histogram_default_zero_stays_in_the_bin_of_zero():
+    """A bin of 0 narrower than float32's zero bulk: the default ``zero`` is cut to it. The
+    bulk was wider: 2 eigenvalues counted in ``zeros`` and in the next bin, and a count of
+    −2 in the bin of 0 (the check that ``zero`` fits ran only for a ``zero`` given)."""
+    torch.manual_seed(0)
+    layer = nn.Linear(3, 200)
+    with torch.no_grad():
+        layer.weight.mul_(8.0)
+    X, y = torch.randn(4, 3).float(), torch.randint(0, 200, (4,))
+    curv = ts.Chain([layer.float()], nn.CrossEntropyLoss()).curvature(X, y, kind="ggn", method="dense")
+    ev = torch.linalg.eigvalsh(curv.spectral_curvature().to_dense())
+    norm = float(ev.abs().max())
+    edges = spectrum.symlog_edges(-2 * norm, 2 * norm, 9, 1e-7 * norm)
+    hist = curv.spectral_histogram(edges)
+    dense = torch.tensor([int(((ev >= a) & (ev < b)).sum()) for a, b in zip(edges[:-1].tolist(), edges[1:].tolist())])
+    i = int(torch.searchsorted(edges, torch.zeros(1, dtype=edges.dtype), right=True)) - 1
+    assert hist.tolerance <= 1e-7 * norm
+    assert bool((hist.counts >= 0).all()) and hist.counts[i] + hist.zeros == dense[i]
+    others = torch.ones_like(dense, dtype=torch.bool)
+    others[i] = False
+    assert torch.equal(hist.counts[others], dense[others])
+
+
+def test_float32_loss_hessian_at_the_edge_of_its_rounding():
+    """A float32 loss Hessian ``Λ`` whose negative eigenvalue sits at float32's tolerance:
+    float32's check takes it as semidefinite (the curvature factors), and so does the
+    float64 copy now. It decided again in float64, refused ``Λ``, and every spectral
+    query raised the kernel route's ValueError."""
+    g = torch.Generator().manual_seed(0)
+    eps = torch.finfo(torch.float32).eps
+    for _ in range(20000):
+        Q, _ = torch.linalg.qr(torch.randn(3, 3, generator=g, dtype=torch.float64))
+        f = 0.9 + 0.2 * torch.rand(1, generator=g, dtype=torch.float64).item()
+        A = ((Q * torch.tensor([1.0, 0.5, -f * 3 * eps], dtype=torch.float64)) @ Q.mT).float()
+        A = 0.5 * (A + A.mT)
+        try:
+            ts.routes.loss_factor_blocks(A, 1)
+        except ValueError:
+            continue
+        lam = torch.linalg.eigvalsh(A.double())
+        if float(lam.min()) < -3 * eps * float(lam.abs().max()):
+            break
+    else:
+        pytest.fail("no loss Hessian at the edge found")
+
+    def loss(z, t):  # ½ Σ_s (z_s − t_s)ᵀ A (z_s − t_s): Λ = blockdiag(A)
+        d = z - t
+        return 0.5 * torch.einsum("si,ij,sj->", d, A, d)
+
+    torch.manual_seed(0)
+    layers = [m.float() for m in [nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)]]
+    X, y = torch.randn(6, 4).float(), torch.randn(6, 3).float()
+    for method in ("kernel", "dense"):
+        curv = ts.Chain(layers, loss).curvature(X, y, kind="ggn", method=method)
+        ev = torch.linalg.eigvalsh(curv.to_dense().double())
+        assert curv.negative_count() == 0
+        assert torch.allclose(curv.eigvalsh(2).double(), ev[-2:], rtol=1e-5, atol=0), method
+
+
 def test_float32_gauss_newton_of_a_nonconvex_loss():
     """A loss not convex in the output (``Σ cos(z − t)``), Gauss–Newton on the riccati
     route, float32: the spectral queries answer as in float64 (the copy took the loss

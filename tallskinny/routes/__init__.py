@@ -13,7 +13,7 @@ from .kernel import (
     loss_factor,
     loss_factor_blocks,
     output_loss_factor,
-    without_rounding_negatives,
+    semidefinite_part,
     per_sample_factor,
     tangent,
 )
@@ -40,7 +40,7 @@ __all__ = [
     "loss_factor",
     "loss_factor_blocks",
     "output_loss_factor",
-    "without_rounding_negatives",
+    "semidefinite_part",
     "per_sample_factor",
     "tangent",
     "route_costs",

@@ -78,28 +78,22 @@ def _psd_factor(blocks: Tensor) -> Tensor:
     return Q * torch.where(lam > tol, lam, torch.zeros_like(lam)).sqrt().unsqueeze(-2)
 
 
-def without_rounding_negatives(loss_hessian: Tensor, samples: int, rounding: torch.dtype) -> Tensor | None:
-    """``Λ`` with its negative eigenvalues set to zero where they are within the rounding
-    of ``rounding`` (``pivot_tolerance(c, rounding, max|λ|)``, per sample where the
-    samples do not interact), every other eigenvalue kept; ``None`` where one is more
-    negative (a loss not convex in the output)."""
+def semidefinite_part(loss_hessian: Tensor, samples: int, dtype: torch.dtype) -> Tensor:
+    """``Λ`` in ``dtype`` with its negative eigenvalues set to zero, every other one kept
+    (per sample where the samples do not interact in the loss: ``N`` eigendecompositions
+    of ``c × c``, else one of ``Λ``). For a ``Λ`` its own dtype's check already took as
+    semidefinite (:func:`loss_factor_blocks`), whose negative eigenvalues are rounding."""
     a = loss_hessian.shape[0]
-    M = _symmetrized(loss_hessian)
     c = a // samples if samples >= 1 and a % samples == 0 else a
-    blocks = None
     if c < a:
-        blocks4 = M.reshape(a // c, c, a // c, c)
-        idx = torch.arange(a // c, device=M.device)
-        off = blocks4.clone()
-        off[idx, :, idx, :] = 0
-        blocks = None if bool(off.any()) else blocks4[idx, :, idx, :]
-    if blocks is None:
-        blocks, c = M.unsqueeze(0), a
-    lam, Q = torch.linalg.eigh(blocks)
-    if lam.numel() and float(lam.min()) < -pivot_tolerance(c, rounding, float(lam.abs().max())):
-        return None
-    clipped = (Q * lam.clamp(min=0.0).unsqueeze(-2)) @ Q.mT
-    return torch.block_diag(*clipped) if clipped.shape[0] > 1 else clipped[0]
+        blocks4 = loss_hessian.reshape(a // c, c, a // c, c)
+        idx = torch.arange(a // c, device=loss_hessian.device)
+        diag = blocks4[idx, :, idx, :]  # N × c × c (a copy)
+        if int(diag.count_nonzero()) == int(loss_hessian.count_nonzero()):  # nothing off the blocks
+            lam, Q = torch.linalg.eigh(_symmetrized(diag.to(dtype)))
+            return torch.block_diag(*((Q * lam.clamp(min=0.0).unsqueeze(-2)) @ Q.mT))
+    lam, Q = torch.linalg.eigh(_symmetrized(loss_hessian.to(dtype)))
+    return (Q * lam.clamp(min=0.0).unsqueeze(-2)) @ Q.mT
 
 
 def loss_factor(loss_hessian: Tensor) -> Tensor:
