@@ -222,7 +222,8 @@ class Chain:
         self._check_finite(adjoints, "g")
         return Curvature(
             oracles, loss_oracle, adjoints, layout, kind, loss, versions,
-            memory_limit=memory_limit, samples=samples, names=self._block_names, method=method, pass_bytes=estimate.total,
+            memory_limit=memory_limit, samples=samples, names=self._block_names, method=method,
+            pass_bytes=estimate.total,
             preconditioner=routes.krylov.preconditioner_curvature(self, inputs, targets, kind, method, memory_limit),
         )
 
@@ -230,9 +231,9 @@ class Chain:
         self, zs: Sequence[Tensor], kind: str, layout: ParameterLayout, limit: float | None
     ) -> tuple[int | None, MemoryEstimate]:
         """Refuse the curvature pass where its estimate exceeds ``limit``; the batch size
-        where every activation leads with it, and the estimate. The estimate is made once per input and
-        output shape (a block's output shape is a function of its input's): reading all
-        the shapes of a deep chain would cost more than the check itself."""
+        where every activation leads with it, and the estimate. The estimate is made once
+        per input and output shape (a block's output shape is a function of its input's):
+        reading all the shapes of a deep chain would cost more than the check itself."""
         itemsize = layout.dtype.itemsize
         key = (zs[0].shape, zs[-1].shape, len(zs), kind, itemsize)
         plan = self._memory_plans.get(key)

@@ -632,8 +632,8 @@ class Curvature:
         self._float64 = None  # a float32 curvature's float64 copy, for the spectral queries
         self._pass_bytes = pass_bytes  # the curvature pass's memory estimate (the copy's bound)
         self._clip_verdict = None  # whether the copy's Λ is its semidefinite part, decided once
-        #: the dtype the oracles were computed in (a float32 curvature's float64 copy: float32),
-        #: whose rounding sets the width of the spectrum's zero bulk (tallskinny.spectrum)
+        #: the dtype the oracles were computed in (a float32 curvature's float64 copy:
+        #: float32), whose rounding sets the width of the spectrum's zero bulk
         self.source_dtype = layout.dtype
         self.checks = SolveChecks(
             blocks=lambda: elimination.last_blocks_norm_bound(self._compiled_oracles()[0], self.loss_oracle.E.to_dense()),
@@ -838,8 +838,8 @@ class Curvature:
                 if routes.loss_factor_blocks(E, self._samples or 1) is None:
                     routes.loss_factor(E)  # (samples that interact: the whole Λ)
                 self._clip_verdict = True
-            except ValueError:
-                self._clip_verdict = False  # a loss not convex in the output: Λ as it is (the route says so)
+            except ValueError:  # a loss not convex in the output: Λ as it is (the route says so)
+                self._clip_verdict = False
         return self._clip_verdict
 
     def _float64_loss_oracle(self) -> Oracle:

@@ -140,8 +140,8 @@ def edge_tolerance(curv) -> float:
 ZERO_ROUNDINGS = 8.0
 """The zero bulk is at least ``ZERO_ROUNDINGS·eps·‖H‖`` wide, ``eps`` that of the dtype
 the curvature's oracles were computed in (``Curvature.source_dtype``): a float32
-Hessian's null space, answered in float64, carries float32's rounding (a few
-``1e-9·‖H‖``)."""
+Hessian's null space, answered in float64, carries float32's rounding (up to ~2e-8·‖H‖
+seen)."""
 
 
 def zero_tolerance(curv) -> float:
@@ -750,6 +750,8 @@ def spectral_histogram(curv, edges, *, zero: float | None = None, progress: Call
         raise ValueError("edges must be strictly increasing")
     P = curv.num_parameters
     tau = edge_tolerance(curv)
+    i = int(torch.searchsorted(edges, torch.tensor([0.0], dtype=torch.float64), right=True)) - 1
+    zero_bin = min(max(i, 0), edges.numel() - 2)  # the bin of 0, where the edges hold 0
     given = zero is not None
     if given:
         zero = real_number(zero, "zero")
@@ -757,8 +759,7 @@ def spectral_histogram(curv, edges, *, zero: float | None = None, progress: Call
             raise ValueError(f"zero must be > 0, got {zero:g}")
     else:
         zero = zero_tolerance(curv)
-        i = int(torch.searchsorted(edges, torch.tensor([0.0], dtype=torch.float64), right=True)) - 1
-        if 0 <= i < edges.numel() - 1:  # inside the bin of 0 (but not below τ)
+        if i == zero_bin:  # cut to the bin of 0 (but not below τ)
             zero = max(tau, min(zero, -float(edges[i]), float(edges[i + 1])))
     counted = {}
     for e in edges.tolist():
@@ -773,8 +774,7 @@ def spectral_histogram(curv, edges, *, zero: float | None = None, progress: Call
         z_lo = counted[-zero] if -zero in counted else _below(curv, -zero, tau)
         z_hi = counted[zero] if zero in counted else _below(curv, zero, tau)
         zeros = z_hi - z_lo
-        i = int(torch.searchsorted(edges, torch.tensor([0.0], dtype=torch.float64), right=True)) - 1
-        i = min(max(i, 0), counts.numel() - 1)
+        i = zero_bin
         if given and not float(edges[i]) <= -zero < zero <= float(edges[i + 1]):
             raise ValueError(f"the zero bulk [-{zero:g}, {zero:g}) must lie inside the bin of 0, [{float(edges[i]):g}, {float(edges[i + 1]):g})")
         counts[i] -= zeros

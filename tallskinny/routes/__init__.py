@@ -13,8 +13,8 @@ from .kernel import (
     loss_factor,
     loss_factor_blocks,
     output_loss_factor,
-    semidefinite_part,
     per_sample_factor,
+    semidefinite_part,
     tangent,
 )
 from .krylov import Krylov, KrylovFactorization, KrylovInfo
@@ -40,8 +40,8 @@ __all__ = [
     "loss_factor",
     "loss_factor_blocks",
     "output_loss_factor",
-    "semidefinite_part",
     "per_sample_factor",
+    "semidefinite_part",
     "tangent",
     "route_costs",
 ]
