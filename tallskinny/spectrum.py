@@ -737,7 +737,8 @@ def spectral_histogram(curv, edges, *, zero: float | None = None, progress: Call
     edge, two more for the zero bulk, none where ``±zero`` are edges).
 
     ``zero``: the half-width of the zero bulk, ``[−zero, zero)`` (default
-    :func:`zero_tolerance`). Counts at shifts that deep in the bulk have a large condition
+    :func:`zero_tolerance`): its eigenvalues are reported as ``zeros`` and taken out of
+    whichever bins hold them, where the bulk lies inside the edges. Counts at shifts that deep in the bulk have a large condition
     number and can take the pivoted fallback; edges from :func:`symlog_edges` with
     ``zero`` well above rounding (``1e-4·‖H‖``) avoid that. ``progress(done, total)`` is
     called after each edge's count."""
@@ -750,17 +751,12 @@ def spectral_histogram(curv, edges, *, zero: float | None = None, progress: Call
         raise ValueError("edges must be strictly increasing")
     P = curv.num_parameters
     tau = edge_tolerance(curv)
-    i = int(torch.searchsorted(edges, torch.tensor([0.0], dtype=torch.float64), right=True)) - 1
-    zero_bin = min(max(i, 0), edges.numel() - 2)  # the bin of 0, where the edges hold 0
-    given = zero is not None
-    if given:
+    if zero is not None:
         zero = real_number(zero, "zero")
         if not zero > 0:
             raise ValueError(f"zero must be > 0, got {zero:g}")
     else:
         zero = zero_tolerance(curv)
-        if i == zero_bin:  # cut to the bin of 0 (but not below τ)
-            zero = max(tau, min(zero, -float(edges[i]), float(edges[i + 1])))
     counted = {}
     for e in edges.tolist():
         counted[e] = _below(curv, e, tau)
@@ -771,13 +767,15 @@ def spectral_histogram(curv, edges, *, zero: float | None = None, progress: Call
     zeros = 0
     lo_e, hi_e = float(edges[0]), float(edges[-1])
     if lo_e <= -zero and zero <= hi_e:
-        z_lo = counted[-zero] if -zero in counted else _below(curv, -zero, tau)
-        z_hi = counted[zero] if zero in counted else _below(curv, zero, tau)
-        zeros = z_hi - z_lo
-        i = zero_bin
-        if given and not float(edges[i]) <= -zero < zero <= float(edges[i + 1]):
-            raise ValueError(f"the zero bulk [-{zero:g}, {zero:g}) must lie inside the bin of 0, [{float(edges[i]):g}, {float(edges[i + 1]):g})")
-        counts[i] -= zeros
+        for x in (-zero, zero):
+            if x not in counted:
+                counted[x] = _below(curv, x, tau)
+        zeros = counted[zero] - counted[-zero]
+        # each bin gives up the bulk's eigenvalues it holds (the bulk may span several)
+        for j, (a, b) in enumerate(zip(edges[:-1].tolist(), edges[1:].tolist())):
+            lo, hi = max(a, -zero), min(b, zero)
+            if lo < hi:
+                counts[j] -= counted[hi] - counted[lo]
     return Histogram(edges, counts, zeros, below[0], P - below[-1], zero)
 
 

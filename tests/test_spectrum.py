@@ -271,8 +271,11 @@ def test_histogram_with_a_zero_bin_sums_to_P(monkeypatch):
     assert torch.equal(hist.counts, ref)
     assert hist.below == hist.above == 0
     assert int(hist.counts.sum()) + hist.zeros == curv.num_parameters
-    with pytest.raises(ValueError, match="zero bulk"):
-        curv.spectral_histogram(torch.linspace(-rho, rho, 4), zero=0.5 * rho)  # spans three bins
+    # a bulk over three bins: each gives up its part of it
+    wide = curv.spectral_histogram(torch.linspace(-1.01 * rho, 1.01 * rho, 4), zero=0.5 * rho)
+    inside = (ev >= -0.5 * rho) & (ev < 0.5 * rho)
+    assert wide.zeros == int(inside.sum())
+    assert torch.equal(wide.counts, torch.histogram(ev[~inside], bins=torch.linspace(-1.01 * rho, 1.01 * rho, 4)).hist.long())
 
 
 def test_slq_against_dense():
@@ -521,10 +524,10 @@ def test_float32_zero_bulk_near_a_minimum():
     assert c32.negative_count() == 0
 
 
-def test_float32_histogram_default_zero_stays_in_the_bin_of_zero():
-    """A bin of 0 narrower than float32's zero bulk: the default ``zero`` is cut to it. The
-    bulk was wider: 2 eigenvalues counted in ``zeros`` and in the next bin, and a count of
-    −2 in the bin of 0 (the check that ``zero`` fits ran only for a ``zero`` given)."""
+def test_float32_histogram_zero_bulk_wider_than_the_bin_of_zero():
+    """A bin of 0 narrower than float32's zero bulk: each bin gives up the bulk's
+    eigenvalues it holds. They were all taken from the bin of 0: 2 eigenvalues counted in
+    ``zeros`` and in the next bin, and a count of −2 in the bin of 0."""
     torch.manual_seed(0)
     layer = nn.Linear(3, 200)
     with torch.no_grad():
@@ -537,11 +540,34 @@ def test_float32_histogram_default_zero_stays_in_the_bin_of_zero():
     hist = curv.spectral_histogram(edges)
     dense = torch.tensor([int(((ev >= a) & (ev < b)).sum()) for a, b in zip(edges[:-1].tolist(), edges[1:].tolist())])
     i = int(torch.searchsorted(edges, torch.zeros(1, dtype=edges.dtype), right=True)) - 1
-    assert hist.tolerance <= 1e-7 * norm
-    assert bool((hist.counts >= 0).all()) and hist.counts[i] + hist.zeros == dense[i]
-    others = torch.ones_like(dense, dtype=torch.bool)
-    others[i] = False
-    assert torch.equal(hist.counts[others], dense[others])
+    z = hist.tolerance
+    assert z > float(edges[i + 1])  # the bulk is wider than the bin of 0
+    bulk = torch.tensor([int(((ev >= max(a, -z)) & (ev < min(b, z))).sum()) for a, b in zip(edges[:-1].tolist(), edges[1:].tolist())])
+    assert bool((hist.counts >= 0).all()) and hist.zeros == int(((ev >= -z) & (ev < z)).sum()) > 0
+    assert torch.equal(hist.counts, dense - bulk)
+
+
+@pytest.mark.parametrize("middle", [0.0, -5.55e-17, -1e-30])
+def test_float32_histogram_with_an_edge_at_zero(middle):
+    """Edges with one at (or a rounding below) 0, as ``torch.linspace`` makes them: the
+    float32 null space's rounding stays in ``zeros``. The bulk was cut to the bin of 0,
+    whose left side is empty there (down to ``τ``): 4 rounding eigenvalues reported as
+    negative, and, for an edge just below 0, a count of −15."""
+    torch.manual_seed(0)
+    layers = [m.float() for m in (nn.Linear(6, 12), nn.Tanh(), nn.Linear(12, 5))]
+    X, y = torch.randn(4, 6).float(), torch.randint(0, 5, (4,))
+    curv = ts.Chain(layers, nn.CrossEntropyLoss()).curvature(X, y, kind="ggn", method="riccati")
+    ev = torch.linalg.eigvalsh(curv.spectral_curvature().to_dense())
+    norm = float(ev.abs().max())
+    edges = torch.tensor([-1.2, -0.3, middle, 0.3, 1.2], dtype=torch.float64) * norm
+    hist = curv.spectral_histogram(edges)
+    copy64 = curv.spectral_curvature()
+    assert int(((ev >= -spectrum.zero_tolerance(copy64)) & (ev < -spectrum.edge_tolerance(copy64))).sum())  # the case
+    z = hist.tolerance
+    bulk = (ev >= -z) & (ev < z)
+    dense = [int(((ev >= a) & (ev < b) & ~bulk).sum()) for a, b in zip(edges[:-1].tolist(), edges[1:].tolist())]
+    assert hist.counts.tolist() == dense and hist.zeros == int(bulk.sum()) > 0
+    assert hist.counts[1] == curv.negative_count() == 0
 
 
 def test_float32_loss_hessian_at_the_edge_of_its_rounding():
