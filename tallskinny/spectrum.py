@@ -104,13 +104,14 @@ def _lanczos_extremes(curv, v: Tensor, steps: int):
     alphas, betas = [], []
     for j in range(steps):
         w = curv.hvp(V[-1])
+        size = float(w.norm())  # ‖Hv‖: the breakdown test is relative (scale-free)
         a = float((V[-1].mT @ w).squeeze())
         Vm = torch.cat(V, dim=1)
         w = w - Vm @ (Vm.mT @ w)
         w = w - Vm @ (Vm.mT @ w)
         alphas.append(a)
         b = float(w.norm())
-        if j == steps - 1 or b <= 1e-14 * max(1.0, abs(a)):
+        if j == steps - 1 or b <= 1e-14 * size:
             betas.append(b)
             break
         betas.append(b)

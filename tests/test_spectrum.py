@@ -502,11 +502,9 @@ def test_float32_negative_count_and_zero_bulk_at_float32s_rounding():
         assert h32.zeros == h64.zeros > 0 and h32.counts.tolist() == h64.counts.tolist(), (h32, h64)
 
 
-def test_float32_zero_bulk_near_a_minimum():
-    """Softmax regression trained near its minimum, float32: no negative eigenvalue. There
-    the gradient lies in directions of low curvature and ``‖Hg‖/‖g‖`` is 500× below
-    ``‖H‖``; a zero bulk scaled by that estimate counted the float32 null space's rounding
-    (−2.6e-9·‖H‖) as a negative eigenvalue."""
+def trained_softmax_regression():
+    """A float64 ``Linear(20, 10)`` near its minimum (3 000 steps of gradient descent) on
+    features of scales 1 … 1e-2, and its data in float32."""
     torch.manual_seed(0)
     layer = nn.Linear(20, 10)
     X = torch.randn(64, 20) * torch.logspace(0, -2, 20)
@@ -516,12 +514,39 @@ def test_float32_zero_bulk_near_a_minimum():
         opt.zero_grad()
         nn.functional.cross_entropy(layer(X), y).backward()
         opt.step()
-    c32 = ts.Chain([copy.deepcopy(layer).float()], nn.CrossEntropyLoss()).curvature(X.float(), y)
+    return layer, X.float(), y
+
+
+def test_float32_zero_bulk_near_a_minimum():
+    """Softmax regression trained near its minimum, float32: no negative eigenvalue. There
+    the gradient lies in directions of low curvature and ``‖Hg‖/‖g‖`` is 500× below
+    ``‖H‖``; a zero bulk scaled by that estimate counted the float32 null space's rounding
+    (−2.6e-9·‖H‖) as a negative eigenvalue."""
+    layer, X, y = trained_softmax_regression()
+    c32 = ts.Chain([copy.deepcopy(layer).float()], nn.CrossEntropyLoss()).curvature(X, y)
     ev = torch.linalg.eigvalsh(c32.spectral_curvature().to_dense())
     norm = float(ev.abs().max())
     assert spectrum._norm_estimate(c32.spectral_curvature()) < 0.01 * norm  # the case this is about
     assert float(ev.min()) < -spectrum.edge_tolerance(c32.spectral_curvature())
     assert c32.negative_count() == 0
+
+
+@pytest.mark.parametrize("scale", [1.0, 1e-14])
+def test_zero_bulk_is_scale_free(scale):
+    """The zero bulk's norm (8 Lanczos steps) is ‖H‖ whatever the loss's scale: the
+    Lanczos breakdown test was absolute (``β ≤ 1e-14·max(1, |α|)``), so for ‖H‖ ≈ 2e-15
+    it stopped after one step and took a Rayleigh quotient of 0.07·‖H‖ for ‖H‖."""
+    layer, X, y = trained_softmax_regression()
+    ce = nn.CrossEntropyLoss()
+
+    def loss(z, t):
+        return scale * ce(z, t)
+
+    curv = ts.Chain([copy.deepcopy(layer).float()], loss).curvature(X, y)
+    copy64 = curv.spectral_curvature()
+    norm = float(torch.linalg.eigvalsh(copy64.to_dense()).abs().max())
+    spectrum.zero_tolerance(copy64)
+    assert 0.5 * norm <= copy64.spectrum_cache["zero_scale"] <= 1.01 * norm
 
 
 def test_float32_histogram_zero_bulk_wider_than_the_bin_of_zero():
