@@ -46,23 +46,27 @@ def _symmetrized(M: Tensor) -> Tensor:
     return 0.5 * (M + M.mT)
 
 
-def loss_factor_blocks(loss_hessian: Tensor, samples: int) -> Tensor | None:
-    """``B_s`` (``N × c × c``) with ``Λ = blockdiag_s(B_s B_sᵀ)`` where ``Λ`` is block
-    diagonal by sample (``c = a/N``), else ``None``. Negative eigenvalues beyond rounding
-    raise ``ValueError`` (the loss is not convex in its input: ``G`` is then not ``WWᵀ``)."""
+def sample_blocks(loss_hessian: Tensor, samples: int) -> Tensor | None:
+    """The diagonal blocks ``Λ_s`` (``N × c × c``, ``c = a/N``) where ``Λ`` is block
+    diagonal by sample, else ``None`` (samples that interact in the loss)."""
     a = loss_hessian.shape[0]
     if samples < 1 or a % samples:
         return None
     c = a // samples
-    blocks4 = loss_hessian.reshape(samples, c, samples, c)
     idx = torch.arange(samples, device=loss_hessian.device)
-    diag = blocks4[idx, :, idx, :]  # N × c × c
-    if samples > 1:
-        off = blocks4.clone()
-        off[idx, :, idx, :] = 0
-        if bool(off.any()):
-            return None  # samples interact in the loss
-    return _psd_factor(_symmetrized(diag))
+    diag = loss_hessian.reshape(samples, c, samples, c)[idx, :, idx, :]  # N × c × c (a copy)
+    if samples > 1 and int(diag.count_nonzero()) != int(loss_hessian.count_nonzero()):
+        return None  # nonzeros off the blocks
+    return diag
+
+
+def loss_factor_blocks(loss_hessian: Tensor, samples: int) -> Tensor | None:
+    """``B_s`` (``N × c × c``) with ``Λ = blockdiag_s(B_s B_sᵀ)`` where ``Λ`` is block
+    diagonal by sample (:func:`sample_blocks`), else ``None``. Negative eigenvalues beyond
+    rounding raise ``ValueError`` (the loss is not convex in its input: ``G`` is then not
+    ``WWᵀ``)."""
+    diag = sample_blocks(loss_hessian, samples)
+    return None if diag is None else _psd_factor(_symmetrized(diag))
 
 
 def _psd_factor(blocks: Tensor) -> Tensor:
@@ -80,20 +84,15 @@ def _psd_factor(blocks: Tensor) -> Tensor:
 
 def semidefinite_part(loss_hessian: Tensor, samples: int, dtype: torch.dtype) -> Tensor:
     """``Λ`` in ``dtype`` with its negative eigenvalues set to zero, every other one kept
-    (per sample where the samples do not interact in the loss: ``N`` eigendecompositions
-    of ``c × c``, else one of ``Λ``). For a ``Λ`` its own dtype's check already took as
-    semidefinite (:func:`loss_factor_blocks`), whose negative eigenvalues are rounding."""
-    a = loss_hessian.shape[0]
-    c = a // samples if samples >= 1 and a % samples == 0 else a
-    if c < a:
-        blocks4 = loss_hessian.reshape(a // c, c, a // c, c)
-        idx = torch.arange(a // c, device=loss_hessian.device)
-        diag = blocks4[idx, :, idx, :]  # N × c × c (a copy)
-        if int(diag.count_nonzero()) == int(loss_hessian.count_nonzero()):  # nothing off the blocks
-            lam, Q = torch.linalg.eigh(_symmetrized(diag.to(dtype)))
-            return torch.block_diag(*((Q * lam.clamp(min=0.0).unsqueeze(-2)) @ Q.mT))
-    lam, Q = torch.linalg.eigh(_symmetrized(loss_hessian.to(dtype)))
-    return (Q * lam.clamp(min=0.0).unsqueeze(-2)) @ Q.mT
+    (per sample where the samples do not interact in the loss, :func:`sample_blocks`: ``N``
+    eigendecompositions of ``c × c``, else one of ``Λ``). For a ``Λ`` its own dtype's check
+    already took as semidefinite (:func:`loss_factor_blocks`), whose negative eigenvalues
+    are rounding."""
+    blocks = sample_blocks(loss_hessian, samples)
+    blocks = loss_hessian.unsqueeze(0) if blocks is None else blocks
+    lam, Q = torch.linalg.eigh(_symmetrized(blocks.to(dtype)))
+    clipped = (Q * lam.clamp(min=0.0).unsqueeze(-2)) @ Q.mT
+    return torch.block_diag(*clipped) if clipped.shape[0] > 1 else clipped[0]
 
 
 def loss_factor(loss_hessian: Tensor) -> Tensor:
