@@ -13,7 +13,7 @@ import contextlib
 
 import torch
 from torch import Tensor
-from torch.func import functional_call, grad, jacrev
+from torch.func import functional_call, grad, jacfwd, jacrev
 
 from . import elimination
 from .elimination import prepare_stages
@@ -58,19 +58,31 @@ def _flat(chain, inputs, targets):
     return outputs, loss, torch.cat([p.detach().reshape(-1) for p in params])
 
 
-def dense_hessian(chain, inputs, targets) -> Tensor:
-    """The ``P × P`` Hessian of the loss w.r.t. the chain's parameters (symmetrised)."""
+def _jacobian(outer: str):
+    if outer not in ("reverse", "forward"):
+        raise ValueError(f"outer must be 'reverse' or 'forward', got {outer!r}")
+    return jacrev if outer == "reverse" else jacfwd
+
+
+def dense_hessian(chain, inputs, targets, *, outer: str = "reverse") -> Tensor:
+    """The ``P × P`` Hessian of the loss w.r.t. the chain's parameters (symmetrised).
+
+    ``outer="forward"`` takes the outer derivative in forward mode, ``jacfwd(grad)``: the
+    same matrix by another order of operations, so the two differ by the references' own
+    rounding (where terms cancel, far above ``eps·‖H‖``)."""
     _, loss, theta0 = _flat(chain, inputs, targets)
-    H = jacrev(grad(loss))(theta0)
+    H = _jacobian(outer)(grad(loss))(theta0)
     return 0.5 * (H + H.mT)
 
 
-def dense_ggn(chain, inputs, targets) -> Tensor:
-    """The generalised Gauss–Newton matrix ``Jᵀ ∇²loss J``."""
+def dense_ggn(chain, inputs, targets, *, outer: str = "reverse") -> Tensor:
+    """The generalised Gauss–Newton matrix ``Jᵀ ∇²loss J`` (``outer="forward"``: the
+    Jacobians in forward mode, as in ``dense_hessian``)."""
+    jacobian = _jacobian(outer)
     outputs, _, theta0 = _flat(chain, inputs, targets)
     z = outputs(theta0).detach()
-    J = jacrev(outputs)(theta0).reshape(z.numel(), -1)
-    Hl = jacrev(grad(lambda zz: chain.loss(zz.reshape(z.shape), targets)))(z.reshape(-1))
+    J = jacobian(outputs)(theta0).reshape(z.numel(), -1)
+    Hl = jacobian(grad(lambda zz: chain.loss(zz.reshape(z.shape), targets)))(z.reshape(-1))
     G = J.mT @ Hl @ J
     return 0.5 * (G + G.mT)
 

@@ -489,6 +489,17 @@ def check_case(case: Case, *, rhs: int = 2) -> Report:
     g = curv.gradient().double()
     strict = [1e-10 * scale * max(product_scale, 1e-300) * float(V[:, : got.shape[1]].norm()) for _, got in products]
     errors = [float((got.double() - H @ V[:, : got.shape[1]]).norm()) for _, got in products]
+    if any(e > t for e, t in zip(errors, strict)):
+        # a second reference by another order of operations (forward over reverse): where
+        # terms cancel exactly the first keeps their rounding, which ‖H‖ does not show
+        # (seed 5046: LayerNorm over one feature is constant, H = 0, and jacrev(grad) gives
+        # 3.6e-15 at the GELU residual's bias). The one the products agree with better is
+        # the reference from here on (solves, backward errors, inertia, log-determinant)
+        with accurate_references():
+            H_forward = ref(chain64, X64, case.y, outer="forward")
+        forward_errors = [float((got.double() - H_forward @ V[:, : got.shape[1]]).norm()) for _, got in products]
+        if max(forward_errors) < max(errors):
+            H, errors = H_forward, forward_errors
     g_err, g_tol = float((g - g_ref).norm()), 1e-10 * scale * float(g_ref.norm()) + 1e-14 * scale
     H_noise = g_noise = 0.0
     # a float32 chain's own Hessian (torch.func on the float32 model) is as far from the
