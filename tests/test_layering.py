@@ -202,6 +202,20 @@ def project_names() -> set[str]:
     return {PACKAGE, "tallskinny_conv", "tallskinny_residual"} | test_modules
 
 
+def shared_test_module_names(paths: list[Path]) -> dict[str, list[str]]:
+    """Test modules whose file names collide. The test directories are not packages, so pytest
+    imports each ``test_*.py`` under its bare file name: a second one of the same name stops the
+    collection of the whole suite."""
+    by_name: dict[str, list[str]] = {}
+    for path in paths:
+        by_name.setdefault(path.name, []).append(str(path))
+    return {name: sorted(found) for name, found in by_name.items() if len(found) > 1}
+
+
+def collected_test_files() -> list[Path]:
+    return [p.relative_to(ROOT) for p in list((ROOT / "tests").rglob("test_*.py")) + list((ROOT / "plugins").rglob("tests/**/test_*.py"))]
+
+
 # -- the tests ------------------------------------------------------------------------------------
 def test_every_module_has_a_layer():
     for module in sources():
@@ -229,9 +243,15 @@ def test_plugins_import_only_the_public_api():
     assert plugin_violations(plugin_files, set(tallskinny.__all__)) == []
 
 
+def test_test_modules_have_distinct_file_names():
+    files = collected_test_files()
+    assert len(files) > 50 and any(f.parts[0] == "plugins" for f in files)
+    assert shared_test_module_names(files) == {}
+
+
 def test_the_checks_catch_a_bad_graph():
     """The rules fail where they should: a cycle, an import upwards, one between the
-    siblings, a private name, an internal module in a plugin."""
+    siblings, a private name, an internal module in a plugin, two test files of one name."""
     graph = {
         "tallskinny.linalg.a": {"tallskinny.linalg.b"},
         "tallskinny.linalg.b": {"tallskinny.linalg.a"},  # a cycle
@@ -251,3 +271,5 @@ def test_the_checks_catch_a_bad_graph():
     assert len(plugin_violations(found, {"Chain"})) == 2
     with pytest.raises(KeyError):
         layer_of("tallskinny.unplaced")
+    same = [Path("tests/test_testing.py"), Path("tests/blocks/test_testing.py"), Path("tests/blocks/test_func.py")]
+    assert shared_test_module_names(same) == {"test_testing.py": ["tests/blocks/test_testing.py", "tests/test_testing.py"]}
