@@ -27,6 +27,7 @@ from typing import Iterable, Sequence
 import torch
 from torch import Tensor
 
+from .batching import same_shape_batches
 from .errors import SingularMatrixError
 from .factor import (
     DEFAULT_ALPHA,
@@ -448,15 +449,14 @@ def _check_same(name: str, where: str, b: LinearOperator, dtype: torch.dtype, de
 
 
 def _check_symmetric_blocks(blocks: Sequence[LinearOperator], name: str) -> None:
-    """Raise if a diagonal block not declared symmetric is grossly asymmetric (batched by size)."""
-    groups: dict[int, list[int]] = {}
-    for i, b in enumerate(blocks):
-        if not b.symmetric:
-            groups.setdefault(b.shape[0], []).append(i)
-    if not groups:
+    """Raise if a diagonal block not declared symmetric is grossly asymmetric (small blocks
+    of one size batched)."""
+    unchecked = [i for i, b in enumerate(blocks) if not b.symmetric]
+    if not unchecked:
         return
     rtol = torch.finfo(blocks[0].dtype).eps ** 0.5
-    for indices in groups.values():
+    for run in same_shape_batches([tuple(blocks[i].shape) for i in unchecked]):
+        indices = [unchecked[i] for i in run]
         stack = torch.stack([blocks[i].to_dense() for i in indices])
         asym = (stack - stack.mT).abs().amax(dim=(-2, -1))
         size = stack.abs().amax(dim=(-2, -1))

@@ -37,6 +37,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from .batching import same_shape_batches
 from .errors import SingularMatrixError
 from .inertia import Inertia
 from .lu import LUFactors
@@ -693,17 +694,14 @@ def _count_swaps(pivots: Tensor, sizes: Sequence[int]) -> int:
 
 
 def _max_abs(tensors: Sequence[Tensor], what: str) -> float:
-    """``max |entry|`` over all tensors (blocks of equal shape are reduced together);
+    """``max |entry|`` over all tensors (small blocks of equal shape are reduced together);
     NaN or inf is an error."""
-    groups: dict[tuple[int, ...], list[Tensor]] = {}
-    for t in tensors:
-        if t.numel():
-            groups.setdefault(tuple(t.shape), []).append(t)
-    if not groups:
+    batches = same_shape_batches([tuple(t.shape) for t in tensors])
+    if not batches:
         return 0.0
     norms = [
-        torch.linalg.vector_norm(ts[0] if len(ts) == 1 else torch.stack(ts), float("inf"))
-        for ts in groups.values()
+        torch.linalg.vector_norm(tensors[run[0]] if len(run) == 1 else torch.stack([tensors[i] for i in run]), float("inf"))
+        for run in batches
     ]
     scale = (norms[0] if len(norms) == 1 else torch.stack(norms).max()).item()
     if not math.isfinite(scale):
