@@ -710,7 +710,8 @@ class Curvature:
         return elimination.hvp(*self._compiled_oracles(), x, out, shift)
 
     @collector_paused
-    def factorize(self, damping: float = 0.0, *, shift: float | None = None, precision: str = "full") -> Factorization:
+    def factorize(self, damping: float = 0.0, *, shift: float | None = None, precision: str = "full",
+                  confirm_singular: bool = True) -> Factorization:
         """Factor ``H + damping·I`` (raises ``SingularSystemError`` if it is singular, and
         :class:`~tallskinny.errors.ResourceError`, before any work, where its estimated
         memory exceeds ``memory_limit``).
@@ -723,7 +724,13 @@ class Curvature:
         factors, float64 refinement; a float64 curvature on the ``riccati`` route only) or
         ``"auto"`` (mixed where it pays). The factorization's ``precision`` says which was
         taken; ``logdet``, ``sign`` and ``inertia`` of a mixed one first make the float64
-        factorization (see :class:`Factorization`)."""
+        factorization (see :class:`Factorization`).
+
+        ``confirm_singular=False``: where the elimination meets a singular stage, raise
+        ``SingularSystemError`` at once instead of confirming it with the pivoted
+        factorization, which tells a singular system from a regular one whose elimination
+        broke down (for searches that move the shift on either way; the pivoted
+        factorization forms every stage's dense KKT block, seconds for large models)."""
         self._check_current()
         precision = check_precision(precision)
         if shift is not None:
@@ -734,16 +741,16 @@ class Curvature:
         else:
             damping = check_damping(damping)
         self._check_factorization(damping)
-        return self._factorize(damping, precision)
+        return self._factorize(damping, precision, confirm_singular)
 
-    def _factorize(self, damping: float, precision: str = "full") -> Factorization:
+    def _factorize(self, damping: float, precision: str = "full", confirm_singular: bool = True) -> Factorization:
         if self._mixed(precision):
             low = self._low_precision().factorize(damping)
             if low is not None:
                 return Factorization(low, self, damping, "mixed")
             why = "a stage of the float32 elimination is singular to float32's working precision"
-            return Factorization(self._factorize_inner(damping), self, damping, fallback=why)
-        return Factorization(self._factorize_inner(damping), self, damping)
+            return Factorization(self._factorize_inner(damping, confirm_singular), self, damping, fallback=why)
+        return Factorization(self._factorize_inner(damping, confirm_singular), self, damping)
 
     def _mixed(self, precision: str) -> bool:
         """Whether ``precision`` factors in float32 here (``"mixed"`` where impossible raises)."""
@@ -763,13 +770,14 @@ class Curvature:
             self._low = elimination.mixed.LowPrecisionStages(self.oracles, self.loss_oracle)
         return self._low
 
-    def _factorize_inner(self, damping: float):
+    def _factorize_inner(self, damping: float, confirm_singular: bool = True):
         """The factorization of ``H + εI`` in the curvature's dtype, on its route."""
         if self.method == "riccati":
             try:
-                inner = elimination.factorize(self.oracles, self.loss_oracle, damping, self._prepared_stages())
+                inner = elimination.factorize(self.oracles, self.loss_oracle, damping, self._prepared_stages(),
+                                              confirm_singular=confirm_singular)
             except SingularSystemError as verdict:
-                if not self._dense_verdict_fits():
+                if not confirm_singular or not self._dense_verdict_fits():
                     raise
                 try:  # the dense eigenvalues overturn a breakdown on a regular system
                     inner = self._dense_spectrum().factorize(damping)

@@ -164,7 +164,9 @@ def zero_tolerance(curv) -> float:
 
 
 def _below(curv, sigma: float, tau: float | None = None) -> int:
-    """The number of eigenvalues below ``σ`` (at ``σ − τ, σ − 2τ, …`` where ``H − σI`` is singular)."""
+    """The number of eigenvalues below ``σ`` (at ``σ − τ, σ − 2τ, …`` where ``H − σI`` is
+    singular or its elimination breaks down; only the last try confirms a breakdown with
+    the pivoted factorization, ``confirm_singular``)."""
     return _below_at(curv, sigma, tau)[0]
 
 
@@ -173,7 +175,7 @@ def _below_at(curv, sigma: float, tau: float | None = None) -> tuple[int, float]
     step = None
     for attempt in range(EDGE_RETRIES):
         try:
-            return curv.factorize(shift=sigma).inertia().negative, sigma
+            return curv.factorize(shift=sigma, confirm_singular=attempt == EDGE_RETRIES - 1).inertia().negative, sigma
         except SingularSystemError:
             if step is None:
                 step = tau if tau is not None else edge_tolerance(curv)
@@ -239,11 +241,12 @@ def spectral_bounds(curv) -> tuple[float, float]:
 # -- eigenvalues -----------------------------------------------------------------------------
 def _factor_near(curv, sigma: float, tau: float):
     """``(factorization, σ')`` of ``H − σ'I`` for ``σ'`` at or next to ``σ`` (moved by
-    ``τ, 2τ, …`` where singular: an eigenvalue there)."""
+    ``τ, 2τ, …`` where singular, an eigenvalue there, or where the elimination breaks
+    down: only the last try confirms a breakdown, as :func:`_below`)."""
     step = tau
-    for _ in range(EDGE_RETRIES):
+    for attempt in range(EDGE_RETRIES):
         try:
-            return curv.factorize(shift=sigma), sigma
+            return curv.factorize(shift=sigma, confirm_singular=attempt == EDGE_RETRIES - 1), sigma
         except SingularSystemError:
             sigma += step
             step *= 2

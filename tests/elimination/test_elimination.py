@@ -204,6 +204,26 @@ def test_singular_stage_falls_back_to_pivoted_kkt():
     torch.testing.assert_close(fact.logdet(), eig.abs().log().sum(), rtol=1e-10, atol=1e-12)
 
 
+def test_unconfirmed_breakdown_raises_without_the_pivoted_factorization(monkeypatch):
+    """``confirm_singular=False``: the same singular stage of a regular ``H + εI`` raises
+    ``SingularSystemError`` (with the stage) and forms no KKT system."""
+    damping = 0.1
+    oracles, loss = random_problem([(3, 4), (3, 0), (2, 3)], seed=7)
+    last = oracles[-1]
+    G = last.G.to_dense()
+    A = -damping * torch.eye(3) - G.T @ loss.E.to_dense() @ G + torch.diag(torch.tensor([0.0, 1.0, 2.0]))
+    oracles[-1] = Oracle(G=last.G, F=last.F, A=Dense((A + A.T) / 2, symmetric=True), C=last.C, E=last.E)
+    assert isinstance(elimination.factorize(oracles, loss, damping), elimination.KKTFactorization)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the pivoted factorization was formed")
+
+    monkeypatch.setattr(elimination.factor, "KKTFactorization", refuse)
+    with pytest.raises(SingularSystemError, match="not confirmed") as raised:
+        elimination.factorize(oracles, loss, damping, confirm_singular=False)
+    assert raised.value.stage == 2 and raised.value.damping == damping
+
+
 @pytest.mark.parametrize("sizes", [[(3, 4), (3, 0), (2, 3)], [(4, 5), (2, 6)], [(3, 3), (3, 5)]])
 def test_exactly_singular_stage_goes_to_the_pivoted_factorization(sizes):
     """Issue 14: the last stage's ``Q_θθ = A + εI + GᵀSG`` is made singular (up to
