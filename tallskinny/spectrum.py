@@ -165,17 +165,16 @@ def zero_tolerance(curv) -> float:
 
 def _below(curv, sigma: float, tau: float | None = None) -> int:
     """The number of eigenvalues below ``σ`` (at ``σ − τ, σ − 2τ, …`` where ``H − σI`` is
-    singular or its elimination breaks down; only the last try confirms a breakdown with
-    the pivoted factorization, ``confirm_singular``)."""
+    singular)."""
     return _below_at(curv, sigma, tau)[0]
 
 
 def _below_at(curv, sigma: float, tau: float | None = None) -> tuple[int, float]:
     """:func:`_below` and the shift it counted at."""
     step = None
-    for attempt in range(EDGE_RETRIES):
+    for _ in range(EDGE_RETRIES):
         try:
-            return curv.factorize(shift=sigma, confirm_singular=attempt == EDGE_RETRIES - 1).inertia().negative, sigma
+            return curv.factorize(shift=sigma).inertia().negative, sigma
         except SingularSystemError:
             if step is None:
                 step = tau if tau is not None else edge_tolerance(curv)

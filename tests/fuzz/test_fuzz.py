@@ -165,7 +165,10 @@ SPECTRUM_FIXED = {
     0: "nearest σ on an eigenvalue (3.8e-5, not singular to the factorization): the Krylov blocks collapsed onto its vector (ConvergenceError)",
     174: "nearest σ = 0 on a null space: σ moved by τ, and the 6 nearest the moved σ returned (error 7.8e-10 > 6.2e-10)",
     236: "nearest σ = 0 (P = 79): the Krylov space stopped growing; the inverse's Ritz vectors picked the wrong mixtures",
+    155: "nearest σ = 0 (P = 109): the window's count at +τ, where the elimination broke down on a regular "
+         "H − τI, moved below the null space unconfirmed (a count of 0 where 4 were found)",
     392: "Gauss–Newton largest k = 6 beyond its rank: every vector of the null space looked for (ConvergenceError)",
+    656: "nearest (P = 582): a count moved off a regular shift unconfirmed; nearest values 1.1e-7 off",
     979: "nearest σ = 0 (P = 9): the Krylov space spanned everything and its Ritz pairs were still refused",
 }
 
