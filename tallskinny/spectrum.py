@@ -241,7 +241,9 @@ def spectral_bounds(curv) -> tuple[float, float]:
 def _factor_near(curv, sigma: float, tau: float):
     """``(factorization, σ')`` of ``H − σ'I`` for ``σ'`` at or next to ``σ`` (moved by
     ``τ, 2τ, …`` where singular, an eigenvalue there, or where the elimination breaks
-    down: only the last try confirms a breakdown, as :func:`_below`)."""
+    down: the shift is only the pole of a shift-invert search, whose answers the counts
+    certify, so only the last try confirms a breakdown with the pivoted factorization;
+    :func:`_below` confirms every one)."""
     step = tau
     for attempt in range(EDGE_RETRIES):
         try:

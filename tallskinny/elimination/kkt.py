@@ -9,7 +9,7 @@ from torch import Tensor
 
 from ..blocks.protocol import Oracle
 from ..errors import SingularSystemError
-from ..linalg import Dense, Inertia, SingularMatrixError, SymmetricBlockTridiagonal
+from ..linalg import Inertia, SingularMatrixError, SymmetricBlockTridiagonal
 from .algebra import symmetrize
 
 
@@ -48,9 +48,8 @@ class KKTFactorization:
             eye = torch.eye(a, dtype=ref.dtype, device=ref.device)
             D[p:p + a, p + a:] = -eye
             D[p + a:, p:p + a] = -eye
-            # (symmetric to the oracles' rounding, which float64 sees in a float32 chain's;
-            # declared so, not checked: the factorization reads the lower triangle)
-            diagonal.append(Dense(symmetrize(D) if work != self._dtype else D, symmetric=True))
+            # (symmetric to the oracles' rounding, which float64 sees in a float32 chain's)
+            diagonal.append(symmetrize(D) if work != self._dtype else D)
             if i + 1 < n:
                 nxt = oracles[i + 1]
                 pn, an = self._p[i + 1], self._a[i + 1]
