@@ -272,7 +272,9 @@ def _shift_invert(curv, F, sigma: float, k: int, norm: float, exclude: Tensor | 
     converged. Columns of the next block below ``1e-10`` of the block's largest column
     before the projection are dropped (deflation); where none is left (the Krylov space is
     invariant, or spans everything) the Ritz pairs are read a last time, then those of
-    ``H`` on the whole basis, and ``ConvergenceError`` raised if neither passes."""
+    ``H`` on the whole basis, and if neither passes the search goes on from a fresh block
+    orthogonal to the basis (:func:`_fresh_block`; ``ConvergenceError`` where the basis
+    spans everything)."""
     P = curv.num_parameters
     dtype, device = curv.layout.dtype, curv.layout.device
     # the start block, as rows (drawn in float32: a float64 draw costs 4–5× as much)
@@ -326,7 +328,12 @@ def _shift_invert(curv, F, sigma: float, k: int, norm: float, exclude: Tensor | 
                 found = _ritz_pairs(curv, F, V[:n].mT, sigma, k, norm, excluded, steps)
                 if found is not None:
                     return found
-            raise ConvergenceError(f"eigvalsh: the shift-invert Krylov space stopped growing at {n} vectors before the {k} pairs converged")
+            Q = _fresh_block(V[:n], excluded, block, gen)
+            b = Q.shape[1]
+            if b == 0:
+                raise ConvergenceError(
+                    f"eigvalsh: the shift-invert Krylov space stopped growing at {n} vectors before the {k} pairs converged"
+                )
         if n + b > cap:  # grow the buffers (doubling)
             cap = min(P, max(2 * cap, n + b))
             V2, T2 = XT.new_empty(cap, P), torch.zeros((cap, cap), dtype=dtype, device=device)
@@ -343,6 +350,25 @@ def _shift_invert(curv, F, sigma: float, k: int, norm: float, exclude: Tensor | 
         ritz = (theta, S, theta.abs().argsort(descending=True)[:k], b) if n >= k else None
         XT = W.mT
     raise ConvergenceError(f"eigvalsh: shift-invert Lanczos did not converge in {MAX_BLOCKS} block steps")
+
+
+def _fresh_block(V: Tensor, excluded: Tensor | None, block: int, gen) -> Tensor:
+    """Up to ``block`` orthonormal columns orthogonal to the rows of ``V`` and ``excluded``,
+    drawn at random (in float32, as the start block): where the Krylov space became
+    invariant before the pairs were found (a shift next to an eigenvalue whose
+    amplification swamps the rest, or a null space the start block barely touched), a new
+    start restricted to the rest of the space. Columns left below ``1e-8`` of their norm
+    by the projections (the space is nearly all spanned) are dropped."""
+    P = V.shape[1]
+    XT = torch.randn((min(block, P - V.shape[0]), P), generator=gen, dtype=torch.float32).to(V)
+    size = XT.norm(dim=1)
+    for _ in range(2):  # twice is enough
+        if excluded is not None:
+            XT = torch.addmm(XT, XT @ excluded.mT, excluded, alpha=-1.0)
+        XT = torch.addmm(XT, XT @ V.mT, V, alpha=-1.0)
+    Q, R = torch.linalg.qr(XT.mT)
+    keep = R.diagonal().abs() > 1e-8 * float(size.max()) if R.numel() else R.diagonal() > 0
+    return Q[:, keep]
 
 
 INVERSE_ITERATIONS = 12
