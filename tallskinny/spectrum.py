@@ -283,7 +283,7 @@ def _shift_invert(curv, F, sigma: float, k: int, norm: float, exclude: Tensor | 
     cap = min(P, 16 * block)  # (pages are touched as the basis grows)
     V = XT.new_empty(cap, P)  # the basis, a vector a row
     T = torch.zeros((cap, cap), dtype=dtype, device=device)
-    n, cross, ritz = 0, None, None
+    n, cross, ritz, fresh = 0, None, None, 0
     for _ in range(MAX_BLOCKS + 1):
         size = XT.norm(dim=1)
         # X ⟂ (excluded, V); VᵀX of the first pass is known. A second pass where a column
@@ -323,11 +323,13 @@ def _shift_invert(curv, F, sigma: float, k: int, norm: float, exclude: Tensor | 
             # on all of it has the pairs the inverse's Ritz vectors picked out inaccurately
             # (a cluster, or a shift next to an eigenvalue). First without inverse
             # iteration, which next to an excluded eigenvalue grows along it and leaves
-            # only rounding once that is projected out
-            for steps in (0, INVERSE_ITERATIONS) if n >= k else ():
+            # only rounding once that is projected out. Inverse iteration on the whole
+            # basis (n columns a step) only the first time
+            for steps in ((0, INVERSE_ITERATIONS) if not fresh else (0,)) if n >= k else ():
                 found = _ritz_pairs(curv, F, V[:n].mT, sigma, k, norm, excluded, steps)
                 if found is not None:
                     return found
+            fresh += 1
             Q = _fresh_block(V[:n], excluded, block, gen)
             b = Q.shape[1]
             if b == 0:
