@@ -273,8 +273,9 @@ def _shift_invert(curv, F, sigma: float, k: int, norm: float, exclude: Tensor | 
     before the projection are dropped (deflation); where none is left (the Krylov space is
     invariant, or spans everything) the Ritz pairs are read a last time, then those of
     ``H`` on the whole basis, and if neither passes the search goes on from a fresh block
-    orthogonal to the basis (:func:`_fresh_block`; ``ConvergenceError`` where the basis
-    spans everything)."""
+    orthogonal to the basis (:func:`_fresh_block`). ``ConvergenceError`` where the basis
+    spans everything, after :data:`FUTILE_FRESH_BLOCKS` fresh blocks in a row invariant at
+    once, or after :data:`MAX_BLOCKS` block steps."""
     P = curv.num_parameters
     dtype, device = curv.layout.dtype, curv.layout.device
     # the start block, as rows (drawn in float32: a float64 draw costs 4–5× as much)
@@ -283,7 +284,7 @@ def _shift_invert(curv, F, sigma: float, k: int, norm: float, exclude: Tensor | 
     cap = min(P, 16 * block)  # (pages are touched as the basis grows)
     V = XT.new_empty(cap, P)  # the basis, a vector a row
     T = torch.zeros((cap, cap), dtype=dtype, device=device)
-    n, cross, ritz, fresh = 0, None, None, 0
+    n, cross, ritz, fresh, futile, refilled = 0, None, None, 0, 0, False
     for _ in range(MAX_BLOCKS + 1):
         size = XT.norm(dim=1)
         # X ⟂ (excluded, V); VᵀX of the first pass is known. A second pass where a column
@@ -329,13 +330,21 @@ def _shift_invert(curv, F, sigma: float, k: int, norm: float, exclude: Tensor | 
                 found = _ritz_pairs(curv, F, V[:n].mT, sigma, k, norm, excluded, steps)
                 if found is not None:
                     return found
-            fresh += 1
-            Q = _fresh_block(V[:n], excluded, block, gen)
+            # a fresh block invariant at once: the inverse is a multiple of the identity on
+            # the rest of the space to the deflation's 1e-10 (a cluster that the wanted
+            # pairs sit in); FUTILE_FRESH_BLOCKS of these in a row end the search
+            futile = futile + 1 if refilled else 0
+            if futile < FUTILE_FRESH_BLOCKS:
+                fresh += 1
+                Q = _fresh_block(V[:n], excluded, block, gen)
             b = Q.shape[1]
             if b == 0:
                 raise ConvergenceError(
                     f"eigvalsh: the shift-invert Krylov space stopped growing at {n} vectors before the {k} pairs converged"
                 )
+            refilled = True
+        else:
+            refilled = False
         if n + b > cap:  # grow the buffers (doubling)
             cap = min(P, max(2 * cap, n + b))
             V2, T2 = XT.new_empty(cap, P), torch.zeros((cap, cap), dtype=dtype, device=device)
@@ -352,6 +361,13 @@ def _shift_invert(curv, F, sigma: float, k: int, norm: float, exclude: Tensor | 
         ritz = (theta, S, theta.abs().argsort(descending=True)[:k], b) if n >= k else None
         XT = W.mT
     raise ConvergenceError(f"eigvalsh: shift-invert Lanczos did not converge in {MAX_BLOCKS} block steps")
+
+
+FUTILE_FRESH_BLOCKS = 8
+"""Fresh blocks in a row, each invariant at its first step, after which a shift-invert
+search gives up (``ConvergenceError``): the pairs sit in a cluster that only spanning all
+of it would resolve, which a small model's dense fallback does at once and a large
+model cannot afford."""
 
 
 def _fresh_block(V: Tensor, excluded: Tensor | None, block: int, gen) -> Tensor:

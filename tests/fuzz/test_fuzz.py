@@ -184,8 +184,8 @@ def test_spectra_that_failed(seed):
 
 @pytest.mark.parametrize("seed", range(2000, 2000 + SPECTRUM_CASES))
 def test_random_spectrum(seed):
-    """Wrong values, residuals or counts fail; a search that does not converge (Gauss–Newton
-    matrices with a large null space: 2 of 9 000 seeds) raises
+    """Wrong values, residuals or counts fail; a search that does not converge (mostly
+    Gauss–Newton matrices with a large null space: 10 of 9 000 seeds) raises
     ConvergenceError, as documented, and is counted by ``wide.py --family spectra``."""
     torch.set_num_threads(1)
     report = check_spectrum(make_case(seed, dtype=spectrum_dtype(seed)))
