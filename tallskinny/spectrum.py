@@ -298,10 +298,21 @@ def _shift_invert(curv, F, sigma: float, k: int, norm: float, exclude: Tensor | 
             if rep == 0 and bool((XT.norm(dim=1) >= REORTHOGONALIZE_BELOW * size).all()):
                 break
         Q, R = torch.linalg.qr(XT.mT)  # (Q column-major: Qᵀ is rows)
-        keep = R.diagonal().abs() > 1e-10 * float(size.max()) if R.numel() else R.diagonal() > 0
+        diagonal = R.diagonal().abs()
+        keep = diagonal > 1e-10 * float(size.max()) if R.numel() else R.diagonal() > 0
         if not bool(keep.all()) or Q.shape[1] > P - n:
             Q = Q[:, keep][:, : P - n]
         b = Q.shape[1]
+        if b and (n or excluded is not None) and float(diagonal[keep].min()) < 1e-4 * float(size.max()):
+            # a column nearly deflated carries the projections' rounding along V
+            # (~eps·‖X‖) amplified by ‖X‖/R_jj into Q: up to 1e-6 seen at R_jj ≈ 1e-10·‖X‖;
+            # once more, where that could exceed 1e4·eps
+            Qt = Q.mT
+            if excluded is not None:
+                Qt = torch.addmm(Qt, Qt @ excluded.mT, excluded, alpha=-1.0)
+            if n:
+                Qt = torch.addmm(Qt, Qt @ V[:n].mT, V[:n], alpha=-1.0)
+            Q = torch.linalg.qr(Qt.mT).Q
         if ritz is not None:  # the Ritz pairs of the basis so far, and their residuals
             theta, S, top, b_last = ritz
             r_inv = (R @ S[n - b_last : n, top]).norm(dim=0)
