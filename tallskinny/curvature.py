@@ -733,6 +733,8 @@ class Curvature:
         factorization forms every stage's dense KKT block, seconds for large models)."""
         self._check_current()
         precision = check_precision(precision)
+        if not isinstance(confirm_singular, bool):
+            raise TypeError(f"confirm_singular must be True or False, got {confirm_singular!r}")
         if shift is not None:
             shift = check_shift(shift)
             if damping != 0.0:

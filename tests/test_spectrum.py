@@ -789,3 +789,10 @@ def test_searches_at_a_singular_shift_move_on_without_the_pivoted_factorization(
     ref = ev[ev.abs().argsort()[:4]].sort().values
     assert (values - ref).abs().max() <= 1e-10 * norm
     assert (M @ vectors - vectors * values).norm(dim=0).max() <= 1e-10 * norm
+
+
+@pytest.mark.parametrize("value", [None, 0, "no"])
+def test_confirm_singular_takes_a_bool_only(value):
+    chain, X, y = batch_problem([6, 10, 3], 0, batch=1)
+    with pytest.raises(TypeError, match="confirm_singular"):
+        chain.curvature(X, y).factorize(shift=0.5, confirm_singular=value)
