@@ -796,3 +796,40 @@ def test_confirm_singular_takes_a_bool_only(value):
     chain, X, y = batch_problem([6, 10, 3], 0, batch=1)
     with pytest.raises(TypeError, match="confirm_singular"):
         chain.curvature(X, y).factorize(shift=0.5, confirm_singular=value)
+
+
+def test_values_alone_keep_the_lanczos_basis_semi_orthogonal(monkeypatch):
+    """``eigvalsh`` without eigenvectors: Lanczos on ``H`` passes over the whole basis
+    only where the estimated loss of orthogonality would exceed ``√eps`` (partial
+    reorthogonalization); the basis stays within ``√eps`` of orthonormal, and the values
+    are those of the fully reorthogonalized search with eigenvectors and of dense."""
+    chain, X, y = batch_problem([6, 12, 12, 12, 4], 3, batch=8)
+    M, ev = reference(chain, X, y, "hessian")
+    norm = float(ev.abs().max())
+    passes = []
+    step = spectrum._SemiOrthogonality.step
+
+    def recording(self, *args):
+        passes.append(step(self, *args))
+        return passes[-1]
+
+    monkeypatch.setattr(spectrum._SemiOrthogonality, "step", recording)
+    basis = []
+    hvp = ts.Curvature.hvp
+
+    def recording_hvp(self, x, *args, **kwargs):
+        if x.dim() == 1:
+            basis.append(x.clone())
+        return hvp(self, x, *args, **kwargs)
+
+    monkeypatch.setattr(ts.Curvature, "hvp", recording_hvp)
+    for which, want in (("largest", ev[-5:]), ("smallest", ev[:5])):
+        passes.clear()
+        basis.clear()
+        values = chain.curvature(X, y).eigvalsh(5, which)
+        assert (values - want).abs().max() <= 1e-10 * norm
+        V = torch.stack(basis[-len(passes):])  # the Lanczos vectors, one HVP a step
+        loss = float((V @ V.mT - torch.eye(V.shape[0])).abs().max())
+        assert len(passes) > 20 and not all(passes) and loss <= torch.finfo(torch.float64).eps ** 0.5
+        vectors_too = chain.curvature(X, y).eigvalsh(5, which, eigenvectors=True)[0]
+        assert (values - vectors_too).abs().max() <= 1e-13 * norm
