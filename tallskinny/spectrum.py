@@ -307,12 +307,7 @@ def _shift_invert(curv, F, sigma: float, k: int, norm: float, exclude: Tensor | 
             # a column nearly deflated carries the projections' rounding along V
             # (~eps·‖X‖) amplified by ‖X‖/R_jj into Q: up to 1e-6 seen at R_jj ≈ 1e-10·‖X‖;
             # once more, where that could exceed 1e4·eps
-            Qt = Q.mT
-            if excluded is not None:
-                Qt = torch.addmm(Qt, Qt @ excluded.mT, excluded, alpha=-1.0)
-            if n:
-                Qt = torch.addmm(Qt, Qt @ V[:n].mT, V[:n], alpha=-1.0)
-            Q = torch.linalg.qr(Qt.mT).Q
+            Q = torch.linalg.qr(_project_out(Q.mT, excluded, V[:n]).mT).Q
         if ritz is not None:  # the Ritz pairs of the basis so far, and their residuals
             theta, S, top, b_last = ritz
             r_inv = (R @ S[n - b_last : n, top]).norm(dim=0)
@@ -381,6 +376,14 @@ of it would resolve, which a small model's dense fallback does at once and a lar
 model cannot afford."""
 
 
+def _project_out(XT: Tensor, excluded: Tensor | None, V: Tensor) -> Tensor:
+    """The rows of ``XT`` less their parts along the rows of ``excluded``, then of ``V``
+    (one classical Gram–Schmidt pass each)."""
+    if excluded is not None:
+        XT = torch.addmm(XT, XT @ excluded.mT, excluded, alpha=-1.0)
+    return torch.addmm(XT, XT @ V.mT, V, alpha=-1.0) if V.shape[0] else XT
+
+
 def _fresh_block(V: Tensor, excluded: Tensor | None, block: int, gen) -> Tensor:
     """Up to ``block`` orthonormal columns orthogonal to the rows of ``V`` and ``excluded``,
     drawn at random (in float32, as the start block): where the Krylov space became
@@ -391,10 +394,7 @@ def _fresh_block(V: Tensor, excluded: Tensor | None, block: int, gen) -> Tensor:
     P = V.shape[1]
     XT = torch.randn((min(block, P - V.shape[0]), P), generator=gen, dtype=torch.float32).to(V)
     size = XT.norm(dim=1)
-    for _ in range(2):  # twice is enough
-        if excluded is not None:
-            XT = torch.addmm(XT, XT @ excluded.mT, excluded, alpha=-1.0)
-        XT = torch.addmm(XT, XT @ V.mT, V, alpha=-1.0)
+    XT = _project_out(_project_out(XT, excluded, V), excluded, V)  # twice is enough
     Q, R = torch.linalg.qr(XT.mT)
     keep = R.diagonal().abs() > 1e-8 * float(size.max()) if R.numel() else R.diagonal() > 0
     return Q[:, keep]
@@ -611,8 +611,7 @@ class _SemiOrthogonality:
             t = (alpha[k] - a) * omega[k] + beta[k] * omega[k + 1]
             if k:
                 t += beta[k - 1] * omega[k - 1]
-            if j:
-                t -= beta[j - 1] * self.previous[k]
+            t -= beta[j - 1] * self.previous[k]  # (j ≥ 1 here)
             # the rounding of the step (as PROPACK models it)
             t += math.copysign(self.floor * (math.hypot(alpha[k], beta[k]) + last), t)
             nxt.append(t / b)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 STACK_ENTRIES = 1 << 20
@@ -14,9 +15,7 @@ def same_shape_batches(shapes: Sequence[tuple[int, ...]], limit: int = STACK_ENT
     ``limit`` entries in all (at least one index a run); empty shapes are left out."""
     groups: dict[tuple[int, ...], list[list[int]]] = {}
     for i, shape in enumerate(shapes):
-        entries = 1
-        for s in shape:
-            entries *= s
+        entries = math.prod(shape)
         if not entries:
             continue
         runs = groups.setdefault(tuple(shape), [[]])
