@@ -212,15 +212,25 @@ class ConvBlock(Block):
 
 
 # -- dense matrices in O(nonzeros) ----------------------------------------------------------
+def _scattered(target: Tensor, values: Tensor, rows: int, n: int) -> Tensor:
+    """The ``rows × n`` matrix with ``values`` added at the flat positions ``target``
+    (``rows·n`` for a value that falls on a zero of the padding): one ``index_add`` into
+    one fresh buffer, no copies."""
+    flat = values.new_zeros(rows * n + 1)
+    flat.index_add_(0, target.reshape(-1), values.reshape(-1))
+    return flat[:-1].view(rows, n)
+
+
 def _jacobian_dense(U: Gather, W_bar: Tensor, B: int, L: int) -> Tensor:
-    """``F[(b,o,l), j] = Σ_{(c,k): U[(b,l,c,k)] = j} W̄[o, (c,k)]`` by one ``index_add``."""
+    """``F[(b,o,l), j] = Σ_{(c,k): U[(b,l,c,k)] = j} W̄[o, (c,k)]``."""
     m, q_w = W_bar.shape
     n = U.shape[1]
-    R = B * L
-    target = (torch.arange(R, device=W_bar.device).unsqueeze(1) * (n + 1) + U._padded.reshape(R, q_w)).reshape(-1)
-    out = W_bar.new_zeros(R * (n + 1), m)
-    out.index_add_(0, target, W_bar.mT.repeat(R, 1))
-    return out.reshape(B, L, n + 1, m)[:, :, :n].permute(0, 3, 1, 2).reshape(B * m * L, n)
+    device = W_bar.device
+    rows = (torch.arange(B, device=device).view(B, 1, 1) * m + torch.arange(m, device=device).view(1, m, 1)) * L
+    rows = rows + torch.arange(L, device=device).view(1, 1, L)  # (b, o, l) → row of F
+    cols = U.padded.view(B, 1, L, q_w)
+    target = torch.where(cols < n, rows.unsqueeze(-1) * n + cols, B * m * L * n)
+    return _scattered(target, W_bar.view(1, m, 1, q_w).expand(B, m, L, q_w), B * m * L, n)
 
 
 def _parameter_jacobian_dense(X_tilde: Tensor, J: LinearOperator, m: int, B: int, L: int) -> Tensor:
@@ -236,15 +246,15 @@ def _parameter_jacobian_dense(X_tilde: Tensor, J: LinearOperator, m: int, B: int
 
 
 def _mixed_dense(U: Gather, Gamma: Tensor, J: LinearOperator, q: int, n: int) -> Tensor:
-    """``C = Jᵀ (Γ ⊗ Ẽ) U``: ``C̃[(o,(c,k)), j] = Σ_{r: U[(r,c,k)] = j} Γ[o, r]`` by one ``index_add``."""
+    """``C = Jᵀ (Γ ⊗ Ẽ) U``: ``C[θ(o,(c,k)), j] = Σ_{r: U[(r,c,k)] = j} Γ[o, r]``, with
+    ``θ(o, i)`` the entry of θ that ``J`` puts at ``Θ̃[o, i]`` (none: a structural zero)."""
     m, R = Gamma.shape
     q_w = U.shape[0] // R
-    target = (torch.arange(q_w, device=Gamma.device).unsqueeze(0) * (n + 1) + U._padded.reshape(R, q_w)).reshape(-1)
-    out = Gamma.new_zeros(q_w * (n + 1), m)
-    out.index_add_(0, target, Gamma.mT.repeat_interleave(q_w, dim=0))
-    tilde = Gamma.new_zeros(m, q, n)
-    tilde[:, :q_w] = out.reshape(q_w, n + 1, m)[:, :n].permute(2, 0, 1)
-    return J.T @ tilde.reshape(m * q, n)
+    p = J.shape[1]
+    theta = J.index.view(m, q)[:, :q_w].unsqueeze(1)  # (o, 1, i); the bias column's C is zero
+    cols = U.padded.view(1, R, q_w)
+    target = torch.where((theta >= 0) & (cols < n), theta * n + cols, p * n)
+    return _scattered(target, Gamma.unsqueeze(-1).expand(m, R, q_w), p, n)
 
 
 def _prod(xs) -> int:

@@ -38,8 +38,8 @@ class Gather(LinearOperator):
         self.index = index
         self.shape = (index.shape[0], int(n))
         self.dtype, self.device = dtype, index.device
-        # −1 → n: a zero row appended to the operand
-        self._padded = torch.where(index < 0, torch.full_like(index, int(n)), index)
+        #: ``index`` with ``−1`` replaced by ``n``: the row of a zero appended to the operand
+        self.padded = torch.where(index < 0, torch.full_like(index, int(n)), index)
 
     def astype(self, dtype: torch.dtype) -> LinearOperator:
         return self if dtype == self.dtype else Gather(self.index, self.shape[1], dtype=dtype, check=False)
@@ -47,14 +47,14 @@ class Gather(LinearOperator):
     def to_dense(self) -> Tensor:
         m, n = self.shape
         out = torch.zeros(m, n + 1, dtype=self.dtype, device=self.device)
-        out[torch.arange(m, device=self.device), self._padded] = 1.0
+        out[torch.arange(m, device=self.device), self.padded] = 1.0
         return out[:, :n]
 
     def apply_flops(self) -> int:
         return 0  # a gather / scatter-add: no multiplications
 
     def _matmat(self, x: Tensor) -> Tensor:
-        return torch.cat([x, x.new_zeros(1, x.shape[1])])[self._padded]
+        return torch.cat([x, x.new_zeros(1, x.shape[1])])[self.padded]
 
     def _transpose(self) -> LinearOperator:
         return Scatter(self)
@@ -80,7 +80,7 @@ class Scatter(LinearOperator):
     def _matmat(self, y: Tensor) -> Tensor:
         n = self.shape[0]
         out = y.new_zeros(n + 1, y.shape[1])
-        out.index_add_(0, self.gather._padded, y)
+        out.index_add_(0, self.gather.padded, y)
         return out[:n]
 
     def _transpose(self) -> LinearOperator:
