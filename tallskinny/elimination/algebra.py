@@ -223,8 +223,9 @@ def first_singular(factors: Sequence[tuple[int, "SymmetricFactor"]]) -> int | No
 def raise_if_null_directions(CtC: Tensor | None, index: int) -> None:
     """At ε = 0, a direction ``v`` with ``G v = 0``, ``A v = 0`` and ``Cᵀ v = 0`` is an
     exact null vector of ``H`` (no path carries it to the loss): say so at once. When
-    ``C`` couples the complement to the input (``CtC ≠ 0``), ``H`` may still be regular
-    and the caller falls back to the pivoted KKT factorization."""
+    ``C`` couples the complement to the input (``CtC ≠ 0``; the complement's rows of ``C``
+    may be given instead of their Gram, which vanishes with them), ``H`` may still be
+    regular and the caller falls back to the pivoted KKT factorization."""
     if CtC is None or not bool(CtC.any()):
         raise SingularSystemError(
             f"H + εI is singular at damping=0: the parameters of block {index} have directions "

@@ -103,9 +103,7 @@ class AffineCoordinates:
                 # C_⊥ᵀC_⊥ = C_cᵀC_c costs a_in²·m·(q − r), not a_in²·m·q
                 self.V_perp = _complement_basis(self.V)
                 self.C_perp_coef = (self.V_perp.mT @ T_C).reshape((q - r) * m, a_in)
-                self._CtC = self.C_perp_coef.mT @ self.C_perp_coef
-            else:
-                self._CtC = None
+            self._CtC = None  # formed on first use (a span stage may take C_c's rows instead)
         elif Gam is None:
             self._CtC = None
         else:
@@ -119,9 +117,11 @@ class AffineCoordinates:
 
     @property
     def CtC(self) -> Tensor | None:
-        """``C_⊥ᵀC_⊥ = ΓᵀΓ ⊗ P̄`` with ``P̄ = Ẽᵀ(I − VVᵀ)Ẽ`` (``a_in × a_in``; formed on
-        first use where ``C`` has the structured form)."""
-        if self._CtC is None and self.Gam is not None:
+        """``C_⊥ᵀC_⊥ = ΓᵀΓ ⊗ P̄`` with ``P̄ = Ẽᵀ(I − VVᵀ)Ẽ`` (``a_in × a_in``, formed on first
+        use), or ``C_cᵀC_c`` for a general ``C`` (symmetric bit for bit)."""
+        if self._CtC is None and self.C_perp_coef is not None:
+            self._CtC = symmetrize(self.C_perp_coef.mT @ self.C_perp_coef)
+        elif self._CtC is None and self.Gam is not None:
             Et, VtE = self.Et, self.VtE
             if self.g_sq is not None:  # one sample, Ẽ = [I; 0]: ‖g‖²(I − (VᵀẼ)ᵀVᵀẼ)
                 n = VtE.shape[1]

@@ -77,6 +77,12 @@ class DenseStage(Stage):
     Next to ReLUs (``ignored_rows``: outputs the next block discards; ``zero_inputs``:
     inputs the block before zeroes), a dense ``F`` is used on the live rows and columns
     only, where the value Hessian and everything read later live.
+
+    ``complement_rows`` (``c × a_in``) are rows ``C_c`` of ``C`` on parameter directions
+    that another stage eliminates with pivots ``ε`` (an affine block's complement, which
+    its :class:`~tallskinny.elimination.stages.reduced_affine.ReducedAffineStage` counts
+    and sweeps): ``C_cᵀC_c/ε`` is subtracted here, formed in one product with the rest's
+    ``C_⊥ᵀC_⊥`` (on the live inputs only, next to ReLUs).
     """
 
     #: Exploit ``G = I_m ⊗ B`` spans and dead ReLU units (``False``: the plain dense path,
@@ -91,6 +97,7 @@ class DenseStage(Stage):
         *,
         orthogonal_columns: bool = False,
         zero_inputs: Tensor | None = None,
+        complement_rows: Tensor | None = None,
     ):
         keep_structure = orthogonal_columns and ignored_rows is None and output_range is None
         # G = I_m ⊗ B with rows dropped (a convolution's span at one sample, dead ReLU
@@ -171,22 +178,27 @@ class DenseStage(Stage):
         if self.Z is not None:
             self.C_z = self.Z.mT @ C  # k × a_in
         self.n_rest = p - r - self.k
-        self.C_rest = self.CtC = None
+        self.C_rest = None
+        gram_rows = [] if complement_rows is None else [complement_rows if li is None else complement_rows.index_select(1, li)]
         if self.n_rest:
             # C on the rest, in ambient coordinates: (I − VVᵀ − ZZᵀ) C
             C_rest = C - (VC_r if B is not None else V @ self.C_r) if r else C
             if self.Z is not None:
                 C_rest = C_rest - self.Z @ self.C_z
             self.C_rest = C_rest
-            self.CtC = symmetrize(C_rest.mT @ C_rest)
+            gram_rows.append(C_rest)
+        # Σ C_ᵢᵀC_ᵢ over the rest and the complement rows (pivots ε on both), symmetric
+        self.CtC = None
+        for rows in gram_rows:
+            self.CtC = rows.mT @ rows if self.CtC is None else self.CtC.addmm_(rows.mT, rows)
+        if self.CtC is not None:
+            self.CtC = symmetrize(self.CtC)
         self.live = None
         if live:
             li = torch.arange(a_in, device=C.device) if li is None else li
             self.live = self.live_products(ignored_rows, li)
             if li.shape[0] < a_in:  # the sweeps read C on all inputs: zeros on the dead ones
                 self.C_r, self.C_z, self.C_rest = (_embed_columns(M, li, a_in) for M in (self.C_r, self.C_z, self.C_rest))
-                if self.CtC is not None:
-                    self.CtC = _embed_square(self.CtC, li, a_in)
 
     def live_products(self, ignored_rows: Tensor, li: Tensor):
         """Where the outputs ``ignored_rows`` are dropped, the value Hessian ``S`` arriving
@@ -319,12 +331,13 @@ class DenseStage(Stage):
         if self.n_rest:
             # on the rest the pivots are ε exactly: singular only for ε = 0
             if damping == 0.0:
-                raise_if_null_directions(self.CtC, index)
+                raise_if_null_directions(self.C_rest, index)
                 raise StageSingular(index)
-            S_new -= CtC / damping  # (S_new is always a fresh tensor here: updated in place)
             # (a negative ε — a shift — makes these pivots negative)
             pos, neg = (self.n_rest, 0) if damping > 0 else (0, self.n_rest)
             logdet = self.n_rest * math.log(abs(damping))
+        if CtC is not None and damping != 0.0:  # (at ε = 0 the complement's owner raises)
+            S_new.add_(CtC, alpha=-1.0 / damping)  # (S_new is always a fresh tensor here)
         if self.k:
             # α carries rounding errors of ‖A‖ times two sums of length p (ZᵀAZ, Z orthogonal
             # to range(V) to working precision, not exactly), ε none: Weyl bounds |α + ε| by

@@ -41,9 +41,11 @@ class ReducedAffineStage(AffineCoordinates, Stage):
             )
         a_in = oracle.F.shape[1]
         order = (lambda M: M) if self.channel_major else (lambda M: M[span_order])
-        if self.n_perp and self.coupled:
-            # symmetric bit for bit (formed once), so that subtracting C_⊥ᵀC_⊥/ε keeps the
-            # inner stage's symmetric S symmetric without a pass over S per damping
+        # C_⊥ᵀC_⊥ is subtracted with the inner stage's own rest (one product, on its live
+        # inputs) where C_⊥ has rows of its own (a general C); else it is formed here,
+        # symmetric bit for bit, so that subtracting it keeps the inner S symmetric
+        complement_rows = self.C_perp_coef if self.n_perp and self.coupled else None
+        if self.n_perp and self.coupled and complement_rows is None:
             self._CtC = symmetrize(self.CtC)
         if self.C_span is not None:
             C_r = Dense(self._to_span(self.C_span, a_in))
@@ -60,9 +62,13 @@ class ReducedAffineStage(AffineCoordinates, Stage):
         )
         # the span stage: a dense stage with orthogonal columns (dense_options: what it may
         # drop next to ReLUs or the loss), or none where no parameter is left
-        self.inner = (
-            DenseStage(reduced, **dense_options, orthogonal_columns=True) if reduced.G.shape[1] else NoParameters(reduced)
-        )
+        if not reduced.G.shape[1]:
+            self.inner = NoParameters(reduced)
+            complement_rows = None
+        else:
+            self.inner = DenseStage(reduced, **dense_options, orthogonal_columns=True, complement_rows=complement_rows)
+        #: the inner stage subtracts C_⊥ᵀC_⊥/ε (only the check at ε = 0 is left here)
+        self.complement_inside = complement_rows is not None
 
     def _to_span(self, Zb: Tensor, k: int) -> Tensor:
         """``r × (m·k)`` span parts (ordered ``(k, i)``) as the inner stage's ``ζ``."""
@@ -81,7 +87,11 @@ class ReducedAffineStage(AffineCoordinates, Stage):
     def eliminate(self, S: Tensor, damping: float, index: int):
         # the inner stage's S is symmetric, and so is C_⊥ᵀC_⊥: so is their difference
         S_new, inner = self.inner.eliminate(S, damping, index)
-        return self._complement(S_new, damping, index), ReducedAffineFactor(self, inner, damping)
+        if self.complement_inside:
+            self._check_complement(damping, index)
+        else:
+            S_new = self._complement(S_new, damping, index)
+        return S_new, ReducedAffineFactor(self, inner, damping)
 
 
 class ReducedAffineFactor(StageFactor):
