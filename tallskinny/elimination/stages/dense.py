@@ -123,7 +123,7 @@ class DenseStage(Stage):
         kw = dict(dtype=C.dtype, device=C.device)
         a_in = C.shape[1]
         # products of a damping on the live rows and columns only (see live_products);
-        # then everything of C is computed on the live inputs and embedded with zeros
+        # then everything of C is computed and kept on the live inputs (``inputs``)
         live = structured and ignored_rows is not None and congruence_is_dense(self.F) and isinstance(self.E, Zero)
         li = (~zero_inputs).nonzero().squeeze(1) if live and zero_inputs is not None else None
         C = C if li is None else C.index_select(1, li)
@@ -193,12 +193,13 @@ class DenseStage(Stage):
             self.CtC = rows.mT @ rows if self.CtC is None else self.CtC.addmm_(rows.mT, rows)
         if self.CtC is not None:
             self.CtC = symmetrize(self.CtC)
+        #: the inputs on which ``C_r``, ``C_z``, ``C_rest`` and the factors' ``Q_ζy``, ``K``
+        #: are kept (the others are zero: dead ReLU units before the block); ``None``: all
+        self.inputs = li if li is not None and li.shape[0] < a_in else None
         self.live = None
         if live:
             li = torch.arange(a_in, device=C.device) if li is None else li
             self.live = self.live_products(ignored_rows, li)
-            if li.shape[0] < a_in:  # the sweeps read C on all inputs: zeros on the dead ones
-                self.C_r, self.C_z, self.C_rest = (_embed_columns(M, li, a_in) for M in (self.C_r, self.C_z, self.C_rest))
 
     def live_products(self, ignored_rows: Tensor, li: Tensor):
         """Where the outputs ``ignored_rows`` are dropped, the value Hessian ``S`` arriving
@@ -295,7 +296,8 @@ class DenseStage(Stage):
 
     def _eliminate_live(self, S: Tensor, damping: float, index: int):
         """:meth:`eliminate` on the live rows and columns (see ``live_products``);
-        ``Q_ζy``, ``K`` and the new ``S`` are zero on the dead inputs, which no later step reads."""
+        ``Q_ζy`` and ``K`` are kept on the live inputs, and the new ``S`` is zero on the
+        dead ones, which no later step reads."""
         lo, li, F_oi, GV_o, C_ri, CtC_ii, C_zi = self.live
         S_oo = S.index_select(0, lo).index_select(1, lo)
         SF = S_oo @ F_oi
@@ -303,9 +305,7 @@ class DenseStage(Stage):
         Q_rr = GV_o.mT @ (S_oo @ GV_o)
         S_norm = torch.linalg.vector_norm(S_oo) if self.A_rr is not None else None
         S_ii, factor, K_r, d, inertia, logdet = self._schur(F_oi.mT @ SF, Q_rr, Q_ry, C_zi, CtC_ii, damping, index, S_norm)
-        a_in = self.F.shape[1]
-        S_new = _embed_square(S_ii, li, a_in)
-        Q_ry, K_r = _embed_columns(Q_ry, li, a_in), _embed_columns(K_r, li, a_in)
+        S_new = S_ii if self.inputs is None else _embed_square(S_ii, li, self.F.shape[1])
         return S_new, DenseStageFactor(self, damping, d, factor, Q_ry, K_r, inertia, logdet)
 
     def _schur(self, S_new, Q_rr, Q_ry, C_z, CtC, damping: float, index: int, S_norm: Tensor | None = None):
@@ -367,11 +367,6 @@ class DenseStage(Stage):
         else:
             S_new = symmetrize(S_new)
         return S_new, factor, K_r, d, (pos, neg), logdet
-
-
-def _embed_columns(M: Tensor | None, columns: Tensor, n: int) -> Tensor | None:
-    """``M`` as the given columns of a zero matrix with ``n`` columns."""
-    return None if M is None else M.new_zeros(M.shape[0], n).index_copy_(1, columns, M)
 
 
 def _embed_square(M: Tensor, index: Tensor, n: int) -> Tensor:
@@ -449,34 +444,39 @@ class DenseStageFactor(StageFactor):
                 rest = rest - st.Z @ (st.Z.mT @ b)
             u_rest = rest / -self.damping
         t_new = None if t is None else st.FT.matmat(t)
+        w = None  # Q_ζyᵀu on the inputs the stage keeps
         if u_r is not None:
-            t_new = _sub(t_new, self.Q_ry.mT @ u_r)
+            w = self.Q_ry.mT @ u_r
         if u_z is not None:
-            t_new = _sub(t_new, st.C_z.mT @ u_z)
+            w = _add(w, st.C_z.mT @ u_z)
         if u_rest is not None:
-            t_new = _sub(t_new, st.C_rest.mT @ u_rest)
-        return (u_r, u_z, u_rest), t_new
+            w = _add(w, st.C_rest.mT @ u_rest)
+        if w is not None and st.inputs is not None:  # zero on the dead inputs
+            t_new = b.new_zeros(st.F.shape[1], b.shape[1]) if t_new is None else t_new
+            return (u_r, u_z, u_rest), t_new.index_add(0, st.inputs, w, alpha=-1.0)
+        return (u_r, u_z, u_rest), t_new if w is None else _sub(t_new, w)
 
     def forward(self, y: Tensor | None, u):
         """``θ = −Q_θθ⁻¹(Q_θy y + q)`` in ambient coordinates, and the new ``y``."""
         st = self.stage
         u_r, u_z, u_rest = u
         theta = theta_r = None
-        Ky = None if y is None or not st.r else self.K_r @ y
+        y_in = y if y is None or st.inputs is None else y.index_select(0, st.inputs)
+        Ky = None if y is None or not st.r else self.K_r @ y_in
         if st.r:
             theta_r = -u_r if y is None else -Ky - u_r
             theta = theta_r if st.V is None else st.V @ theta_r
         if st.k:
             theta_z = -u_z
             if y is not None:
-                w = st.C_z @ y
+                w = st.C_z @ y_in
                 if st.A_rz is not None:
                     w = w - st.A_rz.mT @ Ky
                 theta_z = theta_z - w / self.d.unsqueeze(-1)
             theta_z = st.Z @ theta_z
             theta = theta_z if theta is None else theta + theta_z
         if st.n_rest:
-            theta_rest = -u_rest if y is None else -u_rest - (st.C_rest @ y) / self.damping
+            theta_rest = -u_rest if y is None else -u_rest - (st.C_rest @ y_in) / self.damping
             theta = theta_rest if theta is None else theta + theta_rest
         y_new = None if y is None else st.F.matmat(y)
         if theta_r is not None:
@@ -487,3 +487,7 @@ class DenseStageFactor(StageFactor):
 
 def _sub(a: Tensor | None, b: Tensor) -> Tensor:
     return -b if a is None else a - b
+
+
+def _add(a: Tensor | None, b: Tensor) -> Tensor:
+    return b if a is None else a + b
