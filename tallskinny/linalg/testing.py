@@ -258,6 +258,19 @@ class LinearOperatorTestCase:
             assert dense.device == op.device, where
             self._close(dense, ref, dtype, where + " to_dense", tol=0.0 if dtype == torch.float64 else 1e-7)
 
+    def test_dense_block(self):
+        for op, ref, dtype, where, gen in self._cases():
+            m, n = op.shape
+            if not m or not n:
+                continue
+            for rows, cols in (
+                (torch.randint(0, m, (max(m - 1, 1),), generator=gen), torch.randperm(n, generator=gen)[: (n + 1) // 2]),
+                (torch.arange(m), torch.arange(n)),
+            ):
+                block = op.dense_block(rows, cols)
+                expected = ref.index_select(0, rows).index_select(1, cols)
+                self._close(block, expected, dtype, where + " dense_block", tol=0.0 if dtype == torch.float64 else 1e-7)
+
     def test_matmul_vector(self):
         for op, ref, dtype, where, gen in self._cases():
             x = self._rand(op.shape[1], dtype, gen)

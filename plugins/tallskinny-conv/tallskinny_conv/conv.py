@@ -134,6 +134,7 @@ class ConvBlock(Block):
             Kronecker(Identity(R, dtype=z.dtype, device=z.device), Dense(W_bar)),
             U,
             dense=lambda: _jacobian_dense(U, W_bar, B, L),
+            block=lambda rows, cols: _jacobian_dense(U, W_bar, B, L, rows, cols),
         )
 
         trainable = set(self.parameter_names())
@@ -221,16 +222,23 @@ def _scattered(target: Tensor, values: Tensor, rows: int, n: int) -> Tensor:
     return flat[:-1].view(rows, n)
 
 
-def _jacobian_dense(U: Gather, W_bar: Tensor, B: int, L: int) -> Tensor:
-    """``F[(b,o,l), j] = Σ_{(c,k): U[(b,l,c,k)] = j} W̄[o, (c,k)]``."""
+def _jacobian_dense(U: Gather, W_bar: Tensor, B: int, L: int, rows: Tensor | None = None,
+                    cols: Tensor | None = None) -> Tensor:
+    """``F[(b,o,l), j] = Σ_{(c,k): U[(b,l,c,k)] = j} W̄[o, (c,k)]``, or its block on the given
+    rows and columns."""
     m, q_w = W_bar.shape
     n = U.shape[1]
     device = W_bar.device
-    rows = (torch.arange(B, device=device).view(B, 1, 1) * m + torch.arange(m, device=device).view(1, m, 1)) * L
-    rows = rows + torch.arange(L, device=device).view(1, 1, L)  # (b, o, l) → row of F
-    cols = U.padded.view(B, 1, L, q_w)
-    target = torch.where(cols < n, rows.unsqueeze(-1) * n + cols, B * m * L * n)
-    return _scattered(target, W_bar.view(1, m, 1, q_w).expand(B, m, L, q_w), B * m * L, n)
+    rows = torch.arange(B * m * L, device=device) if rows is None else rows
+    inputs = U.padded.view(B, L, q_w)[rows // (m * L), rows % L]  # (row, (c,k)) → input, n: padding
+    n_cols = n if cols is None else cols.shape[0]
+    if cols is not None:  # input → column of the block; n_cols: not in it
+        position = torch.full((n + 1,), n_cols, dtype=torch.long, device=device)
+        position[cols] = torch.arange(n_cols, device=device)
+        inputs = position[inputs]
+    target = torch.where(inputs < n_cols, torch.arange(rows.shape[0], device=device).unsqueeze(1) * n_cols + inputs,
+                         rows.shape[0] * n_cols)
+    return _scattered(target, W_bar[(rows // L) % m], rows.shape[0], n_cols)
 
 
 def _parameter_jacobian_dense(X_tilde: Tensor, J: LinearOperator, m: int, B: int, L: int) -> Tensor:

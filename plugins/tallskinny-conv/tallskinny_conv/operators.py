@@ -90,7 +90,8 @@ class Scatter(LinearOperator):
 class DirectProduct(Product):
     """A lazy :class:`~tallskinny.linalg.kronecker.Product` whose :meth:`to_dense` is
     computed directly by ``dense()`` (e.g. in ``O(nonzeros)`` by a scatter instead of
-    multiplying the factors into an identity) and kept.
+    multiplying the factors into an identity) and kept; ``block(rows, cols)``, where
+    given, makes :meth:`dense_block` the same way without the whole matrix.
 
     Products go through the factors, whatever the number of vectors: a gather, one
     small GEMM per factor and a scatter cost ``O(nonzeros·k)``, while the dense matrix
@@ -98,10 +99,12 @@ class DirectProduct(Product):
     every ``k`` measured (CHANGELOG). The dense matrix is made only where it is asked for
     (the dense stages of the elimination); the transpose shares it."""
 
-    def __init__(self, *factors, dense: Callable[[], Tensor]):
+    def __init__(self, *factors, dense: Callable[[], Tensor],
+                 block: Callable[[Tensor, Tensor], Tensor] | None = None):
         super().__init__(*factors)
         self._dense_fn: Callable[[], Tensor] | None = dense
         self._dense: Tensor | None = None
+        self._block = block
 
     def astype(self, dtype: torch.dtype) -> LinearOperator:
         if dtype == self.dtype:
@@ -114,5 +117,11 @@ class DirectProduct(Product):
             self._dense_fn = None
         return self._dense
 
+    def dense_block(self, rows: Tensor, cols: Tensor) -> Tensor:
+        if self._dense is not None or self._block is None:
+            return super().dense_block(rows, cols)
+        return self._block(rows, cols)
+
     def _transpose(self) -> LinearOperator:
-        return DirectProduct(*(f.T for f in reversed(self.factors)), dense=lambda: self.to_dense().mT)
+        block = None if self._block is None else (lambda rows, cols: self.dense_block(cols, rows).mT)
+        return DirectProduct(*(f.T for f in reversed(self.factors)), dense=lambda: self.to_dense().mT, block=block)

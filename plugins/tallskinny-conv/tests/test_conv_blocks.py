@@ -57,6 +57,30 @@ def test_conv_block_matches_fallback(name):
     assert not bool((oracle.C.to_dense() == 0).all())
 
 
+@pytest.mark.parametrize("name", ["plain", "stride_padding_dilation", "depthwise_no_bias_reflect", "circular_unbatched",
+                                  "conv1d_depthwise_dilated_same"])
+def test_conv_jacobian_blocks_are_made_from_the_nonzeros(name):
+    """``F.dense_block(rows, cols)`` (the dense stages' live rows and columns next to ReLUs)
+    is built by one scatter without the whole matrix, and equals the selection from
+    ``to_dense()``: rows and columns in any order, repeated, padding and wrap-around
+    included; so does the transpose's, and the block once the dense matrix is kept."""
+    make, shape = CONV_CASES[name]
+    module = seeded(make(), seed=len(name))
+    z = randn(*shape, seed=1)
+    block = block_for(module)
+    values = (module.weight.detach(), None if module.bias is None else module.bias.detach())
+    F = block.compute_oracle(z, values, randn(*module(z).shape, seed=2)).F
+    gen = torch.Generator().manual_seed(3)
+    rows = torch.randint(0, F.shape[0], (F.shape[0] // 2 + 1,), generator=gen)
+    cols = torch.randperm(F.shape[1], generator=gen)[: F.shape[1] // 2 + 1]
+    got, got_t = F.dense_block(rows, cols), F.T.dense_block(cols, rows)
+    dense = F.to_dense()
+    expected = dense.index_select(0, rows).index_select(1, cols)
+    assert torch.equal(got, expected) and torch.equal(got_t, expected.mT)
+    assert bool(expected.any())
+    assert torch.equal(F.dense_block(rows, cols), expected)  # from the kept dense matrix
+
+
 def test_conv_frozen_parameters_and_float32():
     module = seeded(nn.Conv2d(2, 3, 3))
     module.weight.requires_grad_(False)

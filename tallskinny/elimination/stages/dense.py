@@ -210,7 +210,7 @@ class DenseStage(Stage):
         ``F``, ``G_V``, ``C_r``, ``C_⊥ᵀC_⊥``, ``C_z`` on them (the ``C`` parts are already
         computed on the live inputs)."""
         lo = (~ignored_rows).nonzero().squeeze(1)
-        F_oi = self.F.to_dense().index_select(0, lo).index_select(1, li)
+        F_oi = self.F.dense_block(lo, li)
         GV_o = self.GV.index_select(0, lo)
         return lo, li, F_oi, GV_o, self.C_r, self.CtC, self.C_z
 
