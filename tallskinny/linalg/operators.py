@@ -46,10 +46,13 @@ class LinearOperator:
     def _transpose(self) -> "LinearOperator":
         return Dense(self.to_dense().mT)
 
-    def dense_block(self, rows: Tensor, cols: Tensor) -> Tensor:
-        """The dense submatrix ``self[rows][:, cols]`` (1-D int64 indices). Generic: read
-        from :meth:`to_dense`; operators that can build it from their nonzeros say so."""
-        return self.to_dense().index_select(0, rows).index_select(1, cols)
+    def dense_block(self, rows: Tensor | None = None, cols: Tensor | None = None) -> Tensor:
+        """The dense submatrix ``self[rows][:, cols]`` (1-D int64 indices, in any order;
+        ``None``: all). Generic: read from :meth:`to_dense`; operators that can build it
+        from their nonzeros say so."""
+        out = self.to_dense()
+        out = out if rows is None else out.index_select(0, rows)
+        return out if cols is None else out.index_select(1, cols)
 
     def apply_flops(self) -> int:
         """Floating-point operations of ``self @ x`` for one column, as :meth:`_matmat`

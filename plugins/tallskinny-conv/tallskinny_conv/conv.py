@@ -165,7 +165,8 @@ class ConvBlock(Block):
             E_tilde = torch.eye(q, q_w, dtype=z.dtype, device=z.device)
             Gamma = Gamma.contiguous()
             C_op = DirectProduct(
-                J.T, Kronecker(Dense(Gamma), Dense(E_tilde)), U, dense=lambda: _mixed_dense(U, Gamma, J, q, a_in)
+                J.T, Kronecker(Dense(Gamma), Dense(E_tilde)), U, dense=lambda: _mixed_dense(U, Gamma, J, q, a_in),
+                block=lambda rows, cols: _mixed_dense(U, Gamma, J, q, a_in, rows, cols),
             )
         return Oracle(G=G, F=F, A=Zero(p, p, **zero), C=C_op, E=Zero(a_in, a_in, **zero))
 
@@ -253,16 +254,32 @@ def _parameter_jacobian_dense(X_tilde: Tensor, J: LinearOperator, m: int, B: int
     return (J.T @ K.mT).mT
 
 
-def _mixed_dense(U: Gather, Gamma: Tensor, J: LinearOperator, q: int, n: int) -> Tensor:
+def _mixed_dense(U: Gather, Gamma: Tensor, J: LinearOperator, q: int, n: int, rows: Tensor | None = None,
+                 cols: Tensor | None = None) -> Tensor:
     """``C = Jᵀ (Γ ⊗ Ẽ) U``: ``C[θ(o,(c,k)), j] = Σ_{r: U[(r,c,k)] = j} Γ[o, r]``, with
-    ``θ(o, i)`` the entry of θ that ``J`` puts at ``Θ̃[o, i]`` (none: a structural zero)."""
+    ``θ(o, i)`` the entry of θ that ``J`` puts at ``Θ̃[o, i]`` (none: a structural zero),
+    or its block on the given rows (entries of θ) and columns."""
     m, R = Gamma.shape
     q_w = U.shape[0] // R
     p = J.shape[1]
-    theta = J.index.view(m, q)[:, :q_w].unsqueeze(1)  # (o, 1, i); the bias column's C is zero
-    cols = U.padded.view(1, R, q_w)
-    target = torch.where((theta >= 0) & (cols < n), theta * n + cols, p * n)
-    return _scattered(target, Gamma.unsqueeze(-1).expand(m, R, q_w), p, n)
+    device = Gamma.device
+    # the entry (o, i) of Θ̃ of each row; i = q_w (the bias column), or none: C is zero there
+    entry = torch.full((p + 1,), m * q, dtype=torch.long, device=device)
+    mapped = J.index >= 0
+    entry[J.index[mapped]] = torch.arange(m * q, device=device)[mapped]
+    entry = entry[:p] if rows is None else entry[rows]
+    n_rows = entry.shape[0]
+    o, i = entry // q, entry % q
+    weight = (entry < m * q) & (i < q_w)
+    inputs = U.padded.view(R, q_w)[:, torch.where(weight, i, 0)].mT  # (row, r) → input, n: padding
+    n_cols = n if cols is None else cols.shape[0]
+    if cols is not None:  # input → column of the block; n_cols: not in it
+        position = torch.full((n + 1,), n_cols, dtype=torch.long, device=device)
+        position[cols] = torch.arange(n_cols, device=device)
+        inputs = position[inputs]
+    keep = weight.unsqueeze(1) & (inputs < n_cols)
+    target = torch.where(keep, torch.arange(n_rows, device=device).unsqueeze(1) * n_cols + inputs, n_rows * n_cols)
+    return _scattered(target, Gamma[torch.where(weight, o, 0)], n_rows, n_cols)
 
 
 def _prod(xs) -> int:

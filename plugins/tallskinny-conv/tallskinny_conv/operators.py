@@ -100,7 +100,7 @@ class DirectProduct(Product):
     (the dense stages of the elimination); the transpose shares it."""
 
     def __init__(self, *factors, dense: Callable[[], Tensor],
-                 block: Callable[[Tensor, Tensor], Tensor] | None = None):
+                 block: Callable[[Tensor | None, Tensor | None], Tensor] | None = None):
         super().__init__(*factors)
         self._dense_fn: Callable[[], Tensor] | None = dense
         self._dense: Tensor | None = None
@@ -117,7 +117,7 @@ class DirectProduct(Product):
             self._dense_fn = None
         return self._dense
 
-    def dense_block(self, rows: Tensor, cols: Tensor) -> Tensor:
+    def dense_block(self, rows: Tensor | None = None, cols: Tensor | None = None) -> Tensor:
         if self._dense is not None or self._block is None:
             return super().dense_block(rows, cols)
         return self._block(rows, cols)

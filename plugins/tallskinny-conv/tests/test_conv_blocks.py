@@ -57,28 +57,32 @@ def test_conv_block_matches_fallback(name):
     assert not bool((oracle.C.to_dense() == 0).all())
 
 
-@pytest.mark.parametrize("name", ["plain", "stride_padding_dilation", "depthwise_no_bias_reflect", "circular_unbatched",
-                                  "conv1d_depthwise_dilated_same"])
-def test_conv_jacobian_blocks_are_made_from_the_nonzeros(name):
-    """``F.dense_block(rows, cols)`` (the dense stages' live rows and columns next to ReLUs)
-    is built by one scatter without the whole matrix, and equals the selection from
-    ``to_dense()``: rows and columns in any order, repeated, padding and wrap-around
-    included; so does the transpose's, and the block once the dense matrix is kept."""
+@pytest.mark.parametrize("name", ["plain", "stride_padding_dilation", "groups_same", "depthwise_no_bias_reflect",
+                                  "circular_unbatched", "conv1d_depthwise_dilated_same"])
+def test_conv_blocks_of_f_and_c_are_made_from_the_nonzeros(name):
+    """``dense_block(rows, cols)`` of ``F`` and ``C`` (the dense stages' live rows and
+    columns next to ReLUs; ``C``'s rows in ``Θ̃ᵀ`` order for the affine stage) is built by
+    one scatter without the whole matrix, and equals the selection from ``to_dense()``:
+    rows and columns in any order, repeated or all (``None``), padding, wrap-around and
+    groups included; so do the transposes', and the blocks once the dense matrix is kept.
+    The reference multiplies through the operators' factors."""
     make, shape = CONV_CASES[name]
     module = seeded(make(), seed=len(name))
     z = randn(*shape, seed=1)
-    block = block_for(module)
     values = (module.weight.detach(), None if module.bias is None else module.bias.detach())
-    F = block.compute_oracle(z, values, randn(*module(z).shape, seed=2)).F
+    oracle = block_for(module).compute_oracle(z, values, randn(*module(z).shape, seed=2))
     gen = torch.Generator().manual_seed(3)
-    rows = torch.randint(0, F.shape[0], (F.shape[0] // 2 + 1,), generator=gen)
-    cols = torch.randperm(F.shape[1], generator=gen)[: F.shape[1] // 2 + 1]
-    got, got_t = F.dense_block(rows, cols), F.T.dense_block(cols, rows)
-    dense = F.to_dense()
-    expected = dense.index_select(0, rows).index_select(1, cols)
-    assert torch.equal(got, expected) and torch.equal(got_t, expected.mT)
-    assert bool(expected.any())
-    assert torch.equal(F.dense_block(rows, cols), expected)  # from the kept dense matrix
+    for op in (oracle.F, oracle.C):
+        m, n = op.shape
+        rows = torch.randint(0, m, (m // 2 + 1,), generator=gen)
+        cols = torch.randperm(n, generator=gen)[: n // 2 + 1]
+        got = [op.dense_block(rows, cols), op.dense_block(rows), op.dense_block(None, cols), op.T.dense_block(cols, rows)]
+        dense = Product(*op.factors).to_dense()  # through the factors: an independent reference
+        expected = [dense[rows][:, cols], dense[rows], dense[:, cols], dense[rows][:, cols].mT]
+        assert all(torch.equal(g, e) for g, e in zip(got, expected))
+        assert bool(expected[0].any())
+        assert torch.equal(op.to_dense(), dense)
+        assert torch.equal(op.dense_block(rows, cols), expected[0])  # from the kept dense matrix
 
 
 def test_conv_frozen_parameters_and_float32():

@@ -94,7 +94,7 @@ class AffineCoordinates:
         if C_general is not None:
             # C densely, in Θ̃ᵀ coordinates: rows (c, i), one column per input entry
             a_in = C_general.shape[1]
-            T_C = C_general.to_dense()[self.order].reshape(q, m * a_in)
+            T_C = C_general.dense_block(self.order).reshape(q, m * a_in)
             VtT = self.Vt @ T_C
             self.C_span = VtT.reshape(r * m, a_in)  # rows ζ = (k, i)
             if q > r:
