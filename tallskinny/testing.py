@@ -20,11 +20,13 @@ from .elimination import prepare_stages
 from .elimination.stages.affine import AffineStage
 from .elimination.stages.dense import DenseStage
 from .elimination.stages.reduced_affine import ReducedAffineStage
+from .elimination.supported import Supported
 
 __all__ = [
     "AffineStage",
     "DenseStage",
     "ReducedAffineStage",
+    "Supported",
     "check_chain",
     "dense_ggn",
     "dense_gradient",

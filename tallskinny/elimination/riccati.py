@@ -35,6 +35,7 @@ from ..linalg import Inertia
 from . import workspace
 from .algebra import StageSingular, first_singular, symmetrize
 from .stages import Stage, StageFactor
+from .supported import Supported, storage
 
 
 def _last_block_norm(factors, damping: float) -> float:
@@ -67,11 +68,13 @@ class RiccatiFactorization:
         unchecked: list = []  # (stage, factor) whose pivots are tested after the sweep
         try:
             for i in reversed(range(len(stages))):
+                if isinstance(S, Supported) and not stages[i].takes_supported:
+                    S = S.dense()
                 S_new, f = stages[i].eliminate(S, damping, i)
                 # S is consumed: its buffer goes to the workspace pool, unless the factor
                 # keeps it (a run, for its inertia) or the new S shares its memory
-                if (f is None or not f.keeps_input) and S_new.untyped_storage().data_ptr() != S.untyped_storage().data_ptr():
-                    workspace.give(S)
+                if (f is None or not f.keeps_input) and storage(S_new) != storage(S):
+                    workspace.give(S.values if isinstance(S, Supported) else S)
                 S = S_new
                 self._factors[i] = f
                 if f is not None and f.unchecked is not None:

@@ -170,6 +170,32 @@ def test_dead_relu_units_split_the_span_channel_by_channel(damping, monkeypatch)
     check_against_dense(chain, X, y, damping, gen=gen)
 
 
+def test_the_value_hessian_passes_the_relus_on_its_support(monkeypatch):
+    """The dense stage of the second convolution hands the ReLU before it its value
+    Hessian on the live units only (a ``Supported``), and the first convolution's stage
+    reads it there: never embedded in zeros. The answers equal those of the same
+    elimination reading the embedded matrix, and dense references."""
+    from tallskinny.testing import Supported
+
+    torch.manual_seed(2)
+    chain = ts.Chain([nn.Conv2d(2, 3, 3, padding=1), nn.ReLU(), nn.Conv2d(3, 3, 3, padding=1), nn.ReLU(),
+                      nn.Flatten(), nn.Linear(75, 3)], nn.CrossEntropyLoss())
+    gen = torch.Generator().manual_seed(3)
+    X, y = torch.randn(1, 2, 5, 5, generator=gen), torch.tensor([1])
+    embedded, read = [], []
+    to_dense, block = Supported.dense, Supported.block
+    monkeypatch.setattr(Supported, "dense", lambda self: embedded.append(self.n) or to_dense(self))
+    monkeypatch.setattr(Supported, "block", lambda self, index: read.append(index.shape[0]) or block(self, index))
+    curv = chain.curvature(X, y)
+    b = torch.randn(curv.num_parameters, generator=gen)
+    x = curv.factorize(1e-3).solve(b)
+    assert read and not embedded and 0 < read[0] < 75
+    monkeypatch.setattr(Supported, "block", lambda self, index: to_dense(self)[index.unsqueeze(1), index])
+    x_embedded = chain.curvature(X, y).factorize(1e-3).solve(b)
+    assert rel(x, x_embedded) <= 1e-12
+    check_against_dense(chain, X, y, 1e-3, gen=gen)
+
+
 def test_dead_channels_and_a_dead_convolution():
     """A channel whose units are all dead, and a convolution with no live unit at all
     (an empty span): exact against dense references."""

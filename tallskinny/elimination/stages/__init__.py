@@ -12,7 +12,9 @@ and records what the two sweeps of a solve need in a :class:`StageFactor`.
 To add a stage, implement
     * a :class:`Stage` subclass with ``p`` (its parameters), ``blocks`` (how many
       consecutive blocks it eliminates, 1 unless a run) and
-      ``eliminate(S, damping, index) -> (S_new, factor)``, where ``factor`` is a
+      ``eliminate(S, damping, index) -> (S_new, factor)`` (``S_new`` a dense tensor or a
+      :class:`~tallskinny.elimination.supported.Supported`; ``S`` one only for a stage
+      that says ``takes_supported``), where ``factor`` is a
       :class:`StageFactor` or ``None`` for a stage without parameters (then the sweeps
       call ``F_apply``/``FT_apply``: ``y ← F y``, ``t ← Fᵀ t``). ``index`` is the block's
       position, for the :class:`~tallskinny.elimination.algebra.StageSingular` it raises
@@ -68,6 +70,9 @@ class Stage:
     p: int = 0
     #: The number of consecutive blocks it eliminates (the next ones hold ``COVERED``).
     blocks: int = 1
+    #: ``eliminate`` accepts a :class:`~tallskinny.elimination.supported.Supported` value
+    #: Hessian (else it is given the dense matrix).
+    takes_supported: bool = False
 
     def eliminate(self, S: Tensor, damping: float, index: int) -> tuple[Tensor, StageFactor | None]:
         raise NotImplementedError

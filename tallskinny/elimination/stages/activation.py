@@ -9,6 +9,7 @@ from ...blocks.protocol import Oracle
 from ...linalg import Diagonal, ScaledIdentity, Zero
 from ..algebra import congruence, plus, symmetrize, zero_map
 from ..compiled import CompiledOracle
+from ..supported import Supported
 from . import Stage
 
 
@@ -39,7 +40,15 @@ class ActivationStage(Stage):
     def FT_apply(self):
         return self._compiled.FT or zero_map
 
-    def eliminate(self, S: Tensor, damping: float, index: int):
+    @property
+    def takes_supported(self) -> bool:
+        """``diag(d) S diag(d)`` keeps the support of ``S`` where ``E = 0`` (a ReLU)."""
+        return isinstance(self.F, Diagonal) and isinstance(self.E, Zero)
+
+    def eliminate(self, S: Tensor | Supported, damping: float, index: int):
+        if isinstance(S, Supported):  # S ⊙ ddᵀ on the block: s_ij·(d_i·d_j), symmetric exactly
+            d = self.F.diagonal.index_select(0, S.index)
+            return Supported(S.values * torch.outer(d, d), S.index, S.n), None
         if self._dd is not None:
             return (S * self._dd if self._E is None else torch.addcmul(self._E, S, self._dd)), None
         S_new = plus(self.E, congruence(self.F, S))

@@ -22,6 +22,7 @@ from ..algebra import (
     subtract_symmetric_product,
     symmetrize,
 )
+from ..supported import Supported
 from . import Stage, StageFactor
 
 
@@ -260,7 +261,11 @@ class DenseStage(Stage):
             self.A_rz = VtU @ M @ (SW @ W)  # UᵀZ = W̃Σ W on the kept part: r × k'
 
     # -- elimination -------------------------------------------------------------------------
-    def eliminate(self, S: Tensor, damping: float, index: int):
+    @property
+    def takes_supported(self) -> bool:
+        return self.live is not None
+
+    def eliminate(self, S: Tensor | Supported, damping: float, index: int):
         if self.live is not None:
             return self._eliminate_live(S, damping, index)
         GtS, pooled = _gvt_product(self.GVt, S)  # G_VᵀS
@@ -297,15 +302,16 @@ class DenseStage(Stage):
     def _eliminate_live(self, S: Tensor, damping: float, index: int):
         """:meth:`eliminate` on the live rows and columns (see ``live_products``);
         ``Q_ζy`` and ``K`` are kept on the live inputs, and the new ``S`` is zero on the
-        dead ones, which no later step reads."""
+        dead ones, which no later step reads (a :class:`Supported`)."""
         lo, li, F_oi, GV_o, C_ri, CtC_ii, C_zi = self.live
-        S_oo = S.index_select(0, lo).index_select(1, lo)
+        # (a Supported S from the stage after: the ReLU's live units are these outputs)
+        S_oo = S.block(lo) if isinstance(S, Supported) else S.index_select(0, lo).index_select(1, lo)
         SF = S_oo @ F_oi
         Q_ry = torch.addmm(C_ri, GV_o.mT, SF)  # r × n_in
         Q_rr = GV_o.mT @ (S_oo @ GV_o)
         S_norm = torch.linalg.vector_norm(S_oo) if self.A_rr is not None else None
         S_ii, factor, K_r, d, inertia, logdet = self._schur(F_oi.mT @ SF, Q_rr, Q_ry, C_zi, CtC_ii, damping, index, S_norm)
-        S_new = S_ii if self.inputs is None else _embed_square(S_ii, li, self.F.shape[1])
+        S_new = S_ii if self.inputs is None else Supported(S_ii, li, self.F.shape[1])
         return S_new, DenseStageFactor(self, damping, d, factor, Q_ry, K_r, inertia, logdet)
 
     def _schur(self, S_new, Q_rr, Q_ry, C_z, CtC, damping: float, index: int, S_norm: Tensor | None = None):
@@ -367,13 +373,6 @@ class DenseStage(Stage):
         else:
             S_new = symmetrize(S_new)
         return S_new, factor, K_r, d, (pos, neg), logdet
-
-
-def _embed_square(M: Tensor, index: Tensor, n: int) -> Tensor:
-    """``M`` as the block ``(index, index)`` of an ``n × n`` zero matrix."""
-    out = M.new_zeros(n, n)
-    out[index.unsqueeze(1), index] = M
-    return out
 
 
 def _masked_kronecker_svd(B: Tensor, ignored_rows: Tensor) -> tuple[list[Tensor], Tensor, float]:

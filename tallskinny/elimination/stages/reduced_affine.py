@@ -10,6 +10,7 @@ from ...blocks.protocol import Oracle
 from ...linalg import Dense, Identity, Inertia, Zero
 from ...linalg.kronecker import Kronecker, Permutation, Product, kron, transpose_permutation
 from ..algebra import symmetrize
+from ..supported import Supported, dense
 from . import Stage, StageFactor
 from .activation import NoParameters
 from .affine import AffineCoordinates, plus_complement_logdet, with_complement
@@ -84,13 +85,17 @@ class ReducedAffineStage(AffineCoordinates, Stage):
         return zeta.reshape(self.r, -1)
 
     # -- elimination ------------------------------------------------------------------------
-    def eliminate(self, S: Tensor, damping: float, index: int):
+    @property
+    def takes_supported(self) -> bool:
+        return self.inner.takes_supported
+
+    def eliminate(self, S: Tensor | Supported, damping: float, index: int):
         # the inner stage's S is symmetric, and so is C_⊥ᵀC_⊥: so is their difference
         S_new, inner = self.inner.eliminate(S, damping, index)
         if self.complement_inside:
             self._check_complement(damping, index)
         else:
-            S_new = self._complement(S_new, damping, index)
+            S_new = self._complement(dense(S_new), damping, index)
         return S_new, ReducedAffineFactor(self, inner, damping)
 
 
