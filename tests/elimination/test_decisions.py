@@ -2,7 +2,7 @@
 
 The engine counts a singular value, an eigenvalue or a pivot as zero when it is at most
 ``pivot_tolerance(n, dtype, scale)``: the rank of ``G`` (``DenseStage``), of the blocks of
-a convolution's ``G`` (``_masked_kronecker_svd``), of ``X̃`` (affine stages), of the part
+a convolution's ``G`` (``masked_kronecker_basis``), of ``X̃`` (affine stages), of the part
 of a low-rank ``A`` in ``null(G)``, the range of the loss's value Hessian, and the stage
 pivots. On near-rank-deficient inputs such a decision sits on its threshold, and another
 machine's rounding may take it the other way: the results must be right either way.
