@@ -18,7 +18,8 @@ A stage turns the value Hessian ``S`` (``a_out × a_out``) into the one at its i
   column, a convolution's), ``Fᵀ(SF)`` (``2a_in²a_out``, or ``a_in·f``), ``G_VᵀS`` and ``(G_VᵀS)G_V`` (``g``
   flops a column each, ``g = 2·a_out·n`` dense, ``2·R·r·m`` for ``G_V = I_m ⊗ X̃V``),
   the Schur update ``Q_ζyᵀK`` (``2a_in²n``), and what the stage adds to them (a ReLU's
-  live rows ``ℓ_out`` and columns ``ℓ_in`` replace ``a_out``, ``a_in``);
+  live rows ``ℓ_out`` and columns ``ℓ_in`` replace ``a_out``, ``a_in``, and the products
+  with ``G_V`` count its nonzeros there: a convolution's is block diagonal by channel);
 * ``pivots`` — the factorization of ``Q_ζζ``: LU ``2n³/3`` (Cholesky ``n³/3`` where the
   curvature is positive semidefinite, ``cholesky=True``; a Hessian's pivot that is
   positive definite is factored by Cholesky too, so there the count is high by ``n³/3``),
@@ -229,10 +230,12 @@ def _dense(stage: DenseStage, c: _Count) -> None:
     a_out, a_in = stage.F.shape
     if stage.live is not None:
         lo, li = stage.live[0].numel(), stage.live[1].numel()
+        GV_o = stage.live[3]  # G_V on the live rows: dense, or its channels' blocks
+        g = GV_o.numel() if isinstance(GV_o, torch.Tensor) else sum(blk.numel() for _, _, blk in GV_o)
         c.mm(2 * lo * lo * li)  # S_oo F_oi
-        c.mm(2 * r * lo * li)  # Q_ζy
-        c.mm(2 * lo * lo * r)  # S_oo G_V
-        c.mm(2 * r * lo * r, symmetric=True)  # Q_ζζ
+        c.mm(2 * g * li)  # Q_ζy
+        c.mm(2 * lo * g)  # S_oo G_V
+        c.mm(2 * r * g, symmetric=True)  # Q_ζζ
         c.mm(2 * li * li * lo, symmetric=True)  # F_oiᵀ(SF)
         a_eff = li
         c.size = max(c.size, lo, li, r)

@@ -60,8 +60,8 @@ def test_masked_kronecker_basis_of_a_square_orthogonal_span(smallest):
     dead[:R] = True  # a dead channel
     dead[R : R + 2] = False
     dead[2 * R :] = False  # a channel with every row live: rank R unless a column norm is tiny
-    V_blocks, GV, g_norm = masked_kronecker_basis(B, dead, orthogonal_columns=True)
-    V_svd, GV_svd, g_svd = masked_kronecker_basis(B, dead)
+    V_blocks, GV, g_norm, live_blocks = masked_kronecker_basis(B, dead, orthogonal_columns=True)
+    V_svd, GV_svd, g_svd, _ = masked_kronecker_basis(B, dead)
     assert [V.shape[1] for V in V_blocks] == [V.shape[1] for V in V_svd]
     assert g_norm >= g_svd * (1 - 1e-12)
     offset = 0
@@ -73,6 +73,7 @@ def test_masked_kronecker_basis_of_a_square_orthogonal_span(smallest):
         torch.testing.assert_close(V.mT @ V, torch.eye(k, dtype=torch.float64), rtol=0, atol=1e-14)
         torch.testing.assert_close(Y @ V @ V.mT, Y, rtol=0, atol=1e-13)
         torch.testing.assert_close(GV[c * R : (c + 1) * R, offset : offset + k], Y @ V, rtol=0, atol=1e-13)
+        assert torch.equal(live_blocks[c], GV[c * R : (c + 1) * R][~dead[c * R : (c + 1) * R], offset : offset + k])
         offset += k
     assert offset == GV.shape[1]
     assert V_blocks[2].shape[1] == (R if smallest > 1e-3 else R - 1)

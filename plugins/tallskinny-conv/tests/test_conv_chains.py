@@ -144,7 +144,10 @@ def test_dead_relu_units_split_the_span_channel_by_channel(damping, monkeypatch)
     (small SVDs instead of one of size m·R × m·q), and the products of a damping run on
     the live outputs and, after a ReLU, the live inputs only. Same rank, same solves as
     the dense SVD on all rows and columns, and exact against dense references."""
-    from tallskinny.testing import ReducedAffineStage, plain_dense_stages, stages as engine_stages
+    from tallskinny.testing import ReducedAffineStage, Supported, plain_dense_stages, stages as engine_stages
+
+    def dense(S):
+        return S.dense() if isinstance(S, Supported) else S
 
     torch.manual_seed(2)
     chain = ts.Chain([nn.Conv2d(2, 3, 3, padding=1), nn.ReLU(), nn.Conv2d(3, 3, 3, padding=1), nn.ReLU(),
@@ -159,14 +162,32 @@ def test_dead_relu_units_split_the_span_channel_by_channel(damping, monkeypatch)
         assert (channels.sum(dim=0) == 1).all()
     lo, li = inner[1].live[:2]  # the second convolution: dead units on both sides
     assert lo.numel() < inner[1].GV.shape[0] and li.numel() < inner[1].F.shape[1]
+    for st in inner:  # G_V on the live rows by channel blocks = the dense G_V there
+        assert isinstance(st.live[3], list)
+        a_out = st.F.shape[0]
+        S = torch.randn(a_out, a_out, generator=gen, dtype=st.GV.dtype)
+        S = S + S.mT
+        S_blocks, f_blocks = st.eliminate(S.clone(), damping, 0)
+        live = st.live
+        st.live = live[:3] + (st.GV.index_select(0, live[0]),) + live[4:]
+        S_dense, f_dense = st.eliminate(S.clone(), damping, 0)
+        st.live = live
+        tol = 1e-5 if S.dtype == torch.float32 else 1e-12
+        for got, want in ((dense(S_blocks), dense(S_dense)), (f_blocks.Q_ry, f_dense.Q_ry), (f_blocks.K_r, f_dense.K_r)):
+            assert rel(got, want) <= tol
     b = torch.randn(curv.num_parameters, generator=gen)
-    x = curv.factorize(damping).solve(b)
+    fact = curv.factorize(damping)
+    x = fact.solve(b)
     with plain_dense_stages():  # the dense SVD of the whole masked span, all rows and columns
         dense_curv = chain.curvature(X, y)
         dense_inner = [s.inner for s in engine_stages(dense_curv) if isinstance(s, ReducedAffineStage) and s.channel_major]
         assert [st.r for st in dense_inner] == [st.r for st in inner]
-        x_dense_svd = dense_curv.factorize(damping).solve(b)
+        dense_fact = dense_curv.factorize(damping)
+        x_dense_svd = dense_fact.solve(b)
     assert rel(x, x_dense_svd) <= 1e-10
+    # log|det| and inertia are read off the factors without refinement: the elimination itself agrees
+    assert abs(float(fact.logdet()) - float(dense_fact.logdet())) <= 1e-10 * abs(float(dense_fact.logdet()))
+    assert fact.inertia() == dense_fact.inertia()
     check_against_dense(chain, X, y, damping, gen=gen)
 
 

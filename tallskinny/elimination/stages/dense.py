@@ -128,6 +128,7 @@ class DenseStage(Stage):
         live = structured and ignored_rows is not None and congruence_is_dense(self.F) and isinstance(self.E, Zero)
         li = (~zero_inputs).nonzero().squeeze(1) if live and zero_inputs is not None else None
         C = C if li is None else C.index_select(1, li)
+        GV_live_blocks = None
         if keep_structure:
             # the row space of G is everything: V = I, kept implicit (V is None); G keeps
             # whatever operator structure it has (products with it are all we need)
@@ -136,7 +137,7 @@ class DenseStage(Stage):
             self.GV = G
             self.C_r = C
         elif B is not None:
-            V_blocks, self.GV, self.g_norm = masked_kronecker_basis(B, ignored_rows, orthogonal_columns)
+            V_blocks, self.GV, self.g_norm, GV_live_blocks = masked_kronecker_basis(B, ignored_rows, orthogonal_columns)
             self.V = torch.block_diag(*V_blocks)
             r = self.V.shape[1]
             # V is block diagonal: C_r = VᵀC and V C_r one channel at a time
@@ -145,6 +146,7 @@ class DenseStage(Stage):
             self.C_r = torch.cat(C_r_parts)  # r × a_in
             VC_r = torch.cat([blk @ Cr for blk, Cr in zip(V_blocks, C_r_parts)])
         else:
+            GV_live_blocks = None
             U, sigma, Vh = torch.linalg.svd(G, full_matrices=False)
             self.g_norm = float(sigma[0]) if sigma.numel() else 0.0
             tol = pivot_tolerance(max(a, p), G.dtype, self.g_norm)
@@ -188,31 +190,36 @@ class DenseStage(Stage):
                 C_rest = C_rest - self.Z @ self.C_z
             self.C_rest = C_rest
             gram_rows.append(C_rest)
-        # Σ C_ᵢᵀC_ᵢ over the rest and the complement rows (pivots ε on both), symmetric
+        # Σ C_ᵢᵀC_ᵢ over the rest and the complement rows (pivots ε on both); symmetric up
+        # to rounding, which the symmetrization of the new S at the end of _schur removes
         self.CtC = None
         for rows in gram_rows:
             self.CtC = rows.mT @ rows if self.CtC is None else self.CtC.addmm_(rows.mT, rows)
-        if self.CtC is not None:
-            self.CtC = symmetrize(self.CtC)
         #: the inputs on which ``C_r``, ``C_z``, ``C_rest`` and the factors' ``Q_ζy``, ``K``
         #: are kept (the others are zero: dead ReLU units before the block); ``None``: all
         self.inputs = li if li is not None and li.shape[0] < a_in else None
         self.live = None
         if live:
             li = torch.arange(a_in, device=C.device) if li is None else li
-            self.live = self.live_products(ignored_rows, li)
+            self.live = self.live_products(ignored_rows, li, GV_live_blocks)
 
-    def live_products(self, ignored_rows: Tensor, li: Tensor):
+    def live_products(self, ignored_rows: Tensor, li: Tensor, GV_blocks: list[Tensor] | None = None):
         """Where the outputs ``ignored_rows`` are dropped, the value Hessian ``S`` arriving
         here is exactly zero on them, and where an input is identically zero (a ReLU's dead
         unit before this block; ``li`` are the others) nothing computed for it is ever
         read: the dense products of a damping then run on the live rows and columns only
         (``O(n_out²·n_in)`` instead of ``O(a_out²·a_in)``). Returns the live indices and
         ``F``, ``G_V``, ``C_r``, ``C_⊥ᵀC_⊥``, ``C_z`` on them (the ``C`` parts are already
-        computed on the live inputs)."""
+        computed on the live inputs). ``G_V`` on the live rows is a dense matrix, or, given its
+        channels' blocks ``GV_blocks`` (a convolution's span, block diagonal: the live rows
+        come channel by channel), the list of ``(first row, end row, block)``."""
         lo = (~ignored_rows).nonzero().squeeze(1)
         F_oi = self.F.dense_block(lo, li)
-        GV_o = self.GV.index_select(0, lo)
+        if GV_blocks is None:
+            GV_o = self.GV.index_select(0, lo)
+        else:
+            ends = torch.tensor([blk.shape[0] for blk in GV_blocks]).cumsum(0).tolist()
+            GV_o = [(end - blk.shape[0], end, blk) for end, blk in zip(ends, GV_blocks)]
         return lo, li, F_oi, GV_o, self.C_r, self.CtC, self.C_z
 
     def _low_rank_complement(self, A: "LowRank", V: Tensor) -> None:
@@ -307,8 +314,13 @@ class DenseStage(Stage):
         # (a Supported S from the stage after: the ReLU's live units are these outputs)
         S_oo = S.block(lo) if isinstance(S, Supported) else S.index_select(0, lo).index_select(1, lo)
         SF = S_oo @ F_oi
-        Q_ry = torch.addmm(C_ri, GV_o.mT, SF)  # r × n_in
-        Q_rr = GV_o.mT @ (S_oo @ GV_o)
+        if isinstance(GV_o, Tensor):
+            Q_ry = torch.addmm(C_ri, GV_o.mT, SF)  # r × n_in
+            Q_rr = GV_o.mT @ (S_oo @ GV_o)
+        else:  # G_V block diagonal: one product per channel's block
+            Q_ry = torch.cat([blk.mT @ SF[a:b] for a, b, blk in GV_o]).add_(C_ri)
+            SG = torch.cat([S_oo[:, a:b] @ blk for a, b, blk in GV_o], dim=1)
+            Q_rr = torch.cat([blk.mT @ SG[a:b] for a, b, blk in GV_o])
         S_norm = torch.linalg.vector_norm(S_oo) if self.A_rr is not None else None
         S_ii, factor, K_r, d, inertia, logdet = self._schur(F_oi.mT @ SF, Q_rr, Q_ry, C_zi, CtC_ii, damping, index, S_norm)
         S_new = S_ii if self.inputs is None else Supported(S_ii, li, self.F.shape[1])
@@ -375,8 +387,10 @@ class DenseStage(Stage):
         return S_new, factor, K_r, d, (pos, neg), logdet
 
 
-def masked_kronecker_basis(B: Tensor, ignored_rows: Tensor, orthogonal_columns: bool = False) -> tuple[list[Tensor], Tensor, float]:
-    """``(V's diagonal blocks, G V, ‖G‖₂)`` for ``G = I_m ⊗ B`` (``B``: ``R × q``) with the
+def masked_kronecker_basis(
+    B: Tensor, ignored_rows: Tensor, orthogonal_columns: bool = False
+) -> tuple[list[Tensor], Tensor, float, list[Tensor]]:
+    """``(V's diagonal blocks, G V, ‖G‖₂, G V's diagonal blocks on the live rows)`` for ``G = I_m ⊗ B`` (``B``: ``R × q``) with the
     rows ``ignored_rows`` set to zero: ``G`` is block diagonal, so its thin SVD is that of
     its ``m`` blocks, each on its live rows only (``m`` SVDs of ``n_live × q`` instead of
     one of ``m·R × m·q``), with the rank tolerance of the whole matrix,
@@ -395,25 +409,32 @@ def masked_kronecker_basis(B: Tensor, ignored_rows: Tensor, orthogonal_columns: 
     if orthogonal_columns and R == q:
         smallest, largest = (float(v) for v in torch.aminmax(torch.linalg.vector_norm(B, dim=0)))
         if smallest > pivot_tolerance(m * R, B.dtype, largest):
-            V_blocks, GV_blocks = [], []
+            V_blocks, live_blocks = [], []
             for rows in live:
                 Q, T = torch.linalg.qr(B.index_select(0, rows).mT)  # Yᵀ = Q T: Y Q = Tᵀ
                 V_blocks.append(Q)
-                block = B.new_zeros(R, rows.shape[0])
-                block[rows] = T.mT
-                GV_blocks.append(block)
-            return V_blocks, torch.block_diag(*GV_blocks), largest
+                live_blocks.append(T.mT)
+            return V_blocks, _embedded_blocks(live, live_blocks, R), largest, live_blocks
     svds = [torch.linalg.svd(B.index_select(0, rows), full_matrices=False) for rows in live]
     sigma_max = max((float(s.max()) for _, s, _ in svds if s.numel()), default=0.0)
     tol = pivot_tolerance(m * max(R, q), B.dtype, sigma_max)
-    V_blocks, GV_blocks = [], []
-    for rows, (U, sigma, Vh) in zip(live, svds):
+    V_blocks, live_blocks = [], []
+    for U, sigma, Vh in svds:
         k = int((sigma > tol).sum())  # singular values come sorted
         V_blocks.append(Vh[:k].mT)
-        block = B.new_zeros(R, k)  # G V on this channel: U σ on its live rows, zero on the dead
-        block[rows] = U[:, :k] * sigma[:k]
-        GV_blocks.append(block)
-    return V_blocks, torch.block_diag(*GV_blocks), sigma_max
+        live_blocks.append(U[:, :k] * sigma[:k])  # G V on this channel's live rows
+    return V_blocks, _embedded_blocks(live, live_blocks, R), sigma_max, live_blocks
+
+
+def _embedded_blocks(live: list[Tensor], blocks: list[Tensor], R: int) -> Tensor:
+    """The block diagonal ``G V``: each channel's block on its live rows of ``R``, zero on
+    the dead ones."""
+    out = []
+    for rows, block in zip(live, blocks):
+        full = block.new_zeros(R, block.shape[1])
+        full[rows] = block
+        out.append(full)
+    return torch.block_diag(*out)
 
 
 class DenseStageFactor(StageFactor):
