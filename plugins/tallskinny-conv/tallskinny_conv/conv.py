@@ -13,7 +13,8 @@ followed by unfolding is a selection ``U`` (:class:`~tallskinny_conv.operators.G
 injection ``θ ↦ vec Θ̃`` (a permutation for ``groups = 1``):
 
 * ``G = P_out (I_m ⊗ X̃) J``                — exactly the affine form of ``nn.Linear``;
-* ``F = P' (I_R ⊗ W̄) U``;
+* ``F = P' (I_R ⊗ W̄) U = P (W̄ ⊗ I_R) U_c`` (``U_c``: ``U``'s rows ordered ``(c·k, b, l)``;
+  ``P`` reorders ``(o, b, l)``, the identity at ``B = 1``), applied in the second form;
 * ``C = Jᵀ (Γ ⊗ Ẽ) U`` with ``Γ[o, (b,l)] = g[b, o, l]`` and ``Ẽ = [I_{q_w}; 0]``
   (``θᵀ C y = ⟨Θ̃, Γ (U y) Ẽᵀ⟩``: the weight gradient of ``⟨g, conv(y)⟩``);
 * ``A = 0``, ``E = 0`` (bilinear).
@@ -129,10 +130,14 @@ class ConvBlock(Block):
         rows = idx.mT.unsqueeze(0).expand(B, L, q_w)
         U = Gather(torch.where(rows >= 0, rows + offsets, rows).reshape(-1), a_in, dtype=z.dtype, check=False)
         W_bar = _weight_matrix(weight.detach(), module.groups, C)
+        # F = P (W̄ ⊗ I_R) U_c with U_c the unfolding's rows ordered (c·k, b, l): one GEMM
+        # with W̄ for all positions (and one with W̄ᵀ for Fᵀ), and P = I at one sample
+        U_c = Gather(U.index.view(B, L, q_w).permute(2, 0, 1).reshape(-1), a_in, dtype=z.dtype, check=False)
+        per_channel = Kronecker(Dense(W_bar), Identity(R, dtype=z.dtype, device=z.device))
         F = DirectProduct(
-            Permutation(_swap_last(B, L, m, z.device), dtype=z.dtype),
-            Kronecker(Identity(R, dtype=z.dtype, device=z.device), Dense(W_bar)),
-            U,
+            *([] if B == 1 else [Permutation(_channels_inside(B, L, m, z.device), dtype=z.dtype)]),
+            per_channel,
+            U_c,
             dense=lambda: _jacobian_dense(U, W_bar, B, L),
             block=lambda rows, cols: _jacobian_dense(U, W_bar, B, L, rows, cols),
         )
@@ -174,7 +179,7 @@ class ConvBlock(Block):
         self, z_in: tuple[int, ...], z_out: tuple[int, ...], *, second_order: bool, itemsize: int
     ) -> tuple[int, int]:
         """Kept: the patch matrix ``X̃`` (``R × q``, ``R = B·L`` rows), ``Γ`` (``m × R``), ``Ẽ``
-        (``q × q_w``), the int64 indices of the unfolding (``2R·q_w``, the cached patch
+        (``q × q_w``), the int64 indices of the unfolding in two row orders (``4R·q_w``, the cached patch
         index ``2q_w·L``) and of the permutations (``m·(2R + q)``); scratch: the patches
         before the bias column and ``Γ`` before its copy, the unfolding's rows
         (:class:`~tallskinny.blocks.protocol.OracleMemory`)."""
@@ -185,7 +190,7 @@ class ConvBlock(Block):
         L = _prod(z_out[-dims:])
         m, R, q = module.out_channels, B * L, q_w + 1
         kept = (R * q + m * R + (q * q_w if second_order else 0)) * itemsize
-        kept += 8 * (2 * R * q_w + 2 * q_w * L + _prod(z_in[-dims - 1:]) + m * (2 * R + q))
+        kept += 8 * (4 * R * q_w + 2 * q_w * L + _prod(z_in[-dims - 1:]) + m * (2 * R + q))
         return kept, (R * q_w + m * R) * itemsize + 8 * R * q_w
 
     def _weight_bias(self, z, params, method: str) -> tuple[Tensor, Tensor | None]:
@@ -289,9 +294,9 @@ def _prod(xs) -> int:
     return out
 
 
-def _swap_last(B: int, L: int, m: int, device) -> Tensor:
-    """Indices turning the ``(b, l, o)`` order into ``(b, o, l)``."""
-    return torch.arange(B * L * m, device=device).reshape(B, L, m).permute(0, 2, 1).reshape(-1)
+def _channels_inside(B: int, L: int, m: int, device) -> Tensor:
+    """Indices turning the ``(o, b, l)`` order into ``(b, o, l)``."""
+    return torch.arange(m * B * L, device=device).reshape(m, B, L).permute(1, 0, 2).reshape(-1)
 
 
 def _weight_matrix(weight: Tensor, groups: int, channels: int) -> Tensor:
