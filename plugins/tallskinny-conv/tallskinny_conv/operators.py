@@ -109,7 +109,8 @@ class DirectProduct(Product):
     def astype(self, dtype: torch.dtype) -> LinearOperator:
         if dtype == self.dtype:
             return self
-        return DirectProduct(*(f.astype(dtype) for f in self.factors), dense=lambda: self.to_dense().to(dtype))
+        block = None if self._block is None else (lambda rows, cols: self.dense_block(rows, cols).to(dtype))
+        return DirectProduct(*(f.astype(dtype) for f in self.factors), dense=lambda: self.to_dense().to(dtype), block=block)
 
     def to_dense(self) -> Tensor:
         if self._dense is None:

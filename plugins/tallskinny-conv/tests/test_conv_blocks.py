@@ -81,6 +81,7 @@ def test_conv_blocks_of_f_and_c_are_made_from_the_nonzeros(name):
         expected = [dense[rows][:, cols], dense[rows], dense[:, cols], dense[rows][:, cols].mT]
         assert all(torch.equal(g, e) for g, e in zip(got, expected))
         assert bool(expected[0].any())
+        assert torch.equal(op.astype(torch.float32).dense_block(rows, cols), expected[0].float())  # (mixed precision)
         assert torch.equal(op.to_dense(), dense)
         assert torch.equal(op.dense_block(rows, cols), expected[0])  # from the kept dense matrix
 

@@ -122,7 +122,7 @@ class AffineCoordinates:
         if self._CtC is None and self.C_perp_coef is not None:
             self._CtC = symmetrize(self.C_perp_coef.mT @ self.C_perp_coef)
         elif self._CtC is None and self.Gam is not None:
-            Et, VtE = self.Et, self.VtE
+            VtE = self.VtE
             if self.g_sq is not None:  # one sample, Ẽ = [I; 0]: ‖g‖²(I − (VᵀẼ)ᵀVᵀẼ)
                 n = VtE.shape[1]
                 eye = padded_identity_matrix(n, n, VtE.dtype, VtE.device)
