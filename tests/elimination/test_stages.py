@@ -45,12 +45,13 @@ def _orthogonal_columns(n: int, gen: torch.Generator, smallest: float = 0.1) -> 
 
 
 @pytest.mark.parametrize("smallest", [0.1, 1e-20])
-def test_masked_kronecker_basis_of_a_square_orthogonal_span(smallest):
-    """``G = I_m ⊗ B`` with dead rows, ``B`` square with orthogonal columns (a convolution's
-    span at one sample): each channel's live block has full row rank, and its basis comes
-    from a QR, without an SVD. The basis is orthonormal and spans the row space
-    (``Y V Vᵀ = Y``), ``G V`` is ``Y V``, ``‖G‖₂`` is bounded from above, and the ranks equal
-    the SVD's. A column norm below the tolerance takes the SVD, which drops it."""
+def test_masked_kronecker_basis_of_a_convolution_span(smallest):
+    """``G = I_m ⊗ B`` with dead rows (``B = UΣ`` square with orthogonal columns, a
+    convolution's span at one sample): per channel an orthonormal basis ``V`` of the live
+    rows' row space (``Y V Vᵀ = Y``), ``G V = Y V`` with orthogonal columns (the span
+    pivot's scaling), its live blocks, ``‖G‖₂``, and the rank: every live row where ``Σ`` is
+    well above rounding, one fewer in a channel with every row live and a column of
+    norm 1e-20."""
     from tallskinny.elimination.stages.dense import masked_kronecker_basis
 
     gen = torch.Generator().manual_seed(7)
@@ -59,21 +60,23 @@ def test_masked_kronecker_basis_of_a_square_orthogonal_span(smallest):
     dead = torch.rand(m * R, generator=gen) < 0.5
     dead[:R] = True  # a dead channel
     dead[R : R + 2] = False
-    dead[2 * R :] = False  # a channel with every row live: rank R unless a column norm is tiny
-    V_blocks, GV, g_norm, live_blocks = masked_kronecker_basis(B, dead, orthogonal_columns=True)
-    V_svd, GV_svd, g_svd, _ = masked_kronecker_basis(B, dead)
-    assert [V.shape[1] for V in V_blocks] == [V.shape[1] for V in V_svd]
-    assert g_norm >= g_svd * (1 - 1e-12)
+    dead[2 * R :] = False  # a channel with every row live
+    V_blocks, GV, g_norm, live_blocks = masked_kronecker_basis(B, dead)
     offset = 0
     for c, V in enumerate(V_blocks):
-        Y = B.masked_fill(dead[c * R : (c + 1) * R].unsqueeze(1), 0.0)
+        rows = dead[c * R : (c + 1) * R]
+        Y = B.masked_fill(rows.unsqueeze(1), 0.0)
         k = V.shape[1]
         if smallest > 1e-3:
-            assert k == int((~dead[c * R : (c + 1) * R]).sum())
+            assert k == int((~rows).sum())
         torch.testing.assert_close(V.mT @ V, torch.eye(k, dtype=torch.float64), rtol=0, atol=1e-14)
         torch.testing.assert_close(Y @ V @ V.mT, Y, rtol=0, atol=1e-13)
-        torch.testing.assert_close(GV[c * R : (c + 1) * R, offset : offset + k], Y @ V, rtol=0, atol=1e-13)
-        assert torch.equal(live_blocks[c], GV[c * R : (c + 1) * R][~dead[c * R : (c + 1) * R], offset : offset + k])
+        block = GV[c * R : (c + 1) * R, offset : offset + k]
+        torch.testing.assert_close(block, Y @ V, rtol=0, atol=1e-13)
+        gram = block.mT @ block
+        torch.testing.assert_close(gram, torch.diag(gram.diagonal()), rtol=0, atol=1e-13)
+        assert torch.equal(live_blocks[c], block[~rows])
         offset += k
     assert offset == GV.shape[1]
     assert V_blocks[2].shape[1] == (R if smallest > 1e-3 else R - 1)
+    assert abs(g_norm - float(torch.linalg.matrix_norm(GV, 2))) <= 1e-12 * g_norm

@@ -26,7 +26,7 @@ that accepts such a trailing input map can treat convolutions like linear layers
 from __future__ import annotations
 
 import functools
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -139,7 +139,7 @@ class ConvBlock(Block):
             per_channel,
             U_c,
             dense=lambda: _jacobian_dense(U, W_bar, B, L),
-            block=lambda rows, cols: _jacobian_dense(U, W_bar, B, L, rows, cols),
+            block=lambda rows, cols: _on_distinct_columns(lambda c: _jacobian_dense(U, W_bar, B, L, rows, c), cols),
         )
 
         trainable = set(self.parameter_names())
@@ -171,7 +171,7 @@ class ConvBlock(Block):
             Gamma = Gamma.contiguous()
             C_op = DirectProduct(
                 J.T, Kronecker(Dense(Gamma), Dense(E_tilde)), U, dense=lambda: _mixed_dense(U, Gamma, J, q, a_in),
-                block=lambda rows, cols: _mixed_dense(U, Gamma, J, q, a_in, rows, cols),
+                block=lambda rows, cols: _on_distinct_columns(lambda c: _mixed_dense(U, Gamma, J, q, a_in, rows, c), cols),
             )
         return Oracle(G=G, F=F, A=Zero(p, p, **zero), C=C_op, E=Zero(a_in, a_in, **zero))
 
@@ -219,6 +219,16 @@ class ConvBlock(Block):
 
 
 # -- dense matrices in O(nonzeros) ----------------------------------------------------------
+def _on_distinct_columns(block: Callable[[Tensor | None], Tensor], cols: Tensor | None) -> Tensor:
+    """``block(cols)`` for a scatter that maps each input to one column: repeated columns
+    are made once and copied."""
+    if cols is not None:
+        distinct, inverse = torch.unique(cols, return_inverse=True)
+        if distinct.shape[0] < cols.shape[0]:
+            return block(distinct).index_select(1, inverse)
+    return block(cols)
+
+
 def _scattered(target: Tensor, values: Tensor, rows: int, n: int) -> Tensor:
     """The ``rows × n`` matrix with ``values`` added at the flat positions ``target``
     (``rows·n`` for a value that falls on a zero of the padding): one ``index_add`` into

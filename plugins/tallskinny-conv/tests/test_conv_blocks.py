@@ -76,9 +76,12 @@ def test_conv_blocks_of_f_and_c_are_made_from_the_nonzeros(name):
         m, n = op.shape
         rows = torch.randint(0, m, (m // 2 + 1,), generator=gen)
         cols = torch.randperm(n, generator=gen)[: n // 2 + 1]
-        got = [op.dense_block(rows, cols), op.dense_block(rows), op.dense_block(None, cols), op.T.dense_block(cols, rows)]
+        repeated = torch.randint(0, n, (n,), generator=gen)  # (some columns twice or more)
+        got = [op.dense_block(rows, cols), op.dense_block(rows), op.dense_block(None, cols), op.T.dense_block(cols, rows),
+               op.dense_block(rows, repeated), op.T.dense_block(repeated, rows)]
         dense = Product(*op.factors).to_dense()  # through the factors: an independent reference
-        expected = [dense[rows][:, cols], dense[rows], dense[:, cols], dense[rows][:, cols].mT]
+        expected = [dense[rows][:, cols], dense[rows], dense[:, cols], dense[rows][:, cols].mT,
+                    dense[rows][:, repeated], dense[rows][:, repeated].mT]
         assert all(torch.equal(g, e) for g, e in zip(got, expected))
         assert bool(expected[0].any())
         assert torch.equal(op.astype(torch.float32).dense_block(rows, cols), expected[0].float())  # (mixed precision)

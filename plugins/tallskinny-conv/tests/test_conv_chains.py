@@ -233,3 +233,40 @@ def test_dead_channels_and_a_dead_convolution():
     gen = torch.Generator().manual_seed(0)
     for damping in (1e-3, 1.0):
         check_against_dense(chain, X, y, damping, gen=gen)
+
+
+def two_relu_convs():
+    """Two convolutions at one sample between ReLUs (spans split by channel, live
+    products, the value Hessian on its support, the complement inside the span stage)."""
+    return [nn.Conv2d(2, 3, 3, padding=1), nn.ReLU(), nn.Conv2d(3, 3, 3, padding=1), nn.ReLU(), nn.Flatten(),
+            nn.Linear(75, 3)]
+
+
+def two_tanh_convs():
+    """The same with tanh (no dead units: the span stage of a convolution with its
+    complement inside)."""
+    return [nn.Conv2d(2, 3, 3, padding=1), nn.Tanh(), nn.Conv2d(3, 3, 3, padding=1), nn.Tanh(), nn.Flatten(),
+            nn.Linear(75, 3)]
+
+
+@pytest.mark.parametrize("make", [two_relu_convs, two_tanh_convs])
+@pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.parametrize("damping", [1e-2, -0.05])
+def test_the_unrefined_elimination_equals_dense_solves(make, batch, damping):
+    """``solve(b, refine=0)``: the elimination alone, which refinement and the pivoted KKT
+    fallback of ``logdet`` would otherwise correct or replace, so that a wrong stage
+    (a complement's Gram, a value Hessian on its support, a span basis) shows here.
+    float64; a shift (negative damping) too."""
+    torch.manual_seed(11)
+    chain = ts.Chain([m.double() for m in make()], nn.CrossEntropyLoss())
+    gen = torch.Generator().manual_seed(12)
+    X, y = torch.randn(batch, 2, 5, 5, generator=gen, dtype=torch.float64), torch.arange(batch) % 3
+    H = dense_hessian(chain, X, y)
+    M = H + damping * torch.eye(H.shape[0], dtype=H.dtype)
+    b = torch.randn(H.shape[0], 2, generator=gen, dtype=torch.float64)
+    expected = torch.linalg.solve(M, b)
+    curv = chain.curvature(X, y)
+    fact = curv.factorize(damping) if damping > 0 else curv.factorize(shift=-damping)  # H − σI
+    x = fact.solve(b, refine=0)
+    cond = float(torch.linalg.cond(M))
+    assert rel(x, expected) <= 1e-13 * cond, (rel(x, expected), cond)

@@ -137,7 +137,7 @@ class DenseStage(Stage):
             self.GV = G
             self.C_r = C
         elif B is not None:
-            V_blocks, self.GV, self.g_norm, GV_live_blocks = masked_kronecker_basis(B, ignored_rows, orthogonal_columns)
+            V_blocks, self.GV, self.g_norm, GV_live_blocks = masked_kronecker_basis(B, ignored_rows)
             self.V = torch.block_diag(*V_blocks)
             r = self.V.shape[1]
             # V is block diagonal: C_r = VᵀC and V C_r one channel at a time
@@ -387,34 +387,18 @@ class DenseStage(Stage):
         return S_new, factor, K_r, d, (pos, neg), logdet
 
 
-def masked_kronecker_basis(
-    B: Tensor, ignored_rows: Tensor, orthogonal_columns: bool = False
-) -> tuple[list[Tensor], Tensor, float, list[Tensor]]:
-    """``(V's diagonal blocks, G V, ‖G‖₂, G V's diagonal blocks on the live rows)`` for ``G = I_m ⊗ B`` (``B``: ``R × q``) with the
-    rows ``ignored_rows`` set to zero: ``G`` is block diagonal, so its thin SVD is that of
-    its ``m`` blocks, each on its live rows only (``m`` SVDs of ``n_live × q`` instead of
-    one of ``m·R × m·q``), with the rank tolerance of the whole matrix,
-    ``max(a, p)·eps·σ_max``; ``‖G‖₂ = σ_max``, the largest of the blocks'.
-
-    Where ``B`` is square with orthogonal columns (``orthogonal_columns``: ``B = UΣ``, ``U``
-    orthogonal, as a convolution's span at one sample with ``R ≤ q``), the live rows
-    ``Y = (UΣ)_live`` have orthonormal rows times ``Σ``: ``σ_min(Y) ≥ min_k Σ_kk`` and
-    ``σ_max(Y) ≤ max_k Σ_kk``. If the smallest column norm passes the tolerance taken at
-    the largest, every block has full row rank, and the QR ``Yᵀ = Q R`` gives an
-    orthonormal basis ``V = Q`` of its row space with ``Y V = Rᵀ``, without an SVD;
-    ``‖G‖₂`` is then bounded by ``max_k Σ_kk`` (a bound is all its use needs)."""
+def masked_kronecker_basis(B: Tensor, ignored_rows: Tensor) -> tuple[list[Tensor], Tensor, float, list[Tensor]]:
+    """``(V's diagonal blocks, G V, ‖G‖₂, G V's diagonal blocks on the live rows)`` for
+    ``G = I_m ⊗ B`` (``B``: ``R × q``) with the rows ``ignored_rows`` set to zero: ``G`` is
+    block diagonal, so its thin SVD is that of its ``m`` blocks, each on its live rows only
+    (``m`` SVDs of ``n_live × q`` instead of one of ``m·R × m·q``), with the rank tolerance
+    of the whole matrix, ``max(a, p)·eps·σ_max``; ``‖G‖₂ = σ_max``, the largest of the
+    blocks'. ``G V = UΣ`` has orthogonal columns, so the span pivot ``Q = (GV)ᵀS(GV) + εI``
+    is a diagonal scaling of ``UᵀSU`` (a basis from a QR of the live rows, without the SVD,
+    was tried and lost that: CHANGELOG)."""
     R, q = B.shape
     m = ignored_rows.numel() // R
     live = [torch.nonzero(~dead).squeeze(1) for dead in ignored_rows.reshape(m, R)]
-    if orthogonal_columns and R == q:
-        smallest, largest = (float(v) for v in torch.aminmax(torch.linalg.vector_norm(B, dim=0)))
-        if smallest > pivot_tolerance(m * R, B.dtype, largest):
-            V_blocks, live_blocks = [], []
-            for rows in live:
-                Q, T = torch.linalg.qr(B.index_select(0, rows).mT)  # Yᵀ = Q T: Y Q = Tᵀ
-                V_blocks.append(Q)
-                live_blocks.append(T.mT)
-            return V_blocks, _embedded_blocks(live, live_blocks, R), largest, live_blocks
     svds = [torch.linalg.svd(B.index_select(0, rows), full_matrices=False) for rows in live]
     sigma_max = max((float(s.max()) for _, s, _ in svds if s.numel()), default=0.0)
     tol = pivot_tolerance(m * max(R, q), B.dtype, sigma_max)
