@@ -19,12 +19,14 @@ from . import elimination
 from .elimination import prepare_stages
 from .elimination.stages.affine import AffineStage
 from .elimination.stages.dense import DenseStage
+from .elimination.stages.permuted import PermutedStage
 from .elimination.stages.reduced_affine import ReducedAffineStage
 from .elimination.supported import Supported
 
 __all__ = [
     "AffineStage",
     "DenseStage",
+    "PermutedStage",
     "ReducedAffineStage",
     "Supported",
     "check_chain",

@@ -55,6 +55,7 @@ from .stages.activation import ActivationStage
 from .stages.affine import AffineStage
 from .stages.covered import CoveredStage
 from .stages.dense import DenseStage
+from .stages.permuted import PermutedStage
 from .stages.reduced_affine import ReducedAffineStage
 from .stages.run import LinearRunStage
 
@@ -270,8 +271,9 @@ def _dense(stage: DenseStage, c: _Count) -> None:
     # the sweeps: G_V twice, V twice, Q_ζy and K, F twice, Z and C_z, the rest's C
     p = stage.p
     V = 0 if stage.V is None else 2 * p * r
-    c.solve += 2 * apply_flops(stage.GVt) + 2 * V + 4 * r * a_in + 2 * apply_flops(stage.F)
-    c.solve += 4 * p * k + 4 * k * a_in + (4 * p * a_in if stage.n_rest else 0)
+    kept = a_in if stage.inputs is None else stage.inputs.numel()  # the columns C's parts are kept on
+    c.solve += 2 * apply_flops(stage.GVt) + 2 * V + 4 * r * kept + 2 * apply_flops(stage.F)
+    c.solve += 4 * p * k + 4 * k * kept + (4 * p * kept if stage.n_rest else 0)
 
 
 def _reduced(stage: ReducedAffineStage, c: _Count) -> None:
@@ -322,6 +324,8 @@ def stage_flops(stages: Sequence, *, columns: int = 1, cholesky: bool = False) -
             _affine(stage, c)
         elif isinstance(stage, ReducedAffineStage):
             _reduced(stage, c)
+        elif isinstance(stage, PermutedStage):  # (the permutation: gathers, no flops)
+            _dense(stage.inner, c)
         elif isinstance(stage, DenseStage):
             _dense(stage, c)
         elif isinstance(stage, ActivationStage):
@@ -333,7 +337,7 @@ def stage_flops(stages: Sequence, *, columns: int = 1, cholesky: bool = False) -
     last = next(((s, c) for s, c in reversed(counts) if s.p), None)
     if last is not None and not isinstance(last[0], LinearRunStage):
         stage, c = last
-        inner = stage.inner if isinstance(stage, ReducedAffineStage) else stage
+        inner = stage.inner if isinstance(stage, (ReducedAffineStage, PermutedStage)) else stage
         if c.pivot_size and c.pivot_size <= 128 and not (isinstance(inner, DenseStage) and inner.A_rr is not None):
             c.pivots += 4 * c.pivot_size**3 // 3
     out = [c.stage(index, type(stage).__name__) for index, (stage, c) in zip(

@@ -8,7 +8,8 @@ import torch
 from torch import Tensor
 
 from ..blocks.protocol import Oracle
-from ..linalg import Diagonal, Zero, pivot_tolerance
+from ..linalg import Dense, Diagonal, Identity, Zero, pivot_tolerance
+from ..linalg.kronecker import Kronecker, Product
 from . import runs
 from .algebra import congruence, plus, symmetrize
 from .compiled import CompiledBlocks, CompiledOracle
@@ -16,6 +17,7 @@ from .stages.activation import ActivationStage
 from .stages.affine import AffineStage
 from .stages.covered import COVERED
 from .stages.dense import DenseStage
+from .stages.permuted import PermutedStage
 from .stages.reduced_affine import ReducedAffineStage
 from .stages.run import LinearRunStage, admissible
 
@@ -27,7 +29,11 @@ def prepare_stages(oracles: Sequence[Oracle], loss: Oracle, compiled: Sequence |
     get one :class:`~tallskinny.elimination.stages.run.LinearRunStage` at their first block (the
     others hold :data:`~tallskinny.elimination.stages.covered.COVERED`). Blocks affine in their
     parameters (their oracle says so with Kronecker-structured operators) get an
-    :class:`~tallskinny.elimination.stages.affine.AffineStage`; other blocks with
+    :class:`~tallskinny.elimination.stages.affine.AffineStage` (a
+    :class:`~tallskinny.elimination.stages.reduced_affine.ReducedAffineStage` where their
+    output is ordered channel-major, a convolution's, and a
+    :class:`~tallskinny.elimination.stages.permuted.PermutedStage` dense stage on ``vec Θ̃``
+    where dead ReLU units follow at one sample: :func:`_by_channel`); other blocks with
     parameters a :class:`~tallskinny.elimination.stages.dense.DenseStage`; blocks without an
     :class:`~tallskinny.elimination.stages.activation.ActivationStage`.
     ``compiled`` are the oracles' :class:`~tallskinny.elimination.compiled.CompiledOracle` where at
@@ -64,9 +70,29 @@ def prepare_stages(oracles: Sequence[Oracle], loss: Oracle, compiled: Sequence |
             )
         if parts is None:
             stages[i] = DenseStage(o, **kw)
+        elif _by_channel(o, parts, kw):
+            p_out, X, p_theta = parts[:3]
+            m = o.G.shape[0] // X.shape[0]
+            G = Kronecker(Identity(m, dtype=X.dtype, device=X.device), Dense(X))
+            tilde = Oracle(G=G, F=o.F, A=o.A, C=Product(p_theta, o.C), E=o.E)
+            stages[i] = PermutedStage(DenseStage(tilde, **kw), p_theta)
         else:
             stages[i] = ReducedAffineStage(o, parts, **kw)
     return stages
+
+
+def _by_channel(o: Oracle, parts, kw) -> bool:
+    """Whether an affine block at one sample with its output ordered channel-major (a
+    convolution) and dead units after it is eliminated as a dense stage on ``vec Θ̃``,
+    its span split by channel (``G = I_m ⊗ X̃`` with the dead rows dropped)."""
+    p_out, X = parts[0], parts[1]
+    return (
+        kw.get("ignored_rows") is not None
+        and DenseStage.use_structure
+        and X.shape[0] > 1
+        and torch.equal(p_out, torch.arange(p_out.shape[0], device=p_out.device))
+        and isinstance(o.E, Zero)
+    )
 
 
 def _run_stages(compiled, last: int):

@@ -138,6 +138,13 @@ class Product(LinearOperator):
             x = f._matmat(x)
         return x
 
+    def dense_block(self, rows: Tensor | None = None, cols: Tensor | None = None) -> Tensor:
+        """``P M`` with ``P`` a permutation: ``M``'s block on the rows ``P`` picks."""
+        first, rest = self.factors[0], self.factors[1:]
+        if isinstance(first, Permutation) and len(rest) == 1:
+            return rest[0].dense_block(first.index if rows is None else first.index[rows], cols)
+        return super().dense_block(rows, cols)
+
     def _transpose(self) -> LinearOperator:
         return Product(*(f.T for f in reversed(self.factors)))
 

@@ -120,14 +120,13 @@ class DenseStage(Stage):
         self.g_norm = 0.0  # ‖G‖₂ where A ≠ 0 can cancel GᵀSG (the scale of the pivot test)
         self.F, self.E = oracle.F, oracle.E
         self.FT = oracle.F.T
-        C = oracle.C.to_dense()
-        kw = dict(dtype=C.dtype, device=C.device)
-        a_in = C.shape[1]
+        a_in = oracle.C.shape[1]
         # products of a damping on the live rows and columns only (see live_products);
         # then everything of C is computed and kept on the live inputs (``inputs``)
         live = structured and ignored_rows is not None and congruence_is_dense(self.F) and isinstance(self.E, Zero)
         li = (~zero_inputs).nonzero().squeeze(1) if live and zero_inputs is not None else None
-        C = C if li is None else C.index_select(1, li)
+        C = oracle.C.to_dense() if li is None else oracle.C.dense_block(None, li)
+        kw = dict(dtype=C.dtype, device=C.device)
         GV_live_blocks = None
         if keep_structure:
             # the row space of G is everything: V = I, kept implicit (V is None); G keeps
