@@ -270,6 +270,11 @@ class LinearOperatorTestCase:
                 block = op.dense_block(rows, cols)
                 expected = ref.index_select(0, rows).index_select(1, cols)
                 self._close(block, expected, dtype, where + " dense_block", tol=0.0 if dtype == torch.float64 else 1e-7)
+            for rows, cols in ((None, None), (None, torch.randperm(n, generator=gen)), (torch.randperm(m, generator=gen), None)):
+                expected = ref if rows is None else ref.index_select(0, rows)
+                expected = expected if cols is None else expected.index_select(1, cols)
+                self._close(op.dense_block(rows, cols), expected, dtype, where + " dense_block (None: all)",
+                            tol=0.0 if dtype == torch.float64 else 1e-7)
 
     def test_matmul_vector(self):
         for op, ref, dtype, where, gen in self._cases():

@@ -65,6 +65,18 @@ class TestProduct(LinearOperatorTestCase):
         return Product(Dense(A), Diagonal(d)), (A.double() @ torch.diag(d.double())).to(dtype)
 
 
+class TestPermutedProduct(LinearOperatorTestCase):
+    """``P M`` with a permutation first: its ``dense_block`` is ``M``'s on ``P``'s rows."""
+
+    structure_preserved = False
+
+    def make_operator(self, dtype, gen):
+        n = int(torch.randint(1, 6, (1,), generator=gen))
+        A = random_matrix(n, n, gen, dtype)
+        index = torch.randperm(n, generator=gen)
+        return Product(Permutation(index, dtype=dtype), Dense(A)), A.double()[index].to(dtype)
+
+
 def test_identity_kronecker_factor():
     """``W`` of ``I_R ⊗ W`` (dense ``W``); ``None`` for any other form."""
     import torch
