@@ -31,7 +31,7 @@ A stage turns the value Hessian ``S`` (``a_out × a_out``) into the one at its i
   ``n³/3`` and one triangular solve ``n²a_in`` (``Q_ζyᵀQ⁻¹Q_ζy = MᵀDM`` with
   ``M = L⁻¹Q_ζy``). ``F``'s products are counted as the code does them;
 * ``solve`` — one right-hand side: the two sweeps' products with the stage's matrices
-  (``Q_ζy``, ``K``, ``F``, ``V``, ``G_V``, the pivot's two triangular solves ``2n²``),
+  (``Q_ζy``, ``K``, ``F``, ``V`` (three times where there is a rest), ``G_V``, the pivot's two triangular solves ``2n²``),
   counted as if ``y`` and ``t`` were nonzero at every stage (the first and last stages
   skip a few).
 
@@ -272,8 +272,9 @@ def _dense(stage: DenseStage, c: _Count) -> None:
     p = stage.p
     V = 0 if stage.V is None else 2 * p * r
     kept = a_in if stage.inputs is None else stage.inputs.numel()  # the columns C's parts are kept on
-    c.solve += 2 * apply_flops(stage.GVt) + 2 * V + 4 * r * kept + 2 * apply_flops(stage.F)
-    c.solve += 4 * p * k + 4 * k * kept + (4 * p * kept if stage.n_rest else 0)
+    rest = 1 if stage.n_rest else 0  # b's part on the rest: b − V(Vᵀb) − Z(Zᵀb)
+    c.solve += 2 * apply_flops(stage.GVt) + (2 + rest) * V + 4 * r * kept + 2 * apply_flops(stage.F)
+    c.solve += (4 + 2 * rest) * p * k + 4 * k * kept + (4 * p * kept if stage.n_rest else 0)
 
 
 def _reduced(stage: ReducedAffineStage, c: _Count) -> None:

@@ -84,12 +84,19 @@ def prepare_stages(oracles: Sequence[Oracle], loss: Oracle, compiled: Sequence |
 def _by_channel(o: Oracle, parts, kw) -> bool:
     """Whether an affine block at one sample with its output ordered channel-major (a
     convolution) and dead units after it is eliminated as a dense stage on ``vec Θ̃``,
-    its span split by channel (``G = I_m ⊗ X̃`` with the dead rows dropped)."""
+    its span split by channel (``G = I_m ⊗ X̃`` with the dead rows dropped). That stage
+    carries all ``m·q`` parameters densely (its basis, ``C`` on the rest), the span stage
+    only ``m·rank X̃``: it is taken where ``X̃`` (``R × q``) has ``q ≤ 2R``, and where
+    ``C ≠ 0`` (with ``C = 0`` the span stage eliminates the complement without any
+    ``p × a`` matrix)."""
     p_out, X = parts[0], parts[1]
+    R, q = X.shape
     return (
         kw.get("ignored_rows") is not None
         and DenseStage.use_structure
-        and X.shape[0] > 1
+        and 1 < R
+        and q <= 2 * R
+        and not isinstance(o.C, Zero)
         and torch.equal(p_out, torch.arange(p_out.shape[0], device=p_out.device))
         and isinstance(o.E, Zero)
     )

@@ -251,18 +251,35 @@ def two_tanh_convs():
             nn.Linear(75, 3)]
 
 
-@pytest.mark.parametrize("make", [two_relu_convs, two_tanh_convs])
+def relu_convs_variants():
+    """Bias-free, frozen-bias and Conv1d convolutions between ReLUs."""
+    frozen = nn.Conv2d(3, 3, 3, padding=1)
+    frozen.bias.requires_grad_(False)
+    return [nn.Conv2d(2, 3, 3, padding=1, bias=False), nn.ReLU(), frozen, nn.ReLU(), nn.Flatten(), nn.Linear(75, 3)]
+
+
+def relu_conv1d():
+    return [nn.Conv1d(2, 3, 3, padding=1, padding_mode="circular"), nn.ReLU(), nn.Conv1d(3, 4, 3, padding=1, bias=False),
+            nn.ReLU(), nn.Flatten(), nn.Linear(24, 3)]
+
+
+UNREFINED = {"two_relu_convs": (two_relu_convs, (2, 5, 5)), "two_tanh_convs": (two_tanh_convs, (2, 5, 5)),
+             "relu_convs_variants": (relu_convs_variants, (2, 5, 5)), "relu_conv1d": (relu_conv1d, (2, 6))}
+
+
+@pytest.mark.parametrize("name", UNREFINED)
 @pytest.mark.parametrize("batch", [1, 2])
 @pytest.mark.parametrize("damping", [1e-2, -0.05])
-def test_the_unrefined_elimination_equals_dense_solves(make, batch, damping):
+def test_the_unrefined_elimination_equals_dense_solves(name, batch, damping):
     """``solve(b, refine=0)``: the elimination alone, which refinement and the pivoted KKT
     fallback of ``logdet`` would otherwise correct or replace, so that a wrong stage
-    (a complement's Gram, a value Hessian on its support, a span basis) shows here.
-    float64; a shift (negative damping) too."""
+    (a complement's Gram, a value Hessian on its support, a span basis, the coordinates
+    of a stage on ``vec Θ̃``) shows here. float64; a shift (negative damping) too."""
+    make, shape = UNREFINED[name]
     torch.manual_seed(11)
     chain = ts.Chain([m.double() for m in make()], nn.CrossEntropyLoss())
     gen = torch.Generator().manual_seed(12)
-    X, y = torch.randn(batch, 2, 5, 5, generator=gen, dtype=torch.float64), torch.arange(batch) % 3
+    X, y = torch.randn(batch, *shape, generator=gen, dtype=torch.float64), torch.arange(batch) % 3
     H = dense_hessian(chain, X, y)
     M = H + damping * torch.eye(H.shape[0], dtype=H.dtype)
     b = torch.randn(H.shape[0], 2, generator=gen, dtype=torch.float64)
@@ -272,3 +289,30 @@ def test_the_unrefined_elimination_equals_dense_solves(make, batch, damping):
     x = fact.solve(b, refine=0)
     cond = float(torch.linalg.cond(M))
     assert rel(x, expected) <= 1e-13 * cond, (rel(x, expected), cond)
+
+
+def test_a_convolution_between_relus_is_a_stage_on_its_weights_only_where_it_pays():
+    """A convolution at one sample followed by dead ReLU units is eliminated as a dense
+    stage on ``vec Θ̃`` (``PermutedStage``) where ``C ≠ 0`` and its patches ``X̃`` have at
+    most twice as many columns as rows; otherwise (the Gauss–Newton matrix, ``C = 0``;
+    many channels on a small image) as an affine span stage, which carries only the span
+    densely. Both exact."""
+    from tallskinny.testing import PermutedStage, ReducedAffineStage, stages as engine_stages
+
+    torch.manual_seed(11)
+    gen = torch.Generator().manual_seed(12)
+    chain = ts.Chain([m.double() for m in two_relu_convs()], nn.CrossEntropyLoss())
+    X, y = torch.randn(1, 2, 5, 5, generator=gen, dtype=torch.float64), torch.tensor([1])
+    kinds = [type(s) for s in engine_stages(chain.curvature(X, y))[:3:2]]
+    assert kinds == [PermutedStage, PermutedStage]
+    ggn = chain.curvature(X, y, kind="ggn", method="riccati")
+    assert [type(s) for s in engine_stages(ggn)[:3:2]] == [ReducedAffineStage, ReducedAffineStage]
+    wide = ts.Chain([nn.Conv2d(16, 3, 3, padding=1).double(), nn.ReLU(), nn.Conv2d(3, 3, 3, padding=1).double(),
+                     nn.ReLU(), nn.Flatten(), nn.Linear(12, 3).double()], nn.CrossEntropyLoss())
+    Xw = torch.randn(1, 16, 2, 2, generator=gen, dtype=torch.float64)  # first conv: R = 4, q = 145
+    assert type(engine_stages(wide.curvature(Xw, y))[0]) is ReducedAffineStage
+    for c, Xc in ((ggn, X), (wide.curvature(Xw, y), Xw)):
+        M = c.to_dense() + 1e-2 * torch.eye(c.num_parameters, dtype=torch.float64)
+        b = torch.randn(c.num_parameters, generator=gen, dtype=torch.float64)
+        x = c.factorize(1e-2).solve(b, refine=0)
+        assert rel(x, torch.linalg.solve(M, b)) <= 1e-13 * float(torch.linalg.cond(M))

@@ -449,9 +449,11 @@ class DenseStageFactor(StageFactor):
         """``u = Q_θθ⁻¹(Gᵀt − b)`` in (span, Z, rest) parts, and the new ``t``."""
         st = self.stage
         u_r = u_z = u_rest = None
-        q_z = -(st.Z.mT @ b) if st.k else None
+        Zb = st.Z.mT @ b if st.k else None
+        Vb = None if st.V is None else st.V.mT @ b
+        q_z = -Zb if st.k else None
         if st.r:
-            q_r = -(b if st.V is None else st.V.mT @ b)
+            q_r = -(b if st.V is None else Vb)
             if t is not None:
                 q_r = q_r + _mm(st.GVt, t)
             if st.A_rz is not None:
@@ -461,9 +463,9 @@ class DenseStageFactor(StageFactor):
             u_z = q_z if st.A_rz is None else q_z - st.A_rz.mT @ u_r
             u_z = u_z / self.d.unsqueeze(-1)
         if st.n_rest:  # −b on the rest, over ε
-            rest = b if st.V is None else b - st.V @ (st.V.mT @ b)
+            rest = b if st.V is None else b - st.V @ Vb
             if st.k:
-                rest = rest - st.Z @ (st.Z.mT @ b)
+                rest = rest - st.Z @ Zb
             u_rest = rest / -self.damping
         t_new = None if t is None else st.FT.matmat(t)
         w = None  # Q_ζyᵀu on the inputs the stage keeps
