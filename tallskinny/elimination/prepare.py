@@ -13,6 +13,7 @@ from ..linalg.kronecker import Kronecker, Product
 from . import runs
 from .algebra import congruence, plus, symmetrize
 from .compiled import CompiledBlocks, CompiledOracle
+from .structure import channels_first
 from .stages.activation import ActivationStage
 from .stages.affine import AffineStage
 from .stages.covered import COVERED
@@ -71,7 +72,7 @@ def prepare_stages(oracles: Sequence[Oracle], loss: Oracle, compiled: Sequence |
         if parts is None:
             stages[i] = DenseStage(o, **kw)
         elif _by_channel(o, parts, kw):
-            p_out, X, p_theta = parts[:3]
+            X, p_theta = parts[1], parts[2]
             m = o.G.shape[0] // X.shape[0]
             G = Kronecker(Identity(m, dtype=X.dtype, device=X.device), Dense(X))
             tilde = Oracle(G=G, F=o.F, A=o.A, C=Product(p_theta, o.C), E=o.E)
@@ -89,15 +90,13 @@ def _by_channel(o: Oracle, parts, kw) -> bool:
     only ``m·rank X̃``: it is taken where ``X̃`` (``R × q``) has ``q ≤ 2R``, and where
     ``C ≠ 0`` (with ``C = 0`` the span stage eliminates the complement without any
     ``p × a`` matrix)."""
-    p_out, X = parts[0], parts[1]
-    R, q = X.shape
+    R, q = parts[1].shape
     return (
         kw.get("ignored_rows") is not None
         and DenseStage.use_structure
-        and 1 < R
+        and channels_first(parts)
         and q <= 2 * R
         and not isinstance(o.C, Zero)
-        and torch.equal(p_out, torch.arange(p_out.shape[0], device=p_out.device))
         and isinstance(o.E, Zero)
     )
 

@@ -35,7 +35,7 @@ from ..linalg import Inertia
 from . import workspace
 from .algebra import StageSingular, first_singular, symmetrize
 from .stages import Stage, StageFactor
-from .supported import Supported, storage
+from .supported import Supported, buffer
 
 
 def _last_block_norm(factors, damping: float) -> float:
@@ -73,8 +73,10 @@ class RiccatiFactorization:
                 S_new, f = stages[i].eliminate(S, damping, i)
                 # S is consumed: its buffer goes to the workspace pool, unless the factor
                 # keeps it (a run, for its inertia) or the new S shares its memory
-                if (f is None or not f.keeps_input) and storage(S_new) != storage(S):
-                    workspace.give(S.values if isinstance(S, Supported) else S)
+                consumed, kept = buffer(S), buffer(S_new)
+                shared = kept.untyped_storage().data_ptr() == consumed.untyped_storage().data_ptr()
+                if (f is None or not f.keeps_input) and not shared:
+                    workspace.give(consumed)
                 S = S_new
                 self._factors[i] = f
                 if f is not None and f.unchecked is not None:

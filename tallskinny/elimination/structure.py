@@ -55,6 +55,13 @@ def samples_first(o: Oracle, parts) -> bool:
     return p_out is expected or torch.equal(p_out, expected)
 
 
+def channels_first(parts) -> bool:
+    """Whether the output is ordered channel-major over several rows, ``(i, s)``: ``P_out``
+    is the identity and ``X̃`` has more than one row (a convolution at one sample)."""
+    p_out, X = parts[0], parts[1]
+    return X.shape[0] > 1 and torch.equal(p_out, torch.arange(p_out.shape[0], device=p_out.device))
+
+
 def transposed_order(p_theta: Permutation, m: int, q: int) -> tuple[Tensor, Tensor]:
     """The gather indices of ``vec(Θ̃ᵀ)`` from θ and their inverse (kept by the
     permutation, which blocks make once per shape)."""

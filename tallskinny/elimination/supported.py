@@ -48,9 +48,9 @@ def dense(S: Tensor | Supported) -> Tensor:
     return S.dense() if isinstance(S, Supported) else S
 
 
-def storage(S: Tensor | Supported) -> int:
-    """The address of the memory that holds ``S``'s values."""
-    return (S.values if isinstance(S, Supported) else S).untyped_storage().data_ptr()
+def buffer(S: Tensor | Supported) -> Tensor:
+    """The tensor that holds ``S``'s values."""
+    return S.values if isinstance(S, Supported) else S
 
 
-__all__ = ["Supported", "dense", "storage"]
+__all__ = ["Supported", "buffer", "dense"]

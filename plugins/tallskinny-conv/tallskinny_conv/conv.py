@@ -229,6 +229,17 @@ def _on_distinct_columns(block: Callable[[Tensor | None], Tensor], cols: Tensor 
     return block(cols)
 
 
+def _block_columns(inputs: Tensor, n: int, cols: Tensor | None) -> tuple[Tensor, int]:
+    """Input indices (``n``: a zero of the padding) as columns of the block on ``cols``
+    (distinct; ``None``: all ``n``), and its number of columns, which marks an input
+    outside the block."""
+    if cols is None:
+        return inputs, n
+    position = torch.full((n + 1,), cols.shape[0], dtype=torch.long, device=inputs.device)
+    position[cols] = torch.arange(cols.shape[0], device=inputs.device)
+    return position[inputs], cols.shape[0]
+
+
 def _scattered(target: Tensor, values: Tensor, rows: int, n: int) -> Tensor:
     """The ``rows × n`` matrix with ``values`` added at the flat positions ``target``
     (``rows·n`` for a value that falls on a zero of the padding): one ``index_add`` into
@@ -247,11 +258,7 @@ def _jacobian_dense(U: Gather, W_bar: Tensor, B: int, L: int, rows: Tensor | Non
     device = W_bar.device
     rows = torch.arange(B * m * L, device=device) if rows is None else rows
     inputs = U.padded.view(B, L, q_w)[rows // (m * L), rows % L]  # (row, (c,k)) → input, n: padding
-    n_cols = n if cols is None else cols.shape[0]
-    if cols is not None:  # input → column of the block; n_cols: not in it
-        position = torch.full((n + 1,), n_cols, dtype=torch.long, device=device)
-        position[cols] = torch.arange(n_cols, device=device)
-        inputs = position[inputs]
+    inputs, n_cols = _block_columns(inputs, n, cols)
     target = torch.where(inputs < n_cols, torch.arange(rows.shape[0], device=device).unsqueeze(1) * n_cols + inputs,
                          rows.shape[0] * n_cols)
     return _scattered(target, W_bar[(rows // L) % m], rows.shape[0], n_cols)
@@ -287,11 +294,7 @@ def _mixed_dense(U: Gather, Gamma: Tensor, J: LinearOperator, q: int, n: int, ro
     o, i = entry // q, entry % q
     weight = (entry < m * q) & (i < q_w)
     inputs = U.padded.view(R, q_w)[:, torch.where(weight, i, 0)].mT  # (row, r) → input, n: padding
-    n_cols = n if cols is None else cols.shape[0]
-    if cols is not None:  # input → column of the block; n_cols: not in it
-        position = torch.full((n + 1,), n_cols, dtype=torch.long, device=device)
-        position[cols] = torch.arange(n_cols, device=device)
-        inputs = position[inputs]
+    inputs, n_cols = _block_columns(inputs, n, cols)
     keep = weight.unsqueeze(1) & (inputs < n_cols)
     target = torch.where(keep, torch.arange(n_rows, device=device).unsqueeze(1) * n_cols + inputs, n_rows * n_cols)
     return _scattered(target, Gamma[torch.where(weight, o, 0)], n_rows, n_cols)

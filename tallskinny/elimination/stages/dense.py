@@ -145,7 +145,6 @@ class DenseStage(Stage):
             self.C_r = torch.cat(C_r_parts)  # r × a_in
             VC_r = torch.cat([blk @ Cr for blk, Cr in zip(V_blocks, C_r_parts)])
         else:
-            GV_live_blocks = None
             U, sigma, Vh = torch.linalg.svd(G, full_matrices=False)
             self.g_norm = float(sigma[0]) if sigma.numel() else 0.0
             tol = pivot_tolerance(max(a, p), G.dtype, self.g_norm)

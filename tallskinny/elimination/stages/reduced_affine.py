@@ -10,6 +10,7 @@ from ...blocks.protocol import Oracle
 from ...linalg import Dense, Identity, Inertia, Zero
 from ...linalg.kronecker import Kronecker, Permutation, Product, kron, transpose_permutation
 from ..algebra import symmetrize
+from ..structure import channels_first
 from ..supported import Supported, dense
 from . import Stage, StageFactor
 from .activation import NoParameters
@@ -28,7 +29,7 @@ class ReducedAffineStage(AffineCoordinates, Stage):
         # the span coordinates ζ of Θ̃ = Z Vᵀ: vec(Zᵀ), ordered (k, i), or, where the
         # output is ordered channel-major (P_out = I, a convolution at one sample), vec(Z)
         # ordered (i, k), so that G_V = I_m ⊗ X̃V is applied without any permutation
-        self.channel_major = R > 1 and torch.equal(p_out, torch.arange(p_out.shape[0], device=p_out.device))
+        self.channel_major = channels_first(parts)
         span_order = transpose_permutation(m, r, device=X.device)  # (i, k) → (k, i)
         if R == 1:  # tiny: one dense matrix is cheapest
             GV = Dense(kron(torch.eye(m, dtype=X.dtype, device=X.device), XV)[p_out][:, span_order])
