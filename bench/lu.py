@@ -6,6 +6,11 @@ Run as ``python bench/lu.py``. One thread; for each order ``n``, right-hand-side
 per-round ratios, and the
 difference between the two answers relative to ``lu_solve``'s (rounding only:
 the same substitutions, in another kernel order).
+
+``python bench/lu.py --layouts``: the product ``Aᵀx`` of a row-major ``n × n`` matrix with
+a solve's answer ``x`` (``n × k``) as LAPACK leaves it (column-major) and as
+``linalg.lu.in_layout_of`` returns it (row-major), float64, in interleaved rounds: why
+thin solves keep a row-major right-hand side's layout.
 """
 
 from __future__ import annotations
@@ -22,7 +27,25 @@ from _timing import median_ratio, paired_times  # noqa: E402
 from tallskinny.linalg.lu import LUFactors  # noqa: E402
 
 
+def layouts() -> None:
+    torch.set_num_threads(1)
+    gen = torch.Generator().manual_seed(0)
+    print("|    n |    k | Aᵀx, x column-major | Aᵀx, x row-major | ratio |")
+    print("|-----:|-----:|--------------------:|-----------------:|------:|")
+    for n in (128, 256, 512):
+        for k in (2, 7, 12, 32, 128):
+            A = torch.randn(n, n, generator=gen, dtype=torch.float64)
+            x_col = torch.randn(k, n, generator=gen, dtype=torch.float64).mT
+            x_row = x_col.contiguous()
+            col, row = paired_times([lambda: A.mT @ x_col, lambda: A.mT @ x_row], 21)
+            print(f"| {n:4d} | {k:4d} | {statistics.median(col) * 1e6:16.1f} µs | {statistics.median(row) * 1e6:13.1f} µs "
+                  f"| {median_ratio(col, row):5.2f} |")
+
+
 def main() -> None:
+    if "--layouts" in sys.argv[1:]:
+        layouts()
+        return
     torch.set_num_threads(1)
     gen = torch.Generator().manual_seed(0)
     print("|    n |    k | dtype   | lu_solve | LUFactors | speed-up | rel. difference |")

@@ -15,7 +15,7 @@ from ..errors import SingularSystemError
 from ..linalg import Diagonal, Inertia, LinearOperator, ScaledIdentity, Zero, pivot_tolerance
 from ..linalg.factor import ldl_d_eigenvalues
 from ..linalg.kronecker import identity_kronecker_factor
-from ..linalg.lu import LUFactors
+from ..linalg.lu import LUFactors, in_layout_of
 from . import workspace
 
 
@@ -174,7 +174,7 @@ class SymmetricFactor:
 
     def solve(self, B: Tensor) -> Tensor:
         if self._chol is not None:
-            return torch.cholesky_solve(B, self._chol)
+            return in_layout_of(torch.cholesky_solve(B, self._chol), B)
         if self._factors is None:  # (made on the first solve: no synchronisation before)
             self._factors = LUFactors(self._lu, self._piv)
         return self._factors.solve(B)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tallskinny.linalg.lu import ROW_MAJOR_MIN, LUFactors, pivots_to_permutation
+from tallskinny.linalg.lu import ROW_MAJOR_MIN, LUFactors, in_layout_of, pivots_to_permutation
 
 
 def matrix(n, dtype, seed=0):
@@ -66,3 +66,29 @@ def test_gradients_and_batched_right_hand_sides_go_through_lu_solve():
     lu, piv = lu.detach(), piv
     batched = torch.randn(3, n, n, dtype=torch.float64)
     assert torch.allclose(LUFactors(lu, piv).solve(batched), torch.linalg.lu_solve(lu, piv, batched), rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("n,columns", [(5, 3), (ROW_MAJOR_MIN - 1, 7), (ROW_MAJOR_MIN, 7), (200, 2)])
+def test_thin_answers_keep_the_layout_of_the_right_hand_side(n, columns):
+    """``lu_solve`` leaves its answer column-major; products whose operands are both
+    column-major take a slow GEMM path (``in_layout_of``), so a row-major ``B`` of several
+    columns gets a row-major answer; a column-major ``B`` and a vector are left as they are."""
+    factors = LUFactors(*torch.linalg.lu_factor(matrix(n, torch.float64)))
+    B = torch.randn(n, columns, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    assert not factors.row_major_pays(columns)
+    X = factors.solve(B)
+    assert X.is_contiguous()
+    assert torch.equal(X, torch.linalg.lu_solve(factors.lu, factors.pivots, B))
+    Bc = B.mT.contiguous().mT  # column-major
+    assert not factors.solve(Bc).is_contiguous()
+    assert torch.equal(factors.solve(Bc), X)
+
+
+def test_in_layout_of():
+    X = torch.randn(3, 4).mT  # column-major 4 × 3
+    assert in_layout_of(X, torch.randn(4, 3)).is_contiguous()
+    assert in_layout_of(X, torch.randn(3, 4).mT) is X
+    one = X[:, :1]  # one column: either layout, left as it is
+    assert in_layout_of(one, torch.randn(4, 1)) is one
+    x = torch.randn(4)
+    assert in_layout_of(x, torch.randn(4)) is x
