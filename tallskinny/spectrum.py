@@ -59,6 +59,13 @@ WHICH = ("largest", "smallest", "nearest")
 RESIDUAL_TOLERANCE = 1e-11
 """An eigenpair is accepted where ``‖Hy − λy‖ ≤ RESIDUAL_TOLERANCE·‖H‖`` (``‖y‖ = 1``):
 its eigenvalue is then exact to ``‖r‖²/gap`` and to the backward error ``‖r‖``."""
+STALLED_RESIDUAL_TOLERANCE = 1e-10
+"""A shift-invert search that would end in ``ConvergenceError`` (its Krylov space stopped
+growing, or ran out of block steps) returns instead the best pairs it met with residuals
+``‖Hy − λy‖ ≤`` this ``·‖H‖``, the accuracy ``eigvalsh`` documents: where inverse
+iteration stalls above ``RESIDUAL_TOLERANCE`` because the pole cannot separate a wanted
+pair from the eigenvalues beside it (``|λ − σ|/|μ − σ| ≈ 1``: a pole beyond the spectrum
+and small eigenvalues next to a null space)."""
 VALUE_TOLERANCE = 1e-13
 """Without eigenvectors, the extreme eigenvalues are accepted where their Kato–Temple
 bound ``‖r‖²/gap`` (``gap`` certified by a count) is ``≤ VALUE_TOLERANCE·‖H‖``."""
@@ -285,6 +292,7 @@ def _shift_invert(curv, F, sigma: float, k: int, norm: float, exclude: Tensor | 
     V = XT.new_empty(cap, P)  # the basis, a vector a row
     T = torch.zeros((cap, cap), dtype=dtype, device=device)
     n, cross, ritz, fresh, futile, refilled = 0, None, None, 0, 0, False
+    stalled: list = []  # (largest residual, pairs): the best met within STALLED_RESIDUAL_TOLERANCE
     for _ in range(MAX_BLOCKS + 1):
         size = XT.norm(dim=1)
         # X ⟂ (excluded, V); VᵀX of the first pass is known. A second pass where a column
@@ -322,7 +330,7 @@ def _shift_invert(curv, F, sigma: float, k: int, norm: float, exclude: Tensor | 
                 # inverse iteration, which is for the last digits)
                 steps = INVERSE_ITERATIONS if converged or b == 0 else 0
                 Z = _combine(V[:n].mT, S[:, order[: min(n, max(k + 2, min(near, k + 18)))]])
-                found = _ritz_pairs(curv, F, Z, sigma, k, norm, excluded, steps)
+                found = _ritz_pairs(curv, F, Z, sigma, k, norm, excluded, steps, stalled)
                 if found is not None:
                     return found
         if b == 0:
@@ -333,7 +341,7 @@ def _shift_invert(curv, F, sigma: float, k: int, norm: float, exclude: Tensor | 
             # only rounding once that is projected out. Inverse iteration on the whole
             # basis (n columns a step) only the first time
             for steps in ((0, INVERSE_ITERATIONS) if not fresh else (0,)) if n >= k else ():
-                found = _ritz_pairs(curv, F, V[:n].mT, sigma, k, norm, excluded, steps)
+                found = _ritz_pairs(curv, F, V[:n].mT, sigma, k, norm, excluded, steps, stalled)
                 if found is not None:
                     return found
             # a fresh block invariant at once: the inverse is a multiple of the identity on
@@ -345,6 +353,8 @@ def _shift_invert(curv, F, sigma: float, k: int, norm: float, exclude: Tensor | 
                 Q = _fresh_block(V[:n], excluded, block, gen)
             b = Q.shape[1]
             if b == 0:
+                if stalled:
+                    return stalled[0][1]
                 raise ConvergenceError(
                     f"eigvalsh: the shift-invert Krylov space stopped growing at {n} vectors before the {k} pairs converged"
                 )
@@ -366,6 +376,8 @@ def _shift_invert(curv, F, sigma: float, k: int, norm: float, exclude: Tensor | 
         theta, S = torch.linalg.eigh(0.5 * (Tn + Tn.mT))
         ritz = (theta, S, theta.abs().argsort(descending=True)[:k], b) if n >= k else None
         XT = W.mT
+    if stalled:
+        return stalled[0][1]
     raise ConvergenceError(f"eigvalsh: shift-invert Lanczos did not converge in {MAX_BLOCKS} block steps")
 
 
@@ -415,7 +427,10 @@ def _combine(Z: Tensor, S: Tensor) -> Tensor:
     return (S.mT @ Z.mT).mT
 
 
-def _ritz_pairs(curv, F, Z: Tensor, sigma: float, k: int, norm: float, excluded: Tensor | None, steps: int = INVERSE_ITERATIONS):
+def _ritz_pairs(
+    curv, F, Z: Tensor, sigma: float, k: int, norm: float, excluded: Tensor | None, steps: int = INVERSE_ITERATIONS,
+    stalled: list | None = None,
+):
     """The ``k`` Ritz pairs nearest ``σ`` of ``H`` on the span of ``Z`` (one block HVP):
     values, vectors, residual norms and the span's other Ritz values (estimates of the
     eigenvalues next beyond them); ``None`` unless each residual is
@@ -427,7 +442,10 @@ def _ritz_pairs(curv, F, Z: Tensor, sigma: float, k: int, norm: float, excluded:
     ``Z`` is orthonormalized at every step, the first included: the Lanczos basis is
     orthogonal to ~1e-11 only, and the vectors found become the next search's exclusions.
     An inverse-iteration solve is unrefined until a step fails to halve the largest residual,
-    then refined once: the residual's floor is the solve's backward error times ``‖H‖``."""
+    then refined once: the residual's floor is the solve's backward error times ``‖H‖``.
+    ``stalled`` (a list, ``[]`` or ``[(largest residual, pairs)]``) keeps the best pairs met
+    with residuals ``≤ STALLED_RESIDUAL_TOLERANCE·‖H‖`` that were refused, for a search
+    that would otherwise not converge."""
     tol = RESIDUAL_TOLERANCE * norm
     worst: list[float] = []
     refine = 0
@@ -443,11 +461,13 @@ def _ritz_pairs(curv, F, Z: Tensor, sigma: float, k: int, norm: float, excluded:
         pick = (mu - sigma).abs().argsort()[:k]
         Y, HY, lam = _combine(Z, S_H[:, pick]), _combine(HZ, S_H[:, pick]), mu[pick]
         res = (HY - Y * lam).norm(dim=0)
+        others = torch.ones_like(mu, dtype=torch.bool)
+        others[pick] = False
         if bool((res <= tol).all()):
-            others = torch.ones_like(mu, dtype=torch.bool)
-            others[pick] = False
             return lam, Y, res, mu[others]
         worst.append(float(res.max()))
+        if stalled is not None and worst[-1] <= STALLED_RESIDUAL_TOLERANCE * norm and (not stalled or worst[-1] < stalled[0][0]):
+            stalled[:] = [(worst[-1], (lam, Y, res, mu[others]))]
         if len(worst) > 1 and not worst[-1] <= 0.5 * min(worst[:-1]):
             # a step that did not halve the residual: from here on each solve is refined
             # once (the unrefined solve's backward error, up to ~1e-10 near a singular

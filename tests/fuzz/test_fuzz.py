@@ -168,7 +168,13 @@ SPECTRUM_FIXED = {
     155: "nearest σ = 0 (P = 109): the window's count at +τ, where the elimination broke down on a regular "
          "H − τI, moved below the null space unconfirmed (a count of 0 where 4 were found)",
     257: "smallest k = 5 (P = 25): the shift-invert Krylov space invariant at 24 vectors, the pairs refused (ConvergenceError)",
-    392: "Gauss–Newton largest k = 6 beyond its rank: every vector of the null space looked for (ConvergenceError)",
+    85: "Gauss–Newton largest k = 2: inverse iteration from a pole beyond the spectrum stalled above 1e-11·‖H‖, "
+        "the Krylov space stopped growing at 37 vectors (ConvergenceError)",
+    392: "Gauss–Newton largest k = 6 beyond its rank: every vector of the null space looked for (ConvergenceError); "
+         "then (after 511bac5 changed the rounding) small eigenvalues next to the null space that the far pole "
+         "cannot separate, stalled at 1.3e-11·‖H‖ (ConvergenceError)",
+    2778: "Gauss–Newton largest k = 6: inverse iteration stalled above 1e-11·‖H‖, the Krylov space stopped "
+          "growing at 74 vectors (ConvergenceError)",
     656: "nearest (P = 582): a count moved off a regular shift unconfirmed; nearest values 1.1e-7 off",
     979: "nearest σ = 0 (P = 9): the Krylov space spanned everything and its Ritz pairs were still refused",
     1751: "Gauss–Newton largest k = 4 (P = 214, float32): the Krylov space invariant at 8 vectors (ConvergenceError)",
