@@ -8,9 +8,9 @@ difference between the two answers relative to ``lu_solve``'s (rounding only:
 the same substitutions, in another kernel order).
 
 ``python bench/lu.py --layouts``: the product ``Aᵀx`` of a row-major ``n × n`` matrix with
-a solve's answer ``x`` (``n × k``) as LAPACK leaves it (column-major) and as
-``linalg.lu.in_layout_of`` returns it (row-major), float64, in interleaved rounds: why
-thin solves keep a row-major right-hand side's layout.
+a solve's answer ``x`` (``n × k``) as LAPACK leaves it (column-major), as
+``linalg.lu.in_layout_of`` returns it (row-major), and computed wide as ``(xᵀA)ᵀ``
+(``linalg.thin.thin_product``), float64, in interleaved rounds.
 """
 
 from __future__ import annotations
@@ -30,16 +30,16 @@ from tallskinny.linalg.lu import LUFactors  # noqa: E402
 def layouts() -> None:
     torch.set_num_threads(1)
     gen = torch.Generator().manual_seed(0)
-    print("|    n |    k | Aᵀx, x column-major | Aᵀx, x row-major | ratio |")
-    print("|-----:|-----:|--------------------:|-----------------:|------:|")
-    for n in (128, 256, 512):
+    print("|    n |    k | Aᵀx, x column-major | Aᵀx, x row-major | (xᵀA)ᵀ (thin_product) | col / row | row / wide |")
+    print("|-----:|-----:|--------------------:|-----------------:|----------------------:|----------:|-----------:|")
+    for n in (128, 256, 512, 1024):
         for k in (2, 7, 12, 32, 128):
             A = torch.randn(n, n, generator=gen, dtype=torch.float64)
             x_col = torch.randn(k, n, generator=gen, dtype=torch.float64).mT
             x_row = x_col.contiguous()
-            col, row = paired_times([lambda: A.mT @ x_col, lambda: A.mT @ x_row], 21)
+            col, row, wide = paired_times([lambda: A.mT @ x_col, lambda: A.mT @ x_row, lambda: (x_row.mT @ A).mT], 21)
             print(f"| {n:4d} | {k:4d} | {statistics.median(col) * 1e6:16.1f} µs | {statistics.median(row) * 1e6:13.1f} µs "
-                  f"| {median_ratio(col, row):5.2f} |")
+                  f"| {statistics.median(wide) * 1e6:18.1f} µs | {median_ratio(col, row):9.2f} | {median_ratio(row, wide):10.2f} |")
 
 
 def main() -> None:

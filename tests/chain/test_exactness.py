@@ -158,6 +158,49 @@ def test_many_right_hand_sides_share_one_factorization():
     assert rel(X_, torch.linalg.solve(H + 1e-2 * torch.eye(P), B)) <= 1e-9
 
 
+@pytest.mark.parametrize("kind", ["hessian", "ggn"])
+def test_sweeps_of_large_stages_take_thin_blocks_wide(kind, monkeypatch):
+    """Stages of 256 rows (batch 8 × width 32) sweep a block of 4 right-hand sides with
+    the wide products of ``linalg.thin``; the unrefined solve equals the dense one."""
+    from tallskinny.linalg import thin
+
+    taken = []
+    wide = thin._wide
+    monkeypatch.setattr(thin, "_wide", lambda M, X: taken.append(wide(M, X)) or taken[-1])
+    torch.manual_seed(3)
+    modules = [nn.Linear(4, 32), nn.Tanh(), nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 2)]
+    X = torch.randn(8, 4, generator=torch.Generator().manual_seed(4))
+    y = torch.randint(0, 2, (8,), generator=torch.Generator().manual_seed(5))
+    chain = ts.Chain(modules, nn.CrossEntropyLoss())
+    H = (dense_hessian if kind == "hessian" else dense_ggn)(chain, X, y)
+    P = H.shape[0]
+    B = torch.randn(P, 4, generator=torch.Generator().manual_seed(6))
+    x = chain.curvature(X, y, kind=kind, method="riccati").factorize(0.1).solve(B, refine=0)
+    assert any(taken)
+    assert rel(x, torch.linalg.solve(H + 0.1 * torch.eye(P), B)) <= 1e-10
+
+
+@pytest.mark.parametrize("name", CASES)
+@pytest.mark.parametrize("kind", ["hessian", "ggn"])
+def test_wide_thin_products_on_every_case(name, kind, monkeypatch):
+    """``linalg.thin``'s thresholds lowered to 1: every stage of these small models sweeps
+    its blocks of right-hand sides with the wide products, and the unrefined solves still
+    equal the dense ones (the large stages that take them by default are few in the
+    suite)."""
+    from tallskinny.linalg import thin
+
+    monkeypatch.setattr(thin, "WIDE_MIN", 1)
+    monkeypatch.setattr(thin, "THIN_RATIO", 1)
+    modules, loss, X, y = make_case(name, 1)
+    chain = ts.Chain(modules, loss)
+    H = dense_hessian(chain, X, y) if kind == "hessian" else dense_ggn(chain, X, y)
+    P = H.shape[0]
+    B = torch.randn(P, 3, generator=torch.Generator().manual_seed(2))
+    x = chain.curvature(X, y, kind=kind, method="riccati").factorize(0.3).solve(B, refine=0)
+    M = H + 0.3 * torch.eye(P)
+    assert rel(x, torch.linalg.solve(M, B)) <= 1e-13 * float(torch.linalg.cond(M))
+
+
 def test_from_sequential_and_call():
     modules, loss, X, y = make_case("silu", 2)
     seq = torch.nn.Sequential(*modules)

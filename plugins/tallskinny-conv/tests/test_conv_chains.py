@@ -270,11 +270,19 @@ UNREFINED = {"two_relu_convs": (two_relu_convs, (2, 5, 5)), "two_tanh_convs": (t
 @pytest.mark.parametrize("name", UNREFINED)
 @pytest.mark.parametrize("batch", [1, 2])
 @pytest.mark.parametrize("damping", [1e-2, -0.05])
-def test_the_unrefined_elimination_equals_dense_solves(name, batch, damping):
+@pytest.mark.parametrize("wide", [False, True])
+def test_the_unrefined_elimination_equals_dense_solves(name, batch, damping, wide, monkeypatch):
     """``solve(b, refine=0)``: the elimination alone, which refinement and the pivoted KKT
     fallback of ``logdet`` would otherwise correct or replace, so that a wrong stage
     (a complement's Gram, a value Hessian on its support, a span basis, the coordinates
-    of a stage on ``vec Θ̃``) shows here. float64; a shift (negative damping) too."""
+    of a stage on ``vec Θ̃``) shows here. float64; a shift (negative damping) too. With
+    ``wide`` (``linalg.thin``'s thresholds lowered to 1) the sweeps take the wide thin
+    products at every stage, as the bench's 512-row stages do."""
+    from tallskinny.linalg import thin
+
+    if wide:
+        monkeypatch.setattr(thin, "WIDE_MIN", 1)
+        monkeypatch.setattr(thin, "THIN_RATIO", 1)
     make, shape = UNREFINED[name]
     torch.manual_seed(11)
     chain = ts.Chain([m.double() for m in make()], nn.CrossEntropyLoss())

@@ -27,6 +27,7 @@ from torch import Tensor
 from ...blocks.protocol import Oracle
 from ...linalg import Dense, Inertia, Zero, pivot_tolerance
 from ...linalg.kronecker import identity_kronecker_factor, kron, padded_identity_matrix
+from ...linalg.thin import thin_addmm, thin_product
 from .. import workspace
 from ..algebra import (
     StageSingular,
@@ -412,7 +413,7 @@ class DirectAffineFactor(StageFactor):
             if t is not None:
                 nq = torch.add(nq, t, alpha=-st.scalar) if st.scalar is not None else nq - st._gvt(t)
             nu = self.factor.solve(nq)
-            t_new = self.Q_ry.mT @ nu if t_new is None else torch.addmm(t_new, self.Q_ry.mT, nu)
+            t_new = thin_product(self.Q_ry.mT, nu) if t_new is None else thin_addmm(t_new, self.Q_ry.mT, nu)
             if st.n_perp:
                 b_perp = torch.addmm(T, st.V, Zb, alpha=-1.0)
         if b_perp is not None and st.coupled:
@@ -436,7 +437,7 @@ class DirectAffineFactor(StageFactor):
         fuse_F = st.W is not None and y is not None and st.r  # y ← W y + σζ in one addmm
         y_new = None if y is None or st.F_apply is None or fuse_F else st.F_apply(y)
         if st.r:
-            zeta = nu if y is None else torch.addmm(nu, self.K, y, alpha=-1.0)
+            zeta = nu if y is None else thin_addmm(nu, self.K, y, alpha=-1.0)
             if fuse_F:
                 y_new = torch.addmm(zeta, st.W, y, beta=st.scalar)
             elif st.scalar is not None:

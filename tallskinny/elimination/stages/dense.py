@@ -10,6 +10,7 @@ from torch import Tensor
 from ...blocks.protocol import Oracle
 from ...linalg import Inertia, LinearOperator, LowRank, Zero, pivot_tolerance
 from ...linalg.kronecker import identity_kronecker_factor
+from ...linalg.thin import thin_product
 from .. import workspace
 from ..algebra import (
     StageSingular,
@@ -37,6 +38,12 @@ def _is_zero(op: LinearOperator) -> bool:
 def _mm(A, x: Tensor) -> Tensor:
     """``A x`` for a dense tensor or an operator (unchecked: shapes are known to fit)."""
     return A @ x if isinstance(A, Tensor) else A.matmat(x)
+
+
+def _thin_mm(A, x: Tensor) -> Tensor:
+    """``A x`` for a thin block ``x`` (:func:`~tallskinny.linalg.thin.thin_product` for a
+    dense tensor)."""
+    return thin_product(A, x) if isinstance(A, Tensor) else A.matmat(x)
 
 
 def _gvt_product(GVt, S: Tensor) -> tuple[Tensor, bool]:
@@ -448,13 +455,13 @@ class DenseStageFactor(StageFactor):
         """``u = Q_θθ⁻¹(Gᵀt − b)`` in (span, Z, rest) parts, and the new ``t``."""
         st = self.stage
         u_r = u_z = u_rest = None
-        Zb = st.Z.mT @ b if st.k else None
-        Vb = None if st.V is None else st.V.mT @ b
+        Zb = thin_product(st.Z.mT, b) if st.k else None
+        Vb = None if st.V is None else thin_product(st.V.mT, b)
         q_z = -Zb if st.k else None
         if st.r:
             q_r = -(b if st.V is None else Vb)
             if t is not None:
-                q_r = q_r + _mm(st.GVt, t)
+                q_r = q_r + _thin_mm(st.GVt, t)
             if st.A_rz is not None:
                 q_r = q_r - (st.A_rz / self.d) @ q_z
             u_r = self.factor.solve(q_r)
@@ -462,18 +469,18 @@ class DenseStageFactor(StageFactor):
             u_z = q_z if st.A_rz is None else q_z - st.A_rz.mT @ u_r
             u_z = u_z / self.d.unsqueeze(-1)
         if st.n_rest:  # −b on the rest, over ε
-            rest = b if st.V is None else b - st.V @ Vb
+            rest = b if st.V is None else b - thin_product(st.V, Vb)
             if st.k:
-                rest = rest - st.Z @ Zb
+                rest = rest - thin_product(st.Z, Zb)
             u_rest = rest / -self.damping
         t_new = None if t is None else st.FT.matmat(t)
         w = None  # Q_ζyᵀu on the inputs the stage keeps
         if u_r is not None:
-            w = self.Q_ry.mT @ u_r
+            w = thin_product(self.Q_ry.mT, u_r)
         if u_z is not None:
-            w = _add(w, st.C_z.mT @ u_z)
+            w = _add(w, thin_product(st.C_z.mT, u_z))
         if u_rest is not None:
-            w = _add(w, st.C_rest.mT @ u_rest)
+            w = _add(w, thin_product(st.C_rest.mT, u_rest))
         if w is not None and st.inputs is not None:  # zero on the dead inputs
             t_new = b.new_zeros(st.F.shape[1], b.shape[1]) if t_new is None else t_new
             return (u_r, u_z, u_rest), t_new.index_add(0, st.inputs, w, alpha=-1.0)
@@ -485,25 +492,25 @@ class DenseStageFactor(StageFactor):
         u_r, u_z, u_rest = u
         theta = theta_r = None
         y_in = y if y is None or st.inputs is None else y.index_select(0, st.inputs)
-        Ky = None if y is None or not st.r else self.K_r @ y_in
+        Ky = None if y is None or not st.r else thin_product(self.K_r, y_in)
         if st.r:
             theta_r = -u_r if y is None else -Ky - u_r
-            theta = theta_r if st.V is None else st.V @ theta_r
+            theta = theta_r if st.V is None else thin_product(st.V, theta_r)
         if st.k:
             theta_z = -u_z
             if y is not None:
-                w = st.C_z @ y_in
+                w = thin_product(st.C_z, y_in)
                 if st.A_rz is not None:
                     w = w - st.A_rz.mT @ Ky
                 theta_z = theta_z - w / self.d.unsqueeze(-1)
-            theta_z = st.Z @ theta_z
+            theta_z = thin_product(st.Z, theta_z)
             theta = theta_z if theta is None else theta + theta_z
         if st.n_rest:
-            theta_rest = -u_rest if y is None else -u_rest - (st.C_rest @ y_in) / self.damping
+            theta_rest = -u_rest if y is None else -u_rest - thin_product(st.C_rest, y_in) / self.damping
             theta = theta_rest if theta is None else theta + theta_rest
         y_new = None if y is None else st.F.matmat(y)
         if theta_r is not None:
-            gy = _mm(st.GV, theta_r)
+            gy = _thin_mm(st.GV, theta_r)
             y_new = gy if y_new is None else y_new + gy
         return theta, y_new
 
