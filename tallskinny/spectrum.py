@@ -60,12 +60,14 @@ RESIDUAL_TOLERANCE = 1e-11
 """An eigenpair is accepted where ``‖Hy − λy‖ ≤ RESIDUAL_TOLERANCE·‖H‖`` (``‖y‖ = 1``):
 its eigenvalue is then exact to ``‖r‖²/gap`` and to the backward error ``‖r‖``."""
 STALLED_RESIDUAL_TOLERANCE = 1e-10
-"""A shift-invert search that would end in ``ConvergenceError`` (its Krylov space stopped
-growing, or ran out of block steps) returns instead the best pairs it met with residuals
-``‖Hy − λy‖ ≤`` this ``·‖H‖``, the accuracy ``eigvalsh`` documents: where inverse
-iteration stalls above ``RESIDUAL_TOLERANCE`` because the pole cannot separate a wanted
-pair from the eigenvalues beside it (``|λ − σ|/|μ − σ| ≈ 1``: a pole beyond the spectrum
-and small eigenvalues next to a null space)."""
+"""The last resort of a model above ``DENSE_FALLBACK_MAX_P`` parameters: a shift-invert
+search that would end in ``ConvergenceError`` (its Krylov space stopped growing, or it ran
+out of block steps) returns instead the best pairs it met with residuals ``‖Hy − λy‖ ≤``
+this ``·‖H‖`` (the accuracy the tests and the fuzzer hold ``eigvalsh`` to; values then
+exact to ``‖r‖²/gap``), still certified by the counts. Inverse iteration stalls above
+``RESIDUAL_TOLERANCE`` where the pole cannot separate a wanted pair from the eigenvalues
+beside it (``|λ − σ|/|μ − σ| ≈ 1``: a pole beyond the spectrum and small eigenvalues next
+to a null space). Smaller models take the exact dense fallback instead."""
 VALUE_TOLERANCE = 1e-13
 """Without eigenvectors, the extreme eigenvalues are accepted where their Kato–Temple
 bound ``‖r‖²/gap`` (``gap`` certified by a count) is ``≤ VALUE_TOLERANCE·‖H‖``."""
@@ -261,7 +263,9 @@ def _factor_near(curv, sigma: float, tau: float):
     raise SingularSystemError(f"H − σI stayed singular near σ = {sigma:g}", damping=-sigma)
 
 
-def _shift_invert(curv, F, sigma: float, k: int, norm: float, exclude: Tensor | None, gen, block: int):
+def _shift_invert(
+    curv, F, sigma: float, k: int, norm: float, exclude: Tensor | None, gen, block: int, accept_stalled: bool = False
+):
     """The ``k`` eigenpairs nearest ``σ`` by block Lanczos on ``(H − σI)⁻¹`` (full
     reorthogonalization; Rayleigh–Ritz on the inverse to find them, then with ``H`` itself
     (:func:`_ritz_pairs`) for the digits the inverse's rounding ``‖(H − σI)⁻¹‖·eps``
@@ -282,7 +286,8 @@ def _shift_invert(curv, F, sigma: float, k: int, norm: float, exclude: Tensor | 
     ``H`` on the whole basis, and if neither passes the search goes on from a fresh block
     orthogonal to the basis (:func:`_fresh_block`). ``ConvergenceError`` where the basis
     spans everything, after :data:`FUTILE_FRESH_BLOCKS` fresh blocks in a row invariant at
-    once, or after :data:`MAX_BLOCKS` block steps."""
+    once, or after :data:`MAX_BLOCKS` block steps; with ``accept_stalled``, the best pairs
+    met within :data:`STALLED_RESIDUAL_TOLERANCE` there instead, where there are any."""
     P = curv.num_parameters
     dtype, device = curv.layout.dtype, curv.layout.device
     # the start block, as rows (drawn in float32: a float64 draw costs 4–5× as much)
@@ -353,7 +358,7 @@ def _shift_invert(curv, F, sigma: float, k: int, norm: float, exclude: Tensor | 
                 Q = _fresh_block(V[:n], excluded, block, gen)
             b = Q.shape[1]
             if b == 0:
-                if stalled:
+                if accept_stalled and stalled:
                     return stalled[0][1]
                 raise ConvergenceError(
                     f"eigvalsh: the shift-invert Krylov space stopped growing at {n} vectors before the {k} pairs converged"
@@ -376,7 +381,7 @@ def _shift_invert(curv, F, sigma: float, k: int, norm: float, exclude: Tensor | 
         theta, S = torch.linalg.eigh(0.5 * (Tn + Tn.mT))
         ritz = (theta, S, theta.abs().argsort(descending=True)[:k], b) if n >= k else None
         XT = W.mT
-    if stalled:
+    if accept_stalled and stalled:
         return stalled[0][1]
     raise ConvergenceError(f"eigvalsh: shift-invert Lanczos did not converge in {MAX_BLOCKS} block steps")
 
@@ -689,8 +694,10 @@ def eigvalsh(curv, k: int, which: str = "largest", *, near=None, eigenvectors: b
     it, and once more from ``√(τ‖H‖)`` away where that does not converge; a target
     beyond the spectrum answers as largest/smallest (:data:`FAR_TARGET`). Where that
     does not converge, models of at most
-    ``DENSE_FALLBACK_MAX_P`` parameters take a dense ``eigh`` (else
-    :class:`~tallskinny.errors.ConvergenceError`, a ``RuntimeError``).
+    ``DENSE_FALLBACK_MAX_P`` parameters take a dense ``eigh``; larger ones accept the
+    best pairs a stalled search met within ``STALLED_RESIDUAL_TOLERANCE·‖H‖`` (count
+    certified as the others), else :class:`~tallskinny.errors.ConvergenceError` (a
+    ``RuntimeError``).
     The extreme values come first from Lanczos on ``H``
     (:func:`_extreme_lanczos`); without eigenvectors they are accepted at a
     count-certified Kato–Temple bound ``≤ VALUE_TOLERANCE·‖H‖``."""
@@ -726,9 +733,12 @@ def eigvalsh(curv, k: int, which: str = "largest", *, near=None, eigenvectors: b
         lo, hi = spectral_bounds(curv)
         sigma = hi if which == "largest" else lo
     target = sigma
+    # a model too large for the dense fallback accepts, as a last resort, pairs within
+    # STALLED_RESIDUAL_TOLERANCE where a search stalls (nearest: at the second pole only)
+    last_resort = P > DENSE_FALLBACK_MAX_P
     F, sigma = _factor_near(curv, target, tau)
     try:
-        found_l, found_v = _certified_nearest(curv, F, sigma, target, which, k, norm, tau)
+        found_l, found_v = _certified_nearest(curv, F, sigma, target, which, k, norm, tau, last_resort and which != "nearest")
     except ConvergenceError:
         found_l = None
         if which == "nearest":
@@ -738,7 +748,7 @@ def eigvalsh(curv, k: int, which: str = "largest", *, near=None, eigenvectors: b
             # more from √(τ‖H‖) away (a growth of ~1e5 instead of ~1e10)
             F, sigma = _factor_near(curv, target + math.sqrt(tau * norm), tau)
             try:
-                found_l, found_v = _certified_nearest(curv, F, sigma, target, which, k, norm, tau)
+                found_l, found_v = _certified_nearest(curv, F, sigma, target, which, k, norm, tau, last_resort)
             except ConvergenceError:
                 pass
         if found_l is None:
@@ -755,22 +765,28 @@ def eigvalsh(curv, k: int, which: str = "largest", *, near=None, eigenvectors: b
     return values, vectors
 
 
-def _certified_nearest(curv, F, sigma: float, target: float, which: str, k: int, norm: float, tau: float):
+def _certified_nearest(
+    curv, F, sigma: float, target: float, which: str, k: int, norm: float, tau: float, accept_stalled: bool = False
+):
     """The eigenvalues found (a list, at least the ``k`` nearest ``target``) and their
     vectors, by shift-invert Lanczos with the factorization ``F`` of ``H − σI`` (``σ`` at
     or next to the target), looked for again orthogonal to those found until a count over
     the window of the ``k`` nearest the target holds no more than were found in it
     (:func:`_tie_certified` for a cluster at the k-th distance). ``ConvergenceError``
-    where a search does not converge."""
+    where a search does not converge (``accept_stalled``: see :func:`_shift_invert`)."""
     P = curv.num_parameters
     gen = torch.Generator().manual_seed(2)
     block = min(P, max(k + 2, 4))
     found_l, found_v, beyond = [], None, []
+    largest_residual = 0.0  # of the pairs found: their values are exact to it
     want = k
     while True:
         need = want - (0 if found_v is None else found_v.shape[1])
-        lam, Y, _, others = _shift_invert(curv, F, sigma, need, norm, found_v, gen, min(P, max(need + 2, block)))
+        lam, Y, res, others = _shift_invert(
+            curv, F, sigma, need, norm, found_v, gen, min(P, max(need + 2, block)), accept_stalled
+        )
         found_l.extend(lam.tolist())
+        largest_residual = max(largest_residual, float(res.max()))
         beyond.extend(others.tolist())
         found_v = Y if found_v is None else torch.cat((found_v, Y), dim=1)
         dist = sorted(abs(x - target) for x in found_l)
@@ -792,24 +808,26 @@ def _certified_nearest(curv, F, sigma: float, target: float, which: str, k: int,
             raise ConvergenceError(f"eigvalsh: a count of {count} eigenvalues in [{lower:.6g}, {upper:.6g}) where {inside} were found")
         if count == inside or found_v.shape[1] >= P:
             return found_l, found_v
-        if _tie_certified(curv, target, which, found_l, radius, reach, norm, tau):
+        # found values are exact to their residuals (a stalled search's up to
+        # STALLED_RESIDUAL_TOLERANCE·‖H‖): the cluster's width
+        tie = 4 * max(RESIDUAL_TOLERANCE * norm, largest_residual)
+        if _tie_certified(curv, target, which, found_l, radius, reach, tau, tie):
             return found_l, found_v  # the rest of the window is more of the k-th value's cluster
         want = found_v.shape[1] + (count - inside)  # missed (repeated) eigenvalues: look again
 
 
-def _tie_certified(curv, target: float, which: str, found: list, radius: float, reach: float, norm: float, tau: float) -> bool:
+def _tie_certified(curv, target: float, which: str, found: list, radius: float, reach: float, tau: float, tie: float) -> bool:
     """Whether a window holding more eigenvalues than were found (``count ≥ k``) holds
     them at the k-th distance ``radius`` from the target: a cluster there (a null space,
     a repeated eigenvalue) of which any members are as near as those found. The cluster
-    is the found values within ``tie = 4·RESIDUAL_TOLERANCE·‖H‖`` of that distance (each is
-    exact to its residual), on the side of its nearest member. True where a count holds
+    is the found values within ``tie`` (four times the largest of ``RESIDUAL_TOLERANCE·‖H‖``
+    and the found pairs' residuals) of that distance (each is exact to its residual), on the side of its nearest member. True where a count holds
     exactly the found values in it, over the distances below the cluster's (its nearest
     member's, less ``tie``) on that side and the whole first window (``reach``) on the
     other: nothing nearer was missed, and on the other side nothing at all (a near-tie
     across the target is not a cluster). None to count where the cluster is at the
     target. A count where the cluster members fall inside (an edge closer to them than
     the counts resolve) is not True: the search goes on."""
-    tie = 4 * RESIDUAL_TOLERANCE * norm
     nearest = min((x for x in found if abs(x - target) >= radius - tie), key=lambda x: abs(x - target))
     tie_from = abs(nearest - target)
     if tie_from <= tie:

@@ -28,8 +28,9 @@ def in_layout_of(X: Tensor, B: Tensor) -> Tensor:
     """``X`` (a solve's answer, column-major as LAPACK leaves it) row-major where the
     right-hand side ``B`` was a row-major matrix of several columns. Products whose two
     operands are both column-major (``Aᵀ X`` with ``A`` row-major) take a slow path of
-    MKL's GEMM: 4–10× the time of the same product with a row-major ``X`` at
-    ``128 × 128`` by 7 columns (CHANGELOG); the copy costs ``O(n·k)``."""
+    MKL's GEMM: 2.5–4× the time of the same product with a row-major ``X`` at
+    ``128 × 128`` by 7 columns, 6–8× at 256–1024 (``python bench/lu.py --layouts``); the
+    copy costs ``O(n·k)``."""
     if B.dim() == 2 and B.shape[-1] > 1 and B.stride(-1) == 1 and X.stride(-1) != 1:
         return X.contiguous()
     return X
