@@ -71,9 +71,24 @@ def test_method_page_code_runs(page):
         assert namespace["opt"].last_step is not None
 
 
-def test_demo_runs_and_writes_the_plot(tmp_path, capsys):
+class _SteppedClock:
+    """A ``time`` module whose ``perf_counter`` advances by ``tick`` seconds a call: the
+    demo's wall-clock budget becomes a fixed number of steps (the same on a loaded machine:
+    with the real clock a slow run could make one rejected trust-region step, or a few
+    Adam steps that raise the full training loss, and fail "it trained")."""
+
+    def __init__(self, tick: float):
+        self.now, self.tick = 0.0, tick
+
+    def perf_counter(self) -> float:
+        self.now += self.tick
+        return self.now
+
+
+def test_demo_runs_and_writes_the_plot(tmp_path, capsys, monkeypatch):
     pytest.importorskip("sklearn")
     pytest.importorskip("matplotlib")
+    monkeypatch.setattr(cli, "time", _SteppedClock(0.0625))  # a step counts 0.0625 s: 24 in 1.5 s
     argv = ["demo", "--budget", "1.5", "--depth", "4", "--width", "8", "--exact-batch", "4",
             "--gradient-batch", "32", "--out", str(tmp_path), "--check-batch", "2", "--batch", "4"]
     assert cli.main(argv) == 0
@@ -84,7 +99,7 @@ def test_demo_runs_and_writes_the_plot(tmp_path, capsys):
     results = json.loads((tmp_path / "demo_results.json").read_text())
     for key in ("adam", "exact"):
         r = results[key]
-        assert r["steps"] >= 1 and 0 < r["train_loss"] < 10 and 0 <= r["test_acc"] <= 1
+        assert r["steps"] == 24 and 0 < r["train_loss"] < 10 and 0 <= r["test_acc"] <= 1
         assert r["history"][0][1] > r["train_loss"]  # it trained
     assert results["exactness"]["relative_error"] < 1e-9
     error = float(re.search(r"to a dense solve = ([0-9.e+-]+)", out).group(1))
