@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Callable, NamedTuple, Sequence
+from typing import Callable, NamedTuple
 
 import torch
 from torch import Tensor
@@ -72,8 +72,9 @@ VALUE_TOLERANCE = 1e-13
 """Without eigenvectors, the extreme eigenvalues are accepted where their Kato–Temple
 bound ``‖r‖²/gap`` (``gap`` certified by a count) is ``≤ VALUE_TOLERANCE·‖H‖``."""
 MAX_BLOCKS = 60
-"""Block shift-invert Lanczos steps before :func:`eigvalsh` gives up
-(:class:`~tallskinny.errors.ConvergenceError`)."""
+"""Block shift-invert Lanczos steps before a search gives up (the dense fallback, the
+stalled pairs of :data:`STALLED_RESIDUAL_TOLERANCE`, or
+:class:`~tallskinny.errors.ConvergenceError`: see :func:`eigvalsh`)."""
 REORTHOGONALIZE_BELOW = 2**-0.5
 """Both Lanczos iterations (on ``H`` after its three-term step, and shift-invert)
 orthogonalize a vector or block against the basis a second time only where a column
@@ -388,9 +389,9 @@ def _shift_invert(
 
 FUTILE_FRESH_BLOCKS = 8
 """Fresh blocks in a row, each invariant at its first step, after which a shift-invert
-search gives up (``ConvergenceError``): the pairs sit in a cluster that only spanning all
-of it would resolve, which a small model's dense fallback does at once and a large
-model cannot afford."""
+search gives up (as after :data:`MAX_BLOCKS`): the pairs sit in a cluster that only
+spanning all of it would resolve, which a small model's dense fallback does at once and
+a large model cannot afford."""
 
 
 def _project_out(XT: Tensor, excluded: Tensor | None, V: Tensor) -> Tensor:
@@ -778,15 +779,13 @@ def _certified_nearest(
     gen = torch.Generator().manual_seed(2)
     block = min(P, max(k + 2, 4))
     found_l, found_v, beyond = [], None, []
-    largest_residual = 0.0  # of the pairs found: their values are exact to it
     want = k
     while True:
         need = want - (0 if found_v is None else found_v.shape[1])
-        lam, Y, res, others = _shift_invert(
+        lam, Y, _, others = _shift_invert(
             curv, F, sigma, need, norm, found_v, gen, min(P, max(need + 2, block)), accept_stalled
         )
         found_l.extend(lam.tolist())
-        largest_residual = max(largest_residual, float(res.max()))
         beyond.extend(others.tolist())
         found_v = Y if found_v is None else torch.cat((found_v, Y), dim=1)
         dist = sorted(abs(x - target) for x in found_l)
@@ -808,26 +807,27 @@ def _certified_nearest(
             raise ConvergenceError(f"eigvalsh: a count of {count} eigenvalues in [{lower:.6g}, {upper:.6g}) where {inside} were found")
         if count == inside or found_v.shape[1] >= P:
             return found_l, found_v
-        # found values are exact to their residuals (a stalled search's up to
-        # STALLED_RESIDUAL_TOLERANCE·‖H‖): the cluster's width
-        tie = 4 * max(RESIDUAL_TOLERANCE * norm, largest_residual)
-        if _tie_certified(curv, target, which, found_l, radius, reach, tau, tie):
+        if _tie_certified(curv, target, which, found_l, radius, reach, norm, tau):
             return found_l, found_v  # the rest of the window is more of the k-th value's cluster
         want = found_v.shape[1] + (count - inside)  # missed (repeated) eigenvalues: look again
 
 
-def _tie_certified(curv, target: float, which: str, found: list, radius: float, reach: float, tau: float, tie: float) -> bool:
+def _tie_certified(curv, target: float, which: str, found: list, radius: float, reach: float, norm: float, tau: float) -> bool:
     """Whether a window holding more eigenvalues than were found (``count ≥ k``) holds
     them at the k-th distance ``radius`` from the target: a cluster there (a null space,
     a repeated eigenvalue) of which any members are as near as those found. The cluster
-    is the found values within ``tie`` (four times the largest of ``RESIDUAL_TOLERANCE·‖H‖``
-    and the found pairs' residuals) of that distance (each is exact to its residual), on the side of its nearest member. True where a count holds
+    is the found values within ``tie = 4·RESIDUAL_TOLERANCE·‖H‖`` of that distance (each is
+    exact to its residual), on the side of its nearest member. True where a count holds
     exactly the found values in it, over the distances below the cluster's (its nearest
     member's, less ``tie``) on that side and the whole first window (``reach``) on the
     other: nothing nearer was missed, and on the other side nothing at all (a near-tie
     across the target is not a cluster). None to count where the cluster is at the
     target. A count where the cluster members fall inside (an edge closer to them than
-    the counts resolve) is not True: the search goes on."""
+    the counts resolve) is not True: the search goes on. The width stays at
+    ``RESIDUAL_TOLERANCE`` for a stalled search's pairs too (exact to ``1e-10·‖H‖`` only): a
+    wider one would let the count skip a missed eigenvalue up to twice the width nearer,
+    where a stalled member left out of the cluster only makes the search go on or fail."""
+    tie = 4 * RESIDUAL_TOLERANCE * norm
     nearest = min((x for x in found if abs(x - target) >= radius - tie), key=lambda x: abs(x - target))
     tie_from = abs(nearest - target)
     if tie_from <= tie:
@@ -854,7 +854,8 @@ def _window_count(curv, target: float, which: str, down: float, up: float, tau: 
 
 DENSE_FALLBACK_MAX_P = 4096
 """Where shift-invert Lanczos does not converge (a cluster it cannot resolve), models with
-at most this many parameters take a dense symmetric eigendecomposition instead."""
+at most this many parameters take a dense symmetric eigendecomposition instead; larger
+ones the stalled pairs of :data:`STALLED_RESIDUAL_TOLERANCE` where there are any."""
 
 
 def _dense_eigenpairs(curv, k: int, sigma: float, which: str, eigenvectors: bool):
@@ -997,7 +998,6 @@ def slq(hvp: Callable[[Tensor], Tensor], size: int, *, probes: int = 1, steps: i
                 break
             beta.append(b)
             V[j + 1] = w / b
-        m = len(alpha)
         T = _tridiagonal(alpha, beta)
         theta, S = torch.linalg.eigh(T)
         nodes.append(theta)

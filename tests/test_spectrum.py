@@ -409,6 +409,77 @@ def test_a_stalled_search_is_the_last_resort_of_large_models(which, monkeypatch)
         chain.curvature(X, y).eigvalsh(3, which, near=near, eigenvectors=True)
 
 
+class _DenseCurvature:
+    """A dense symmetric matrix posing as a curvature: exact counts (``eigvalsh`` of
+    ``H − σI``), exact solves."""
+
+    class _Factorization:
+        def __init__(self, H, shift):
+            self.A = H - shift * torch.eye(H.shape[0], dtype=H.dtype)
+            ev = torch.linalg.eigvalsh(self.A)
+            if bool((ev.abs() <= 1e-14).any()):
+                raise ts.SingularSystemError("singular", damping=-shift)
+            self.negative = int((ev < 0).sum())
+
+        def solve(self, Q, refine=0):
+            return torch.linalg.solve(self.A, Q)
+
+        def inertia(self):
+            return self
+
+    def __init__(self, H):
+        self.H, self.num_parameters = H, H.shape[0]
+        self.layout = type("Layout", (), {"dtype": H.dtype, "device": H.device})()
+        self.spectrum_cache, self.source_dtype = {}, H.dtype
+        ev, U = torch.linalg.eigh(H)
+        self._g = U[:, ev.abs().argmax()].clone()
+
+    def gradient(self):
+        return self._g
+
+    def hvp(self, v):
+        return self.H @ v
+
+    def factorize(self, shift=0.0, confirm_singular=False):
+        return self._Factorization(self.H, shift)
+
+
+@pytest.mark.parametrize("which,near,k", [("largest", None, 3), ("nearest", 0.72, 2)])
+def test_stalled_pairs_never_certify_a_missed_eigenvalue(which, near, k, monkeypatch):
+    """A stalled search returns pairs from a basis that never met the eigenvector of
+    0.5 + 3e-10 (the 0.5 pair polluted by the 0.45 one: residual 9.5e-11·‖H‖, refused at
+    ``RESIDUAL_TOLERANCE``, kept as the stalled best). The counts must not certify them:
+    the cluster test's width stays ``4·RESIDUAL_TOLERANCE·‖H‖`` (widened by the pairs'
+    residuals, a version found by review returned 0.5 for 0.5 + 3e-10). The answer is
+    right to 1e-10 or ``ConvergenceError``."""
+    ev = [1.0, 0.7, 0.5 + 3e-10, 0.5, 0.45, 0.1] + torch.linspace(-0.9, -0.6, 194).tolist()
+    U = torch.linalg.qr(torch.randn(200, 200, generator=torch.Generator().manual_seed(0), dtype=torch.float64)).Q
+    H = (U * torch.tensor(ev, dtype=torch.float64)) @ U.mT
+    H = 0.5 * (H + H.mT)
+    shift_invert = spectrum._shift_invert
+
+    def stalled_search(curv, F, sigma, need, norm, exclude, gen, block, accept_stalled=False):
+        if not accept_stalled:
+            raise ts.ConvergenceError("stalled")
+        if exclude is not None:
+            return shift_invert(curv, F, sigma, need, norm, exclude, gen, block, accept_stalled)
+        tops = [U[:, 0], U[:, 1]] if which == "largest" else [U[:, 1]]
+        Z = torch.stack(tops + [U[:, 3] + 1.9e-9 * U[:, 4]], 1)
+        stalled = []
+        assert spectrum._ritz_pairs(curv, F, Z, sigma, need, norm, None, 0, stalled) is None
+        return stalled[0][1]
+
+    monkeypatch.setattr(spectrum, "_shift_invert", stalled_search)
+    monkeypatch.setattr(spectrum, "_extreme_lanczos", lambda *a, **kw: None)
+    ref = torch.linalg.eigvalsh(H)
+    want = ref[-k:] if which == "largest" else ref[(ref - near).abs().argsort()[:k]].sort().values
+    try:
+        values = spectrum.eigvalsh(_DenseCurvature(H), k, which, near=near)
+    except ts.ConvergenceError:
+        return
+    assert float((values - want).abs().max()) <= 1e-10
+
+
 def test_gauss_newton_largest_beyond_its_rank_vectors_orthonormal():
     """k above the Gauss–Newton matrix's rank: the search reaches its null space, finds
     vectors there, and looks again with them excluded. The Ritz vectors of the Lanczos basis
