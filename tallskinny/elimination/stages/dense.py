@@ -36,13 +36,9 @@ def _is_zero(op: LinearOperator) -> bool:
 
 
 def _mm(A, x: Tensor) -> Tensor:
-    """``A x`` for a dense tensor or an operator (unchecked: shapes are known to fit)."""
-    return A @ x if isinstance(A, Tensor) else A.matmat(x)
-
-
-def _thin_mm(A, x: Tensor) -> Tensor:
-    """``A x`` for a thin block ``x`` (:func:`~tallskinny.linalg.thin.thin_product` for a
-    dense tensor)."""
+    """``A x`` for a dense tensor (wide where ``x`` is a thin block:
+    :func:`~tallskinny.linalg.thin.thin_product`) or an operator (unchecked: shapes are
+    known to fit)."""
     return thin_product(A, x) if isinstance(A, Tensor) else A.matmat(x)
 
 
@@ -461,7 +457,7 @@ class DenseStageFactor(StageFactor):
         if st.r:
             q_r = -(b if st.V is None else Vb)
             if t is not None:
-                q_r = q_r + _thin_mm(st.GVt, t)
+                q_r = q_r + _mm(st.GVt, t)
             if st.A_rz is not None:
                 q_r = q_r - (st.A_rz / self.d) @ q_z
             u_r = self.factor.solve(q_r)
@@ -510,7 +506,7 @@ class DenseStageFactor(StageFactor):
             theta = theta_rest if theta is None else theta + theta_rest
         y_new = None if y is None else st.F.matmat(y)
         if theta_r is not None:
-            gy = _thin_mm(st.GV, theta_r)
+            gy = _mm(st.GV, theta_r)
             y_new = gy if y_new is None else y_new + gy
         return theta, y_new
 
