@@ -10,7 +10,8 @@ elimination of :mod:`tallskinny.elimination.runs`), biases on, off and mixed.
 ``check_case(case)`` computes every quantity with tallskinny and with dense
 ``torch.func`` + ``torch.linalg`` references in float64 and returns a :class:`Report`
 of the errors measured against the documented accuracy (``docs/chain.md``, "Accuracy");
-one seed in four with the sweeps' wide thin products at every stage (:func:`wide_sweeps`).
+one seed in four with the sweeps' wide thin products at every stage and the stride-1
+convolutions' shifted products on every block of columns (:func:`wide_sweeps`).
 
 The contract checked (``Report.failures``):
 
@@ -50,10 +51,12 @@ except ImportError:  # pragma: no cover
     Residual = None
 try:
     import tallskinny_conv  # noqa: F401
+    from tallskinny_conv import shifted
 
     HAVE_CONV = True
 except ImportError:  # pragma: no cover
     HAVE_CONV = False
+    shifted = None
 
 
 INERTIA_RATIO = 1e-8
@@ -455,21 +458,28 @@ def call_recording_warnings(fn, warned: list):
 
 def wide_sweeps(seed: int) -> bool:
     """One seed in four sweeps its blocks of right-hand sides with the wide products of
-    :mod:`tallskinny.linalg.thin` at every stage (its thresholds lowered to 1): by default
-    only stages of 256 rows take them, which these small chains never have."""
+    :mod:`tallskinny.linalg.thin` at every stage (its thresholds lowered to 1) and applies
+    stride-1 convolutions by tallskinny-conv's shifted GEMMs on any number of columns: by
+    default only stages of 256 rows and products of 2²¹ patch entries take them, which these
+    small chains never have."""
     return seed % 4 == 3
 
 
 @contextlib.contextmanager
 def _thin_thresholds(on: bool):
-    """``linalg.thin``'s thresholds at 1 inside (the wide products everywhere), where ``on``."""
-    saved = (thin.WIDE_MIN, thin.THIN_RATIO)
+    """``linalg.thin``'s thresholds and ``SHIFTED_MIN_PATCHES`` at 1 inside (the wide and
+    the shifted products everywhere), where ``on``."""
+    saved = (thin.WIDE_MIN, thin.THIN_RATIO, None if shifted is None else shifted.SHIFTED_MIN_PATCHES)
     if on:
         thin.WIDE_MIN = thin.THIN_RATIO = 1
+        if shifted is not None:
+            shifted.SHIFTED_MIN_PATCHES = 1
     try:
         yield
     finally:
-        thin.WIDE_MIN, thin.THIN_RATIO = saved
+        thin.WIDE_MIN, thin.THIN_RATIO = saved[:2]
+        if shifted is not None:
+            shifted.SHIFTED_MIN_PATCHES = saved[2]
 
 
 def check_case(case: Case, *, rhs: int = 2) -> Report:

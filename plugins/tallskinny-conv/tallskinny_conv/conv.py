@@ -36,9 +36,10 @@ from tallskinny.blocks import Block, Oracle, register
 from tallskinny.blocks.checks import check_input, check_params
 from tallskinny.blocks.linear import weight_bias_order
 from tallskinny.linalg import Dense, Identity, LinearOperator, Zero
-from tallskinny.linalg.kronecker import Kronecker, Permutation
+from tallskinny.linalg.kronecker import Kronecker, Permutation, Product
 
 from .operators import DirectProduct, Gather
+from .shifted import ShiftedConvolution
 
 __all__ = ["ConvBlock", "conv_forward", "conv_padding", "patch_index"]
 
@@ -134,10 +135,13 @@ class ConvBlock(Block):
         # with W̄ for all positions (and one with W̄ᵀ for Fᵀ), and P = I at one sample
         U_c = Gather(U.index.view(B, L, q_w).permute(2, 0, 1).reshape(-1), a_in, dtype=z.dtype, check=False)
         per_channel = Kronecker(Dense(W_bar), Identity(R, dtype=z.dtype, device=z.device))
+        gathered = [Permutation(_channels_inside(B, L, m, z.device), dtype=z.dtype)] if B > 1 else []
+        gathered += [per_channel, U_c]
+        if module.padding_mode == "zeros" and all(s == 1 for s in module.stride):
+            # (the same matrix; wide products by shifted GEMMs, without the patches)
+            gathered = [_shifted(module, W_bar, B, spatial, Product(*gathered))]
         F = DirectProduct(
-            *([] if B == 1 else [Permutation(_channels_inside(B, L, m, z.device), dtype=z.dtype)]),
-            per_channel,
-            U_c,
+            *gathered,
             dense=lambda: _jacobian_dense(U, W_bar, B, L),
             block=lambda rows, cols: _on_distinct_columns(lambda c: _jacobian_dense(U, W_bar, B, L, rows, c), cols),
         )
@@ -298,6 +302,21 @@ def _mixed_dense(U: Gather, Gamma: Tensor, J: LinearOperator, q: int, n: int, ro
     keep = weight.unsqueeze(1) & (inputs < n_cols)
     target = torch.where(keep, torch.arange(n_rows, device=device).unsqueeze(1) * n_cols + inputs, n_rows * n_cols)
     return _scattered(target, Gamma[torch.where(weight, o, 0)], n_rows, n_cols)
+
+
+def _shifted(module: nn.Conv1d | nn.Conv2d, W_bar: Tensor, B: int, spatial: tuple[int, ...],
+             gathered: LinearOperator) -> ShiftedConvolution:
+    """``F`` of a stride-1 convolution with zero padding as a :class:`ShiftedConvolution`
+    (``Conv1d``: height 1)."""
+    m, C = module.out_channels, module.in_channels
+    if len(module.kernel_size) == 1:
+        (left, right), dilation, size = conv_padding(module), (1, module.dilation[0]), (1, spatial[0])
+        top = bottom = 0
+    else:
+        left, right, top, bottom = conv_padding(module)
+        dilation, size = tuple(module.dilation), tuple(spatial)
+    kh, kw = (1, module.kernel_size[0]) if len(module.kernel_size) == 1 else module.kernel_size
+    return ShiftedConvolution(W_bar.reshape(m, C, kh, kw), B, size, (top, bottom, left, right), dilation, gathered)
 
 
 def _prod(xs) -> int:

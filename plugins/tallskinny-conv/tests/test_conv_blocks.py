@@ -89,6 +89,55 @@ def test_conv_blocks_of_f_and_c_are_made_from_the_nonzeros(name):
         assert torch.equal(op.dense_block(rows, cols), expected[0])  # from the kept dense matrix
 
 
+SHIFTED_CASES = {
+    "padded_batched": (lambda: nn.Conv2d(3, 4, 3, padding=1), (2, 3, 5, 6)),
+    "dilated_grouped_rectangular": (lambda: nn.Conv2d(4, 6, (2, 3), padding=(1, 0), dilation=(2, 1), groups=2), (3, 4, 6, 7)),
+    "same_even_kernel": (lambda: nn.Conv2d(2, 3, 4, padding="same"), (1, 2, 6, 6)),
+    "valid_unbatched": (lambda: nn.Conv2d(2, 3, 3, bias=False), (2, 6, 6)),
+    "conv1d_dilated": (lambda: nn.Conv1d(3, 2, 3, padding=2, dilation=2), (2, 3, 9)),
+    "conv1d_same_unbatched": (lambda: nn.Conv1d(3, 3, 2, padding="same"), (3, 8)),
+}
+
+
+@pytest.mark.parametrize("name", SHIFTED_CASES)
+def test_stride_one_zero_padded_convolutions_apply_f_by_shifted_gemms(name, monkeypatch):
+    """``F`` of a stride-1 convolution with zero padding is a :class:`ShiftedConvolution`:
+    products with ``F`` and ``Fᵀ`` whose patches reach ``SHIFTED_MIN_PATCHES`` entries
+    (shifted GEMMs; the threshold lowered to 5 columns' worth here) and smaller ones (the
+    unfolding) equal the dense matrix's, for contiguous, transposed and strided
+    right-hand sides, in float32 too. Other strides and padding modes keep the unfolding."""
+    from tallskinny_conv import shifted
+
+    make, shape = SHIFTED_CASES[name]
+    module = seeded(make(), seed=len(name))
+    z = randn(*shape, seed=1)
+    values = (module.weight.detach(), None if module.bias is None else module.bias.detach())
+    F = block_for(module).compute_oracle(z, values, randn(*module(z).shape, seed=2)).F
+    assert [type(f) for f in F.factors] == [shifted.ShiftedConvolution]
+    wide = 5
+    monkeypatch.setattr(shifted, "SHIFTED_MIN_PATCHES", F.factors[0].patches(wide))
+    dense = F.to_dense()
+    gen = torch.Generator().manual_seed(3)
+    for op, ref in ((F, dense), (F.T, dense.mT)):
+        for k in (1, wide - 1, wide, wide + 3):
+            x = torch.randn(op.shape[1], k, generator=gen, dtype=f64)
+            for operand in (x, x.mT.contiguous().mT, torch.randn(op.shape[1], 2 * k, generator=gen, dtype=f64)[:, ::2]):
+                torch.testing.assert_close(op.matmat(operand), ref @ operand, rtol=0, atol=1e-13 * float(ref.abs().max()))
+            got32 = op.astype(torch.float32).matmat(x.float())
+            torch.testing.assert_close(got32.double(), ref @ x, rtol=0, atol=1e-5 * float((ref.abs() @ x.abs()).max()))
+    # the shifted route was taken above from 5 columns on, the unfolding below
+    calls = []
+    monkeypatch.setattr(shifted.ShiftedConvolution, "_forward", lambda self, x: calls.append(x.shape[1]) or self.gathered.matmat(x))
+    F.matmat(torch.zeros(F.shape[1], wide, dtype=f64))
+    F.matmat(torch.zeros(F.shape[1], wide - 1, dtype=f64))
+    assert calls == [wide]
+    for make_other in (lambda: nn.Conv2d(2, 2, 3, stride=2, padding=1), lambda: nn.Conv2d(2, 2, 3, padding=1, padding_mode="reflect")):
+        other = seeded(make_other())
+        z = randn(1, 2, 5, 5)
+        o = block_for(other).compute_oracle(z, (other.weight.detach(), other.bias.detach()), randn(*other(z).shape))
+        assert not any(isinstance(f, shifted.ShiftedConvolution) for f in o.F.factors)
+
+
 def test_conv_frozen_parameters_and_float32():
     module = seeded(nn.Conv2d(2, 3, 3))
     module.weight.requires_grad_(False)

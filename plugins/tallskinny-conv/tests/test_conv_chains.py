@@ -276,13 +276,16 @@ def test_the_unrefined_elimination_equals_dense_solves(name, batch, damping, wid
     fallback of ``logdet`` would otherwise correct or replace, so that a wrong stage
     (a complement's Gram, a value Hessian on its support, a span basis, the coordinates
     of a stage on ``vec Θ̃``) shows here. float64; a shift (negative damping) too. With
-    ``wide`` (``linalg.thin``'s thresholds lowered to 1) the sweeps take the wide thin
-    products at every stage, as the bench's 512-row stages do."""
+    ``wide`` (``linalg.thin``'s thresholds and ``SHIFTED_MIN_PATCHES`` lowered to 1) the
+    sweeps take the wide thin products at every stage and the stride-1 convolutions their
+    shifted products on every block of columns, as the bench's 512-row stages do."""
     from tallskinny.linalg import thin
+    from tallskinny_conv import shifted
 
     if wide:
         monkeypatch.setattr(thin, "WIDE_MIN", 1)
         monkeypatch.setattr(thin, "THIN_RATIO", 1)
+        monkeypatch.setattr(shifted, "SHIFTED_MIN_PATCHES", 1)
     make, shape = UNREFINED[name]
     torch.manual_seed(11)
     chain = ts.Chain([m.double() for m in make()], nn.CrossEntropyLoss())
