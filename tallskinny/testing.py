@@ -34,6 +34,7 @@ __all__ = [
     "dense_gradient",
     "dense_hessian",
     "elimination_forbidden",
+    "large_stage_paths",
     "plain_dense_stages",
     "relative_error",
     "stages",
@@ -150,6 +151,23 @@ def plain_dense_stages():
         yield
     finally:
         DenseStage.use_structure = before
+
+
+@contextlib.contextmanager
+def large_stage_paths():
+    """Within: every stage takes the paths the engine keeps for large stages — the
+    sweeps' wide thin products (:mod:`tallskinny.linalg.thin`) and a dense stage's Schur
+    complement by its upper blocks (``SPLIT_SCHUR_MIN``) — their thresholds lowered to 1,
+    so that small test models exercise them."""
+    from .elimination import algebra
+    from .linalg import thin
+
+    before = (thin.WIDE_MIN, thin.THIN_RATIO, algebra.SPLIT_SCHUR_MIN)
+    thin.WIDE_MIN = thin.THIN_RATIO = algebra.SPLIT_SCHUR_MIN = 1
+    try:
+        yield
+    finally:
+        thin.WIDE_MIN, thin.THIN_RATIO, algebra.SPLIT_SCHUR_MIN = before
 
 
 @contextlib.contextmanager

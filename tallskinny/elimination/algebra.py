@@ -15,6 +15,7 @@ from ..errors import SingularSystemError
 from ..linalg import Diagonal, Inertia, LinearOperator, ScaledIdentity, Zero, pivot_tolerance
 from ..linalg.factor import ldl_d_eigenvalues
 from ..linalg.kronecker import identity_kronecker_factor
+from ..linalg.ldl import explicit_ldl
 from ..linalg.lu import LUFactors, in_layout_of
 from . import workspace
 
@@ -31,12 +32,35 @@ def symmetrize(S: Tensor) -> Tensor:
 
 def subtract_symmetric_product(S: Tensor, Q: Tensor, K: Tensor) -> Tensor:
     """``S − QᵀK`` symmetrised as ``(M + Mᵀ)/2``, for a symmetric ``QᵀK`` (``K = P⁻¹Q``
-    with ``P`` symmetric: a Schur complement); ``S`` is overwritten (and, when large, given
-    back to the workspace pool).
+    with ``P`` symmetric: a Schur complement, or the operands ``(L⁻¹Q, D⁻¹L⁻¹Q)`` of a
+    symmetric factorization); ``S`` is overwritten (and, when large, given back to the
+    workspace pool).
 
     Averaging matters: ``K`` carries errors of ``eps·cond(P)``, whose antisymmetric part
     the mean removes (mirroring the lower triangle instead does not)."""
     return symmetrized(S.addmm_(Q.mT, K, alpha=-1.0))
+
+
+SPLIT_SCHUR_MIN = 256
+"""Order from which :func:`subtract_schur` forms a product symmetric by construction by
+its upper blocks only."""
+
+
+def subtract_schur(S: Tensor, X: Tensor, Y: Tensor, symmetric: bool) -> Tensor:
+    """``S − XᵀY`` symmetrised, for the operands of
+    :meth:`SymmetricFactor.schur_operands`. Where ``XᵀY`` is symmetric by construction
+    (``symmetric``; ``Y = D⁻¹X``) and of order ``≥ SPLIT_SCHUR_MIN``, its two diagonal
+    blocks and the block above them are formed (¾ of the product) and that block is
+    mirrored; else :func:`subtract_symmetric_product`."""
+    n = S.shape[0]
+    if not symmetric or n < SPLIT_SCHUR_MIN:
+        return subtract_symmetric_product(S, X, Y)
+    h = n // 2
+    S[:h, :h].addmm_(X[:, :h].mT, Y[:, :h], alpha=-1.0)
+    S[h:, h:].addmm_(X[:, h:].mT, Y[:, h:], alpha=-1.0)
+    S[:h, h:].addmm_(X[:, :h].mT, Y[:, h:], alpha=-1.0)
+    S[h:, :h] = S[:h, h:].mT
+    return symmetrized(S)
 
 
 def symmetrized(S: Tensor) -> Tensor:
@@ -115,17 +139,27 @@ class SymmetricFactor:
 
     Cholesky when the matrix is positive definite (the common case near the loss and for
     Gauss–Newton); otherwise LU with partial pivoting, which solves many right-hand sides
-    with BLAS-3 speed (LAPACK's Bunch–Kaufman solve does not). The inertia of an
-    indefinite matrix is read from a Bunch–Kaufman ``LDLᵀ`` (Sylvester's law), computed
-    only when asked for.
+    with BLAS-3 speed (LAPACK's Bunch–Kaufman solve does not), or, asked for with
+    ``ldl=True``, Bunch–Kaufman ``LDLᵀ`` with an explicit ``L``
+    (:func:`~tallskinny.linalg.ldl.explicit_ldl`), whose Schur complements take one
+    triangular solve instead of LU's two. The inertia of an indefinite matrix is read
+    from a Bunch–Kaufman ``D`` (Sylvester's law): the factor's own, or for LU one
+    computed only when asked for.
+
+    Schur complements ``S − Bᵀ Q⁻¹ B`` go through :meth:`schur_operands` (``Bᵀ Q⁻¹ B =
+    Xᵀ Y``) and :meth:`complete` (``Q⁻¹ B x = complete(Y x)``): ``X = L⁻¹B``, ``Y = D⁻¹X``,
+    ``complete`` the rest of the solve for Cholesky and ``LDLᵀ`` (``D = I`` for
+    Cholesky, and the product ``XᵀY`` is symmetric by construction); ``X = B``,
+    ``Y = Q⁻¹B`` and nothing left for LU.
     """
 
-    __slots__ = ("matrix", "_chol", "_lu", "_piv", "_factors", "_inertia", "_logdet")
+    __slots__ = ("matrix", "_chol", "_lu", "_piv", "_ldl", "_factors", "_inertia", "_logdet")
 
     @classmethod
-    def of(cls, Q: Tensor, terms: Sequence | None = None, inner: int = 0) -> "SymmetricFactor | None":
+    def of(cls, Q: Tensor, terms: Sequence | None = None, inner: int = 0, *, ldl: bool = False) -> "SymmetricFactor | None":
         """The factorization, or ``None`` if ``Q`` is singular to working precision: a pivot
-        at or below ``pivot_tolerance(n, dtype, max|Q|)``.
+        (for ``LDLᵀ`` an eigenvalue of a block of ``D``) at or below
+        ``pivot_tolerance(n, dtype, max|Q|)``.
 
         Where ``Q`` is a sum of terms that may cancel, its rounding errors, and so the
         pivots of a ``Q`` that is singular in exact arithmetic, scale with the terms, not
@@ -136,7 +170,7 @@ class SymmetricFactor:
         rank-revealing, can exceed it several times (issue 14). Costs one ``eigvalsh``."""
         self = cls.__new__(cls)
         self.matrix, self._chol, self._lu, self._piv, self._inertia, self._logdet = Q, None, None, None, None, None
-        self._factors = None
+        self._factors = self._ldl = None
         n = Q.shape[0]
         parts = [torch.linalg.vector_norm(Q, ord=float("inf")), Q.diagonal().min()]
         if terms is not None:
@@ -156,6 +190,14 @@ class SymmetricFactor:
                 self._chol = L
                 self._inertia = Inertia(n, 0, 0)
                 return self
+        if ldl:
+            ld, piv, info = torch.linalg.ldl_factor_ex(Q)
+            if bool(info):
+                return None
+            self._ldl = explicit_ldl(ld, piv)
+            if float(self._ldl.eigenvalues.abs().min()) <= tol:
+                return None
+            return self
         lu, piv, _ = torch.linalg.lu_factor_ex(Q)
         if float(lu.diagonal().abs().min()) <= tol:
             return None
@@ -168,30 +210,60 @@ class SymmetricFactor:
         tests all such factors at once with :func:`first_singular` before using them."""
         self = cls.__new__(cls)
         self.matrix, self._chol, self._inertia, self._logdet = Q, None, None, None
-        self._factors = None
+        self._factors = self._ldl = None
         self._lu, self._piv, _ = torch.linalg.lu_factor_ex(Q)
         return self
 
     def solve(self, B: Tensor) -> Tensor:
         if self._chol is not None:
             return in_layout_of(torch.cholesky_solve(B, self._chol), B)
+        if self._ldl is not None:
+            return self._ldl.solve(B)
         if self._factors is None:  # (made on the first solve: no synchronisation before)
             self._factors = LUFactors(self._lu, self._piv)
         return self._factors.solve(B)
+
+    def schur_operands(self, B: Tensor) -> tuple[Tensor, Tensor]:
+        """``(X, Y)`` with ``Bᵀ Q⁻¹ B = Xᵀ Y`` and ``Q⁻¹ B = complete(Y)`` (see the class)."""
+        if self._chol is not None:
+            X = torch.linalg.solve_triangular(self._chol, B, upper=False)
+            return X, X
+        if self._ldl is not None:
+            X = self._ldl.lower_solve(B)
+            return X, self._ldl.pivot_solve(X)
+        return B, self.solve(B)
+
+    @property
+    def symmetric_schur(self) -> bool:
+        """Whether ``XᵀY`` of :meth:`schur_operands` is symmetric by construction."""
+        return self._lu is None
+
+    def complete(self, Y: Tensor) -> Tensor:
+        """``Q⁻¹ B x`` from ``Y x`` (``Y`` of :meth:`schur_operands`)."""
+        if self._chol is not None:
+            return in_layout_of(torch.linalg.solve_triangular(self._chol.mT, Y, upper=True), Y)
+        if self._ldl is not None:
+            return self._ldl.upper_solve(Y)
+        return Y
 
     def logdet(self) -> Tensor:
         """``log|det|`` from the diagonal of the factor (computed on first request)."""
         if self._logdet is None:
             if self._chol is not None:
                 self._logdet = 2.0 * self._chol.diagonal().log().sum()
+            elif self._ldl is not None:
+                self._logdet = self._ldl.eigenvalues.abs().log().sum()
             else:
                 self._logdet = self._lu.diagonal().abs().log().sum()
         return self._logdet
 
     def inertia(self) -> Inertia:
         if self._inertia is None:
-            ld, piv, _ = torch.linalg.ldl_factor_ex(self.matrix)
-            eig = ldl_d_eigenvalues(ld, piv)
+            if self._ldl is not None:
+                eig = self._ldl.eigenvalues
+            else:
+                ld, piv, _ = torch.linalg.ldl_factor_ex(self.matrix)
+                eig = ldl_d_eigenvalues(ld, piv)
             positive = int((eig > 0).sum())
             self._inertia = Inertia(positive, eig.shape[0] - positive, 0)
         return self._inertia

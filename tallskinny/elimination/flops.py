@@ -17,21 +17,25 @@ A stage turns the value Hessian ``S`` (``a_out × a_out``) into the one at its i
   dense ``F``, ``a_out·f`` through the factors of an ``F`` whose product costs ``f`` per
   column, a convolution's), ``Fᵀ(SF)`` (``2a_in²a_out``, or ``a_in·f``), ``G_VᵀS`` and ``(G_VᵀS)G_V`` (``g``
   flops a column each, ``g = 2·a_out·n`` dense, ``2·R·r·m`` for ``G_V = I_m ⊗ X̃V``),
-  the Schur update ``Q_ζyᵀK`` (``2a_in²n``), and what the stage adds to them (a ReLU's
+  the Schur update ``Q_ζyᵀK`` (``2a_in²n``; the dense stage's, symmetric by construction,
+  ``¾`` of it from ``a_in = 256`` on: ``algebra.subtract_schur``), and what the stage adds to them (a ReLU's
   live rows ``ℓ_out`` and columns ``ℓ_in`` replace ``a_out``, ``a_in``, and the products
   with ``G_V`` count its nonzeros there: a convolution's is block diagonal by channel);
 * ``pivots`` — the factorization of ``Q_ζζ``: LU ``2n³/3`` (Cholesky ``n³/3`` where the
   curvature is positive semidefinite, ``cholesky=True``; a Hessian's pivot that is
-  positive definite is factored by Cholesky too, so there the count is high by ``n³/3``),
+  positive definite is factored by Cholesky too, so there the count is high by ``n³/3``;
+  the dense stage's ``LDLᵀ`` or Cholesky ``n³/3``),
   the eigenvalues ``4n³/3`` where ``A ≠ 0`` tests them and those of the last span pivot
   (``n ≤ 128``: the free lower bound of ``‖H‖``);
-* ``triangular`` — ``K = Q_ζζ⁻¹Q_ζy``: ``2n²a_in``;
+* ``triangular`` — ``K = Q_ζζ⁻¹Q_ζy``: ``2n²a_in``; the dense stage's ``M = L⁻¹Q_ζy``
+  only, ``n²a_in`` (``Q_ζyᵀQ⁻¹Q_ζy = MᵀD⁻¹M``);
 * ``lower`` — the same elimination done with no redundancy: products whose result is
   symmetric (``FᵀSF``, ``Q_ζζ``, ``Q_ζyᵀK``) at half their price, ``LDLᵀ`` or Cholesky
   ``n³/3`` and one triangular solve ``n²a_in`` (``Q_ζyᵀQ⁻¹Q_ζy = MᵀDM`` with
   ``M = L⁻¹Q_ζy``). ``F``'s products are counted as the code does them;
 * ``solve`` — one right-hand side: the two sweeps' products with the stage's matrices
-  (``Q_ζy``, ``K``, ``F``, ``V`` (three times where there is a rest), ``G_V``, the pivot's two triangular solves ``2n²``),
+  (``Q_ζy``, ``K`` (the dense stage: ``D⁻¹M`` and a third triangular solve), ``F``, ``V`` (three times where
+  there is a rest), ``G_V``, the pivot's two triangular solves ``2n²``),
   counted as if ``y`` and ``t`` were nonzero at every stage (the first and last stages
   skip a few).
 
@@ -50,7 +54,7 @@ import torch
 
 from ..linalg import Diagonal, LinearOperator, ScaledIdentity, Zero
 from ..linalg.kronecker import identity_kronecker_factor
-from .algebra import congruence_is_dense, products_through_factors
+from .algebra import SPLIT_SCHUR_MIN, congruence_is_dense, products_through_factors
 from .stages.activation import ActivationStage
 from .stages.affine import AffineStage
 from .stages.covered import CoveredStage
@@ -122,7 +126,7 @@ class _Count:
 
     def __init__(self, cholesky: bool):
         self.cholesky = cholesky
-        self.products = self.halved = self.pivots = self.pivots_lower = self.triangular = self.solve = 0
+        self.products = self.halved = self.pivots = self.pivots_lower = self.triangular = self.triangular_lower = self.solve = 0
         self.size = self.pivot_size = 0
 
     def mm(self, flops: int, symmetric: bool = False) -> None:
@@ -130,17 +134,21 @@ class _Count:
         if symmetric:
             self.halved += flops // 2
 
-    def pivot(self, n: int, columns: int, *, lu: bool = False, eigenvalues: bool = False) -> None:
-        """``Q_ζζ`` (``n × n``) factored and solved for ``columns`` columns."""
-        self.pivots += (n**3 // 3 if self.cholesky and not lu else 2 * n**3 // 3) + (4 * n**3 // 3 if eigenvalues else 0)
+    def pivot(self, n: int, columns: int, *, lu: bool = False, eigenvalues: bool = False, half: bool = False) -> None:
+        """``Q_ζζ`` (``n × n``) factored and solved for ``columns`` columns (``half``: a
+        symmetric factorization, ``LDLᵀ`` or Cholesky, whose Schur complement takes one
+        triangular solve, and each solve's forward sweep a third)."""
+        symmetric = half or (self.cholesky and not lu)
+        self.pivots += (n**3 // 3 if symmetric else 2 * n**3 // 3) + (4 * n**3 // 3 if eigenvalues else 0)
         self.pivots_lower += n**3 // 3 + (4 * n**3 // 3 if eigenvalues else 0)
-        self.triangular += 2 * n * n * columns
-        self.solve += 2 * n * n
+        self.triangular += (1 if half else 2) * n * n * columns
+        self.triangular_lower += n * n * columns
+        self.solve += (3 if half else 2) * n * n
         self.size = max(self.size, n)
         self.pivot_size = n
 
     def stage(self, index: int, kind: str) -> StageFlops:
-        lower = self.products - self.halved + self.pivots_lower + self.triangular // 2
+        lower = self.products - self.halved + self.pivots_lower + self.triangular_lower
         return StageFlops(index, kind, self.products, self.pivots, self.triangular, lower, self.solve, self.size)
 
 
@@ -266,8 +274,15 @@ def _dense(stage: DenseStage, c: _Count) -> None:
             c.mm(2 * r * k * r, symmetric=True)
             c.mm(2 * r * k * a_eff)
     if r:
-        c.pivot(r, a_eff, eigenvalues=stage.A_rr is not None)
-        c.mm(2 * a_eff * a_eff * r, symmetric=True)  # Q_ζyᵀK
+        c.pivot(r, a_eff, eigenvalues=stage.A_rr is not None, half=True)
+        schur = 2 * a_eff * a_eff * r  # (L⁻¹Q_ζy)ᵀ D⁻¹(L⁻¹Q_ζy): its upper blocks from SPLIT_SCHUR_MIN on
+        if a_eff >= SPLIT_SCHUR_MIN:
+            h = a_eff // 2
+            upper = 2 * (h * h + (a_eff - h) ** 2 + h * (a_eff - h)) * r
+            c.mm(upper)
+            c.halved += upper - schur // 2  # (the lower bound stays half the whole product)
+        else:
+            c.mm(schur, symmetric=True)
     # the sweeps: G_V twice, V twice, Q_ζy and K, F twice, Z and C_z, the rest's C
     p = stage.p
     V = 0 if stage.V is None else 2 * p * r

@@ -182,21 +182,20 @@ def test_sweeps_of_large_stages_take_thin_blocks_wide(kind, monkeypatch):
 
 @pytest.mark.parametrize("name", CASES)
 @pytest.mark.parametrize("kind", ["hessian", "ggn"])
-def test_wide_thin_products_on_every_case(name, kind, monkeypatch):
-    """``linalg.thin``'s thresholds lowered to 1: every stage of these small models sweeps
-    its blocks of right-hand sides with the wide products, and the unrefined solves still
-    equal the dense ones (the large stages that take them by default are few in the
-    suite)."""
-    from tallskinny.linalg import thin
+def test_large_stage_paths_on_every_case(name, kind):
+    """``testing.large_stage_paths``: every stage of these small models sweeps its blocks
+    of right-hand sides with the wide products and forms a dense stage's Schur complement
+    by its upper blocks, and the unrefined solves still equal the dense ones (the large
+    stages that take them by default are few in the suite)."""
+    from tallskinny.testing import large_stage_paths
 
-    monkeypatch.setattr(thin, "WIDE_MIN", 1)
-    monkeypatch.setattr(thin, "THIN_RATIO", 1)
     modules, loss, X, y = make_case(name, 1)
     chain = ts.Chain(modules, loss)
     H = dense_hessian(chain, X, y) if kind == "hessian" else dense_ggn(chain, X, y)
     P = H.shape[0]
     B = torch.randn(P, 3, generator=torch.Generator().manual_seed(2))
-    x = chain.curvature(X, y, kind=kind, method="riccati").factorize(0.3).solve(B, refine=0)
+    with large_stage_paths():
+        x = chain.curvature(X, y, kind=kind, method="riccati").factorize(0.3).solve(B, refine=0)
     M = H + 0.3 * torch.eye(P)
     assert rel(x, torch.linalg.solve(M, B)) <= 1e-13 * float(torch.linalg.cond(M))
 

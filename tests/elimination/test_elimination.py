@@ -11,7 +11,7 @@ import torch
 
 from tallskinny import SingularSystemError, elimination
 from tallskinny.blocks.protocol import Oracle
-from tallskinny.linalg import Dense, LowRank, Zero
+from tallskinny.linalg import Dense, Inertia, LowRank, Zero
 from tallskinny.elimination.stages.dense import DenseStage
 from tallskinny.elimination.riccati import RiccatiFactorization
 from tallskinny.elimination.stages import Stage, StageFactor
@@ -302,6 +302,50 @@ def test_symmetric_factor_answers_keep_a_row_major_layout(definite):
     X = factor.solve(B)
     assert X.is_contiguous()
     torch.testing.assert_close(X, torch.linalg.solve(Q, B), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("mode", ["cholesky", "ldl", "lu"])
+@pytest.mark.parametrize("n", [40, 300])
+def test_symmetric_factor_schur_operands_and_inertia(mode, n):
+    """``schur_operands(B) = (X, Y)`` with ``XᵀY = BᵀQ⁻¹B`` and ``complete(Y x) = Q⁻¹Bx``
+    for each factorization; ``subtract_schur`` gives ``S − BᵀQ⁻¹B`` symmetric (from
+    ``SPLIT_SCHUR_MIN`` on by the upper blocks of a product symmetric by construction);
+    the inertia and ``log|det|`` are ``Q``'s, read off ``D`` for ``LDLᵀ``; a singular
+    ``Q`` is refused."""
+    from tallskinny.elimination.algebra import SPLIT_SCHUR_MIN, SymmetricFactor, subtract_schur
+
+    gen = torch.Generator().manual_seed(n)
+    Q = _sym(n, gen) + (3.0 * n if mode == "cholesky" else 0.0) * torch.eye(n)
+    factor = SymmetricFactor.of(Q, ldl=mode == "ldl")
+    assert (factor._chol is not None, factor._ldl is not None, factor._lu is not None) == (
+        mode == "cholesky", mode == "ldl", mode == "lu")
+    assert factor.symmetric_schur == (mode != "lu")
+    B = torch.randn(n, 33, generator=gen)
+    K = torch.linalg.solve(Q, B)
+    X, Y = factor.schur_operands(B)
+    cond = float(torch.linalg.cond(Q))
+    tol = 1e-14 * cond
+    assert float((X.mT @ Y - B.mT @ K).norm() / (B.mT @ K).norm()) <= tol
+    x = torch.randn(33, 2, generator=gen)
+    assert float((factor.complete(Y @ x) - K @ x).norm() / (K @ x).norm()) <= tol
+    assert float((factor.solve(B) - K).norm() / K.norm()) <= tol
+    S = _sym(33, gen)
+    expected = S - B.mT @ K
+    got = subtract_schur(S.clone(), X, Y, factor.symmetric_schur)
+    assert torch.equal(got, got.mT)
+    assert float((got - expected).norm() / expected.norm()) <= tol
+    S_big = _sym(SPLIT_SCHUR_MIN + 3, gen)
+    B_big = torch.randn(n, SPLIT_SCHUR_MIN + 3, generator=gen)
+    X, Y = factor.schur_operands(B_big)
+    got = subtract_schur(S_big.clone(), X, Y, factor.symmetric_schur)
+    expected = S_big - B_big.mT @ torch.linalg.solve(Q, B_big)
+    assert torch.equal(got, got.mT) and float((got - expected).norm() / expected.norm()) <= tol
+    eig = torch.linalg.eigvalsh(Q)
+    assert factor.inertia() == Inertia(int((eig > 0).sum()), int((eig < 0).sum()), 0)
+    torch.testing.assert_close(factor.logdet(), eig.abs().log().sum(), rtol=1e-12, atol=1e-10)
+    singular = Q.clone()
+    singular[:, 1] = singular[1, :] = 0.0
+    assert SymmetricFactor.of(singular, ldl=mode == "ldl") is None
 
 
 class _Stage(Stage):

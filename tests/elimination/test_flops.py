@@ -32,13 +32,17 @@ class Ops(TorchDispatchMode):
         elif p in (aten.bmm, aten.baddbmm, aten.baddbmm_):
             A, B = (args[0], args[1]) if p is aten.bmm else (args[1], args[2])
             self.products += 2 * A.shape[0] * A.shape[1] * A.shape[2] * B.shape[2]
-        elif p in (aten.linalg_lu_factor_ex, aten.linalg_cholesky_ex, aten._linalg_eigh):
+        elif p in (aten.linalg_lu_factor_ex, aten.linalg_cholesky_ex, aten.linalg_ldl_factor_ex, aten._linalg_eigh):
             n = args[0].shape[-1]
-            per = {aten.linalg_lu_factor_ex: 2 * n**3 // 3, aten.linalg_cholesky_ex: n**3 // 3}.get(p, 4 * n**3 // 3)
+            per = {aten.linalg_lu_factor_ex: 2 * n**3 // 3, aten.linalg_cholesky_ex: n**3 // 3,
+                   aten.linalg_ldl_factor_ex: n**3 // 3}.get(p, 4 * n**3 // 3)
             self.pivots += args[0].numel() // (n * n) * per
         elif p in (aten.linalg_lu_solve, aten.cholesky_solve):
             B = args[2] if p is aten.linalg_lu_solve else args[0]
             self.triangular += 2 * B.shape[-2] * B.numel()
+        elif p is aten.linalg_solve_triangular:  # one triangle
+            B = args[1]
+            self.triangular += B.shape[-2] * B.numel()
         return out
 
 

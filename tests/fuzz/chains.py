@@ -10,8 +10,7 @@ elimination of :mod:`tallskinny.elimination.runs`), biases on, off and mixed.
 ``check_case(case)`` computes every quantity with tallskinny and with dense
 ``torch.func`` + ``torch.linalg`` references in float64 and returns a :class:`Report`
 of the errors measured against the documented accuracy (``docs/chain.md``, "Accuracy");
-one seed in four with the sweeps' wide thin products at every stage and the stride-1
-convolutions' shifted products on every block of columns (:func:`wide_sweeps`).
+one seed in four with the paths of large stages at every stage (:func:`wide_sweeps`).
 
 The contract checked (``Report.failures``):
 
@@ -42,8 +41,7 @@ import torch
 from torch import nn
 
 import tallskinny as ts
-from tallskinny.linalg import thin
-from tallskinny.testing import dense_ggn, dense_gradient, dense_hessian
+from tallskinny.testing import dense_ggn, dense_gradient, dense_hessian, large_stage_paths
 
 try:  # the plugins are installed in CI; the fuzzer covers them where present
     from tallskinny_residual import Residual
@@ -457,35 +455,36 @@ def call_recording_warnings(fn, warned: list):
 
 
 def wide_sweeps(seed: int) -> bool:
-    """One seed in four sweeps its blocks of right-hand sides with the wide products of
-    :mod:`tallskinny.linalg.thin` at every stage (its thresholds lowered to 1) and applies
-    stride-1 convolutions by tallskinny-conv's shifted GEMMs on any number of columns: by
-    default only stages of 256 rows and products of 2²¹ patch entries take them, which these
-    small chains never have."""
+    """One seed in four takes the paths of large stages at every stage: the sweeps' wide
+    products of :mod:`tallskinny.linalg.thin`, the dense stages' Schur complements by
+    their upper blocks (``algebra.SPLIT_SCHUR_MIN``) and tallskinny-conv's shifted
+    products of stride-1 convolutions, their thresholds lowered to 1: by default only
+    stages of 256 rows and products of 2²¹ patch entries take them, which these small
+    chains never have."""
     return seed % 4 == 3
 
 
 @contextlib.contextmanager
-def _thin_thresholds(on: bool):
-    """``linalg.thin``'s thresholds and ``SHIFTED_MIN_PATCHES`` at 1 inside (the wide and
-    the shifted products everywhere), where ``on``."""
-    saved = (thin.WIDE_MIN, thin.THIN_RATIO, None if shifted is None else shifted.SHIFTED_MIN_PATCHES)
-    if on:
-        thin.WIDE_MIN = thin.THIN_RATIO = 1
-        if shifted is not None:
-            shifted.SHIFTED_MIN_PATCHES = 1
-    try:
+def _wide_thresholds(on: bool):
+    """The thresholds of :func:`wide_sweeps` at 1 inside, where ``on``."""
+    if not on:
         yield
+        return
+    saved = None if shifted is None else shifted.SHIFTED_MIN_PATCHES
+    if shifted is not None:
+        shifted.SHIFTED_MIN_PATCHES = 1
+    try:
+        with large_stage_paths():
+            yield
     finally:
-        thin.WIDE_MIN, thin.THIN_RATIO = saved[:2]
         if shifted is not None:
-            shifted.SHIFTED_MIN_PATCHES = saved[2]
+            shifted.SHIFTED_MIN_PATCHES = saved
 
 
 def check_case(case: Case, *, rhs: int = 2) -> Report:
     """Every quantity of ``case`` against dense float64 references (for
     :func:`wide_sweeps` seeds, with the wide thin products at every stage)."""
-    with _thin_thresholds(wide_sweeps(case.seed)):
+    with _wide_thresholds(wide_sweeps(case.seed)):
         return _check_case(case, rhs)
 
 

@@ -3,6 +3,8 @@ against the dense Hessian of the plain PyTorch loss (float64, batches 1–4)."""
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 from torch import nn
@@ -175,7 +177,8 @@ def test_dead_relu_units_split_the_span_channel_by_channel(damping, monkeypatch)
         S_dense, f_dense = st.eliminate(S.clone(), damping, 0)
         st.live = live
         tol = 1e-5 if S.dtype == torch.float32 else 1e-12
-        for got, want in ((dense(S_blocks), dense(S_dense)), (f_blocks.Q_ry, f_dense.Q_ry), (f_blocks.K_r, f_dense.K_r)):
+        K_blocks, K_dense = (f.factor.complete(f.Y_r) for f in (f_blocks, f_dense))  # Q_θθ⁻¹Q_θy
+        for got, want in ((dense(S_blocks), dense(S_dense)), (f_blocks.Q_ry, f_dense.Q_ry), (K_blocks, K_dense)):
             assert rel(got, want) <= tol
     b = torch.randn(curv.num_parameters, generator=gen)
     fact = curv.factorize(damping)
@@ -276,15 +279,14 @@ def test_the_unrefined_elimination_equals_dense_solves(name, batch, damping, wid
     fallback of ``logdet`` would otherwise correct or replace, so that a wrong stage
     (a complement's Gram, a value Hessian on its support, a span basis, the coordinates
     of a stage on ``vec Θ̃``) shows here. float64; a shift (negative damping) too. With
-    ``wide`` (``linalg.thin``'s thresholds and ``SHIFTED_MIN_PATCHES`` lowered to 1) the
-    sweeps take the wide thin products at every stage and the stride-1 convolutions their
+    ``wide`` (``testing.large_stage_paths`` and ``SHIFTED_MIN_PATCHES`` lowered to 1) the
+    sweeps take the wide thin products at every stage, the dense stages form their
+    Schur complements by the upper blocks and the stride-1 convolutions take their
     shifted products on every block of columns, as the bench's 512-row stages do."""
-    from tallskinny.linalg import thin
+    from tallskinny.testing import large_stage_paths
     from tallskinny_conv import shifted
 
     if wide:
-        monkeypatch.setattr(thin, "WIDE_MIN", 1)
-        monkeypatch.setattr(thin, "THIN_RATIO", 1)
         monkeypatch.setattr(shifted, "SHIFTED_MIN_PATCHES", 1)
     make, shape = UNREFINED[name]
     torch.manual_seed(11)
@@ -295,9 +297,10 @@ def test_the_unrefined_elimination_equals_dense_solves(name, batch, damping, wid
     M = H + damping * torch.eye(H.shape[0], dtype=H.dtype)
     b = torch.randn(H.shape[0], 2, generator=gen, dtype=torch.float64)
     expected = torch.linalg.solve(M, b)
-    curv = chain.curvature(X, y)
-    fact = curv.factorize(damping) if damping > 0 else curv.factorize(shift=-damping)  # H − σI
-    x = fact.solve(b, refine=0)
+    with large_stage_paths() if wide else contextlib.nullcontext():
+        curv = chain.curvature(X, y)
+        fact = curv.factorize(damping) if damping > 0 else curv.factorize(shift=-damping)  # H − σI
+        x = fact.solve(b, refine=0)
     cond = float(torch.linalg.cond(M))
     assert rel(x, expected) <= 1e-13 * cond, (rel(x, expected), cond)
 

@@ -20,7 +20,7 @@ from ..algebra import (
     plus,
     products_through_factors,
     raise_if_null_directions,
-    subtract_symmetric_product,
+    subtract_schur,
     symmetrize,
 )
 from ..supported import Supported
@@ -304,8 +304,8 @@ class DenseStage(Stage):
         if pooled:
             workspace.give(GtS)
         S_norm = torch.linalg.vector_norm(S) if self.A_rr is not None else None
-        S_new, factor, K_r, d, inertia, logdet = self._schur(S_new, Q_rr, Q_ry, self.C_z, self.CtC, damping, index, S_norm)
-        return S_new, DenseStageFactor(self, damping, d, factor, Q_ry, K_r, inertia, logdet)
+        S_new, factor, Y_r, d, inertia, logdet = self._schur(S_new, Q_rr, Q_ry, self.C_z, self.CtC, damping, index, S_norm)
+        return S_new, DenseStageFactor(self, damping, d, factor, Q_ry, Y_r, inertia, logdet)
 
     def _eliminate_live(self, S: Tensor, damping: float, index: int):
         """:meth:`eliminate` on the live rows and columns (see ``live_products``);
@@ -323,9 +323,9 @@ class DenseStage(Stage):
             SG = torch.cat([S_oo[:, a:b] @ blk for a, b, blk in GV_o], dim=1)
             Q_rr = torch.cat([blk.mT @ SG[a:b] for a, b, blk in GV_o])
         S_norm = torch.linalg.vector_norm(S_oo) if self.A_rr is not None else None
-        S_ii, factor, K_r, d, inertia, logdet = self._schur(F_oi.mT @ SF, Q_rr, Q_ry, C_zi, CtC_ii, damping, index, S_norm)
+        S_ii, factor, Y_r, d, inertia, logdet = self._schur(F_oi.mT @ SF, Q_rr, Q_ry, C_zi, CtC_ii, damping, index, S_norm)
         S_new = S_ii if self.inputs is None else Supported(S_ii, li, self.F.shape[1])
-        return S_new, DenseStageFactor(self, damping, d, factor, Q_ry, K_r, inertia, logdet)
+        return S_new, DenseStageFactor(self, damping, d, factor, Q_ry, Y_r, inertia, logdet)
 
     def _schur(self, S_new, Q_rr, Q_ry, C_z, CtC, damping: float, index: int, S_norm: Tensor | None = None):
         """``S_new − Q_yθ Q_θθ⁻¹ Q_θy`` over the rest (pivots ``ε``), ``Z`` (pivots ``α + ε``)
@@ -375,17 +375,17 @@ class DenseStage(Stage):
                 terms.append(torch.linalg.vector_norm(AdA, float("inf")))
                 Qt_rr = Q_rr - AdA
                 Qt_ry = Q_ry - Ad @ C_z
-        factor = K_r = None
+        factor = Y_r = None
         if self.r:
             # ‖ΔQ‖ ≤ γ_k·(terms) with k = 4(p + a): two products over a, two over p, and the SVD
-            factor = SymmetricFactor.of(Qt_rr, terms, 4 * (self.p + self.GV.shape[0]))
+            factor = SymmetricFactor.of(Qt_rr, terms, 4 * (self.p + self.GV.shape[0]), ldl=True)
             if factor is None:
                 raise StageSingular(index)
-            K_r = factor.solve(Qt_ry)
-            S_new = subtract_symmetric_product(S_new, Qt_ry, K_r)  # symmetric
+            X_r, Y_r = factor.schur_operands(Qt_ry)  # Q_yθ Q_θθ⁻¹ Q_θy = X_rᵀ Y_r
+            S_new = subtract_schur(S_new, X_r, Y_r, factor.symmetric_schur)  # symmetric
         else:
             S_new = symmetrize(S_new)
-        return S_new, factor, K_r, d, (pos, neg), logdet
+        return S_new, factor, Y_r, d, (pos, neg), logdet
 
 
 def masked_kronecker_basis(B: Tensor, ignored_rows: Tensor) -> tuple[list[Tensor], Tensor, float, list[Tensor]]:
@@ -423,12 +423,14 @@ def _embedded_blocks(live: list[Tensor], blocks: list[Tensor], R: int) -> Tensor
 
 
 class DenseStageFactor(StageFactor):
-    """The per-damping factors of a :class:`DenseStage`, used by the solve sweeps."""
+    """The per-damping factors of a :class:`DenseStage`, used by the solve sweeps: the
+    span pivot's factor, ``Q_ζy`` and ``Y_r`` with ``Q_θθ⁻¹ Q_ζy y = factor.complete(Y_r y)``
+    (:meth:`~tallskinny.elimination.algebra.SymmetricFactor.schur_operands`)."""
 
-    __slots__ = ("stage", "damping", "d", "factor", "Q_ry", "K_r", "_z_inertia", "_z_logdet")
+    __slots__ = ("stage", "damping", "d", "factor", "Q_ry", "Y_r", "_z_inertia", "_z_logdet")
 
-    def __init__(self, stage, damping, d, factor, Q_ry, K_r, z_inertia, z_logdet):
-        self.stage, self.damping, self.d, self.factor, self.Q_ry, self.K_r = stage, damping, d, factor, Q_ry, K_r
+    def __init__(self, stage, damping, d, factor, Q_ry, Y_r, z_inertia, z_logdet):
+        self.stage, self.damping, self.d, self.factor, self.Q_ry, self.Y_r = stage, damping, d, factor, Q_ry, Y_r
         self._z_inertia, self._z_logdet = z_inertia, z_logdet
 
     @property
@@ -488,7 +490,7 @@ class DenseStageFactor(StageFactor):
         u_r, u_z, u_rest = u
         theta = theta_r = None
         y_in = y if y is None or st.inputs is None else y.index_select(0, st.inputs)
-        Ky = None if y is None or not st.r else thin_product(self.K_r, y_in)
+        Ky = None if y is None or not st.r else self.factor.complete(thin_product(self.Y_r, y_in))
         if st.r:
             theta_r = -u_r if y is None else -Ky - u_r
             theta = theta_r if st.V is None else thin_product(st.V, theta_r)
