@@ -269,6 +269,30 @@ class SymmetricFactor:
         return self._inertia
 
 
+def fill_inertias(factors: Sequence["SymmetricFactor"]) -> None:
+    """The inertia of every factor in ``factors`` not yet known (LU's: from a Bunch–Kaufman
+    ``LDLᵀ``), by one batched ``ldl_factor_ex`` per size and one synchronisation in all,
+    instead of one factorization and one synchronisation each."""
+    by_size: dict[tuple, list[SymmetricFactor]] = {}
+    for f in factors:
+        if f._inertia is None and f._ldl is None:
+            by_size.setdefault((f.matrix.shape[0], f.matrix.dtype, f.matrix.device), []).append(f)
+    counts, groups = [], []
+    for (n, _, _), group in by_size.items():
+        if n == 0:
+            continue
+        ld, piv, _ = torch.linalg.ldl_factor_ex(torch.stack([f.matrix for f in group]))
+        counts.append((ldl_d_eigenvalues(ld, piv) > 0).sum(dim=-1))
+        groups.append(group)
+    if not counts:
+        return
+    positive = iter(torch.cat(counts).tolist())  # one synchronisation
+    for group in groups:
+        for f in group:
+            pos = next(positive)
+            f._inertia = Inertia(pos, f.matrix.shape[0] - pos, 0)
+
+
 def first_singular(factors: Sequence[tuple[int, "SymmetricFactor"]]) -> int | None:
     """The index of the first factor (in the order given) whose LU has a pivot at or
     below ``pivot_tolerance(n, dtype, max|Q|)``, or ``None``: one synchronisation for

@@ -33,7 +33,7 @@ from torch import Tensor
 from ..blocks.protocol import Oracle
 from ..linalg import Inertia
 from . import workspace
-from .algebra import StageSingular, first_singular, symmetrize
+from .algebra import StageSingular, fill_inertias, first_singular, symmetrize
 from .stages import Stage, StageFactor
 from .supported import Supported, buffer
 
@@ -150,6 +150,7 @@ class RiccatiFactorization:
     def inertia(self) -> Inertia:
         """``Σ_l inertia(Q_θθ,l)`` by Sylvester's law (computed on first request)."""
         if self._inertia is None:
+            fill_inertias([p for f in self._factors if f is not None for p in f.pivot_factors()])
             pos = neg = 0
             for f in self._factors:
                 if f is not None:

@@ -286,6 +286,29 @@ def test_first_singular_tests_pivots_of_all_sizes_at_once():
     assert first_singular([(0, SymmetricFactor.unchecked(1e-17 * torch.eye(2)))]) is None
 
 
+def test_fill_inertias_counts_every_factor_at_once():
+    """``fill_inertias``: the inertia of LU factors of several sizes (one batched
+    Bunch–Kaufman per size), equal to each one's own and to ``eigvalsh``; factors that know
+    theirs (Cholesky, ``LDLᵀ``, already filled) are left as they are."""
+    from tallskinny.elimination.algebra import SymmetricFactor, fill_inertias
+
+    gen = torch.Generator().manual_seed(5)
+    mats = [_sym(n, gen) + shift * torch.eye(n) for n, shift in ((4, 0.0), (7, 0.5), (4, -1.0), (7, 0.0), (1, -2.0), (4, 0.3))]
+    lu = [SymmetricFactor.unchecked(Q) for Q in mats]
+    chol = SymmetricFactor.of(_sym(3, gen) + 10 * torch.eye(3))
+    ldl = SymmetricFactor.of(_sym(5, gen), ldl=True)
+    known = SymmetricFactor.unchecked(mats[0])
+    known._inertia = Inertia(1, 2, 3)  # (a sentinel: must stay)
+    fill_inertias(lu + [chol, ldl, known])
+    for Q, f in zip(mats, lu):
+        eig = torch.linalg.eigvalsh(Q)
+        assert f._inertia == Inertia(int((eig > 0).sum()), int((eig < 0).sum()), 0)
+        assert f._inertia == SymmetricFactor.unchecked(Q).inertia()
+    assert any(f._inertia.negative and f._inertia.positive for f in lu)  # indefinite ones included
+    assert chol._inertia == Inertia(3, 0, 0) and ldl._inertia is None and known._inertia == Inertia(1, 2, 3)
+    fill_inertias([])
+
+
 @pytest.mark.parametrize("definite", [True, False])
 def test_symmetric_factor_answers_keep_a_row_major_layout(definite):
     """Cholesky and LU solves (LAPACK) leave column-major answers; the sweeps multiply them

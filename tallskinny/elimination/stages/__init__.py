@@ -38,7 +38,8 @@ class StageFactor:
     """One stage's factor of ``Q_θθ`` at one damping, and its two sweeps.
 
     Must be written: ``inertia``, ``logdet`` (attributes or properties), ``backward``,
-    ``forward``. May be overridden: ``unchecked``, ``span_pivot``, the two flags."""
+    ``forward``. May be overridden: ``unchecked``, ``pivot_factors``, ``span_pivot``, the
+    two flags."""
 
     #: A :class:`~tallskinny.elimination.algebra.SymmetricFactor` whose pivots are tested
     #: after the whole backward sweep (one synchronisation), or ``None``.
@@ -53,6 +54,12 @@ class StageFactor:
 
     def forward(self, y: Tensor | None, u):
         raise NotImplementedError
+
+    def pivot_factors(self) -> tuple:
+        """The :class:`~tallskinny.elimination.algebra.SymmetricFactor` s whose inertia
+        :attr:`inertia` reads (the factorization computes those not yet known all at once,
+        :func:`~tallskinny.elimination.algebra.fill_inertias`)."""
+        return ()
 
     def span_pivot(self):
         """``Q_θθ`` as a :class:`~tallskinny.elimination.algebra.SymmetricFactor` where the

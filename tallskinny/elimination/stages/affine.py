@@ -396,6 +396,9 @@ class DirectAffineFactor(StageFactor):
         span = self.factor.logdet() if self.factor is not None else None
         return plus_complement_logdet(span, self.stage.n_perp, self.damping)
 
+    def pivot_factors(self) -> tuple:
+        return (self.factor,) if isinstance(self.factor, SymmetricFactor) else ()
+
     def span_pivot(self):
         return self.factor if isinstance(self.factor, SymmetricFactor) else None
 

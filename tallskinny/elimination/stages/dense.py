@@ -446,6 +446,9 @@ class DenseStageFactor(StageFactor):
         out = self.factor.logdet() if self.factor is not None else torch.zeros((), dtype=torch.float64)
         return out if self._z_logdet is None else out + self._z_logdet
 
+    def pivot_factors(self) -> tuple:
+        return () if self.factor is None else (self.factor,)
+
     def span_pivot(self):
         return self.factor if isinstance(self.factor, SymmetricFactor) and self.stage.A_rr is None else None
 

@@ -51,6 +51,9 @@ class PermutedFactor(StageFactor):
     def logdet(self) -> Tensor:
         return self.inner.logdet
 
+    def pivot_factors(self) -> tuple:
+        return self.inner.pivot_factors()
+
     def span_pivot(self):
         return self.inner.span_pivot()
 

@@ -117,6 +117,9 @@ class ReducedAffineFactor(StageFactor):
         span = self.inner.logdet if self.inner is not None else None
         return plus_complement_logdet(span, self.stage.n_perp, self.damping)
 
+    def pivot_factors(self) -> tuple:
+        return self.inner.pivot_factors() if self.inner is not None else ()
+
     def span_pivot(self):
         return self.inner.span_pivot() if self.inner is not None else None
 
