@@ -270,8 +270,10 @@ def test_spectrum_bench_on_a_tiny_model_without_peers():
     assert row["P"] == 234 and row["top5_residual"] < 1e-10
     assert row["lanczos_steps_1e6"] is not None and row["lanczos_best_error"] < 1e-10
     assert row["negative"] >= 0 and "slq_negative" in row and "eigenthings_la_s" not in row
+    assert row["nearest_values_hvps"] > 0 and row["certificate_hvps"] > 0
     assert any("PyHessian: not installed" in line for line in lines)
     assert "hessian-eigenthings `lanczos`" in spectrum_bench.summary([row])
+    assert "the certificate's floor" in spectrum_bench.summary([row])
     exact = torch.tensor([1.0, 2.0, -3.0, 4.0, 5.0])
     assert spectrum_bench.relative_error([5.0, 4.0, 2.0, 1.0, -3.0, 0.5], exact, by_magnitude=True) == 0.0
     assert spectrum_bench.relative_error([5.0, 4.0, 2.0, 1.0, 0.5], torch.tensor([0.5, 1.0, 2.0, 4.0, 5.0])) == 0.0
