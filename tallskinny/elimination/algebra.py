@@ -56,6 +56,7 @@ def subtract_schur(S: Tensor, X: Tensor, Y: Tensor, symmetric: bool) -> Tensor:
     if not symmetric or n < SPLIT_SCHUR_MIN:
         return subtract_symmetric_product(S, X, Y)
     h = n // 2
+    S[:h, h:].add_(S[h:, :h].mT).mul_(0.5)  # (S's own rounding asymmetry: averaged, as below)
     S[:h, :h].addmm_(X[:, :h].mT, Y[:, :h], alpha=-1.0)
     S[h:, h:].addmm_(X[:, h:].mT, Y[:, h:], alpha=-1.0)
     S[:h, h:].addmm_(X[:, :h].mT, Y[:, h:], alpha=-1.0)
@@ -142,7 +143,8 @@ class SymmetricFactor:
     with BLAS-3 speed (LAPACK's Bunch–Kaufman solve does not), or, asked for with
     ``ldl=True``, Bunch–Kaufman ``LDLᵀ`` with an explicit ``L``
     (:func:`~tallskinny.linalg.ldl.explicit_ldl`), whose Schur complements take one
-    triangular solve instead of LU's two. The inertia of an indefinite matrix is read
+    triangular solve instead of LU's two (on the CPU and outside autograd: the
+    conversion runs on the host; elsewhere LU). The inertia of an indefinite matrix is read
     from a Bunch–Kaufman ``D`` (Sylvester's law): the factor's own, or for LU one
     computed only when asked for.
 
@@ -190,7 +192,7 @@ class SymmetricFactor:
                 self._chol = L
                 self._inertia = Inertia(n, 0, 0)
                 return self
-        if ldl:
+        if ldl and Q.device.type == "cpu" and not Q.requires_grad:
             ld, piv, info = torch.linalg.ldl_factor_ex(Q)
             if bool(info):
                 return None
@@ -218,7 +220,7 @@ class SymmetricFactor:
         if self._chol is not None:
             return in_layout_of(torch.cholesky_solve(B, self._chol), B)
         if self._ldl is not None:
-            return self._ldl.solve(B)
+            return self._ldl.solve(B.unsqueeze(-1)).squeeze(-1) if B.dim() == 1 else self._ldl.solve(B)
         if self._factors is None:  # (made on the first solve: no synchronisation before)
             self._factors = LUFactors(self._lu, self._piv)
         return self._factors.solve(B)

@@ -31,7 +31,7 @@ A stage turns the value Hessian ``S`` (``a_out × a_out``) into the one at its i
   only, ``n²a_in`` (``Q_ζyᵀQ⁻¹Q_ζy = MᵀD⁻¹M``);
 * ``lower`` — the same elimination done with no redundancy: products whose result is
   symmetric (``FᵀSF``, ``Q_ζζ``, ``Q_ζyᵀK``) at half their price, ``LDLᵀ`` or Cholesky
-  ``n³/3`` and one triangular solve ``n²a_in`` (``Q_ζyᵀQ⁻¹Q_ζy = MᵀDM`` with
+  ``n³/3`` and one triangular solve ``n²a_in`` (``Q_ζyᵀQ⁻¹Q_ζy = MᵀD⁻¹M`` with
   ``M = L⁻¹Q_ζy``). ``F``'s products are counted as the code does them;
 * ``solve`` — one right-hand side: the two sweeps' products with the stage's matrices
   (``Q_ζy``, ``K`` (the dense stage: ``D⁻¹M`` and a third triangular solve), ``F``, ``V`` (three times where
@@ -54,7 +54,8 @@ import torch
 
 from ..linalg import Diagonal, LinearOperator, ScaledIdentity, Zero
 from ..linalg.kronecker import identity_kronecker_factor
-from .algebra import SPLIT_SCHUR_MIN, congruence_is_dense, products_through_factors
+from . import algebra
+from .algebra import congruence_is_dense, products_through_factors
 from .stages.activation import ActivationStage
 from .stages.affine import AffineStage
 from .stages.covered import CoveredStage
@@ -276,7 +277,7 @@ def _dense(stage: DenseStage, c: _Count) -> None:
     if r:
         c.pivot(r, a_eff, eigenvalues=stage.A_rr is not None, half=True)
         schur = 2 * a_eff * a_eff * r  # (L⁻¹Q_ζy)ᵀ D⁻¹(L⁻¹Q_ζy): its upper blocks from SPLIT_SCHUR_MIN on
-        if a_eff >= SPLIT_SCHUR_MIN:
+        if a_eff >= algebra.SPLIT_SCHUR_MIN:
             h = a_eff // 2
             upper = 2 * (h * h + (a_eff - h) ** 2 + h * (a_eff - h)) * r
             c.mm(upper)

@@ -367,8 +367,32 @@ def test_symmetric_factor_schur_operands_and_inertia(mode, n):
     assert factor.inertia() == Inertia(int((eig > 0).sum()), int((eig < 0).sum()), 0)
     torch.testing.assert_close(factor.logdet(), eig.abs().log().sum(), rtol=1e-12, atol=1e-10)
     singular = Q.clone()
-    singular[:, 1] = singular[1, :] = 0.0
+    singular[:, 1] = singular[1, :] = 0.0  # an exactly zero pivot (LAPACK's info > 0 for LDLᵀ)
     assert SymmetricFactor.of(singular, ldl=mode == "ldl") is None
+    # a pivot below the tolerance without an exact zero (a diagonal matrix: its pivots are
+    # its entries whatever the rounding): refused
+    tiny = torch.tensor([1.0, 2.0, 1e-20, 3.0] if mode == "cholesky" else [1.0, -2.0, 1e-20, 3.0])
+    assert SymmetricFactor.of(torch.diag(tiny), ldl=mode == "ldl") is None
+    assert SymmetricFactor.of(torch.diag(tiny + torch.tensor([0.0, 0.0, 1e-3, 0.0])), ldl=mode == "ldl") is not None
+
+
+@pytest.mark.filterwarnings("ignore:Converting a tensor with requires_grad")
+def test_ldl_factor_falls_back_to_lu_under_autograd_and_solves_vectors():
+    """``ldl=True`` converts the factor on the host: a ``Q`` that requires grad (or lives
+    elsewhere than the CPU) is factored by LU instead; a 1-D right-hand side is solved
+    as a vector, as by LU."""
+    from tallskinny.elimination.algebra import SymmetricFactor
+
+    gen = torch.Generator().manual_seed(9)
+    Q = _sym(6, gen)
+    b = torch.randn(6, generator=gen)
+    ldl = SymmetricFactor.of(Q, ldl=True)
+    assert ldl._ldl is not None
+    x = ldl.solve(b)
+    assert x.shape == (6,)
+    torch.testing.assert_close(x, torch.linalg.solve(Q, b), rtol=1e-12, atol=1e-12)
+    tracked = SymmetricFactor.of(Q.clone().requires_grad_(), ldl=True)
+    assert tracked._ldl is None and tracked._lu is not None
 
 
 class _Stage(Stage):

@@ -5,6 +5,8 @@ operands' shapes, independently of the stage code."""
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 from torch import nn
@@ -103,8 +105,14 @@ def counted(chain, X, y, kind):
 
 @pytest.mark.parametrize("name", list(MODELS))
 @pytest.mark.parametrize("kind", ["hessian", "ggn"])
-def test_the_count_is_what_runs(float64, name, kind):
-    flops, ops, solve = counted(*MODELS[name](), kind)
+@pytest.mark.parametrize("large", [False, True])
+def test_the_count_is_what_runs(float64, name, kind, large):
+    """The count equals the dispatched operations, also with the large stages' paths at
+    every stage (``testing.large_stage_paths``: the split Schur products)."""
+    from tallskinny.testing import large_stage_paths
+
+    with large_stage_paths() if large else contextlib.nullcontext():
+        flops, ops, solve = counted(*MODELS[name](), kind)
     assert ops.products > 0
     assert flops.products == ops.products
     assert sum(s.triangular for s in flops.stages) == ops.triangular
