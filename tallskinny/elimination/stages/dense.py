@@ -139,7 +139,7 @@ class DenseStage(Stage):
             self.GV = G
             self.C_r = C
         elif B is not None:
-            V_blocks, self.GV, self.g_norm, GV_live_blocks, W_blocks = masked_kronecker_basis(B, ignored_rows)
+            V_blocks, self.GV, self.g_norm, GV_live_blocks = masked_kronecker_basis(B, ignored_rows)
             self.V = torch.block_diag(*V_blocks)
             r = self.V.shape[1]
             # V is block diagonal: C_r = VᵀC and V C_r one channel at a time
@@ -190,12 +190,7 @@ class DenseStage(Stage):
             if self.Z is not None:
                 C_rest = C_rest - self.Z @ self.C_z
             self.C_rest = C_rest
-            if B is not None and self.Z is None:
-                # its Gram from its coordinates in the channels' complements W (orthonormal):
-                # C_restᵀC_rest = Σ (WᵀC)ᵀ(WᵀC), over n_rest rows instead of p
-                gram_rows.append(torch.cat([blk.mT @ Ci for blk, Ci in zip(W_blocks, C_parts)]))
-            else:
-                gram_rows.append(C_rest)
+            gram_rows.append(C_rest)
         # Σ C_ᵢᵀC_ᵢ over the rest and the complement rows (pivots ε on both); symmetric up
         # to rounding, which the symmetrization of the new S at the end of _schur removes
         self.CtC = None
@@ -393,30 +388,27 @@ class DenseStage(Stage):
         return S_new, factor, Y_r, d, (pos, neg), logdet
 
 
-def masked_kronecker_basis(B: Tensor, ignored_rows: Tensor) -> tuple[list[Tensor], Tensor, float, list[Tensor], list[Tensor]]:
-    """``(V's diagonal blocks, G V, ‖G‖₂, G V's diagonal blocks on the live rows, the
-    blocks of an orthonormal basis of null(G))`` for ``G = I_m ⊗ B`` (``B``: ``R × q``)
-    with the rows ``ignored_rows`` set to zero: ``G`` is block diagonal, so its SVD is that
-    of its ``m`` blocks, each on its live rows only (``m`` SVDs of ``n_live × q`` instead of
-    one of ``m·R × m·q``), with the rank tolerance of the whole matrix,
-    ``max(a, p)·eps·σ_max``; ``‖G‖₂ = σ_max``, the largest of the blocks'; each block's
-    full ``Vᵀ`` gives the complement ``W`` (``[V W]`` orthogonal, ``q × q``). ``G V = UΣ`` has
-    orthogonal columns, so the span pivot ``Q = (GV)ᵀS(GV) + εI`` is a diagonal scaling of
-    ``UᵀSU`` (a basis from a QR of the live rows, without the SVD, was tried and lost
-    that: CHANGELOG)."""
+def masked_kronecker_basis(B: Tensor, ignored_rows: Tensor) -> tuple[list[Tensor], Tensor, float, list[Tensor]]:
+    """``(V's diagonal blocks, G V, ‖G‖₂, G V's diagonal blocks on the live rows)`` for
+    ``G = I_m ⊗ B`` (``B``: ``R × q``) with the rows ``ignored_rows`` set to zero: ``G`` is
+    block diagonal, so its thin SVD is that of its ``m`` blocks, each on its live rows only
+    (``m`` SVDs of ``n_live × q`` instead of one of ``m·R × m·q``), with the rank tolerance
+    of the whole matrix, ``max(a, p)·eps·σ_max``; ``‖G‖₂ = σ_max``, the largest of the
+    blocks'. ``G V = UΣ`` has orthogonal columns, so the span pivot ``Q = (GV)ᵀS(GV) + εI``
+    is a diagonal scaling of ``UᵀSU`` (a basis from a QR of the live rows, without the SVD,
+    was tried and lost that: CHANGELOG)."""
     R, q = B.shape
     m = ignored_rows.numel() // R
     live = [torch.nonzero(~dead).squeeze(1) for dead in ignored_rows.reshape(m, R)]
-    svds = [torch.linalg.svd(B.index_select(0, rows), full_matrices=True) for rows in live]
+    svds = [torch.linalg.svd(B.index_select(0, rows), full_matrices=False) for rows in live]
     sigma_max = max((float(s.max()) for _, s, _ in svds if s.numel()), default=0.0)
     tol = pivot_tolerance(m * max(R, q), B.dtype, sigma_max)
-    V_blocks, live_blocks, W_blocks = [], [], []
+    V_blocks, live_blocks = [], []
     for U, sigma, Vh in svds:
         k = int((sigma > tol).sum())  # singular values come sorted
         V_blocks.append(Vh[:k].mT)
-        W_blocks.append(Vh[k:].mT)
         live_blocks.append(U[:, :k] * sigma[:k])  # G V on this channel's live rows
-    return V_blocks, _embedded_blocks(live, live_blocks, R), sigma_max, live_blocks, W_blocks
+    return V_blocks, _embedded_blocks(live, live_blocks, R), sigma_max, live_blocks
 
 
 def _embedded_blocks(live: list[Tensor], blocks: list[Tensor], R: int) -> Tensor:
