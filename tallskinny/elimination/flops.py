@@ -24,7 +24,7 @@ A stage turns the value Hessian ``S`` (``a_out × a_out``) into the one at its i
 * ``pivots`` — the factorization of ``Q_ζζ``: LU ``2n³/3`` (Cholesky ``n³/3`` where the
   curvature is positive semidefinite, ``cholesky=True``; a Hessian's pivot that is
   positive definite is factored by Cholesky too, so there the count is high by ``n³/3``;
-  the dense stage's ``LDLᵀ`` or Cholesky ``n³/3``),
+  the dense stage's ``LDLᵀ`` (on the CPU) or Cholesky ``n³/3``),
   the eigenvalues ``4n³/3`` where ``A ≠ 0`` tests them and those of the last span pivot
   (``n ≤ 128``: the free lower bound of ``‖H‖``);
 * ``triangular`` — ``K = Q_ζζ⁻¹Q_ζy``: ``2n²a_in``; the dense stage's ``M = L⁻¹Q_ζy``
@@ -275,9 +275,12 @@ def _dense(stage: DenseStage, c: _Count) -> None:
             c.mm(2 * r * k * r, symmetric=True)
             c.mm(2 * r * k * a_eff)
     if r:
-        c.pivot(r, a_eff, eigenvalues=stage.A_rr is not None, half=True)
-        schur = 2 * a_eff * a_eff * r  # (L⁻¹Q_ζy)ᵀ D⁻¹(L⁻¹Q_ζy): its upper blocks from SPLIT_SCHUR_MIN on
-        if a_eff >= algebra.SPLIT_SCHUR_MIN:
+        # LDLᵀ (on the CPU) or Cholesky: (L⁻¹Q_ζy)ᵀ D⁻¹(L⁻¹Q_ζy), its upper blocks from
+        # SPLIT_SCHUR_MIN on; LU elsewhere: Q_ζyᵀK
+        half = c.cholesky or stage.F.device.type == "cpu"
+        c.pivot(r, a_eff, eigenvalues=stage.A_rr is not None, half=half)
+        schur = 2 * a_eff * a_eff * r
+        if half and a_eff >= algebra.SPLIT_SCHUR_MIN:
             h = a_eff // 2
             upper = 2 * (h * h + (a_eff - h) ** 2 + h * (a_eff - h)) * r
             c.mm(upper)
