@@ -99,6 +99,7 @@ SHIFTED_CASES = {
 }
 
 
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel lengths")  # (torch's own forward)
 @pytest.mark.parametrize("name", SHIFTED_CASES)
 def test_stride_one_zero_padded_convolutions_apply_f_by_shifted_gemms(name, monkeypatch):
     """``F`` of a stride-1 convolution with zero padding is a :class:`ShiftedConvolution`:
