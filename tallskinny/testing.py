@@ -156,18 +156,19 @@ def plain_dense_stages():
 @contextlib.contextmanager
 def large_stage_paths():
     """Within: every stage takes the paths the engine keeps for large stages — the
-    sweeps' wide thin products (:mod:`tallskinny.linalg.thin`) and a dense stage's Schur
-    complement by its upper blocks (``SPLIT_SCHUR_MIN``) — their thresholds lowered to 1,
-    so that small test models exercise them."""
+    sweeps' wide thin products (:mod:`tallskinny.linalg.thin`), a dense stage's Schur
+    complement by half solves (``HALF_SOLVE_MIN_ORDER``: Bunch–Kaufman ``LDLᵀ`` or
+    Cholesky) and by its upper blocks (``SPLIT_SCHUR_MIN``) — their thresholds lowered to
+    1, so that small test models exercise them."""
     from .elimination import algebra
     from .linalg import thin
 
-    before = (thin.WIDE_MIN, thin.THIN_RATIO, algebra.SPLIT_SCHUR_MIN)
-    thin.WIDE_MIN = thin.THIN_RATIO = algebra.SPLIT_SCHUR_MIN = 1
+    before = (thin.WIDE_MIN, thin.THIN_RATIO, algebra.SPLIT_SCHUR_MIN, algebra.HALF_SOLVE_MIN_ORDER)
+    thin.WIDE_MIN = thin.THIN_RATIO = algebra.SPLIT_SCHUR_MIN = algebra.HALF_SOLVE_MIN_ORDER = 1
     try:
         yield
     finally:
-        thin.WIDE_MIN, thin.THIN_RATIO, algebra.SPLIT_SCHUR_MIN = before
+        thin.WIDE_MIN, thin.THIN_RATIO, algebra.SPLIT_SCHUR_MIN, algebra.HALF_SOLVE_MIN_ORDER = before
 
 
 @contextlib.contextmanager

@@ -41,6 +41,11 @@ def subtract_symmetric_product(S: Tensor, Q: Tensor, K: Tensor) -> Tensor:
     return symmetrized(S.addmm_(Q.mT, K, alpha=-1.0))
 
 
+HALF_SOLVE_MIN_ORDER = 384
+"""Order from which :meth:`SymmetricFactor.of` with ``half=True`` forms Schur complements
+by one triangular solve (Bunch–Kaufman ``LDLᵀ`` for an indefinite matrix): below it LU
+and ``K = Q⁻¹B`` cost less (their fixed costs are smaller: CHANGELOG)."""
+
 SPLIT_SCHUR_MIN = 256
 """Order from which :func:`subtract_schur` forms a product symmetric by construction by
 its upper blocks only."""
@@ -140,25 +145,24 @@ class SymmetricFactor:
 
     Cholesky when the matrix is positive definite (the common case near the loss and for
     Gauss–Newton); otherwise LU with partial pivoting, which solves many right-hand sides
-    with BLAS-3 speed (LAPACK's Bunch–Kaufman solve does not), or, asked for with
-    ``ldl=True``, Bunch–Kaufman ``LDLᵀ`` with an explicit ``L``
-    (:func:`~tallskinny.linalg.ldl.explicit_ldl`), whose Schur complements take one
-    triangular solve instead of LU's two (on the CPU and outside autograd: the
-    conversion runs on the host; elsewhere LU). The inertia of an indefinite matrix is read
-    from a Bunch–Kaufman ``D`` (Sylvester's law): the factor's own, or for LU one
-    computed only when asked for.
+    with BLAS-3 speed (LAPACK's Bunch–Kaufman solve does not). The inertia of an
+    indefinite matrix is read from a Bunch–Kaufman ``D`` (Sylvester's law): the factor's
+    own, or for LU one computed only when asked for.
 
     Schur complements ``S − Bᵀ Q⁻¹ B`` go through :meth:`schur_operands` (``Bᵀ Q⁻¹ B =
-    Xᵀ Y``) and :meth:`complete` (``Q⁻¹ B x = complete(Y x)``): ``X = L⁻¹B``, ``Y = D⁻¹X``,
-    ``complete`` the rest of the solve for Cholesky and ``LDLᵀ`` (``D = I`` for
-    Cholesky, and the product ``XᵀY`` is symmetric by construction); ``X = B``,
-    ``Y = Q⁻¹B`` and nothing left for LU.
+    Xᵀ Y``) and :meth:`complete` (``Q⁻¹ B x = complete(Y x)``). Asked for with ``half=True``
+    and from order :data:`HALF_SOLVE_MIN_ORDER` on, they take one triangular solve:
+    ``X = L⁻¹B``, ``Y = D⁻¹X`` (``XᵀY`` symmetric by construction), ``complete`` the rest
+    of the solve, with Cholesky's ``L`` (``D = I``) or, for an indefinite matrix on the
+    CPU and outside autograd (the conversion runs on the host), Bunch–Kaufman ``LDLᵀ``
+    with an explicit ``L`` (:func:`~tallskinny.linalg.ldl.explicit_ldl`) instead of LU.
+    Otherwise ``X = B``, ``Y = Q⁻¹B`` and nothing is left for ``complete``.
     """
 
-    __slots__ = ("matrix", "_chol", "_lu", "_piv", "_ldl", "_factors", "_inertia", "_logdet")
+    __slots__ = ("matrix", "_chol", "_lu", "_piv", "_ldl", "_half", "_factors", "_inertia", "_logdet")
 
     @classmethod
-    def of(cls, Q: Tensor, terms: Sequence | None = None, inner: int = 0, *, ldl: bool = False) -> "SymmetricFactor | None":
+    def of(cls, Q: Tensor, terms: Sequence | None = None, inner: int = 0, *, half: bool = False) -> "SymmetricFactor | None":
         """The factorization, or ``None`` if ``Q`` is singular to working precision: a pivot
         (for ``LDLᵀ`` an eigenvalue of a block of ``D``) at or below
         ``pivot_tolerance(n, dtype, max|Q|)``.
@@ -174,6 +178,7 @@ class SymmetricFactor:
         self.matrix, self._chol, self._lu, self._piv, self._inertia, self._logdet = Q, None, None, None, None, None
         self._factors = self._ldl = None
         n = Q.shape[0]
+        self._half = half and n >= HALF_SOLVE_MIN_ORDER
         parts = [torch.linalg.vector_norm(Q, ord=float("inf")), Q.diagonal().min()]
         if terms is not None:
             parts += [t for t in terms if isinstance(t, Tensor)]
@@ -192,7 +197,7 @@ class SymmetricFactor:
                 self._chol = L
                 self._inertia = Inertia(n, 0, 0)
                 return self
-        if ldl and Q.device.type == "cpu" and not Q.requires_grad:
+        if self._half and Q.device.type == "cpu" and not Q.requires_grad:
             ld, piv, info = torch.linalg.ldl_factor_ex(Q)
             if bool(info):
                 return None
@@ -200,6 +205,7 @@ class SymmetricFactor:
             if float(self._ldl.eigenvalues.abs().min()) <= tol:
                 return None
             return self
+        self._half = False
         lu, piv, _ = torch.linalg.lu_factor_ex(Q)
         if float(lu.diagonal().abs().min()) <= tol:
             return None
@@ -213,6 +219,7 @@ class SymmetricFactor:
         self = cls.__new__(cls)
         self.matrix, self._chol, self._inertia, self._logdet = Q, None, None, None
         self._factors = self._ldl = None
+        self._half = False
         self._lu, self._piv, _ = torch.linalg.lu_factor_ex(Q)
         return self
 
@@ -227,26 +234,27 @@ class SymmetricFactor:
 
     def schur_operands(self, B: Tensor) -> tuple[Tensor, Tensor]:
         """``(X, Y)`` with ``Bᵀ Q⁻¹ B = Xᵀ Y`` and ``Q⁻¹ B = complete(Y)`` (see the class)."""
+        if not self._half:
+            return B, self.solve(B)
         if self._chol is not None:
             X = torch.linalg.solve_triangular(self._chol, B, upper=False)
             return X, X
-        if self._ldl is not None:
-            X = self._ldl.lower_solve(B)
-            return X, self._ldl.pivot_solve(X)
-        return B, self.solve(B)
+        X = self._ldl.lower_solve(B)
+        return X, self._ldl.pivot_solve(X)
 
     @property
     def symmetric_schur(self) -> bool:
-        """Whether ``XᵀY`` of :meth:`schur_operands` is symmetric by construction."""
-        return self._lu is None
+        """Whether ``XᵀY`` of :meth:`schur_operands` is symmetric by construction (the
+        half solves)."""
+        return self._half
 
     def complete(self, Y: Tensor) -> Tensor:
         """``Q⁻¹ B x`` from ``Y x`` (``Y`` of :meth:`schur_operands`)."""
+        if not self._half:
+            return Y
         if self._chol is not None:
             return in_layout_of(torch.linalg.solve_triangular(self._chol.mT, Y, upper=True), Y)
-        if self._ldl is not None:
-            return self._ldl.upper_solve(Y)
-        return Y
+        return self._ldl.upper_solve(Y)
 
     def logdet(self) -> Tensor:
         """``log|det|`` from the diagonal of the factor (computed on first request)."""

@@ -290,13 +290,14 @@ def test_fill_inertias_counts_every_factor_at_once():
     """``fill_inertias``: the inertia of LU factors of several sizes (one batched
     Bunch–Kaufman per size), equal to each one's own and to ``eigvalsh``; factors that know
     theirs (Cholesky, ``LDLᵀ``, already filled) are left as they are."""
+    from tallskinny.elimination import algebra
     from tallskinny.elimination.algebra import SymmetricFactor, fill_inertias
 
     gen = torch.Generator().manual_seed(5)
     mats = [_sym(n, gen) + shift * torch.eye(n) for n, shift in ((4, 0.0), (7, 0.5), (4, -1.0), (7, 0.0), (1, -2.0), (4, 0.3))]
     lu = [SymmetricFactor.unchecked(Q) for Q in mats]
     chol = SymmetricFactor.of(_sym(3, gen) + 10 * torch.eye(3))
-    ldl = SymmetricFactor.of(_sym(5, gen), ldl=True)
+    ldl = SymmetricFactor.of(_sym(algebra.HALF_SOLVE_MIN_ORDER, gen), half=True)
     known = SymmetricFactor.unchecked(mats[0])
     known._inertia = Inertia(1, 2, 3)  # (a sentinel: must stay)
     fill_inertias(lu + [chol, ldl, known])
@@ -327,22 +328,28 @@ def test_symmetric_factor_answers_keep_a_row_major_layout(definite):
     torch.testing.assert_close(X, torch.linalg.solve(Q, B), rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("mode", ["cholesky", "ldl", "lu"])
+@pytest.mark.parametrize("mode", ["cholesky", "ldl", "lu", "cholesky_k"])
 @pytest.mark.parametrize("n", [40, 300])
-def test_symmetric_factor_schur_operands_and_inertia(mode, n):
+def test_symmetric_factor_schur_operands_and_inertia(mode, n, monkeypatch):
     """``schur_operands(B) = (X, Y)`` with ``XᵀY = BᵀQ⁻¹B`` and ``complete(Y x) = Q⁻¹Bx``
-    for each factorization; ``subtract_schur`` gives ``S − BᵀQ⁻¹B`` symmetric (from
+    for each factorization — half solves (``half=True``, the order threshold lowered to
+    1: Cholesky, or Bunch–Kaufman ``LDLᵀ`` where indefinite) or ``K = Q⁻¹B`` (LU, or
+    Cholesky with ``half=False``); ``subtract_schur`` gives ``S − BᵀQ⁻¹B`` symmetric (from
     ``SPLIT_SCHUR_MIN`` on by the upper blocks of a product symmetric by construction);
     the inertia and ``log|det|`` are ``Q``'s, read off ``D`` for ``LDLᵀ``; a singular
     ``Q`` is refused."""
+    from tallskinny.elimination import algebra
     from tallskinny.elimination.algebra import SPLIT_SCHUR_MIN, SymmetricFactor, subtract_schur
 
+    monkeypatch.setattr(algebra, "HALF_SOLVE_MIN_ORDER", 1)
+    half = mode in ("cholesky", "ldl")
+    definite = mode.startswith("cholesky")
     gen = torch.Generator().manual_seed(n)
-    Q = _sym(n, gen) + (3.0 * n if mode == "cholesky" else 0.0) * torch.eye(n)
-    factor = SymmetricFactor.of(Q, ldl=mode == "ldl")
+    Q = _sym(n, gen) + (3.0 * n if definite else 0.0) * torch.eye(n)
+    factor = SymmetricFactor.of(Q, half=half)
     assert (factor._chol is not None, factor._ldl is not None, factor._lu is not None) == (
-        mode == "cholesky", mode == "ldl", mode == "lu")
-    assert factor.symmetric_schur == (mode != "lu")
+        definite, mode == "ldl", mode == "lu")
+    assert factor.symmetric_schur == half
     B = torch.randn(n, 33, generator=gen)
     K = torch.linalg.solve(Q, B)
     X, Y = factor.schur_operands(B)
@@ -368,31 +375,37 @@ def test_symmetric_factor_schur_operands_and_inertia(mode, n):
     torch.testing.assert_close(factor.logdet(), eig.abs().log().sum(), rtol=1e-12, atol=1e-10)
     singular = Q.clone()
     singular[:, 1] = singular[1, :] = 0.0  # an exactly zero pivot (LAPACK's info > 0 for LDLᵀ)
-    assert SymmetricFactor.of(singular, ldl=mode == "ldl") is None
+    assert SymmetricFactor.of(singular, half=half) is None
     # a pivot below the tolerance without an exact zero (a diagonal matrix: its pivots are
     # its entries whatever the rounding): refused
-    tiny = torch.tensor([1.0, 2.0, 1e-20, 3.0] if mode == "cholesky" else [1.0, -2.0, 1e-20, 3.0])
-    assert SymmetricFactor.of(torch.diag(tiny), ldl=mode == "ldl") is None
-    assert SymmetricFactor.of(torch.diag(tiny + torch.tensor([0.0, 0.0, 1e-3, 0.0])), ldl=mode == "ldl") is not None
+    tiny = torch.tensor([1.0, 2.0, 1e-20, 3.0] if definite else [1.0, -2.0, 1e-20, 3.0])
+    assert SymmetricFactor.of(torch.diag(tiny), half=half) is None
+    assert SymmetricFactor.of(torch.diag(tiny + torch.tensor([0.0, 0.0, 1e-3, 0.0])), half=half) is not None
 
 
 @pytest.mark.filterwarnings("ignore:Converting a tensor with requires_grad")
-def test_ldl_factor_falls_back_to_lu_under_autograd_and_solves_vectors():
-    """``ldl=True`` converts the factor on the host: a ``Q`` that requires grad (or lives
-    elsewhere than the CPU) is factored by LU instead; a 1-D right-hand side is solved
-    as a vector, as by LU."""
-    from tallskinny.elimination.algebra import SymmetricFactor
+def test_half_solves_take_lu_below_their_order_under_autograd_and_solve_vectors(monkeypatch):
+    """``half=True`` takes Bunch–Kaufman ``LDLᵀ`` for an indefinite ``Q`` from
+    ``HALF_SOLVE_MIN_ORDER`` on only, and not for a ``Q`` that requires grad (the
+    conversion runs on the host): LU and ``K = Q⁻¹B`` there; a 1-D right-hand side is
+    solved as a vector, as by LU."""
+    from tallskinny.elimination import algebra
+    from tallskinny.elimination.algebra import HALF_SOLVE_MIN_ORDER, SymmetricFactor
 
     gen = torch.Generator().manual_seed(9)
+    small = SymmetricFactor.of(_sym(HALF_SOLVE_MIN_ORDER - 1, gen), half=True)
+    assert small._lu is not None and not small.symmetric_schur
+    assert SymmetricFactor.of(_sym(HALF_SOLVE_MIN_ORDER, gen), half=True)._ldl is not None
+    monkeypatch.setattr(algebra, "HALF_SOLVE_MIN_ORDER", 1)
     Q = _sym(6, gen)
     b = torch.randn(6, generator=gen)
-    ldl = SymmetricFactor.of(Q, ldl=True)
+    ldl = SymmetricFactor.of(Q, half=True)
     assert ldl._ldl is not None
     x = ldl.solve(b)
     assert x.shape == (6,)
     torch.testing.assert_close(x, torch.linalg.solve(Q, b), rtol=1e-12, atol=1e-12)
-    tracked = SymmetricFactor.of(Q.clone().requires_grad_(), ldl=True)
-    assert tracked._ldl is None and tracked._lu is not None
+    tracked = SymmetricFactor.of(Q.clone().requires_grad_(), half=True)
+    assert tracked._ldl is None and tracked._lu is not None and not tracked.symmetric_schur
 
 
 class _Stage(Stage):

@@ -378,7 +378,7 @@ class DenseStage(Stage):
         factor = Y_r = None
         if self.r:
             # ‖ΔQ‖ ≤ γ_k·(terms) with k = 4(p + a): two products over a, two over p, and the SVD
-            factor = SymmetricFactor.of(Qt_rr, terms, 4 * (self.p + self.GV.shape[0]), ldl=True)
+            factor = SymmetricFactor.of(Qt_rr, terms, 4 * (self.p + self.GV.shape[0]), half=True)
             if factor is None:
                 raise StageSingular(index)
             X_r, Y_r = factor.schur_operands(Qt_ry)  # Q_yθ Q_θθ⁻¹ Q_θy = X_rᵀ Y_r
