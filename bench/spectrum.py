@@ -471,9 +471,10 @@ def run_model(spec: ModelSpec, repeats: int, histogram: Path | None, log, peers:
         curv = chain.curvature(X, y)
         return curv.eigvalsh(5, "nearest", near=sigma)
 
-    # what any count-certified answer pays before its first Lanczos step: the pole's
-    # factorization and a count over the window (two factorizations, their inertia checks)
-    reach = 2 * float((nv - sigma).abs().max())
+    # what any count-certified answer pays besides its search: the pole's factorization
+    # and a count over the window of the 5 found (two factorizations, their inertia
+    # checks); the window a little wider than the 5th distance, as eigvalsh takes it
+    reach = 1.25 * float((nv - sigma).abs().max())
 
     def certificate():
         curv = chain.curvature(X, y)
@@ -481,10 +482,12 @@ def run_model(spec: ModelSpec, repeats: int, histogram: Path | None, log, peers:
         return curv.eigenvalue_count(sigma - reach, sigma + reach)
 
     t_vals, vals_hvps, nvals = paired(nearest_values, lambda: op(v), repeats)
-    t_cert, cert_hvps, _ = paired(certificate, lambda: op(v), repeats)
-    row.update(nearest_values_hvps=vals_hvps, nearest_values_s=t_vals, certificate_hvps=cert_hvps, certificate_s=t_cert)
+    t_cert, cert_hvps, in_window = paired(certificate, lambda: op(v), repeats)
+    row.update(nearest_values_hvps=vals_hvps, nearest_values_s=t_vals, certificate_hvps=cert_hvps, certificate_s=t_cert,
+               certificate_count=in_window)
     log(f"    the values alone: {vals_hvps:.1f} HVPs (max difference {float((nvals - nv).abs().max()):.1e}); "
-        f"the certificate's floor (the pole's factorization and one count over the window): {cert_hvps:.1f} HVPs")
+        f"the certificate's floor (the pole's factorization and one count over the window, {in_window} eigenvalues "
+        f"within {reach:.3g} of σ): {cert_hvps:.1f} HVPs")
 
     # 5 nearest 0: on the parameter blocks' null space, where the elimination breaks down
     def nearest_zero():

@@ -153,9 +153,10 @@ class SymmetricFactor:
     Xᵀ Y``) and :meth:`complete` (``Q⁻¹ B x = complete(Y x)``). Asked for with ``half=True``
     and from order :data:`HALF_SOLVE_MIN_ORDER` on, they take one triangular solve:
     ``X = L⁻¹B``, ``Y = D⁻¹X`` (``XᵀY`` symmetric by construction), ``complete`` the rest
-    of the solve, with Cholesky's ``L`` (``D = I``) or, for an indefinite matrix on the
-    CPU and outside autograd (the conversion runs on the host), Bunch–Kaufman ``LDLᵀ``
-    with an explicit ``L`` (:func:`~tallskinny.linalg.ldl.explicit_ldl`) instead of LU.
+    of the solve, with Cholesky's ``L`` (``D = I``) or, for an indefinite matrix,
+    Bunch–Kaufman ``LDLᵀ`` with an explicit ``L``
+    (:func:`~tallskinny.linalg.ldl.explicit_ldl`) instead of LU — on the CPU and outside
+    autograd only (the conversion runs on the host; the flop count assumes it there).
     Otherwise ``X = B``, ``Y = Q⁻¹B`` and nothing is left for ``complete``.
     """
 
@@ -178,7 +179,7 @@ class SymmetricFactor:
         self.matrix, self._chol, self._lu, self._piv, self._inertia, self._logdet = Q, None, None, None, None, None
         self._factors = self._ldl = None
         n = Q.shape[0]
-        self._half = half and n >= HALF_SOLVE_MIN_ORDER
+        self._half = half and n >= HALF_SOLVE_MIN_ORDER and Q.device.type == "cpu" and not Q.requires_grad
         parts = [torch.linalg.vector_norm(Q, ord=float("inf")), Q.diagonal().min()]
         if terms is not None:
             parts += [t for t in terms if isinstance(t, Tensor)]
@@ -197,7 +198,7 @@ class SymmetricFactor:
                 self._chol = L
                 self._inertia = Inertia(n, 0, 0)
                 return self
-        if self._half and Q.device.type == "cpu" and not Q.requires_grad:
+        if self._half:
             ld, piv, info = torch.linalg.ldl_factor_ex(Q)
             if bool(info):
                 return None
@@ -224,10 +225,12 @@ class SymmetricFactor:
         return self
 
     def solve(self, B: Tensor) -> Tensor:
+        if B.dim() == 1 and self._lu is None:  # (LU's solve takes vectors itself)
+            return self.solve(B.unsqueeze(-1)).squeeze(-1)
         if self._chol is not None:
             return in_layout_of(torch.cholesky_solve(B, self._chol), B)
         if self._ldl is not None:
-            return self._ldl.solve(B.unsqueeze(-1)).squeeze(-1) if B.dim() == 1 else self._ldl.solve(B)
+            return self._ldl.solve(B)
         if self._factors is None:  # (made on the first solve: no synchronisation before)
             self._factors = LUFactors(self._lu, self._piv)
         return self._factors.solve(B)
@@ -279,21 +282,29 @@ class SymmetricFactor:
         return self._inertia
 
 
+FILL_INERTIAS_BYTES = 32 * 2**20
+"""Largest stack of pivots :func:`fill_inertias` factors in one batched call."""
+
+
 def fill_inertias(factors: Sequence["SymmetricFactor"]) -> None:
     """The inertia of every factor in ``factors`` not yet known (LU's: from a Bunch–Kaufman
-    ``LDLᵀ``), by one batched ``ldl_factor_ex`` per size and one synchronisation in all,
-    instead of one factorization and one synchronisation each."""
+    ``LDLᵀ``), by batched ``ldl_factor_ex`` calls per size (stacks of at most
+    :data:`FILL_INERTIAS_BYTES`) and one synchronisation in all, instead of one
+    factorization and one synchronisation each."""
     by_size: dict[tuple, list[SymmetricFactor]] = {}
     for f in factors:
         if f._inertia is None and f._ldl is None:
             by_size.setdefault((f.matrix.shape[0], f.matrix.dtype, f.matrix.device), []).append(f)
     counts, groups = [], []
-    for (n, _, _), group in by_size.items():
+    for (n, dtype, _), same in by_size.items():
         if n == 0:
             continue
-        ld, piv, _ = torch.linalg.ldl_factor_ex(torch.stack([f.matrix for f in group]))
-        counts.append((ldl_d_eigenvalues(ld, piv) > 0).sum(dim=-1))
-        groups.append(group)
+        per_stack = max(1, FILL_INERTIAS_BYTES // (n * n * dtype.itemsize))
+        for start in range(0, len(same), per_stack):
+            group = same[start : start + per_stack]
+            ld, piv, _ = torch.linalg.ldl_factor_ex(torch.stack([f.matrix for f in group]))
+            counts.append((ldl_d_eigenvalues(ld, piv) > 0).sum(dim=-1))
+            groups.append(group)
     if not counts:
         return
     positive = iter(torch.cat(counts).tolist())  # one synchronisation

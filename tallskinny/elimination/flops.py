@@ -24,10 +24,10 @@ A stage turns the value Hessian ``S`` (``a_out × a_out``) into the one at its i
 * ``pivots`` — the factorization of ``Q_ζζ``: LU ``2n³/3`` (Cholesky ``n³/3`` where the
   curvature is positive semidefinite, ``cholesky=True``; a Hessian's pivot that is
   positive definite is factored by Cholesky too, so there the count is high by ``n³/3``;
-  from ``n = 384`` the dense stage's ``LDLᵀ`` (on the CPU) or Cholesky ``n³/3``),
+  on the CPU from ``n = 384`` the dense stage's ``LDLᵀ`` or Cholesky ``n³/3``),
   the eigenvalues ``4n³/3`` where ``A ≠ 0`` tests them and those of the last span pivot
   (``n ≤ 128``: the free lower bound of ``‖H‖``);
-* ``triangular`` — ``K = Q_ζζ⁻¹Q_ζy``: ``2n²a_in``; from ``n = 384`` the dense stage's
+* ``triangular`` — ``K = Q_ζζ⁻¹Q_ζy``: ``2n²a_in``; on the CPU from ``n = 384`` the dense stage's
   ``M = L⁻¹Q_ζy`` only, ``n²a_in`` (``Q_ζyᵀQ⁻¹Q_ζy = MᵀD⁻¹M``);
 * ``lower`` — the same elimination done with no redundancy: products whose result is
   symmetric (``FᵀSF``, ``Q_ζζ``, ``Q_ζyᵀK``) at half their price, ``LDLᵀ`` or Cholesky
@@ -275,9 +275,9 @@ def _dense(stage: DenseStage, c: _Count) -> None:
             c.mm(2 * r * k * r, symmetric=True)
             c.mm(2 * r * k * a_eff)
     if r:
-        # from HALF_SOLVE_MIN_ORDER on, LDLᵀ (on the CPU) or Cholesky: (L⁻¹Q_ζy)ᵀ D⁻¹(L⁻¹Q_ζy),
+        # on the CPU from HALF_SOLVE_MIN_ORDER on, LDLᵀ or Cholesky: (L⁻¹Q_ζy)ᵀ D⁻¹(L⁻¹Q_ζy),
         # its upper blocks from SPLIT_SCHUR_MIN on; else LU (or Cholesky) and Q_ζyᵀK
-        half = r >= algebra.HALF_SOLVE_MIN_ORDER and (c.cholesky or stage.F.device.type == "cpu")
+        half = r >= algebra.HALF_SOLVE_MIN_ORDER and stage.F.device.type == "cpu"
         c.pivot(r, a_eff, eigenvalues=stage.A_rr is not None, half=half)
         schur = 2 * a_eff * a_eff * r
         if half and a_eff >= algebra.SPLIT_SCHUR_MIN:

@@ -286,13 +286,17 @@ def test_first_singular_tests_pivots_of_all_sizes_at_once():
     assert first_singular([(0, SymmetricFactor.unchecked(1e-17 * torch.eye(2)))]) is None
 
 
-def test_fill_inertias_counts_every_factor_at_once():
+@pytest.mark.parametrize("stack_bytes", [None, 1])
+def test_fill_inertias_counts_every_factor_at_once(stack_bytes, monkeypatch):
     """``fill_inertias``: the inertia of LU factors of several sizes (one batched
-    Bunch–Kaufman per size), equal to each one's own and to ``eigvalsh``; factors that know
-    theirs (Cholesky, ``LDLᵀ``, already filled) are left as they are."""
+    Bunch–Kaufman per size, or per stack of ``FILL_INERTIAS_BYTES``: here also one factor
+    a stack), equal to each one's own and to ``eigvalsh``; factors that know theirs
+    (Cholesky, ``LDLᵀ``, already filled) are left as they are."""
     from tallskinny.elimination import algebra
     from tallskinny.elimination.algebra import SymmetricFactor, fill_inertias
 
+    if stack_bytes is not None:
+        monkeypatch.setattr(algebra, "FILL_INERTIAS_BYTES", stack_bytes)
     gen = torch.Generator().manual_seed(5)
     mats = [_sym(n, gen) + shift * torch.eye(n) for n, shift in ((4, 0.0), (7, 0.5), (4, -1.0), (7, 0.0), (1, -2.0), (4, 0.3))]
     lu = [SymmetricFactor.unchecked(Q) for Q in mats]
@@ -406,6 +410,10 @@ def test_half_solves_take_lu_below_their_order_under_autograd_and_solve_vectors(
     torch.testing.assert_close(x, torch.linalg.solve(Q, b), rtol=1e-12, atol=1e-12)
     tracked = SymmetricFactor.of(Q.clone().requires_grad_(), half=True)
     assert tracked._ldl is None and tracked._lu is not None and not tracked.symmetric_schur
+    definite = Q + 10 * torch.eye(6)
+    for chol in (SymmetricFactor.of(definite, half=True), SymmetricFactor.of(definite)):
+        assert chol._chol is not None
+        torch.testing.assert_close(chol.solve(b), torch.linalg.solve(definite, b), rtol=1e-12, atol=1e-12)
 
 
 class _Stage(Stage):
