@@ -60,6 +60,7 @@ class AffineCoordinates:
         m = oracle.G.shape[0] // R
         self.p = oracle.G.shape[1]
         self._CtC_factors: tuple[Tensor, Tensor] | None = None
+        self._PE: Tensor | None = None  # (I − VVᵀ)Ẽ, made on first use (batched runs do without)
         self.F, self.FT = oracle.F, oracle.F.T
         self.R, self.m, self.q = R, m, q
         # Θ̃ is handled transposed, as a q × (m·k) matrix, so that every product with V, Ẽ
@@ -139,6 +140,14 @@ class AffineCoordinates:
             self._CtC_factors = (self.Gam.mT @ self.Gam, self.Et.mT @ self.Et - self.VtE.mT @ self.VtE)
         return self._CtC_factors
 
+    @property
+    def PE(self) -> Tensor:
+        """``(I − VVᵀ)Ẽ`` (``q × n``): ``C_⊥y = ((I − vvᵀ)Ẽ y) gᵀ`` at one sample, and the
+        projection of :meth:`_c_perp` at several."""
+        if self._PE is None:
+            self._PE = torch.addmm(self.Et, self.V, self.VtE, alpha=-1.0)
+        return self._PE
+
     # -- coordinates: Θ̃ᵀ as a q × (m·k) matrix ------------------------------------------------
     def _tilde(self, b: Tensor) -> Tensor:
         return b[self.order].reshape(self.q, -1)
@@ -152,8 +161,7 @@ class AffineCoordinates:
             return self.V_perp @ (self.C_perp_coef @ y).reshape(self.q - self.r, -1)
         R, n, k = self.Gam.shape[1], self.Et.shape[1], y.shape[1]
         M = (self.Gam @ y.reshape(R, n * k)).reshape(self.m, n, k).transpose(0, 1).reshape(n, -1)
-        M = torch.cat((M, M.new_zeros(self.q - n, M.shape[1]))) if self.pad else self.Et @ M
-        return M - self.V @ (self.Vt @ M)
+        return self.PE @ M  # (I − VVᵀ)Ẽ M
 
     def _c_t(self, T: Tensor, k: int) -> Tensor:
         """``Cᵀ`` applied to a ``q × (m·k)`` matrix ``Θ̃ᵀ``: ``Γᵀ Θ̃ Ẽ``, flattened ``(R·n, k)``
@@ -225,20 +233,12 @@ class AffineStage(AffineCoordinates, Stage):
         self.fused = self.W is not None and self.Gam is not None and self.pad
         if self.fused:
             self.g = self.Gam  # m × 1
-            self._PE = None  # (I − vvᵀ)Ẽ, q × n, made on first use (batched runs do without)
 
     @property
     def linear(self) -> tuple | None:
         """``(W, x, g)`` where the block is an ``nn.Linear`` at one sample (with a bias,
         ``F = W``), else ``None`` (:attr:`tallskinny.elimination.compiled.CompiledOracle.linear`)."""
         return self._compiled.linear
-
-    @property
-    def PE(self) -> Tensor:
-        """``(I − vvᵀ)Ẽ`` (``q × n``): ``C_⊥y = ((I − vvᵀ)Ẽ y) gᵀ`` at one sample."""
-        if self._PE is None:
-            self._PE = torch.addmm(self.Et, self.V, self.VtE, alpha=-1.0)
-        return self._PE
 
     @property
     def F_apply(self):
