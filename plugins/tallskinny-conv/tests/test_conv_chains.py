@@ -330,3 +330,37 @@ def test_a_convolution_between_relus_is_a_stage_on_its_weights_only_where_it_pay
         b = torch.randn(c.num_parameters, generator=gen, dtype=torch.float64)
         x = c.factorize(1e-2).solve(b, refine=0)
         assert rel(x, torch.linalg.solve(M, b)) <= 1e-13 * float(torch.linalg.cond(M))
+
+
+@pytest.mark.parametrize("shift", [False, True])
+def test_a_large_convolution_stage_takes_the_half_solves_by_default(shift, monkeypatch):
+    """A convolution whose span pivot reaches ``HALF_SOLVE_MIN_ORDER`` (8 channels on
+    7 × 7: order 392) with the default thresholds: its Schur complement goes through
+    Bunch–Kaufman ``LDLᵀ`` with an explicit ``L`` (and the shifted products and the split
+    Schur product), and the unrefined solve, ``log|det|`` and inertia equal the dense
+    Hessian's (a shift inside the spectrum too)."""
+    from tallskinny.elimination import algebra
+
+    calls = []
+    explicit = algebra.explicit_ldl
+    monkeypatch.setattr(algebra, "explicit_ldl", lambda ld, piv: calls.append(ld.shape[0]) or explicit(ld, piv))
+    torch.manual_seed(5)
+    chain = ts.Chain([nn.Conv2d(8, 8, 3, padding=1).double(), nn.Tanh(), nn.Flatten(), nn.Linear(392, 3).double()],
+                     nn.CrossEntropyLoss())
+    gen = torch.Generator().manual_seed(6)
+    X, y = torch.randn(1, 8, 7, 7, generator=gen, dtype=torch.float64), torch.tensor([1])
+    H = dense_hessian(chain, X, y)
+    eig = torch.linalg.eigvalsh(H)
+    # a shift between the 10th and 11th largest eigenvalues (H − σI indefinite, away from
+    # the parameter blocks' null space at 0)
+    damping = -float(eig[-10] + eig[-11]) / 2 if shift else 1e-3
+    M = H + damping * torch.eye(H.shape[0], dtype=H.dtype)
+    b = torch.randn(H.shape[0], 3, generator=gen, dtype=torch.float64)
+    curv = chain.curvature(X, y)
+    fact = curv.factorize(damping) if damping > 0 else curv.factorize(shift=-damping)
+    x = fact.solve(b, refine=0)
+    assert calls and max(calls) >= algebra.HALF_SOLVE_MIN_ORDER
+    assert rel(x, torch.linalg.solve(M, b)) <= 1e-13 * float(torch.linalg.cond(M))
+    shifted_eig = eig + damping
+    assert fact.inertia() == ts.Inertia(int((shifted_eig > 0).sum()), int((shifted_eig < 0).sum()), 0)
+    assert abs(float(fact.logdet()) - float(shifted_eig.abs().log().sum())) <= 1e-9 * abs(float(shifted_eig.abs().log().sum()))
