@@ -334,16 +334,14 @@ def test_a_convolution_between_relus_is_a_stage_on_its_weights_only_where_it_pay
 
 @pytest.mark.parametrize("shift", [False, True])
 def test_a_large_convolution_stage_takes_the_half_solves_by_default(shift, monkeypatch):
-    """A convolution whose span pivot reaches ``HALF_SOLVE_MIN_ORDER`` (8 channels on
-    7 × 7: order 392) with the default thresholds: its Schur complement goes through
-    Bunch–Kaufman ``LDLᵀ`` with an explicit ``L`` (and the shifted products and the split
-    Schur product), and the unrefined solve, ``log|det|`` and inertia equal the dense
-    Hessian's (a shift inside the spectrum too)."""
-    from tallskinny.elimination import algebra
-
+    """A convolution whose span pivot reaches the engine's order for half solves (384; 8
+    channels on 7 × 7: order 392) with the default thresholds: its Schur complement goes
+    through Bunch–Kaufman ``LDLᵀ`` (a ``torch.linalg.ldl_factor_ex`` of that order during
+    the factorization) and the split Schur product, and the unrefined solve,
+    ``log|det|`` and inertia equal the dense Hessian's (a shift inside the spectrum too)."""
     calls = []
-    explicit = algebra.explicit_ldl
-    monkeypatch.setattr(algebra, "explicit_ldl", lambda ld, piv: calls.append(ld.shape[0]) or explicit(ld, piv))
+    ldl_factor_ex = torch.linalg.ldl_factor_ex
+    monkeypatch.setattr(torch.linalg, "ldl_factor_ex", lambda A, *a, **k: calls.append(A.shape[-1]) or ldl_factor_ex(A, *a, **k))
     torch.manual_seed(5)
     chain = ts.Chain([nn.Conv2d(8, 8, 3, padding=1).double(), nn.Tanh(), nn.Flatten(), nn.Linear(392, 3).double()],
                      nn.CrossEntropyLoss())
@@ -359,7 +357,7 @@ def test_a_large_convolution_stage_takes_the_half_solves_by_default(shift, monke
     curv = chain.curvature(X, y)
     fact = curv.factorize(damping) if damping > 0 else curv.factorize(shift=-damping)
     x = fact.solve(b, refine=0)
-    assert calls and max(calls) >= algebra.HALF_SOLVE_MIN_ORDER
+    assert 392 in calls  # (before any inertia is asked for)
     assert rel(x, torch.linalg.solve(M, b)) <= 1e-13 * float(torch.linalg.cond(M))
     shifted_eig = eig + damping
     assert fact.inertia() == ts.Inertia(int((shifted_eig > 0).sum()), int((shifted_eig < 0).sum()), 0)
