@@ -206,7 +206,6 @@ class SymmetricFactor:
             if float(self._ldl.eigenvalues.abs().min()) <= tol:
                 return None
             return self
-        self._half = False
         lu, piv, _ = torch.linalg.lu_factor_ex(Q)
         if float(lu.diagonal().abs().min()) <= tol:
             return None

@@ -310,12 +310,11 @@ def _shifted(module: nn.Conv1d | nn.Conv2d, W_bar: Tensor, B: int, spatial: tupl
     (``Conv1d``: height 1)."""
     m, C = module.out_channels, module.in_channels
     if len(module.kernel_size) == 1:
-        (left, right), dilation, size = conv_padding(module), (1, module.dilation[0]), (1, spatial[0])
-        top = bottom = 0
+        (left, right), top, bottom = conv_padding(module), 0, 0
+        dilation, size, (kh, kw) = (1, module.dilation[0]), (1, spatial[0]), (1, module.kernel_size[0])
     else:
         left, right, top, bottom = conv_padding(module)
-        dilation, size = tuple(module.dilation), tuple(spatial)
-    kh, kw = (1, module.kernel_size[0]) if len(module.kernel_size) == 1 else module.kernel_size
+        dilation, size, (kh, kw) = tuple(module.dilation), tuple(spatial), module.kernel_size
     return ShiftedConvolution(W_bar.reshape(m, C, kh, kw), B, size, (top, bottom, left, right), dilation, gathered)
 
 

@@ -80,7 +80,7 @@ class ShiftedConvolution(LinearOperator):
         """``(W_ac, row offset, column slice)`` of every kernel offset, in the padded
         input read as ``C × H_p × (W_p·k)``."""
         kh, kw = self.weight.shape[2:]
-        Ho, Wo = self.out_spatial
+        Wo = self.out_spatial[1]
         for index in range(kh * kw):
             a, c = divmod(index, kw)
             start = c * self.dilation[1] * k
