@@ -17,6 +17,7 @@ from ..linalg.factor import ldl_d_eigenvalues
 from ..linalg.kronecker import identity_kronecker_factor
 from ..linalg.ldl import explicit_ldl
 from ..linalg.lu import LUFactors, in_layout_of
+from ..linalg.norms import max_abs
 from . import workspace
 
 
@@ -180,7 +181,7 @@ class SymmetricFactor:
         self._factors = self._ldl = None
         n = Q.shape[0]
         self._half = half and n >= HALF_SOLVE_MIN_ORDER and Q.device.type == "cpu" and not Q.requires_grad
-        parts = [torch.linalg.vector_norm(Q, ord=float("inf")), Q.diagonal().min()]
+        parts = [max_abs(Q), Q.diagonal().min()]
         if terms is not None:
             parts += [t for t in terms if isinstance(t, Tensor)]
             parts.append(torch.linalg.eigvalsh(Q).abs().min())
@@ -326,7 +327,7 @@ def first_singular(factors: Sequence[tuple[int, "SymmetricFactor"]]) -> int | No
             continue
         # the pivots and max|Q| of each factor, without copying the matrices into one stack
         pivots = torch.stack([f._lu.diagonal() for _, f in group]).abs().amin(dim=-1)
-        scales = torch.stack([torch.linalg.vector_norm(f.matrix, ord=float("inf")) for _, f in group])
+        scales = torch.stack([max_abs(f.matrix) for _, f in group])
         tol = pivot_tolerance(n, scales.dtype, 1.0) * scales
         ok = (pivots > tol).tolist()  # NaN compares False
         bad.extend(index for (index, _), fine in zip(group, ok) if not fine)

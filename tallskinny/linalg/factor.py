@@ -41,6 +41,7 @@ from .batching import same_shape_batches
 from .errors import SingularMatrixError
 from .inertia import Inertia
 from .lu import LUFactors
+from .norms import max_abs
 
 PIVOT_TOLERANCE_FACTOR = 1.0
 """``c`` in the singularity test ``pivot ≤ c · N · eps · max|M_ij|``."""
@@ -171,7 +172,7 @@ class DenseFactorization(MatrixFactorization):
         self.dtype = matrix.dtype
         self.device = matrix.device
         self.symmetric = bool(symmetric)
-        scale = _max_abs([matrix], "the matrix")
+        scale = _finite_max_abs([matrix], "the matrix")
         tol = pivot_tolerance(n, self.dtype, scale)
         if self.symmetric:
             self._factor_ldl(matrix, tol)
@@ -261,7 +262,7 @@ class DiagonalFactorization(MatrixFactorization):
         self.dtype = diagonal.dtype
         self.device = diagonal.device
         self.symmetric = True
-        scale = _max_abs([diagonal], "the diagonal")
+        scale = _finite_max_abs([diagonal], "the diagonal")
         _raise_if_small(diagonal.abs(), pivot_tolerance(n, self.dtype, scale), "diagonal entry")
         self._d = diagonal
         self._logdet = diagonal.abs().log().sum()
@@ -390,14 +391,14 @@ class BlockTridiagonalLU(MatrixFactorization):
         # top = the b_i rows left over: [S_i, T_i, 0] over block columns i, i+1, i+2
         if n > 1:
             top = torch.cat((diagonal[0], upper[0], zero(sizes[0], sizes[2] if n > 2 else 0)), 1)
-            norms.append(torch.linalg.vector_norm(top, float("inf")))
+            norms.append(max_abs(top))
         else:
             top = diagonal[0]
         for i in range(n - 1):
             b0, b1 = sizes[i], sizes[i + 1]
             # block row i+1: [L_i, D_{i+1}, U_{i+1}]
             bottom = torch.cat((lower[i], diagonal[i + 1], upper[i + 1]), 1) if i + 2 < n else torch.cat((lower[i], diagonal[i + 1]), 1)
-            norms.append(torch.linalg.vector_norm(bottom, float("inf")))
+            norms.append(max_abs(bottom))
             work = torch.cat((top, bottom))
             lu, piv, _ = torch.linalg.lu_factor_ex(work[:, :b0])
             perm, swapped = _row_order(piv.tolist(), b0 + b1)
@@ -411,7 +412,7 @@ class BlockTridiagonalLU(MatrixFactorization):
             perms.append(order)
             fills.append(fill)
         if n == 1:
-            norms.append(torch.linalg.vector_norm(top, float("inf")))
+            norms.append(max_abs(top))
         lu, piv, _ = torch.linalg.lu_factor_ex(top)
         swaps += _row_order(piv.tolist(), sizes[-1])[1]
         self._last_lu, self._last_piv = lu, piv
@@ -522,7 +523,7 @@ class BlockTridiagonalLDL(MatrixFactorization):
         self.shape = (N, N)
         self.dtype, self.device = first.dtype, first.device
         self.symmetric = True
-        scale = _max_abs([*diagonal, *lower], "the matrix")
+        scale = _finite_max_abs([*diagonal, *lower], "the matrix")
         tol = pivot_tolerance(N, self.dtype, scale)
         bound, cap = 1.0 / alpha, max(sizes)
 
@@ -550,7 +551,7 @@ class BlockTridiagonalLDL(MatrixFactorization):
                 if not last:
                     Ct = lower[j].mT if d == 0 else torch.cat((first.new_zeros(d, sizes[j + 1]), lower[j].mT))
                     Y = torch.linalg.ldl_solve(ld, piv, Ct)
-                if last or torch.linalg.vector_norm(Y, float("inf")).item() <= bound:  # False for NaN
+                if last or max_abs(Y).item() <= bound:  # False for NaN
                     self._forward.append(("whole", ld, piv, None if last else Y.mT))
                     self._backward.append((d, None, Y))
                     bk_d.append(ld.diagonal())
@@ -693,14 +694,14 @@ def _count_swaps(pivots: Tensor, sizes: Sequence[int]) -> int:
     return int((pivots != local).sum())
 
 
-def _max_abs(tensors: Sequence[Tensor], what: str) -> float:
+def _finite_max_abs(tensors: Sequence[Tensor], what: str) -> float:
     """``max |entry|`` over all tensors (small blocks of equal shape are reduced together);
     NaN or inf is an error."""
     batches = same_shape_batches([tuple(t.shape) for t in tensors])
     if not batches:
         return 0.0
     norms = [
-        torch.linalg.vector_norm(tensors[run[0]] if len(run) == 1 else torch.stack([tensors[i] for i in run]), float("inf"))
+        max_abs(tensors[run[0]] if len(run) == 1 else torch.stack([tensors[i] for i in run]))
         for run in batches
     ]
     scale = (norms[0] if len(norms) == 1 else torch.stack(norms).max()).item()

@@ -385,6 +385,9 @@ def test_symmetric_factor_schur_operands_and_inertia(mode, n, monkeypatch):
     tiny = torch.tensor([1.0, 2.0, 1e-20, 3.0] if definite else [1.0, -2.0, 1e-20, 3.0])
     assert SymmetricFactor.of(torch.diag(tiny), half=half) is None
     assert SymmetricFactor.of(torch.diag(tiny + torch.tensor([0.0, 0.0, 1e-3, 0.0])), half=half) is not None
+    if not definite:  # the scale is max|Q|, here a negative entry: 1e-12 is below 4·eps·1e4
+        assert SymmetricFactor.of(torch.diag(torch.tensor([-1e4, 2.0, 1e-12, 3.0])), half=half) is None
+        assert SymmetricFactor.of(torch.diag(torch.tensor([-1e2, 2.0, 1e-12, 3.0])), half=half) is not None
 
 
 @pytest.mark.filterwarnings("ignore:Converting a tensor with requires_grad")

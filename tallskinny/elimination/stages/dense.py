@@ -10,6 +10,7 @@ from torch import Tensor
 from ...blocks.protocol import Oracle
 from ...linalg import Inertia, LinearOperator, LowRank, Zero, pivot_tolerance
 from ...linalg.kronecker import identity_kronecker_factor
+from ...linalg.norms import max_abs
 from ...linalg.thin import thin_product
 from .. import workspace
 from ..algebra import (
@@ -372,7 +373,7 @@ class DenseStage(Stage):
             if self.A_rz is not None:
                 Ad = self.A_rz / d
                 AdA = Ad @ self.A_rz.mT
-                terms.append(torch.linalg.vector_norm(AdA, float("inf")))
+                terms.append(max_abs(AdA))
                 Qt_rr = Q_rr - AdA
                 Qt_ry = Q_ry - Ad @ C_z
         factor = Y_r = None
