@@ -13,7 +13,7 @@ from torch import Tensor
 
 from ..errors import SingularSystemError
 from ..linalg import Diagonal, Inertia, LinearOperator, ScaledIdentity, Zero, pivot_tolerance
-from ..linalg.factor import ldl_d_eigenvalues
+from ..linalg.factor import ldl_positive_count
 from ..linalg.kronecker import identity_kronecker_factor
 from ..linalg.ldl import explicit_ldl
 from ..linalg.lu import LUFactors, in_layout_of
@@ -273,12 +273,10 @@ class SymmetricFactor:
     def inertia(self) -> Inertia:
         if self._inertia is None:
             if self._ldl is not None:
-                eig = self._ldl.eigenvalues
+                positive = int((self._ldl.eigenvalues > 0).sum())
             else:
-                ld, piv, _ = torch.linalg.ldl_factor_ex(self.matrix)
-                eig = ldl_d_eigenvalues(ld, piv)
-            positive = int((eig > 0).sum())
-            self._inertia = Inertia(positive, eig.shape[0] - positive, 0)
+                positive = int(ldl_positive_count(*torch.linalg.ldl_factor_ex(self.matrix)[:2]))
+            self._inertia = Inertia(positive, self.matrix.shape[0] - positive, 0)
         return self._inertia
 
 
@@ -303,7 +301,7 @@ def fill_inertias(factors: Sequence["SymmetricFactor"]) -> None:
         for start in range(0, len(same), per_stack):
             group = same[start : start + per_stack]
             ld, piv, _ = torch.linalg.ldl_factor_ex(torch.stack([f.matrix for f in group]))
-            counts.append((ldl_d_eigenvalues(ld, piv) > 0).sum(dim=-1))
+            counts.append(ldl_positive_count(ld, piv))
             groups.append(group)
     if not counts:
         return

@@ -225,6 +225,20 @@ def ldl_d_eigenvalues(ld: Tensor, pivots: Tensor) -> Tensor:
     return _d_eigenvalues(d.reshape(-1), e.reshape(-1), pivots.reshape(-1)).reshape(d.shape)
 
 
+def ldl_positive_count(ld: Tensor, pivots: Tensor) -> Tensor:
+    """The number of positive eigenvalues of ``D`` (so of ``A``, by Sylvester's law) from a
+    lower Bunch–Kaufman factorization (LAPACK ``sytrf``), without its eigenvalues: the
+    positive ``1×1`` blocks (``pivots[k] > 0``) and one per ``2×2`` block (two negative
+    pivots each). A ``2×2`` block ``[[a, b], [b, c]]`` is taken only where
+    ``|a|·|c| < α²b²`` (``α = (1 + √17)/8``), so ``det = ac − b² < −(1 − α²)b² < 0``: one
+    eigenvalue of each sign, whatever the rounding of its computed eigenvalues.
+    Batched as :func:`ldl_d_eigenvalues` (``… × N × N``, ``… × N``): ``…`` counts, no
+    host synchronisation."""
+    d = ld.diagonal(dim1=-2, dim2=-1)
+    negative = pivots < 0
+    return ((d > 0) & ~negative).sum(dim=-1) + negative.sum(dim=-1) // 2
+
+
 def _d_eigenvalues(d: Tensor, e: Tensor, pivots: Tensor) -> Tensor:
     """Eigenvalues of a block diagonal ``D`` given its diagonal ``d``, sub-diagonal ``e``
     (``e[k] = D[k+1, k]``, same length as ``d``) and LAPACK pivots marking 2×2 blocks."""
@@ -754,5 +768,6 @@ __all__ = [
     "Factorization",
     "MatrixFactorization",
     "ldl_d_eigenvalues",
+    "ldl_positive_count",
     "pivot_tolerance",
 ]

@@ -22,7 +22,7 @@ from tallskinny.linalg import (
     SymmetricBlockTridiagonal,
     Zero,
 )
-from tallskinny.linalg.factor import BlockTridiagonalLDL, ldl_d_eigenvalues, pivot_tolerance
+from tallskinny.linalg.factor import BlockTridiagonalLDL, ldl_d_eigenvalues, ldl_positive_count, pivot_tolerance
 from tallskinny.linalg.testing import (
     random_block_tridiagonal,
     random_matrix,
@@ -662,6 +662,41 @@ def test_batched_ldl_d_eigenvalues_are_those_of_each_factorization():
     for j in range(A.shape[0]):
         assert torch.equal(batched[j], ldl_d_eigenvalues(ld[j], piv[j]))
         assert int((batched[j] > 0).sum()) == int((torch.linalg.eigvalsh(A[j]) > 0).sum())
+
+
+@pytest.mark.parametrize("dtype", [F64, torch.float32])
+def test_ldl_positive_count_is_the_inertia_without_eigenvalues(dtype):
+    """The positive count of ``D`` read from the pivots (a ``2×2`` Bunch–Kaufman block is
+    indefinite) equals the count of positive eigenvalues, one matrix or a stack: random
+    indefinite matrices (many ``2×2`` blocks), saddle matrices (only ``2×2`` blocks),
+    definite and negative definite ones."""
+    g = gen(23)
+    mats = []
+    for j in range(40):
+        n = 4 + j % 9
+        A = torch.randn(n, n, generator=g, dtype=F64)
+        A = A + A.T
+        if j % 4 == 1:
+            A.diagonal().mul_(1e-3)  # small diagonals: 2×2 pivots
+        elif j % 4 == 2:
+            A = A @ A.T + n * torch.eye(n, dtype=F64) if j % 8 == 2 else -(A @ A.T) - n * torch.eye(n, dtype=F64)
+        elif j % 4 == 3 and n % 2 == 0:
+            B = torch.randn(n // 2, n // 2, generator=g, dtype=F64)
+            A = torch.zeros(n, n, dtype=F64)
+            A[: n // 2, n // 2 :], A[n // 2 :, : n // 2] = B, B.T
+        mats.append(A.to(dtype))
+    blocks = 0
+    for A in mats:
+        ld, piv = torch.linalg.ldl_factor(A)
+        eig = torch.linalg.eigvalsh(A.double())
+        assert float(eig.abs().min()) > 1e-4 * float(eig.abs().max())  # signs not in doubt
+        got = ldl_positive_count(ld, piv)
+        assert got.dim() == 0 and int(got) == int((eig > 0).sum())
+        blocks += int((piv < 0).sum()) // 2
+    assert blocks >= 40, "the test set must hold many 2×2 blocks"
+    same = [A for A in mats if A.shape[0] == 6]
+    ld, piv = torch.linalg.ldl_factor(torch.stack(same))
+    assert ldl_positive_count(ld, piv).tolist() == [int((torch.linalg.eigvalsh(A.double()) > 0).sum()) for A in same]
 
 
 @pytest.mark.parametrize("symmetric", [False, True])

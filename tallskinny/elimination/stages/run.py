@@ -45,7 +45,7 @@ import torch
 from torch import Tensor
 
 from ...linalg import Inertia, pivot_tolerance
-from ...linalg.factor import ldl_d_eigenvalues
+from ...linalg.factor import ldl_positive_count
 from .. import workspace
 from ..algebra import StageSingular, raise_if_null_directions, scaled_identity
 from . import Stage, StageFactor
@@ -208,7 +208,7 @@ class BatchedRun(StageFactor):
         if self._inertia is None:
             L = self.layers
             ld, piv, _ = torch.linalg.ldl_factor_ex(self.pivots)
-            positive = int((ldl_d_eigenvalues(ld, piv) > 0).sum())  # all J at once
+            positive = int(ldl_positive_count(ld, piv).sum())  # all J at once
             rest = L.J * L.n_perp  # pivots ε: negative for a shift (ε < 0)
             negative = L.J * L.m - positive
             self._inertia = Inertia(positive + rest, negative, 0) if self.damping > 0 else Inertia(positive, negative + rest, 0)
