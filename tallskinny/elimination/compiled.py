@@ -135,15 +135,15 @@ class CompiledOracle:
 
         def G(v: Tensor) -> Tensor:
             k = v.shape[1]
-            return (X @ v[order].reshape(q, m * k)).reshape(R * m, k)
+            return (X @ v.index_select(0, order).reshape(q, m * k)).reshape(R * m, k)
 
         def GT(mu: Tensor) -> Tensor:
             k = mu.shape[1]
-            return (Xt @ mu.reshape(R, m * k)).reshape(q * m, k)[order_inv]
+            return (Xt @ mu.reshape(R, m * k)).reshape(q * m, k).index_select(0, order_inv)
 
         def GT_samples(mu: Tensor) -> Tensor:  # [Gᵀ(e_s ⊗ μ_s[:, j])]_(s, j) = [x̃_s ⊗ μ_s[:, j]]
             N, _, k = mu.shape
-            return torch.einsum("sq,smk->qmsk", X, mu).reshape(q * m, N * k)[order_inv]
+            return torch.einsum("sq,smk->qmsk", X, mu).reshape(q * m, N * k).index_select(0, order_inv)
 
         self.G, self.GT = G, GT
         self.GT_samples = GT_samples

@@ -150,10 +150,10 @@ class AffineCoordinates:
 
     # -- coordinates: Θ̃ᵀ as a q × (m·k) matrix ------------------------------------------------
     def _tilde(self, b: Tensor) -> Tensor:
-        return b[self.order].reshape(self.q, -1)
+        return b.index_select(0, self.order).reshape(self.q, -1)
 
     def _untilde(self, T: Tensor, k: int) -> Tensor:
-        return T.reshape(self.q * self.m, k)[self.order_inv]
+        return T.reshape(self.q * self.m, k).index_select(0, self.order_inv)
 
     def _c_perp(self, y: Tensor) -> Tensor:
         """``(C_⊥ y)ᵀ = (I − VVᵀ) Ẽ Yᵀ Γᵀ`` as a ``q × (m·k)`` matrix."""
