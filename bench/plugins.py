@@ -5,6 +5,7 @@ modules, and one autograd Hessian-vector product of the plain model.
     python bench/plugins.py                 # the two networks of issue 5, medians of 5
     python bench/plugins.py --reps 3 --mlp-units 2   # quicker
     python bench/plugins.py --cnn-batch 4   # and the tanh CNN at batch 4 (Hessian, no fallback)
+    python bench/plugins.py --mixed --cnn-batch 4   # and the CNNs with precision="mixed"
 
 Networks (float64, batch 1, one thread, ``damping = 1e-3``):
 
@@ -26,6 +27,11 @@ bound of the flops.
 "fallback" wraps the plugin modules (convolutions, residual units) in
 ``tallskinny.blocks.FuncBlock``; everything else is the same chain. Each solve is
 checked against the fallback's (relative difference printed).
+
+``--mixed`` also times each CNN's ``inverse_hvp`` path with ``precision="mixed"`` (the
+curvature, float32 factors, the float64 GMRES refinement; float64 factors where that
+stalls) and prints its time against the float64 path's and the fallback's, the precision
+it ended on and its refinement steps; with ``--cnn-batch`` the ReLU CNN at that batch too.
 """
 
 from __future__ import annotations
@@ -91,7 +97,8 @@ def timed(fn, reps: int) -> tuple[float, object]:
     return statistics.median(times), out
 
 
-def run(name: str, modules, X, plugin_types, reps: int, damping: float, with_fallback: bool = True) -> dict:
+def run(name: str, modules, X, plugin_types, reps: int, damping: float, with_fallback: bool = True,
+        with_mixed: bool = False) -> dict:
     loss = nn.CrossEntropyLoss()
     y = (3 + 7 * torch.arange(X.shape[0])) % 10  # class 3 at batch 1, as before
     analytic = ts.Chain(modules, loss)
@@ -110,8 +117,18 @@ def run(name: str, modules, X, plugin_types, reps: int, damping: float, with_fal
         t_fallback = t_oracles_fb = diff = float("nan")
     curvature = analytic.curvature(X, y)
     floor = dict(flop_floor(curvature, max(reps, 3)), route=curvature.method)
+    mixed = None
+    if with_mixed:  # float32 factors, refined in float64 to the same backward error
+
+        def mixed_solve():
+            curv = analytic.curvature(X, y)
+            fact = curv.factorize(damping, precision="mixed")
+            return fact.solve(b), fact.precision, curv.checks.refinements
+
+        t_mixed, (x_mixed, ended, steps) = timed(mixed_solve, reps)
+        mixed = dict(seconds=t_mixed, ended=ended, steps=steps, diff=float((x_mixed - x).norm() / x.norm()))
     return dict(name=name, P=P, analytic=t_analytic, fallback=t_fallback, hvp=t_hvp, diff=diff, reps=reps,
-                oracles=t_oracles, oracles_fb=t_oracles_fb, floor=floor)
+                oracles=t_oracles, oracles_fb=t_oracles_fb, floor=floor, mixed=mixed)
 
 
 def main(argv=None) -> None:
@@ -120,16 +137,22 @@ def main(argv=None) -> None:
     parser.add_argument("--mlp-units", type=int, default=8, help="units of the Linear–Tanh–Linear residual MLP (0: skip; its fallback takes ~2 s per unit)")
     parser.add_argument("--damping", type=float, default=1e-3)
     parser.add_argument("--cnn-batch", type=int, default=0, help="also the tanh CNN at this batch size (one repetition, no fallback; 4: 10–15 s)")
+    parser.add_argument("--mixed", action="store_true",
+                        help="also the CNNs' inverse_hvp with precision='mixed' (and, with --cnn-batch, the ReLU CNN at that batch)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     torch.set_default_dtype(torch.float64)
     torch.manual_seed(0)
 
-    rows = [run("cnn (8 conv, 8 ch, 8×8)", *cnn(), (nn.Conv2d,), args.reps, args.damping)]
-    rows.append(run("cnn-relu (the same with ReLU)", *cnn(nn.ReLU), (nn.Conv2d,), args.reps, args.damping))
+    rows = [run("cnn (8 conv, 8 ch, 8×8)", *cnn(), (nn.Conv2d,), args.reps, args.damping, with_mixed=args.mixed)]
+    rows.append(run("cnn-relu (the same with ReLU)", *cnn(nn.ReLU), (nn.Conv2d,), args.reps, args.damping,
+                    with_mixed=args.mixed))
     if args.cnn_batch:
         rows.append(run(f"cnn batch {args.cnn_batch} (no fallback)", *cnn(batch=args.cnn_batch), (nn.Conv2d,), 1,
-                        args.damping, with_fallback=False))
+                        args.damping, with_fallback=False, with_mixed=args.mixed))
+        if args.mixed:
+            rows.append(run(f"cnn-relu batch {args.cnn_batch} (no fallback)", *cnn(nn.ReLU, args.cnn_batch), (nn.Conv2d,),
+                            1, args.damping, with_fallback=False, with_mixed=True))
     rows.append(run("resmlp (32 × [Tanh, Linear])", *residual_mlp(32, False), (Residual,), args.reps, args.damping))
     if args.mlp_units:
         rows.append(run(f"resmlp2 ({args.mlp_units} × [Linear, Tanh, Linear])", *residual_mlp(args.mlp_units, True),
@@ -151,6 +174,16 @@ def main(argv=None) -> None:
             f"{r['floor']['flops'] / 1e9:7.3f} {r['floor']['floor_seconds'] * 1e3:7.1f} "
             f"{r['analytic'] / r['floor']['floor_seconds']:8.1f} {r['analytic'] / r['floor']['lower_floor_seconds']:8.1f}"
         )
+    mixed_rows = [r for r in rows if r["mixed"] is not None]
+    if mixed_rows:
+        print()
+        print("precision='mixed' (float32 factors, GMRES refinement in float64 to the same 64·eps backward error; "
+              "float64 factors where it stalls), same run:")
+        for r in mixed_rows:
+            m = r["mixed"]
+            vs_fallback = f"  fb/mixed {r['fallback'] / m['seconds']:5.1f}" if r["fallback"] == r["fallback"] else ""
+            print(f"  {r['name']:36} {m['seconds'] * 1e3:8.1f} ms  mixed/an {m['seconds'] / r['analytic']:5.2f}{vs_fallback}  "
+                  f"ended {m['ended']:5}  refinements {m['steps']:2d}  |x_mixed − x|/|x| {m['diff']:.1e}")
     print()
     print("flop floor: GFLOP = one factorization + one solve (lower: without redundancy, "
           "GFLOP given as count / lower); GEMM = float64 (float32) torch.mm on n × n, 1 thread, this run")

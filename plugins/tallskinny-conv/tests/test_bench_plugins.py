@@ -42,3 +42,20 @@ def test_bench_plugins_core_runs():
     X1 = torch.randn(1, 1, 3, 3, generator=torch.Generator().manual_seed(1))
     H = torch.func.jacrev(torch.func.grad(f))(flat)
     torch.testing.assert_close(bench.one_hvp(modules, loss, X1, y, v), H @ v, rtol=1e-10, atol=1e-12)
+
+
+def test_bench_plugins_mixed_precision_row():
+    """``--mixed``: the row carries the mixed-precision solve's time, the precision it ended
+    on and its refinements, and its answer equals the float64 path's."""
+    pytest.importorskip("tallskinny_residual")
+    spec = importlib.util.spec_from_file_location("bench_plugins", BENCH)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    torch.manual_seed(0)
+    modules = [m.double() for m in (nn.Conv2d(1, 2, 3, padding=1), nn.Tanh(), nn.Flatten(), nn.Linear(2 * 3 * 3, 4))]
+    X = torch.randn(1, 1, 3, 3, dtype=torch.float64)
+    row = bench.run("tiny cnn", modules, X, (nn.Conv2d,), 1, 1e-2, with_fallback=False, with_mixed=True)
+    mixed = row["mixed"]
+    assert mixed["seconds"] > 0 and mixed["ended"] in ("mixed", "full") and mixed["steps"] >= 0
+    assert mixed["diff"] < 1e-10
+    assert bench.run("tiny cnn", modules, X, (nn.Conv2d,), 1, 1e-2, with_fallback=False)["mixed"] is None
