@@ -443,50 +443,37 @@ def _ritz_pairs(
     ``≤ RESIDUAL_TOLERANCE·‖H‖``. Ritz vectors of the inverse carry the rest of the
     spectrum at the inverse's residual; within a cluster (a null space: ``(H − σI)⁻¹``
     has ``−1/σ`` many times) the Rayleigh–Ritz with ``H`` picks the most polluted
-    mixture, whose Rayleigh quotient the pollution moved towards ``σ``. Up to ``steps`` steps
-    ``Z ← (H − σI)⁻¹Z`` take the pollution out by ``|λ − σ|/|μ − σ|`` a step, ``μ`` the
-    eigenvalues beyond the span: a solve each, and ``HZ`` read off it
-    (:func:`_implied_product`) while the residuals it gives at least halve and stay above
-    tolerance; an HVP judges every step that would end the iteration (pairs that pass, a
-    stall, the last step) and every step with exclusions.
+    mixture, whose Rayleigh quotient the pollution moved towards ``σ``. Up to ``steps`` steps ``Z ← (H − σI)⁻¹Z`` (a solve and an HVP each) take the
+    pollution out by ``|λ − σ|/|μ − σ|`` a step, ``μ`` the eigenvalues beyond the span.
     ``Z`` is orthonormalized at every step, the first included: the Lanczos basis is
     orthogonal to ~1e-11 only, and the vectors found become the next search's exclusions.
     An inverse-iteration solve is unrefined until a step fails to halve the largest residual,
     then refined once: the residual's floor is the solve's backward error times ``‖H‖``.
     ``stalled`` (a list, ``[]`` or ``[(largest residual, pairs)]``) keeps the best pairs met
-    with residuals ``≤ STALLED_RESIDUAL_TOLERANCE·‖H‖`` (judged with ``H``) that were refused,
-    for a search that would otherwise not converge."""
+    with residuals ``≤ STALLED_RESIDUAL_TOLERANCE·‖H‖`` that were refused, for a search
+    that would otherwise not converge."""
     tol = RESIDUAL_TOLERANCE * norm
     worst: list[float] = []
     refine = 0
     for step in range(steps + 1):
-        implied = None
         if step:
-            W = F.solve(Z, refine=refine)
+            Z = F.solve(Z, refine=refine)
             if excluded is not None:
-                W = torch.addmm(W, excluded.mT, excluded @ W, alpha=-1.0)
-            else:
-                Z_prev = Z
-            Z, R = torch.linalg.qr(W)
-            if excluded is None:
-                implied = _implied_product(Z, R, Z_prev, sigma)
-        else:
-            Z = torch.linalg.qr(Z).Q
-        lam, Y, res, others = _rayleigh_ritz(Z, curv.hvp(Z) if implied is None else implied, sigma, k)
-        if implied is not None and (
-            bool((res <= tol).all()) or step == steps or not (worst and float(res.max()) <= 0.5 * min(worst))
-        ):
-            # the implied product is exact only to the solve's backward error: pairs that
-            # pass, or a step that would stop the iteration, are judged with H itself
-            implied = None
-            lam, Y, res, others = _rayleigh_ritz(Z, curv.hvp(Z), sigma, k)
-        if implied is None and bool((res <= tol).all()):
-            return lam, Y, res, others
+                Z = torch.addmm(Z, excluded.mT, excluded @ Z, alpha=-1.0)
+        Z = torch.linalg.qr(Z).Q
+        HZ = curv.hvp(Z)
+        G = Z.mT @ HZ
+        mu, S_H = torch.linalg.eigh(0.5 * (G + G.mT))
+        pick = (mu - sigma).abs().argsort()[:k]
+        Y, HY, lam = _combine(Z, S_H[:, pick]), _combine(HZ, S_H[:, pick]), mu[pick]
+        res = (HY - Y * lam).norm(dim=0)
+        others = torch.ones_like(mu, dtype=torch.bool)
+        others[pick] = False
+        if bool((res <= tol).all()):
+            return lam, Y, res, mu[others]
         worst.append(float(res.max()))
-        if implied is None and stalled is not None and worst[-1] <= STALLED_RESIDUAL_TOLERANCE * norm and (
-            not stalled or worst[-1] < stalled[0][0]
-        ):
-            stalled[:] = [(worst[-1], (lam, Y, res, others))]
+        if stalled is not None and worst[-1] <= STALLED_RESIDUAL_TOLERANCE * norm and (not stalled or worst[-1] < stalled[0][0]):
+            stalled[:] = [(worst[-1], (lam, Y, res, mu[others]))]
         if len(worst) > 1 and not worst[-1] <= 0.5 * min(worst[:-1]):
             # a step that did not halve the residual: from here on each solve is refined
             # once (the unrefined solve's backward error, up to ~1e-10 near a singular
@@ -496,37 +483,6 @@ def _ritz_pairs(
         if len(worst) > STAGNATION_WINDOW and not min(worst[-STAGNATION_WINDOW:]) <= 0.5 * min(worst[:-STAGNATION_WINDOW]):
             return None
     return None
-
-
-IMPLIED_PRODUCT_MIN_PIVOT = 1e-8
-"""An inverse-iteration step reads ``HZ`` off its own solve (:func:`_implied_product`) only
-where the QR factor of the solved block has no diagonal entry below this fraction of its
-largest: a nearly dependent block would amplify the solve's backward error by ``1/R_jj``."""
-
-
-def _implied_product(Z: Tensor, R: Tensor, Z_prev: Tensor, sigma: float) -> Tensor | None:
-    """``HZ`` for ``Z R = W = (H − σI)⁻¹ Z_prev`` without an HVP: ``(H − σI) W = Z_prev``,
-    so ``HZ = σZ + Z_prev R⁻¹``, exact to the solve's backward error ``η‖H − σI‖‖W‖``
-    amplified by ``‖R⁻¹‖``. ``None`` (an HVP instead) where ``R`` is nearly singular
-    (:data:`IMPLIED_PRODUCT_MIN_PIVOT`) or the result is not finite."""
-    d = R.diagonal().abs()
-    if not d.numel() or not float(d.min()) > IMPLIED_PRODUCT_MIN_PIVOT * float(d.max()):
-        return None
-    HZ = torch.linalg.solve_triangular(R, Z_prev, upper=True, left=False).add_(Z, alpha=sigma)
-    return HZ if bool(torch.isfinite(HZ.sum())) else None
-
-
-def _rayleigh_ritz(Z: Tensor, HZ: Tensor, sigma: float, k: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """The ``k`` Ritz pairs nearest ``σ`` of ``H`` on the orthonormal columns of ``Z``
-    (``HZ`` given): values, vectors, residual norms ``‖Hy − λy‖`` and the other Ritz values."""
-    G = Z.mT @ HZ
-    mu, S_H = torch.linalg.eigh(0.5 * (G + G.mT))
-    pick = (mu - sigma).abs().argsort()[:k]
-    Y, HY, lam = _combine(Z, S_H[:, pick]), _combine(HZ, S_H[:, pick]), mu[pick]
-    res = (HY - Y * lam).norm(dim=0)
-    others = torch.ones_like(mu, dtype=torch.bool)
-    others[pick] = False
-    return lam, Y, res, mu[others]
 
 
 FAR_TARGET = 10.0
