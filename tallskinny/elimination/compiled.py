@@ -162,11 +162,11 @@ class CompiledOracle:
             k = y.shape[1]
             M = (Gam @ y.reshape(R, n * k)).reshape(m, n, k).permute(2, 0, 1)  # (k, i, j)
             M = (M @ Ett).permute(1, 2, 0)  # (i, c, k) = Γ Y Ẽᵀ
-            return M.reshape(m * q, k)[inverse]
+            return M.reshape(m * q, k).index_select(0, inverse)
 
         def CT(v: Tensor) -> Tensor:
             k = v.shape[1]
-            T = v[order].reshape(q, m, k)  # Θ̃ᵀ: (c, i, k)
+            T = v.index_select(0, order).reshape(q, m, k)  # Θ̃ᵀ: (c, i, k)
             M = (Ett @ T.reshape(q, m * k)).reshape(n, m, k).transpose(0, 1)  # (Θ̃Ẽ): (i, j, k)
             return (Gt @ M.reshape(m, n * k)).reshape(R * n, k)
 

@@ -56,6 +56,8 @@ def test_bench_plugins_mixed_precision_row():
     X = torch.randn(1, 1, 3, 3, dtype=torch.float64)
     row = bench.run("tiny cnn", modules, X, (nn.Conv2d,), 1, 1e-2, with_fallback=False, with_mixed=True)
     mixed = row["mixed"]
-    assert mixed["seconds"] > 0 and mixed["ended"] in ("mixed", "full") and mixed["steps"] >= 0
+    # a well-conditioned problem: it stays in float32 and refines at least once (a float32
+    # solve's backward error is far above 64·eps of float64)
+    assert mixed["ended"] == "mixed" and mixed["steps"] >= 1
     assert mixed["diff"] < 1e-10
     assert bench.run("tiny cnn", modules, X, (nn.Conv2d,), 1, 1e-2, with_fallback=False)["mixed"] is None
