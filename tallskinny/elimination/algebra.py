@@ -271,12 +271,11 @@ class SymmetricFactor:
         return self._logdet
 
     def inertia(self) -> Inertia:
-        if self._inertia is None:
-            if self._ldl is not None:
-                positive = int((self._ldl.eigenvalues > 0).sum())
-            else:
-                positive = int(ldl_positive_count(*torch.linalg.ldl_factor_ex(self.matrix)[:2]))
+        if self._inertia is None and self._ldl is not None:
+            positive = int((self._ldl.eigenvalues > 0).sum())
             self._inertia = Inertia(positive, self.matrix.shape[0] - positive, 0)
+        elif self._inertia is None:
+            fill_inertias([self])  # LU's: from a Bunch–Kaufman factorization of the matrix
         return self._inertia
 
 
@@ -296,6 +295,8 @@ def fill_inertias(factors: Sequence["SymmetricFactor"]) -> None:
     counts, groups = [], []
     for (n, dtype, _), same in by_size.items():
         if n == 0:
+            for f in same:
+                f._inertia = Inertia(0, 0, 0)
             continue
         per_stack = max(1, FILL_INERTIAS_BYTES // (n * n * dtype.itemsize))
         for start in range(0, len(same), per_stack):
